@@ -1,0 +1,504 @@
+//! The command line: argument parsing, output and exit codes. Every command
+//! is a thin call into `ops`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::config::{self, Config};
+use crate::error::{Error, Result};
+use crate::ops::{self, TargetFilter};
+use crate::repo::BackupType;
+
+const AFTER_HELP: &str = "\
+Quick start:
+  dr demo                          see the whole pipeline on a demo database
+  dr keygen --output backup.key    make an age identity; put its recipient in dr.toml
+  dr config validate               check dr.toml and the policies
+  dr backup-local app              full or diff backup of policy 'app' to its local targets
+  dr restore-local app --to /tmp/app.db --identity backup.key
+  dr info --json                   every backup of every policy, for machines
+
+Exit codes: 0 success, 1 failure, 2 configuration or secret error,
+3 integrity or decryption failure, 4 lock held by another run,
+5 not found (policy, target or backup), 6 refused (would overwrite).";
+
+/// dr: backups and disaster recovery for SQLite and PostgreSQL.
+///
+/// Every archive is compressed (zstd), encrypted (age) and checked (sha256),
+/// and written to local volumes or S3-compatible storage.
+#[derive(Debug, Parser)]
+#[command(name = "dr", version, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// The configuration file; relative paths in it resolve against its directory.
+    #[arg(long, short = 'c', global = true, env = "DR_CONFIG", default_value = config::DEFAULT_CONFIG)]
+    pub config: PathBuf,
+
+    /// Log level (error, warn, info, debug, trace); DR_LOG takes filter syntax too.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Full or diff, as given on the command line.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum TypeArg {
+    Full,
+    Diff,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackupArgs {
+    /// Policy to back up; every policy with a target of this kind when omitted.
+    pub policy: Option<String>,
+    /// full, or diff (pages changed since the newest full). Default: diff when a full exists.
+    #[arg(long = "type", value_enum)]
+    pub kind: Option<TypeArg>,
+    /// Only this target (by name).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Seconds to wait for another run holding the policy's lock.
+    #[arg(long, default_value_t = 0)]
+    pub wait: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RestoreArgs {
+    /// Policy to restore.
+    pub policy: String,
+    /// Database file to create. An existing file is replaced only with --force.
+    #[arg(long)]
+    pub to: PathBuf,
+    /// Backup label to restore (see `dr info`); the newest when omitted.
+    #[arg(long)]
+    pub backup: Option<String>,
+    /// age identity file that can decrypt the backups (or [encryption] identity_file).
+    #[arg(long, env = "DR_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    /// Replace an existing database at --to (its -wal/-shm go with it).
+    #[arg(long)]
+    pub force: bool,
+    /// Restore from this target (by name) when the policy has several of the kind.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole pipeline on a demo database in ./demo (or --dir): key,
+    /// config, full and diff backups under a live writer, restore, verify, info.
+    Demo {
+        #[arg(long, default_value = "demo")]
+        dir: PathBuf,
+    },
+    /// Write a new age X25519 identity (mode 0600) and print its recipient.
+    Keygen {
+        #[arg(long, short)]
+        output: PathBuf,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+    /// Back up policies to their local targets.
+    BackupLocal(BackupArgs),
+    /// Back up policies to their S3 targets.
+    BackupS3(BackupArgs),
+    /// Restore a policy from a local target.
+    RestoreLocal(RestoreArgs),
+    /// Restore a policy from an S3 target.
+    RestoreS3(RestoreArgs),
+    /// List every backup of every policy and target: labels, chains, sizes.
+    Info {
+        policy: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        /// One JSON document (schema in README.md).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore drill: read back, decrypt, check hashes, restore to a scratch
+    /// file and run integrity_check. Exit code 3 when anything fails.
+    Verify {
+        policy: Option<String>,
+        /// Backup label; the newest on each target when omitted.
+        #[arg(long)]
+        backup: Option<String>,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, env = "DR_IDENTITY")]
+        identity: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove backups beyond the policy's retention, and interrupted backups
+    /// older than retention.incomplete_grace (default 1h).
+    Expire {
+        policy: Option<String>,
+        /// Show what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        target: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Check dr.toml and every policy; list every problem with file:line.
+    Validate,
+}
+
+/// Sets up logging on stderr.
+pub fn init_logging(cli: &Cli) {
+    let filter = std::env::var("DR_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    let filter = tracing_subscriber::EnvFilter::try_new(&filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match cli.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+    };
+}
+
+fn progress(json: bool, what: &str) -> ProgressBar {
+    if json || !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(what.to_string());
+    pb
+}
+
+fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    let s = serde_json::to_string_pretty(v)
+        .map_err(|e| Error::Other(format!("cannot render JSON: {e}")))?;
+    println!("{s}");
+    Ok(())
+}
+
+fn filter(kind: Option<&'static str>, name: Option<&String>) -> TargetFilter {
+    match (name, kind) {
+        (Some(n), _) => TargetFilter::Name(n.clone()),
+        (None, Some(k)) => TargetFilter::Kind(k),
+        (None, None) => TargetFilter::All,
+    }
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match &cli.command {
+        Command::Demo { dir } => crate::demo::run(dir),
+        Command::Keygen { output } => {
+            let r = crate::keys::keygen(output)?;
+            eprintln!(
+                "wrote identity {} (mode 0600); keep it off the backup host and safe",
+                output.display()
+            );
+            println!("{r}");
+            Ok(())
+        }
+        Command::Config {
+            action: ConfigAction::Validate,
+        } => {
+            let cfg = config::load(&cli.config)?;
+            println!(
+                "{}: ok ({} polic{}, {} target{})",
+                cli.config.display(),
+                cfg.policies.len(),
+                if cfg.policies.len() == 1 { "y" } else { "ies" },
+                cfg.targets.len(),
+                if cfg.targets.len() == 1 { "" } else { "s" }
+            );
+            Ok(())
+        }
+        Command::BackupLocal(a) => backup(&cli.config, a, "local"),
+        Command::BackupS3(a) => backup(&cli.config, a, "s3"),
+        Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
+        Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
+        Command::Info {
+            policy,
+            target,
+            json,
+        } => {
+            let cfg = config::load(&cli.config)?;
+            let policies = ops::select_policies(&cfg, policy.as_deref())?;
+            let info = ops::info::info(&cfg, &policies, &filter(None, target.as_ref()))?;
+            if *json {
+                print_json(&info)
+            } else {
+                print!("{}", ops::info::render(&info));
+                Ok(())
+            }
+        }
+        Command::Verify {
+            policy,
+            backup,
+            target,
+            identity,
+            json,
+        } => {
+            let cfg = config::load(&cli.config)?;
+            let mut results = Vec::new();
+            for p in ops::select_policies(&cfg, policy.as_deref())? {
+                if !matches!(p.source, config::Source::Sqlite { .. }) && policy.is_none() {
+                    continue;
+                }
+                for t in filter(None, target.as_ref()).select(&cfg, p)? {
+                    let pb = progress(*json, &format!("verify {}/{}", p.name, t.name));
+                    let v = ops::verify::verify(
+                        &cfg,
+                        p,
+                        t,
+                        backup.as_deref(),
+                        identity.as_deref(),
+                        &pb,
+                    );
+                    pb.finish_and_clear();
+                    let v = v?;
+                    if !*json {
+                        match &v.error {
+                            None => println!(
+                                "ok    {} on {}: {} ({:.1}s)",
+                                v.policy, v.target, v.label, v.seconds
+                            ),
+                            Some(e) => {
+                                println!("FAIL  {} on {}: {}: {e}", v.policy, v.target, v.label)
+                            }
+                        }
+                    }
+                    results.push(v);
+                }
+            }
+            if *json {
+                print_json(&results)?;
+            }
+            let failed: Vec<String> = results
+                .iter()
+                .filter(|v| !v.ok)
+                .map(|v| format!("{} {} on {}", v.policy, v.label, v.target))
+                .collect();
+            if failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::VerifyFailed(format!(
+                    "verification failed: {}",
+                    failed.join(", ")
+                )))
+            }
+        }
+        Command::Expire {
+            policy,
+            dry_run,
+            target,
+            wait,
+            json,
+        } => {
+            let cfg = config::load(&cli.config)?;
+            let mut all = Vec::new();
+            for p in ops::select_policies(&cfg, policy.as_deref())? {
+                if !matches!(p.source, config::Source::Sqlite { .. }) && policy.is_none() {
+                    continue;
+                }
+                for t in filter(None, target.as_ref()).select(&cfg, p)? {
+                    all.extend(ops::expire::expire(
+                        &cfg,
+                        p,
+                        t,
+                        *dry_run,
+                        Duration::from_secs(*wait),
+                    )?);
+                }
+            }
+            if *json {
+                return print_json(&all);
+            }
+            if all.is_empty() {
+                println!("nothing to expire");
+            }
+            for e in &all {
+                println!(
+                    "{} {} {} on {}: {}",
+                    if e.removed { "removed" } else { "would remove" },
+                    e.policy,
+                    e.label,
+                    e.target,
+                    e.reason
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn backup(config_path: &Path, a: &BackupArgs, kind: &'static str) -> Result<()> {
+    let cfg = config::load(config_path)?;
+    let policies = ops::select_policies(&cfg, a.policy.as_deref())?;
+    let opts = ops::backup::BackupOptions {
+        kind: a.kind.map(|k| match k {
+            TypeArg::Full => BackupType::Full,
+            TypeArg::Diff => BackupType::Diff,
+        }),
+        lock_wait: Duration::from_secs(a.wait),
+    };
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    let mut any_target = false;
+    for p in &policies {
+        if a.policy.is_none() && !matches!(p.source, config::Source::Sqlite { .. }) {
+            continue;
+        }
+        for t in filter(Some(kind), a.target.as_ref()).select(&cfg, p)? {
+            any_target = true;
+            let pb = progress(a.json, &format!("{} -> {}", p.name, t.name));
+            let r = ops::backup::backup(&cfg, p, t, &opts, &pb);
+            pb.finish_and_clear();
+            match r {
+                Ok(r) => {
+                    if !a.json {
+                        print_backup(&r);
+                    }
+                    reports.push(r);
+                }
+                Err(e) if policies.len() > 1 => {
+                    tracing::error!(policy = %p.name, target = %t.name, "backup failed: {e}");
+                    failures.push((p.name.clone(), t.name.clone(), e));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    if a.json {
+        print_json(&reports)?;
+    }
+    if !any_target {
+        return Err(Error::NotFound(match &a.policy {
+            Some(p) => format!("policy '{p}' has no {kind} target: add one to its `targets`"),
+            None => format!("no policy has a {kind} target"),
+        }));
+    }
+    match failures.len() {
+        0 => Ok(()),
+        1 => Err(failures.remove(0).2),
+        n => Err(Error::Other(format!(
+            "{n} backups failed: {}",
+            failures
+                .iter()
+                .map(|(p, t, e)| format!("{p} on {t}: {e}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))),
+    }
+}
+
+fn print_backup(r: &ops::backup::BackupReport) {
+    if let Some(n) = &r.note {
+        println!("note: {n}");
+    }
+    println!(
+        "ok {} backup {} of {} on {}: {} pages stored of {}, {} -> {} in {:.1}s",
+        r.kind,
+        r.label,
+        r.policy,
+        r.target,
+        r.pages_stored,
+        r.page_count,
+        ops::human_bytes(r.size),
+        ops::human_bytes(r.stored_size),
+        r.seconds
+    );
+    for e in &r.expired {
+        println!("expired {e}");
+    }
+}
+
+fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()> {
+    let cfg = config::load(config_path)?;
+    let p = cfg.policy(&a.policy)?;
+    let targets = filter(Some(kind), a.target.as_ref()).select(&cfg, p)?;
+    let t = match targets.as_slice() {
+        [] => {
+            return Err(Error::NotFound(format!(
+                "policy '{}' has no {kind} target (its targets: {})",
+                p.name,
+                p.targets.join(", ")
+            )));
+        }
+        [t] => *t,
+        many => {
+            return Err(Error::Other(format!(
+                "policy '{}' has several {kind} targets ({}): choose one with --target",
+                p.name,
+                many.iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+    };
+    let opts = ops::restore::RestoreOptions {
+        to: a.to.clone(),
+        backup: a.backup.clone(),
+        identity: a.identity.clone(),
+        force: a.force,
+    };
+    let pb = progress(a.json, &format!("restore {} <- {}", p.name, t.name));
+    let r = ops::restore::restore(&cfg, p, t, &opts, &pb);
+    pb.finish_and_clear();
+    let r = r?;
+    if a.json {
+        return print_json(&r);
+    }
+    println!(
+        "restored {} backup {} from {} into {} ({}, integrity_check ok) in {:.1}s",
+        r.policy,
+        r.chain.join(" + "),
+        r.target,
+        r.to.display(),
+        ops::human_bytes(r.bytes),
+        r.seconds
+    );
+    Ok(())
+}
+
+/// Loads the config for callers outside the CLI module (the demo).
+pub fn load(path: &Path) -> Result<Config> {
+    config::load(path)
+}

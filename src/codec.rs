@@ -1,0 +1,450 @@
+//! The streaming codec: plaintext sha256 -> zstd -> age -> stored sha256.
+//!
+//! Both directions work on `Read`/`Write` chains with fixed-size buffers, so
+//! memory does not grow with the size of a database. Decoding checks the age
+//! authentication of every chunk and, at the end of the stream, both hashes
+//! and sizes against the manifest: a single flipped byte anywhere fails the
+//! read with an error naming the object.
+
+use std::io::{self, BufReader, Read, Write};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::keys::{Sealing, Unsealing};
+
+/// Sizes and hashes of one stored object, recorded in its manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectDigest {
+    pub plain_size: u64,
+    pub plain_sha256: String,
+    pub stored_size: u64,
+    pub stored_sha256: String,
+}
+
+/// A writer that hashes and counts what passes through it.
+#[derive(Debug)]
+struct Tally<W> {
+    inner: W,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<W: Write> Write for Tally<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+enum Sealed<W: Write> {
+    Age(age::stream::StreamWriter<Tally<W>>),
+    Plain(Tally<W>),
+}
+
+impl<W: Write> Write for Sealed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sealed::Age(w) => w.write(buf),
+            Sealed::Plain(w) => w.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sealed::Age(w) => w.flush(),
+            Sealed::Plain(w) => w.flush(),
+        }
+    }
+}
+
+/// Encodes a plaintext stream written into it; `finish` returns the digest.
+pub struct Encoder<W: Write> {
+    zstd: zstd::stream::write::Encoder<'static, Sealed<W>>,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<W: Write> std::fmt::Debug for Encoder<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Encoder({} bytes in)", self.count)
+    }
+}
+
+/// Worker threads for zstd: every core, so compression is not the bottleneck.
+fn zstd_workers() -> u32 {
+    std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(2)
+        .max(2)
+}
+
+impl<W: Write> Encoder<W> {
+    /// Starts an encoded object on `out` at the given zstd level.
+    pub fn new(out: W, level: i32, sealing: &Sealing) -> Result<Self> {
+        let tally = Tally {
+            inner: out,
+            hash: Sha256::new(),
+            count: 0,
+        };
+        let sealed = match sealing {
+            Sealing::None => Sealed::Plain(tally),
+            Sealing::Recipients(rs) => {
+                let enc =
+                    age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
+                        .map_err(|e| Error::Other(format!("cannot set up age encryption: {e}")))?;
+                Sealed::Age(
+                    enc.wrap_output(tally)
+                        .map_err(|e| Error::io("writing the age header", e))?,
+                )
+            }
+            Sealing::Passphrase(p) => {
+                let enc = age::Encryptor::with_user_passphrase(p.clone());
+                Sealed::Age(
+                    enc.wrap_output(tally)
+                        .map_err(|e| Error::io("writing the age header", e))?,
+                )
+            }
+        };
+        let mut zstd = zstd::stream::write::Encoder::new(sealed, level)
+            .map_err(|e| Error::io("starting zstd", e))?;
+        zstd.multithread(zstd_workers())
+            .map_err(|e| Error::io("starting zstd worker threads", e))?;
+        zstd.include_checksum(false)
+            .map_err(|e| Error::io("configuring zstd", e))?;
+        Ok(Encoder {
+            zstd,
+            hash: Sha256::new(),
+            count: 0,
+        })
+    }
+
+    /// Flushes every layer and returns the digest and the underlying writer.
+    pub fn finish(self) -> io::Result<(ObjectDigest, W)> {
+        let sealed = self.zstd.finish()?;
+        let tally = match sealed {
+            Sealed::Age(w) => w.finish()?,
+            Sealed::Plain(t) => t,
+        };
+        let mut tally = tally;
+        tally.flush()?;
+        Ok((
+            ObjectDigest {
+                plain_size: self.count,
+                plain_sha256: hex::encode(self.hash.finalize()),
+                stored_size: tally.count,
+                stored_sha256: hex::encode(tally.hash.finalize()),
+            },
+            tally.inner,
+        ))
+    }
+}
+
+impl<W: Write> Write for Encoder<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.zstd.write(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.zstd.flush()
+    }
+}
+
+/// The raw stored stream with a running hash, shared so that the end-of-stream
+/// check can drain whatever the age and zstd layers left unread.
+struct RawTally<R> {
+    inner: R,
+    hash: Sha256,
+    count: u64,
+}
+
+impl<R: Read> RawTally<R> {
+    fn read_tallied(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+struct TallyReader<R> {
+    raw: Arc<Mutex<RawTally<R>>>,
+}
+
+fn poisoned() -> io::Error {
+    io::Error::other("internal lock poisoned")
+}
+
+impl<R: Read> Read for TallyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.raw.lock().map_err(|_| poisoned())?.read_tallied(buf)
+    }
+}
+
+enum Opened<R: Read> {
+    Age(age::stream::StreamReader<TallyReader<R>>),
+    Plain(TallyReader<R>),
+}
+
+impl<R: Read> Read for Opened<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Opened::Age(r) => r.read(buf),
+            Opened::Plain(r) => r.read(buf),
+        }
+    }
+}
+
+/// The error a decoder's `read` returns when the object is not what its manifest says.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Mismatch(pub String);
+
+/// Reads plaintext out of a stored object, verifying it as it goes.
+///
+/// The final `read` (the one that returns 0) fails if the stored or plain
+/// hash or size differs from the manifest, so a consumer that reads to the
+/// end has verified everything it used.
+pub struct Decoder<R: Read> {
+    zstd: zstd::stream::read::Decoder<'static, BufReader<Opened<R>>>,
+    expected: ObjectDigest,
+    stored: Arc<Mutex<RawTally<R>>>,
+    hash: Sha256,
+    count: u64,
+    done: bool,
+}
+
+impl<R: Read> std::fmt::Debug for Decoder<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Decoder({} bytes out)", self.count)
+    }
+}
+
+impl<R: Read> Decoder<R> {
+    /// Opens a stored object. `object` names it in errors. Wrong keys fail here.
+    pub fn new(
+        input: R,
+        object: &str,
+        expected: &ObjectDigest,
+        unsealing: Option<&Unsealing>,
+        encrypted: bool,
+    ) -> Result<Self> {
+        let stored = Arc::new(Mutex::new(RawTally {
+            inner: input,
+            hash: Sha256::new(),
+            count: 0,
+        }));
+        let tallied = TallyReader {
+            raw: stored.clone(),
+        };
+        let opened = if encrypted {
+            let Some(keys) = unsealing else {
+                return Err(Error::Decrypt {
+                    object: object.to_string(),
+                    reason: "it is encrypted and no identity was given: pass --identity FILE (or set [encryption] identity_file)".into(),
+                });
+            };
+            let dec = age::Decryptor::new(tallied).map_err(|e| decrypt_error(object, e, keys))?;
+            let reader = dec
+                .decrypt(
+                    keys.identities
+                        .iter()
+                        .map(|i| i.as_ref() as &dyn age::Identity),
+                )
+                .map_err(|e| decrypt_error(object, e, keys))?;
+            Opened::Age(reader)
+        } else {
+            Opened::Plain(tallied)
+        };
+        let zstd =
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(256 * 1024, opened))
+                .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
+        Ok(Decoder {
+            zstd,
+            expected: expected.clone(),
+            stored,
+            hash: Sha256::new(),
+            count: 0,
+            done: false,
+        })
+    }
+
+    fn check_end(&mut self) -> io::Result<()> {
+        // Drain anything after the zstd frame so the stored hash covers every byte.
+        let mut raw = self.stored.lock().map_err(|_| poisoned())?;
+        let mut sink = [0u8; 8192];
+        while raw.read_tallied(&mut sink)? > 0 {}
+        let plain = hex::encode(std::mem::take(&mut self.hash).finalize());
+        let stored = hex::encode(std::mem::take(&mut raw.hash).finalize());
+        let stored_count = raw.count;
+        drop(raw);
+        let e = &self.expected;
+        let problem = if stored_count != e.stored_size {
+            Some(format!(
+                "stored size is {} bytes, the manifest says {}",
+                stored_count, e.stored_size
+            ))
+        } else if stored != e.stored_sha256 {
+            Some(format!(
+                "stored sha256 is {stored}, the manifest says {}",
+                e.stored_sha256
+            ))
+        } else if self.count != e.plain_size {
+            Some(format!(
+                "plain size is {} bytes, the manifest says {}",
+                self.count, e.plain_size
+            ))
+        } else if plain != e.plain_sha256 {
+            Some(format!(
+                "plain sha256 is {plain}, the manifest says {}",
+                e.plain_sha256
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(io::Error::new(io::ErrorKind::InvalidData, Mismatch(p))),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<R: Read> Read for Decoder<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        let n = self.zstd.read(buf)?;
+        if n == 0 {
+            self.done = true;
+            self.check_end()?;
+            return Ok(0);
+        }
+        self.hash.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}
+
+fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error {
+    let reason = match e {
+        age::DecryptError::NoMatchingKeys => format!(
+            "none of the identities in {} can open it: this backup was encrypted to another key (its manifest lists the recipient fingerprints)",
+            keys.source
+        ),
+        age::DecryptError::DecryptionFailed | age::DecryptError::KeyDecryptionFailed => {
+            format!("wrong passphrase or identity ({})", keys.source)
+        }
+        other => format!("the age header is damaged or not age: {other}"),
+    };
+    Error::Decrypt {
+        object: object.to_string(),
+        reason,
+    }
+}
+
+/// Maps an error from reading a decoder to the library error naming the object.
+pub fn read_error(object: &str, e: io::Error) -> Error {
+    let reason = match e.get_ref().and_then(|i| i.downcast_ref::<Mismatch>()) {
+        Some(m) => m.0.clone(),
+        None => format!("{e} (the object is damaged or was modified)"),
+    };
+    Error::Integrity {
+        object: object.to_string(),
+        reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> (Sealing, Unsealing) {
+        let id = age::x25519::Identity::generate();
+        (
+            Sealing::Recipients(vec![id.to_public()]),
+            Unsealing {
+                identities: vec![Box::new(id)],
+                source: "test".into(),
+            },
+        )
+    }
+
+    fn encode(data: &[u8], sealing: &Sealing) -> (ObjectDigest, Vec<u8>) {
+        let mut enc = Encoder::new(Vec::new(), 3, sealing).expect("encoder");
+        enc.write_all(data).expect("write");
+        enc.finish().expect("finish")
+    }
+
+    fn decode(
+        stored: &[u8],
+        d: &ObjectDigest,
+        u: Option<&Unsealing>,
+        encrypted: bool,
+    ) -> Result<Vec<u8>> {
+        let mut dec = Decoder::new(stored, "obj", d, u, encrypted)?;
+        let mut out = Vec::new();
+        dec.read_to_end(&mut out)
+            .map_err(|e| read_error("obj", e))?;
+        Ok(out)
+    }
+
+    #[test]
+    fn round_trip_with_and_without_encryption() {
+        let data: Vec<u8> = (0..300_000u32)
+            .flat_map(|i| (i % 251).to_le_bytes())
+            .collect();
+        let (s, u) = keys();
+        let (d, stored) = encode(&data, &s);
+        assert_eq!(d.plain_size, data.len() as u64);
+        assert_eq!(d.stored_size, stored.len() as u64);
+        assert_eq!(decode(&stored, &d, Some(&u), true).expect("decode"), data);
+        let (d2, stored2) = encode(&data, &Sealing::None);
+        assert_eq!(decode(&stored2, &d2, None, false).expect("decode"), data);
+    }
+
+    #[test]
+    fn every_flipped_byte_is_refused() {
+        let data = vec![7u8; 100_000];
+        let (s, u) = keys();
+        let (d, stored) = encode(&data, &s);
+        for pos in [0, 40, stored.len() / 2, stored.len() - 1] {
+            let mut bad = stored.clone();
+            bad[pos] ^= 0x01;
+            assert!(
+                decode(&bad, &d, Some(&u), true).is_err(),
+                "flip at {pos} accepted"
+            );
+        }
+        let mut longer = stored.clone();
+        longer.push(0);
+        assert!(
+            decode(&longer, &d, Some(&u), true).is_err(),
+            "trailing byte accepted"
+        );
+        let (d2, stored2) = encode(&data, &Sealing::None);
+        let mut bad = stored2.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        assert!(decode(&bad, &d2, None, false).is_err());
+    }
+
+    #[test]
+    fn wrong_identity_is_a_clear_error() {
+        let (s, _) = keys();
+        let (_, other) = keys();
+        let (d, stored) = encode(b"hello", &s);
+        let err = decode(&stored, &d, Some(&other), true)
+            .expect_err("wrong key")
+            .to_string();
+        assert!(err.contains("none of the identities"), "{err}");
+    }
+}

@@ -1,0 +1,1018 @@
+//! Loading and validating `dr.toml` and the policy directory.
+//!
+//! The files users write are a contract (see `shared/examples/`). Validation
+//! collects every problem it can find, each with its file and line and what
+//! to do, so that one `dr config validate` run is enough to fix a config.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::error::{Error, Result};
+use crate::schedule::CronSpec;
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- raw files
+
+#[derive(Debug, Deserialize)]
+struct RawMain {
+    state_dir: Option<Spanned<String>>,
+    policies: Option<Spanned<String>>,
+    #[serde(default)]
+    encryption: RawEncryption,
+    #[serde(default)]
+    targets: BTreeMap<String, Spanned<RawTarget>>,
+    #[serde(default)]
+    daemon: RawDaemon,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawEncryption {
+    recipients_file: Option<Spanned<String>>,
+    recipients: Option<Vec<Spanned<String>>>,
+    passphrase_file: Option<Spanned<String>>,
+    identity_file: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawTarget {
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+    endpoint: Option<Spanned<String>>,
+    bucket: Option<Spanned<String>>,
+    region: Option<String>,
+    prefix: Option<String>,
+    path_style: Option<bool>,
+    access_key_id_file: Option<Spanned<String>>,
+    secret_access_key_file: Option<Spanned<String>>,
+    ca_file: Option<Spanned<String>>,
+    verify_tls: Option<bool>,
+    request_checksums: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawDaemon {
+    listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawPolicy {
+    name: Spanned<String>,
+    targets: Spanned<Vec<Spanned<String>>>,
+    source: Spanned<RawSource>,
+    #[serde(default)]
+    schedule: RawSchedule,
+    retention: Option<RawRetention>,
+    #[serde(default)]
+    wal: RawWal,
+    #[serde(default)]
+    compression: RawCompression,
+    encryption: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawSource {
+    kind: Spanned<String>,
+    path: Option<Spanned<String>>,
+    stanza: Option<String>,
+    data_dir: Option<String>,
+    socket_dir: Option<String>,
+    port: Option<u16>,
+    user: Option<String>,
+    run_as: Option<String>,
+    cipher_pass_file: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawSchedule {
+    full: Option<Spanned<String>>,
+    diff: Option<Spanned<String>>,
+    verify: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RawRetention {
+    full: Option<Spanned<u32>>,
+    diff: Option<u32>,
+    incomplete_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawWal {
+    enabled: Option<bool>,
+    sync_interval: Option<Spanned<String>>,
+    spool_max: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawCompression {
+    level: Option<Spanned<i32>>,
+}
+
+// ---------------------------------------------------------------- resolved
+
+/// The validated configuration every operation works from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The dr.toml this came from; relative paths were resolved against its directory.
+    pub file: PathBuf,
+    pub state_dir: PathBuf,
+    pub encryption: Encryption,
+    pub targets: BTreeMap<String, Target>,
+    pub policies: Vec<Policy>,
+    pub daemon_listen: String,
+}
+
+/// How archives are encrypted and, at restore, decrypted.
+#[derive(Debug, Clone, Default)]
+pub struct Encryption {
+    /// age X25519 recipients, inline or from `recipients_file`, in order.
+    pub recipients: Vec<String>,
+    pub recipients_file: Option<PathBuf>,
+    /// scrypt passphrase file (mode 0600), instead of recipients.
+    pub passphrase_file: Option<PathBuf>,
+    /// Default identity for restores and for reading page indexes on a new host.
+    pub identity_file: Option<PathBuf>,
+}
+
+/// A place backups are written to.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub kind: TargetKind,
+}
+
+/// The kinds of storage a target can be.
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    Local { path: PathBuf },
+    S3(S3Target),
+}
+
+impl TargetKind {
+    /// The `kind` word users write in the config.
+    pub fn word(&self) -> &'static str {
+        match self {
+            TargetKind::Local { .. } => "local",
+            TargetKind::S3(_) => "s3",
+        }
+    }
+}
+
+/// Settings of an S3-compatible target.
+#[derive(Debug, Clone)]
+pub struct S3Target {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: Option<String>,
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub verify_tls: bool,
+    pub request_checksums: bool,
+}
+
+/// One database and how it is protected.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub file: PathBuf,
+    pub targets: Vec<String>,
+    pub source: Source,
+    pub schedule: Schedule,
+    pub retention: Retention,
+    pub wal: Wal,
+    pub compression_level: i32,
+    /// False only when the policy says `encryption = "none"`.
+    pub encrypted: bool,
+}
+
+/// What a policy backs up.
+#[derive(Debug, Clone)]
+pub enum Source {
+    Sqlite {
+        path: PathBuf,
+    },
+    Postgres {
+        stanza: String,
+        data_dir: PathBuf,
+        socket_dir: Option<PathBuf>,
+        port: u16,
+        user: String,
+        run_as: Option<String>,
+        cipher_pass_file: Option<PathBuf>,
+    },
+}
+
+impl Source {
+    /// The `kind` word users write in the config.
+    pub fn word(&self) -> &'static str {
+        match self {
+            Source::Sqlite { .. } => "sqlite",
+            Source::Postgres { .. } => "postgres",
+        }
+    }
+}
+
+/// Cron schedules of a policy (used by the daemon).
+#[derive(Debug, Clone, Default)]
+pub struct Schedule {
+    pub full: Option<CronSpec>,
+    pub diff: Option<CronSpec>,
+    pub verify: Option<CronSpec>,
+}
+
+/// pgBackRest-style retention. `None` keeps everything of that kind.
+#[derive(Debug, Clone)]
+pub struct Retention {
+    pub full: Option<u32>,
+    pub diff: Option<u32>,
+    /// How old an interrupted backup (no manifest) must be before expire removes it.
+    pub incomplete_grace: Duration,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            full: None,
+            diff: None,
+            incomplete_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// WAL streaming settings of a SQLite policy.
+#[derive(Debug, Clone)]
+pub struct Wal {
+    pub enabled: bool,
+    pub sync_interval: Duration,
+    pub spool_max: u64,
+}
+
+impl Config {
+    /// The policy of that name, or an error listing the known ones.
+    pub fn policy(&self, name: &str) -> Result<&Policy> {
+        self.policies
+            .iter()
+            .find(|p| p.name == name)
+            .ok_or_else(|| {
+                let known: Vec<&str> = self.policies.iter().map(|p| p.name.as_str()).collect();
+                Error::NotFound(format!(
+                    "no policy named '{name}' (known policies: {})",
+                    if known.is_empty() {
+                        "none".to_string()
+                    } else {
+                        known.join(", ")
+                    }
+                ))
+            })
+    }
+
+    /// The target of that name (validated to exist when a policy names it).
+    pub fn target(&self, name: &str) -> Result<&Target> {
+        self.targets.get(name).ok_or_else(|| {
+            Error::NotFound(format!(
+                "no target named '{name}' in {} (known targets: {})",
+                self.file.display(),
+                self.targets.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+}
+
+// ---------------------------------------------------------------- loading
+
+/// Where the config is looked for when neither `--config` nor `DR_CONFIG` is given.
+pub const DEFAULT_CONFIG: &str = "dr.toml";
+
+/// Loads and validates the configuration, returning every problem at once.
+pub fn load(path: &Path) -> Result<Config> {
+    let mut diags = Vec::new();
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return Err(Error::Config(vec![Diagnostic {
+                file: path.to_path_buf(),
+                line: None,
+                message: format!(
+                    "cannot read the configuration: {} (pass --config FILE or set DR_CONFIG; `dr demo` writes an example)",
+                    crate::error::io_reason(&e)
+                ),
+            }]));
+        }
+    };
+    let base = path
+        .parent()
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                p
+            }
+        })
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let Some(raw) = parse_file::<RawMain>(path, &text, &mut diags) else {
+        return Err(Error::Config(diags));
+    };
+    let mut d = FileDiags {
+        file: path.to_path_buf(),
+        text: &text,
+        out: &mut diags,
+    };
+    let resolve = |s: &str| resolve_path(&base, s);
+
+    let state_dir = raw
+        .state_dir
+        .as_ref()
+        .map(|s| resolve(s.get_ref()))
+        .unwrap_or_else(|| base.join("state"));
+
+    let mut encryption = Encryption::default();
+    if let Some(f) = &raw.encryption.recipients_file {
+        encryption.recipients_file = Some(resolve(f.get_ref()));
+    }
+    if let Some(list) = &raw.encryption.recipients {
+        for r in list {
+            if let Err(e) = crate::keys::parse_recipient(r.get_ref()) {
+                d.at(r.span(), e);
+            }
+            encryption.recipients.push(r.get_ref().clone());
+        }
+    }
+    if let Some(f) = &raw.encryption.passphrase_file {
+        encryption.passphrase_file = Some(resolve(f.get_ref()));
+        if raw.encryption.recipients_file.is_some() || raw.encryption.recipients.is_some() {
+            d.at(
+                f.span(),
+                "[encryption] has both recipients and passphrase_file; age cannot mix them: keep one".into(),
+            );
+        }
+    }
+    if let Some(f) = &raw.encryption.identity_file {
+        encryption.identity_file = Some(resolve(f.get_ref()));
+    }
+
+    let mut targets = BTreeMap::new();
+    for (name, t) in &raw.targets {
+        if let Some(kind) = check_target(name, t, &resolve, &mut d) {
+            targets.insert(
+                name.clone(),
+                Target {
+                    name: name.clone(),
+                    kind,
+                },
+            );
+        }
+    }
+    let daemon_listen = raw
+        .daemon
+        .listen
+        .as_ref()
+        .map(|l| {
+            if l.get_ref().parse::<std::net::SocketAddr>().is_err() {
+                d.at(
+                    l.span(),
+                    format!(
+                        "daemon.listen '{}' is not an address like 127.0.0.1:9187",
+                        l.get_ref()
+                    ),
+                );
+            }
+            l.get_ref().clone()
+        })
+        .unwrap_or_else(|| "127.0.0.1:9187".to_string());
+
+    let policy_dir = raw
+        .policies
+        .as_ref()
+        .map(|p| resolve(p.get_ref()))
+        .unwrap_or_else(|| base.join("policies"));
+    let mut policies: Vec<Policy> = Vec::new();
+    let mut any_encrypted = false;
+    match list_policy_files(&policy_dir) {
+        Ok(files) => {
+            let mut seen: BTreeMap<String, (PathBuf, usize)> = BTreeMap::new();
+            for file in files {
+                let ptext = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        diags.push(Diagnostic {
+                            file: file.clone(),
+                            line: None,
+                            message: format!("cannot read: {}", crate::error::io_reason(&e)),
+                        });
+                        continue;
+                    }
+                };
+                let Some(rp) = parse_file::<RawPolicy>(&file, &ptext, &mut diags) else {
+                    continue;
+                };
+                let mut pd = FileDiags {
+                    file: file.clone(),
+                    text: &ptext,
+                    out: &mut diags,
+                };
+                let line = pd.line_of(rp.name.span());
+                if let Some((other, other_line)) = seen.get(rp.name.get_ref()) {
+                    pd.at(
+                        rp.name.span(),
+                        format!(
+                            "duplicate policy name '{}' (also in {}:{}): give each policy its own name",
+                            rp.name.get_ref(),
+                            other.display(),
+                            other_line
+                        ),
+                    );
+                    continue;
+                }
+                seen.insert(rp.name.get_ref().clone(), (file.clone(), line));
+                if let Some(p) = check_policy(&file, rp, &targets, &raw.targets, &resolve, &mut pd)
+                {
+                    any_encrypted |= p.encrypted;
+                    policies.push(p);
+                }
+            }
+        }
+        Err(e) => diags.push(Diagnostic {
+            file: policy_dir.clone(),
+            line: None,
+            message: format!(
+                "cannot list the policy directory: {} (set `policies = \"DIR\"` in {})",
+                crate::error::io_reason(&e),
+                path.display()
+            ),
+        }),
+    }
+    if any_encrypted
+        && encryption.recipients.is_empty()
+        && encryption.recipients_file.is_none()
+        && encryption.passphrase_file.is_none()
+    {
+        diags.push(Diagnostic {
+            file: path.to_path_buf(),
+            line: None,
+            message: "no [encryption] recipients, recipients_file or passphrase_file: add one (`dr keygen --output FILE` prints a recipient), or set encryption = \"none\" in each policy that must not be encrypted".into(),
+        });
+    }
+    if diags.is_empty() {
+        Ok(Config {
+            file: path.to_path_buf(),
+            state_dir,
+            encryption,
+            targets,
+            policies,
+            daemon_listen,
+        })
+    } else {
+        Err(Error::Config(diags))
+    }
+}
+
+fn resolve_path(base: &Path, s: &str) -> PathBuf {
+    let p = Path::new(s);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+fn list_policy_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let p = entry?.path();
+        if p.extension().is_some_and(|e| e == "toml") {
+            files.push(p);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+struct FileDiags<'a> {
+    file: PathBuf,
+    text: &'a str,
+    out: &'a mut Vec<Diagnostic>,
+}
+
+impl FileDiags<'_> {
+    fn line_of(&self, span: std::ops::Range<usize>) -> usize {
+        line_at(self.text, span.start)
+    }
+    fn at(&mut self, span: std::ops::Range<usize>, message: String) {
+        let line = Some(self.line_of(span));
+        self.out.push(Diagnostic {
+            file: self.file.clone(),
+            line,
+            message,
+        });
+    }
+    fn whole(&mut self, message: String) {
+        self.out.push(Diagnostic {
+            file: self.file.clone(),
+            line: None,
+            message,
+        });
+    }
+}
+
+fn line_at(text: &str, offset: usize) -> usize {
+    text.as_bytes()[..offset.min(text.len())]
+        .iter()
+        .filter(|b| **b == b'\n')
+        .count()
+        + 1
+}
+
+/// Parses one TOML file into `T`, reporting syntax and type errors and every unknown key.
+fn parse_file<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
+    let mut unknown: Vec<String> = Vec::new();
+    let de = match toml::de::Deserializer::parse(text) {
+        Ok(de) => de,
+        Err(e) => {
+            diags.push(toml_diag(file, text, &e));
+            return None;
+        }
+    };
+    let result: std::result::Result<T, _> = serde_ignored::deserialize(de, |path| {
+        unknown.push(path.to_string());
+    });
+    let spans = toml::de::DeTable::parse(text).ok();
+    for key in &unknown {
+        let line = spans
+            .as_ref()
+            .and_then(|t| key_span(t.get_ref(), key))
+            .map(|s| line_at(text, s.start));
+        diags.push(Diagnostic {
+            file: file.to_path_buf(),
+            line,
+            message: format!("unknown key '{key}': remove it or check its spelling (see shared/examples for every key)"),
+        });
+    }
+    match result {
+        Ok(v) => Some(v),
+        Err(e) => {
+            diags.push(toml_diag(file, text, &e));
+            None
+        }
+    }
+}
+
+fn key_span(table: &toml::de::DeTable<'_>, dotted: &str) -> Option<std::ops::Range<usize>> {
+    let mut current = table;
+    let parts: Vec<&str> = dotted.split('.').collect();
+    for (i, part) in parts.iter().enumerate() {
+        let (k, v) = current
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == *part)?;
+        if i + 1 == parts.len() {
+            return Some(k.span());
+        }
+        current = v.get_ref().as_table()?;
+    }
+    None
+}
+
+fn toml_diag(file: &Path, text: &str, e: &toml::de::Error) -> Diagnostic {
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: e.span().map(|s| line_at(text, s.start)),
+        message: e.message().trim().to_string(),
+    }
+}
+
+fn check_target(
+    name: &str,
+    t: &Spanned<RawTarget>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    d: &mut FileDiags<'_>,
+) -> Option<TargetKind> {
+    let raw = t.get_ref();
+    let not_for = |d: &mut FileDiags<'_>, key: &str, span: std::ops::Range<usize>, kind: &str| {
+        d.at(
+            span,
+            format!("targets.{name}.{key} does not apply to a {kind} target: remove it"),
+        );
+    };
+    match raw.kind.get_ref().as_str() {
+        "local" => {
+            for (key, v) in [
+                ("endpoint", &raw.endpoint),
+                ("bucket", &raw.bucket),
+                ("access_key_id_file", &raw.access_key_id_file),
+                ("secret_access_key_file", &raw.secret_access_key_file),
+                ("ca_file", &raw.ca_file),
+            ] {
+                if let Some(v) = v {
+                    not_for(d, key, v.span(), "local");
+                }
+            }
+            match &raw.path {
+                Some(p) => Some(TargetKind::Local {
+                    path: resolve(p.get_ref()),
+                }),
+                None => {
+                    d.at(
+                        t.span(),
+                        format!("targets.{name} (kind = \"local\") needs `path = \"DIR\"`"),
+                    );
+                    None
+                }
+            }
+        }
+        "s3" => {
+            if let Some(p) = &raw.path {
+                not_for(d, "path", p.span(), "s3");
+            }
+            let Some(bucket) = &raw.bucket else {
+                d.at(
+                    t.span(),
+                    format!("targets.{name} (kind = \"s3\") needs `bucket = \"NAME\"`"),
+                );
+                return None;
+            };
+            if let Some(ep) = &raw.endpoint
+                && !(ep.get_ref().starts_with("http://") || ep.get_ref().starts_with("https://"))
+            {
+                d.at(
+                    ep.span(),
+                    format!(
+                        "targets.{name}.endpoint must start with http:// or https:// (got '{}')",
+                        ep.get_ref()
+                    ),
+                );
+            }
+            if raw.access_key_id_file.is_some() != raw.secret_access_key_file.is_some() {
+                d.at(
+                    t.span(),
+                    format!("targets.{name}: set both access_key_id_file and secret_access_key_file, or neither (then the AWS environment is used)"),
+                );
+            }
+            Some(TargetKind::S3(S3Target {
+                endpoint: raw.endpoint.as_ref().map(|e| e.get_ref().clone()),
+                bucket: bucket.get_ref().clone(),
+                region: raw.region.clone(),
+                prefix: raw
+                    .prefix
+                    .clone()
+                    .unwrap_or_default()
+                    .trim_matches('/')
+                    .to_string(),
+                path_style: raw.path_style.unwrap_or(false),
+                access_key_id_file: raw
+                    .access_key_id_file
+                    .as_ref()
+                    .map(|p| resolve(p.get_ref())),
+                secret_access_key_file: raw
+                    .secret_access_key_file
+                    .as_ref()
+                    .map(|p| resolve(p.get_ref())),
+                ca_file: raw.ca_file.as_ref().map(|p| resolve(p.get_ref())),
+                verify_tls: raw.verify_tls.unwrap_or(true),
+                request_checksums: raw.request_checksums.unwrap_or(false),
+            }))
+        }
+        other => {
+            d.at(
+                raw.kind.span(),
+                format!("targets.{name}.kind = \"{other}\" is not a target kind: use \"local\" or \"s3\""),
+            );
+            None
+        }
+    }
+}
+
+fn check_policy(
+    file: &Path,
+    rp: RawPolicy,
+    targets: &BTreeMap<String, Target>,
+    raw_targets: &BTreeMap<String, Spanned<RawTarget>>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    d: &mut FileDiags<'_>,
+) -> Option<Policy> {
+    let name = rp.name.get_ref().clone();
+    let mut ok = true;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        || name.starts_with('.')
+    {
+        d.at(
+            rp.name.span(),
+            format!("policy name '{name}' may use only letters, digits, '-', '_' and '.' (it names directories and objects)"),
+        );
+        ok = false;
+    }
+    let mut policy_targets = Vec::new();
+    if rp.targets.get_ref().is_empty() {
+        d.at(
+            rp.targets.span(),
+            format!("policy '{name}' has no targets: list at least one of [targets.*]"),
+        );
+        ok = false;
+    }
+    for t in rp.targets.get_ref() {
+        if !raw_targets.contains_key(t.get_ref()) {
+            d.at(
+                t.span(),
+                format!(
+                    "policy '{name}' names target '{}', which is not defined: add [targets.{}] to dr.toml or use one of: {}",
+                    t.get_ref(),
+                    t.get_ref(),
+                    raw_targets.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
+            ok = false;
+        } else if targets.contains_key(t.get_ref()) {
+            policy_targets.push(t.get_ref().clone());
+        }
+    }
+    let src = rp.source.get_ref();
+    let source = match src.kind.get_ref().as_str() {
+        "sqlite" => match &src.path {
+            Some(p) => Some(Source::Sqlite {
+                path: resolve(p.get_ref()),
+            }),
+            None => {
+                d.at(
+                    rp.source.span(),
+                    "[source] kind = \"sqlite\" needs `path = \"/path/to/db\"`".into(),
+                );
+                None
+            }
+        },
+        "postgres" => {
+            let data_dir = src.data_dir.as_ref().map(|p| resolve(p));
+            if data_dir.is_none() {
+                d.at(
+                    rp.source.span(),
+                    "[source] kind = \"postgres\" needs `data_dir`".into(),
+                );
+            }
+            data_dir.map(|data_dir| Source::Postgres {
+                stanza: src.stanza.clone().unwrap_or_else(|| name.clone()),
+                data_dir,
+                socket_dir: src.socket_dir.as_ref().map(|p| resolve(p)),
+                port: src.port.unwrap_or(5432),
+                user: src.user.clone().unwrap_or_else(|| "postgres".into()),
+                run_as: src.run_as.clone(),
+                cipher_pass_file: src.cipher_pass_file.as_ref().map(|p| resolve(p)),
+            })
+        }
+        other => {
+            d.at(
+                src.kind.span(),
+                format!(
+                    "[source] kind = \"{other}\" is not supported: use \"sqlite\" or \"postgres\""
+                ),
+            );
+            None
+        }
+    };
+    if source.is_none() {
+        ok = false;
+    }
+
+    let mut schedule = Schedule::default();
+    for (slot, raw) in [
+        (&mut schedule.full, &rp.schedule.full),
+        (&mut schedule.diff, &rp.schedule.diff),
+        (&mut schedule.verify, &rp.schedule.verify),
+    ] {
+        if let Some(expr) = raw {
+            match CronSpec::parse(expr.get_ref()) {
+                Ok(c) => *slot = Some(c),
+                Err(e) => {
+                    d.at(expr.span(), e);
+                    ok = false;
+                }
+            }
+        }
+    }
+
+    let mut retention = Retention::default();
+    if let Some(r) = &rp.retention {
+        if let Some(full) = &r.full {
+            if *full.get_ref() == 0 {
+                d.at(
+                    full.span(),
+                    "retention.full must be at least 1 (it is how many full backups to keep)"
+                        .into(),
+                );
+                ok = false;
+            }
+            retention.full = Some(*full.get_ref());
+        }
+        retention.diff = r.diff;
+        if let Some(g) = &r.incomplete_grace {
+            match humantime::parse_duration(g.get_ref()) {
+                Ok(v) => retention.incomplete_grace = v,
+                Err(e) => {
+                    d.at(
+                        g.span(),
+                        format!("retention.incomplete_grace: {e} (write e.g. \"1h\" or \"30m\")"),
+                    );
+                    ok = false;
+                }
+            }
+        }
+    }
+
+    let mut wal = Wal {
+        enabled: rp.wal.enabled.unwrap_or(false),
+        sync_interval: Duration::from_secs(1),
+        spool_max: 1 << 30,
+    };
+    if let Some(s) = &rp.wal.sync_interval {
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(v) if !v.is_zero() => wal.sync_interval = v,
+            Ok(_) => {
+                d.at(s.span(), "wal.sync_interval must be more than zero".into());
+                ok = false;
+            }
+            Err(e) => {
+                d.at(
+                    s.span(),
+                    format!("wal.sync_interval: {e} (write e.g. \"1s\" or \"500ms\")"),
+                );
+                ok = false;
+            }
+        }
+    }
+    if let Some(s) = &rp.wal.spool_max {
+        match parse_size(s.get_ref()) {
+            Some(v) => wal.spool_max = v,
+            None => {
+                d.at(
+                    s.span(),
+                    format!(
+                        "wal.spool_max '{}' is not a size: write e.g. \"1GiB\" or \"512MiB\"",
+                        s.get_ref()
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if wal.enabled && !matches!(source, Some(Source::Sqlite { .. }) | None) {
+        d.whole(format!("policy '{name}': [wal] streaming is for sqlite sources; PostgreSQL WAL is archived by pgBackRest"));
+        ok = false;
+    }
+
+    let compression_level = match &rp.compression.level {
+        Some(l) if !(1..=19).contains(l.get_ref()) => {
+            d.at(l.span(), format!("compression.level {} is out of range: use 1 (fast) to 19 (small); 3 is the default", l.get_ref()));
+            ok = false;
+            3
+        }
+        Some(l) => *l.get_ref(),
+        None => 3,
+    };
+    let encrypted = match &rp.encryption {
+        None => true,
+        Some(e) if e.get_ref() == "age" => true,
+        Some(e) if e.get_ref() == "none" => false,
+        Some(e) => {
+            d.at(e.span(), format!("encryption = \"{}\" is not known: leave it out (age, the default) or write \"none\"", e.get_ref()));
+            ok = false;
+            true
+        }
+    };
+    let source = source?;
+    ok.then(|| Policy {
+        name,
+        file: file.to_path_buf(),
+        targets: policy_targets,
+        source,
+        schedule,
+        retention,
+        wal,
+        compression_level,
+        encrypted,
+    })
+}
+
+/// Parses sizes like `1GiB`, `512MiB`, `10MB`, `4096`.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        _ => return None,
+    };
+    n.checked_mul(mult)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, rel: &str, text: &str) {
+        let p = dir.join(rel);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).expect("mkdir");
+        }
+        std::fs::write(p, text).expect("write");
+    }
+
+    #[test]
+    fn shared_examples_are_accepted_as_written() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/examples/dr.toml");
+        let cfg = load(&root).expect("shared/examples/dr.toml must load");
+        assert_eq!(cfg.policies.len(), 2);
+        let app = cfg.policy("app").expect("app");
+        assert!(matches!(app.source, Source::Sqlite { .. }));
+        assert_eq!(app.retention.full, Some(2));
+        assert!(app.wal.enabled);
+        assert!(matches!(
+            cfg.target("s3").expect("s3").kind,
+            TargetKind::S3(_)
+        ));
+        let pg = cfg.policy("main-pg").expect("pg");
+        assert!(matches!(pg.source, Source::Postgres { port: 5432, .. }));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_file_and_line() {
+        let dir = tempfile::tempdir().expect("tmp");
+        write(
+            dir.path(),
+            "dr.toml",
+            "state_dir = \"s\"\nbogus = 1\n[encryption]\nrecipients = [\"age1notakey\"]\n[targets.local]\nkind = \"local\"\npath = \"b\"\n",
+        );
+        write(
+            dir.path(),
+            "policies/a.toml",
+            "name = \"a\"\ntargets = [\"nowhere\"]\n[source]\nkind = \"sqlite\"\npath = \"x.db\"\n[schedule]\nfull = \"61 * * * *\"\n",
+        );
+        write(
+            dir.path(),
+            "policies/b.toml",
+            "name = \"a\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"y.db\"\n",
+        );
+        write(
+            dir.path(),
+            "policies/c.toml",
+            "name = \"c\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"y.db\"\n[retention]\nfull = \"two\"\n",
+        );
+        let Err(Error::Config(d)) = load(&dir.path().join("dr.toml")) else {
+            panic!("expected config errors");
+        };
+        let text: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+        let all = text.join("\n");
+        assert!(all.contains("dr.toml:2: unknown key 'bogus'"), "{all}");
+        assert!(all.contains("dr.toml:4:"), "{all}");
+        assert!(
+            all.contains("a.toml:2: policy 'a' names target 'nowhere'"),
+            "{all}"
+        );
+        assert!(all.contains("a.toml:7:"), "{all}");
+        assert!(all.contains("b.toml:1: duplicate policy name 'a'"), "{all}");
+        assert!(all.contains("c.toml:7:"), "{all}");
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("1GiB"), Some(1 << 30));
+        assert_eq!(parse_size("512 MiB"), Some(512 << 20));
+        assert_eq!(parse_size("12"), Some(12));
+        assert_eq!(parse_size("lots"), None);
+    }
+}

@@ -1,0 +1,217 @@
+//! age keys: generating identities, reading recipients and identities.
+//!
+//! Backup hosts hold only recipients (public keys); restores take an
+//! identity file. Identity files are the standard format that `age-keygen`
+//! writes, so a user's existing keys work and dr's keys work with `age -d`.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::str::FromStr;
+
+use age::secrecy::{ExposeSecret, SecretString};
+use sha2::Digest;
+
+use crate::config::Encryption;
+use crate::error::{Error, Result, io_reason};
+
+/// How a policy's archives are encrypted.
+#[derive(Clone)]
+pub enum Sealing {
+    /// age X25519 recipients: the backup host cannot decrypt.
+    Recipients(Vec<age::x25519::Recipient>),
+    /// scrypt passphrase: the same secret encrypts and decrypts.
+    Passphrase(SecretString),
+    /// `encryption = "none"`: compressed and hashed, not encrypted.
+    None,
+}
+
+impl std::fmt::Debug for Sealing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Sealing::Recipients(r) => write!(f, "Recipients({})", r.len()),
+            Sealing::Passphrase(_) => f.write_str("Passphrase(..)"),
+            Sealing::None => f.write_str("None"),
+        }
+    }
+}
+
+impl Sealing {
+    /// Short stable fingerprints of the recipients, recorded in manifests so a
+    /// user can tell which key a backup needs without decrypting anything.
+    pub fn fingerprints(&self) -> Vec<String> {
+        match self {
+            Sealing::Recipients(rs) => rs.iter().map(|r| fingerprint(&r.to_string())).collect(),
+            Sealing::Passphrase(_) => vec!["scrypt".into()],
+            Sealing::None => vec![],
+        }
+    }
+}
+
+/// What can open archives at restore time.
+pub struct Unsealing {
+    pub identities: Vec<Box<dyn age::Identity + Send + Sync>>,
+    /// Where the identities came from, for messages.
+    pub source: String,
+}
+
+impl std::fmt::Debug for Unsealing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Unsealing({} identities from {})",
+            self.identities.len(),
+            self.source
+        )
+    }
+}
+
+/// A short fingerprint of a recipient string.
+pub fn fingerprint(recipient: &str) -> String {
+    let h = sha2::Sha256::digest(recipient.as_bytes());
+    hex::encode(&h[..8])
+}
+
+/// Parses one `age1...` recipient.
+pub fn parse_recipient(s: &str) -> std::result::Result<age::x25519::Recipient, String> {
+    age::x25519::Recipient::from_str(s.trim()).map_err(|e| {
+        format!(
+            "'{}' is not an age X25519 recipient (age1...): {e}",
+            s.trim()
+        )
+    })
+}
+
+/// Resolves how to encrypt, from the [encryption] section.
+pub fn sealing(enc: &Encryption, encrypted: bool) -> Result<Sealing> {
+    if !encrypted {
+        return Ok(Sealing::None);
+    }
+    if let Some(p) = &enc.passphrase_file {
+        return Ok(Sealing::Passphrase(crate::secret::read_secret(p)?));
+    }
+    let mut out = Vec::new();
+    for r in &enc.recipients {
+        out.push(parse_recipient(r).map_err(Error::Other)?);
+    }
+    if let Some(file) = &enc.recipients_file {
+        let text = std::fs::read_to_string(file).map_err(|e| Error::Secret {
+            path: file.clone(),
+            reason: format!(
+                "cannot read the recipients file: {} (create it with `dr keygen --output KEY > {}`)",
+                io_reason(&e),
+                file.display()
+            ),
+        })?;
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            out.push(parse_recipient(line).map_err(|e| Error::Secret {
+                path: file.clone(),
+                reason: format!("line {}: {e}", i + 1),
+            })?);
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::Other(
+            "no age recipients configured: set [encryption] recipients_file or recipients".into(),
+        ));
+    }
+    Ok(Sealing::Recipients(out))
+}
+
+/// Loads identities for decryption: an explicit identity file first, then
+/// the config's identity_file, then the passphrase. `None` when nothing is
+/// available (the caller says what to pass).
+pub fn unsealing(enc: &Encryption, identity: Option<&Path>) -> Result<Option<Unsealing>> {
+    if let Some(path) = identity.or(enc.identity_file.as_deref()) {
+        return Ok(Some(read_identity_file(path)?));
+    }
+    if let Some(p) = &enc.passphrase_file {
+        let pass = crate::secret::read_secret(p)?;
+        return Ok(Some(Unsealing {
+            identities: vec![Box::new(age::scrypt::Identity::new(pass))],
+            source: p.display().to_string(),
+        }));
+    }
+    Ok(None)
+}
+
+/// Reads an age identity file (as written by `age-keygen` or `dr keygen`).
+pub fn read_identity_file(path: &Path) -> Result<Unsealing> {
+    let text = crate::secret::read_private_text(path)?;
+    let file = age::IdentityFile::from_buffer(text.as_bytes()).map_err(|e| Error::Secret {
+        path: path.to_path_buf(),
+        reason: format!("not an age identity file: {e}"),
+    })?;
+    let identities = file.into_identities().map_err(|e| Error::Secret {
+        path: path.to_path_buf(),
+        reason: format!("cannot use the identities in this file: {e}"),
+    })?;
+    if identities.is_empty() {
+        return Err(Error::Secret {
+            path: path.to_path_buf(),
+            reason: "contains no AGE-SECRET-KEY line".into(),
+        });
+    }
+    Ok(Unsealing {
+        identities,
+        source: path.display().to_string(),
+    })
+}
+
+/// Writes a new X25519 identity to `path` (mode 0600, never overwriting) and returns its recipient.
+pub fn keygen(path: &Path) -> Result<String> {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot create {}{}",
+                    path.display(),
+                    if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        " (it exists; dr never overwrites a key: choose another path)".to_string()
+                    } else {
+                        String::new()
+                    }
+                ),
+                e,
+            )
+        })?;
+    let body = format!(
+        "# created: {}\n# public key: {}\n{}\n",
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        recipient,
+        identity.to_string().expose_secret()
+    );
+    f.write_all(body.as_bytes())
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+    Ok(recipient)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn keygen_writes_private_standard_identity() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path().join("k");
+        let r = keygen(&p).expect("keygen");
+        assert!(r.starts_with("age1"));
+        let mode = std::fs::metadata(&p).expect("meta").permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let u = read_identity_file(&p).expect("readable identity");
+        assert_eq!(u.identities.len(), 1);
+        assert!(keygen(&p).is_err(), "never overwrites");
+    }
+}

@@ -1,0 +1,360 @@
+//! Taking a full or differential backup of a SQLite policy to one target.
+
+use std::io::{BufWriter, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use super::{PolicyRepo, sqlite_path};
+use crate::codec::{Decoder, Encoder, ObjectDigest, read_error};
+use crate::config::{Config, Policy, Target};
+use crate::error::{Error, Result};
+use crate::keys::{self, Sealing};
+use crate::lock::Lock;
+use crate::repo::{self, BackupType, Label, Manifest, manifest::FORMAT_VERSION};
+use crate::sqlite::{self, PageIndex, PageWriter, pages::page_hash};
+use crate::storage::{self, ObjectWriter, Storage};
+
+/// The chain a backup's page stream is written through.
+type DataWriter = PageWriter<BufWriter<Encoder<Box<dyn ObjectWriter>>>>;
+
+/// Options of one backup run.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Full or diff; `None` chooses diff when a full exists, else full.
+    pub kind: Option<BackupType>,
+    /// How long to wait for another dr holding this policy's lock.
+    pub lock_wait: Duration,
+}
+
+/// What a backup did, for the terminal, `--json` and the daemon.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub policy: String,
+    pub target: String,
+    pub label: String,
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    pub parent: Option<String>,
+    pub page_count: u64,
+    pub pages_stored: u64,
+    pub size: u64,
+    pub stored_size: u64,
+    pub seconds: f64,
+    /// Why the type differs from the one asked for, if it does.
+    pub note: Option<String>,
+    pub expired: Vec<String>,
+}
+
+/// Backs up `policy` to `target`, then expires by the policy's retention.
+pub fn backup(
+    cfg: &Config,
+    policy: &Policy,
+    target: &Target,
+    opts: &BackupOptions,
+    progress: &ProgressBar,
+) -> Result<BackupReport> {
+    let db = sqlite_path(policy)?;
+    let started = Instant::now();
+    let _lock = Lock::acquire(
+        &cfg.state_dir,
+        &policy.name,
+        &target.name,
+        "backup",
+        opts.lock_wait,
+    )?;
+    let store = storage::open(target)?;
+    let sealing = keys::sealing(&cfg.encryption, policy.encrypted)?;
+    let repo = PolicyRepo {
+        storage: store.as_ref(),
+        policy: &policy.name,
+    };
+    // Fail on a bad source before touching the target.
+    let mut conn = sqlite::open_source(db)?;
+
+    let committed = repo.committed()?;
+    let newest_full = committed
+        .iter()
+        .rev()
+        .find(|c| c.dir.label.kind() == BackupType::Full && c.manifest.is_ok());
+    let mut note = None;
+    let mut base: Option<(Label, PageIndex)> = None;
+    let want = opts.kind.unwrap_or(if newest_full.is_some() {
+        BackupType::Diff
+    } else {
+        BackupType::Full
+    });
+    if want == BackupType::Diff {
+        match newest_full {
+            None => {
+                note =
+                    Some("no full backup exists on this target: taking a full instead".to_string())
+            }
+            Some(full) => {
+                let m = full
+                    .manifest
+                    .as_ref()
+                    .map_err(|e| Error::Other(e.to_string()))?;
+                match load_index(cfg, &repo, target, m)? {
+                    Ok(idx) => base = Some((full.dir.label.clone(), idx)),
+                    Err(why) => note = Some(format!("{why}: taking a full instead")),
+                }
+            }
+        }
+    }
+    if let Some(n) = &note {
+        tracing::warn!(policy = %policy.name, target = %target.name, "{n}");
+    }
+
+    let newest_label = committed
+        .iter()
+        .map(|c| c.dir.label.clone())
+        .chain(repo.dirs()?.into_iter().map(|d| d.label))
+        .max();
+    let label = new_label(base.as_ref().map(|(l, _)| l), newest_label.as_ref());
+    let kind = label.kind();
+    let timestamp_start = Utc::now();
+    tracing::info!(policy = %policy.name, target = %target.name, %label, "starting {kind} backup of {}", db.display());
+
+    let data_key = repo::object_key(&policy.name, &label, repo::DATA);
+    let object = format!("target '{}': {data_key}", target.name);
+    let out = store.create(&data_key)?;
+    let enc = Encoder::new(out, policy.compression_level, &sealing)?;
+    let io_err = |e: std::io::Error| store_err(store.as_ref(), &data_key, e);
+    let mut slot = Some(BufWriter::with_capacity(1 << 20, enc));
+    let mut pages: Option<DataWriter> = None;
+    let mut index = PageIndex::default();
+    let snapshot = sqlite::snapshot::read_pages(&mut conn, db, |snap, pgno, data| {
+        if pages.is_none() {
+            let b = slot
+                .take()
+                .ok_or_else(|| Error::Other("internal: snapshot began twice".into()))?;
+            pages = Some(PageWriter::new(b, snap.page_size, snap.page_count).map_err(io_err)?);
+            index.page_size = snap.page_size;
+            index.hashes.reserve(snap.page_count as usize);
+            progress.set_length(snap.page_count * u64::from(snap.page_size));
+        }
+        let h = page_hash(data);
+        let store_it = match &base {
+            Some((_, idx)) => idx.changed(pgno, &h),
+            None => true,
+        };
+        index.hashes.push(h);
+        if store_it && let Some(w) = pages.as_mut() {
+            w.page(pgno, data).map_err(io_err)?;
+        }
+        progress.inc(data.len() as u64);
+        Ok(())
+    })?;
+    drop(conn);
+    let Some(pages) = pages else {
+        return Err(Error::Other(
+            "internal: snapshot produced no page writer".into(),
+        ));
+    };
+    let (buf, pages_stored) = pages.finish().map_err(io_err)?;
+    let enc = buf.into_inner().map_err(|e| io_err(e.into_error()))?;
+    let (data_digest, out) = enc.finish().map_err(io_err)?;
+    out.commit()?;
+    tracing::debug!(%object, "data committed");
+
+    let mut objects = std::collections::BTreeMap::new();
+    objects.insert(repo::DATA.to_string(), data_digest);
+    if kind == BackupType::Full {
+        let pages_key = repo::object_key(&policy.name, &label, repo::PAGES);
+        let digest = write_encoded(
+            store.as_ref(),
+            &pages_key,
+            policy.compression_level,
+            &sealing,
+            |w| index.write_to(w),
+        )?;
+        cache_index(cfg, target, &policy.name, &label, &index, &digest);
+        objects.insert(repo::PAGES.to_string(), digest);
+    }
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        label: label.clone(),
+        kind,
+        parent: base.as_ref().map(|(l, _)| l.clone()),
+        source_kind: "sqlite".into(),
+        source_path: db.display().to_string(),
+        page_size: snapshot.page_size,
+        page_count: snapshot.page_count,
+        pages_stored,
+        wal: None,
+        timestamp_start,
+        timestamp_stop: Utc::now(),
+        dr_version: env!("CARGO_PKG_VERSION").to_string(),
+        zstd_level: policy.compression_level,
+        encryption: if policy.encrypted {
+            "age".into()
+        } else {
+            "none".into()
+        },
+        recipients: sealing.fingerprints(),
+        objects,
+    };
+    // The manifest goes last: its presence commits the backup.
+    store.put_bytes(
+        &repo::object_key(&policy.name, &label, repo::MANIFEST),
+        &manifest.to_bytes(),
+    )?;
+    tracing::info!(policy = %policy.name, target = %target.name, %label, "committed");
+
+    let expired =
+        super::expire::expire_locked(cfg, policy, target, store.as_ref(), false, Utc::now())?;
+    Ok(BackupReport {
+        policy: policy.name.clone(),
+        target: target.name.clone(),
+        label: label.to_string(),
+        kind,
+        parent: manifest.parent.as_ref().map(|p| p.to_string()),
+        page_count: manifest.page_count,
+        pages_stored,
+        size: manifest.plain_size(),
+        stored_size: manifest.stored_size(),
+        seconds: started.elapsed().as_secs_f64(),
+        note,
+        expired: expired.into_iter().map(|r| r.label).collect(),
+    })
+}
+
+fn store_err(store: &dyn Storage, key: &str, e: std::io::Error) -> Error {
+    store.err("write", key, &e)
+}
+
+/// Encodes what `fill` writes into a new object and commits it.
+pub fn write_encoded(
+    store: &dyn Storage,
+    key: &str,
+    level: i32,
+    sealing: &Sealing,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<ObjectDigest> {
+    let out = store.create(key)?;
+    let mut buf = BufWriter::with_capacity(1 << 20, Encoder::new(out, level, sealing)?);
+    fill(&mut buf).map_err(|e| store_err(store, key, e))?;
+    let enc = buf
+        .into_inner()
+        .map_err(|e| store_err(store, key, e.into_error()))?;
+    let (digest, out) = enc.finish().map_err(|e| store_err(store, key, e))?;
+    out.commit()?;
+    Ok(digest)
+}
+
+/// A new label later than every existing one (pgBackRest waits for the next second too).
+fn new_label(parent: Option<&Label>, newest: Option<&Label>) -> Label {
+    loop {
+        let now: DateTime<Utc> = Utc::now();
+        let l = match parent {
+            Some(p) => Label::diff_of(p, now),
+            None => Label::full(now),
+        };
+        if newest.is_none_or(|n| l.time() > n.time()) {
+            return l;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn cache_path(cfg: &Config, target: &Target, policy: &str, label: &Label) -> PathBuf {
+    cfg.state_dir
+        .join("cache")
+        .join(&target.name)
+        .join(policy)
+        .join(format!("{label}.pages"))
+}
+
+fn cache_index(
+    cfg: &Config,
+    target: &Target,
+    policy: &str,
+    label: &Label,
+    index: &PageIndex,
+    digest: &ObjectDigest,
+) {
+    let path = cache_path(cfg, target, policy, label);
+    let write = || -> std::io::Result<()> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut bytes = Vec::with_capacity(16 + index.hashes.len() * 16);
+        index.write_to(&mut bytes)?;
+        if hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) != digest.plain_sha256 {
+            return Err(std::io::Error::other(
+                "index serialisation differs from the stored one",
+            ));
+        }
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, &bytes)?;
+        std::fs::rename(&tmp, &path)
+    };
+    if let Err(e) = write() {
+        tracing::warn!(
+            "could not cache the page index at {}: {e} (diffs will read it from the target)",
+            path.display()
+        );
+    }
+}
+
+/// The page index of `full`: from the local cache when it matches the
+/// manifest, else from the target (which needs a key that can decrypt).
+/// The inner `Err` says why a diff is not possible.
+fn load_index(
+    cfg: &Config,
+    repo: &PolicyRepo<'_>,
+    target: &Target,
+    full: &Manifest,
+) -> Result<std::result::Result<PageIndex, String>> {
+    let Some(expected) = full.objects.get(repo::PAGES) else {
+        return Ok(Err(format!("full backup {} has no page index", full.label)));
+    };
+    let path = cache_path(cfg, target, repo.policy, &full.label);
+    if let Ok(bytes) = std::fs::read(&path) {
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if sum == expected.plain_sha256
+            && let Ok(idx) = PageIndex::read_from(&bytes[..])
+        {
+            return Ok(Ok(idx));
+        }
+        tracing::warn!(
+            "page index cache {} does not match the repository; reading it from the target",
+            path.display()
+        );
+    }
+    let unsealing = if full.encrypted() {
+        match keys::unsealing(&cfg.encryption, None)? {
+            Some(u) => Some(u),
+            None => {
+                return Ok(Err(format!(
+                    "the page index of full {} is not cached on this host and no identity is configured to read it from the target (set [encryption] identity_file)",
+                    full.label
+                )));
+            }
+        }
+    } else {
+        None
+    };
+    let key = repo::object_key(repo.policy, &full.label, repo::PAGES);
+    let object = format!("target '{}': {key}", repo.storage.target());
+    let reader = repo.storage.open(&key)?;
+    let mut dec = Decoder::new(
+        reader,
+        &object,
+        expected,
+        unsealing.as_ref(),
+        full.encrypted(),
+    )?;
+    let mut bytes = Vec::new();
+    dec.read_to_end(&mut bytes)
+        .map_err(|e| read_error(&object, e))?;
+    let idx = PageIndex::read_from(&bytes[..]).map_err(|e| Error::Integrity {
+        object: object.clone(),
+        reason: e.to_string(),
+    })?;
+    Ok(Ok(idx))
+}

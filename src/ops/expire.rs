@@ -1,0 +1,117 @@
+//! Applying retention and clearing interrupted backups.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::PolicyRepo;
+use crate::config::{Config, Policy, Target};
+use crate::error::Result;
+use crate::lock::Lock;
+use crate::repo::{self, retention};
+use crate::storage::{self, Storage};
+
+/// One backup expire removed (or would remove, with `--dry-run`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Expired {
+    pub policy: String,
+    pub target: String,
+    pub label: String,
+    pub reason: String,
+    pub removed: bool,
+}
+
+/// Expires `policy` on `target`, taking the policy's lock.
+pub fn expire(
+    cfg: &Config,
+    policy: &Policy,
+    target: &Target,
+    dry_run: bool,
+    lock_wait: Duration,
+) -> Result<Vec<Expired>> {
+    let _lock = Lock::acquire(
+        &cfg.state_dir,
+        &policy.name,
+        &target.name,
+        "expire",
+        lock_wait,
+    )?;
+    let store = storage::open(target)?;
+    expire_locked(cfg, policy, target, store.as_ref(), dry_run, Utc::now())
+}
+
+/// Expire for a caller that already holds the lock (a backup that just committed).
+pub fn expire_locked(
+    cfg: &Config,
+    policy: &Policy,
+    target: &Target,
+    store: &dyn Storage,
+    dry_run: bool,
+    now: DateTime<Utc>,
+) -> Result<Vec<Expired>> {
+    let repo = PolicyRepo {
+        storage: store,
+        policy: &policy.name,
+    };
+    let dirs = repo.dirs()?;
+    let committed: Vec<_> = dirs
+        .iter()
+        .filter(|d| d.has_manifest)
+        .map(|d| d.label.clone())
+        .collect();
+    let mut out = Vec::new();
+    let mut doomed = Vec::new();
+    for r in retention::plan(&committed, policy.retention.full, policy.retention.diff) {
+        doomed.push((r.label, r.reason));
+    }
+    let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)
+        .unwrap_or(chrono::Duration::hours(1));
+    for d in dirs.iter().filter(|d| !d.has_manifest) {
+        if now - d.modified >= grace {
+            doomed.push((
+                d.label.clone(),
+                format!(
+                    "interrupted backup (no manifest), untouched for more than {}",
+                    humantime::format_duration(policy.retention.incomplete_grace)
+                ),
+            ));
+        }
+    }
+    for (label, reason) in doomed {
+        let Some(dir) = dirs.iter().find(|d| d.label == label) else {
+            continue;
+        };
+        if !dry_run {
+            // Uncommit first: a crash half-way leaves an interrupted backup, never a damaged one.
+            let manifest = repo::object_key(&policy.name, &label, repo::MANIFEST);
+            if dir.has_manifest {
+                store.delete(&manifest)?;
+            }
+            for key in dir.keys.iter().filter(|k| **k != manifest) {
+                store.delete(key)?;
+            }
+            let cache = cfg
+                .state_dir
+                .join("cache")
+                .join(&target.name)
+                .join(&policy.name)
+                .join(format!("{label}.pages"));
+            let _ = std::fs::remove_file(cache);
+            tracing::info!(policy = %policy.name, target = %target.name, %label, "expired: {reason}");
+        }
+        out.push(Expired {
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            label: label.to_string(),
+            reason,
+            removed: !dry_run,
+        });
+    }
+    Ok(out)
+}
+
+/// The grace before an interrupted backup may be removed, for messages.
+pub fn grace(policy: &Policy) -> Duration {
+    policy.retention.incomplete_grace
+}

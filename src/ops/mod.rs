@@ -1,0 +1,160 @@
+//! The use cases. The CLI and the daemon call these and nothing else.
+
+pub mod backup;
+pub mod expire;
+pub mod info;
+pub mod restore;
+pub mod verify;
+
+use crate::config::{Config, Policy, Source, Target};
+use crate::error::{Error, Result};
+use crate::repo::{self, BackupDir, Label, Manifest};
+use crate::storage::Storage;
+
+/// Which of a policy's targets an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetFilter {
+    /// Every target of the policy.
+    All,
+    /// Targets of one kind (`local` or `s3`), as the `-local`/`-s3` commands mean.
+    Kind(&'static str),
+    /// One target by name.
+    Name(String),
+}
+
+impl TargetFilter {
+    /// The policy's targets that pass the filter.
+    pub fn select<'c>(&self, cfg: &'c Config, policy: &Policy) -> Result<Vec<&'c Target>> {
+        let mut out = Vec::new();
+        for name in &policy.targets {
+            let t = cfg.target(name)?;
+            let keep = match self {
+                TargetFilter::All => true,
+                TargetFilter::Kind(k) => t.kind.word() == *k,
+                TargetFilter::Name(n) => &t.name == n,
+            };
+            if keep {
+                out.push(t);
+            }
+        }
+        if out.is_empty()
+            && let TargetFilter::Name(n) = self
+        {
+            return Err(Error::NotFound(format!(
+                "policy '{}' has no target named '{n}' (its targets: {})",
+                policy.name,
+                policy.targets.join(", ")
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The policies an operation applies to: the named one, or all of them.
+pub fn select_policies<'c>(cfg: &'c Config, name: Option<&str>) -> Result<Vec<&'c Policy>> {
+    match name {
+        Some(n) => Ok(vec![cfg.policy(n)?]),
+        None => Ok(cfg.policies.iter().collect()),
+    }
+}
+
+/// The SQLite database path of a policy, or a clear error for other kinds.
+pub fn sqlite_path(policy: &Policy) -> Result<&std::path::Path> {
+    match &policy.source {
+        Source::Sqlite { path } => Ok(path),
+        Source::Postgres { .. } => Err(Error::Other(format!(
+            "policy '{}' is a PostgreSQL policy: pgBackRest support is not in this build of dr yet",
+            policy.name
+        ))),
+    }
+}
+
+/// A policy's backups on one target, as stored.
+#[derive(Debug)]
+pub struct PolicyRepo<'a> {
+    pub storage: &'a dyn Storage,
+    pub policy: &'a str,
+}
+
+/// A committed backup with its manifest, or the reason its manifest is unusable.
+#[derive(Debug)]
+pub struct Committed {
+    pub dir: BackupDir,
+    pub manifest: Result<Manifest>,
+}
+
+impl PolicyRepo<'_> {
+    /// Every label directory, committed or not, oldest first.
+    pub fn dirs(&self) -> Result<Vec<BackupDir>> {
+        let prefix = repo::backup_prefix(self.policy);
+        let listing = self.storage.list(&prefix)?;
+        Ok(repo::group_backups(&prefix, &listing))
+    }
+
+    /// Reads and checks one manifest.
+    pub fn manifest(&self, label: &Label) -> Result<Manifest> {
+        let key = repo::object_key(self.policy, label, repo::MANIFEST);
+        let bytes = self.storage.get_bytes(&key)?;
+        let m = Manifest::from_bytes(&bytes).map_err(|reason| Error::Integrity {
+            object: format!("target '{}': {key}", self.storage.target()),
+            reason,
+        })?;
+        if &m.label != label {
+            return Err(Error::Integrity {
+                object: format!("target '{}': {key}", self.storage.target()),
+                reason: format!("manifest is for backup {}, not {label}", m.label),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Committed backups with their manifests, oldest first.
+    pub fn committed(&self) -> Result<Vec<Committed>> {
+        Ok(self
+            .dirs()?
+            .into_iter()
+            .filter(|d| d.has_manifest)
+            .map(|dir| {
+                let manifest = self.manifest(&dir.label);
+                Committed { dir, manifest }
+            })
+            .collect())
+    }
+
+    /// The manifests a restore of `label` needs: its full, then the diff itself.
+    pub fn chain(&self, label: &Label) -> Result<Vec<Manifest>> {
+        let m = self.manifest(label)?;
+        match &m.parent {
+            None => Ok(vec![m]),
+            Some(parent) => {
+                let p = self.manifest(parent).map_err(|e| match e {
+                    Error::NotFound(_) => Error::Integrity {
+                        object: format!("backup {label}"),
+                        reason: format!(
+                            "its full backup {parent} is missing from target '{}'",
+                            self.storage.target()
+                        ),
+                    },
+                    other => other,
+                })?;
+                Ok(vec![p, m])
+            }
+        }
+    }
+}
+
+/// Formats bytes for people (IEC units).
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,295 @@
+//! Restoring a SQLite backup into a file, atomically.
+//!
+//! Pages are written into a temporary file next to the destination, the
+//! stream's hashes are checked, SQLite's `integrity_check` runs on the
+//! result, and only then is it fsynced and renamed over the destination. Any
+//! failure before the rename leaves the destination exactly as it was.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use indicatif::ProgressBar;
+use serde::Serialize;
+
+use super::PolicyRepo;
+use crate::codec::{Decoder, read_error};
+use crate::config::{Config, Policy, Target};
+use crate::error::{Error, Result, io_reason};
+use crate::keys::{self, Unsealing};
+use crate::repo::{self, Label, Manifest};
+use crate::sqlite::{self, PageReader};
+use crate::storage;
+
+/// Options of a restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreOptions {
+    pub to: PathBuf,
+    /// A backup label; the newest committed backup when absent.
+    pub backup: Option<String>,
+    pub identity: Option<PathBuf>,
+    /// Replace an existing destination.
+    pub force: bool,
+}
+
+/// What a restore did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub policy: String,
+    pub target: String,
+    pub label: String,
+    pub chain: Vec<String>,
+    pub to: PathBuf,
+    pub bytes: u64,
+    pub seconds: f64,
+}
+
+/// Resolves the identities for decrypting a policy's backups, or says what to pass.
+pub fn unsealing_for(
+    cfg: &Config,
+    policy: &Policy,
+    identity: Option<&Path>,
+) -> Result<Option<Unsealing>> {
+    let u = keys::unsealing(&cfg.encryption, identity)?;
+    if u.is_none() && policy.encrypted {
+        return Err(Error::Secret {
+            path: identity
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| cfg.file.clone()),
+            reason: format!(
+                "policy '{}' is encrypted: pass --identity FILE (the age identity whose recipient is in [encryption]), or set [encryption] identity_file",
+                policy.name
+            ),
+        });
+    }
+    Ok(u)
+}
+
+/// Picks the backup to restore: the named label, or the newest committed one.
+pub fn pick(repo: &PolicyRepo<'_>, label: Option<&str>) -> Result<Label> {
+    let target = repo.storage.target();
+    match label {
+        Some(l) => {
+            let label: Label = l.parse().map_err(Error::NotFound)?;
+            let dirs = repo.dirs()?;
+            match dirs.iter().find(|d| d.label == label) {
+                Some(d) if d.has_manifest => Ok(label),
+                Some(_) => Err(Error::NotFound(format!(
+                    "backup {label} on target '{target}' was interrupted (it has no manifest) and cannot be restored"
+                ))),
+                None => Err(Error::NotFound(format!(
+                    "no backup {label} of policy '{}' on target '{target}' (see `dr info {}`)",
+                    repo.policy, repo.policy
+                ))),
+            }
+        }
+        None => repo
+            .dirs()?
+            .into_iter()
+            .rev()
+            .find(|d| d.has_manifest)
+            .map(|d| d.label)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "policy '{}' has no committed backup on target '{target}' ({})",
+                    repo.policy,
+                    repo.storage.location()
+                ))
+            }),
+    }
+}
+
+/// Restores `policy` from `target` into `opts.to`.
+pub fn restore(
+    cfg: &Config,
+    policy: &Policy,
+    target: &Target,
+    opts: &RestoreOptions,
+    progress: &ProgressBar,
+) -> Result<RestoreReport> {
+    super::sqlite_path(policy)?;
+    let started = Instant::now();
+    let to = &opts.to;
+    if to.is_dir() {
+        return Err(Error::Refused(format!(
+            "{} is a directory: --to takes the path of the database file to create",
+            to.display()
+        )));
+    }
+    if to.exists() && !opts.force {
+        return Err(Error::Refused(format!(
+            "{} exists: dr does not overwrite a database unless you pass --force",
+            to.display()
+        )));
+    }
+    let unsealing = unsealing_for(cfg, policy, opts.identity.as_deref())?;
+    let store = storage::open(target)?;
+    let repo = PolicyRepo {
+        storage: store.as_ref(),
+        policy: &policy.name,
+    };
+    let label = pick(&repo, opts.backup.as_deref())?;
+    let chain = repo.chain(&label)?;
+    let dir = match to.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let fname = to
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "restore".into());
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{fname}.dr-restore."))
+        .tempfile_in(&dir)
+        .map_err(|e| {
+            Error::io(
+                format!(
+                    "cannot create a temporary file in {}: {}",
+                    dir.display(),
+                    io_reason(&e)
+                ),
+                e,
+            )
+        })?;
+    let bytes = materialize(
+        &repo,
+        &chain,
+        unsealing.as_ref(),
+        tmp.as_file(),
+        tmp.path(),
+        progress,
+    )?;
+    sqlite::integrity_check(tmp.path())?;
+    remove_sidecars(tmp.path());
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| Error::io(format!("cannot fsync {}", tmp.path().display()), e))?;
+    replace(tmp, to)?;
+    Ok(RestoreReport {
+        policy: policy.name.clone(),
+        target: target.name.clone(),
+        label: label.to_string(),
+        chain: chain.iter().map(|m| m.label.to_string()).collect(),
+        to: to.clone(),
+        bytes,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Writes the pages of `chain` (a full, then optionally a diff) into `file`.
+/// Returns the size of the database written.
+pub fn materialize(
+    repo: &PolicyRepo<'_>,
+    chain: &[Manifest],
+    unsealing: Option<&Unsealing>,
+    file: &File,
+    path: &Path,
+    progress: &ProgressBar,
+) -> Result<u64> {
+    let Some(last) = chain.last() else {
+        return Err(Error::Other("internal: empty restore chain".into()));
+    };
+    let write_err = |e: std::io::Error| Error::Io {
+        context: format!(
+            "writing the restored database {}: {}",
+            path.display(),
+            io_reason(&e)
+        ),
+        source: e,
+    };
+    let total: u64 = chain
+        .iter()
+        .filter_map(|m| m.objects.get(repo::DATA).map(|o| o.plain_size))
+        .sum();
+    progress.set_length(total);
+    for m in chain {
+        let Some(expected) = m.objects.get(repo::DATA) else {
+            return Err(Error::Integrity {
+                object: format!("backup {}", m.label),
+                reason: "its manifest lists no data object".into(),
+            });
+        };
+        if m.page_size != last.page_size {
+            return Err(Error::Integrity {
+                object: format!("backup {}", last.label),
+                reason: format!(
+                    "page size {} differs from its full's {}",
+                    last.page_size, m.page_size
+                ),
+            });
+        }
+        let key = repo::object_key(repo.policy, &m.label, repo::DATA);
+        let object = format!("target '{}': {key}", repo.storage.target());
+        let raw = repo.storage.open(&key)?;
+        let dec = Decoder::new(raw, &object, expected, unsealing, m.encrypted())?;
+        let counted = progress.wrap_read(dec);
+        let mut pages = PageReader::new(counted).map_err(|e| read_error(&object, e))?;
+        if u64::from(pages.page_size) != u64::from(m.page_size) || pages.page_count != m.page_count
+        {
+            return Err(Error::Integrity {
+                object,
+                reason: "page stream header disagrees with the manifest".into(),
+            });
+        }
+        let ps = u64::from(pages.page_size);
+        while let Some((pgno, data)) = pages.next_page().map_err(|e| read_error(&object, e))? {
+            file.write_all_at(data, (u64::from(pgno) - 1) * ps)
+                .map_err(write_err)?;
+        }
+    }
+    let size = last.page_count * u64::from(last.page_size);
+    file.set_len(size).map_err(write_err)?;
+    Ok(size)
+}
+
+fn sidecars(path: &Path) -> [PathBuf; 3] {
+    let s = path.as_os_str().to_string_lossy();
+    [
+        PathBuf::from(format!("{s}-wal")),
+        PathBuf::from(format!("{s}-shm")),
+        PathBuf::from(format!("{s}-journal")),
+    ]
+}
+
+fn remove_sidecars(path: &Path) {
+    for p in sidecars(path) {
+        let _ = std::fs::remove_file(p);
+    }
+}
+
+/// Renames the verified temporary file over `to`. The destination's own
+/// `-wal`/`-shm`/`-journal` files belong to the old database and would
+/// corrupt the new one, so they are moved aside first and put back if the
+/// rename fails.
+fn replace(tmp: tempfile::NamedTempFile, to: &Path) -> Result<()> {
+    let mut aside = Vec::new();
+    for side in sidecars(to) {
+        if side.exists() {
+            let moved = PathBuf::from(format!("{}.dr-old", side.display()));
+            std::fs::rename(&side, &moved)
+                .map_err(|e| Error::io(format!("cannot move {} aside", side.display()), e))?;
+            aside.push((side, moved));
+        }
+    }
+    match tmp.persist(to) {
+        Ok(_) => {
+            for (_, moved) in aside {
+                let _ = std::fs::remove_file(moved);
+            }
+            if let Some(dir) = to.parent().filter(|d| !d.as_os_str().is_empty()) {
+                let _ = File::open(dir).and_then(|d| d.sync_all());
+            }
+            Ok(())
+        }
+        Err(e) => {
+            for (side, moved) in aside {
+                let _ = std::fs::rename(moved, side);
+            }
+            Err(Error::io(
+                format!("cannot move the restored database into {}", to.display()),
+                e.error,
+            ))
+        }
+    }
+}

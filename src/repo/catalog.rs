@@ -1,0 +1,75 @@
+//! Reading a listing into backups: committed ones (with a manifest) and
+//! interrupted ones (objects but no manifest).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use super::label::Label;
+use crate::storage::ObjectMeta;
+
+/// The objects found under one label directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupDir {
+    pub label: Label,
+    /// Full keys of the objects in the directory.
+    pub keys: Vec<String>,
+    pub has_manifest: bool,
+    /// Newest modification time among its objects.
+    pub modified: DateTime<Utc>,
+}
+
+/// Groups a listing of `<policy>/backup/` by label, oldest first. Entries
+/// whose directory is not a label are ignored (they are not dr's).
+pub fn group_backups(prefix: &str, listing: &[ObjectMeta]) -> Vec<BackupDir> {
+    let mut by_label: BTreeMap<Label, BackupDir> = BTreeMap::new();
+    for obj in listing {
+        let Some(rest) = obj.key.strip_prefix(prefix) else {
+            continue;
+        };
+        let Some((dir, name)) = rest.split_once('/') else {
+            continue;
+        };
+        let Ok(label) = dir.parse::<Label>() else {
+            continue;
+        };
+        let entry = by_label.entry(label.clone()).or_insert_with(|| BackupDir {
+            label,
+            keys: Vec::new(),
+            has_manifest: false,
+            modified: obj.modified,
+        });
+        entry.keys.push(obj.key.clone());
+        entry.has_manifest |= name == super::MANIFEST;
+        entry.modified = entry.modified.max(obj.modified);
+    }
+    by_label.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obj(key: &str) -> ObjectMeta {
+        ObjectMeta {
+            key: key.into(),
+            size: 1,
+            modified: Utc::now(),
+        }
+    }
+
+    #[test]
+    fn manifests_commit_backups() {
+        let l = vec![
+            obj("app/backup/20261122-031500F/data.zst.age"),
+            obj("app/backup/20261122-031500F/manifest.json"),
+            obj("app/backup/20261122-031500F_20261122-091500D/data.zst.age"),
+            obj("app/backup/not-a-label/x"),
+        ];
+        let g = group_backups("app/backup/", &l);
+        assert_eq!(g.len(), 2);
+        assert!(g[0].has_manifest);
+        assert!(!g[1].has_manifest);
+        assert_eq!(g[1].keys.len(), 1);
+    }
+}

@@ -1,0 +1,158 @@
+//! The manifest: the record that commits a backup.
+//!
+//! It is written last; its presence is what makes a backup exist. The file
+//! is an envelope `{"manifest": {...}, "sha256": "..."}` whose hash covers
+//! the exact bytes of the inner document, so any edit or truncation of the
+//! manifest is detected without re-serialising (and newer fields added by
+//! later versions of dr do not disturb the check).
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+use super::label::{BackupType, Label};
+use crate::codec::ObjectDigest;
+
+/// Version of the manifest format this build writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Everything needed to restore and check one backup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub label: Label,
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    /// The full this diff applies on top of.
+    pub parent: Option<Label>,
+    /// `sqlite` (PostgreSQL backups live in pgBackRest's own repository).
+    pub source_kind: String,
+    /// The database file this was taken from, for `dr info`.
+    pub source_path: String,
+    pub page_size: u32,
+    /// Pages in the database at snapshot time.
+    pub page_count: u64,
+    /// Pages stored in `data.zst.age` (all for a full, changed for a diff).
+    pub pages_stored: u64,
+    /// WAL position at the snapshot, when WAL streaming knows one.
+    pub wal: Option<WalPosition>,
+    pub timestamp_start: DateTime<Utc>,
+    pub timestamp_stop: DateTime<Utc>,
+    pub dr_version: String,
+    pub zstd_level: i32,
+    /// `age` or `none`.
+    pub encryption: String,
+    /// Fingerprints (first 8 bytes of sha256, hex) of the recipients, or `scrypt`.
+    pub recipients: Vec<String>,
+    /// Every object of the backup except the manifest, by name.
+    pub objects: BTreeMap<String, ObjectDigest>,
+}
+
+/// A point in a WAL stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WalPosition {
+    pub generation: String,
+    pub frame: u64,
+}
+
+impl Manifest {
+    /// Whether the objects are age-encrypted.
+    pub fn encrypted(&self) -> bool {
+        self.encryption != "none"
+    }
+
+    /// Plaintext bytes of all objects (what `dr info` calls size).
+    pub fn plain_size(&self) -> u64 {
+        self.objects.values().map(|o| o.plain_size).sum()
+    }
+
+    /// Stored bytes of all objects.
+    pub fn stored_size(&self) -> u64 {
+        self.objects.values().map(|o| o.stored_size).sum()
+    }
+
+    /// Serialises into the checksummed envelope.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let body = serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".to_string());
+        let sum = hex::encode(Sha256::digest(body.as_bytes()));
+        let mut out = String::with_capacity(body.len() + 100);
+        out.push_str("{\"manifest\": ");
+        out.push_str(&body);
+        out.push_str(",\n\"sha256\": \"");
+        out.push_str(&sum);
+        out.push_str("\"}\n");
+        out.into_bytes()
+    }
+
+    /// Parses and checks an envelope; the error says what is wrong.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+        #[derive(Deserialize)]
+        struct Envelope<'a> {
+            #[serde(borrow)]
+            manifest: &'a RawValue,
+            sha256: String,
+        }
+        let env: Envelope<'_> =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a dr manifest: {e}"))?;
+        let sum = hex::encode(Sha256::digest(env.manifest.get().as_bytes()));
+        if sum != env.sha256 {
+            return Err(format!(
+                "manifest checksum mismatch (computed {sum}, recorded {}): the manifest was modified or damaged",
+                env.sha256
+            ));
+        }
+        let m: Manifest = serde_json::from_str(env.manifest.get())
+            .map_err(|e| format!("manifest is unreadable: {e}"))?;
+        if m.format > FORMAT_VERSION {
+            return Err(format!(
+                "manifest format {} is newer than this dr understands ({FORMAT_VERSION}): upgrade dr",
+                m.format
+            ));
+        }
+        Ok(m)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        let t = Utc::now();
+        Manifest {
+            format: FORMAT_VERSION,
+            label: Label::full(t),
+            kind: BackupType::Full,
+            parent: None,
+            source_kind: "sqlite".into(),
+            source_path: "/srv/app.db".into(),
+            page_size: 4096,
+            page_count: 10,
+            pages_stored: 10,
+            wal: None,
+            timestamp_start: t,
+            timestamp_stop: t,
+            dr_version: "0".into(),
+            zstd_level: 3,
+            encryption: "age".into(),
+            recipients: vec!["abcd".into()],
+            objects: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips_and_detects_edits() {
+        let m = sample();
+        let bytes = m.to_bytes();
+        assert_eq!(Manifest::from_bytes(&bytes).expect("parse"), m);
+        let text = String::from_utf8(bytes).expect("utf8");
+        let edited = text.replace("\"page_count\": 10", "\"page_count\": 11");
+        assert_ne!(edited, text);
+        let err = Manifest::from_bytes(edited.as_bytes()).expect_err("edited");
+        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(Manifest::from_bytes(&text.as_bytes()[..text.len() / 2]).is_err());
+    }
+}

@@ -1,0 +1,31 @@
+//! The repository format dr writes: labels, manifests, and the pure logic
+//! that reads a listing into backups and plans retention. No I/O here.
+//!
+//! Layout per target and policy (the contract is docs/repository-format.md):
+//! `<policy>/backup/<label>/{manifest.json,data.zst.age,pages.zst.age}`.
+
+pub mod catalog;
+pub mod label;
+pub mod manifest;
+pub mod retention;
+
+pub use catalog::{BackupDir, group_backups};
+pub use label::{BackupType, Label};
+pub use manifest::Manifest;
+
+/// Key of a policy's backup directory prefix.
+pub fn backup_prefix(policy: &str) -> String {
+    format!("{policy}/backup/")
+}
+
+/// Key of an object inside a backup.
+pub fn object_key(policy: &str, label: &Label, name: &str) -> String {
+    format!("{policy}/backup/{label}/{name}")
+}
+
+/// Object names inside a backup directory.
+pub const MANIFEST: &str = "manifest.json";
+/// Page data (full: every page; diff: changed pages).
+pub const DATA: &str = "data.zst.age";
+/// Page-hash index of a full, used to compute later diffs.
+pub const PAGES: &str = "pages.zst.age";

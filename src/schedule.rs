@@ -1,0 +1,140 @@
+//! Cron expressions as users write them.
+//!
+//! Users write classic 5-field cron (minute first) or 6 fields (seconds
+//! first), with day-of-week 0 or 7 meaning Sunday. The `cron` crate counts
+//! days of week from 1 = Sunday, so numeric days are translated here once;
+//! names (`Sun`, `Mon-Fri`) pass through unchanged.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+
+/// A parsed schedule, keeping the text the user wrote for messages.
+#[derive(Debug, Clone)]
+pub struct CronSpec {
+    pub text: String,
+    schedule: cron::Schedule,
+}
+
+impl CronSpec {
+    /// Parses a 5- or 6-field expression; the error says what is accepted.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let mut six: Vec<String> = match fields.len() {
+            5 => std::iter::once("0")
+                .chain(fields.iter().copied())
+                .map(String::from)
+                .collect(),
+            6 => fields.iter().map(|s| s.to_string()).collect(),
+            n => {
+                return Err(format!(
+                    "cron expression '{text}' has {n} fields: write 5 (minute hour day month weekday) or 6 (second first)"
+                ));
+            }
+        };
+        six[5] = translate_dow(&six[5]).map_err(|e| format!("cron expression '{text}': {e}"))?;
+        let expr = six.join(" ");
+        let schedule = cron::Schedule::from_str(&expr)
+            .map_err(|e| format!("cron expression '{text}' is not valid: {e}"))?;
+        Ok(CronSpec {
+            text: text.to_string(),
+            schedule,
+        })
+    }
+
+    /// The first time this schedule fires strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.schedule.after(&t).next()
+    }
+}
+
+fn translate_dow(field: &str) -> Result<String, String> {
+    let is_num = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_digit());
+    let day = |s: &str| -> Result<u32, String> {
+        match s.parse::<u32>() {
+            Ok(n) if n <= 7 => Ok(n),
+            _ => Err(format!("day of week '{s}' is out of range 0-7")),
+        }
+    };
+    let with_step = |r: String, step: Option<&str>| match step {
+        Some(s) => format!("{r}/{s}"),
+        None => r,
+    };
+    let mut out = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => (r, Some(s)),
+            None => (item, None),
+        };
+        match range.split_once('-') {
+            Some((a, b)) if is_num(a) && is_num(b) => {
+                let (a, b) = (day(a)?, day(b)?);
+                if b == 7 && a == 0 {
+                    out.push(with_step("1-7".to_string(), step));
+                } else if b == 7 {
+                    // "5-7" is Friday to Sunday: Friday-Saturday, then Sunday.
+                    out.push(with_step(format!("{}-7", a + 1), step));
+                    out.push("1".to_string());
+                } else {
+                    out.push(with_step(format!("{}-{}", a % 7 + 1, b % 7 + 1), step));
+                }
+            }
+            _ if is_num(range) => out.push(with_step((day(range)? % 7 + 1).to_string(), step)),
+            _ => out.push(item.to_string()),
+        }
+    }
+    Ok(out.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::{Datelike, TimeZone, Weekday};
+
+    fn next(expr: &str) -> DateTime<Utc> {
+        let start = Utc
+            .with_ymd_and_hms(2026, 11, 22, 7, 0, 0)
+            .single()
+            .expect("time"); // a Sunday
+        CronSpec::parse(expr)
+            .expect(expr)
+            .next_after(start)
+            .expect("fires")
+    }
+
+    #[test]
+    fn sunday_is_zero_or_seven() {
+        assert_eq!(next("0 3 * * 0").weekday(), Weekday::Sun);
+        assert_eq!(next("0 3 * * 7").weekday(), Weekday::Sun);
+        assert_eq!(next("0 3 * * 1").weekday(), Weekday::Mon);
+        assert_eq!(next("0 3 * * Sat").weekday(), Weekday::Sat);
+        assert_eq!(next("0 3 * * 1-5").weekday(), Weekday::Mon);
+    }
+
+    #[test]
+    fn five_and_six_fields() {
+        assert_eq!(
+            next("0 */6 * * *").to_rfc3339(),
+            "2026-11-22T12:00:00+00:00"
+        );
+        assert_eq!(
+            next("0 3/6 * * *").to_rfc3339(),
+            "2026-11-22T09:00:00+00:00"
+        );
+        assert_eq!(
+            next("*/5 * * * * *").to_rfc3339(),
+            "2026-11-22T07:00:05+00:00"
+        );
+    }
+
+    #[test]
+    fn bad_expressions_say_why() {
+        assert!(CronSpec::parse("61 * * * *").is_err());
+        assert!(
+            CronSpec::parse("* * *")
+                .expect_err("3 fields")
+                .contains("3 fields")
+        );
+        assert!(CronSpec::parse("0 3 * * 9").is_err());
+    }
+}

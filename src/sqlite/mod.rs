@@ -1,0 +1,48 @@
+//! SQLite as a source: consistent page snapshots, page-hash indexes for
+//! diffs, and putting pages back into a file.
+
+pub mod pages;
+pub mod snapshot;
+
+pub use pages::{PageIndex, PageReader, PageWriter};
+pub use snapshot::{Snapshot, open_source};
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// Runs `PRAGMA integrity_check` on a file and fails with SQLite's own findings.
+pub fn integrity_check(path: &Path) -> Result<()> {
+    let conn = rusqlite::Connection::open_with_flags(
+        path,
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(|e| Error::Source {
+        path: path.to_path_buf(),
+        reason: format!("cannot open the restored database: {e}"),
+    })?;
+    let mut stmt = conn
+        .prepare("PRAGMA integrity_check")
+        .map_err(|e| Error::Integrity {
+            object: path.display().to_string(),
+            reason: format!("integrity_check could not run: {e}"),
+        })?;
+    let rows: Vec<String> = stmt
+        .query_map([], |r| r.get::<_, String>(0))
+        .and_then(|it| it.collect())
+        .map_err(|e| Error::Integrity {
+            object: path.display().to_string(),
+            reason: format!("integrity_check failed: {e}"),
+        })?;
+    if rows.len() == 1 && rows[0] == "ok" {
+        Ok(())
+    } else {
+        Err(Error::Integrity {
+            object: path.display().to_string(),
+            reason: format!(
+                "PRAGMA integrity_check: {}",
+                rows.into_iter().take(5).collect::<Vec<_>>().join("; ")
+            ),
+        })
+    }
+}

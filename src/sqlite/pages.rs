@@ -1,0 +1,246 @@
+//! The page stream format inside `data.zst.age`, and the page-hash index.
+//!
+//! Page stream (before compression): an 24-byte header
+//! `b"DRPAGES1"`, page size (u32 LE), page count of the database (u64 LE),
+//! a reserved u32 (zero), then for each page its number (u32 LE, 1-based)
+//! and its bytes, ending with page number 0. The end marker lets a reader
+//! tell a complete stream from a truncated one before the hashes do.
+//!
+//! Page index (inside `pages.zst.age`): `b"DRPIDX01"`, page size (u32 LE),
+//! count (u32 LE), then 16 bytes of BLAKE3 per page in page order.
+
+use std::io::{self, Read, Write};
+
+const PAGES_MAGIC: &[u8; 8] = b"DRPAGES1";
+const INDEX_MAGIC: &[u8; 8] = b"DRPIDX01";
+
+/// Bytes of page hash kept per page: collisions are out of reach at 128 bits.
+pub const HASH_LEN: usize = 16;
+
+/// Hash of one page for the index.
+pub fn page_hash(page: &[u8]) -> [u8; HASH_LEN] {
+    let h = blake3::hash(page);
+    let mut out = [0u8; HASH_LEN];
+    out.copy_from_slice(&h.as_bytes()[..HASH_LEN]);
+    out
+}
+
+/// Writes a page stream.
+#[derive(Debug)]
+pub struct PageWriter<W: Write> {
+    out: W,
+    page_size: u32,
+    written: u64,
+}
+
+impl<W: Write> PageWriter<W> {
+    /// Writes the header. `stored` is how many pages will follow (0 if unknown).
+    pub fn new(mut out: W, page_size: u32, page_count: u64) -> io::Result<Self> {
+        out.write_all(PAGES_MAGIC)?;
+        out.write_all(&page_size.to_le_bytes())?;
+        out.write_all(&page_count.to_le_bytes())?;
+        out.write_all(&0u32.to_le_bytes())?;
+        Ok(PageWriter {
+            out,
+            page_size,
+            written: 0,
+        })
+    }
+
+    /// Appends one page.
+    pub fn page(&mut self, pgno: u32, data: &[u8]) -> io::Result<()> {
+        if pgno == 0 || data.len() != self.page_size as usize {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "page {pgno} has {} bytes, expected {}",
+                    data.len(),
+                    self.page_size
+                ),
+            ));
+        }
+        self.out.write_all(&pgno.to_le_bytes())?;
+        self.out.write_all(data)?;
+        self.written += 1;
+        Ok(())
+    }
+
+    /// Writes the end marker and returns the writer and how many pages were written.
+    pub fn finish(mut self) -> io::Result<(W, u64)> {
+        self.out.write_all(&0u32.to_le_bytes())?;
+        Ok((self.out, self.written))
+    }
+}
+
+/// Reads a page stream.
+#[derive(Debug)]
+pub struct PageReader<R: Read> {
+    input: R,
+    pub page_size: u32,
+    pub page_count: u64,
+    buf: Vec<u8>,
+    ended: bool,
+}
+
+fn bad(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+impl<R: Read> PageReader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut input: R) -> io::Result<Self> {
+        let mut hdr = [0u8; 24];
+        input.read_exact(&mut hdr)?;
+        if &hdr[..8] != PAGES_MAGIC {
+            return Err(bad("not a dr page stream"));
+        }
+        let page_size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+        let mut pc = [0u8; 8];
+        pc.copy_from_slice(&hdr[12..20]);
+        let page_count = u64::from_le_bytes(pc);
+        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err(bad(format!(
+                "page size {page_size} is not a SQLite page size"
+            )));
+        }
+        Ok(PageReader {
+            input,
+            page_size,
+            page_count,
+            buf: vec![0u8; page_size as usize],
+            ended: false,
+        })
+    }
+
+    /// The next page, or `None` after the end marker.
+    pub fn next_page(&mut self) -> io::Result<Option<(u32, &[u8])>> {
+        if self.ended {
+            return Ok(None);
+        }
+        let mut no = [0u8; 4];
+        self.input.read_exact(&mut no).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                bad("page stream is truncated")
+            } else {
+                e
+            }
+        })?;
+        let pgno = u32::from_le_bytes(no);
+        if pgno == 0 {
+            self.ended = true;
+            // Read to the end so the codec can check the hashes.
+            let mut rest = [0u8; 64];
+            if self.input.read(&mut rest)? != 0 {
+                return Err(bad("data after the end of the page stream"));
+            }
+            return Ok(None);
+        }
+        if u64::from(pgno) > self.page_count {
+            return Err(bad(format!(
+                "page {pgno} is beyond the page count {}",
+                self.page_count
+            )));
+        }
+        self.input.read_exact(&mut self.buf).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                bad("page stream is truncated")
+            } else {
+                e
+            }
+        })?;
+        Ok(Some((pgno, &self.buf)))
+    }
+}
+
+/// Hashes of every page of a full backup, used to find what a diff must store.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PageIndex {
+    pub page_size: u32,
+    pub hashes: Vec<[u8; HASH_LEN]>,
+}
+
+impl PageIndex {
+    /// Whether page `pgno` (1-based) differs from the indexed one.
+    pub fn changed(&self, pgno: u32, hash: &[u8; HASH_LEN]) -> bool {
+        match self.hashes.get(pgno as usize - 1) {
+            Some(h) => h != hash,
+            None => true,
+        }
+    }
+
+    /// Serialises the index.
+    pub fn write_to(&self, mut out: impl Write) -> io::Result<()> {
+        out.write_all(INDEX_MAGIC)?;
+        out.write_all(&self.page_size.to_le_bytes())?;
+        out.write_all(&(self.hashes.len() as u32).to_le_bytes())?;
+        for h in &self.hashes {
+            out.write_all(h)?;
+        }
+        Ok(())
+    }
+
+    /// Reads an index written by `write_to`.
+    pub fn read_from(mut input: impl Read) -> io::Result<Self> {
+        let mut hdr = [0u8; 16];
+        input.read_exact(&mut hdr)?;
+        if &hdr[..8] != INDEX_MAGIC {
+            return Err(bad("not a dr page index"));
+        }
+        let page_size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+        let count = u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as usize;
+        let mut hashes = Vec::with_capacity(count.min(1 << 24));
+        let mut h = [0u8; HASH_LEN];
+        for _ in 0..count {
+            input.read_exact(&mut h)?;
+            hashes.push(h);
+        }
+        let mut rest = [0u8; 1];
+        if input.read(&mut rest)? != 0 {
+            return Err(bad("data after the end of the page index"));
+        }
+        Ok(PageIndex { page_size, hashes })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_stream_round_trip_and_truncation() {
+        let mut w = PageWriter::new(Vec::new(), 512, 3).expect("w");
+        w.page(1, &[1u8; 512]).expect("p1");
+        w.page(3, &[3u8; 512]).expect("p3");
+        let (buf, n) = w.finish().expect("finish");
+        assert_eq!(n, 2);
+        let mut r = PageReader::new(&buf[..]).expect("r");
+        assert_eq!(r.page_count, 3);
+        assert_eq!(
+            r.next_page().expect("p").map(|(n, d)| (n, d[0])),
+            Some((1, 1))
+        );
+        assert_eq!(
+            r.next_page().expect("p").map(|(n, d)| (n, d[0])),
+            Some((3, 3))
+        );
+        assert!(r.next_page().expect("end").is_none());
+        let mut r = PageReader::new(&buf[..buf.len() - 4]).expect("r");
+        r.next_page().expect("p1");
+        r.next_page().expect("p3");
+        assert!(r.next_page().is_err(), "missing end marker is an error");
+    }
+
+    #[test]
+    fn index_round_trip() {
+        let idx = PageIndex {
+            page_size: 4096,
+            hashes: vec![page_hash(b"a"), page_hash(b"b")],
+        };
+        let mut buf = Vec::new();
+        idx.write_to(&mut buf).expect("write");
+        assert_eq!(PageIndex::read_from(&buf[..]).expect("read"), idx);
+        assert!(!idx.changed(1, &page_hash(b"a")));
+        assert!(idx.changed(2, &page_hash(b"a")));
+        assert!(idx.changed(3, &page_hash(b"a")));
+    }
+}

@@ -1,0 +1,240 @@
+//! A local volume (or any mounted file system) as a target.
+//!
+//! Objects are written to a temporary name in the final directory, fsynced,
+//! renamed into place and the directory fsynced, so that after a crash an
+//! object is either complete under its key or absent.
+
+use std::fs::File;
+use std::io::{BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use chrono::{DateTime, Utc};
+
+use super::{ObjectMeta, ObjectWriter, Storage};
+use crate::error::{Error, Result};
+
+/// Marker in temporary file names; listings skip such files.
+const TMP_MARK: &str = ".dr-tmp.";
+
+/// A target rooted at a directory.
+#[derive(Debug, Clone)]
+pub struct LocalStorage {
+    name: String,
+    root: PathBuf,
+}
+
+impl LocalStorage {
+    /// A target named `name` rooted at `root` (created on first write).
+    pub fn new(name: &str, root: &Path) -> Self {
+        LocalStorage {
+            name: name.to_string(),
+            root: root.to_path_buf(),
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+        {
+            return Err(Error::Other(format!("invalid object key '{key}'")));
+        }
+        Ok(self.root.join(key))
+    }
+}
+
+fn fsync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+struct LocalWriter {
+    storage: LocalStorage,
+    key: String,
+    tmp: PathBuf,
+    dest: PathBuf,
+    file: Option<BufWriter<File>>,
+}
+
+impl Write for LocalWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match &mut self.file {
+            Some(f) => f.write(buf),
+            None => Err(std::io::Error::other("object already committed")),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match &mut self.file {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl ObjectWriter for LocalWriter {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        let Some(buf) = self.file.take() else {
+            return Ok(());
+        };
+        let key = self.key.clone();
+        let file = buf
+            .into_inner()
+            .map_err(|e| self.storage.err("write", &key, e.error()))?;
+        file.sync_all()
+            .map_err(|e| self.storage.err("fsync", &key, &e))?;
+        drop(file);
+        std::fs::rename(&self.tmp, &self.dest)
+            .map_err(|e| self.storage.err("rename into place", &key, &e))?;
+        if let Some(dir) = self.dest.parent() {
+            fsync_dir(dir).map_err(|e| self.storage.err("fsync directory of", &key, &e))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for LocalWriter {
+    fn drop(&mut self) {
+        if self.file.take().is_some() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+impl Storage for LocalStorage {
+    fn target(&self) -> &str {
+        &self.name
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        let dest = self.path(key)?;
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
+        let fname = dest
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let tmp = dir.join(format!(".{fname}{TMP_MARK}{}.{nanos}", std::process::id()));
+        let file = File::create(&tmp).map_err(|e| self.err("create", key, &e))?;
+        Ok(Box::new(LocalWriter {
+            storage: self.clone(),
+            key: key.to_string(),
+            tmp,
+            dest,
+            file: Some(BufWriter::with_capacity(1 << 20, file)),
+        }))
+    }
+
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
+        let p = self.path(key)?;
+        match File::open(&p) {
+            Ok(f) => Ok(Box::new(f)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!(
+                "target '{}' ({}): object {key} does not exist",
+                self.name,
+                self.location()
+            ))),
+            Err(e) => Err(self.err("open", key, &e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        // Start from the deepest directory the prefix names.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_part)
+        };
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err("list", prefix, &e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.err("list", prefix, &e))?;
+                let path = entry.path();
+                let meta = entry.metadata().map_err(|e| self.err("list", prefix, &e))?;
+                if meta.is_dir() {
+                    stack.push(path);
+                    continue;
+                }
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().replace('\\', "/");
+                if !key.starts_with(prefix) || key.contains(TMP_MARK) {
+                    continue;
+                }
+                let modified: DateTime<Utc> = meta
+                    .modified()
+                    .map(DateTime::from)
+                    .unwrap_or_else(|_| Utc::now());
+                out.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    modified,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let p = self.path(key)?;
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(self.err("delete", key, &e)),
+        }
+        // Tidy empty directories up to the root; a non-empty one stops the walk.
+        let mut dir = p.parent();
+        while let Some(d) = dir {
+            if d == self.root || !d.starts_with(&self.root) || std::fs::remove_dir(d).is_err() {
+                break;
+            }
+            dir = d.parent();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn abandoned_writes_leave_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let s = LocalStorage::new("t", dir.path());
+        {
+            let mut w = s.create("p/backup/x/data").expect("create");
+            w.write_all(b"partial").expect("write");
+        }
+        assert!(s.list("").expect("list").is_empty());
+        s.put_bytes("p/backup/x/data", b"whole").expect("put");
+        assert_eq!(s.get_bytes("p/backup/x/data").expect("get"), b"whole");
+        let l = s.list("p/backup/").expect("list");
+        assert_eq!(l.len(), 1);
+        assert_eq!(l[0].key, "p/backup/x/data");
+        s.delete("p/backup/x/data").expect("delete");
+        assert!(!dir.path().join("p").exists(), "empty dirs are tidied");
+        assert!(matches!(s.open("p/nothing"), Err(Error::NotFound(_))));
+        assert!(s.create("../escape").is_err());
+    }
+}

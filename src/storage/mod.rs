@@ -1,0 +1,86 @@
+//! Where stored objects live: one small trait, one implementation per kind.
+//!
+//! The trait is blocking on purpose: the data path (SQLite page reads, zstd,
+//! age, hashing) is CPU-bound blocking work composed of `Read`/`Write`
+//! chains, and a blocking writer gives backpressure and constant memory for
+//! free. Network backends run their own async client underneath and expose
+//! the same blocking surface; the daemon calls operations on blocking threads.
+
+pub mod local;
+
+use std::io::{Read, Write};
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Target, TargetKind};
+use crate::error::{Error, Result};
+
+/// One object in a listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the target root, '/'-separated.
+    pub key: String,
+    pub size: u64,
+    pub modified: DateTime<Utc>,
+}
+
+/// An object being written. Dropping it without `commit` abandons it: a
+/// reader never sees a partial object under the final key.
+pub trait ObjectWriter: Write + Send {
+    /// Makes the object durable and visible under its key.
+    fn commit(self: Box<Self>) -> Result<()>;
+}
+
+/// A backup target's object store.
+pub trait Storage: Send + Sync + std::fmt::Debug {
+    /// The target's name in the config, for messages.
+    fn target(&self) -> &str;
+    /// Where it is (a path or `s3://bucket/prefix`), for messages.
+    fn location(&self) -> String;
+    /// Starts writing an object.
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
+    /// Opens an object for reading; a missing object is `Error::NotFound`.
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>>;
+    /// Every object whose key starts with `prefix`, sorted by key.
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// Removes an object; removing a missing object is not an error.
+    fn delete(&self, key: &str) -> Result<()>;
+
+    /// Writes a small object in one go.
+    fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()> {
+        let mut w = self.create(key)?;
+        w.write_all(bytes).map_err(|e| self.err("write", key, &e))?;
+        w.commit()
+    }
+
+    /// Reads a small object whole.
+    fn get_bytes(&self, key: &str) -> Result<Vec<u8>> {
+        let mut r = self.open(key)?;
+        let mut out = Vec::new();
+        r.read_to_end(&mut out)
+            .map_err(|e| self.err("read", key, &e))?;
+        Ok(out)
+    }
+
+    /// A storage error naming this target, its location and the key.
+    fn err(&self, action: &'static str, key: &str, e: &std::io::Error) -> Error {
+        Error::Storage {
+            target: self.target().to_string(),
+            location: self.location(),
+            action,
+            key: key.to_string(),
+            reason: crate::error::io_reason(e),
+        }
+    }
+}
+
+/// Opens the storage behind a configured target.
+pub fn open(target: &Target) -> Result<Box<dyn Storage>> {
+    match &target.kind {
+        TargetKind::Local { path } => Ok(Box::new(local::LocalStorage::new(&target.name, path))),
+        TargetKind::S3(s3) => Err(Error::Other(format!(
+            "target '{}' (s3://{}): S3 targets are not supported by this build of dr yet; use a local target",
+            target.name, s3.bucket
+        ))),
+    }
+}
