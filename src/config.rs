@@ -561,7 +561,13 @@ fn parse_file<T: serde::de::DeserializeOwned>(
         }
     };
     let result: std::result::Result<T, _> = serde_ignored::deserialize(de, |path| {
-        unknown.push(path.to_string());
+        // `Spanned<T>` shows up in paths as a private wrapper key; users never wrote it.
+        let full = path.to_string();
+        let key: Vec<&str> = full
+            .split('.')
+            .filter(|seg| !seg.starts_with("$__serde_spanned"))
+            .collect();
+        unknown.push(key.join("."));
     });
     let spans = toml::de::DeTable::parse(text).ok();
     for key in &unknown {

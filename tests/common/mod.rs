@@ -1,0 +1,219 @@
+//! Test harness: a throwaway dr setup (config, key, database) in a temp
+//! directory, and the real `dr` binary run as a separate process.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub key: PathBuf,
+    pub db: PathBuf,
+}
+
+pub fn dr_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_dr")
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Run {
+        Run {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+    pub fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "dr failed:\nstdout: {}\nstderr: {}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.stdout))
+    }
+}
+
+impl Env {
+    /// A config with one local target and one sqlite policy `app` (extra policy TOML appended).
+    pub fn new(policy_extra: &str) -> Env {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let key = dir.path().join("backup.key");
+        let out = Command::new(dr_bin())
+            .args(["keygen", "--output"])
+            .arg(&key)
+            .output()
+            .expect("keygen");
+        assert!(
+            out.status.success(),
+            "keygen: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let recipient = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        std::fs::write(dir.path().join("backup.pub"), format!("{recipient}\n")).expect("pub");
+        std::fs::create_dir_all(dir.path().join("policies")).expect("policies");
+        std::fs::write(
+            dir.path().join("dr.toml"),
+            "state_dir = \"state\"\npolicies = \"policies\"\n[encryption]\nrecipients_file = \"backup.pub\"\n[targets.local]\nkind = \"local\"\npath = \"backups\"\n",
+        )
+        .expect("dr.toml");
+        let db = dir.path().join("app.db");
+        let env = Env { dir, key, db };
+        env.write_policy("app", "app.db", policy_extra);
+        env
+    }
+
+    pub fn write_policy(&self, name: &str, db: &str, extra: &str) {
+        std::fs::write(
+            self.dir.path().join(format!("policies/{name}.toml")),
+            format!("name = \"{name}\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"{db}\"\n{extra}\n"),
+        )
+        .expect("policy");
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn config(&self) -> PathBuf {
+        self.path("dr.toml")
+    }
+
+    pub fn dr(&self, args: &[&str]) -> Run {
+        Run::from(
+            Command::new(dr_bin())
+                .arg("--config")
+                .arg(self.config())
+                .args(args)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run dr"),
+        )
+    }
+
+    pub fn key_arg(&self) -> String {
+        self.key.display().to_string()
+    }
+
+    /// Restores the newest backup into `rel` and returns its path.
+    pub fn restore(&self, rel: &str, extra: &[&str]) -> Run {
+        let to = self.path(rel).display().to_string();
+        let key = self.key_arg();
+        let mut args = vec!["restore-local", "app", "--to", &to, "--identity", &key];
+        args.extend_from_slice(extra);
+        self.dr(&args)
+    }
+
+    /// Keys of every object under the backups directory, relative to it.
+    pub fn objects(&self) -> Vec<String> {
+        let root = self.path("backups");
+        let mut out = Vec::new();
+        let mut stack = vec![root.clone()];
+        while let Some(d) = stack.pop() {
+            let Ok(rd) = std::fs::read_dir(&d) else {
+                continue;
+            };
+            for e in rd.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else if let Ok(rel) = p.strip_prefix(&root) {
+                    out.push(rel.display().to_string());
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+/// Creates a database with `rows` rows of ~`size` bytes each in table `t`.
+pub fn make_db(path: &Path, wal: bool, rows: i64, size: i64) {
+    let c = rusqlite::Connection::open(path).expect("open");
+    if wal {
+        c.query_row("PRAGMA journal_mode=WAL", [], |_| Ok(()))
+            .expect("wal");
+    }
+    c.execute_batch("CREATE TABLE IF NOT EXISTS t(id INTEGER PRIMARY KEY, v BLOB NOT NULL);")
+        .expect("create");
+    c.execute(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM n WHERE i < ?1)
+         INSERT INTO t(v) SELECT randomblob(?2) FROM n",
+        rusqlite::params![rows, size],
+    )
+    .expect("fill");
+}
+
+/// Every row of every user table, as text, for equality checks.
+pub fn dump(path: &Path) -> Vec<String> {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open");
+    let tables: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_schema WHERE type='table' ORDER BY name")
+        .expect("prep")
+        .query_map([], |r| r.get(0))
+        .expect("q")
+        .collect::<Result<_, _>>()
+        .expect("tables");
+    let mut out = Vec::new();
+    for t in tables {
+        let mut stmt = c
+            .prepare(&format!("SELECT * FROM \"{t}\" ORDER BY 1"))
+            .expect("prep");
+        let n = stmt.column_count();
+        let rows = stmt
+            .query_map([], |r| {
+                let mut s = format!("{t}:");
+                for i in 0..n {
+                    let v: rusqlite::types::Value = r.get(i)?;
+                    s.push_str(&format!("{v:?}|"));
+                }
+                Ok(s)
+            })
+            .expect("q");
+        for r in rows {
+            out.push(r.expect("row"));
+        }
+    }
+    out
+}
+
+pub fn sha256_file(path: &Path) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(std::fs::read(path).expect("read")))
+}
+
+/// A tmpfs mounted at `dir` (root only), unmounted on drop.
+pub struct Mount(pub PathBuf);
+
+impl Mount {
+    pub fn tmpfs(dir: &Path, opts: &str) -> Mount {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("mount");
+        assert!(
+            st.success(),
+            "mounting a tmpfs at {} failed: this test needs root (CI and scripts/test run as root)",
+            dir.display()
+        );
+        Mount(dir.to_path_buf())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
