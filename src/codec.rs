@@ -203,6 +203,92 @@ impl<R: Read> Read for Opened<R> {
     }
 }
 
+/// Runs a reader on a background thread, handing over chunks through a
+/// small bounded channel: constant memory, and the producer's CPU work
+/// (hashing, decryption) overlaps with the consumer's.
+struct ReadAhead {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    chunk: Vec<u8>,
+    pos: usize,
+    ended: bool,
+}
+
+impl ReadAhead {
+    const CHUNK: usize = 256 * 1024;
+    const DEPTH: usize = 8;
+
+    /// `finish` runs on the thread after the reader's end, before the end is signalled.
+    fn spawn<R: Read + Send + 'static>(
+        mut inner: R,
+        finish: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
+        std::thread::spawn(move || {
+            loop {
+                let mut buf = vec![0u8; Self::CHUNK];
+                let mut n = 0;
+                let mut eof = false;
+                while n < buf.len() {
+                    match inner.read(&mut buf[n..]) {
+                        Ok(0) => {
+                            eof = true;
+                            break;
+                        }
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e));
+                            return;
+                        }
+                    }
+                }
+                buf.truncate(n);
+                if n > 0 && tx.send(Ok(buf)).is_err() {
+                    return;
+                }
+                if eof {
+                    // An empty chunk is the end marker, sent only once `finish` succeeded.
+                    let _ = tx.send(finish().map(|()| Vec::new()));
+                    return;
+                }
+            }
+        });
+        ReadAhead {
+            rx,
+            chunk: Vec::new(),
+            pos: 0,
+            ended: false,
+        }
+    }
+}
+
+impl Read for ReadAhead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.pos == self.chunk.len() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(chunk)) if chunk.is_empty() => self.ended = true,
+                Ok(Ok(chunk)) => {
+                    self.chunk = chunk;
+                    self.pos = 0;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => {
+                    return Err(io::Error::other(
+                        "the reading thread stopped before the end",
+                    ));
+                }
+            }
+        }
+        let n = buf.len().min(self.chunk.len() - self.pos);
+        buf[..n].copy_from_slice(&self.chunk[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
 /// The error a decoder's `read` returns when the object is not what its manifest says.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -214,7 +300,7 @@ pub struct Mismatch(pub String);
 /// hash or size differs from the manifest, so a consumer that reads to the
 /// end has verified everything it used.
 pub struct Decoder<R: Read> {
-    zstd: zstd::stream::read::Decoder<'static, BufReader<Opened<R>>>,
+    inner: ReadAhead,
     expected: ObjectDigest,
     stored: Arc<Mutex<RawTally<R>>>,
     hash: Sha256,
@@ -222,13 +308,13 @@ pub struct Decoder<R: Read> {
     done: bool,
 }
 
-impl<R: Read> std::fmt::Debug for Decoder<R> {
+impl<R: Read + Send + 'static> std::fmt::Debug for Decoder<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "Decoder({} bytes out)", self.count)
     }
 }
 
-impl<R: Read> Decoder<R> {
+impl<R: Read + Send + 'static> Decoder<R> {
     /// Opens a stored object. `object` names it in errors. Wrong keys fail here.
     pub fn new(
         input: R,
@@ -264,11 +350,25 @@ impl<R: Read> Decoder<R> {
         } else {
             Opened::Plain(tallied)
         };
-        let zstd =
-            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(256 * 1024, opened))
-                .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
+        // Three stages on three threads, like `age -d | zstd -d | ...`:
+        // read + hash + decrypt, decompress, then plaintext hashing and the
+        // consumer's own work (page writes) on the calling thread.
+        let raw = stored.clone();
+        let decrypted = ReadAhead::spawn(opened, move || {
+            // Drain anything after the age payload so the stored hash covers every byte.
+            let mut raw = raw.lock().map_err(|_| poisoned())?;
+            let mut sink = [0u8; 8192];
+            while raw.read_tallied(&mut sink)? > 0 {}
+            Ok(())
+        });
+        let zstd = zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
+            256 * 1024,
+            decrypted,
+        ))
+        .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
+        let inner = ReadAhead::spawn(zstd, || Ok(()));
         Ok(Decoder {
-            zstd,
+            inner,
             expected: expected.clone(),
             stored,
             hash: Sha256::new(),
@@ -278,10 +378,7 @@ impl<R: Read> Decoder<R> {
     }
 
     fn check_end(&mut self) -> io::Result<()> {
-        // Drain anything after the zstd frame so the stored hash covers every byte.
         let mut raw = self.stored.lock().map_err(|_| poisoned())?;
-        let mut sink = [0u8; 8192];
-        while raw.read_tallied(&mut sink)? > 0 {}
         let plain = hex::encode(std::mem::take(&mut self.hash).finalize());
         let stored = hex::encode(std::mem::take(&mut raw.hash).finalize());
         let stored_count = raw.count;
@@ -317,12 +414,12 @@ impl<R: Read> Decoder<R> {
     }
 }
 
-impl<R: Read> Read for Decoder<R> {
+impl<R: Read + Send + 'static> Read for Decoder<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.done {
             return Ok(0);
         }
-        let n = self.zstd.read(buf)?;
+        let n = self.inner.read(buf)?;
         if n == 0 {
             self.done = true;
             self.check_end()?;
@@ -390,7 +487,8 @@ mod tests {
         u: Option<&Unsealing>,
         encrypted: bool,
     ) -> Result<Vec<u8>> {
-        let mut dec = Decoder::new(stored, "obj", d, u, encrypted)?;
+        let input = std::io::Cursor::new(stored.to_vec());
+        let mut dec = Decoder::new(input, "obj", d, u, encrypted)?;
         let mut out = Vec::new();
         dec.read_to_end(&mut out)
             .map_err(|e| read_error("obj", e))?;
