@@ -395,3 +395,33 @@ fn demo_runs_from_nothing() {
         "{stdout}"
     );
 }
+
+#[test]
+fn a_diff_works_from_a_new_host_with_a_key_and_falls_back_to_full_without() {
+    let env = Env::new("");
+    make_db(&env.db, true, 500, 300);
+    env.dr(&["backup-local", "app"]).ok();
+    std::fs::remove_dir_all(env.path("state/cache")).expect("forget the cache");
+    // A new host that has the identity reads the page index from the target.
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    let with_identity = cfg.replace(
+        "[encryption]\n",
+        &format!("[encryption]\nidentity_file = \"{}\"\n", env.key.display()),
+    );
+    std::fs::write(env.config(), &with_identity).expect("write");
+    {
+        let c = rusqlite::Connection::open(&env.db).expect("open");
+        c.execute("UPDATE t SET v = randomblob(300) WHERE id = 7", []).expect("update");
+    }
+    let d = env.dr(&["backup-local", "app", "--json"]).ok().json();
+    assert_eq!(d[0]["type"], "diff");
+    assert!(d[0]["pages_stored"].as_u64().expect("n") < 5);
+    // Without cache and without a key, a diff cannot be computed: a full, said out loud.
+    std::fs::remove_dir_all(env.path("state/cache")).expect("forget the cache");
+    std::fs::write(env.config(), &cfg).expect("write");
+    let f = env.dr(&["backup-local", "app", "--json"]).ok().json();
+    assert_eq!(f[0]["type"], "full");
+    assert!(f[0]["note"].as_str().expect("note").contains("not cached on this host"));
+    env.restore("r.db", &[]).ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}

@@ -1,6 +1,7 @@
 //! Taking a full or differential backup of a SQLite policy to one target.
 
-use std::io::{BufWriter, Read, Write};
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,7 @@ use crate::error::{Error, Result};
 use crate::keys::{self, Sealing};
 use crate::lock::Lock;
 use crate::repo::{self, BackupType, Label, Manifest, manifest::FORMAT_VERSION};
-use crate::sqlite::{self, PageIndex, PageWriter, pages::page_hash};
+use crate::sqlite::{self, IndexReader, IndexWriter, PageWriter, pages::page_hash};
 use crate::storage::{self, ObjectWriter, Storage};
 
 /// The chain a backup's page stream is written through.
@@ -81,7 +82,7 @@ pub fn backup(
         .rev()
         .find(|c| c.dir.label.kind() == BackupType::Full && c.manifest.is_ok());
     let mut note = None;
-    let mut base: Option<(Label, PageIndex)> = None;
+    let mut base: Option<(Label, IndexReader<BufReader<File>>)> = None;
     let want = opts.kind.unwrap_or(if newest_full.is_some() {
         BackupType::Diff
     } else {
@@ -98,8 +99,16 @@ pub fn backup(
                     .manifest
                     .as_ref()
                     .map_err(|e| Error::Other(e.to_string()))?;
-                match load_index(cfg, &repo, target, m)? {
-                    Ok(idx) => base = Some((full.dir.label.clone(), idx)),
+                match cached_index(cfg, &repo, target, m)? {
+                    Ok(path) => {
+                        let f = File::open(&path).map_err(|e| {
+                            Error::io(format!("cannot open page index {}", path.display()), e)
+                        })?;
+                        let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
+                            Error::io(format!("cannot read page index {}", path.display()), e)
+                        })?;
+                        base = Some((full.dir.label.clone(), idx));
+                    }
                     Err(why) => note = Some(format!("{why}: taking a full instead")),
                 }
             }
@@ -126,23 +135,54 @@ pub fn backup(
     let io_err = |e: std::io::Error| store_err(store.as_ref(), &data_key, e);
     let mut slot = Some(BufWriter::with_capacity(1 << 20, enc));
     let mut pages: Option<DataWriter> = None;
-    let mut index = PageIndex::default();
+    // A full writes its page index to a file as the pages go by (memory stays
+    // flat); it becomes the local cache once the backup commits.
+    let index_tmp = cache_path(cfg, target, &policy.name, &label).with_extension("pages.tmp");
+    let index_err =
+        |e: std::io::Error| Error::io(format!("writing the page index {}", index_tmp.display()), e);
+    let mut index: Option<IndexWriter<BufWriter<File>>> = None;
+    let mut next_pgno: u32 = 1;
     let snapshot = sqlite::snapshot::read_pages(&mut conn, db, |snap, pgno, data| {
         if pages.is_none() {
             let b = slot
                 .take()
                 .ok_or_else(|| Error::Other("internal: snapshot began twice".into()))?;
             pages = Some(PageWriter::new(b, snap.page_size, snap.page_count).map_err(io_err)?);
-            index.page_size = snap.page_size;
-            index.hashes.reserve(snap.page_count as usize);
+            if kind == BackupType::Full {
+                if let Some(dir) = index_tmp.parent() {
+                    std::fs::create_dir_all(dir).map_err(index_err)?;
+                    remove_stale_temporaries(dir);
+                }
+                let f = File::create(&index_tmp).map_err(index_err)?;
+                let count = u32::try_from(snap.page_count)
+                    .map_err(|_| Error::Other("database has more than 2^32 pages".into()))?;
+                index = Some(
+                    IndexWriter::new(BufWriter::new(f), snap.page_size, count)
+                        .map_err(index_err)?,
+                );
+            }
             progress.set_length(snap.page_count * u64::from(snap.page_size));
         }
+        if pgno != next_pgno {
+            return Err(Error::Source {
+                path: db.to_path_buf(),
+                reason: format!("snapshot returned page {pgno} where {next_pgno} was expected"),
+            });
+        }
+        next_pgno += 1;
         let h = page_hash(data);
-        let store_it = match &base {
-            Some((_, idx)) => idx.changed(pgno, &h),
+        let store_it = match base.as_mut() {
+            Some((_, idx)) => {
+                let old = idx
+                    .next_hash()
+                    .map_err(|e| Error::io("reading the page index of the full", e))?;
+                old != Some(h)
+            }
             None => true,
         };
-        index.hashes.push(h);
+        if let Some(w) = index.as_mut() {
+            w.push(&h).map_err(index_err)?;
+        }
         if store_it && let Some(w) = pages.as_mut() {
             w.page(pgno, data).map_err(io_err)?;
         }
@@ -164,15 +204,28 @@ pub fn backup(
     let mut objects = std::collections::BTreeMap::new();
     objects.insert(repo::DATA.to_string(), data_digest);
     if kind == BackupType::Full {
+        let Some(index) = index else {
+            return Err(Error::Other(
+                "internal: full backup without a page index".into(),
+            ));
+        };
+        index
+            .finish()
+            .and_then(|b| b.into_inner().map_err(|e| e.into_error()))
+            .and_then(|f| f.sync_all())
+            .map_err(index_err)?;
         let pages_key = repo::object_key(&policy.name, &label, repo::PAGES);
         let digest = write_encoded(
             store.as_ref(),
             &pages_key,
             policy.compression_level,
             &sealing,
-            |w| index.write_to(w),
+            |w| File::open(&index_tmp).and_then(|mut f| std::io::copy(&mut f, w).map(|_| ())),
         )?;
-        cache_index(cfg, target, &policy.name, &label, &index, &digest);
+        let cache = cache_path(cfg, target, &policy.name, &label);
+        if let Err(e) = std::fs::rename(&index_tmp, &cache) {
+            tracing::warn!("could not cache the page index at {}: {e}", cache.display());
+        }
         objects.insert(repo::PAGES.to_string(), digest);
     }
     let manifest = Manifest {
@@ -269,57 +322,26 @@ fn cache_path(cfg: &Config, target: &Target, policy: &str, label: &Label) -> Pat
         .join(format!("{label}.pages"))
 }
 
-fn cache_index(
-    cfg: &Config,
-    target: &Target,
-    policy: &str,
-    label: &Label,
-    index: &PageIndex,
-    digest: &ObjectDigest,
-) {
-    let path = cache_path(cfg, target, policy, label);
-    let write = || -> std::io::Result<()> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        let mut bytes = Vec::with_capacity(16 + index.hashes.len() * 16);
-        index.write_to(&mut bytes)?;
-        if hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)) != digest.plain_sha256 {
-            return Err(std::io::Error::other(
-                "index serialisation differs from the stored one",
-            ));
-        }
-        let tmp = path.with_extension("tmp");
-        std::fs::write(&tmp, &bytes)?;
-        std::fs::rename(&tmp, &path)
-    };
-    if let Err(e) = write() {
-        tracing::warn!(
-            "could not cache the page index at {}: {e} (diffs will read it from the target)",
-            path.display()
-        );
-    }
-}
-
-/// The page index of `full`: from the local cache when it matches the
-/// manifest, else from the target (which needs a key that can decrypt).
-/// The inner `Err` says why a diff is not possible.
-fn load_index(
+/// Makes sure a verified copy of `full`'s page index is in the local cache
+/// and returns its path: the cached file when its sha256 matches the
+/// manifest, else the object from the target (which needs a key that can
+/// decrypt). The inner `Err` says why a diff is not possible.
+fn cached_index(
     cfg: &Config,
     repo: &PolicyRepo<'_>,
     target: &Target,
     full: &Manifest,
-) -> Result<std::result::Result<PageIndex, String>> {
+) -> Result<std::result::Result<PathBuf, String>> {
     let Some(expected) = full.objects.get(repo::PAGES) else {
         return Ok(Err(format!("full backup {} has no page index", full.label)));
     };
     let path = cache_path(cfg, target, repo.policy, &full.label);
-    if let Ok(bytes) = std::fs::read(&path) {
-        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-        if sum == expected.plain_sha256
-            && let Ok(idx) = PageIndex::read_from(&bytes[..])
+    if let Ok(mut f) = File::open(&path) {
+        let mut hash = <sha2::Sha256 as sha2::Digest>::new();
+        if std::io::copy(&mut f, &mut HashWriter(&mut hash)).is_ok()
+            && hex::encode(sha2::Digest::finalize(hash)) == expected.plain_sha256
         {
-            return Ok(Ok(idx));
+            return Ok(Ok(path));
         }
         tracing::warn!(
             "page index cache {} does not match the repository; reading it from the target",
@@ -349,12 +371,42 @@ fn load_index(
         unsealing.as_ref(),
         full.encrypted(),
     )?;
-    let mut bytes = Vec::new();
-    dec.read_to_end(&mut bytes)
-        .map_err(|e| read_error(&object, e))?;
-    let idx = PageIndex::read_from(&bytes[..]).map_err(|e| Error::Integrity {
-        object: object.clone(),
-        reason: e.to_string(),
-    })?;
-    Ok(Ok(idx))
+    let tmp = path.with_extension("pages.tmp");
+    let local_err = |e: std::io::Error| Error::io(format!("writing {}", tmp.display()), e);
+    if let Some(dir) = tmp.parent() {
+        std::fs::create_dir_all(dir).map_err(local_err)?;
+    }
+    let mut out = File::create(&tmp).map_err(local_err)?;
+    // The decoder's last read checks the hashes: only a verified index is kept.
+    let copied = std::io::copy(&mut dec, &mut out);
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(read_error(&object, e));
+    }
+    std::fs::rename(&tmp, &path).map_err(local_err)?;
+    Ok(Ok(path))
+}
+
+/// Removes index files left by backups that died (the caller holds the lock).
+fn remove_stale_temporaries(dir: &std::path::Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_name().to_string_lossy().ends_with(".pages.tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Adapts a hasher to `Write` so files can be hashed with `io::copy`.
+struct HashWriter<'a>(&'a mut sha2::Sha256);
+
+impl Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(self.0, buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }

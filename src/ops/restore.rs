@@ -164,16 +164,24 @@ pub fn restore(
         seconds = started.elapsed().as_secs_f64(),
         "pages written, hashes verified"
     );
-    sqlite::integrity_check(tmp.path())?;
-    remove_sidecars(tmp.path());
+    // fsync (I/O wait) and integrity_check (CPU) overlap; both must pass before the rename.
+    let syncing = tmp
+        .as_file()
+        .try_clone()
+        .map(|f| std::thread::spawn(move || f.sync_all()));
+    let checked = sqlite::integrity_check(tmp.path());
+    let synced = match syncing {
+        Ok(handle) => handle
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked"))),
+        Err(e) => Err(e),
+    };
+    checked?;
+    synced.map_err(|e| Error::io(format!("cannot fsync {}", tmp.path().display()), e))?;
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
-        "integrity_check ok"
+        "integrity_check ok, fsynced"
     );
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| Error::io(format!("cannot fsync {}", tmp.path().display()), e))?;
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "fsynced");
     replace(tmp, to)?;
     Ok(RestoreReport {
         policy: policy.name.clone(),
@@ -300,12 +308,6 @@ fn sidecars(path: &Path) -> [PathBuf; 3] {
         PathBuf::from(format!("{s}-shm")),
         PathBuf::from(format!("{s}-journal")),
     ]
-}
-
-fn remove_sidecars(path: &Path) {
-    for p in sidecars(path) {
-        let _ = std::fs::remove_file(p);
-    }
 }
 
 /// Renames the verified temporary file over `to`. The destination's own

@@ -82,11 +82,7 @@ fn drill(
             )
         })?;
     materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
-    let result = sqlite::integrity_check(tmp.path());
-    for side in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{side}", tmp.path().display()));
-    }
-    result
+    sqlite::integrity_check(tmp.path())
 }
 
 fn check_other_objects(

@@ -4,18 +4,28 @@
 pub mod pages;
 pub mod snapshot;
 
-pub use pages::{PageIndex, PageReader, PageWriter};
+pub use pages::{IndexReader, IndexWriter, PageReader, PageWriter};
 pub use snapshot::{Snapshot, open_source};
 
 use std::path::Path;
 
 use crate::error::{Error, Result};
 
-/// Runs `PRAGMA integrity_check` on a file and fails with SQLite's own findings.
+/// Runs `PRAGMA integrity_check` on a restored file (nothing else may have it
+/// open) and fails with SQLite's own findings.
 pub fn integrity_check(path: &Path) -> Result<()> {
+    // `immutable=1`: the file is complete and private to dr, so SQLite reads it
+    // as it is, with no locks and no -wal/-shm created beside it.
+    let escaped = path
+        .to_string_lossy()
+        .replace('%', "%25")
+        .replace('?', "%3f")
+        .replace('#', "%23");
     let conn = rusqlite::Connection::open_with_flags(
-        path,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        format!("file:{escaped}?immutable=1"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
+            | rusqlite::OpenFlags::SQLITE_OPEN_URI
+            | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| Error::Source {
         path: path.to_path_buf(),

@@ -152,53 +152,86 @@ impl<R: Read> PageReader<R> {
     }
 }
 
-/// Hashes of every page of a full backup, used to find what a diff must store.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct PageIndex {
-    pub page_size: u32,
-    pub hashes: Vec<[u8; HASH_LEN]>,
+/// Writes the page index of a full as its pages go by, so memory does not
+/// grow with the database.
+#[derive(Debug)]
+pub struct IndexWriter<W: Write> {
+    out: W,
+    count: u32,
+    written: u32,
 }
 
-impl PageIndex {
-    /// Whether page `pgno` (1-based) differs from the indexed one.
-    pub fn changed(&self, pgno: u32, hash: &[u8; HASH_LEN]) -> bool {
-        match self.hashes.get(pgno as usize - 1) {
-            Some(h) => h != hash,
-            None => true,
-        }
-    }
-
-    /// Serialises the index.
-    pub fn write_to(&self, mut out: impl Write) -> io::Result<()> {
+impl<W: Write> IndexWriter<W> {
+    /// Writes the header for `count` pages of `page_size` bytes.
+    pub fn new(mut out: W, page_size: u32, count: u32) -> io::Result<Self> {
         out.write_all(INDEX_MAGIC)?;
-        out.write_all(&self.page_size.to_le_bytes())?;
-        out.write_all(&(self.hashes.len() as u32).to_le_bytes())?;
-        for h in &self.hashes {
-            out.write_all(h)?;
-        }
-        Ok(())
+        out.write_all(&page_size.to_le_bytes())?;
+        out.write_all(&count.to_le_bytes())?;
+        Ok(IndexWriter {
+            out,
+            count,
+            written: 0,
+        })
     }
 
-    /// Reads an index written by `write_to`.
-    pub fn read_from(mut input: impl Read) -> io::Result<Self> {
+    /// Appends the hash of the next page.
+    pub fn push(&mut self, hash: &[u8; HASH_LEN]) -> io::Result<()> {
+        self.written += 1;
+        self.out.write_all(hash)
+    }
+
+    /// Checks that every page was written and returns the writer.
+    pub fn finish(self) -> io::Result<W> {
+        if self.written != self.count {
+            return Err(bad(format!(
+                "page index has {} hashes, expected {}",
+                self.written, self.count
+            )));
+        }
+        Ok(self.out)
+    }
+}
+
+/// Reads a page index in page order, one hash at a time.
+#[derive(Debug)]
+pub struct IndexReader<R: Read> {
+    input: R,
+    pub page_size: u32,
+    pub count: u32,
+    read: u32,
+}
+
+impl<R: Read> IndexReader<R> {
+    /// Reads and checks the header.
+    pub fn new(mut input: R) -> io::Result<Self> {
         let mut hdr = [0u8; 16];
         input.read_exact(&mut hdr)?;
         if &hdr[..8] != INDEX_MAGIC {
             return Err(bad("not a dr page index"));
         }
-        let page_size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-        let count = u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]) as usize;
-        let mut hashes = Vec::with_capacity(count.min(1 << 24));
+        Ok(IndexReader {
+            input,
+            page_size: u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]),
+            count: u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
+            read: 0,
+        })
+    }
+
+    /// The hash of the next page, or `None` past the last indexed page.
+    pub fn next_hash(&mut self) -> io::Result<Option<[u8; HASH_LEN]>> {
+        if self.read == self.count {
+            return Ok(None);
+        }
         let mut h = [0u8; HASH_LEN];
-        for _ in 0..count {
-            input.read_exact(&mut h)?;
-            hashes.push(h);
-        }
-        let mut rest = [0u8; 1];
-        if input.read(&mut rest)? != 0 {
-            return Err(bad("data after the end of the page index"));
-        }
-        Ok(PageIndex { page_size, hashes })
+        self.input.read_exact(&mut h).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                bad("page index is truncated")
+            } else {
+                e
+            }
+        })?;
+        self.read += 1;
+        Ok(Some(h))
     }
 }
 
@@ -232,15 +265,20 @@ mod tests {
 
     #[test]
     fn index_round_trip() {
-        let idx = PageIndex {
-            page_size: 4096,
-            hashes: vec![page_hash(b"a"), page_hash(b"b")],
-        };
-        let mut buf = Vec::new();
-        idx.write_to(&mut buf).expect("write");
-        assert_eq!(PageIndex::read_from(&buf[..]).expect("read"), idx);
-        assert!(!idx.changed(1, &page_hash(b"a")));
-        assert!(idx.changed(2, &page_hash(b"a")));
-        assert!(idx.changed(3, &page_hash(b"a")));
+        let mut w = IndexWriter::new(Vec::new(), 4096, 2).expect("w");
+        w.push(&page_hash(b"a")).expect("a");
+        w.push(&page_hash(b"b")).expect("b");
+        let buf = w.finish().expect("finish");
+        let mut r = IndexReader::new(&buf[..]).expect("r");
+        assert_eq!((r.page_size, r.count), (4096, 2));
+        assert_eq!(r.next_hash().expect("1"), Some(page_hash(b"a")));
+        assert_eq!(r.next_hash().expect("2"), Some(page_hash(b"b")));
+        assert_eq!(r.next_hash().expect("end"), None);
+        let mut short = IndexWriter::new(Vec::new(), 4096, 2).expect("w");
+        short.push(&page_hash(b"a")).expect("a");
+        assert!(short.finish().is_err(), "a short index is refused");
+        let mut r = IndexReader::new(&buf[..buf.len() - 1]).expect("r");
+        r.next_hash().expect("1");
+        assert!(r.next_hash().is_err(), "a truncated index is refused");
     }
 }

@@ -1,0 +1,153 @@
+"""dr benchmark driver: see scripts/bench. Wall time and peak RSS via /usr/bin/time."""
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DR = os.path.join(ROOT, "target", "release", "dr")
+WORK = os.path.abspath(os.environ.get("BENCH_DIR", os.path.join(ROOT, "bench-work")))
+GIB = float(os.environ.get("BENCH_GIB", "1"))
+RSS_GIB = float(os.environ.get("BENCH_RSS_GIB", "4"))
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=True, check=True, **kw)
+
+
+def timed(cmd):
+    """Runs cmd (shell) under /usr/bin/time; returns (seconds, peak RSS MiB, stdout)."""
+    out = os.path.join(WORK, "time.out")
+    sh("sync")
+    r = subprocess.run(
+        ["/usr/bin/time", "-o", out, "-f", "%e %M", "bash", "-c", cmd],
+        check=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    wall, rss = open(out).read().split()[-2:]
+    return float(wall), int(rss) / 1024.0, r.stdout
+
+
+def make_db(path, gib):
+    marker = path + ".size"
+    if os.path.exists(path) and os.path.exists(marker) and open(marker).read() == str(gib):
+        return
+    for p in (path, path + "-wal", path + "-shm"):
+        if os.path.exists(p):
+            os.remove(p)
+    # ~390 bytes a row; hex text and repeated words compress about 2x, like real data.
+    rows = int(gib * (1 << 30) / 390)
+    print(f"generating {gib} GiB SQLite database ({rows} rows) ...", file=sys.stderr)
+    sh(
+        f"sqlite3 '{path}' \"PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, payload TEXT, n INTEGER);"
+        f" WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < {rows})"
+        " INSERT INTO t SELECT i, 'user-' || (i % 10000), hex(randomblob(150)) || ' status=active region=eu-west-1', i*7 FROM s;"
+        " PRAGMA wal_checkpoint(TRUNCATE);\" >/dev/null"
+    )
+    open(marker, "w").write(str(gib))
+
+
+def setup(name, db):
+    d = os.path.join(WORK, name)
+    if os.path.exists(d):
+        shutil.rmtree(d)
+    os.makedirs(os.path.join(d, "policies"))
+    key = os.path.join(d, "bench.key")
+    rec = subprocess.run([DR, "keygen", "--output", key], check=True, capture_output=True, text=True).stdout.strip()
+    open(os.path.join(d, "bench.pub"), "w").write(rec + "\n")
+    open(os.path.join(d, "dr.toml"), "w").write(
+        'state_dir = "state"\n[encryption]\nrecipients_file = "bench.pub"\n'
+        '[targets.local]\nkind = "local"\npath = "backups"\n'
+    )
+    open(os.path.join(d, "policies", "bench.toml"), "w").write(
+        f'name = "bench"\ntargets = ["local"]\n[source]\nkind = "sqlite"\npath = "{db}"\n'
+        '[compression]\nlevel = 3\n'
+    )
+    return d, key, rec
+
+
+def main():
+    os.makedirs(WORK, exist_ok=True)
+    db = os.path.join(WORK, f"bench-{GIB:g}g.db")
+    make_db(db, GIB)
+    d, key, rec = setup("cmp", db)
+    cfg = os.path.join(d, "dr.toml")
+    tmp = os.path.join(WORK, "pipeline.tmp.db")
+    arch = os.path.join(WORK, "pipeline.zst.age")
+    out1 = os.path.join(WORK, "pipeline.restored.db")
+    out2 = os.path.join(WORK, "dr.restored.db")
+
+    res = {k: [] for k in ("pb", "db", "pr", "dres")}
+    size_pipe = 0
+    full_json = None
+    for i in range(RUNS):
+        # Alternate order so neither side always runs with a warmer cache.
+        steps = [("pb", f"sqlite3 '{db}' '.backup {tmp}' && zstd -q -3 -T0 -c '{tmp}' | age -r {rec} > '{arch}' && rm -f '{tmp}'"),
+                 ("db", f"'{DR}' -c '{cfg}' backup-local bench --type full --json")]
+        if i % 2:
+            steps.reverse()
+        for k, cmd in steps:
+            w, r, out = timed(cmd)
+            res[k].append((w, r))
+            if k == "db":
+                full_json = json.loads(out)[0]
+        size_pipe = os.path.getsize(arch)
+        steps = [("pr", f"rm -f '{out1}' && age -d -i '{key}' '{arch}' | zstd -q -d -c > '{out1}'"),
+                 ("dres", f"rm -f '{out2}' && '{DR}' -c '{cfg}' restore-local bench --to '{out2}' --identity '{key}' --force")]
+        if i % 2:
+            steps.reverse()
+        for k, cmd in steps:
+            res[k].append(timed(cmd)[:2])
+
+    # Diff after ~1% of pages changed (rows are ~10 to a page: one page in a hundred).
+    sh(f"sqlite3 '{db}' 'UPDATE t SET n = n + 1 WHERE (id / 10) % 100 = 0;' >/dev/null")
+    wd, rd, out = timed(f"'{DR}' -c '{cfg}' backup-local bench --type diff --json")
+    diff_json = json.loads(out)[0]
+    for p in (out1, out2, arch):
+        if os.path.exists(p):
+            os.remove(p)
+
+    def med(k, i):
+        return statistics.median(x[i] for x in res[k])
+
+    rows = []
+    pb, dbk, pr, dr_ = med("pb", 0), med("db", 0), med("pr", 0), med("dres", 0)
+    rows.append(("full backup", f"{pb:.2f} s", f"{dbk:.2f} s", f"{dbk / pb:.2f}x", "<= 0.70x",
+                 f"{med('pb', 1):.0f} MiB", f"{med('db', 1):.0f} MiB"))
+    rows.append(("restore (dr: + hash checks, integrity_check, fsync)", f"{pr:.2f} s", f"{dr_:.2f} s",
+                 f"{dr_ / pr:.2f}x", "<= 1.25x", f"{med('pr', 1):.0f} MiB", f"{med('dres', 1):.0f} MiB"))
+    pct = 100.0 * diff_json["pages_stored"] / diff_json["page_count"]
+    rows.append((f"diff after {pct:.1f}% of pages changed", "-", f"{wd:.2f} s",
+                 f"{wd / dbk:.2f}x of dr full", "<= 0.15x", "-", f"{rd:.0f} MiB"))
+    rows.append(("stored size: diff vs full", "-", f"{diff_json['stored_size'] / 1048576:.1f} MiB",
+                 f"{diff_json['stored_size'] / full_json['stored_size']:.3f}x", "<= 0.03x", "-", "-"))
+    rows.append(("stored size: full", f"{size_pipe / 1048576:.0f} MiB", f"{full_json['stored_size'] / 1048576:.0f} MiB",
+                 f"{full_json['stored_size'] / size_pipe:.2f}x", "-", "-", "-"))
+
+    if RSS_GIB > 0:
+        big = os.path.join(WORK, f"bench-{RSS_GIB:g}g.db")
+        make_db(big, RSS_GIB)
+        d2, key2, _ = setup("rss", big)
+        cfg2 = os.path.join(d2, "dr.toml")
+        wb, rb, _ = timed(f"'{DR}' -c '{cfg2}' backup-local bench --type full")
+        out3 = os.path.join(WORK, "rss.restored.db")
+        wr, rr, _ = timed(f"rm -f '{out3}' && '{DR}' -c '{cfg2}' restore-local bench --to '{out3}' --identity '{key2}'")
+        os.remove(out3)
+        shutil.rmtree(d2)
+        rows.append((f"{RSS_GIB:g} GiB full backup (memory check)", "-", f"{wb:.2f} s", "-", "< 100 MiB", "-", f"{rb:.0f} MiB"))
+        rows.append((f"{RSS_GIB:g} GiB restore (memory check)", "-", f"{wr:.2f} s", "-", "< 100 MiB", "-", f"{rr:.0f} MiB"))
+
+    head = ("case", "pipeline", "dr", "ratio", "target", "pipeline peak RSS", "dr peak RSS")
+    lines = [f"Database: {os.path.getsize(db) / 1048576:.0f} MiB SQLite (WAL), median of {RUNS} runs, "
+             f"{os.cpu_count()} cores. Pipeline: sqlite3 .backup + zstd -3 -T0 + age -r; restore: age -d | zstd -d.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(WORK, "results.md"), "w").write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
