@@ -976,6 +976,15 @@ mod tests {
     }
 
     #[test]
+    fn the_repository_example_config_is_valid() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dr.example.toml");
+        let cfg = load(&root).expect("dr.example.toml must load");
+        let app = cfg.policy("app").expect("app");
+        assert_eq!(app.targets, vec!["local".to_string()]);
+        assert!(app.schedule.full.is_some() && app.schedule.verify.is_some());
+    }
+
+    #[test]
     fn every_problem_is_reported_with_file_and_line() {
         let dir = tempfile::tempdir().expect("tmp");
         write(

@@ -411,7 +411,8 @@ fn a_diff_works_from_a_new_host_with_a_key_and_falls_back_to_full_without() {
     std::fs::write(env.config(), &with_identity).expect("write");
     {
         let c = rusqlite::Connection::open(&env.db).expect("open");
-        c.execute("UPDATE t SET v = randomblob(300) WHERE id = 7", []).expect("update");
+        c.execute("UPDATE t SET v = randomblob(300) WHERE id = 7", [])
+            .expect("update");
     }
     let d = env.dr(&["backup-local", "app", "--json"]).ok().json();
     assert_eq!(d[0]["type"], "diff");
@@ -421,7 +422,67 @@ fn a_diff_works_from_a_new_host_with_a_key_and_falls_back_to_full_without() {
     std::fs::write(env.config(), &cfg).expect("write");
     let f = env.dr(&["backup-local", "app", "--json"]).ok().json();
     assert_eq!(f[0]["type"], "full");
-    assert!(f[0]["note"].as_str().expect("note").contains("not cached on this host"));
+    assert!(
+        f[0]["note"]
+            .as_str()
+            .expect("note")
+            .contains("not cached on this host")
+    );
     env.restore("r.db", &[]).ok();
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}
+
+#[test]
+fn a_backup_killed_mid_write_never_looks_complete_and_is_cleaned_up() {
+    let env = Env::new("[retention]\nincomplete_grace = \"1s\"\n");
+    make_db(&env.db, true, 60_000, 2000); // ~120 MiB: long enough to catch mid-write
+    let mut child = Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["backup-local", "app"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if env.objects().iter().any(|k| k.contains(".dr-tmp.")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never saw the backup writing"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "backup finished before it could be killed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    child.kill().expect("kill -9");
+    child.wait().expect("reap");
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let t = &info["policies"][0]["targets"][0];
+    assert_eq!(
+        t["backups"].as_array().map(|a| a.len()),
+        Some(0),
+        "no backup appears complete"
+    );
+    assert_eq!(t["incomplete"].as_array().map(|a| a.len()), Some(1));
+    let r = env.restore("r.db", &[]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    std::thread::sleep(Duration::from_millis(1100));
+    let next = env.dr(&["backup-local", "app", "--json"]).ok().json();
+    assert_eq!(next[0]["type"], "full");
+    assert_eq!(
+        next[0]["expired"].as_array().map(|a| a.len()),
+        Some(1),
+        "the interrupted backup is expired"
+    );
+    assert!(
+        env.objects().iter().all(|k| !k.contains(".dr-tmp.")),
+        "{:?}",
+        env.objects()
+    );
+    env.restore("r.db", &[]).ok();
 }

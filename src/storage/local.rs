@@ -13,7 +13,9 @@ use chrono::{DateTime, Utc};
 use super::{ObjectMeta, ObjectWriter, Storage};
 use crate::error::{Error, Result};
 
-/// Marker in temporary file names; listings skip such files.
+/// Marker in temporary file names. Listings include such files, so that a
+/// write cut short by a crash shows up as part of an interrupted backup and
+/// is cleaned up with it.
 const TMP_MARK: &str = ".dr-tmp.";
 
 /// A target rooted at a directory.
@@ -177,7 +179,7 @@ impl Storage for LocalStorage {
                     continue;
                 };
                 let key = rel.to_string_lossy().replace('\\', "/");
-                if !key.starts_with(prefix) || key.contains(TMP_MARK) {
+                if !key.starts_with(prefix) {
                     continue;
                 }
                 let modified: DateTime<Utc> = meta
