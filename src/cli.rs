@@ -292,7 +292,19 @@ pub fn run(cli: Cli) -> Result<()> {
                         &pb,
                     );
                     pb.finish_and_clear();
-                    let v = v?;
+                    let v = match v {
+                        Ok(v) => v,
+                        // Without a key nothing can be verified: say so once.
+                        Err(e @ Error::Secret { .. }) => return Err(e),
+                        Err(e) => ops::verify::Verified {
+                            policy: p.name.clone(),
+                            target: t.name.clone(),
+                            label: backup.clone().unwrap_or_else(|| "newest".into()),
+                            ok: false,
+                            error: Some(e.to_string()),
+                            seconds: 0.0,
+                        },
+                    };
                     if !*json {
                         match &v.error {
                             None => println!(
@@ -333,27 +345,27 @@ pub fn run(cli: Cli) -> Result<()> {
         } => {
             let cfg = config::load(&cli.config)?;
             let mut all = Vec::new();
+            let mut failures: Vec<Error> = Vec::new();
             for p in ops::select_policies(&cfg, policy.as_deref())? {
                 if !matches!(p.source, config::Source::Sqlite { .. }) && policy.is_none() {
                     continue;
                 }
                 for t in filter(None, target.as_ref()).select(&cfg, p)? {
-                    all.extend(ops::expire::expire(
-                        &cfg,
-                        p,
-                        t,
-                        *dry_run,
-                        Duration::from_secs(*wait),
-                    )?);
+                    match ops::expire::expire(&cfg, p, t, *dry_run, Duration::from_secs(*wait)) {
+                        Ok(done) => all.extend(done),
+                        Err(e) => {
+                            tracing::error!(policy = %p.name, target = %t.name, "expire failed: {e}");
+                            failures.push(e);
+                        }
+                    }
                 }
             }
             if *json {
-                return print_json(&all);
-            }
-            if all.is_empty() {
+                print_json(&all)?;
+            } else if all.is_empty() && failures.is_empty() {
                 println!("nothing to expire");
             }
-            for e in &all {
+            for e in all.iter().filter(|_| !*json) {
                 println!(
                     "{} {} {} on {}: {}",
                     if e.removed { "removed" } else { "would remove" },
@@ -363,7 +375,18 @@ pub fn run(cli: Cli) -> Result<()> {
                     e.reason
                 );
             }
-            Ok(())
+            match failures.len() {
+                0 => Ok(()),
+                1 => Err(failures.remove(0)),
+                n => Err(Error::Other(format!(
+                    "expire failed on {n} targets: {}",
+                    failures
+                        .iter()
+                        .map(|e| e.to_string())
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))),
+            }
         }
     }
 }

@@ -486,3 +486,21 @@ fn a_backup_killed_mid_write_never_looks_complete_and_is_cleaned_up() {
     );
     env.restore("r.db", &[]).ok();
 }
+
+#[test]
+fn verify_reports_a_policy_without_backups_as_a_failure_and_goes_on() {
+    let env = Env::new("");
+    make_db(&env.db, true, 50, 100);
+    env.write_policy("other", "other.db", "");
+    make_db(&env.path("other.db"), true, 50, 100);
+    env.dr(&["backup-local", "other"]).ok();
+    let key = env.key_arg();
+    let v = env.dr(&["verify", "--identity", &key]);
+    assert_eq!(v.code, 3, "{}\n{}", v.stdout, v.stderr);
+    assert!(
+        v.stdout.contains("FAIL  app on local") && v.stdout.contains("no committed backup"),
+        "{}",
+        v.stdout
+    );
+    assert!(v.stdout.contains("ok    other on local"), "{}", v.stdout);
+}

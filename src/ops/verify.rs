@@ -44,12 +44,18 @@ pub fn verify(
         policy: &policy.name,
     };
     let unsealing = unsealing_for(cfg, policy, identity)?;
-    let label = pick(&repo, label)?;
-    let outcome = drill(cfg, &repo, &label, unsealing.as_ref(), progress);
+    // Everything past the keys is part of the drill: a missing backup or an
+    // unreadable target is a failed verification, reported with the others.
+    let picked = pick(&repo, label);
+    let shown = match &picked {
+        Ok(l) => l.to_string(),
+        Err(_) => label.unwrap_or("newest").to_string(),
+    };
+    let outcome = picked.and_then(|l| drill(cfg, &repo, &l, unsealing.as_ref(), progress));
     Ok(Verified {
         policy: policy.name.clone(),
         target: target.name.clone(),
-        label: label.to_string(),
+        label: shown,
         ok: outcome.is_ok(),
         error: outcome.err().map(|e| e.to_string()),
         seconds: started.elapsed().as_secs_f64(),
