@@ -674,6 +674,12 @@ fn check_target(
                     ),
                 );
             }
+            if raw.verify_tls == Some(false) {
+                d.at(
+                    t.span(),
+                    format!("targets.{name}.verify_tls = false is not supported: dr never skips certificate checks; give the server's certificate or CA as `ca_file`"),
+                );
+            }
             if raw.access_key_id_file.is_some() != raw.secret_access_key_file.is_some() {
                 d.at(
                     t.span(),

@@ -67,7 +67,7 @@ pub fn backup(
         "backup",
         opts.lock_wait,
     )?;
-    let store = storage::open(target)?;
+    let store = storage::open(target, &cfg.state_dir)?;
     let sealing = keys::sealing(&cfg.encryption, policy.encrypted)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),

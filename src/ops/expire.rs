@@ -37,7 +37,7 @@ pub fn expire(
         "expire",
         lock_wait,
     )?;
-    let store = storage::open(target)?;
+    let store = storage::open(target, &cfg.state_dir)?;
     expire_locked(cfg, policy, target, store.as_ref(), dry_run, Utc::now())
 }
 
@@ -54,6 +54,9 @@ pub fn expire_locked(
         storage: store,
         policy: &policy.name,
     };
+    if !dry_run {
+        store.clean_abandoned(&format!("{}/", policy.name))?;
+    }
     let dirs = repo.dirs()?;
     let committed: Vec<_> = dirs
         .iter()

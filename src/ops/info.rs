@@ -114,7 +114,7 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
                 error: None,
             };
             if matches!(p.source, Source::Sqlite { .. }) {
-                match collect(t, &p.name, &mut ti) {
+                match collect(cfg, t, &p.name, &mut ti) {
                     Ok(()) => {}
                     Err(e) => ti.error = Some(e.to_string()),
                 }
@@ -130,8 +130,13 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
     Ok(out)
 }
 
-fn collect(t: &crate::config::Target, policy: &str, ti: &mut TargetInfo) -> Result<()> {
-    let store = storage::open(t)?;
+fn collect(
+    cfg: &Config,
+    t: &crate::config::Target,
+    policy: &str,
+    ti: &mut TargetInfo,
+) -> Result<()> {
+    let store = storage::open(t, &cfg.state_dir)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy,

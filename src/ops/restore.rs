@@ -124,7 +124,7 @@ pub fn restore(
         )));
     }
     let unsealing = unsealing_for(cfg, policy, opts.identity.as_deref())?;
-    let store = storage::open(target)?;
+    let store = storage::open(target, &cfg.state_dir)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy: &policy.name,

@@ -38,7 +38,7 @@ pub fn verify(
 ) -> Result<Verified> {
     super::sqlite_path(policy)?;
     let started = std::time::Instant::now();
-    let store = storage::open(target)?;
+    let store = storage::open(target, &cfg.state_dir)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy: &policy.name,

@@ -7,6 +7,7 @@
 //! the same blocking surface; the daemon calls operations on blocking threads.
 
 pub mod local;
+pub mod s3;
 
 use std::io::{Read, Write};
 
@@ -46,6 +47,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
 
+    /// Cleans up writes under `prefix` that a crashed or cut-off run left
+    /// behind on the backend (S3: multipart uploads never completed). The
+    /// caller holds the policy's lock. Returns how many were cleaned.
+    fn clean_abandoned(&self, prefix: &str) -> Result<usize> {
+        let _ = prefix;
+        Ok(0)
+    }
+
     /// Writes a small object in one go.
     fn put_bytes(&self, key: &str, bytes: &[u8]) -> Result<()> {
         let mut w = self.create(key)?;
@@ -74,13 +83,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Opens the storage behind a configured target.
-pub fn open(target: &Target) -> Result<Box<dyn Storage>> {
+/// Opens the storage behind a configured target. `state_dir` holds what a
+/// backend must remember across runs (S3: multipart uploads to abort).
+pub fn open(target: &Target, state_dir: &std::path::Path) -> Result<Box<dyn Storage>> {
     match &target.kind {
         TargetKind::Local { path } => Ok(Box::new(local::LocalStorage::new(&target.name, path))),
-        TargetKind::S3(s3) => Err(Error::Other(format!(
-            "target '{}' (s3://{}): S3 targets are not supported by this build of dr yet; use a local target",
-            target.name, s3.bucket
-        ))),
+        TargetKind::S3(s3) => Ok(Box::new(s3::S3Storage::connect(
+            &target.name,
+            s3,
+            &state_dir.join("uploads").join(&target.name),
+        )?)),
     }
 }

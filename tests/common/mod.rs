@@ -2,6 +2,8 @@
 //! directory, and the real `dr` binary run as a separate process.
 #![allow(dead_code)]
 
+pub mod s3;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 

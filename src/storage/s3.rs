@@ -1,0 +1,662 @@
+//! S3-compatible object storage (AWS S3, MinIO, Wasabi, Garage, R2, B2) as a target.
+//!
+//! The blocking `Storage` surface is kept: this module owns a small tokio
+//! runtime and drives aws-sdk-s3 on it. Uploads are streamed as multipart
+//! uploads with a bounded number of parts in flight, so memory stays flat
+//! whatever the size of the object; small objects go up in one PUT. A writer
+//! dropped without `commit` aborts its multipart upload.
+
+use std::collections::VecDeque;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use chrono::{DateTime, Utc};
+
+use super::{ObjectMeta, ObjectWriter, Storage};
+use crate::config::S3Target;
+use crate::error::{Error, Result};
+
+/// Size of one multipart part: big enough for throughput, small enough that
+/// `MAX_IN_FLIGHT` of them stay well inside the memory budget.
+const PART_SIZE: usize = 8 << 20;
+/// Parts uploading at once per object.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// Shared state of one S3 target.
+#[derive(Debug)]
+struct Inner {
+    name: String,
+    bucket: String,
+    prefix: String,
+    endpoint: String,
+    ca_file: Option<String>,
+    client: aws_sdk_s3::Client,
+    /// Multipart uploads started and not yet completed or aborted, one file
+    /// each, so a later run can abort what a crash or an outage left behind
+    /// (stores such as s3s-fs or Garage may not list multipart uploads).
+    journal: PathBuf,
+}
+
+/// An S3 bucket (and prefix) as a target.
+///
+/// Tasks spawned on the runtime hold only `Inner` (no runtime), so the
+/// runtime is always dropped on a caller's thread, never inside itself.
+#[derive(Debug, Clone)]
+pub struct S3Storage {
+    inner: Arc<Inner>,
+    rt: Arc<tokio::runtime::Runtime>,
+}
+
+impl S3Storage {
+    /// Connects to the target described by `cfg` (no request is made yet).
+    pub fn connect(name: &str, cfg: &S3Target, journal: &Path) -> Result<Self> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dr-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the S3 client runtime", e))?;
+        let client = rt.block_on(build_client(name, cfg))?;
+        Ok(S3Storage {
+            inner: Arc::new(Inner {
+                name: name.to_string(),
+                bucket: cfg.bucket.clone(),
+                prefix: cfg.prefix.clone(),
+                endpoint: cfg.endpoint.clone().unwrap_or_else(|| "AWS S3".to_string()),
+                ca_file: cfg.ca_file.as_ref().map(|p| p.display().to_string()),
+                client,
+                journal: journal.to_path_buf(),
+            }),
+            rt: Arc::new(rt),
+        })
+    }
+}
+
+async fn build_client(name: &str, cfg: &S3Target) -> Result<aws_sdk_s3::Client> {
+    use aws_config::{BehaviorVersion, Region};
+    use aws_sdk_s3::config::{
+        Credentials, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
+        timeout::TimeoutConfig,
+    };
+    let mut loader = aws_config::defaults(BehaviorVersion::latest());
+    if let Some(ep) = &cfg.endpoint {
+        loader = loader.endpoint_url(ep);
+    }
+    match (&cfg.region, &cfg.endpoint) {
+        (Some(r), _) => loader = loader.region(Region::new(r.clone())),
+        // S3-compatible stores accept any region name; us-east-1 is what most expect.
+        (None, Some(_)) => loader = loader.region(Region::new("us-east-1")),
+        (None, None) => {}
+    }
+    if let (Some(id_file), Some(secret_file)) =
+        (&cfg.access_key_id_file, &cfg.secret_access_key_file)
+    {
+        use age::secrecy::ExposeSecret;
+        let id = crate::secret::read_secret(id_file)?;
+        let secret = crate::secret::read_secret(secret_file)?;
+        loader = loader.credentials_provider(Credentials::new(
+            id.expose_secret().trim(),
+            secret.expose_secret().trim(),
+            None,
+            None,
+            "dr-secret-files",
+        ));
+    }
+    if let Some(ca) = &cfg.ca_file {
+        use aws_smithy_http_client::tls;
+        let pem = std::fs::read(ca).map_err(|e| Error::Secret {
+            path: ca.clone(),
+            reason: format!(
+                "cannot read ca_file of target '{name}': {}",
+                crate::error::io_reason(&e)
+            ),
+        })?;
+        let ctx = tls::TlsContext::builder()
+            .with_trust_store(tls::TrustStore::empty().with_pem_certificate(pem))
+            .build()
+            .map_err(|e| Error::Other(format!("target '{name}': ca_file {}: {e}", ca.display())))?;
+        let http = aws_smithy_http_client::Builder::new()
+            .tls_provider(tls::Provider::Rustls(
+                tls::rustls_provider::CryptoMode::AwsLc,
+            ))
+            .tls_context(ctx)
+            .build_https();
+        loader = loader.http_client(http);
+    }
+    loader = loader
+        .retry_config(
+            RetryConfig::standard()
+                .with_max_attempts(5)
+                .with_initial_backoff(Duration::from_millis(200)),
+        )
+        .timeout_config(
+            TimeoutConfig::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .read_timeout(Duration::from_secs(60))
+                .build(),
+        );
+    let shared = loader.load().await;
+    if shared.region().is_none() {
+        return Err(Error::Config(vec![crate::config::Diagnostic {
+            file: std::path::PathBuf::from(format!("targets.{name}")),
+            line: None,
+            message: "no region: set `region` for this target (or AWS_REGION)".into(),
+        }]));
+    }
+    let mut b = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.path_style);
+    // aws-chunked uploads with trailing checksums break several S3-compatible
+    // stores (B2, R2, older MinIO, Wasabi): send checksums only when required,
+    // unless the user asks for them.
+    if cfg.endpoint.is_some() && !cfg.request_checksums {
+        b = b
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    }
+    Ok(aws_sdk_s3::Client::from_conf(b.build()))
+}
+
+impl Inner {
+    fn full_key(&self, key: &str) -> String {
+        if self.prefix.is_empty() {
+            key.to_string()
+        } else {
+            format!("{}/{key}", self.prefix)
+        }
+    }
+
+    fn location(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{} at {}", self.bucket, self.endpoint)
+        } else {
+            format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+        }
+    }
+
+    /// Turns an SDK error into one message naming the target, bucket, key and the fix.
+    fn err<E, R>(&self, action: &'static str, key: &str, e: &SdkError<E, R>) -> Error
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
+        let detail = format!("{}", DisplayErrorContext(e));
+        let reason = match code {
+            "NoSuchBucket" => format!(
+                "bucket '{}' does not exist: create it (dr does not create buckets)",
+                self.bucket
+            ),
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+                "the server refused the credentials: check access_key_id_file and secret_access_key_file".to_string()
+            }
+            "AccessDenied" => format!(
+                "access denied: the credentials may not {action} objects in bucket '{}'",
+                self.bucket
+            ),
+            "NoSuchKey" => "the object does not exist".to_string(),
+            _ if matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) => {
+                let lower = detail.to_lowercase();
+                if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+                    format!(
+                        "TLS failed talking to {}: if the server uses a private CA or a self-signed certificate, set `ca_file` for target '{}' ({detail})",
+                        self.endpoint, self.name
+                    )
+                } else {
+                    format!("cannot reach {} ({detail})", self.endpoint)
+                }
+            }
+            _ => detail,
+        };
+        Error::Storage {
+            target: self.name.clone(),
+            location: self.location(),
+            action,
+            key: key.to_string(),
+            reason,
+        }
+    }
+}
+
+fn to_io(e: Error) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+type PartHandle = tokio::task::JoinHandle<Result<CompletedPart>>;
+
+struct S3Writer {
+    inner: Arc<Inner>,
+    rt: Arc<tokio::runtime::Runtime>,
+    key: String,
+    buf: Vec<u8>,
+    upload_id: Option<String>,
+    next_part: i32,
+    in_flight: VecDeque<PartHandle>,
+    done: Vec<CompletedPart>,
+    finished: bool,
+}
+
+impl S3Writer {
+    fn start_upload(&mut self) -> Result<String> {
+        if let Some(id) = &self.upload_id {
+            return Ok(id.clone());
+        }
+        let inner = self.inner.clone();
+        let full = inner.full_key(&self.key);
+        let out = self
+            .rt
+            .block_on(
+                inner
+                    .client
+                    .create_multipart_upload()
+                    .bucket(&inner.bucket)
+                    .key(&full)
+                    .send(),
+            )
+            .map_err(|e| inner.err("start upload of", &self.key, &e))?;
+        let id = out.upload_id().unwrap_or_default().to_string();
+        self.upload_id = Some(id.clone());
+        if let Err(e) = journal_add(&inner.journal, &self.key, &id) {
+            tracing::warn!(
+                "cannot record the multipart upload of {} in {}: {e}",
+                self.key,
+                inner.journal.display()
+            );
+        }
+        Ok(id)
+    }
+
+    fn send_part(&mut self, data: Vec<u8>) -> Result<()> {
+        let upload_id = self.start_upload()?;
+        while self.in_flight.len() >= MAX_IN_FLIGHT {
+            self.wait_oldest()?;
+        }
+        self.next_part += 1;
+        let number = self.next_part;
+        let inner = self.inner.clone();
+        let key = self.key.clone();
+        let handle = self.rt.spawn(async move {
+            let full = inner.full_key(&key);
+            let out = inner
+                .client
+                .upload_part()
+                .bucket(&inner.bucket)
+                .key(&full)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .body(ByteStream::from(data))
+                .send()
+                .await
+                .map_err(|e| inner.err("upload part of", &key, &e))?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag().map(str::to_string))
+                .build())
+        });
+        self.in_flight.push_back(handle);
+        Ok(())
+    }
+
+    fn wait_oldest(&mut self) -> Result<()> {
+        if let Some(h) = self.in_flight.pop_front() {
+            let part = self
+                .rt
+                .block_on(h)
+                .map_err(|e| Error::Other(format!("upload task failed: {e}")))??;
+            self.done.push(part);
+        }
+        Ok(())
+    }
+
+    fn abort(&mut self) {
+        for h in self.in_flight.drain(..) {
+            h.abort();
+        }
+        if let Some(id) = self.upload_id.take() {
+            let inner = self.inner.clone();
+            let full = inner.full_key(&self.key);
+            let res = self.rt.block_on(
+                inner
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&inner.bucket)
+                    .key(&full)
+                    .upload_id(&id)
+                    .send(),
+            );
+            if res.is_ok() {
+                journal_remove(&inner.journal, &self.key, &id);
+            }
+            if let Err(e) = res {
+                tracing::warn!(
+                    "could not abort the multipart upload of {}: {} (expire and the bucket's lifecycle rules clear it)",
+                    self.key,
+                    inner.err("abort upload of", &self.key, &e)
+                );
+            }
+        }
+    }
+}
+
+impl Write for S3Writer {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = PART_SIZE - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == PART_SIZE {
+            let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART_SIZE));
+            self.send_part(part).map_err(to_io)?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl ObjectWriter for S3Writer {
+    fn commit(mut self: Box<Self>) -> Result<()> {
+        let inner = self.inner.clone();
+        let full = inner.full_key(&self.key);
+        if self.upload_id.is_none() {
+            let body = std::mem::take(&mut self.buf);
+            self.rt
+                .block_on(
+                    inner
+                        .client
+                        .put_object()
+                        .bucket(&inner.bucket)
+                        .key(&full)
+                        .body(ByteStream::from(body))
+                        .send(),
+                )
+                .map_err(|e| inner.err("upload", &self.key, &e))?;
+            self.finished = true;
+            return Ok(());
+        }
+        if !self.buf.is_empty() {
+            let last = std::mem::take(&mut self.buf);
+            self.send_part(last)?;
+        }
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        let mut parts = std::mem::take(&mut self.done);
+        parts.sort_by_key(|p| p.part_number());
+        let id = self.upload_id.clone().unwrap_or_default();
+        self.rt
+            .block_on(
+                inner
+                    .client
+                    .complete_multipart_upload()
+                    .bucket(&inner.bucket)
+                    .key(&full)
+                    .upload_id(&id)
+                    .multipart_upload(
+                        CompletedMultipartUpload::builder()
+                            .set_parts(Some(parts))
+                            .build(),
+                    )
+                    .send(),
+            )
+            .map_err(|e| inner.err("complete upload of", &self.key, &e))?;
+        journal_remove(&inner.journal, &self.key, &id);
+        self.upload_id = None;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+impl Drop for S3Writer {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.abort();
+        }
+    }
+}
+
+/// Streams a GET body to a blocking reader through a small bounded channel.
+struct S3Reader {
+    rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    chunk: bytes::Bytes,
+    ended: bool,
+}
+
+impl Read for S3Reader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            if self.ended {
+                return Ok(0);
+            }
+            match self.rx.recv() {
+                Ok(Ok(c)) if c.is_empty() => self.ended = true,
+                Ok(Ok(c)) => self.chunk = c,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Err(std::io::Error::other("download stopped before the end")),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        Ok(n)
+    }
+}
+
+fn journal_file(dir: &Path, key: &str, upload_id: &str) -> PathBuf {
+    let h = <sha2::Sha256 as sha2::Digest>::digest(format!("{key}\n{upload_id}").as_bytes());
+    dir.join(format!("{}.upload", hex::encode(&h[..16])))
+}
+
+fn journal_add(dir: &Path, key: &str, upload_id: &str) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    std::fs::write(
+        journal_file(dir, key, upload_id),
+        format!("{key}\n{upload_id}\n"),
+    )
+}
+
+fn journal_remove(dir: &Path, key: &str, upload_id: &str) {
+    let _ = std::fs::remove_file(journal_file(dir, key, upload_id));
+}
+
+impl Storage for S3Storage {
+    fn clean_abandoned(&self, prefix: &str) -> Result<usize> {
+        let inner = &self.inner;
+        let Ok(entries) = std::fs::read_dir(&inner.journal) else {
+            return Ok(0);
+        };
+        let mut cleaned = 0;
+        for e in entries.flatten() {
+            let Ok(text) = std::fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let mut lines = text.lines();
+            let (Some(key), Some(id)) = (lines.next(), lines.next()) else {
+                continue;
+            };
+            if !key.starts_with(prefix) {
+                continue;
+            }
+            let res = self.rt.block_on(
+                inner
+                    .client
+                    .abort_multipart_upload()
+                    .bucket(&inner.bucket)
+                    .key(inner.full_key(key))
+                    .upload_id(id)
+                    .send(),
+            );
+            match res {
+                Ok(_) => {}
+                Err(err)
+                    if err
+                        .as_service_error()
+                        .is_some_and(|s| s.is_no_such_upload()) => {}
+                Err(err) => return Err(inner.err("abort the abandoned upload of", key, &err)),
+            }
+            let _ = std::fs::remove_file(e.path());
+            tracing::info!(target = %inner.name, "aborted the abandoned multipart upload of {key}");
+            cleaned += 1;
+        }
+        Ok(cleaned)
+    }
+
+    fn target(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn location(&self) -> String {
+        self.inner.location()
+    }
+
+    fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
+        Ok(Box::new(S3Writer {
+            inner: self.inner.clone(),
+            rt: self.rt.clone(),
+            key: key.to_string(),
+            buf: Vec::new(),
+            upload_id: None,
+            next_part: 0,
+            in_flight: VecDeque::new(),
+            done: Vec::new(),
+            finished: false,
+        }))
+    }
+
+    fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
+        let inner = self.inner.clone();
+        let full = inner.full_key(key);
+        let out = self.rt.block_on(
+            inner
+                .client
+                .get_object()
+                .bucket(&inner.bucket)
+                .key(&full)
+                .send(),
+        );
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Err(Error::NotFound(format!(
+                    "target '{}' ({}): object {key} does not exist",
+                    inner.name,
+                    inner.location()
+                )));
+            }
+            Err(e) => return Err(inner.err("download", key, &e)),
+        };
+        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        let mut body = out.body;
+        let label = key.to_string();
+        let owner = inner.clone();
+        self.rt.spawn(async move {
+            loop {
+                match body.try_next().await {
+                    Ok(Some(chunk)) => {
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                        let tx2 = tx.clone();
+                        // The channel is bounded: wait for the reader off the async workers.
+                        let sent = tokio::task::spawn_blocking(move || tx2.send(Ok(chunk))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let _ =
+                            tokio::task::spawn_blocking(move || tx.send(Ok(bytes::Bytes::new())))
+                                .await;
+                        return;
+                    }
+                    Err(e) => {
+                        let msg =
+                            format!("target '{}': download of {label} failed: {e}", owner.name);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            tx.send(Err(std::io::Error::other(msg)))
+                        })
+                        .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Box::new(S3Reader {
+            rx,
+            chunk: bytes::Bytes::new(),
+            ended: false,
+        }))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let inner = &self.inner;
+        let full_prefix = inner.full_key(prefix);
+        let strip = if inner.prefix.is_empty() {
+            0
+        } else {
+            inner.prefix.len() + 1
+        };
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .rt
+                .block_on(
+                    inner
+                        .client
+                        .list_objects_v2()
+                        .bucket(&inner.bucket)
+                        .prefix(&full_prefix)
+                        .set_continuation_token(token.clone())
+                        .send(),
+                )
+                .map_err(|e| inner.err("list", prefix, &e))?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                let Some(rel) = k.get(strip..) else { continue };
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+                    .unwrap_or_else(Utc::now);
+                out.push(ObjectMeta {
+                    key: rel.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let inner = &self.inner;
+        let full = inner.full_key(key);
+        self.rt
+            .block_on(
+                inner
+                    .client
+                    .delete_object()
+                    .bucket(&inner.bucket)
+                    .key(&full)
+                    .send(),
+            )
+            .map_err(|e| inner.err("delete", key, &e))?;
+        Ok(())
+    }
+}
+
+impl S3Storage {
+    /// The ca_file in use, for messages.
+    pub fn ca_file(&self) -> Option<&str> {
+        self.inner.ca_file.as_deref()
+    }
+}

@@ -1,0 +1,113 @@
+//! A real S3 server for tests: s3s-fs (signature-checking, files on disk),
+//! started and stopped by the test itself on a free loopback port.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ACCESS_KEY: &str = "dr-test-access";
+pub const SECRET_KEY: &str = "dr-test-secret-key-0123456789";
+
+pub struct S3Server {
+    pub root: PathBuf,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn s3s_fs() -> PathBuf {
+    if let Ok(p) = which("s3s-fs") {
+        return p;
+    }
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/root".into());
+    let p = Path::new(&home).join(".cargo/bin/s3s-fs");
+    assert!(
+        p.exists(),
+        "s3s-fs is not installed: run scripts/install-test-deps"
+    );
+    p
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    let path = std::env::var("PATH").map_err(|_| ())?;
+    path.split(':')
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+impl S3Server {
+    /// Starts a server with bucket `bucket` created.
+    pub fn start(root: &Path, bucket: &str) -> S3Server {
+        std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
+        let mut s = S3Server {
+            root: root.to_path_buf(),
+            port: free_port(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(s3s_fs())
+            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .arg(&self.root)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start s3s-fs");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "s3s-fs did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server abruptly (kill -9).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes credential files (mode 0600) and returns the TOML of an s3 target.
+pub fn target_toml(dir: &Path, name: &str, endpoint: &str, bucket: &str, secret: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let id = dir.join(format!("{name}.key_id"));
+    let sk = dir.join(format!("{name}.secret"));
+    for (p, v) in [(&id, ACCESS_KEY), (&sk, secret)] {
+        std::fs::write(p, format!("{v}\n")).expect("write secret");
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    }
+    format!(
+        "[targets.{name}]\nkind = \"s3\"\nendpoint = \"{endpoint}\"\nbucket = \"{bucket}\"\nprefix = \"prod\"\npath_style = true\naccess_key_id_file = \"{}\"\nsecret_access_key_file = \"{}\"\n",
+        id.display(),
+        sk.display()
+    )
+}

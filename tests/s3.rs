@@ -1,0 +1,262 @@
+//! S3 targets against a real S3 server (s3s-fs) over HTTP.
+
+mod common;
+
+use common::s3::{S3Server, SECRET_KEY, target_toml};
+use common::{Env, dump, make_db};
+
+/// An env whose policy `app` has targets local and s3.
+fn s3_env(server: &S3Server, policy_extra: &str, secret: &str, bucket: &str) -> Env {
+    let env = Env::new(policy_extra);
+    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    cfg.push_str(&target_toml(
+        env.dir.path(),
+        "s3",
+        &server.endpoint(),
+        bucket,
+        secret,
+    ));
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let p = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        p.replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
+    )
+    .expect("policy");
+    env
+}
+
+fn restore_s3(env: &Env, to: &str) -> common::Run {
+    let to = env.path(to).display().to_string();
+    let key = env.key_arg();
+    env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
+}
+
+#[test]
+fn backup_and_restore_through_s3_byte_equal_across_several_parts() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "backups");
+    // Incompressible rows: the data object spans several 8 MiB parts.
+    make_db(&env.db, true, 14_000, 2000);
+    let full = env.dr(&["backup-s3", "app", "--json"]).ok().json();
+    assert_eq!(full[0]["target"], "s3");
+    assert!(
+        full[0]["stored_size"].as_u64().expect("size") > 24 << 20,
+        "{full}"
+    );
+    let data = root.path().join("backups/prod/app/backup");
+    assert!(data.exists(), "objects are under the prefix");
+    restore_s3(&env, "r.db").ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+    {
+        let c = rusqlite::Connection::open(&env.db).expect("open");
+        c.execute("UPDATE t SET v = randomblob(2000) WHERE id < 50", [])
+            .expect("update");
+    }
+    let diff = env.dr(&["backup-s3", "app", "--json"]).ok().json();
+    assert_eq!(diff[0]["type"], "diff");
+    restore_s3(&env, "r2.db").ok();
+    assert_eq!(dump(&env.path("r2.db")), dump(&env.db));
+    let key = env.key_arg();
+    let v = env
+        .dr(&["verify", "app", "--target", "s3", "--identity", &key])
+        .ok();
+    assert!(v.stdout.starts_with("ok"), "{}", v.stdout);
+    // backup-local does not touch the S3 target, and the other way round.
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let targets = info["policies"][0]["targets"].as_array().expect("targets");
+    assert_eq!(targets[0]["name"], "local");
+    assert_eq!(targets[0]["backups"].as_array().map(|b| b.len()), Some(0));
+    assert_eq!(targets[1]["backups"].as_array().map(|b| b.len()), Some(2));
+}
+
+#[test]
+fn a_wrong_secret_is_a_clear_error() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", "not-the-secret", "backups");
+    make_db(&env.db, true, 50, 100);
+    let r = env.dr(&["backup-s3", "app"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("target 's3'") && r.stderr.contains("s3://backups/prod"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("refused the credentials"), "{}", r.stderr);
+    assert!(
+        !r.stderr.contains("not-the-secret"),
+        "the secret is never printed"
+    );
+}
+
+#[test]
+fn a_missing_bucket_is_a_clear_error() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "no-such-bucket");
+    make_db(&env.db, true, 50, 100);
+    let r = env.dr(&["backup-s3", "app"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("bucket 'no-such-bucket' does not exist"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[test]
+fn an_unreachable_endpoint_is_a_clear_error() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "backups");
+    server.kill();
+    make_db(&env.db, true, 50, 100);
+    let r = env.dr(&["backup-s3", "app"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("cannot reach http://127.0.0.1:"),
+        "{}",
+        r.stderr
+    );
+    let info = env.dr(&["info", "--json"]).ok().json();
+    assert!(
+        info["policies"][0]["targets"][1]["error"]
+            .as_str()
+            .expect("error")
+            .contains("cannot reach")
+    );
+}
+
+#[test]
+fn retention_applies_to_local_and_s3_targets_alike() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(
+        &server,
+        "[retention]\nfull = 1\ndiff = 1\n",
+        SECRET_KEY,
+        "backups",
+    );
+    make_db(&env.db, true, 100, 100);
+    for cmd in ["backup-local", "backup-s3"] {
+        for kind in ["full", "diff", "full", "diff"] {
+            env.dr(&[cmd, "app", "--type", kind]).ok();
+        }
+    }
+    let info = env.dr(&["info", "--json"]).ok().json();
+    for t in info["policies"][0]["targets"].as_array().expect("targets") {
+        let b = t["backups"].as_array().expect("backups");
+        assert_eq!(b.len(), 2, "{}: {t}", t["name"]);
+        assert_eq!(b[0]["type"], "full");
+        assert_eq!(b[1]["parent"], b[0]["label"]);
+    }
+    let objects: Vec<_> = walk(&root.path().join("backups"));
+    assert_eq!(
+        objects
+            .iter()
+            .filter(|k| k.ends_with("manifest.json"))
+            .count(),
+        2,
+        "{objects:?}"
+    );
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn the_server_dying_mid_upload_fails_cleanly_and_the_next_run_succeeds() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut server = S3Server::start(root.path(), "backups");
+    let env = s3_env(
+        &server,
+        "[retention]\nincomplete_grace = \"1s\"\n",
+        SECRET_KEY,
+        "backups",
+    );
+    make_db(&env.db, true, 30_000, 2000); // ~60 MiB, incompressible: several parts
+    let mut child = std::process::Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["backup-s3", "app"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Kill the server once parts are being uploaded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !std::fs::read_dir(root.path())
+        .expect("ls")
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(".upload_id-"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no multipart upload seen"
+        );
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "backup finished before the outage"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    server.kill();
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        !out.status.success(),
+        "the backup must fail when the server dies"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("target 's3'"), "{stderr}");
+    server.restart();
+    let info = env.dr(&["info", "--json"]).ok().json();
+    assert_eq!(
+        info["policies"][0]["targets"][1]["backups"]
+            .as_array()
+            .map(|b| b.len()),
+        Some(0)
+    );
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.dr(&["backup-s3", "app"]).ok();
+    restore_s3(&env, "r.db").ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+    let manifests = walk(&root.path().join("backups"))
+        .into_iter()
+        .filter(|k| k.ends_with("manifest.json"))
+        .count();
+    assert_eq!(manifests, 1);
+    let data = walk(&root.path().join("backups/prod"))
+        .into_iter()
+        .filter(|k| k.ends_with("data.zst.age"))
+        .count();
+    assert_eq!(
+        data, 1,
+        "the interrupted backup's objects are gone after expire"
+    );
+    let parts: Vec<_> = std::fs::read_dir(root.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".upload"))
+        .collect();
+    assert!(
+        parts.is_empty(),
+        "no orphan multipart parts remain: {parts:?}"
+    );
+}
