@@ -260,3 +260,41 @@ fn the_server_dying_mid_upload_fails_cleanly_and_the_next_run_succeeds() {
         "no orphan multipart parts remain: {parts:?}"
     );
 }
+
+#[test]
+fn tls_with_a_private_ca_needs_ca_file_and_works_with_it() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let tls_dir = tempfile::tempdir().expect("tmp");
+    let proxy = common::s3::TlsProxy::start(tls_dir.path(), server.port);
+    let env = Env::new("");
+    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    cfg.push_str(&target_toml(
+        env.dir.path(),
+        "s3",
+        &proxy.endpoint(),
+        "backups",
+        SECRET_KEY,
+    ));
+    std::fs::write(env.config(), &cfg).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let p = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        p.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
+    )
+    .expect("policy");
+    make_db(&env.db, true, 3000, 1000);
+    // Without the CA, the certificate is refused and the message names ca_file.
+    let r = env.dr(&["backup-s3", "app"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(r.stderr.contains("ca_file"), "{}", r.stderr);
+    let with_ca = cfg.replace(
+        "path_style = true\n",
+        &format!("path_style = true\nca_file = \"{}\"\n", proxy.ca.display()),
+    );
+    std::fs::write(env.config(), with_ca).expect("cfg");
+    env.dr(&["backup-s3", "app"]).ok();
+    restore_s3(&env, "r.db").ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}

@@ -200,7 +200,12 @@ impl Inner {
             "NoSuchKey" => "the object does not exist".to_string(),
             _ if matches!(e, SdkError::DispatchFailure(_) | SdkError::TimeoutError(_)) => {
                 let lower = detail.to_lowercase();
-                if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+                if detail.contains("CaUsedAsEndEntity") {
+                    format!(
+                        "TLS failed talking to {}: the server's certificate is a CA certificate (basicConstraints CA:TRUE), which TLS clients refuse as a server certificate: re-issue it with CA:FALSE, or sign it with a CA and give that CA as `ca_file` for target '{}'",
+                        self.endpoint, self.name
+                    )
+                } else if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
                     format!(
                         "TLS failed talking to {}: if the server uses a private CA or a self-signed certificate, set `ca_file` for target '{}' ({detail})",
                         self.endpoint, self.name
