@@ -11,6 +11,7 @@ pub mod config;
 pub mod demo;
 pub mod error;
 pub mod keys;
+pub mod lease;
 pub mod lock;
 pub mod ops;
 pub mod repo;

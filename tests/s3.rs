@@ -298,3 +298,35 @@ fn tls_with_a_private_ca_needs_ca_file_and_works_with_it() {
     restore_s3(&env, "r.db").ok();
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
 }
+
+#[test]
+fn a_lease_held_by_another_host_stops_the_backup_and_an_expired_one_is_taken_over() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "backups");
+    make_db(&env.db, true, 100, 100);
+    let lease = root.path().join("backups/prod/app/lease");
+    std::fs::create_dir_all(lease.parent().expect("dir")).expect("mkdir");
+    let held = |expires: &str| {
+        format!(
+            "{{\"holder\": \"otherhost pid 77\", \"command\": \"backup\", \"token\": \"t\", \"acquired\": \"2026-01-01T00:00:00Z\", \"expires\": \"{expires}\"}}"
+        )
+    };
+    std::fs::write(&lease, held("2999-01-01T00:00:00Z")).expect("lease");
+    let r = env.dr(&["backup-s3", "app"]);
+    assert_eq!(r.code, 4, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("leased by otherhost pid 77"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(&lease).expect("lease"),
+        held("2999-01-01T00:00:00Z"),
+        "not overwritten"
+    );
+    std::fs::write(&lease, held("2020-01-01T00:00:00Z")).expect("expired lease");
+    env.dr(&["backup-s3", "app"]).ok();
+    assert!(!lease.exists(), "the lease is released after the backup");
+    restore_s3(&env, "r.db").ok();
+}

@@ -14,6 +14,7 @@ use crate::codec::{Decoder, Encoder, ObjectDigest, read_error};
 use crate::config::{Config, Policy, Target};
 use crate::error::{Error, Result};
 use crate::keys::{self, Sealing};
+use crate::lease::Lease;
 use crate::lock::Lock;
 use crate::repo::{self, BackupType, Label, Manifest, manifest::FORMAT_VERSION};
 use crate::sqlite::{self, IndexReader, IndexWriter, PageWriter, pages::page_hash};
@@ -75,6 +76,7 @@ pub fn backup(
     };
     // Fail on a bad source before touching the target.
     let mut conn = sqlite::open_source(db)?;
+    let mut lease = Lease::acquire(store.as_ref(), &policy.name, "backup")?;
 
     let committed = repo.committed()?;
     let newest_full = committed
@@ -251,7 +253,10 @@ pub fn backup(
         recipients: sealing.fingerprints(),
         objects,
     };
-    // The manifest goes last: its presence commits the backup.
+    // Still the only writer? Then the manifest goes last: its presence commits the backup.
+    if let Some(l) = lease.as_mut() {
+        l.renew()?;
+    }
     store.put_bytes(
         &repo::object_key(&policy.name, &label, repo::MANIFEST),
         &manifest.to_bytes(),

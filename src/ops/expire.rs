@@ -38,6 +38,11 @@ pub fn expire(
         lock_wait,
     )?;
     let store = storage::open(target, &cfg.state_dir)?;
+    let _lease = if dry_run {
+        None
+    } else {
+        crate::lease::Lease::acquire(store.as_ref(), &policy.name, "expire")?
+    };
     expire_locked(cfg, policy, target, store.as_ref(), dry_run, Utc::now())
 }
 

@@ -32,6 +32,15 @@ pub trait ObjectWriter: Write + Send {
     fn commit(self: Box<Self>) -> Result<()>;
 }
 
+/// The precondition of a conditional write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Condition {
+    /// Create only: `If-None-Match: *`.
+    Absent,
+    /// Replace only this version: `If-Match: <etag>`.
+    Match(String),
+}
+
 /// A backup target's object store.
 pub trait Storage: Send + Sync + std::fmt::Debug {
     /// The target's name in the config, for messages.
@@ -53,6 +62,29 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn clean_abandoned(&self, prefix: &str) -> Result<usize> {
         let _ = prefix;
         Ok(0)
+    }
+
+    /// Writes a small object only if `cond` holds: absent, or its ETag
+    /// matches. Returns the new ETag, or `None` when the condition failed.
+    /// Backends without conditional writes return `Ok(None)` from
+    /// `supports_conditional` and are not asked.
+    fn put_conditional(&self, key: &str, bytes: &[u8], cond: &Condition) -> Result<Option<String>> {
+        let _ = (key, bytes, cond);
+        Err(Error::Other(format!(
+            "target '{}' does not support conditional writes",
+            self.target()
+        )))
+    }
+
+    /// A small object with its ETag, or `None` when it does not exist.
+    fn get_with_etag(&self, key: &str) -> Result<Option<(Vec<u8>, String)>> {
+        let _ = key;
+        Ok(None)
+    }
+
+    /// Whether several hosts may write this target, so that a lease object is needed.
+    fn shared(&self) -> bool {
+        false
     }
 
     /// Writes a small object in one go.

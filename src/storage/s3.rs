@@ -469,6 +469,72 @@ fn journal_remove(dir: &Path, key: &str, upload_id: &str) {
 }
 
 impl Storage for S3Storage {
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn put_conditional(
+        &self,
+        key: &str,
+        bytes: &[u8],
+        cond: &super::Condition,
+    ) -> Result<Option<String>> {
+        let inner = &self.inner;
+        let mut req = inner
+            .client
+            .put_object()
+            .bucket(&inner.bucket)
+            .key(inner.full_key(key))
+            .body(ByteStream::from(bytes.to_vec()));
+        req = match cond {
+            super::Condition::Absent => req.if_none_match("*"),
+            super::Condition::Match(etag) => req.if_match(etag),
+        };
+        match self.rt.block_on(req.send()) {
+            Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
+            Err(e) => {
+                let status = e.raw_response().map(|r| r.status().as_u16());
+                let code = e.as_service_error().and_then(|s| s.code()).unwrap_or("");
+                if matches!(status, Some(412) | Some(409))
+                    || code == "PreconditionFailed"
+                    || code == "ConditionalRequestConflict"
+                {
+                    Ok(None)
+                } else {
+                    Err(inner.err("write", key, &e))
+                }
+            }
+        }
+    }
+
+    fn get_with_etag(&self, key: &str) -> Result<Option<(Vec<u8>, String)>> {
+        let inner = &self.inner;
+        let res = self.rt.block_on(async {
+            let out = inner
+                .client
+                .get_object()
+                .bucket(&inner.bucket)
+                .key(inner.full_key(key))
+                .send()
+                .await?;
+            let etag = out.e_tag().unwrap_or_default().to_string();
+            let body = out.body.collect().await.map(|b| b.into_bytes().to_vec());
+            Ok::<_, SdkError<aws_sdk_s3::operation::get_object::GetObjectError, _>>((body, etag))
+        });
+        match res {
+            Ok((Ok(body), etag)) => Ok(Some((body, etag))),
+            Ok((Err(e), _)) => Err(Error::Storage {
+                target: inner.name.clone(),
+                location: inner.location(),
+                action: "read",
+                key: key.to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) => Err(inner.err("read", key, &e)),
+        }
+    }
+
     fn clean_abandoned(&self, prefix: &str) -> Result<usize> {
         let inner = &self.inner;
         let Ok(entries) = std::fs::read_dir(&inner.journal) else {

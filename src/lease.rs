@@ -1,0 +1,192 @@
+//! One writer per policy across hosts sharing a bucket.
+//!
+//! The local lock keeps two runs on one host apart; a lease object
+//! `<policy>/lease` on a shared target keeps hosts apart. It is created
+//! with `If-None-Match: *`, replaced with `If-Match: <etag>` (to take over an
+//! expired one or to renew), and read back after every write: a store that
+//! ignores conditional writes (Garage does) can then still be caught when
+//! another writer overwrote the lease, and the backup stops before its
+//! manifest. On such stores two hosts racing within the same instant can both
+//! proceed; each writes only its own labels, so the repository stays valid,
+//! but retention may run twice. Point one host at a policy there.
+
+use chrono::{DateTime, Duration, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::storage::{Condition, Storage};
+
+/// How long a lease lasts without renewal; a crashed holder blocks others this long.
+pub const TTL_MINUTES: i64 = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    holder: String,
+    command: String,
+    token: String,
+    acquired: DateTime<Utc>,
+    expires: DateTime<Utc>,
+}
+
+/// A held lease. Dropping it releases it (best effort).
+#[derive(Debug)]
+pub struct Lease<'s> {
+    store: &'s dyn Storage,
+    key: String,
+    record: Record,
+    etag: String,
+    released: bool,
+}
+
+fn key_of(policy: &str) -> String {
+    format!("{policy}/lease")
+}
+
+fn token() -> String {
+    let seed = format!(
+        "{}-{}-{:?}",
+        crate::lock::hostname(),
+        std::process::id(),
+        std::time::SystemTime::now()
+    );
+    blake3::hash(seed.as_bytes()).to_hex()[..32].to_string()
+}
+
+impl<'s> Lease<'s> {
+    /// Takes the lease of `policy` on a shared target; `Ok(None)` for targets
+    /// only one host writes (local volumes), where the local lock suffices.
+    pub fn acquire(
+        store: &'s dyn Storage,
+        policy: &str,
+        command: &str,
+    ) -> Result<Option<Lease<'s>>> {
+        if !store.shared() {
+            return Ok(None);
+        }
+        let key = key_of(policy);
+        let now = Utc::now();
+        let record = Record {
+            holder: format!("{} pid {}", crate::lock::hostname(), std::process::id()),
+            command: command.to_string(),
+            token: token(),
+            acquired: now,
+            expires: now + Duration::minutes(TTL_MINUTES),
+        };
+        let body = serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?;
+        let mut cond = Condition::Absent;
+        for _ in 0..3 {
+            if let Some(etag) = store.put_conditional(&key, &body, &cond)? {
+                let mut lease = Lease {
+                    store,
+                    key: key.clone(),
+                    record: record.clone(),
+                    etag,
+                    released: false,
+                };
+                lease.confirm()?;
+                return Ok(Some(lease));
+            }
+            // Someone holds it: take it over only once it has expired.
+            let Some((bytes, etag)) = store.get_with_etag(&key)? else {
+                cond = Condition::Absent;
+                continue;
+            };
+            match serde_json::from_slice::<Record>(&bytes) {
+                Ok(other) if other.expires > Utc::now() => {
+                    return Err(Error::Busy(format!(
+                        "policy '{policy}' on target '{}' is leased by {} ({} since {}, until {}): another host is writing it; wait, or if that host is gone, delete {key} after checking",
+                        store.target(),
+                        other.holder,
+                        other.command,
+                        other.acquired.to_rfc3339_opts(SecondsFormat::Secs, true),
+                        other.expires.to_rfc3339_opts(SecondsFormat::Secs, true),
+                    )));
+                }
+                _ => {
+                    tracing::warn!(
+                        target = store.target(),
+                        "taking over the expired or unreadable lease {key}"
+                    );
+                    cond = Condition::Match(etag);
+                }
+            }
+        }
+        Err(Error::Busy(format!(
+            "policy '{policy}' on target '{}': the lease {key} keeps changing hands; try again",
+            store.target()
+        )))
+    }
+
+    /// Reads the lease back and checks it is still this one.
+    fn confirm(&mut self) -> Result<()> {
+        match self.store.get_with_etag(&self.key)? {
+            Some((bytes, etag)) => {
+                let theirs: Option<Record> = serde_json::from_slice(&bytes).ok();
+                if theirs
+                    .as_ref()
+                    .is_some_and(|r| r.token == self.record.token)
+                {
+                    self.etag = etag;
+                    Ok(())
+                } else {
+                    self.released = true;
+                    Err(Error::Busy(format!(
+                        "lost the lease {} on target '{}' to {}: stopping without committing (the store may ignore conditional writes)",
+                        self.key,
+                        self.store.target(),
+                        theirs
+                            .map(|r| r.holder)
+                            .unwrap_or_else(|| "an unknown writer".into())
+                    )))
+                }
+            }
+            None => {
+                self.released = true;
+                Err(Error::Busy(format!(
+                    "the lease {} on target '{}' disappeared: stopping without committing",
+                    self.key,
+                    self.store.target()
+                )))
+            }
+        }
+    }
+
+    /// Extends the lease and proves it is still held; call before committing.
+    pub fn renew(&mut self) -> Result<()> {
+        self.record.expires = Utc::now() + Duration::minutes(TTL_MINUTES);
+        let body =
+            serde_json::to_vec_pretty(&self.record).map_err(|e| Error::Other(e.to_string()))?;
+        match self
+            .store
+            .put_conditional(&self.key, &body, &Condition::Match(self.etag.clone()))?
+        {
+            Some(etag) => {
+                self.etag = etag;
+                self.confirm()
+            }
+            None => {
+                self.released = true;
+                Err(Error::Busy(format!(
+                    "lost the lease {} on target '{}': another writer took it; stopping without committing",
+                    self.key,
+                    self.store.target()
+                )))
+            }
+        }
+    }
+}
+
+impl Drop for Lease<'_> {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // Release only if it is still ours.
+        if let Ok(Some((bytes, _))) = self.store.get_with_etag(&self.key)
+            && serde_json::from_slice::<Record>(&bytes).is_ok_and(|r| r.token == self.record.token)
+            && let Err(e) = self.store.delete(&self.key)
+        {
+            tracing::warn!("could not release the lease {}: {e}", self.key);
+        }
+    }
+}
