@@ -22,6 +22,10 @@ pub const TTL_MINUTES: i64 = 60;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     holder: String,
+    /// The holder's host name: a lease from this host is stale whenever we
+    /// hold the local lock, because no other dr here can be writing.
+    #[serde(default)]
+    host: String,
     command: String,
     token: String,
     acquired: DateTime<Utc>,
@@ -55,6 +59,7 @@ fn token() -> String {
 impl<'s> Lease<'s> {
     /// Takes the lease of `policy` on a shared target; `Ok(None)` for targets
     /// only one host writes (local volumes), where the local lock suffices.
+    /// The caller must hold the local lock of the policy and target.
     pub fn acquire(
         store: &'s dyn Storage,
         policy: &str,
@@ -67,14 +72,37 @@ impl<'s> Lease<'s> {
         let now = Utc::now();
         let record = Record {
             holder: format!("{} pid {}", crate::lock::hostname(), std::process::id()),
+            host: crate::lock::hostname(),
             command: command.to_string(),
             token: token(),
             acquired: now,
             expires: now + Duration::minutes(TTL_MINUTES),
         };
         let body = serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?;
-        let mut cond = Condition::Absent;
         for _ in 0..3 {
+            // Read first: a missing bucket or bad credentials fail here, before any write.
+            let cond = match store.get_with_etag(&key)? {
+                None => Condition::Absent,
+                Some((bytes, etag)) => match serde_json::from_slice::<Record>(&bytes) {
+                    Ok(other) if other.expires > Utc::now() && other.host != record.host => {
+                        return Err(Error::Busy(format!(
+                            "policy '{policy}' on target '{}' is leased by {} ({} since {}, until {}): another host is writing it; wait, or if that host is gone, delete {key} after checking",
+                            store.target(),
+                            other.holder,
+                            other.command,
+                            other.acquired.to_rfc3339_opts(SecondsFormat::Secs, true),
+                            other.expires.to_rfc3339_opts(SecondsFormat::Secs, true),
+                        )));
+                    }
+                    _ => {
+                        tracing::warn!(
+                            target = store.target(),
+                            "taking over the expired, stale or unreadable lease {key}"
+                        );
+                        Condition::Match(etag)
+                    }
+                },
+            };
             if let Some(etag) = store.put_conditional(&key, &body, &cond)? {
                 let mut lease = Lease {
                     store,
@@ -86,30 +114,7 @@ impl<'s> Lease<'s> {
                 lease.confirm()?;
                 return Ok(Some(lease));
             }
-            // Someone holds it: take it over only once it has expired.
-            let Some((bytes, etag)) = store.get_with_etag(&key)? else {
-                cond = Condition::Absent;
-                continue;
-            };
-            match serde_json::from_slice::<Record>(&bytes) {
-                Ok(other) if other.expires > Utc::now() => {
-                    return Err(Error::Busy(format!(
-                        "policy '{policy}' on target '{}' is leased by {} ({} since {}, until {}): another host is writing it; wait, or if that host is gone, delete {key} after checking",
-                        store.target(),
-                        other.holder,
-                        other.command,
-                        other.acquired.to_rfc3339_opts(SecondsFormat::Secs, true),
-                        other.expires.to_rfc3339_opts(SecondsFormat::Secs, true),
-                    )));
-                }
-                _ => {
-                    tracing::warn!(
-                        target = store.target(),
-                        "taking over the expired or unreadable lease {key}"
-                    );
-                    cond = Condition::Match(etag);
-                }
-            }
+            // Another writer got there between our read and our write: look again.
         }
         Err(Error::Busy(format!(
             "policy '{policy}' on target '{}': the lease {key} keeps changing hands; try again",

@@ -76,9 +76,10 @@ pub fn backup(
     };
     // Fail on a bad source before touching the target.
     let mut conn = sqlite::open_source(db)?;
-    let mut lease = Lease::acquire(store.as_ref(), &policy.name, "backup")?;
 
+    // Listing first: a missing bucket or bad credentials fail before anything is written.
     let committed = repo.committed()?;
+    let mut lease = Lease::acquire(store.as_ref(), &policy.name, "backup")?;
     let newest_full = committed
         .iter()
         .rev()
