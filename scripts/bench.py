@@ -139,6 +139,9 @@ def main():
         rows.append((f"{RSS_GIB:g} GiB full backup (memory check)", "-", f"{wb:.2f} s", "-", "< 100 MiB", "-", f"{rb:.0f} MiB"))
         rows.append((f"{RSS_GIB:g} GiB restore (memory check)", "-", f"{wr:.2f} s", "-", "< 100 MiB", "-", f"{rr:.0f} MiB"))
 
+    if os.environ.get("BENCH_S3", "1") != "0":
+        rows += s3_rows(db)
+
     head = ("case", "pipeline", "dr", "ratio", "target", "pipeline peak RSS", "dr peak RSS")
     lines = [f"Database: {os.path.getsize(db) / 1048576:.0f} MiB SQLite (WAL), median of {RUNS} runs, "
              f"{os.cpu_count()} cores. Pipeline: sqlite3 .backup + zstd -3 -T0 + age -r; restore: age -d | zstd -d.", "",
@@ -147,6 +150,70 @@ def main():
     text = "\n".join(lines) + "\n"
     open(os.path.join(WORK, "results.md"), "w").write(text)
     print(text)
+
+
+def s3_rows(db):
+    """dr backup-s3/restore-s3 against `aws s3 cp` of an equal-sized file, to s3s-fs on loopback."""
+    import socket
+    import time
+    s3root = os.path.join(WORK, "s3root")
+    if os.path.exists(s3root):
+        shutil.rmtree(s3root)
+    os.makedirs(os.path.join(s3root, "bench"))
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    ak, sk = "bench-access", "bench-secret-key-0123456789"
+    s3fs = shutil.which("s3s-fs") or os.path.expanduser("~/.cargo/bin/s3s-fs")
+    server = subprocess.Popen([s3fs, "--host", "127.0.0.1", "--port", str(port), "--access-key", ak,
+                               "--secret-key", sk, s3root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+        d, key, rec = setup("s3", db)
+        for name, val in (("id", ak), ("secret", sk)):
+            p = os.path.join(d, name)
+            open(p, "w").write(val + "\n")
+            os.chmod(p, 0o600)
+        with open(os.path.join(d, "dr.toml"), "a") as f:
+            f.write(f'[targets.s3]\nkind = "s3"\nendpoint = "http://127.0.0.1:{port}"\nbucket = "bench"\n'
+                    'path_style = true\naccess_key_id_file = "id"\nsecret_access_key_file = "secret"\n')
+        pol = os.path.join(d, "policies", "bench.toml")
+        text = open(pol).read().replace('targets = ["local"]', 'targets = ["s3"]')
+        open(pol, "w").write(text)
+        cfg = os.path.join(d, "dr.toml")
+        env = f"AWS_ACCESS_KEY_ID={ak} AWS_SECRET_ACCESS_KEY={sk} AWS_DEFAULT_REGION=us-east-1"
+        ep = f"--endpoint-url http://127.0.0.1:{port}"
+        out_aws = os.path.join(WORK, "aws.down.db")
+        out_dr = os.path.join(WORK, "dr.s3.restored.db")
+        up_aws, up_dr, down_aws, down_dr = [], [], [], []
+        for i in range(RUNS):
+            up_aws.append(timed(f"{env} aws {ep} s3 cp --only-show-errors '{db}' s3://bench/copy.db")[:2])
+            up_dr.append(timed(f"'{DR}' -c '{cfg}' backup-s3 bench --type full")[:2])
+            down_aws.append(timed(f"rm -f '{out_aws}' && {env} aws {ep} s3 cp --only-show-errors s3://bench/copy.db '{out_aws}'")[:2])
+            down_dr.append(timed(f"rm -f '{out_dr}' && '{DR}' -c '{cfg}' restore-s3 bench --to '{out_dr}' --identity '{key}'")[:2])
+        for p in (out_aws, out_dr):
+            if os.path.exists(p):
+                os.remove(p)
+
+        def m(xs, i):
+            return statistics.median(x[i] for x in xs)
+        return [
+            ("S3 upload: aws s3 cp of the database vs dr backup-s3 (compress + encrypt + upload)",
+             f"{m(up_aws, 0):.2f} s", f"{m(up_dr, 0):.2f} s", f"{m(up_dr, 0) / m(up_aws, 0):.2f}x", "<= 1.00x",
+             f"{m(up_aws, 1):.0f} MiB", f"{m(up_dr, 1):.0f} MiB (< 150)"),
+            ("S3 download: aws s3 cp vs dr restore-s3 (download + decrypt + checks)",
+             f"{m(down_aws, 0):.2f} s", f"{m(down_dr, 0):.2f} s", f"{m(down_dr, 0) / m(down_aws, 0):.2f}x", "<= 1.00x",
+             f"{m(down_aws, 1):.0f} MiB", f"{m(down_dr, 1):.0f} MiB (< 150)"),
+        ]
+    finally:
+        server.kill()
+        server.wait()
+        shutil.rmtree(s3root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ Quick start:
   dr info --json                   every backup of every policy, for machines
 
 Exit codes: 0 success, 1 failure, 2 configuration or secret error,
-3 integrity or decryption failure, 4 lock held by another run,
+3 integrity or decryption failure, 4 lock or lease held by another run,
 5 not found (policy, target or backup), 6 refused (would overwrite).";
 
 /// dr: backups and disaster recovery for SQLite and PostgreSQL.
