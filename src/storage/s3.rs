@@ -24,10 +24,8 @@ use crate::error::{Error, Result};
 /// Size of one multipart part: big enough for throughput, small enough that
 /// `MAX_IN_FLIGHT` of them stay well inside the memory budget.
 const PART_SIZE: usize = 8 << 20;
-/// Parts uploading (or ranges downloading) at once per object.
+/// Parts uploading at once per object.
 const MAX_IN_FLIGHT: usize = 4;
-/// Size of one ranged GET when downloading a large object.
-const RANGE_SIZE: usize = 8 << 20;
 
 /// Shared state of one S3 target.
 #[derive(Debug)]
@@ -426,19 +424,6 @@ impl Drop for S3Writer {
     }
 }
 
-/// Hands a chunk to the blocking reader; the channel is bounded, so the wait
-/// happens off the async workers. False when the reader has gone.
-async fn send(
-    tx: &std::sync::mpsc::SyncSender<std::io::Result<bytes::Bytes>>,
-    item: std::io::Result<bytes::Bytes>,
-) -> bool {
-    let tx = tx.clone();
-    matches!(
-        tokio::task::spawn_blocking(move || tx.send(item)).await,
-        Ok(Ok(()))
-    )
-}
-
 /// Streams a GET body to a blocking reader through a small bounded channel.
 struct S3Reader {
     rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
@@ -616,15 +601,12 @@ impl Storage for S3Storage {
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
         let inner = self.inner.clone();
         let full = inner.full_key(key);
-        // The first range tells the size and version; a large object's other
-        // ranges are then fetched in parallel (bounded) and handed over in order.
         let out = self.rt.block_on(
             inner
                 .client
                 .get_object()
                 .bucket(&inner.bucket)
                 .key(&full)
-                .range(format!("bytes=0-{}", RANGE_SIZE - 1))
                 .send(),
         );
         let out = match out {
@@ -638,91 +620,41 @@ impl Storage for S3Storage {
             }
             Err(e) => return Err(inner.err("download", key, &e)),
         };
-        let total = out
-            .content_range()
-            .and_then(|r| r.rsplit('/').next())
-            .and_then(|t| t.parse::<u64>().ok());
-        let etag = out.e_tag().map(str::to_string);
         let (tx, rx) = std::sync::mpsc::sync_channel(16);
         let mut body = out.body;
         let label = key.to_string();
-        let ctx = inner.clone();
+        let owner = inner.clone();
         self.rt.spawn(async move {
-            let fail = |what: String| {
-                std::io::Error::other(format!(
-                    "target '{}': download of {label} failed: {what}",
-                    ctx.name
-                ))
-            };
-            let mut pending = VecDeque::new();
-            let mut next = RANGE_SIZE as u64;
-            let spawn_more = |pending: &mut VecDeque<_>, next: &mut u64| {
-                let Some(total) = total else { return };
-                while pending.len() < MAX_IN_FLIGHT && *next < total {
-                    let (start, end) = (*next, (*next + RANGE_SIZE as u64).min(total) - 1);
-                    *next = end + 1;
-                    let c = ctx.clone();
-                    let key = full.clone();
-                    let etag = etag.clone();
-                    pending.push_back(tokio::spawn(async move {
-                        let out = c
-                            .client
-                            .get_object()
-                            .bucket(&c.bucket)
-                            .key(&key)
-                            .range(format!("bytes={start}-{end}"))
-                            .set_if_match(etag)
-                            .send()
-                            .await
-                            .map_err(|e| format!("{}", DisplayErrorContext(&e)))?;
-                        let bytes = out
-                            .body
-                            .collect()
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .into_bytes();
-                        if bytes.len() as u64 != end - start + 1 {
-                            return Err(format!(
-                                "range {start}-{end} returned {} bytes",
-                                bytes.len()
-                            ));
-                        }
-                        Ok::<_, String>(bytes)
-                    }));
-                }
-            };
-            spawn_more(&mut pending, &mut next);
             loop {
                 match body.try_next().await {
-                    Ok(Some(chunk)) if chunk.is_empty() => {}
                     Ok(Some(chunk)) => {
-                        if !send(&tx, Ok(chunk)).await {
+                        if chunk.is_empty() {
+                            continue;
+                        }
+                        let tx2 = tx.clone();
+                        // The channel is bounded: wait for the reader off the async workers.
+                        let sent = tokio::task::spawn_blocking(move || tx2.send(Ok(chunk))).await;
+                        if !matches!(sent, Ok(Ok(()))) {
                             return;
                         }
                     }
-                    Ok(None) => break,
+                    Ok(None) => {
+                        let _ =
+                            tokio::task::spawn_blocking(move || tx.send(Ok(bytes::Bytes::new())))
+                                .await;
+                        return;
+                    }
                     Err(e) => {
-                        send(&tx, Err(fail(e.to_string()))).await;
+                        let msg =
+                            format!("target '{}': download of {label} failed: {e}", owner.name);
+                        let _ = tokio::task::spawn_blocking(move || {
+                            tx.send(Err(std::io::Error::other(msg)))
+                        })
+                        .await;
                         return;
                     }
                 }
             }
-            while let Some(h) = pending.pop_front() {
-                let item = match h.await {
-                    Ok(Ok(bytes)) => Ok(bytes),
-                    Ok(Err(e)) => Err(fail(e)),
-                    Err(e) => Err(fail(e.to_string())),
-                };
-                let failed = item.is_err();
-                if !send(&tx, item).await || failed {
-                    for h in pending.drain(..) {
-                        h.abort();
-                    }
-                    return;
-                }
-                spawn_more(&mut pending, &mut next);
-            }
-            send(&tx, Ok(bytes::Bytes::new())).await;
         });
         Ok(Box::new(S3Reader {
             rx,
