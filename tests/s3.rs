@@ -7,23 +7,25 @@ use common::{Env, dump, make_db};
 
 /// An env whose policy `app` has targets local and s3.
 fn s3_env(server: &S3Server, policy_extra: &str, secret: &str, bucket: &str) -> Env {
+    env_at(
+        &server.endpoint(),
+        "[\"local\", \"s3\"]",
+        policy_extra,
+        secret,
+        bucket,
+    )
+}
+
+/// An env with an s3 target at `endpoint`; policy `app` gets `targets`.
+fn env_at(endpoint: &str, targets: &str, policy_extra: &str, secret: &str, bucket: &str) -> Env {
     let env = Env::new(policy_extra);
     let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
-    cfg.push_str(&target_toml(
-        env.dir.path(),
-        "s3",
-        &server.endpoint(),
-        bucket,
-        secret,
-    ));
+    cfg.push_str(&target_toml(env.dir.path(), "s3", endpoint, bucket, secret));
     std::fs::write(env.config(), cfg).expect("cfg");
     let policy = env.path("policies/app.toml");
     let p = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(
-        &policy,
-        p.replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
-    )
-    .expect("policy");
+    let p = p.replace("targets = [\"local\"]", &format!("targets = {targets}"));
+    std::fs::write(&policy, p).expect("policy");
     env
 }
 
@@ -267,23 +269,8 @@ fn tls_with_a_private_ca_needs_ca_file_and_works_with_it() {
     let server = S3Server::start(root.path(), "backups");
     let tls_dir = tempfile::tempdir().expect("tmp");
     let proxy = common::s3::TlsProxy::start(tls_dir.path(), server.port);
-    let env = Env::new("");
-    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
-    cfg.push_str(&target_toml(
-        env.dir.path(),
-        "s3",
-        &proxy.endpoint(),
-        "backups",
-        SECRET_KEY,
-    ));
-    std::fs::write(env.config(), &cfg).expect("cfg");
-    let policy = env.path("policies/app.toml");
-    let p = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(
-        &policy,
-        p.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
-    )
-    .expect("policy");
+    let env = env_at(&proxy.endpoint(), "[\"s3\"]", "", SECRET_KEY, "backups");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
     make_db(&env.db, true, 3000, 1000);
     // Without the CA, the certificate is refused and the message names ca_file.
     let r = env.dr(&["backup-s3", "app"]);
