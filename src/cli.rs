@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::config::{self, Config};
+use crate::config;
 use crate::error::{Error, Result};
 use crate::ops::{self, TargetFilter};
 use crate::repo::BackupType;
@@ -519,9 +519,4 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         r.seconds
     );
     Ok(())
-}
-
-/// Loads the config for callers outside the CLI module (the demo).
-pub fn load(path: &Path) -> Result<Config> {
-    config::load(path)
 }

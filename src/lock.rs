@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
@@ -16,7 +16,6 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct Lock {
     file: File,
-    path: PathBuf,
 }
 
 impl Lock {
@@ -78,12 +77,7 @@ impl Lock {
         let _ = file.rewind();
         let _ = file.write_all(info.as_bytes());
         let _ = file.flush();
-        Ok(Lock { file, path })
-    }
-
-    /// The lock file, for messages.
-    pub fn path(&self) -> &Path {
-        &self.path
+        Ok(Lock { file })
     }
 }
 

@@ -155,7 +155,7 @@ fn retention_applies_to_local_and_s3_targets_alike() {
         assert_eq!(b[0]["type"], "full");
         assert_eq!(b[1]["parent"], b[0]["label"]);
     }
-    let objects: Vec<_> = walk(&root.path().join("backups"));
+    let objects: Vec<_> = common::files_under(&root.path().join("backups"));
     assert_eq!(
         objects
             .iter()
@@ -164,22 +164,6 @@ fn retention_applies_to_local_and_s3_targets_alike() {
         2,
         "{objects:?}"
     );
-}
-
-fn walk(dir: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p.display().to_string());
-            }
-        }
-    }
-    out
 }
 
 #[test]
@@ -238,12 +222,12 @@ fn the_server_dying_mid_upload_fails_cleanly_and_the_next_run_succeeds() {
     env.dr(&["backup-s3", "app"]).ok();
     restore_s3(&env, "r.db").ok();
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
-    let manifests = walk(&root.path().join("backups"))
+    let manifests = common::files_under(&root.path().join("backups"))
         .into_iter()
         .filter(|k| k.ends_with("manifest.json"))
         .count();
     assert_eq!(manifests, 1);
-    let data = walk(&root.path().join("backups/prod"))
+    let data = common::files_under(&root.path().join("backups/prod"))
         .into_iter()
         .filter(|k| k.ends_with("data.zst.age"))
         .count();

@@ -118,8 +118,3 @@ pub fn expire_locked(
     }
     Ok(out)
 }
-
-/// The grace before an interrupted backup may be removed, for messages.
-pub fn grace(policy: &Policy) -> Duration {
-    policy.retention.incomplete_grace
-}

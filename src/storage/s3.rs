@@ -34,7 +34,6 @@ struct Inner {
     bucket: String,
     prefix: String,
     endpoint: String,
-    ca_file: Option<String>,
     client: aws_sdk_s3::Client,
     /// Multipart uploads started and not yet completed or aborted, one file
     /// each, so a later run can abort what a crash or an outage left behind
@@ -68,7 +67,6 @@ impl S3Storage {
                 bucket: cfg.bucket.clone(),
                 prefix: cfg.prefix.clone(),
                 endpoint: cfg.endpoint.clone().unwrap_or_else(|| "AWS S3".to_string()),
-                ca_file: cfg.ca_file.as_ref().map(|p| p.display().to_string()),
                 client,
                 journal: journal.to_path_buf(),
             }),
@@ -167,6 +165,24 @@ impl Inner {
         } else {
             format!("{}/{key}", self.prefix)
         }
+    }
+
+    /// Aborts a multipart upload of `key` (relative to the prefix).
+    async fn abort_upload(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> std::result::Result<
+        aws_sdk_s3::operation::abort_multipart_upload::AbortMultipartUploadOutput,
+        SdkError<aws_sdk_s3::operation::abort_multipart_upload::AbortMultipartUploadError>,
+    > {
+        self.client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(self.full_key(key))
+            .upload_id(upload_id)
+            .send()
+            .await
     }
 
     fn location(&self) -> String {
@@ -322,16 +338,7 @@ impl S3Writer {
         }
         if let Some(id) = self.upload_id.take() {
             let inner = self.inner.clone();
-            let full = inner.full_key(&self.key);
-            let res = self.rt.block_on(
-                inner
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&inner.bucket)
-                    .key(&full)
-                    .upload_id(&id)
-                    .send(),
-            );
+            let res = self.rt.block_on(inner.abort_upload(&self.key, &id));
             if res.is_ok() {
                 journal_remove(&inner.journal, &self.key, &id);
             }
@@ -552,15 +559,7 @@ impl Storage for S3Storage {
             if !key.starts_with(prefix) {
                 continue;
             }
-            let res = self.rt.block_on(
-                inner
-                    .client
-                    .abort_multipart_upload()
-                    .bucket(&inner.bucket)
-                    .key(inner.full_key(key))
-                    .upload_id(id)
-                    .send(),
-            );
+            let res = self.rt.block_on(inner.abort_upload(key, id));
             match res {
                 Ok(_) => {}
                 Err(err)
@@ -722,12 +721,5 @@ impl Storage for S3Storage {
             )
             .map_err(|e| inner.err("delete", key, &e))?;
         Ok(())
-    }
-}
-
-impl S3Storage {
-    /// The ca_file in use, for messages.
-    pub fn ca_file(&self) -> Option<&str> {
-        self.inner.ca_file.as_deref()
     }
 }

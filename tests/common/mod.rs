@@ -117,25 +117,29 @@ impl Env {
 
     /// Keys of every object under the backups directory, relative to it.
     pub fn objects(&self) -> Vec<String> {
-        let root = self.path("backups");
-        let mut out = Vec::new();
-        let mut stack = vec![root.clone()];
-        while let Some(d) = stack.pop() {
-            let Ok(rd) = std::fs::read_dir(&d) else {
-                continue;
-            };
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else if let Ok(rel) = p.strip_prefix(&root) {
-                    out.push(rel.display().to_string());
-                }
+        files_under(&self.path("backups"))
+    }
+}
+
+/// Every file below `root`, as sorted paths relative to it.
+pub fn files_under(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(rel) = p.strip_prefix(root) {
+                out.push(rel.display().to_string());
             }
         }
-        out.sort();
-        out
     }
+    out.sort();
+    out
 }
 
 /// Creates a database with `rows` rows of ~`size` bytes each in table `t`.
