@@ -121,6 +121,8 @@ struct RawWal {
     enabled: Option<bool>,
     sync_interval: Option<Spanned<String>>,
     spool_max: Option<Spanned<String>>,
+    segment_max: Option<Spanned<String>>,
+    checkpoint_pages: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -266,8 +268,14 @@ impl Default for Retention {
 #[derive(Debug, Clone)]
 pub struct Wal {
     pub enabled: bool,
+    /// How often committed frames are sealed into a segment and shipped.
     pub sync_interval: Duration,
+    /// Bound on segments waiting locally for a target that is down.
     pub spool_max: u64,
+    /// A segment is sealed early at a commit once it holds this much.
+    pub segment_max: u64,
+    /// WAL size (frames) at which dr runs its own PASSIVE checkpoint.
+    pub checkpoint_pages: u32,
 }
 
 impl Config {
@@ -861,7 +869,32 @@ fn check_policy(
         enabled: rp.wal.enabled.unwrap_or(false),
         sync_interval: Duration::from_secs(1),
         spool_max: 1 << 30,
+        segment_max: 16 << 20,
+        checkpoint_pages: 1000,
     };
+    if let Some(s) = &rp.wal.segment_max {
+        match parse_size(s.get_ref()) {
+            Some(v) if v > 0 => wal.segment_max = v,
+            _ => {
+                d.at(
+                    s.span(),
+                    format!(
+                        "wal.segment_max '{}' is not a size: write e.g. \"16MiB\"",
+                        s.get_ref()
+                    ),
+                );
+                ok = false;
+            }
+        }
+    }
+    if let Some(n) = &rp.wal.checkpoint_pages {
+        if *n.get_ref() == 0 {
+            d.at(n.span(), "wal.checkpoint_pages must be at least 1 (default 1000)".into());
+            ok = false;
+        } else {
+            wal.checkpoint_pages = *n.get_ref();
+        }
+    }
     if let Some(s) = &rp.wal.sync_interval {
         match humantime::parse_duration(s.get_ref()) {
             Ok(v) if !v.is_zero() => wal.sync_interval = v,

@@ -128,6 +128,17 @@ pub fn backup(
         .max();
     let label = new_label(base.as_ref().map(|(l, _)| l), newest_label.as_ref());
     let kind = label.kind();
+    // A streamed policy pins the WAL so the snapshot knows its place in the
+    // stream: point-in-time restores can start from this backup.
+    let mut wal = None;
+    if policy.wal.enabled && sqlite::snapshot::journal_mode(&conn)?.eq_ignore_ascii_case("wal") {
+        let (pinned, cur) = sqlite::pin::pin(db)?;
+        conn = pinned;
+        wal = super::replicate::position_for(cfg, policy, cur.as_ref());
+        if wal.is_none() {
+            tracing::info!(policy = %policy.name, "no `dr replicate` is counting this WAL on this host: the backup has no WAL position");
+        }
+    }
     let timestamp_start = Utc::now();
     tracing::info!(policy = %policy.name, target = %target.name, %label, "starting {kind} backup of {}", db.display());
 
@@ -241,7 +252,7 @@ pub fn backup(
         page_size: snapshot.page_size,
         page_count: snapshot.page_count,
         pages_stored,
-        wal: None,
+        wal,
         timestamp_start,
         timestamp_stop: Utc::now(),
         dr_version: env!("CARGO_PKG_VERSION").to_string(),

@@ -86,6 +86,7 @@ pub fn expire_locked(
             ));
         }
     }
+    let doomed_labels: Vec<_> = doomed.iter().map(|(l, _)| l.clone()).collect();
     for (label, reason) in doomed {
         let Some(dir) = dirs.iter().find(|d| d.label == label) else {
             continue;
@@ -113,6 +114,53 @@ pub fn expire_locked(
             target: target.name.clone(),
             label: label.to_string(),
             reason,
+            removed: !dry_run,
+        });
+    }
+    out.extend(expire_wal(policy, target, &repo, &doomed_labels, dry_run)?);
+    Ok(out)
+}
+
+/// Removes WAL that no kept backup can use. Skipped (with a warning) when
+/// a kept backup's manifest cannot be read: dr does not guess what it needs.
+fn expire_wal(
+    policy: &Policy,
+    target: &Target,
+    repo: &PolicyRepo<'_>,
+    doomed: &[repo::Label],
+    dry_run: bool,
+) -> Result<Vec<Expired>> {
+    let prefix = repo::wal::wal_prefix(&policy.name);
+    let listing = repo.storage.list(&prefix)?;
+    if listing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut kept = Vec::new();
+    for c in repo.committed()? {
+        if doomed.contains(&c.dir.label) {
+            continue;
+        }
+        match c.manifest {
+            Ok(m) => kept.extend(super::wal_base(&m)),
+            Err(e) => {
+                tracing::warn!(policy = %policy.name, target = %target.name, "not expiring WAL: {e}");
+                return Ok(Vec::new());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for r in repo::wal::expire(&prefix, &listing, &kept) {
+        if !dry_run {
+            for k in &r.keys {
+                repo.storage.delete(k)?;
+            }
+            tracing::info!(policy = %policy.name, target = %target.name, generation = %r.generation, "expired {} WAL objects: {}", r.keys.len(), r.reason);
+        }
+        out.push(Expired {
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            label: format!("wal/{} ({} objects)", r.generation, r.keys.len()),
+            reason: r.reason,
             removed: !dry_run,
         });
     }

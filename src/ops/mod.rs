@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod expire;
 pub mod info;
+pub mod replicate;
 pub mod restore;
 pub mod verify;
 
@@ -141,6 +142,16 @@ impl PolicyRepo<'_> {
             }
         }
     }
+}
+
+/// A committed backup as a starting point for WAL replay, if it has a WAL position.
+pub fn wal_base(m: &Manifest) -> Option<repo::wal::Base> {
+    m.wal.as_ref().map(|w| repo::wal::Base {
+        label: m.label.to_string(),
+        generation: w.generation.clone(),
+        seq: w.frame,
+        taken: m.timestamp_start,
+    })
 }
 
 /// Formats bytes for people (IEC units).

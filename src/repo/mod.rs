@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod label;
 pub mod manifest;
 pub mod retention;
+pub mod wal;
 
 pub use catalog::{BackupDir, group_backups};
 pub use label::{BackupType, Label};

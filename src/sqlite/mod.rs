@@ -2,7 +2,10 @@
 //! diffs, and putting pages back into a file.
 
 pub mod pages;
+pub mod pin;
+pub mod segment;
 pub mod snapshot;
+pub mod wal;
 
 pub use pages::{IndexReader, IndexWriter, PageReader, PageWriter};
 pub use snapshot::{Snapshot, open_source};

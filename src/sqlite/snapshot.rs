@@ -88,14 +88,29 @@ pub fn open_source(path: &Path) -> Result<Connection> {
 
 /// Reads every page of the database inside one read transaction, calling
 /// `each(snapshot, pgno, page)` in page order; `snapshot` (page size and
-/// count) is fixed from the first call on.
+/// count) is fixed from the first call on. A connection already inside a
+/// read transaction (a WAL pin) is read as it stands and left in it.
 pub fn read_pages(
     conn: &mut Connection,
+    path: &Path,
+    each: impl FnMut(&Snapshot, u32, &[u8]) -> Result<()>,
+) -> Result<Snapshot> {
+    let sqlerr = |e: rusqlite::Error| source_err(path, format!("reading the snapshot failed: {e}"));
+    if !conn.is_autocommit() {
+        return read_in(conn, path, each);
+    }
+    let tx = conn.transaction().map_err(sqlerr)?;
+    let snapshot = read_in(&tx, path, each)?;
+    tx.commit().map_err(sqlerr)?;
+    Ok(snapshot)
+}
+
+fn read_in(
+    tx: &Connection,
     path: &Path,
     mut each: impl FnMut(&Snapshot, u32, &[u8]) -> Result<()>,
 ) -> Result<Snapshot> {
     let sqlerr = |e: rusqlite::Error| source_err(path, format!("reading the snapshot failed: {e}"));
-    let tx = conn.transaction().map_err(sqlerr)?;
     // The first read starts the snapshot; everything after sees the same commit.
     let page_size: u32 = tx
         .query_row("PRAGMA page_size", [], |r| r.get(0))
@@ -142,7 +157,6 @@ pub fn read_pages(
             ));
         }
     }
-    tx.commit().map_err(sqlerr)?;
     Ok(snapshot)
 }
 

@@ -1,0 +1,390 @@
+//! WAL generations and segments in the repository, and the pure planning
+//! behind point-in-time restore, `dr info` windows and WAL retention.
+//!
+//! A generation is one unbroken stream of a database's commits. Frames are
+//! numbered by a sequence that only grows within a generation, so a gap
+//! between two segments is visible in their names. Each segment's key also
+//! carries the commit times it spans, so the covered window is known from a
+//! listing alone, without keys to decrypt anything.
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+
+use crate::storage::ObjectMeta;
+
+/// Key prefix of a policy's WAL.
+pub fn wal_prefix(policy: &str) -> String {
+    format!("{policy}/wal/")
+}
+
+const TIME_FMT: &str = "%Y%m%dT%H%M%S%.3fZ";
+const SUFFIX: &str = ".zst.age";
+
+/// One stored segment, parsed from its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Segment {
+    pub generation: String,
+    /// Sequence of its first and last frame in the generation.
+    pub first: u64,
+    pub last: u64,
+    /// Commit times (as dr saw them) of its first and last transaction.
+    pub first_commit: DateTime<Utc>,
+    pub last_commit: DateTime<Utc>,
+    pub key: String,
+    pub size: u64,
+}
+
+/// The object name of a segment inside its generation directory.
+pub fn segment_name(first: u64, last: u64, t0: DateTime<Utc>, t1: DateTime<Utc>) -> String {
+    format!(
+        "{first:016}-{last:016}_{}_{}{SUFFIX}",
+        t0.format(TIME_FMT),
+        t1.format(TIME_FMT)
+    )
+}
+
+/// Full key of a segment.
+pub fn segment_key(policy: &str, generation: &str, name: &str) -> String {
+    format!("{policy}/wal/{generation}/{name}")
+}
+
+fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    NaiveDateTime::parse_from_str(s, TIME_FMT)
+        .ok()
+        .map(|n| n.and_utc())
+}
+
+/// Parses a segment name (no directory); `None` for anything else.
+pub fn parse_name(name: &str) -> Option<(u64, u64, DateTime<Utc>, DateTime<Utc>)> {
+    let stem = name.strip_suffix(SUFFIX)?;
+    let mut parts = stem.split('_');
+    let range = parts.next()?;
+    let t0 = parse_time(parts.next()?)?;
+    let t1 = parse_time(parts.next()?)?;
+    if parts.next().is_some() {
+        return None;
+    }
+    let (a, b) = range.split_once('-')?;
+    if a.len() != 16 || b.len() != 16 {
+        return None;
+    }
+    let (first, last) = (a.parse().ok()?, b.parse().ok()?);
+    (first <= last && t0 <= t1).then_some((first, last, t0, t1))
+}
+
+/// Segments of a listing of [`wal_prefix`], by generation then sequence.
+/// Keys that are not segments (temporaries of a cut-off upload) are skipped.
+pub fn segments(prefix: &str, listing: &[ObjectMeta]) -> Vec<Segment> {
+    let mut out: Vec<Segment> = listing
+        .iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix(prefix)?;
+            let (generation, name) = rest.split_once('/')?;
+            let (first, last, first_commit, last_commit) = parse_name(name)?;
+            Some(Segment {
+                generation: generation.to_string(),
+                first,
+                last,
+                first_commit,
+                last_commit,
+                key: o.key.clone(),
+                size: o.size,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.generation, a.first, a.last).cmp(&(&b.generation, b.first, b.last)));
+    out
+}
+
+/// Generation directories present in a listing (with or without segments).
+pub fn generations(prefix: &str, listing: &[ObjectMeta]) -> Vec<String> {
+    let mut g: Vec<String> = listing
+        .iter()
+        .filter_map(|o| o.key.strip_prefix(prefix)?.split_once('/'))
+        .map(|(g, _)| g.to_string())
+        .collect();
+    g.sort();
+    g.dedup();
+    g
+}
+
+/// A new generation id: sortable by time, unique across hosts.
+pub fn new_generation(now: DateTime<Utc>) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(u128::from(now.timestamp_subsec_nanos()));
+    h.write_u32(std::process::id());
+    format!("{}-{:08x}", now.format("%Y%m%d-%H%M%S"), h.finish() as u32)
+}
+
+/// A backup that can start a replay: it knows its place in a generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Base {
+    pub label: String,
+    pub generation: String,
+    /// Every frame up to this sequence is in the backup.
+    pub seq: u64,
+    /// When its snapshot was taken.
+    pub taken: DateTime<Utc>,
+}
+
+/// An interval of instants a restore can reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Window {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+}
+
+/// What a point-in-time restore does: restore `base`, then replay
+/// `segments` in order, skipping frames up to `base.seq`, stopping after the
+/// last commit at or before `until`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replay {
+    pub base: Base,
+    pub segments: Vec<Segment>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+/// How far the stream reaches from a base without a gap: the segments to
+/// replay, and the instant the base's state is valid from.
+fn reach<'s>(base: &Base, segs: &'s [Segment]) -> (Vec<&'s Segment>, Window) {
+    let mut cur = base.seq;
+    let mut start = base.taken;
+    let mut end = base.taken;
+    let mut used = Vec::new();
+    for s in segs.iter().filter(|s| s.generation == base.generation) {
+        if s.last <= cur {
+            continue;
+        }
+        if s.first > cur + 1 {
+            break; // a gap: nothing after it is reachable from this base
+        }
+        if s.first <= base.seq {
+            // The base was taken in the middle of this segment: its state
+            // holds commits stamped up to this segment's last at the latest.
+            start = start.max(s.last_commit);
+        }
+        cur = s.last;
+        end = end.max(s.last_commit);
+        used.push(s);
+    }
+    (used, Window { start, end: end.max(start) })
+}
+
+/// The restore windows of a target, merged, oldest first.
+pub fn windows(bases: &[Base], segs: &[Segment]) -> Vec<Window> {
+    let mut w: Vec<Window> = bases.iter().map(|b| reach(b, segs).1).collect();
+    w.sort_by_key(|w| w.start);
+    let mut out: Vec<Window> = Vec::new();
+    for x in w {
+        match out.last_mut() {
+            Some(l) if x.start <= l.end => l.end = l.end.max(x.end),
+            _ => out.push(x),
+        }
+    }
+    out
+}
+
+/// Plans a restore at `at` (or of the newest state), or says which windows
+/// are covered.
+pub fn plan(bases: &[Base], segs: &[Segment], at: Option<DateTime<Utc>>) -> Result<Replay, String> {
+    let mut best: Option<(Window, &Base, Vec<&Segment>)> = None;
+    for b in bases {
+        let (used, w) = reach(b, segs);
+        let fits = match at {
+            Some(t) => w.start <= t && t <= w.end,
+            None => true,
+        };
+        // At an instant every fitting base gives the same state: take the
+        // newest (least to replay). Without one, the furthest reach wins.
+        let better = best.as_ref().is_none_or(|(bw, bb, _)| match at {
+            Some(_) => b.taken > bb.taken,
+            None => (w.end, b.taken) > (bw.end, bb.taken),
+        });
+        if fits && better {
+            best = Some((w, b, used));
+        }
+    }
+    match best {
+        Some((_, b, used)) => Ok(Replay {
+            base: b.clone(),
+            segments: used.into_iter().cloned().collect(),
+            until: at,
+        }),
+        None => Err(describe(&windows(bases, segs))),
+    }
+}
+
+/// Names the covered windows for an error message.
+pub fn describe(w: &[Window]) -> String {
+    if w.is_empty() {
+        return "no backup on this target has a WAL position, so no instant can be restored (run `dr replicate`)".into();
+    }
+    let list: Vec<String> = w
+        .iter()
+        .map(|w| format!("{} to {}", w.start.to_rfc3339(), w.end.to_rfc3339()))
+        .collect();
+    format!("the repository covers {}", list.join(", "))
+}
+
+/// WAL that retention removes from one generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalRemoval {
+    pub generation: String,
+    pub keys: Vec<String>,
+    pub reason: String,
+}
+
+/// WAL retention: segments wholly inside the oldest kept backup of their
+/// generation go; a generation with no kept backup goes whole, except the
+/// newest (its first backup may still be on its way).
+pub fn expire(prefix: &str, listing: &[ObjectMeta], kept: &[Base]) -> Vec<WalRemoval> {
+    let segs = segments(prefix, listing);
+    let gens = generations(prefix, listing);
+    let newest = gens.last().cloned();
+    let mut out = Vec::new();
+    for g in &gens {
+        let oldest = kept
+            .iter()
+            .filter(|b| &b.generation == g)
+            .min_by_key(|b| b.seq);
+        match oldest {
+            Some(b) => {
+                let keys: Vec<String> = segs
+                    .iter()
+                    .filter(|s| &s.generation == g && s.last <= b.seq)
+                    .map(|s| s.key.clone())
+                    .collect();
+                if !keys.is_empty() {
+                    out.push(WalRemoval {
+                        generation: g.clone(),
+                        keys,
+                        reason: format!("WAL older than backup {}, the oldest kept in its generation", b.label),
+                    });
+                }
+            }
+            None if Some(g) != newest.as_ref() => {
+                let dir = format!("{prefix}{g}/");
+                out.push(WalRemoval {
+                    generation: g.clone(),
+                    keys: listing
+                        .iter()
+                        .filter(|o| o.key.starts_with(&dir))
+                        .map(|o| o.key.clone())
+                        .collect(),
+                    reason: "generation with no kept backup to replay it onto".into(),
+                });
+            }
+            None => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn t(s: i64) -> DateTime<Utc> {
+        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+    }
+
+    fn seg(g: &str, first: u64, last: u64, t0: i64, t1: i64) -> Segment {
+        let name = segment_name(first, last, t(t0), t(t1));
+        Segment {
+            generation: g.into(),
+            first,
+            last,
+            first_commit: t(t0),
+            last_commit: t(t1),
+            key: segment_key("p", g, &name),
+            size: 1,
+        }
+    }
+
+    fn base(label: &str, g: &str, seq: u64, taken: i64) -> Base {
+        Base {
+            label: label.into(),
+            generation: g.into(),
+            seq,
+            taken: t(taken),
+        }
+    }
+
+    #[test]
+    fn names_round_trip_and_sort() {
+        let name = segment_name(1, 453, t(0), t(1));
+        assert_eq!(parse_name(&name), Some((1, 453, t(0), t(1))));
+        assert!(segment_name(9, 9, t(0), t(0)) < segment_name(10, 10, t(0), t(0)));
+        assert_eq!(parse_name("0000000000000001-0000000000000002.zst.age"), None);
+        let listing: Vec<ObjectMeta> = ["p/wal/g1/x.tmp", &seg("g1", 1, 2, 0, 0).key]
+            .iter()
+            .map(|k| ObjectMeta {
+                key: k.to_string(),
+                size: 1,
+                modified: t(0),
+            })
+            .collect();
+        assert_eq!(segments("p/wal/", &listing).len(), 1);
+        assert_eq!(generations("p/wal/", &listing), vec!["g1".to_string()]);
+    }
+
+    #[test]
+    fn plans_the_newest_base_before_the_instant() {
+        let segs = vec![
+            seg("g1", 11, 20, 10, 20),
+            seg("g1", 21, 30, 25, 30),
+            seg("g1", 31, 40, 35, 40),
+        ];
+        let bases = vec![base("F", "g1", 10, 5), base("D", "g1", 30, 32)];
+        let p = plan(&bases, &segs, Some(t(22))).unwrap();
+        assert_eq!(p.base.label, "F");
+        let p = plan(&bases, &segs, Some(t(36))).unwrap();
+        assert_eq!(p.base.label, "D");
+        assert_eq!(p.segments.len(), 1);
+        let p = plan(&bases, &segs, None).unwrap();
+        assert_eq!(p.base.label, "D");
+        let e = plan(&bases, &segs, Some(t(41))).unwrap_err();
+        assert!(e.contains("covers"), "{e}");
+        assert_eq!(windows(&bases, &segs), vec![Window { start: t(5), end: t(40) }]);
+    }
+
+    #[test]
+    fn expire_keeps_what_a_kept_backup_needs() {
+        let segs = [
+            seg("g1", 1, 10, 1, 10),
+            seg("g1", 11, 20, 11, 20),
+            seg("g2", 1, 5, 30, 31),
+            seg("g3", 1, 5, 40, 41),
+        ];
+        let listing: Vec<ObjectMeta> = segs
+            .iter()
+            .map(|s| ObjectMeta {
+                key: s.key.clone(),
+                size: 1,
+                modified: t(0),
+            })
+            .collect();
+        let kept = [base("F", "g1", 10, 0)];
+        let r = expire("p/wal/", &listing, &kept);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].keys, vec![segs[0].key.clone()]);
+        assert_eq!(r[1].generation, "g2");
+        // g3 is the newest: its first backup may still be running.
+    }
+
+    #[test]
+    fn a_gap_ends_the_window() {
+        let segs = vec![seg("g1", 1, 10, 1, 10), seg("g1", 12, 20, 12, 20)];
+        let bases = vec![base("F", "g1", 0, 0)];
+        assert_eq!(windows(&bases, &segs), vec![Window { start: t(0), end: t(10) }]);
+        assert!(plan(&bases, &segs, Some(t(15))).is_err());
+    }
+
+    #[test]
+    fn a_base_inside_a_segment_starts_after_its_commits() {
+        let segs = vec![seg("g1", 1, 10, 1, 10)];
+        let bases = vec![base("D", "g1", 5, 4)];
+        assert_eq!(windows(&bases, &segs)[0].start, t(10));
+    }
+}
