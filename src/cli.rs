@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::{DateTime, NaiveDateTime, Utc};
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -20,6 +21,8 @@ Quick start:
   dr config validate               check dr.toml and the policies
   dr backup-local app              full or diff backup of policy 'app' to its local targets
   dr restore-local app --to /tmp/app.db --identity backup.key
+  dr replicate app                 stream the WAL of 'app' to every target (Ctrl-C stops)
+  dr restore-s3 app --to /tmp/app.db --at '2026-11-22 07:21:04'
   dr info --json                   every backup of every policy, for machines
 
 Exit codes: 0 success, 1 failure, 2 configuration or secret error,
@@ -88,9 +91,16 @@ pub struct RestoreArgs {
     /// Database file to create. An existing file is replaced only with --force.
     #[arg(long)]
     pub to: PathBuf,
-    /// Backup label to restore (see `dr info`); the newest when omitted.
-    #[arg(long)]
+    /// Backup label to restore (see `dr info`), without WAL replay.
+    #[arg(long, conflicts_with = "at")]
     pub backup: Option<String>,
+    /// Point in time to restore (WAL-streamed policies): RFC 3339
+    /// ("2026-11-22T07:21:04Z", "...+01:00") or "YYYY-MM-DD HH:MM:SS[.mmm]"
+    /// in UTC. dr restores the newest backup at or before it, then replays
+    /// the WAL up to the last commit at or before it. Without --at and
+    /// --backup: the newest state the target holds.
+    #[arg(long, value_parser = parse_instant)]
+    pub at: Option<DateTime<Utc>>,
     /// age identity file that can decrypt the backups (or [encryption] identity_file).
     #[arg(long, env = "DR_IDENTITY")]
     pub identity: Option<PathBuf>,
@@ -127,6 +137,17 @@ pub enum Command {
     BackupLocal(BackupArgs),
     /// Back up policies to their S3 targets.
     BackupS3(BackupArgs),
+    /// Stream the WAL of SQLite policies with [wal] enabled = true to every
+    /// target of each, in the foreground, until Ctrl-C or SIGTERM; then ship
+    /// what is committed and exit. Starts with a full backup of a new WAL
+    /// generation unless it can continue the last one.
+    Replicate {
+        /// Policies to stream; every policy with [wal] enabled when omitted.
+        policies: Vec<String>,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Restore a policy from a local target.
     RestoreLocal(RestoreArgs),
     /// Restore a policy from an S3 target.
@@ -251,6 +272,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::BackupLocal(a) => backup(&cli.config, a, "local"),
         Command::BackupS3(a) => backup(&cli.config, a, "s3"),
+        Command::Replicate { policies, json } => replicate(&cli.config, policies, *json),
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
         Command::Info {
@@ -501,6 +523,7 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         backup: a.backup.clone(),
         identity: a.identity.clone(),
         force: a.force,
+        at: a.at,
     };
     let pb = progress(a.json, &format!("restore {} <- {}", p.name, t.name));
     let r = ops::restore::restore(&cfg, p, t, &opts, &pb);
@@ -509,8 +532,18 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
     if a.json {
         return print_json(&r);
     }
+    let wal = match &r.wal {
+        Some(w) => format!(
+            " + WAL of generation {} ({} transactions from {} segments, last commit {})",
+            w.generation,
+            w.transactions,
+            w.segments,
+            w.last_commit.map_or("none".into(), |t| t.to_rfc3339())
+        ),
+        None => String::new(),
+    };
     println!(
-        "restored {} backup {} from {} into {} ({}, integrity_check ok) in {:.1}s",
+        "restored {} backup {}{wal} from {} into {} ({}, integrity_check ok) in {:.1}s",
         r.policy,
         r.chain.join(" + "),
         r.target,
@@ -519,4 +552,88 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         r.seconds
     );
     Ok(())
+}
+
+/// Parses `--at`: RFC 3339, or `YYYY-MM-DD HH:MM:SS[.fff]` taken as UTC.
+pub fn parse_instant(s: &str) -> std::result::Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s.trim()) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for fmt in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(s.trim(), fmt) {
+            return Ok(t.and_utc());
+        }
+    }
+    Err(format!(
+        "'{s}' is not a time: write RFC 3339 (2026-11-22T07:21:04Z) or 'YYYY-MM-DD HH:MM:SS' in UTC"
+    ))
+}
+
+fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
+    let cfg = config::load(config)?;
+    let policies: Vec<&config::Policy> = if names.is_empty() {
+        cfg.policies.iter().filter(|p| p.wal.enabled).collect()
+    } else {
+        let mut v = Vec::new();
+        for n in names {
+            let p = cfg.policy(n)?;
+            if !p.wal.enabled {
+                return Err(Error::Refused(format!(
+                    "policy '{n}' does not stream its WAL: set [wal] enabled = true in its policy file"
+                )));
+            }
+            v.push(p);
+        }
+        v
+    };
+    if policies.is_empty() {
+        return Err(Error::NotFound(format!(
+            "no policy in {} has [wal] enabled = true: nothing to stream",
+            config.display()
+        )));
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
+    }
+    tracing::info!(
+        "streaming {}; Ctrl-C or SIGTERM ships what is committed and stops",
+        policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    let results = ops::replicate::replicate(&cfg, &policies, &stop);
+    let mut first_err = None;
+    let mut reports = Vec::new();
+    for (name, r) in results {
+        match r {
+            Ok(r) => {
+                if r.unshipped > 0 {
+                    tracing::error!(policy = %name, "{} WAL segment(s) could not be shipped and stay in the spool; they ship when dr replicate runs again", r.unshipped);
+                    first_err.get_or_insert(Error::Other(format!(
+                        "policy '{name}': {} WAL segment(s) left unshipped in the spool",
+                        r.unshipped
+                    )));
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                tracing::error!(policy = %name, "{e}");
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    if json {
+        print_json(&reports)?;
+    } else {
+        for r in &reports {
+            println!(
+                "{}: generation {}, {} segments, {} frames shipped this run",
+                r.policy, r.generation, r.segments, r.frames
+            );
+        }
+    }
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }

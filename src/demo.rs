@@ -183,7 +183,8 @@ pub fn run(dir: &Path) -> Result<()> {
             backup: None,
             identity: Some(dir.join("keys/demo.key")),
             force: false,
-        },
+            at: None,
+            },
         &hidden,
     )?;
     let rows: i64 = rusqlite::Connection::open(&restored)

@@ -316,7 +316,6 @@ fn stream(cfg: &Config, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<Strea
             s.spawn(move || take_bases(cfg, policy, &base_rx, &draining))
         };
         let result = run(
-            cfg,
             policy,
             db,
             sealing,
@@ -341,7 +340,6 @@ fn stream(cfg: &Config, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<Strea
 
 #[allow(clippy::too_many_arguments)]
 fn run(
-    cfg: &Config,
     policy: &Policy,
     db: &Path,
     sealing: Sealing,

@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use chrono::{DateTime, TimeZone, Utc};
 use indicatif::ProgressBar;
 use serde::Serialize;
 
@@ -18,8 +19,8 @@ use crate::codec::{Decoder, read_error};
 use crate::config::{Config, Policy, Target};
 use crate::error::{Error, Result, io_reason};
 use crate::keys::{self, Unsealing};
-use crate::repo::{self, Label, Manifest};
-use crate::sqlite::{self, PageReader};
+use crate::repo::{self, Label, Manifest, wal::Replay};
+use crate::sqlite::{self, PageReader, segment::SegmentReader};
 use crate::storage;
 
 /// Options of a restore.
@@ -31,6 +32,8 @@ pub struct RestoreOptions {
     pub identity: Option<PathBuf>,
     /// Replace an existing destination.
     pub force: bool,
+    /// Restore the state as of this instant (WAL replay); the newest state when absent.
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// What a restore did.
@@ -40,9 +43,21 @@ pub struct RestoreReport {
     pub target: String,
     pub label: String,
     pub chain: Vec<String>,
+    /// WAL replayed on top of the backup, when any.
+    pub wal: Option<Replayed>,
     pub to: PathBuf,
     pub bytes: u64,
     pub seconds: f64,
+}
+
+/// The WAL part of a point-in-time restore.
+#[derive(Debug, Clone, Serialize)]
+pub struct Replayed {
+    pub generation: String,
+    pub segments: usize,
+    pub transactions: u64,
+    /// Commit time of the last transaction applied (as dr saw it commit).
+    pub last_commit: Option<DateTime<Utc>>,
 }
 
 /// Resolves the identities for decrypting a policy's backups, or says what to pass.
@@ -129,7 +144,7 @@ pub fn restore(
         storage: store.as_ref(),
         policy: &policy.name,
     };
-    let label = pick(&repo, opts.backup.as_deref())?;
+    let (label, replay) = choose(&repo, opts)?;
     let chain = repo.chain(&label)?;
     let dir = match to.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -160,6 +175,18 @@ pub fn restore(
         tmp.path(),
         progress,
     )?;
+    let wal = match &replay {
+        Some(plan) => Some(replay_wal(
+            &repo,
+            plan,
+            &chain,
+            unsealing.as_ref(),
+            tmp.as_file(),
+            tmp.path(),
+        )?),
+        None => None,
+    };
+    let bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(bytes);
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
         "pages written, hashes verified"
@@ -188,10 +215,155 @@ pub fn restore(
         target: target.name.clone(),
         label: label.to_string(),
         chain: chain.iter().map(|m| m.label.to_string()).collect(),
+        wal,
         to: to.clone(),
         bytes,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Picks the backup, and the WAL to replay on it: a named backup alone; an
+/// instant through the WAL; otherwise the newest state, whether that is a
+/// backup or the end of the WAL.
+fn choose(repo: &PolicyRepo<'_>, opts: &RestoreOptions) -> Result<(Label, Option<Replay>)> {
+    if opts.backup.is_some() {
+        if opts.at.is_some() {
+            return Err(Error::Refused(
+                "--backup and --at exclude each other: --at picks the backup itself".into(),
+            ));
+        }
+        return Ok((pick(repo, opts.backup.as_deref())?, None));
+    }
+    let prefix = repo::wal::wal_prefix(repo.policy);
+    let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
+    if segs.is_empty() && opts.at.is_none() {
+        return Ok((pick(repo, None)?, None));
+    }
+    let committed = repo.committed()?;
+    let bases: Vec<_> = committed
+        .iter()
+        .filter_map(|c| c.manifest.as_ref().ok())
+        .filter_map(super::wal_base)
+        .collect();
+    let target = repo.storage.target();
+    let plan = match repo::wal::plan(&bases, &segs, opts.at) {
+        Ok(p) => p,
+        Err(covered) => {
+            return match opts.at {
+                Some(at) => Err(Error::NotFound(format!(
+                    "cannot restore policy '{}' to {} from target '{target}': {covered}",
+                    repo.policy,
+                    at.to_rfc3339()
+                ))),
+                None => Ok((pick(repo, None)?, None)),
+            };
+        }
+    };
+    if opts.at.is_none() {
+        // A backup newer than everything the WAL reaches is the newest state.
+        let reach = plan.segments.last().map_or(plan.base.taken, |s| s.last_commit);
+        if let Some(newest) = committed
+            .iter()
+            .filter_map(|c| c.manifest.as_ref().ok())
+            .max_by_key(|m| m.timestamp_start)
+            && newest.timestamp_start > reach
+        {
+            return Ok((newest.label.clone(), None));
+        }
+    }
+    let label: Label = plan.base.label.parse().map_err(Error::NotFound)?;
+    Ok((label, Some(plan)))
+}
+
+/// Applies the planned WAL segments on top of the restored backup, up to
+/// the last commit at or before the plan's instant.
+fn replay_wal(
+    repo: &PolicyRepo<'_>,
+    plan: &Replay,
+    chain: &[Manifest],
+    unsealing: Option<&Unsealing>,
+    file: &File,
+    path: &Path,
+) -> Result<Replayed> {
+    let Some(last) = chain.last() else {
+        return Err(Error::Other("internal: empty restore chain".into()));
+    };
+    let write_err = |e: std::io::Error| Error::Io {
+        context: format!(
+            "writing the restored database {}: {}",
+            path.display(),
+            io_reason(&e)
+        ),
+        source: e,
+    };
+    let ps = u64::from(last.page_size);
+    let until_ms = plan.until.map(|t| t.timestamp_millis());
+    let mut db_pages = last.page_count;
+    let mut done = Replayed {
+        generation: plan.base.generation.clone(),
+        segments: 0,
+        transactions: 0,
+        last_commit: None,
+    };
+    let mut seq = plan.base.seq;
+    let mut stopped = false;
+    for seg in &plan.segments {
+        if stopped {
+            break;
+        }
+        let object = format!("target '{}': {}", repo.storage.target(), seg.key);
+        let bad = |reason: String| Error::Integrity {
+            object: object.clone(),
+            reason,
+        };
+        let raw = repo.storage.open(&seg.key)?;
+        let dec = Decoder::self_checked(raw, &object, unsealing, last.encrypted())?;
+        let mut r = SegmentReader::new(std::io::BufReader::with_capacity(1 << 20, dec))
+            .map_err(|e| read_error(&object, e))?;
+        if r.first_seq != seg.first {
+            return Err(bad(format!("starts at frame {} but its name says {}", r.first_seq, seg.first)));
+        }
+        if u64::from(r.page_size) != ps {
+            return Err(bad(format!("page size {} differs from the backup's {ps}", r.page_size)));
+        }
+        done.segments += 1;
+        let mut at = seg.first - 1;
+        while let Some(t) = r.next_txn().map_err(|e| read_error(&object, e))? {
+            let first = at + 1;
+            at += u64::from(t.nframes);
+            let apply = !stopped && at > seq;
+            if apply && first <= seq {
+                return Err(bad(format!(
+                    "a transaction spans frame {seq}, where backup {} ends",
+                    plan.base.label
+                )));
+            }
+            if apply && until_ms.is_some_and(|u| t.commit_ms > u) {
+                stopped = true; // read on to the end: the segment's hash still gets checked
+            }
+            for _ in 0..t.nframes {
+                let (pgno, page) = r.next_frame().map_err(|e| read_error(&object, e))?;
+                if apply && !stopped {
+                    file.write_all_at(page, (u64::from(pgno) - 1) * ps)
+                        .map_err(write_err)?;
+                }
+            }
+            if apply && !stopped {
+                db_pages = u64::from(t.db_pages);
+                if file.metadata().map_err(write_err)?.len() > db_pages * ps {
+                    file.set_len(db_pages * ps).map_err(write_err)?;
+                }
+                seq = at;
+                done.transactions += 1;
+                done.last_commit = Utc.timestamp_millis_opt(t.commit_ms).single();
+            }
+        }
+        if at != seg.last {
+            return Err(bad(format!("ends at frame {at} but its name says {}", seg.last)));
+        }
+    }
+    file.set_len(db_pages * ps).map_err(write_err)?;
+    Ok(done)
 }
 
 /// Writes the pages of `chain` (a full, then optionally a diff) into `file`.

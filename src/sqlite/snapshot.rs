@@ -6,7 +6,6 @@
 //! in WAL or rollback-journal mode. It is never a copy of the file, which
 //! would tear under a concurrent writer and miss the WAL.
 
-use std::io::Read;
 use std::path::Path;
 use std::time::Duration;
 
@@ -52,30 +51,15 @@ pub fn open_source(path: &Path) -> Result<Connection> {
             "is not a regular file: [source] path must name the database file",
         ));
     }
-    let mut header = [0u8; 16];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut header))
-        .map_err(|e| {
-            source_err(
-                path,
-                format!(
-                    "cannot read the database file: {}",
-                    crate::error::io_reason(&e)
-                ),
-            )
-        })?;
-    if n == 0 {
+    if meta.len() == 0 {
         return Err(source_err(
             path,
             "the database file is empty: there is nothing to back up yet",
         ));
     }
-    if n < 16 || &header != b"SQLite format 3\0" {
-        return Err(source_err(
-            path,
-            "is not a SQLite database (its header does not start with \"SQLite format 3\")",
-        ));
-    }
+    // The header is checked through SQLite, never by opening the file
+    // ourselves: closing any descriptor of a file drops every POSIX lock
+    // this process holds on it, including a streamer's read lock.
     let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -83,6 +67,14 @@ pub fn open_source(path: &Path) -> Result<Connection> {
     .map_err(|e| source_err(path, format!("cannot open: {e}")))?;
     conn.busy_timeout(Duration::from_secs(30))
         .map_err(|e| source_err(path, format!("cannot set busy timeout: {e}")))?;
+    conn.query_row("PRAGMA schema_version", [], |_| Ok(()))
+        .map_err(|e| match e.sqlite_error_code() {
+            Some(rusqlite::ErrorCode::NotADatabase) => source_err(
+                path,
+                "is not a SQLite database (its header does not start with \"SQLite format 3\")",
+            ),
+            _ => source_err(path, format!("cannot read the database: {e}")),
+        })?;
     Ok(conn)
 }
 
