@@ -13,7 +13,7 @@ use serde::{Serialize, Serializer};
 use super::{PolicyRepo, TargetFilter, human_bytes};
 use crate::config::{Config, Policy, Source, TargetKind};
 use crate::error::Result;
-use crate::repo::BackupType;
+use crate::repo::{self, BackupType};
 use crate::storage;
 
 /// The whole `dr info` document.
@@ -49,8 +49,51 @@ pub struct TargetInfo {
     pub backups: Vec<BackupInfo>,
     /// Labels of interrupted backups (no manifest) waiting for expire.
     pub incomplete: Vec<String>,
+    /// WAL streaming on this target (SQLite policies with segments or `[wal]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub wal: Option<WalInfo>,
     /// Why the target could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The WAL of a policy on one target.
+#[derive(Debug, Serialize)]
+pub struct WalInfo {
+    pub generations: Vec<GenerationInfo>,
+    /// Instants a `--at` restore can reach, merged, oldest first.
+    pub windows: Vec<repo::wal::Window>,
+    /// The streamer on this host, as it last reported (none if it never ran here).
+    pub stream: Option<StreamInfo>,
+}
+
+/// One generation: an unbroken run of commits.
+#[derive(Debug, Serialize)]
+pub struct GenerationInfo {
+    pub id: String,
+    pub segments: usize,
+    pub stored_size: u64,
+    pub first_frame: Option<u64>,
+    pub last_frame: Option<u64>,
+    pub first_commit: Option<DateTime<Utc>>,
+    pub last_commit: Option<DateTime<Utc>>,
+    /// Backups that a replay of this generation can start from.
+    pub bases: Vec<String>,
+}
+
+/// The local streamer's view of this target.
+#[derive(Debug, Serialize)]
+pub struct StreamInfo {
+    pub generation: String,
+    pub host: String,
+    pub pid: u32,
+    pub updated: Option<DateTime<Utc>>,
+    /// Seconds since the oldest commit not yet on this target (0: caught up).
+    pub lag_seconds: Option<f64>,
+    pub shipped_commit: Option<DateTime<Utc>>,
+    pub spool_bytes: u64,
+    pub spool_max: u64,
+    pub spool_full: bool,
     pub error: Option<String>,
 }
 
@@ -111,10 +154,11 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
                 },
                 backups: Vec::new(),
                 incomplete: Vec::new(),
+                wal: None,
                 error: None,
             };
             if matches!(p.source, Source::Sqlite { .. }) {
-                match collect(cfg, t, &p.name, &mut ti) {
+                match collect(cfg, t, p, &mut ti) {
                     Ok(()) => {}
                     Err(e) => ti.error = Some(e.to_string()),
                 }
@@ -133,14 +177,15 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
 fn collect(
     cfg: &Config,
     t: &crate::config::Target,
-    policy: &str,
+    p: &Policy,
     ti: &mut TargetInfo,
 ) -> Result<()> {
     let store = storage::open(t, &cfg.state_dir)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
-        policy,
+        policy: &p.name,
     };
+    let mut bases = Vec::new();
     for d in repo.dirs()? {
         if !d.has_manifest {
             ti.incomplete.push(d.label.to_string());
@@ -148,7 +193,9 @@ fn collect(
         }
         let label = d.label.to_string();
         match repo.manifest(&d.label) {
-            Ok(m) => ti.backups.push(BackupInfo {
+            Ok(m) => ti.backups.push({
+                bases.extend(super::wal_base(&m));
+                BackupInfo {
                 label,
                 kind: m.kind,
                 parent: m.parent.as_ref().map(|p| p.to_string()),
@@ -157,7 +204,7 @@ fn collect(
                 size: m.plain_size(),
                 stored_size: m.stored_size(),
                 error: None,
-            }),
+            }}),
             Err(e) => ti.backups.push(BackupInfo {
                 label,
                 kind: d.label.kind(),
@@ -171,6 +218,55 @@ fn collect(
             }),
         }
     }
+    let prefix = repo::wal::wal_prefix(&p.name);
+    let listing = store.list(&prefix)?;
+    let state = super::replicate::StreamState::load(&super::replicate::StreamState::path(
+        cfg, &p.name,
+    ));
+    if listing.is_empty() && !p.wal.enabled && state.is_none() {
+        return Ok(());
+    }
+    let segs = repo::wal::segments(&prefix, &listing);
+    let generations = repo::wal::generations(&prefix, &listing)
+        .into_iter()
+        .map(|g| {
+            let mine: Vec<_> = segs.iter().filter(|s| s.generation == g).collect();
+            GenerationInfo {
+                segments: mine.len(),
+                stored_size: mine.iter().map(|s| s.size).sum(),
+                first_frame: mine.first().map(|s| s.first),
+                last_frame: mine.last().map(|s| s.last),
+                first_commit: mine.first().map(|s| s.first_commit),
+                last_commit: mine.iter().map(|s| s.last_commit).max(),
+                bases: bases
+                    .iter()
+                    .filter(|b| b.generation == g)
+                    .map(|b| b.label.clone())
+                    .collect(),
+                id: g,
+            }
+        })
+        .collect();
+    let now = Utc::now();
+    ti.wal = Some(WalInfo {
+        generations,
+        windows: repo::wal::windows(&bases, &segs),
+        stream: state.map(|st| {
+            let shipped = st.targets.get(&t.name);
+            StreamInfo {
+                lag_seconds: st.lag(&t.name, now),
+                shipped_commit: shipped.and_then(|s| s.last_commit),
+                error: shipped.and_then(|s| s.error.clone()),
+                generation: st.generation,
+                host: st.host,
+                pid: st.pid,
+                updated: st.updated,
+                spool_bytes: st.spool_bytes,
+                spool_max: st.spool_max,
+                spool_full: st.spool_full,
+            }
+        }),
+    });
     Ok(())
 }
 
@@ -227,12 +323,67 @@ pub fn render(info: &Info) -> String {
                     "    {i:<38} interrupted (no manifest; expire removes it after the grace period)"
                 );
             }
+            if let Some(w) = &t.wal {
+                render_wal(&mut s, w);
+            }
         }
     }
     if info.policies.is_empty() {
         s.push_str("no policies configured\n");
     }
     s
+}
+
+fn render_wal(s: &mut String, w: &WalInfo) {
+    let fmt = |t: &DateTime<Utc>| t.format("%Y-%m-%d %H:%M:%S%.3f").to_string();
+    let _ = writeln!(s, "    WAL");
+    for g in &w.generations {
+        let _ = writeln!(
+            s,
+            "      generation {}: {} segments ({}), commits {} .. {}, bases: {}",
+            g.id,
+            g.segments,
+            human_bytes(g.stored_size),
+            g.first_commit.as_ref().map_or("-".into(), fmt),
+            g.last_commit.as_ref().map_or("-".into(), fmt),
+            if g.bases.is_empty() {
+                "none".to_string()
+            } else {
+                g.bases.join(", ")
+            }
+        );
+    }
+    if w.windows.is_empty() {
+        let _ = writeln!(s, "      restore window: none (no backup with a WAL position yet)");
+    }
+    for win in &w.windows {
+        let _ = writeln!(
+            s,
+            "      restore window: {} .. {} UTC",
+            fmt(&win.start),
+            fmt(&win.end)
+        );
+    }
+    match &w.stream {
+        Some(st) => {
+            let _ = writeln!(
+                s,
+                "      streamer on {} (pid {}): lag {}, spool {} of {}{}{}",
+                st.host,
+                st.pid,
+                st.lag_seconds.map_or("-".into(), |l| format!("{l:.1}s")),
+                human_bytes(st.spool_bytes),
+                human_bytes(st.spool_max),
+                if st.spool_full { " FULL" } else { "" },
+                st.error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!(", last error: {e}"))
+            );
+        }
+        None => {
+            let _ = writeln!(s, "      no streamer has run on this host");
+        }
+    }
 }
 
 fn line(s: &mut String, b: &BackupInfo, indent: &str) {
