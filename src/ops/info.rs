@@ -76,7 +76,8 @@ pub struct GenerationInfo {
     pub first_frame: Option<u64>,
     pub last_frame: Option<u64>,
     pub first_commit: Option<DateTime<Utc>>,
-    pub last_commit: Option<DateTime<Utc>>,
+    /// Until when every commit is in the generation's segments.
+    pub covered_until: Option<DateTime<Utc>>,
     /// Backups that a replay of this generation can start from.
     pub bases: Vec<String>,
 }
@@ -90,7 +91,8 @@ pub struct StreamInfo {
     pub updated: Option<DateTime<Utc>>,
     /// Seconds since the oldest commit not yet on this target (0: caught up).
     pub lag_seconds: Option<f64>,
-    pub shipped_commit: Option<DateTime<Utc>>,
+    /// Until when every commit is on this target.
+    pub shipped_until: Option<DateTime<Utc>>,
     pub spool_bytes: u64,
     pub spool_max: u64,
     pub spool_full: bool,
@@ -237,7 +239,7 @@ fn collect(
                 first_frame: mine.first().map(|s| s.first),
                 last_frame: mine.last().map(|s| s.last),
                 first_commit: mine.first().map(|s| s.first_commit),
-                last_commit: mine.iter().map(|s| s.last_commit).max(),
+                covered_until: mine.iter().map(|s| s.until).max(),
                 bases: bases
                     .iter()
                     .filter(|b| b.generation == g)
@@ -255,7 +257,7 @@ fn collect(
             let shipped = st.targets.get(&t.name);
             StreamInfo {
                 lag_seconds: st.lag(&t.name, now),
-                shipped_commit: shipped.and_then(|s| s.last_commit),
+                shipped_until: shipped.and_then(|s| s.until),
                 error: shipped.and_then(|s| s.error.clone()),
                 generation: st.generation,
                 host: st.host,
@@ -340,12 +342,12 @@ fn render_wal(s: &mut String, w: &WalInfo) {
     for g in &w.generations {
         let _ = writeln!(
             s,
-            "      generation {}: {} segments ({}), commits {} .. {}, bases: {}",
+            "      generation {}: {} segments ({}), commits {} .. covered until {}, bases: {}",
             g.id,
             g.segments,
             human_bytes(g.stored_size),
             g.first_commit.as_ref().map_or("-".into(), fmt),
-            g.last_commit.as_ref().map_or("-".into(), fmt),
+            g.covered_until.as_ref().map_or("-".into(), fmt),
             if g.bases.is_empty() {
                 "none".to_string()
             } else {

@@ -36,6 +36,9 @@ use crate::storage::{self, Storage};
 
 /// How often the WAL is looked at: the precision of commit times.
 const POLL: Duration = Duration::from_millis(50);
+/// An idle stream writes an empty segment this often, so the restore
+/// window keeps up with the clock while nothing commits.
+const HEARTBEAT: Duration = Duration::from_secs(300);
 /// Longest wait between retries of a target that fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -69,8 +72,11 @@ pub struct StreamState {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Shipped {
     pub generation: String,
+    /// Name of the last segment shipped in `generation`.
+    pub name: String,
     pub seq: u64,
-    pub last_commit: Option<DateTime<Utc>>,
+    /// Until when every commit is on the target.
+    pub until: Option<DateTime<Utc>>,
     /// Oldest commit waiting for this target, if any.
     pub pending_since: Option<DateTime<Utc>>,
     pub error: Option<String>,
@@ -166,11 +172,19 @@ struct Spool {
 struct Spooled {
     generation: String,
     name: String,
+    first: u64,
     last: u64,
     first_commit: DateTime<Utc>,
-    last_commit: DateTime<Utc>,
+    until: DateTime<Utc>,
     path: PathBuf,
     size: u64,
+}
+
+impl Spooled {
+    /// Whether a target at `cur` already has this segment.
+    fn shipped_to(&self, cur: &Shipped) -> bool {
+        (&self.generation, &self.name) <= (&cur.generation, &cur.name)
+    }
 }
 
 impl Spool {
@@ -191,13 +205,14 @@ impl Spool {
             };
             for f in files.flatten() {
                 let name = f.file_name().to_string_lossy().into_owned();
-                if let Some((_, last, first_commit, last_commit)) = rwal::parse_name(&name) {
+                if let Some((first, last, first_commit, until)) = rwal::parse_name(&name) {
                     out.push(Spooled {
                         generation: generation.clone(),
                         name,
+                        first,
                         last,
                         first_commit,
-                        last_commit,
+                        until,
                         path: f.path(),
                         size: f.metadata().map(|m| m.len()).unwrap_or(0),
                     });
@@ -233,7 +248,6 @@ struct OpenSegment {
     tmp: PathBuf,
     first_seq: u64,
     first_commit: DateTime<Utc>,
-    last_commit: DateTime<Utc>,
     bytes: u64,
 }
 
@@ -256,6 +270,12 @@ struct Stream<'a> {
     /// incarnation was copied before the read mark that allows it.
     restart_ok: bool,
     open: Option<OpenSegment>,
+    /// When the WAL was last read to its end: the segments cover until then.
+    seen_until: DateTime<Utc>,
+    /// Whether an empty segment has marked the stream as idle since the last commit.
+    idle_marked: bool,
+    last_heartbeat: Instant,
+    last_commit_at: Instant,
     last_seal: Instant,
     last_cycle: Instant,
     report: StreamReport,
@@ -385,6 +405,10 @@ fn run(
             seq_base: 0,
             restart_ok: true,
             open: None,
+            seen_until: Utc::now(),
+            idle_marked: true,
+            last_heartbeat: Instant::now(),
+            last_commit_at: Instant::now(),
             last_seal: Instant::now(),
             last_cycle: Instant::now(),
             report: report.clone(),
@@ -492,9 +516,11 @@ impl Stream<'_> {
             if stop.load(Ordering::SeqCst) {
                 // Ship what is committed: one last look, then seal.
                 if let Some(n) = self.consume()? {
+                    self.seal()?;
                     return Ok(n);
                 }
                 self.seal()?;
+                self.seal_as(true)?;
                 return Ok(Next::Stop);
             }
             if let Some(n) = self.replaced()? {
@@ -611,7 +637,9 @@ impl Stream<'_> {
         if cur.header.page_size != h.page_size {
             return Ok(Some(Next::Restart("the WAL page size changed".into())));
         }
+        let looked = Utc::now();
         let txns = wal::scan(&f, &cur).map_err(read)?;
+        self.seen_until = looked;
         if txns.is_empty() {
             // The log may have been cut below what was copied: that is a lost continuity.
             let len = f.metadata().map_err(read)?.len();
@@ -629,6 +657,8 @@ impl Stream<'_> {
             }
         }
         self.restart_ok = false;
+        self.idle_marked = false;
+        self.last_commit_at = Instant::now();
         if let Ok(mut st) = self.state.lock() {
             st.last_commit = Some(now);
         }
@@ -654,7 +684,6 @@ impl Stream<'_> {
             Error::io(format!("copying frames from {}", pin::wal_path(self.db).display()), e)
         })?;
         open.bytes += u64::from(n) * (u64::from(h.page_size) + 4) + 16;
-        open.last_commit = now;
         self.report.frames += u64::from(n);
         Ok(())
     }
@@ -674,14 +703,34 @@ impl Stream<'_> {
             tmp,
             first_seq,
             first_commit: now,
-            last_commit: now,
             bytes: 0,
         })
     }
 
-    /// Closes the open segment into the spool (durably) and records the position.
+    /// Closes the open segment into the spool (durably) and records the
+    /// position. With nothing open, writes an empty segment when the
+    /// stream has gone idle (once after the last commit, then every
+    /// [`HEARTBEAT`]), so a restore knows no commit came meanwhile.
     fn seal(&mut self) -> Result<()> {
+        self.seal_as(false)
+    }
+
+    /// `final_mark`: the streamer is stopping; mark how far it watched.
+    fn seal_as(&mut self, final_mark: bool) -> Result<()> {
         self.last_seal = Instant::now();
+        if self.open.is_none() {
+            let quiet = self.last_commit_at.elapsed() >= self.policy.wal.sync_interval;
+            let due = final_mark
+                || (!self.idle_marked && quiet)
+                || self.last_heartbeat.elapsed() >= HEARTBEAT;
+            match self.cursor {
+                Some(c) if due => {
+                    let first = self.seq() + 1;
+                    self.open = Some(self.new_segment(first, self.seen_until, c.header.page_size)?);
+                }
+                _ => return self.publish(false),
+            }
+        }
         let Some(open) = self.open.take() else {
             return self.publish(false);
         };
@@ -693,11 +742,17 @@ impl Stream<'_> {
         let (_, file) = enc.finish().map_err(err)?;
         file.sync_all().map_err(err)?;
         let last = open.first_seq + frames - 1;
-        let name = rwal::segment_name(open.first_seq, last, open.first_commit, open.last_commit);
+        let until = self.seen_until.max(open.first_commit);
+        let name = rwal::segment_name(open.first_seq, last, open.first_commit, until);
         let dir = self.spool.gen_dir(&open.generation);
         std::fs::rename(&tmp, dir.join(&name)).map_err(err)?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
-        self.report.segments += 1;
+        if frames == 0 {
+            self.idle_marked = true;
+            self.last_heartbeat = Instant::now();
+        } else {
+            self.report.segments += 1;
+        }
         tracing::debug!(policy = %self.policy.name, segment = %name, "sealed");
         self.publish(true)?;
         let _ = self.wake_shipper.send(());
@@ -776,7 +831,7 @@ fn ship(
                 .unwrap_or_default();
             let pending: Vec<&Spooled> = segs
                 .iter()
-                .filter(|s| (&s.generation, s.last) > (&cur.generation, cur.seq))
+                .filter(|s| !s.shipped_to(&cur))
                 .collect();
             let mut failed = false;
             for s in &pending {
@@ -791,8 +846,9 @@ fn ship(
                 match sent {
                     Ok(()) => {
                         cur.generation = s.generation.clone();
+                        cur.name = s.name.clone();
                         cur.seq = s.last;
-                        cur.last_commit = Some(s.last_commit);
+                        cur.until = Some(s.until);
                         cur.error = None;
                         if retry_at.remove(&t).is_some() {
                             tracing::info!(policy = %policy.name, target = %t, "target takes WAL segments again; catching up");
@@ -813,7 +869,7 @@ fn ship(
             }
             cur.pending_since = segs
                 .iter()
-                .find(|s| (&s.generation, s.last) > (&cur.generation, cur.seq))
+                .find(|s| !s.shipped_to(&cur) && s.last >= s.first)
                 .map(|s| s.first_commit);
             if let Ok(mut st) = state.lock() {
                 st.targets.insert(t.clone(), cur);
@@ -831,7 +887,7 @@ fn ship(
                     stores.iter().all(|store| {
                         st.targets
                             .get(store.target())
-                            .is_some_and(|c| (&s.generation, s.last) <= (&c.generation, c.seq))
+                            .is_some_and(|c| s.shipped_to(c))
                     })
                 })
                 .collect(),

@@ -261,7 +261,7 @@ fn choose(repo: &PolicyRepo<'_>, opts: &RestoreOptions) -> Result<(Label, Option
     };
     if opts.at.is_none() {
         // A backup newer than everything the WAL reaches is the newest state.
-        let reach = plan.segments.last().map_or(plan.base.taken, |s| s.last_commit);
+        let reach = plan.window.end;
         if let Some(newest) = committed
             .iter()
             .filter_map(|c| c.manifest.as_ref().ok())

@@ -26,9 +26,12 @@ pub struct Segment {
     /// Sequence of its first and last frame in the generation.
     pub first: u64,
     pub last: u64,
-    /// Commit times (as dr saw them) of its first and last transaction.
+    /// Commit time (as dr saw it) of its first transaction.
     pub first_commit: DateTime<Utc>,
-    pub last_commit: DateTime<Utc>,
+    /// Until when the streamer had seen every commit when it sealed this
+    /// segment: no commit it lacks happened before this instant. An empty
+    /// segment (`last + 1 == first`) only carries this: a heartbeat.
+    pub until: DateTime<Utc>,
     pub key: String,
     pub size: u64,
 }
@@ -67,8 +70,8 @@ pub fn parse_name(name: &str) -> Option<(u64, u64, DateTime<Utc>, DateTime<Utc>)
     if a.len() != 16 || b.len() != 16 {
         return None;
     }
-    let (first, last) = (a.parse().ok()?, b.parse().ok()?);
-    (first <= last && t0 <= t1).then_some((first, last, t0, t1))
+    let (first, last): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+    (first <= last.saturating_add(1) && t0 <= t1).then_some((first, last, t0, t1))
 }
 
 /// Segments of a listing of [`wal_prefix`], by generation then sequence.
@@ -79,19 +82,19 @@ pub fn segments(prefix: &str, listing: &[ObjectMeta]) -> Vec<Segment> {
         .filter_map(|o| {
             let rest = o.key.strip_prefix(prefix)?;
             let (generation, name) = rest.split_once('/')?;
-            let (first, last, first_commit, last_commit) = parse_name(name)?;
+            let (first, last, first_commit, until) = parse_name(name)?;
             Some(Segment {
                 generation: generation.to_string(),
                 first,
                 last,
                 first_commit,
-                last_commit,
+                until,
                 key: o.key.clone(),
                 size: o.size,
             })
         })
         .collect();
-    out.sort_by(|a, b| (&a.generation, a.first, a.last).cmp(&(&b.generation, b.first, b.last)));
+    out.sort_by(|a, b| (&a.generation, &a.key).cmp(&(&b.generation, &b.key)));
     out
 }
 
@@ -140,6 +143,8 @@ pub struct Window {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Replay {
     pub base: Base,
+    /// What the chosen base reaches.
+    pub window: Window,
     pub segments: Vec<Segment>,
     pub until: Option<DateTime<Utc>>,
 }
@@ -152,20 +157,19 @@ fn reach<'s>(base: &Base, segs: &'s [Segment]) -> (Vec<&'s Segment>, Window) {
     let mut end = base.taken;
     let mut used = Vec::new();
     for s in segs.iter().filter(|s| s.generation == base.generation) {
-        if s.last <= cur {
-            continue;
-        }
         if s.first > cur + 1 {
             break; // a gap: nothing after it is reachable from this base
         }
-        if s.first <= base.seq {
+        if s.first <= base.seq && base.seq < s.last {
             // The base was taken in the middle of this segment: its state
-            // holds commits stamped up to this segment's last at the latest.
-            start = start.max(s.last_commit);
+            // holds commits stamped up to this segment's end at the latest.
+            start = start.max(s.until);
         }
-        cur = s.last;
-        end = end.max(s.last_commit);
-        used.push(s);
+        if s.last > cur {
+            cur = s.last;
+            used.push(s);
+        }
+        end = end.max(s.until);
     }
     (used, Window { start, end: end.max(start) })
 }
@@ -205,8 +209,9 @@ pub fn plan(bases: &[Base], segs: &[Segment], at: Option<DateTime<Utc>>) -> Resu
         }
     }
     match best {
-        Some((_, b, used)) => Ok(Replay {
+        Some((window, b, used)) => Ok(Replay {
             base: b.clone(),
+            window,
             segments: used.into_iter().cloned().collect(),
             until: at,
         }),
@@ -296,7 +301,7 @@ mod tests {
             first,
             last,
             first_commit: t(t0),
-            last_commit: t(t1),
+            until: t(t1),
             key: segment_key("p", g, &name),
             size: 1,
         }
@@ -371,6 +376,16 @@ mod tests {
         assert_eq!(r[0].keys, vec![segs[0].key.clone()]);
         assert_eq!(r[1].generation, "g2");
         // g3 is the newest: its first backup may still be running.
+    }
+
+    #[test]
+    fn an_empty_heartbeat_segment_extends_the_window_without_frames() {
+        let segs = vec![seg("g1", 1, 10, 1, 10), seg("g1", 11, 10, 15, 15)];
+        let bases = vec![base("F", "g1", 0, 0)];
+        assert_eq!(windows(&bases, &segs), vec![Window { start: t(0), end: t(15) }]);
+        let p = plan(&bases, &segs, Some(t(14))).unwrap();
+        assert_eq!(p.segments.len(), 1);
+        assert_eq!(parse_name(&segs[1].key[segs[1].key.rfind('/').unwrap() + 1..]).map(|x| x.1), Some(10));
     }
 
     #[test]

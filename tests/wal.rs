@@ -1,0 +1,300 @@
+//! WAL streaming and point-in-time restore, with a real writer process and
+//! the real `dr replicate` process (and a real S3 server for the outage).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Env;
+use common::s3::S3Server;
+
+const WAL_POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\nsegment_max = \"256KiB\"\n";
+
+fn writer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py")
+}
+
+/// Starts `dr replicate` in the background.
+fn replicate(env: &Env) -> Child {
+    Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["replicate", "--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
+        .spawn()
+        .expect("start dr replicate")
+}
+
+/// SIGTERM, then the exit code.
+fn stop(mut child: Child) -> i32 {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(Instant::now() < deadline, "dr replicate did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Runs the writer to completion.
+fn write(env: &Env, bursts: u32, rows: u32, gap_ms: u32, pad: u32, extra: &[&str]) {
+    let st = Command::new("python3")
+        .arg(writer_script())
+        .arg("write")
+        .arg(&env.db)
+        .arg(env.path("marks"))
+        .args([bursts, rows, gap_ms, pad].map(|n| n.to_string()))
+        .args(extra)
+        .status()
+        .expect("python3 writer");
+    assert!(st.success(), "writer failed");
+}
+
+fn digest(db: &Path) -> String {
+    let out = Command::new("python3")
+        .arg(writer_script())
+        .arg("digest")
+        .arg(db)
+        .output()
+        .expect("digest");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// (instant, burst, digest) recorded by the writer in each quiet gap.
+fn marks(env: &Env) -> Vec<(String, u32, String)> {
+    std::fs::read_to_string(env.path("marks"))
+        .expect("marks")
+        .lines()
+        .map(|l| {
+            let mut it = l.split(' ');
+            let t: f64 = it.next().and_then(|s| s.parse().ok()).expect("time");
+            let b = it.next().and_then(|s| s.parse().ok()).expect("burst");
+            let d = it.next().expect("digest").to_string();
+            let at = chrono::DateTime::from_timestamp_millis((t * 1000.0) as i64)
+                .expect("ts")
+                .to_rfc3339();
+            (at, b, d)
+        })
+        .collect()
+}
+
+/// Waits until the streamer's state says a base and a segment are shipped.
+fn wait_streaming(env: &Env) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = env.dr(&["info", "--json"]);
+        if r.code == 0 {
+            let j = r.json();
+            let t = &j["policies"][0]["targets"][0];
+            if !t["backups"].as_array().is_none_or(|b| b.is_empty()) {
+                return;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "dr replicate took no base backup: {}",
+            std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn restore_at(env: &Env, cmd: &str, at: &str, to: &str) -> common::Run {
+    let to = env.path(to).display().to_string();
+    let key = env.key_arg();
+    env.dr(&[cmd, "app", "--to", &to, "--identity", &key, "--at", at, "--force"])
+}
+
+fn generations(env: &Env, target: usize) -> usize {
+    let j = env.dr(&["info", "--json"]).ok().json();
+    j["policies"][0]["targets"][target]["wal"]["generations"]
+        .as_array()
+        .map_or(0, |g| g.len())
+}
+
+#[test]
+fn restores_at_any_instant_through_checkpoints_a_vacuum_and_a_big_transaction() {
+    let env = Env::new(WAL_POLICY);
+    common::make_db(&env.db, true, 50, 1000);
+    let dr = replicate(&env);
+    wait_streaming(&env);
+    // 10 bursts; the application's own autocheckpoint (1000 pages) and dr's
+    // (200) both run; burst 4 is one 3 MiB transaction (> segment_max);
+    // burst 7 deletes most rows and VACUUMs the file smaller.
+    write(&env, 10, 60, 500, 3000, &["--big-at", "4", "3000000", "--vacuum-at", "7"]);
+    let final_digest = digest(&env.db);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(dr), 0, "replicate must exit 0 on SIGTERM");
+
+    for (at, burst, want) in marks(&env) {
+        let r = restore_at(&env, "restore-local", &at, "at.db").ok();
+        assert!(r.stdout.contains("WAL of generation"), "{}", r.stdout);
+        assert_eq!(
+            digest(&env.path("at.db")),
+            want,
+            "restore at {at} (after burst {burst}) differs from the writer's state then"
+        );
+    }
+    // Without --at: the newest committed state.
+    env.restore("newest.db", &["--force"]).ok();
+    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    // One unbroken generation across every WAL restart.
+    assert_eq!(generations(&env, 0), 1, "continuity was lost: {}", env.dr(&["info"]).stdout);
+
+    // An instant before anything was backed up says what is covered.
+    let r = restore_at(&env, "restore-local", "2001-01-01 00:00:00", "old.db");
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("covers"), "{}", r.stderr);
+    assert!(!env.path("old.db").exists());
+}
+
+#[test]
+fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
+    let env = Env::new(WAL_POLICY);
+    common::make_db(&env.db, true, 50, 1000);
+    let mut dr = replicate(&env);
+    wait_streaming(&env);
+    write(&env, 3, 40, 1500, 2000, &[]);
+    let shipped_marks = marks(&env);
+    // Once the window reaches the last instant, it is shipped: then kill.
+    let last = chrono::DateTime::parse_from_rfc3339(&shipped_marks[2].0).expect("t");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let j = env.dr(&["info", "--json"]).ok().json();
+        let end = j["policies"][0]["targets"][0]["wal"]["windows"][0]["end"]
+            .as_str()
+            .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok());
+        if end.is_some_and(|e| e >= last) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the window never reached {last}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    dr.kill().expect("kill -9");
+    let _ = dr.wait();
+    // The application goes on while dr is dead; its autocheckpoint runs.
+    write(&env, 3, 400, 400, 2000, &[]);
+    let dr = replicate(&env);
+    std::thread::sleep(Duration::from_secs(2));
+    write(&env, 3, 40, 600, 2000, &[]);
+    let final_digest = digest(&env.db);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(dr), 0);
+    let log = std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default();
+
+    // Everything shipped before the kill restores exactly.
+    for (at, burst, want) in &shipped_marks {
+        restore_at(&env, "restore-local", at, "at.db").ok();
+        assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}\n{log}");
+    }
+    // Every other instant restores exactly or is refused as not covered:
+    // never a state that did not exist.
+    for (at, burst, want) in marks(&env) {
+        let r = restore_at(&env, "restore-local", &at, "any.db");
+        if r.code == 0 {
+            assert_eq!(digest(&env.path("any.db")), want, "burst {burst} at {at}");
+        } else {
+            assert_eq!(r.code, 5, "{}", r.stderr);
+            assert!(r.stderr.contains("covers"), "{}", r.stderr);
+        }
+    }
+    env.restore("newest.db", &["--force"]).ok();
+    assert_eq!(digest(&env.path("newest.db")), final_digest);
+}
+
+#[test]
+fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let mut server = S3Server::start(&dir.path().join("s3"), "walbucket");
+    let env = Env::new(WAL_POLICY);
+    let toml = common::s3::target_toml(
+        env.dir.path(),
+        "s3",
+        &server.endpoint(),
+        "walbucket",
+        common::s3::SECRET_KEY,
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
+    std::fs::write(env.config(), cfg).expect("cfg");
+        std::fs::write(
+        env.path("policies/app.toml"),
+        std::fs::read_to_string(env.path("policies/app.toml"))
+            .expect("policy")
+            .replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
+    )
+    .expect("policy");
+    common::make_db(&env.db, true, 50, 1000);
+    let dr = replicate(&env);
+    wait_streaming(&env);
+    write(&env, 2, 30, 600, 2000, &[]);
+
+    server.kill();
+    let down = Instant::now();
+    write(&env, 6, 30, 4000, 2000, &[]);
+    // While it is down the local target keeps up, and the state says why s3 lags.
+    let j = env.dr(&["info", "--json", "--target", "s3"]).json();
+    let stream = &j["policies"][0]["targets"][0]["wal"]["stream"];
+    assert!(stream["error"].is_string(), "{stream}");
+    let left = Duration::from_secs(30).saturating_sub(down.elapsed());
+    std::thread::sleep(left);
+    server.restart();
+    write(&env, 2, 30, 600, 2000, &[]);
+    let final_digest = digest(&env.db);
+    // Catch-up: the lag on s3 falls back to zero.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let j = env.dr(&["info", "--json", "--target", "s3"]).json();
+        let st = &j["policies"][0]["targets"][0]["wal"]["stream"];
+        if st["error"].is_null() && st["lag_seconds"].as_f64() == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "s3 did not catch up: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(stop(dr), 0);
+    assert_eq!(generations(&env, 1), 1);
+    for (at, burst, want) in marks(&env) {
+        restore_at(&env, "restore-s3", &at, "at.db").ok();
+        assert_eq!(digest(&env.path("at.db")), want, "burst {burst} at {at} from s3");
+    }
+    let key = env.key_arg();
+    let to = env.path("newest.db").display().to_string();
+    env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key]).ok();
+    assert_eq!(digest(&env.path("newest.db")), final_digest);
+}
+
+#[test]
+fn a_database_not_in_wal_mode_is_a_clear_error() {
+    let env = Env::new(WAL_POLICY);
+    common::make_db(&env.db, false, 10, 100);
+    let r = env.dr(&["replicate"]);
+    assert_ne!(r.code, 0);
+    assert!(r.stderr.contains("not WAL"), "{}", r.stderr);
+    assert!(r.stderr.contains("journal_mode=WAL"), "{}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+}
+
+#[test]
+fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
+    let env = Env::new("");
+    common::make_db(&env.db, true, 10, 100);
+    let r = env.dr(&["replicate", "app"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("[wal] enabled = true"), "{}", r.stderr);
+    env.dr(&["backup-local", "app"]).ok();
+    let r = restore_at(&env, "restore-local", "2030-01-01T00:00:00Z", "x.db");
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("no backup on this target has a WAL position"), "{}", r.stderr);
+    let r = restore_at(&env, "restore-local", "yesterday", "x.db");
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("RFC 3339"), "{}", r.stderr);
+}
