@@ -599,7 +599,11 @@ fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
     }
     tracing::info!(
         "streaming {}; Ctrl-C or SIGTERM ships what is committed and stops",
-        policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>().join(", ")
+        policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let results = ops::replicate::replicate(&cfg, &policies, &stop);
     let mut first_err = None;

@@ -889,7 +889,10 @@ fn check_policy(
     }
     if let Some(n) = &rp.wal.checkpoint_pages {
         if *n.get_ref() == 0 {
-            d.at(n.span(), "wal.checkpoint_pages must be at least 1 (default 1000)".into());
+            d.at(
+                n.span(),
+                "wal.checkpoint_pages must be at least 1 (default 1000)".into(),
+            );
             ok = false;
         } else {
             wal.checkpoint_pages = *n.get_ref();

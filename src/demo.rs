@@ -184,7 +184,7 @@ pub fn run(dir: &Path) -> Result<()> {
             identity: Some(dir.join("keys/demo.key")),
             force: false,
             at: None,
-            },
+        },
         &hidden,
     )?;
     let rows: i64 = rusqlite::Connection::open(&restored)

@@ -39,7 +39,10 @@ fn stop(mut child: Child) -> i32 {
         if let Some(st) = child.try_wait().expect("wait") {
             return st.code().unwrap_or(-1);
         }
-        assert!(Instant::now() < deadline, "dr replicate did not stop on SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "dr replicate did not stop on SIGTERM"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -65,7 +68,11 @@ fn digest(db: &Path) -> String {
         .arg(db)
         .output()
         .expect("digest");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
@@ -111,7 +118,17 @@ fn wait_streaming(env: &Env) {
 fn restore_at(env: &Env, cmd: &str, at: &str, to: &str) -> common::Run {
     let to = env.path(to).display().to_string();
     let key = env.key_arg();
-    env.dr(&[cmd, "app", "--to", &to, "--identity", &key, "--at", at, "--force"])
+    env.dr(&[
+        cmd,
+        "app",
+        "--to",
+        &to,
+        "--identity",
+        &key,
+        "--at",
+        at,
+        "--force",
+    ])
 }
 
 fn generations(env: &Env, target: usize) -> usize {
@@ -130,7 +147,14 @@ fn restores_at_any_instant_through_checkpoints_a_vacuum_and_a_big_transaction() 
     // 10 bursts; the application's own autocheckpoint (1000 pages) and dr's
     // (200) both run; burst 4 is one 3 MiB transaction (> segment_max);
     // burst 7 deletes most rows and VACUUMs the file smaller.
-    write(&env, 10, 60, 500, 3000, &["--big-at", "4", "3000000", "--vacuum-at", "7"]);
+    write(
+        &env,
+        10,
+        60,
+        500,
+        3000,
+        &["--big-at", "4", "3000000", "--vacuum-at", "7"],
+    );
     let final_digest = digest(&env.db);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(stop(dr), 0, "replicate must exit 0 on SIGTERM");
@@ -148,7 +172,12 @@ fn restores_at_any_instant_through_checkpoints_a_vacuum_and_a_big_transaction() 
     env.restore("newest.db", &["--force"]).ok();
     assert_eq!(digest(&env.path("newest.db")), final_digest);
     // One unbroken generation across every WAL restart.
-    assert_eq!(generations(&env, 0), 1, "continuity was lost: {}", env.dr(&["info"]).stdout);
+    assert_eq!(
+        generations(&env, 0),
+        1,
+        "continuity was lost: {}",
+        env.dr(&["info"]).stdout
+    );
 
     // An instant before anything was backed up says what is covered.
     let r = restore_at(&env, "restore-local", "2001-01-01 00:00:00", "old.db");
@@ -194,7 +223,11 @@ fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
     // Everything shipped before the kill restores exactly.
     for (at, burst, want) in &shipped_marks {
         restore_at(&env, "restore-local", at, "at.db").ok();
-        assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}\n{log}");
+        assert_eq!(
+            &digest(&env.path("at.db")),
+            want,
+            "burst {burst} at {at}\n{log}"
+        );
     }
     // Every other instant restores exactly or is refused as not covered:
     // never a state that did not exist.
@@ -225,7 +258,7 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
     );
     let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
     std::fs::write(env.config(), cfg).expect("cfg");
-        std::fs::write(
+    std::fs::write(
         env.path("policies/app.toml"),
         std::fs::read_to_string(env.path("policies/app.toml"))
             .expect("policy")
@@ -264,11 +297,16 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
     assert_eq!(generations(&env, 1), 1);
     for (at, burst, want) in marks(&env) {
         restore_at(&env, "restore-s3", &at, "at.db").ok();
-        assert_eq!(digest(&env.path("at.db")), want, "burst {burst} at {at} from s3");
+        assert_eq!(
+            digest(&env.path("at.db")),
+            want,
+            "burst {burst} at {at} from s3"
+        );
     }
     let key = env.key_arg();
     let to = env.path("newest.db").display().to_string();
-    env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key]).ok();
+    env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
+        .ok();
     assert_eq!(digest(&env.path("newest.db")), final_digest);
 }
 
@@ -293,7 +331,12 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
     env.dr(&["backup-local", "app"]).ok();
     let r = restore_at(&env, "restore-local", "2030-01-01T00:00:00Z", "x.db");
     assert_eq!(r.code, 5, "{}", r.stderr);
-    assert!(r.stderr.contains("no backup on this target has a WAL position"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no backup on this target has a WAL position"),
+        "{}",
+        r.stderr
+    );
     let r = restore_at(&env, "restore-local", "yesterday", "x.db");
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("RFC 3339"), "{}", r.stderr);

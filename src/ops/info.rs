@@ -162,7 +162,18 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
             if matches!(p.source, Source::Sqlite { .. }) {
                 match collect(cfg, t, p, &mut ti) {
                     Ok(()) => {}
-                    Err(e) => ti.error = Some(e.to_string()),
+                    Err(e) => {
+                        ti.error = Some(e.to_string());
+                        // The streamer's own view still says why and how far behind.
+                        let stream = stream_info(cfg, p, &t.name);
+                        if stream.is_some() {
+                            ti.wal = Some(WalInfo {
+                                generations: Vec::new(),
+                                windows: Vec::new(),
+                                stream,
+                            });
+                        }
+                    }
                 }
             }
             targets.push(ti);
@@ -176,12 +187,7 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
     Ok(out)
 }
 
-fn collect(
-    cfg: &Config,
-    t: &crate::config::Target,
-    p: &Policy,
-    ti: &mut TargetInfo,
-) -> Result<()> {
+fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetInfo) -> Result<()> {
     let store = storage::open(t, &cfg.state_dir)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
@@ -198,15 +204,16 @@ fn collect(
             Ok(m) => ti.backups.push({
                 bases.extend(super::wal_base(&m));
                 BackupInfo {
-                label,
-                kind: m.kind,
-                parent: m.parent.as_ref().map(|p| p.to_string()),
-                timestamp_start: m.timestamp_start,
-                timestamp_stop: m.timestamp_stop,
-                size: m.plain_size(),
-                stored_size: m.stored_size(),
-                error: None,
-            }}),
+                    label,
+                    kind: m.kind,
+                    parent: m.parent.as_ref().map(|p| p.to_string()),
+                    timestamp_start: m.timestamp_start,
+                    timestamp_stop: m.timestamp_stop,
+                    size: m.plain_size(),
+                    stored_size: m.stored_size(),
+                    error: None,
+                }
+            }),
             Err(e) => ti.backups.push(BackupInfo {
                 label,
                 kind: d.label.kind(),
@@ -222,9 +229,8 @@ fn collect(
     }
     let prefix = repo::wal::wal_prefix(&p.name);
     let listing = store.list(&prefix)?;
-    let state = super::replicate::StreamState::load(&super::replicate::StreamState::path(
-        cfg, &p.name,
-    ));
+    let state =
+        super::replicate::StreamState::load(&super::replicate::StreamState::path(cfg, &p.name));
     if listing.is_empty() && !p.wal.enabled && state.is_none() {
         return Ok(());
     }
@@ -249,27 +255,31 @@ fn collect(
             }
         })
         .collect();
-    let now = Utc::now();
     ti.wal = Some(WalInfo {
         generations,
         windows: repo::wal::windows(&bases, &segs),
-        stream: state.map(|st| {
-            let shipped = st.targets.get(&t.name);
-            StreamInfo {
-                lag_seconds: st.lag(&t.name, now),
-                shipped_until: shipped.and_then(|s| s.until),
-                error: shipped.and_then(|s| s.error.clone()),
-                generation: st.generation,
-                host: st.host,
-                pid: st.pid,
-                updated: st.updated,
-                spool_bytes: st.spool_bytes,
-                spool_max: st.spool_max,
-                spool_full: st.spool_full,
-            }
-        }),
+        stream: stream_info(cfg, p, &t.name),
     });
     Ok(())
+}
+
+/// The local streamer's last report for one target, if it ever ran here.
+fn stream_info(cfg: &Config, p: &Policy, target: &str) -> Option<StreamInfo> {
+    let st =
+        super::replicate::StreamState::load(&super::replicate::StreamState::path(cfg, &p.name))?;
+    let shipped = st.targets.get(target);
+    Some(StreamInfo {
+        lag_seconds: st.lag(target, Utc::now()),
+        shipped_until: shipped.and_then(|s| s.until),
+        error: shipped.and_then(|s| s.error.clone()),
+        generation: st.generation.clone(),
+        host: st.host.clone(),
+        pid: st.pid,
+        updated: st.updated,
+        spool_bytes: st.spool_bytes,
+        spool_max: st.spool_max,
+        spool_full: st.spool_full,
+    })
 }
 
 /// The human table: fulls with their diffs indented beneath them.
@@ -287,6 +297,9 @@ pub fn render(info: &Info) -> String {
             let _ = writeln!(s, "  target {} ({} {})", t.name, t.kind, t.location);
             if let Some(e) = &t.error {
                 let _ = writeln!(s, "    error: {e}");
+                if let Some(w) = &t.wal {
+                    render_wal(&mut s, w);
+                }
                 continue;
             }
             if t.backups.is_empty() {
@@ -356,7 +369,10 @@ fn render_wal(s: &mut String, w: &WalInfo) {
         );
     }
     if w.windows.is_empty() {
-        let _ = writeln!(s, "      restore window: none (no backup with a WAL position yet)");
+        let _ = writeln!(
+            s,
+            "      restore window: none (no backup with a WAL position yet)"
+        );
     }
     for win in &w.windows {
         let _ = writeln!(

@@ -97,7 +97,9 @@ impl StreamState {
         let err = |e| Error::io(format!("cannot write {}", tmp.display()), e);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Other(e.to_string()))?;
         let mut f = File::create(&tmp).map_err(err)?;
-        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(err)?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)
     }
 
@@ -310,8 +312,12 @@ fn stream(cfg: &Config, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<Strea
     let spool = Spool {
         dir: dir.join("spool"),
     };
-    std::fs::create_dir_all(&spool.dir)
-        .map_err(|e| Error::io(format!("cannot create the spool {}", spool.dir.display()), e))?;
+    std::fs::create_dir_all(&spool.dir).map_err(|e| {
+        Error::io(
+            format!("cannot create the spool {}", spool.dir.display()),
+            e,
+        )
+    })?;
     spool.tidy();
     let state_path = StreamState::path(cfg, &policy.name);
     let loaded = StreamState::load(&state_path);
@@ -329,7 +335,17 @@ fn stream(cfg: &Config, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<Strea
                 draining.clone(),
             );
             let stores = &stores;
-            s.spawn(move || ship(policy, stores, &spool, &state, &state_path, &wake_rx, &draining))
+            s.spawn(move || {
+                ship(
+                    policy,
+                    stores,
+                    &spool,
+                    &state,
+                    &state_path,
+                    &wake_rx,
+                    &draining,
+                )
+            })
         };
         let bases = {
             let draining = draining.clone();
@@ -532,7 +548,10 @@ impl Stream<'_> {
                 self.seal()?;
                 return Ok(n);
             }
-            let big = self.open.as_ref().is_some_and(|o| o.bytes >= self.policy.wal.segment_max);
+            let big = self
+                .open
+                .as_ref()
+                .is_some_and(|o| o.bytes >= self.policy.wal.segment_max);
             if big || self.last_seal.elapsed() >= sync {
                 self.seal()?;
             }
@@ -540,11 +559,10 @@ impl Stream<'_> {
             if !full
                 && frames >= u64::from(self.policy.wal.checkpoint_pages)
                 && self.last_cycle.elapsed() >= sync
+                && let Some(n) = self.checkpoint(gate)?
             {
-                if let Some(n) = self.checkpoint(gate)? {
-                    self.seal()?;
-                    return Ok(n);
-                }
+                self.seal()?;
+                return Ok(n);
             }
             std::thread::sleep(POLL);
         }
@@ -570,7 +588,10 @@ impl Stream<'_> {
             + self.open.as_ref().map_or(0, |o| o.bytes);
         let full = used >= self.policy.wal.spool_max;
         if full {
-            if self.full_warned.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+            if self
+                .full_warned
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
                 tracing::error!(
                     policy = %self.policy.name,
                     spool = %self.spool.dir.display(),
@@ -599,7 +620,8 @@ impl Stream<'_> {
             Err(e) => return Err(Error::io(format!("cannot stat {}", p.display()), e)),
         };
         if self.wal_file.as_ref().is_none_or(|(_, i)| *i != ino) {
-            let f = File::open(&p).map_err(|e| Error::io(format!("cannot open {}", p.display()), e))?;
+            let f =
+                File::open(&p).map_err(|e| Error::io(format!("cannot open {}", p.display()), e))?;
             self.wal_file = Some((f, ino));
         }
         Ok(self.wal_file.as_ref().map(|(f, _)| f))
@@ -681,22 +703,31 @@ impl Stream<'_> {
             .map_err(werr)?;
         let w = &mut open.writer;
         wal::read_frames(f, h, t.first, t.last, |pgno, page| w.frame(pgno, page)).map_err(|e| {
-            Error::io(format!("copying frames from {}", pin::wal_path(self.db).display()), e)
+            Error::io(
+                format!("copying frames from {}", pin::wal_path(self.db).display()),
+                e,
+            )
         })?;
         open.bytes += u64::from(n) * (u64::from(h.page_size) + 4) + 16;
         self.report.frames += u64::from(n);
         Ok(())
     }
 
-    fn new_segment(&self, first_seq: u64, now: DateTime<Utc>, page_size: u32) -> Result<OpenSegment> {
+    fn new_segment(
+        &self,
+        first_seq: u64,
+        now: DateTime<Utc>,
+        page_size: u32,
+    ) -> Result<OpenSegment> {
         let dir = self.spool.gen_dir(&self.generation);
         let err = |e| Error::io(format!("cannot write to the spool {}", dir.display()), e);
         std::fs::create_dir_all(&dir).map_err(err)?;
         let tmp = dir.join(format!(".open.{}.tmp", std::process::id()));
         let f = File::create(&tmp).map_err(err)?;
         let enc = Encoder::new(f, self.policy.compression_level, &self.sealing)?;
-        let writer = SegmentWriter::new(BufWriter::with_capacity(1 << 20, enc), page_size, first_seq)
-            .map_err(err)?;
+        let writer =
+            SegmentWriter::new(BufWriter::with_capacity(1 << 20, enc), page_size, first_seq)
+                .map_err(err)?;
         Ok(OpenSegment {
             writer,
             generation: self.generation.clone(),
@@ -726,7 +757,8 @@ impl Stream<'_> {
             match self.cursor {
                 Some(c) if due => {
                     let first = self.seq() + 1;
-                    self.open = Some(self.new_segment(first, self.seen_until, c.header.page_size)?);
+                    self.open =
+                        Some(self.new_segment(first, self.seen_until, c.header.page_size)?);
                 }
                 _ => return self.publish(false),
             }
@@ -829,10 +861,7 @@ fn ship(
                 .lock()
                 .map(|s| s.targets.get(&t).cloned().unwrap_or_default())
                 .unwrap_or_default();
-            let pending: Vec<&Spooled> = segs
-                .iter()
-                .filter(|s| !s.shipped_to(&cur))
-                .collect();
+            let pending: Vec<&Spooled> = segs.iter().filter(|s| !s.shipped_to(&cur)).collect();
             let mut failed = false;
             for s in &pending {
                 let key = rwal::segment_key(&policy.name, &s.generation, &s.name);
@@ -857,7 +886,9 @@ fn ship(
                     Err(e) => {
                         let backoff = retry_at
                             .get(&t)
-                            .map_or(Duration::from_millis(500), |(_, b)| (*b * 2).min(MAX_BACKOFF));
+                            .map_or(Duration::from_millis(500), |(_, b)| {
+                                (*b * 2).min(MAX_BACKOFF)
+                            });
                         tracing::error!(policy = %policy.name, target = %t, "cannot ship WAL segment {key}: {e} (retrying in {:?}; segments wait in the spool)", backoff);
                         cur.error = Some(e.to_string());
                         retry_at.insert(t.clone(), (Instant::now() + backoff, backoff));

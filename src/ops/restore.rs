@@ -321,10 +321,16 @@ fn replay_wal(
         let mut r = SegmentReader::new(std::io::BufReader::with_capacity(1 << 20, dec))
             .map_err(|e| read_error(&object, e))?;
         if r.first_seq != seg.first {
-            return Err(bad(format!("starts at frame {} but its name says {}", r.first_seq, seg.first)));
+            return Err(bad(format!(
+                "starts at frame {} but its name says {}",
+                r.first_seq, seg.first
+            )));
         }
         if u64::from(r.page_size) != ps {
-            return Err(bad(format!("page size {} differs from the backup's {ps}", r.page_size)));
+            return Err(bad(format!(
+                "page size {} differs from the backup's {ps}",
+                r.page_size
+            )));
         }
         done.segments += 1;
         let mut at = seg.first - 1;
@@ -359,7 +365,10 @@ fn replay_wal(
             }
         }
         if at != seg.last {
-            return Err(bad(format!("ends at frame {at} but its name says {}", seg.last)));
+            return Err(bad(format!(
+                "ends at frame {at} but its name says {}",
+                seg.last
+            )));
         }
     }
     file.set_len(db_pages * ps).map_err(write_err)?;

@@ -171,7 +171,13 @@ fn reach<'s>(base: &Base, segs: &'s [Segment]) -> (Vec<&'s Segment>, Window) {
         }
         end = end.max(s.until);
     }
-    (used, Window { start, end: end.max(start) })
+    (
+        used,
+        Window {
+            start,
+            end: end.max(start),
+        },
+    )
 }
 
 /// The restore windows of a target, merged, oldest first.
@@ -263,7 +269,10 @@ pub fn expire(prefix: &str, listing: &[ObjectMeta], kept: &[Base]) -> Vec<WalRem
                     out.push(WalRemoval {
                         generation: g.clone(),
                         keys,
-                        reason: format!("WAL older than backup {}, the oldest kept in its generation", b.label),
+                        reason: format!(
+                            "WAL older than backup {}, the oldest kept in its generation",
+                            b.label
+                        ),
                     });
                 }
             }
@@ -291,7 +300,9 @@ mod tests {
     use chrono::TimeZone;
 
     fn t(s: i64) -> DateTime<Utc> {
-        Utc.timestamp_opt(1_800_000_000 + s, 0).unwrap()
+        Utc.timestamp_opt(1_800_000_000 + s, 0)
+            .single()
+            .expect("test")
     }
 
     fn seg(g: &str, first: u64, last: u64, t0: i64, t1: i64) -> Segment {
@@ -321,7 +332,10 @@ mod tests {
         let name = segment_name(1, 453, t(0), t(1));
         assert_eq!(parse_name(&name), Some((1, 453, t(0), t(1))));
         assert!(segment_name(9, 9, t(0), t(0)) < segment_name(10, 10, t(0), t(0)));
-        assert_eq!(parse_name("0000000000000001-0000000000000002.zst.age"), None);
+        assert_eq!(
+            parse_name("0000000000000001-0000000000000002.zst.age"),
+            None
+        );
         let listing: Vec<ObjectMeta> = ["p/wal/g1/x.tmp", &seg("g1", 1, 2, 0, 0).key]
             .iter()
             .map(|k| ObjectMeta {
@@ -342,16 +356,22 @@ mod tests {
             seg("g1", 31, 40, 35, 40),
         ];
         let bases = vec![base("F", "g1", 10, 5), base("D", "g1", 30, 32)];
-        let p = plan(&bases, &segs, Some(t(22))).unwrap();
+        let p = plan(&bases, &segs, Some(t(22))).expect("test");
         assert_eq!(p.base.label, "F");
-        let p = plan(&bases, &segs, Some(t(36))).unwrap();
+        let p = plan(&bases, &segs, Some(t(36))).expect("test");
         assert_eq!(p.base.label, "D");
         assert_eq!(p.segments.len(), 1);
-        let p = plan(&bases, &segs, None).unwrap();
+        let p = plan(&bases, &segs, None).expect("test");
         assert_eq!(p.base.label, "D");
-        let e = plan(&bases, &segs, Some(t(41))).unwrap_err();
+        let e = plan(&bases, &segs, Some(t(41))).expect_err("must fail");
         assert!(e.contains("covers"), "{e}");
-        assert_eq!(windows(&bases, &segs), vec![Window { start: t(5), end: t(40) }]);
+        assert_eq!(
+            windows(&bases, &segs),
+            vec![Window {
+                start: t(5),
+                end: t(40)
+            }]
+        );
     }
 
     #[test]
@@ -382,17 +402,32 @@ mod tests {
     fn an_empty_heartbeat_segment_extends_the_window_without_frames() {
         let segs = vec![seg("g1", 1, 10, 1, 10), seg("g1", 11, 10, 15, 15)];
         let bases = vec![base("F", "g1", 0, 0)];
-        assert_eq!(windows(&bases, &segs), vec![Window { start: t(0), end: t(15) }]);
-        let p = plan(&bases, &segs, Some(t(14))).unwrap();
+        assert_eq!(
+            windows(&bases, &segs),
+            vec![Window {
+                start: t(0),
+                end: t(15)
+            }]
+        );
+        let p = plan(&bases, &segs, Some(t(14))).expect("test");
         assert_eq!(p.segments.len(), 1);
-        assert_eq!(parse_name(&segs[1].key[segs[1].key.rfind('/').unwrap() + 1..]).map(|x| x.1), Some(10));
+        assert_eq!(
+            parse_name(&segs[1].key[segs[1].key.rfind('/').expect("test") + 1..]).map(|x| x.1),
+            Some(10)
+        );
     }
 
     #[test]
     fn a_gap_ends_the_window() {
         let segs = vec![seg("g1", 1, 10, 1, 10), seg("g1", 12, 20, 12, 20)];
         let bases = vec![base("F", "g1", 0, 0)];
-        assert_eq!(windows(&bases, &segs), vec![Window { start: t(0), end: t(10) }]);
+        assert_eq!(
+            windows(&bases, &segs),
+            vec![Window {
+                start: t(0),
+                end: t(10)
+            }]
+        );
         assert!(plan(&bases, &segs, Some(t(15))).is_err());
     }
 

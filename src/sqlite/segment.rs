@@ -212,37 +212,37 @@ mod tests {
     use super::*;
 
     fn sample() -> Vec<u8> {
-        let mut w = SegmentWriter::new(Vec::new(), 512, 41).unwrap();
-        w.txn(2, 3, 1_000).unwrap();
-        w.frame(1, &[1u8; 512]).unwrap();
-        w.frame(3, &[3u8; 512]).unwrap();
-        w.txn(1, 3, 2_000).unwrap();
-        w.frame(2, &[2u8; 512]).unwrap();
+        let mut w = SegmentWriter::new(Vec::new(), 512, 41).expect("test");
+        w.txn(2, 3, 1_000).expect("test");
+        w.frame(1, &[1u8; 512]).expect("test");
+        w.frame(3, &[3u8; 512]).expect("test");
+        w.txn(1, 3, 2_000).expect("test");
+        w.frame(2, &[2u8; 512]).expect("test");
         assert_eq!(w.frames(), 3);
-        w.finish().unwrap()
+        w.finish().expect("test")
     }
 
     #[test]
     fn round_trip() {
         let b = sample();
-        let mut r = SegmentReader::new(&b[..]).unwrap();
+        let mut r = SegmentReader::new(&b[..]).expect("test");
         assert_eq!(r.first_seq, 41);
-        let t = r.next_txn().unwrap().unwrap();
+        let t = r.next_txn().expect("test").expect("test");
         assert_eq!((t.nframes, t.db_pages, t.commit_ms), (2, 3, 1_000));
-        assert_eq!(r.next_frame().unwrap().0, 1);
-        assert_eq!(r.next_frame().unwrap().0, 3);
-        let t = r.next_txn().unwrap().unwrap();
+        assert_eq!(r.next_frame().expect("test").0, 1);
+        assert_eq!(r.next_frame().expect("test").0, 3);
+        let t = r.next_txn().expect("test").expect("test");
         assert_eq!(t.commit_ms, 2_000);
-        let (p, page) = r.next_frame().unwrap();
+        let (p, page) = r.next_frame().expect("test");
         assert_eq!((p, page[0]), (2, 2));
-        assert_eq!(r.next_txn().unwrap(), None);
+        assert_eq!(r.next_txn().expect("test"), None);
     }
 
     #[test]
     fn a_flipped_byte_fails_at_the_end() {
         let mut b = sample();
         b[100] ^= 1;
-        let mut r = SegmentReader::new(&b[..]).unwrap();
+        let mut r = SegmentReader::new(&b[..]).expect("test");
         let mut err = None;
         loop {
             match r.next_txn() {

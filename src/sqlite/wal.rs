@@ -224,24 +224,22 @@ mod tests {
 
     fn wal_of(dir: &std::path::Path) -> (Connection, std::path::PathBuf) {
         let db = dir.join("t.db");
-        let c = Connection::open(&db).unwrap();
-        c.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);",
-        )
-        .unwrap();
+        let c = Connection::open(&db).expect("test");
+        c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA wal_autocheckpoint=0; CREATE TABLE t(x);")
+            .expect("test");
         (c, dir.join("t.db-wal"))
     }
 
     #[test]
     fn finds_each_commit_and_stops_at_damage() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test");
         let (c, wal) = wal_of(dir.path());
         for i in 0..5 {
-            c.execute("INSERT INTO t VALUES (?1)", [i]).unwrap();
+            c.execute("INSERT INTO t VALUES (?1)", [i]).expect("test");
         }
-        let f = File::open(&wal).unwrap();
-        let h = read_header(&f).unwrap().expect("header");
-        let txns = scan(&f, &Cursor::start(h)).unwrap();
+        let f = File::open(&wal).expect("test");
+        let h = read_header(&f).expect("test").expect("header");
+        let txns = scan(&f, &Cursor::start(h)).expect("test");
         // CREATE TABLE plus five inserts.
         assert_eq!(txns.len(), 6);
         assert_eq!(txns[0].first, 1);
@@ -254,24 +252,36 @@ mod tests {
             frame: txns[2].last,
             checksum: txns[2].checksum,
         };
-        assert_eq!(scan(&f, &mid).unwrap(), txns[3..].to_vec());
+        assert_eq!(scan(&f, &mid).expect("test"), txns[3..].to_vec());
 
         // A flipped byte in frame 4's page ends the valid log before it.
         let bad = h.frame_offset(txns[3].first) + FRAME_HEADER_LEN + 100;
-        let rw = std::fs::OpenOptions::new().write(true).open(&wal).unwrap();
+        let rw = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&wal)
+            .expect("test");
         let mut b = [0u8; 1];
-        f.read_exact_at(&mut b, bad).unwrap();
-        rw.write_all_at(&[b[0] ^ 0xff], bad).unwrap();
-        assert_eq!(scan(&f, &Cursor::start(h)).unwrap(), txns[..3].to_vec());
+        f.read_exact_at(&mut b, bad).expect("test");
+        rw.write_all_at(&[b[0] ^ 0xff], bad).expect("test");
+        assert_eq!(
+            scan(&f, &Cursor::start(h)).expect("test"),
+            txns[..3].to_vec()
+        );
     }
 
     #[test]
     fn rejects_a_file_that_is_not_a_wal() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("test");
         let p = dir.path().join("x");
-        std::fs::write(&p, [7u8; 64]).unwrap();
-        assert_eq!(read_header(&File::open(&p).unwrap()).unwrap(), None);
-        std::fs::write(&p, []).unwrap();
-        assert_eq!(read_header(&File::open(&p).unwrap()).unwrap(), None);
+        std::fs::write(&p, [7u8; 64]).expect("test");
+        assert_eq!(
+            read_header(&File::open(&p).expect("test")).expect("test"),
+            None
+        );
+        std::fs::write(&p, []).expect("test");
+        assert_eq!(
+            read_header(&File::open(&p).expect("test")).expect("test"),
+            None
+        );
     }
 }
