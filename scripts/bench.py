@@ -68,8 +68,25 @@ def setup(name, db):
     return d, key, rec
 
 
+def wal_only():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_wal
+    rows = bench_wal.rows(DR, WORK)
+    head = ("case", "without dr", "with dr", "ratio", "target", "-", "-")
+    lines = [f"WAL streaming, {os.cpu_count()} cores, sync_interval 1s, local target.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(WORK, "results-wal.md"), "w").write(text)
+    print(text)
+    return rows
+
+
 def main():
     os.makedirs(WORK, exist_ok=True)
+    if os.environ.get("BENCH_ONLY") == "wal":
+        wal_only()
+        return
     db = os.path.join(WORK, f"bench-{GIB:g}g.db")
     make_db(db, GIB)
     d, key, rec = setup("cmp", db)
@@ -141,6 +158,10 @@ def main():
 
     if os.environ.get("BENCH_S3", "1") != "0":
         rows += s3_rows(db)
+    if os.environ.get("BENCH_WAL", "1") != "0":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_wal
+        rows += bench_wal.rows(DR, WORK)
 
     head = ("case", "pipeline", "dr", "ratio", "target", "pipeline peak RSS", "dr peak RSS")
     lines = [f"Database: {os.path.getsize(db) / 1048576:.0f} MiB SQLite (WAL), median of {RUNS} runs, "
