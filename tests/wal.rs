@@ -341,3 +341,97 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("RFC 3339"), "{}", r.stderr);
 }
+
+#[test]
+fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
+    let port = common::s3::free_port();
+    let env = Env::new(&WAL_POLICY.replace("[wal]\n", "[wal]\nspool_max = \"64KiB\"\n"));
+    let toml = common::s3::target_toml(
+        env.dir.path(),
+        "s3",
+        &format!("http://127.0.0.1:{port}"),
+        "walbucket",
+        common::s3::SECRET_KEY,
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        text.replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
+    )
+    .expect("policy");
+    common::make_db(&env.db, true, 50, 1000);
+    let dr = replicate(&env);
+    wait_streaming(&env);
+    write(&env, 4, 30, 1200, 4000, &[]);
+    let final_digest = digest(&env.db);
+    std::thread::sleep(Duration::from_millis(1500));
+    let j = env.dr(&["info", "--json", "--target", "s3"]).json();
+    let stream = &j["policies"][0]["targets"][0]["wal"]["stream"];
+    assert_eq!(stream["spool_full"], true, "{stream}");
+    assert!(stream["lag_seconds"].as_f64().is_some_and(|l| l > 1.0), "{stream}");
+    let code = stop(dr);
+    let log = std::fs::read_to_string(env.path("replicate.log")).expect("log");
+    assert_ne!(code, 0, "unshipped segments must fail the run: {log}");
+    assert!(log.contains("spool is full"), "{log}");
+    assert!(log.contains("left unshipped"), "{log}");
+
+    // The server comes up; the next run ships the spool, in order, and goes on.
+    let dir = tempfile::tempdir().expect("tmp");
+    let _server = S3Server::start_on(&dir.path().join("s3"), "walbucket", port);
+    let dr = replicate(&env);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = env.dr(&["info", "--json", "--target", "s3"]).json();
+        let st = &j["policies"][0]["targets"][0]["wal"]["stream"];
+        if st["spool_bytes"].as_u64() == Some(0) && st["error"].is_null() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the spool never drained: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(stop(dr), 0);
+    let key = env.key_arg();
+    let to = env.path("s3.db").display().to_string();
+    env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
+        .ok();
+    assert_eq!(digest(&env.path("s3.db")), final_digest);
+    for (at, burst, want) in marks(&env) {
+        restore_at(&env, "restore-s3", &at, "at.db").ok();
+        assert_eq!(digest(&env.path("at.db")), want, "burst {burst} at {at}");
+    }
+}
+
+#[test]
+fn backups_taken_while_streaming_carry_a_wal_position_and_expire_trims_older_wal() {
+    let env = Env::new(&format!("{WAL_POLICY}[retention]\nfull = 1\n"));
+    common::make_db(&env.db, true, 50, 1000);
+    let dr = replicate(&env);
+    wait_streaming(&env);
+    write(&env, 2, 40, 600, 2000, &[]);
+    let before = env.objects().iter().filter(|o| o.contains("/wal/")).count();
+    // A second full while streaming: it knows its WAL position, so the first
+    // full and the WAL it covers can go.
+    let r = env.dr(&["backup-local", "app", "--type", "full", "--json"]).ok();
+    assert_eq!(r.json()[0]["expired"].as_array().map(|a| a.len()), Some(2), "{}", r.stdout);
+    write(&env, 2, 40, 600, 2000, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(dr), 0);
+    let j = env.dr(&["info", "--json"]).ok().json();
+    let t = &j["policies"][0]["targets"][0];
+    assert_eq!(t["backups"].as_array().map(|b| b.len()), Some(1), "{t}");
+    let g = &t["wal"]["generations"][0];
+    assert_eq!(g["bases"][0], t["backups"][0]["label"], "{t}");
+    let after_first = env.objects().iter().filter(|o| o.contains("/wal/")).count();
+    assert!(after_first > 0 && before > 0);
+    let all = marks(&env);
+    // Instants before the kept backup are gone; after it they restore exactly.
+    let r = restore_at(&env, "restore-local", &all[0].0, "old.db");
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    for (at, burst, want) in &all[2..] {
+        restore_at(&env, "restore-local", at, "at.db").ok();
+        assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}");
+    }
+}

@@ -39,6 +39,12 @@ const POLL: Duration = Duration::from_millis(50);
 /// An idle stream writes an empty segment this often, so the restore
 /// window keeps up with the clock while nothing commits.
 const HEARTBEAT: Duration = Duration::from_secs(300);
+/// Shortest time between two of dr's checkpoints: often enough that a busy
+/// writer's WAL stays near `checkpoint_pages` (a long WAL slows every
+/// reader and writer of the database), rarely enough to be cheap.
+const CYCLE_SPACING: Duration = Duration::from_millis(200);
+/// Most frames dr copies while holding the database's write lock.
+const GATED_FRAMES: u64 = 2000;
 /// Longest wait between retries of a target that fails.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -558,7 +564,7 @@ impl Stream<'_> {
             let frames = self.cursor.map_or(0, |c| c.frame);
             if !full
                 && frames >= u64::from(self.policy.wal.checkpoint_pages)
-                && self.last_cycle.elapsed() >= sync
+                && self.last_cycle.elapsed() >= CYCLE_SPACING
                 && let Some(n) = self.checkpoint(gate)?
             {
                 self.seal()?;
@@ -629,14 +635,21 @@ impl Stream<'_> {
 
     /// Copies newly committed transactions into the open segment.
     fn consume(&mut self) -> Result<Option<Next>> {
+        self.consume_at_most(u64::MAX).map(|(n, _)| n)
+    }
+
+    /// [`Self::consume`], giving up (and copying nothing) when more than
+    /// about `max_frames` frames wait: the caller holds the write lock and
+    /// must not keep the application waiting for a large copy.
+    fn consume_at_most(&mut self, max_frames: u64) -> Result<(Option<Next>, bool)> {
         let p = pin::wal_path(self.db);
         let read = |e| Error::io(format!("cannot read {}", p.display()), e);
         let Some(f) = self.wal()? else {
-            return Ok(None);
+            return Ok((None, false));
         };
         let f = f.try_clone().map_err(read)?;
         let Some(h) = wal::read_header(&f).map_err(read)? else {
-            return Ok(None); // truncated by a checkpoint: nothing to read yet
+            return Ok((None, false)); // truncated by a checkpoint: nothing to read yet
         };
         let same = self
             .cursor
@@ -644,9 +657,9 @@ impl Stream<'_> {
         if !same {
             let expected_salt1 = self.cursor.map(|c| c.header.salt1.wrapping_add(1));
             if !self.restart_ok || expected_salt1.is_some_and(|s| s != h.salt1) {
-                return Ok(Some(Next::Restart(
+                return Ok((Some(Next::Restart(
                     "the WAL was restarted before dr had copied all of it".into(),
-                )));
+                )), false));
             }
             // A restart dr allowed: every frame of the old log is copied.
             self.seq_base = self.seq();
@@ -654,21 +667,24 @@ impl Stream<'_> {
             self.restart_ok = false;
         }
         let Some(cur) = self.cursor else {
-            return Ok(None);
+            return Ok((None, false));
         };
         if cur.header.page_size != h.page_size {
-            return Ok(Some(Next::Restart("the WAL page size changed".into())));
+            return Ok((Some(Next::Restart("the WAL page size changed".into())), false));
         }
         let looked = Utc::now();
-        let txns = wal::scan(&f, &cur).map_err(read)?;
+        let (txns, more) = wal::scan_at_most(&f, &cur, max_frames).map_err(read)?;
+        if more {
+            return Ok((None, true));
+        }
         self.seen_until = looked;
         if txns.is_empty() {
             // The log may have been cut below what was copied: that is a lost continuity.
             let len = f.metadata().map_err(read)?.len();
             if cur.frame > 0 && len < h.frame_offset(cur.frame + 1) {
-                return Ok(Some(Next::Restart("the WAL was truncated under dr".into())));
+                return Ok((Some(Next::Restart("the WAL was truncated under dr".into())), false));
             }
-            return Ok(None);
+            return Ok((None, false));
         }
         let now = Utc::now();
         for t in &txns {
@@ -684,7 +700,7 @@ impl Stream<'_> {
         if let Ok(mut st) = self.state.lock() {
             st.last_commit = Some(now);
         }
-        Ok(None)
+        Ok((None, false))
     }
 
     fn append(&mut self, f: &File, h: &WalHeader, t: &wal::Txn, now: DateTime<Utc>) -> Result<()> {
@@ -800,30 +816,29 @@ impl Stream<'_> {
     fn checkpoint(&mut self, gate: &Gate) -> Result<Option<Next>> {
         self.last_cycle = Instant::now();
         let db = self.db;
+        // Move the read mark up to the end of the log. Frames not yet
+        // copied stay in the file: a mark above zero forbids a restart.
+        gate.hold(|| {
+            pin::end_read(&self.reader, db)?;
+            pin::begin_read(&self.reader, db)
+        })?;
+        gate.checkpoint()?;
+        // Copy what is there without the lock, then the last few frames with it.
+        if let Some(n) = self.consume()? {
+            return Ok(Some(n));
+        }
         let mut lost = None;
         gate.hold(|| {
-            lost = self.consume()?;
-            if lost.is_none() {
-                pin::end_read(&self.reader, db)?;
-                pin::begin_read(&self.reader, db)?;
+            let (l, behind) = self.consume_at_most(GATED_FRAMES)?;
+            lost = l;
+            if lost.is_some() || behind {
+                return Ok(()); // too far behind to copy under the lock: next time
             }
-            Ok(())
-        })?;
-        if lost.is_some() {
-            return Ok(lost);
-        }
-        gate.checkpoint()?;
-        gate.hold(|| {
-            lost = self.consume()?;
-            if lost.is_some() {
-                return Ok(());
-            }
-            self.seal()?;
             pin::end_read(&self.reader, db)?;
             let complete = pin::checkpoint_passive(&self.reader, db)?;
             pin::begin_read(&self.reader, db)?;
             self.restart_ok = complete;
-            tracing::debug!(policy = %self.policy.name, complete, "checkpoint");
+            tracing::trace!(policy = %self.policy.name, complete, "checkpoint");
             Ok(())
         })?;
         Ok(lost)

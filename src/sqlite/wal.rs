@@ -130,8 +130,14 @@ impl Cursor {
 }
 
 /// Finds every committed transaction after `cur`, in order, without moving it.
-/// Reads in large blocks; memory is bounded by `max_block` plus one frame.
+/// Reads in 4 MiB blocks, so memory stays bounded.
 pub fn scan(f: &File, cur: &Cursor) -> io::Result<Vec<Txn>> {
+    scan_at_most(f, cur, u64::MAX).map(|(t, _)| t)
+}
+
+/// [`scan`], stopping after about `max_frames` frames; the flag says
+/// whether it stopped early (there may be more).
+pub fn scan_at_most(f: &File, cur: &Cursor, max_frames: u64) -> io::Result<(Vec<Txn>, bool)> {
     let h = cur.header;
     let flen = h.frame_len() as usize;
     let per_block = (4usize << 20).div_ceil(flen).max(1);
@@ -145,20 +151,20 @@ pub fn scan(f: &File, cur: &Cursor) -> io::Result<Vec<Txn>> {
         let got = read_at_most(f, &mut buf, off)?;
         let whole = got / flen;
         if whole == 0 {
-            return Ok(out);
+            return Ok((out, false));
         }
         for i in 0..whole {
             let fr = &buf[i * flen..(i + 1) * flen];
             if be32(&fr[8..12]) != h.salt1 || be32(&fr[12..16]) != h.salt2 {
-                return Ok(out);
+                return Ok((out, false));
             }
             let s = checksum(h.big_endian, &fr[0..8], sum);
             let s = checksum(h.big_endian, &fr[FRAME_HEADER_LEN as usize..], s);
             if s != (be32(&fr[16..20]), be32(&fr[20..24])) {
-                return Ok(out);
+                return Ok((out, false));
             }
             if be32(&fr[0..4]) == 0 {
-                return Ok(out);
+                return Ok((out, false));
             }
             sum = s;
             n += 1;
@@ -174,7 +180,10 @@ pub fn scan(f: &File, cur: &Cursor) -> io::Result<Vec<Txn>> {
             }
         }
         if whole < per_block {
-            return Ok(out);
+            return Ok((out, false));
+        }
+        if n - cur.frame >= max_frames {
+            return Ok((out, true));
         }
     }
 }

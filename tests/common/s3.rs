@@ -55,6 +55,18 @@ impl S3Server {
         s
     }
 
+    /// Starts a server on a given port (one a test pointed dr at while it was down).
+    pub fn start_on(root: &Path, bucket: &str, port: u16) -> S3Server {
+        std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
+        let mut s = S3Server {
+            root: root.to_path_buf(),
+            port,
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
     fn spawn(&mut self) {
         let child = Command::new(s3s_fs())
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
