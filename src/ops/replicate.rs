@@ -326,8 +326,10 @@ fn stream(cfg: &Config, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<Strea
     })?;
     spool.tidy();
     let state_path = StreamState::path(cfg, &policy.name);
-    let loaded = StreamState::load(&state_path);
-    let state = Arc::new(Mutex::new(loaded.clone().unwrap_or_default()));
+    // Only the shipping cursors carry over from an earlier run.
+    let state = Arc::new(Mutex::new(
+        StreamState::load(&state_path).unwrap_or_default(),
+    ));
     let (wake_shipper, wake_rx) = channel();
     let (new_base, base_rx) = channel::<String>();
     let draining = Arc::new(AtomicBool::new(false));
@@ -364,7 +366,6 @@ fn stream(cfg: &Config, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<Strea
             spool.clone(),
             &state_path,
             &state,
-            loaded,
             stop,
             wake_shipper.clone(),
             new_base,
@@ -388,7 +389,6 @@ fn run(
     spool: Spool,
     state_path: &Path,
     state: &Arc<Mutex<StreamState>>,
-    mut loaded: Option<StreamState>,
     stop: &AtomicBool,
     wake_shipper: Sender<()>,
     new_base: Sender<String>,
@@ -402,6 +402,7 @@ fn run(
         unshipped: 0,
     };
     // Each pass pins the database afresh; a pass ends on stop or on a lost continuity.
+    let mut why: Option<String> = None;
     loop {
         let reader = pin::open(db)?;
         let gate = Gate::open(db)?;
@@ -438,22 +439,16 @@ fn run(
             new_base: new_base.clone(),
             full_warned: None,
         };
-        match loaded.take().and_then(|prev| st.resume(&prev)) {
-            Some(g) => {
-                tracing::info!(policy = %policy.name, generation = %g, "continuing generation: the WAL still holds the last shipped frame");
-                st.generation = g;
-                st.publish(true)?;
-                // A target that has no backup in this generation yet gets one.
-                let _ = st.new_base.send(st.generation.clone());
-            }
-            None => st.start_generation("no streaming state on this host".into())?,
-        }
+        // A new generation on every start: commits made while no streamer
+        // watched have no exact time, so the windows must not claim them.
+        st.start_generation(why.take().unwrap_or_else(|| "dr replicate started".into()))?;
         let next = st.inner(&gate, stop);
         report = st.report.clone();
         match next? {
             Next::Stop => return Ok(report),
-            Next::Restart(why) => {
-                tracing::warn!(policy = %policy.name, "{why}: starting a new generation");
+            Next::Restart(reason) => {
+                tracing::warn!(policy = %policy.name, "{reason}: starting a new generation");
+                why = Some(reason);
                 drop(st);
             }
         }
@@ -461,40 +456,6 @@ fn run(
 }
 
 impl Stream<'_> {
-    /// Continues the previous run's generation if the WAL provably still
-    /// holds its last sealed frame; `None` means a new generation.
-    fn resume(&mut self, prev: &StreamState) -> Option<String> {
-        let cur = self.cursor?;
-        let salts = prev.salts?;
-        if prev.generation.is_empty() || salts != (cur.header.salt1, cur.header.salt2) {
-            return None;
-        }
-        // Segments sealed after the state was last written make it stale.
-        if self
-            .spool
-            .list()
-            .iter()
-            .any(|s| s.generation == prev.generation && s.last > prev.seq_base + prev.frame)
-        {
-            return None;
-        }
-        let mut at = Cursor::start(cur.header);
-        if prev.frame > 0 {
-            let f = File::open(pin::wal_path(self.db)).ok()?;
-            let txns = wal::scan(&f, &at).ok()?;
-            let t = txns.iter().find(|t| t.last == prev.frame)?;
-            if t.checksum != prev.checksum {
-                return None;
-            }
-            at.frame = t.last;
-            at.checksum = t.checksum;
-        }
-        self.restart_ok = at.frame == cur.frame;
-        self.cursor = Some(at);
-        self.seq_base = prev.seq_base;
-        Some(prev.generation.clone())
-    }
-
     fn start_generation(&mut self, why: String) -> Result<()> {
         self.generation = rwal::new_generation(Utc::now());
         self.seq_base = 0;
@@ -536,8 +497,11 @@ impl Stream<'_> {
         let sync = self.policy.wal.sync_interval;
         loop {
             if stop.load(Ordering::SeqCst) {
-                // Ship what is committed: one last look, then seal.
-                if let Some(n) = self.consume()? {
+                // Ship what is committed: one last look, then seal. With a
+                // full spool dr copies nothing (the next run starts afresh).
+                if self.full_warned.is_none()
+                    && let Some(n) = self.consume()?
+                {
                     self.seal()?;
                     return Ok(n);
                 }
@@ -549,7 +513,14 @@ impl Stream<'_> {
                 self.seal()?;
                 return Ok(n);
             }
+            let was_full = self.full_warned.is_some();
             let full = self.spool_full()?;
+            if was_full && !full && self.commits_waiting()? {
+                self.seal()?;
+                return Ok(Next::Restart(
+                    "the spool was full and dr stopped copying: commits made meanwhile have no exact time".into(),
+                ));
+            }
             if !full && let Some(n) = self.consume()? {
                 self.seal()?;
                 return Ok(n);
@@ -633,6 +604,16 @@ impl Stream<'_> {
         Ok(self.wal_file.as_ref().map(|(f, _)| f))
     }
 
+    /// Whether committed transactions wait in the WAL beyond what was copied.
+    fn commits_waiting(&mut self) -> Result<bool> {
+        let (Some(cur), Some(f)) = (self.cursor, self.wal()?) else {
+            return Ok(false);
+        };
+        let (txns, more) =
+            wal::scan_at_most(f, &cur, 1).map_err(|e| Error::io("reading the WAL", e))?;
+        Ok(more || !txns.is_empty())
+    }
+
     /// Copies newly committed transactions into the open segment.
     fn consume(&mut self) -> Result<Option<Next>> {
         self.consume_at_most(u64::MAX).map(|(n, _)| n)
@@ -657,9 +638,12 @@ impl Stream<'_> {
         if !same {
             let expected_salt1 = self.cursor.map(|c| c.header.salt1.wrapping_add(1));
             if !self.restart_ok || expected_salt1.is_some_and(|s| s != h.salt1) {
-                return Ok((Some(Next::Restart(
-                    "the WAL was restarted before dr had copied all of it".into(),
-                )), false));
+                return Ok((
+                    Some(Next::Restart(
+                        "the WAL was restarted before dr had copied all of it".into(),
+                    )),
+                    false,
+                ));
             }
             // A restart dr allowed: every frame of the old log is copied.
             self.seq_base = self.seq();
@@ -670,7 +654,10 @@ impl Stream<'_> {
             return Ok((None, false));
         };
         if cur.header.page_size != h.page_size {
-            return Ok((Some(Next::Restart("the WAL page size changed".into())), false));
+            return Ok((
+                Some(Next::Restart("the WAL page size changed".into())),
+                false,
+            ));
         }
         let looked = Utc::now();
         let (txns, more) = wal::scan_at_most(&f, &cur, max_frames).map_err(read)?;
@@ -682,7 +669,10 @@ impl Stream<'_> {
             // The log may have been cut below what was copied: that is a lost continuity.
             let len = f.metadata().map_err(read)?.len();
             if cur.frame > 0 && len < h.frame_offset(cur.frame + 1) {
-                return Ok((Some(Next::Restart("the WAL was truncated under dr".into())), false));
+                return Ok((
+                    Some(Next::Restart("the WAL was truncated under dr".into())),
+                    false,
+                ));
             }
             return Ok((None, false));
         }
