@@ -14,6 +14,7 @@ pub mod keys;
 pub mod lease;
 pub mod lock;
 pub mod ops;
+pub mod pg;
 pub mod repo;
 pub mod schedule;
 pub mod secret;
