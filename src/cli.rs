@@ -148,6 +148,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// PostgreSQL policies: pgBackRest set-up.
+    Pg {
+        #[command(subcommand)]
+        action: PgAction,
+    },
     /// Restore a policy from a local target.
     RestoreLocal(RestoreArgs),
     /// Restore a policy from an S3 target.
@@ -186,6 +191,18 @@ pub enum Command {
         target: Option<String>,
         #[arg(long, default_value_t = 0)]
         wait: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PgAction {
+    /// Write the pgBackRest config for POLICY into state_dir, turn on WAL
+    /// archiving (ALTER SYSTEM, or print what to add), create the stanza
+    /// and run pgBackRest's check.
+    Setup {
+        policy: String,
         #[arg(long)]
         json: bool,
     },
@@ -273,6 +290,26 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::BackupLocal(a) => backup(&cli.config, a, "local"),
         Command::BackupS3(a) => backup(&cli.config, a, "s3"),
         Command::Replicate { policies, json } => replicate(&cli.config, policies, *json),
+        Command::Pg {
+            action: PgAction::Setup { policy, json },
+        } => {
+            let cfg = config::load(&cli.config)?;
+            let r = ops::pg::setup(&cfg, cfg.policy(policy)?)?;
+            if *json {
+                return print_json(&r);
+            }
+            println!(
+                "{}: pgBackRest config {} (stanza {}), archive_command set{}",
+                r.policy,
+                r.config.display(),
+                r.stanza,
+                if r.checked { ", check passed" } else { "" }
+            );
+            for t in &r.todo {
+                println!("todo: {t}");
+            }
+            Ok(())
+        }
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
         Command::Info {
@@ -427,9 +464,6 @@ fn backup(config_path: &Path, a: &BackupArgs, kind: &'static str) -> Result<()> 
     let mut failures = Vec::new();
     let mut any_target = false;
     for p in &policies {
-        if a.policy.is_none() && !matches!(p.source, config::Source::Sqlite { .. }) {
-            continue;
-        }
         for t in filter(Some(kind), a.target.as_ref()).select(&cfg, p)? {
             any_target = true;
             let pb = progress(a.json, &format!("{} -> {}", p.name, t.name));
@@ -518,6 +552,21 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
             )));
         }
     };
+    if let config::Source::Postgres { .. } = p.source {
+        let r = ops::pg::restore(&cfg, p, t, &a.to, a.at, a.backup.as_deref(), a.force)?;
+        if a.json {
+            return print_json(&r);
+        }
+        println!(
+            "restored {} from {} into {} in {:.1}s\n{}",
+            p.name,
+            t.name,
+            r.to.display(),
+            r.seconds,
+            r.start
+        );
+        return Ok(());
+    }
     let opts = ops::restore::RestoreOptions {
         to: a.to.clone(),
         backup: a.backup.clone(),

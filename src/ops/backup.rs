@@ -59,6 +59,16 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &ProgressBar,
 ) -> Result<BackupReport> {
+    if let crate::config::Source::Postgres { .. } = policy.source {
+        let _lock = Lock::acquire(
+            &cfg.state_dir,
+            &policy.name,
+            &target.name,
+            "backup",
+            opts.lock_wait,
+        )?;
+        return super::pg::backup(cfg, policy, target, opts.kind);
+    }
     let db = sqlite_path(policy)?;
     let started = Instant::now();
     let _lock = Lock::acquire(

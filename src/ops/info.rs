@@ -159,7 +159,31 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
                 wal: None,
                 error: None,
             };
-            if matches!(p.source, Source::Sqlite { .. }) {
+            if matches!(p.source, Source::Postgres { .. }) {
+                match super::pg::list(cfg, p, t) {
+                    Ok(list) => {
+                        for b in list {
+                            ti.backups.push(BackupInfo {
+                                kind: if b.kind == "full" {
+                                    BackupType::Full
+                                } else {
+                                    BackupType::Diff
+                                },
+                                label: b.label,
+                                parent: b.prior,
+                                timestamp_start: b.start,
+                                timestamp_stop: b.stop,
+                                size: b.size,
+                                stored_size: b.repo_size.unwrap_or(0),
+                                error: b.error.then(|| {
+                                    "pgBackRest reports errors in this backup".to_string()
+                                }),
+                            });
+                        }
+                    }
+                    Err(e) => ti.error = Some(e.to_string()),
+                }
+            } else if matches!(p.source, Source::Sqlite { .. }) {
                 match collect(cfg, t, p, &mut ti) {
                     Ok(()) => {}
                     Err(e) => {

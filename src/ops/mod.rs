@@ -3,6 +3,7 @@
 pub mod backup;
 pub mod expire;
 pub mod info;
+pub mod pg;
 pub mod replicate;
 pub mod restore;
 pub mod verify;

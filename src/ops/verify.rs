@@ -35,8 +35,19 @@ pub fn verify(
     identity: Option<&Path>,
     progress: &ProgressBar,
 ) -> Result<Verified> {
-    super::sqlite_path(policy)?;
     let started = std::time::Instant::now();
+    if let crate::config::Source::Postgres { .. } = policy.source {
+        super::pg::verify(cfg, policy, target)?;
+        return Ok(Verified {
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            label: label.unwrap_or("repository").to_string(),
+            ok: true,
+            error: None,
+            seconds: started.elapsed().as_secs_f64(),
+        });
+    }
+    super::sqlite_path(policy)?;
     let store = storage::open(target, &cfg.state_dir)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),

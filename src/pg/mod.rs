@@ -7,3 +7,4 @@
 
 pub mod conf;
 pub mod info;
+pub mod run;

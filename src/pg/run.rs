@@ -1,0 +1,286 @@
+//! Running pgBackRest for a policy: its configuration file written fresh
+//! from dr's config, and every command run as the cluster's OS user.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use age::secrecy::ExposeSecret;
+
+use super::conf::{self, PgConf, Repo, S3Repo};
+use crate::config::{Config, Policy, Source, TargetKind};
+use crate::error::{Error, Result};
+
+/// A policy's pgBackRest, ready to run.
+#[derive(Debug)]
+pub struct PgBackRest {
+    pub bin: PathBuf,
+    pub conf: PathBuf,
+    pub stanza: String,
+    pub run_as: Option<String>,
+    /// Target names in repository order: `repo` N is `targets[N - 1]`.
+    pub targets: Vec<String>,
+}
+
+/// Where pgBackRest is, or how to install it.
+pub fn find_bin() -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    path.split(':')
+        .map(|d| Path::new(d).join("pgbackrest"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            Error::NotFound(
+                "pgBackRest is not installed (no `pgbackrest` on PATH): install it with `apt-get install -y pgbackrest` (Debian/Ubuntu) or `dnf install pgbackrest` (PGDG), then run `dr pg setup POLICY`".into(),
+            )
+        })
+}
+
+/// (uid, gid) of an OS user, from /etc/passwd.
+fn user_ids(user: &str) -> Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| Error::io("cannot read /etc/passwd", e))?;
+    passwd
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.len() > 3 && f[0] == user)
+                .then(|| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+                .flatten()
+        })
+        .ok_or_else(|| {
+            Error::Other(format!(
+                "run_as = \"{user}\": there is no such OS user on this host"
+            ))
+        })
+}
+
+fn is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Makes a directory owned by the user pgBackRest runs as.
+fn own_dir(dir: &Path, ids: Option<(u32, u32)>) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    if let Some((u, g)) = ids {
+        std::os::unix::fs::chown(dir, Some(u), Some(g))
+            .map_err(|e| Error::io(format!("cannot chown {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+fn secret(path: &Option<PathBuf>, env: &str, what: &str, target: &str) -> Result<String> {
+    match path {
+        Some(p) => Ok(crate::secret::read_secret(p)?.expose_secret().trim().to_string()),
+        None => std::env::var(env).map_err(|_| {
+            Error::Other(format!(
+                "target '{target}': pgBackRest needs the {what}: set {what}_file in the target, or {env}"
+            ))
+        }),
+    }
+}
+
+/// Writes the policy's pgBackRest configuration (mode 0600, owned by
+/// `run_as`) and the directories it names.
+pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
+    let Source::Postgres {
+        stanza,
+        data_dir,
+        socket_dir,
+        port,
+        user,
+        run_as,
+        cipher_pass_file,
+    } = &policy.source
+    else {
+        return Err(Error::Other(format!(
+            "policy '{}' is not a PostgreSQL policy",
+            policy.name
+        )));
+    };
+    let bin = find_bin()?;
+    let ids = match run_as {
+        Some(u) if is_root() => Some(user_ids(u)?),
+        _ => None,
+    };
+    let state = cfg.state_dir.join("pg").join(&policy.name);
+    for d in ["", "lock", "log", "spool"] {
+        own_dir(&state.join(d), ids)?;
+    }
+    let cipher_pass = match cipher_pass_file {
+        Some(p) => Some(crate::secret::read_secret(p)?.expose_secret().to_string()),
+        None if policy.encrypted => {
+            return Err(Error::Config(vec![crate::config::Diagnostic {
+                file: policy.file.clone(),
+                line: None,
+                message: format!(
+                    "policy '{}': PostgreSQL backups are encrypted by pgBackRest: set [source] cipher_pass_file (a file with a long random passphrase, mode 0600), or encryption = \"none\"",
+                    policy.name
+                ),
+            }]));
+        }
+        None => None,
+    };
+    let mut repos = Vec::new();
+    for name in &policy.targets {
+        let t = cfg.target(name)?;
+        repos.push(match &t.kind {
+            TargetKind::Local { path } => {
+                let p = path.join(&policy.name).join("pgbackrest");
+                own_dir(&p, ids)?;
+                Repo::Posix { path: p }
+            }
+            TargetKind::S3(s) => {
+                let (host, port) =
+                    conf::endpoint(s.endpoint.as_deref().unwrap_or("https://s3.amazonaws.com"))
+                        .map_err(|e| Error::Other(format!("target '{name}': {e}")))?;
+                let prefix = s.prefix.trim_matches('/');
+                Repo::S3(S3Repo {
+                    host,
+                    port,
+                    bucket: s.bucket.clone(),
+                    region: s.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    path: if prefix.is_empty() {
+                        format!("/{}/pgbackrest", policy.name)
+                    } else {
+                        format!("/{prefix}/{}/pgbackrest", policy.name)
+                    },
+                    path_style: s.path_style,
+                    key: secret(
+                        &s.access_key_id_file,
+                        "AWS_ACCESS_KEY_ID",
+                        "access_key_id",
+                        name,
+                    )?,
+                    key_secret: secret(
+                        &s.secret_access_key_file,
+                        "AWS_SECRET_ACCESS_KEY",
+                        "secret_access_key",
+                        name,
+                    )?,
+                    ca_file: s.ca_file.clone(),
+                })
+            }
+        });
+    }
+    let text = conf::render(&PgConf {
+        stanza: stanza.clone(),
+        data_dir: data_dir.clone(),
+        port: *port,
+        socket_dir: socket_dir.clone(),
+        user: user.clone(),
+        repos,
+        retention_full: policy.retention.full,
+        retention_diff: policy.retention.diff,
+        cipher_pass,
+        compress_level: policy.compression_level,
+        state: state.clone(),
+    });
+    let path = state.join("pgbackrest.conf");
+    let tmp = state.join(".pgbackrest.conf.tmp");
+    let werr = |e| Error::io(format!("cannot write {}", tmp.display()), e);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode_0600()
+            .open(&tmp)
+            .map_err(werr)?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(werr)?;
+    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(werr)?;
+    if let Some((u, g)) = ids {
+        std::os::unix::fs::chown(&tmp, Some(u), Some(g)).map_err(werr)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(werr)?;
+    Ok(PgBackRest {
+        bin,
+        conf: path,
+        stanza: stanza.clone(),
+        run_as: if ids.is_some() { run_as.clone() } else { None },
+        targets: policy.targets.clone(),
+    })
+}
+
+trait Mode0600 {
+    fn mode_0600(&mut self) -> &mut Self;
+}
+
+impl Mode0600 for std::fs::OpenOptions {
+    fn mode_0600(&mut self) -> &mut Self {
+        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
+    }
+}
+
+impl PgBackRest {
+    /// The repository number of a target.
+    pub fn repo_of(&self, target: &str) -> Option<usize> {
+        self.targets.iter().position(|t| t == target).map(|i| i + 1)
+    }
+
+    /// The command line: `pgbackrest --config=FILE --stanza=S ARGS`, as `run_as`.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = match &self.run_as {
+            Some(u) => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", u, "--"]).arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        c.arg(format!("--config={}", self.conf.display()))
+            .arg(format!("--stanza={}", self.stanza))
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs a command to completion; a failure carries pgBackRest's own
+    /// error lines with what to do.
+    pub fn run(&self, what: &str, args: &[&str]) -> Result<Output> {
+        let out = self
+            .command(args)
+            .output()
+            .map_err(|e| Error::io(format!("cannot run {}", self.bin.display()), e))?;
+        if out.status.success() {
+            return Ok(out);
+        }
+        Err(Error::Other(explain(what, &self.stanza, &out)))
+    }
+}
+
+/// pgBackRest's error, with the advice dr can give for the usual causes.
+fn explain(what: &str, stanza: &str, out: &Output) -> String {
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("ERROR") || l.contains("HINT"))
+        .collect();
+    let detail = if errors.is_empty() {
+        text.lines().last().unwrap_or("").to_string()
+    } else {
+        errors.join("; ")
+    };
+    let advice = if text.contains("archive_command") || text.contains("archive-push") {
+        " (archiving is not set up or failing: run `dr pg setup POLICY`, then restart PostgreSQL if it says so)"
+    } else if text.contains("unable to acquire lock") {
+        " (another pgBackRest command holds this stanza's lock: wait for it to finish)"
+    } else if text.contains("TLS") || text.contains("certificate") {
+        " (the S3 TLS set-up is wrong: the endpoint must be https with a host name in the certificate, and ca_file must hold the CA that signed it)"
+    } else if text.contains("does not exist") && text.contains("stanza") {
+        " (run `dr pg setup POLICY` first)"
+    } else {
+        ""
+    };
+    format!("pgbackrest {what} for stanza '{stanza}' failed: {detail}{advice}")
+}

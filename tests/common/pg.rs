@@ -1,0 +1,184 @@
+//! A throwaway PostgreSQL 15 cluster for tests, run as the `postgres` OS
+//! user on a free port with its socket in the test's own directory.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct PgCluster {
+    pub data: PathBuf,
+    pub sock: PathBuf,
+    pub port: u16,
+    log: PathBuf,
+}
+
+fn as_postgres(args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .args(args)
+        .output()
+        .expect("runuser (PostgreSQL tests run as root)")
+}
+
+/// Makes `dir` and its parents traversable, and `dir` owned by postgres.
+pub fn give_to_postgres(dir: &Path) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(m) = std::fs::metadata(d) {
+            let mode = m.permissions().mode() | 0o011;
+            let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode));
+        }
+        p = d.parent();
+    }
+    let st = Command::new("chown")
+        .args(["-R", "postgres:postgres"])
+        .arg(dir)
+        .status()
+        .expect("chown");
+    assert!(st.success());
+}
+
+impl PgCluster {
+    /// initdb + start, with archiving off (dr's setup turns it on).
+    pub fn start(dir: &Path) -> PgCluster {
+        let data = dir.join("data");
+        let sock = dir.join("sock");
+        give_to_postgres(dir);
+        std::fs::create_dir_all(&sock).expect("sock");
+        give_to_postgres(&sock);
+        let out = as_postgres(&[
+            "initdb",
+            "-D",
+            &data.display().to_string(),
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--locale=C",
+        ]);
+        assert!(
+            out.status.success(),
+            "initdb: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = super::s3::free_port();
+        let conf = format!(
+            "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\n",
+            sock.display()
+        );
+        let mut text = std::fs::read_to_string(data.join("postgresql.conf")).expect("conf");
+        text.push_str(&conf);
+        std::fs::write(data.join("postgresql.conf"), text).expect("conf");
+        let c = PgCluster {
+            log: dir.join("pg.log"),
+            data,
+            sock,
+            port,
+        };
+        give_to_postgres(dir);
+        c.pg_ctl("start");
+        c
+    }
+
+    pub fn pg_ctl(&self, action: &str) {
+        let out = as_postgres(&[
+            "pg_ctl",
+            "-D",
+            &self.data.display().to_string(),
+            "-l",
+            &self.log.display().to_string(),
+            "-w",
+            "-t",
+            "60",
+            action,
+        ]);
+        assert!(
+            out.status.success(),
+            "pg_ctl {action}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        sql_at(&self.sock, self.port, sql)
+    }
+}
+
+pub fn sql_at(sock: &Path, port: u16, sql: &str) -> String {
+    let out = as_postgres(&[
+        "psql",
+        "-h",
+        &sock.display().to_string(),
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        "postgres",
+        "-XAtq",
+        "-v",
+        "ON_ERROR_STOP=1",
+        "-c",
+        sql,
+    ]);
+    assert!(
+        out.status.success(),
+        "psql {sql}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Starts a restored data directory on a new port and waits out recovery.
+pub fn start_restored(data: &Path, sock: &Path, log: &Path) -> u16 {
+    let port = super::s3::free_port();
+    let out = as_postgres(&[
+        "pg_ctl",
+        "-D",
+        &data.display().to_string(),
+        "-l",
+        &log.display().to_string(),
+        "-w",
+        "-t",
+        "120",
+        "-o",
+        &format!("-p {port} -k {}", sock.display()),
+        "start",
+    ]);
+    assert!(
+        out.status.success(),
+        "start restored: {} {}",
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while sql_at(sock, port, "select pg_is_in_recovery()") != "f" {
+        assert!(
+            Instant::now() < deadline,
+            "restored cluster stays in recovery"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    port
+}
+
+pub fn stop(data: &Path) {
+    let _ = as_postgres(&[
+        "pg_ctl",
+        "-D",
+        &data.display().to_string(),
+        "-m",
+        "immediate",
+        "-w",
+        "stop",
+    ]);
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        stop(&self.data);
+    }
+}

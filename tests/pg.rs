@@ -1,0 +1,176 @@
+//! PostgreSQL through pgBackRest, against a real PostgreSQL 15 cluster and
+//! the real pgbackrest binary, driven through the real `dr` binary.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::Env;
+use common::pg::{PgCluster, give_to_postgres, sql_at, start_restored, stop};
+
+/// An env whose only policy is a postgres one for `cluster`.
+fn pg_env(cluster: &PgCluster, extra: &str) -> Env {
+    let env = Env::new("");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm");
+    let pass = env.path("cipher.pass");
+    std::fs::write(&pass, "a-long-random-test-passphrase-0123456789\n").expect("pass");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(
+        env.path("policies/main-pg.toml"),
+        format!(
+            "name = \"main-pg\"\ntargets = [\"local\"]\n[source]\nkind = \"postgres\"\nstanza = \"main\"\ndata_dir = \"{}\"\nsocket_dir = \"{}\"\nport = {}\nuser = \"postgres\"\nrun_as = \"postgres\"\ncipher_pass_file = \"{}\"\n{extra}",
+            cluster.data.display(),
+            cluster.sock.display(),
+            cluster.port,
+            pass.display()
+        ),
+    )
+    .expect("policy");
+    // The repository and state live where the postgres user can reach them.
+    let root = env.dir.path();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    env
+}
+
+fn setup(env: &Env, cluster: &PgCluster) {
+    let mut r = env.dr(&["pg", "setup", "main-pg", "--json"]).ok();
+    if r.json()["restart_needed"] == true {
+        cluster.pg_ctl("restart");
+        r = env.dr(&["pg", "setup", "main-pg", "--json"]).ok();
+    }
+    assert_eq!(r.json()["checked"], true, "{}\n{}", r.stdout, r.stderr);
+}
+
+#[test]
+fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "[retention]\nfull = 1\n");
+    setup(&env, &cluster);
+    cluster.sql("CREATE TABLE marks(id int primary key, note text)");
+    cluster.sql("INSERT INTO marks SELECT g, 'before' FROM generate_series(1, 1000) g");
+
+    let full = env
+        .dr(&["backup-local", "main-pg", "--type", "full", "--json"])
+        .ok()
+        .json();
+    assert_eq!(full[0]["type"], "full", "{full}");
+    cluster.sql("INSERT INTO marks SELECT g, 'diff' FROM generate_series(1001, 2000) g");
+    let diff = env.dr(&["backup-local", "main-pg", "--json"]).ok().json();
+    assert_eq!(diff[0]["type"], "diff", "{diff}");
+    assert_eq!(diff[0]["parent"], full[0]["label"]);
+
+    // The instant to restore to, between two commits.
+    std::thread::sleep(Duration::from_millis(1100));
+    let at = cluster.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
+    std::thread::sleep(Duration::from_millis(1100));
+    cluster.sql("INSERT INTO marks VALUES (5000, 'after')");
+    cluster.sql("SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_millis(1500));
+
+    // info: both backups on the local target, chain and sizes.
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let backups = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backups.len(), 2, "{info}");
+    assert!(
+        backups
+            .iter()
+            .all(|b| b["size"].as_u64().is_some_and(|s| s > 0)),
+        "{info}"
+    );
+
+    // A new full expires the old chain (retention.full = 1).
+    env.dr(&["backup-local", "main-pg", "--type", "full"]).ok();
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let backups = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backups.len(), 1, "{info}");
+
+    // Point-in-time restore into a new directory, started on its own port.
+    let to = dir.path().join("restored");
+    give_to_postgres(&to);
+    let r = env.dr(&[
+        "restore-local",
+        "main-pg",
+        "--to",
+        &to.display().to_string(),
+        "--at",
+        &at,
+    ]);
+    // The only backup left is newer than the instant: pgBackRest must say so.
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    std::fs::remove_dir_all(&to).ok();
+    give_to_postgres(&to);
+    std::thread::sleep(Duration::from_millis(2100));
+    let later = cluster.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
+    std::thread::sleep(Duration::from_millis(1100));
+    cluster.sql("INSERT INTO marks VALUES (6000, 'too late')");
+    cluster.sql("SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = env
+        .dr(&[
+            "restore-local",
+            "main-pg",
+            "--to",
+            &to.display().to_string(),
+            "--at",
+            &later,
+        ])
+        .ok();
+    assert!(r.stdout.contains("pg_ctl"), "{}", r.stdout);
+    let port = start_restored(
+        &to,
+        &cluster.sock,
+        &dir.path().join("pg").join("restored.log"),
+    );
+    let count = sql_at(
+        &cluster.sock,
+        port,
+        "SELECT count(*) FROM marks WHERE id <= 5000",
+    );
+    let late = sql_at(
+        &cluster.sock,
+        port,
+        "SELECT count(*) FROM marks WHERE id = 6000",
+    );
+    stop(&to);
+    assert_eq!(count, "2001", "rows before the instant must be there");
+    assert_eq!(late, "0", "the row after the instant must not");
+}
+
+#[test]
+fn a_missing_cipher_pass_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "");
+    std::fs::remove_file(env.path("cipher.pass")).expect("rm");
+    let r = env.dr(&["pg", "setup", "main-pg"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("cipher.pass"), "{}", r.stderr);
+    assert!(!Path::new(&env.path("state/pg/main-pg/pgbackrest.conf")).exists());
+}
+
+#[test]
+fn pgbackrest_absent_from_path_says_how_to_install_it() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "");
+    let out = std::process::Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["backup-local", "main-pg"])
+        .env("PATH", "/nonexistent")
+        .output()
+        .expect("dr");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{err}");
+    assert!(err.contains("apt-get install -y pgbackrest"), "{err}");
+}
