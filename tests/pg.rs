@@ -30,7 +30,6 @@ fn pg_env(cluster: &PgCluster, extra: &str) -> Env {
     .expect("policy");
     // The repository and state live where the postgres user can reach them.
     let root = env.dir.path();
-    use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     env
 }
