@@ -173,3 +173,54 @@ fn pgbackrest_absent_from_path_says_how_to_install_it() {
     assert_eq!(out.status.code(), Some(5), "{err}");
     assert!(err.contains("apt-get install -y pgbackrest"), "{err}");
 }
+
+#[test]
+fn backup_and_point_in_time_restore_through_an_s3_target_behind_tls() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = common::s3::S3Server::start(&dir.path().join("s3"), "pgbucket");
+    let proxy = common::s3::TlsProxy::start(&dir.path().join("tls"), server.port);
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "");
+    let toml = common::s3::target_toml(
+        env.dir.path(),
+        "s3",
+        &proxy.endpoint(),
+        "pgbucket",
+        common::s3::SECRET_KEY,
+    ) + &format!("region = \"us-east-1\"\nca_file = \"{}\"\n", proxy.ca.display());
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/main-pg.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(&policy, text.replace("targets = [\"local\"]", "targets = [\"s3\"]"))
+        .expect("policy");
+    // pgBackRest reads the CA file as the postgres user.
+    give_to_postgres(&dir.path().join("tls"));
+
+    setup(&env, &cluster);
+    cluster.sql("CREATE TABLE marks(id int primary key)");
+    cluster.sql("INSERT INTO marks SELECT generate_series(1, 500)");
+    let r = env.dr(&["backup-s3", "main-pg", "--json"]).ok().json();
+    assert_eq!(r[0]["type"], "full", "{r}");
+    assert_eq!(r[0]["target"], "s3");
+    std::thread::sleep(Duration::from_millis(1100));
+    let at = cluster.sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US')");
+    std::thread::sleep(Duration::from_millis(1100));
+    cluster.sql("INSERT INTO marks VALUES (9999)");
+    cluster.sql("SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_millis(1500));
+    let info = env.dr(&["info", "--json"]).ok().json();
+    assert_eq!(
+        info["policies"][0]["targets"][0]["backups"].as_array().map(|b| b.len()),
+        Some(1),
+        "{info}"
+    );
+    let to = dir.path().join("restored");
+    give_to_postgres(&to);
+    env.dr(&["restore-s3", "main-pg", "--to", &to.display().to_string(), "--at", &at])
+        .ok();
+    let port = start_restored(&to, &cluster.sock, &dir.path().join("pg").join("restored.log"));
+    let n = sql_at(&cluster.sock, port, "SELECT count(*) FROM marks");
+    stop(&to);
+    assert_eq!(n, "500");
+}
