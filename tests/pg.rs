@@ -187,13 +187,19 @@ fn backup_and_point_in_time_restore_through_an_s3_target_behind_tls() {
         &proxy.endpoint(),
         "pgbucket",
         common::s3::SECRET_KEY,
-    ) + &format!("region = \"us-east-1\"\nca_file = \"{}\"\n", proxy.ca.display());
+    ) + &format!(
+        "region = \"us-east-1\"\nca_file = \"{}\"\n",
+        proxy.ca.display()
+    );
     let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
     std::fs::write(env.config(), cfg).expect("cfg");
     let policy = env.path("policies/main-pg.toml");
     let text = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(&policy, text.replace("targets = [\"local\"]", "targets = [\"s3\"]"))
-        .expect("policy");
+    std::fs::write(
+        &policy,
+        text.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
+    )
+    .expect("policy");
     // pgBackRest reads the CA file as the postgres user.
     give_to_postgres(&dir.path().join("tls"));
 
@@ -211,15 +217,28 @@ fn backup_and_point_in_time_restore_through_an_s3_target_behind_tls() {
     std::thread::sleep(Duration::from_millis(1500));
     let info = env.dr(&["info", "--json"]).ok().json();
     assert_eq!(
-        info["policies"][0]["targets"][0]["backups"].as_array().map(|b| b.len()),
+        info["policies"][0]["targets"][0]["backups"]
+            .as_array()
+            .map(|b| b.len()),
         Some(1),
         "{info}"
     );
     let to = dir.path().join("restored");
     give_to_postgres(&to);
-    env.dr(&["restore-s3", "main-pg", "--to", &to.display().to_string(), "--at", &at])
-        .ok();
-    let port = start_restored(&to, &cluster.sock, &dir.path().join("pg").join("restored.log"));
+    env.dr(&[
+        "restore-s3",
+        "main-pg",
+        "--to",
+        &to.display().to_string(),
+        "--at",
+        &at,
+    ])
+    .ok();
+    let port = start_restored(
+        &to,
+        &cluster.sock,
+        &dir.path().join("pg").join("restored.log"),
+    );
     let n = sql_at(&cluster.sock, port, "SELECT count(*) FROM marks");
     stop(&to);
     assert_eq!(n, "500");

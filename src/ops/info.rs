@@ -119,6 +119,11 @@ pub struct BackupInfo {
     /// Set when the manifest is damaged; the backup cannot be restored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// PostgreSQL: the first and last WAL segment the backup needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_stop: Option<String>,
 }
 
 fn source_info(p: &Policy) -> SourceInfo {
@@ -178,6 +183,8 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
                                 error: b.error.then(|| {
                                     "pgBackRest reports errors in this backup".to_string()
                                 }),
+                                archive_start: b.archive_start,
+                                archive_stop: b.archive_stop,
                             });
                         }
                     }
@@ -236,6 +243,8 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
                     size: m.plain_size(),
                     stored_size: m.stored_size(),
                     error: None,
+                    archive_start: None,
+                    archive_stop: None,
                 }
             }),
             Err(e) => ti.backups.push(BackupInfo {
@@ -248,6 +257,8 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
                 size: 0,
                 stored_size: 0,
                 error: Some(e.to_string()),
+                archive_start: None,
+                archive_stop: None,
             }),
         }
     }
