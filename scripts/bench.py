@@ -87,6 +87,17 @@ def main():
     if os.environ.get("BENCH_ONLY") == "wal":
         wal_only()
         return
+    if os.environ.get("BENCH_ONLY") == "pg":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_pg
+        rows = bench_pg.rows(DR, WORK, RUNS)
+        head = ("case", "pgBackRest by hand", "through dr", "overhead", "target", "-", "-")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        text = "\n".join(lines) + "\n"
+        open(os.path.join(WORK, "results-pg.md"), "w").write(text)
+        print(text)
+        return
     db = os.path.join(WORK, f"bench-{GIB:g}g.db")
     make_db(db, GIB)
     d, key, rec = setup("cmp", db)
@@ -158,6 +169,10 @@ def main():
 
     if os.environ.get("BENCH_S3", "1") != "0":
         rows += s3_rows(db)
+    if os.environ.get("BENCH_PG", "1") != "0":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_pg
+        rows += bench_pg.rows(DR, WORK, RUNS)
     if os.environ.get("BENCH_WAL", "1") != "0":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_wal
