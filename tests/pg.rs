@@ -243,3 +243,26 @@ fn backup_and_point_in_time_restore_through_an_s3_target_behind_tls() {
     stop(&to);
     assert_eq!(n, "500");
 }
+
+#[test]
+fn restore_never_overwrites_a_directory_or_a_running_cluster() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "");
+    let data = cluster.data.display().to_string();
+    let r = env.dr(&["restore-local", "main-pg", "--to", &data]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("not empty") && r.stderr.contains("--force"),
+        "{}",
+        r.stderr
+    );
+    let r = env.dr(&["restore-local", "main-pg", "--to", &data, "--force"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("stop PostgreSQL first"), "{}", r.stderr);
+    assert_eq!(
+        cluster.sql("SELECT 1"),
+        "1",
+        "the running cluster is untouched"
+    );
+}

@@ -190,9 +190,8 @@ pub fn backup(
             policy.name, target.name
         ))
     })?;
-    let before: Vec<String> = backups(&rb)
-        .map(|b| b.into_iter().map(|b| b.label).collect())
-        .unwrap_or_default();
+    // The label pgBackRest gives a backup is its start time (to the second).
+    let started_at = Utc::now() - chrono::Duration::seconds(1);
     let repo_arg = format!("--repo={repo}");
     let type_arg = match kind {
         Some(BackupType::Full) => "--type=full",
@@ -203,8 +202,7 @@ pub fn backup(
     let after = backups(&rb)?;
     let Some(new) = after
         .iter()
-        .rfind(|b| b.repo as usize == repo && !before.contains(&b.label))
-        .or_else(|| after.iter().rfind(|b| b.repo as usize == repo))
+        .rfind(|b| b.repo as usize == repo && b.start >= started_at)
     else {
         return Err(Error::Other(format!(
             "pgbackrest backup of stanza '{}' reported success but no backup is listed on repo {repo}",
@@ -218,11 +216,6 @@ pub fn backup(
     };
     let note = (type_arg == "--type=diff" && kind == BackupType::Full)
         .then(|| "no full backup existed in this repository: pgBackRest took a full".to_string());
-    let expired: Vec<String> = before
-        .iter()
-        .filter(|l| !after.iter().any(|b| &b.label == *l))
-        .cloned()
-        .collect();
     Ok(BackupReport {
         policy: policy.name.clone(),
         target: target.name.clone(),
@@ -235,7 +228,8 @@ pub fn backup(
         stored_size: new.repo_size.unwrap_or(0),
         seconds: started.elapsed().as_secs_f64(),
         note,
-        expired,
+        // pgBackRest expired by retention itself; `dr info` shows what is left.
+        expired: Vec::new(),
     })
 }
 
