@@ -49,6 +49,7 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
     let cluster = PgCluster::start(&dir.path().join("pg"));
     let env = pg_env(&cluster, "[retention]\nfull = 1\n");
     setup(&env, &cluster);
+    cluster.pgbench(&["-i", "-s", "2", "-q"]);
     cluster.sql("CREATE TABLE marks(id int primary key, note text)");
     cluster.sql("INSERT INTO marks SELECT g, 'before' FROM generate_series(1, 1000) g");
 
@@ -57,6 +58,7 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
         .ok()
         .json();
     assert_eq!(full[0]["type"], "full", "{full}");
+    cluster.pgbench(&["-T", "2", "-c", "2"]);
     cluster.sql("INSERT INTO marks SELECT g, 'diff' FROM generate_series(1001, 2000) g");
     let diff = env.dr(&["backup-local", "main-pg", "--json"]).ok().json();
     assert_eq!(diff[0]["type"], "diff", "{diff}");

@@ -102,6 +102,21 @@ impl PgCluster {
         );
     }
 
+    /// Runs pgbench with these arguments against the cluster.
+    pub fn pgbench(&self, args: &[&str]) {
+        let sock = self.sock.display().to_string();
+        let port = self.port.to_string();
+        let mut all = vec!["pgbench", "-h", &sock, "-p", &port];
+        all.extend_from_slice(args);
+        all.push("postgres");
+        let out = as_postgres(&all);
+        assert!(
+            out.status.success(),
+            "pgbench: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     pub fn sql(&self, sql: &str) -> String {
         sql_at(&self.sock, self.port, sql)
     }
