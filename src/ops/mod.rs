@@ -65,7 +65,7 @@ pub fn sqlite_path(policy: &Policy) -> Result<&std::path::Path> {
     match &policy.source {
         Source::Sqlite { path } => Ok(path),
         Source::Postgres { .. } => Err(Error::Other(format!(
-            "policy '{}' is a PostgreSQL policy: pgBackRest support is not in this build of dr yet",
+            "policy '{}' is a PostgreSQL policy: this works on SQLite policies only (PostgreSQL goes through pgBackRest: see `dr pg setup`)",
             policy.name
         ))),
     }
