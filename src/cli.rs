@@ -153,6 +153,12 @@ pub enum Command {
         #[command(subcommand)]
         action: PgAction,
     },
+    /// Run every policy's schedules ([schedule] full/diff/verify, UTC), the
+    /// WAL streamers, and /healthz + /metrics on daemon.listen, until
+    /// SIGTERM or Ctrl-C. SIGHUP reloads the config (an invalid one is
+    /// logged and the running one kept). Runs missed while the daemon was
+    /// down run at start-up.
+    Daemon,
     /// Restore a policy from a local target.
     RestoreLocal(RestoreArgs),
     /// Restore a policy from an S3 target.
@@ -309,6 +315,17 @@ pub fn run(cli: Cli) -> Result<()> {
                 println!("todo: {t}");
             }
             Ok(())
+        }
+        Command::Daemon => {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let hup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register(sig, stop.clone())
+                    .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
+            }
+            signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+                .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
+            crate::daemon::run(&cli.config, &stop, &hup)
         }
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),

@@ -1,0 +1,277 @@
+//! `dr daemon`: every policy's work on schedule, the WAL streamers, and an
+//! HTTP endpoint saying whether backups are fresh. It calls the same ops as
+//! the CLI and has no backup logic of its own.
+
+pub mod history;
+pub mod http;
+
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{self, Config, Policy};
+use crate::error::{Error, Result};
+use crate::ops::{self, TargetFilter};
+use crate::repo::BackupType;
+use crate::schedule::CronSpec;
+use history::{History, Run};
+
+/// What a scheduled job does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Full,
+    Diff,
+    Verify,
+}
+
+impl JobKind {
+    pub fn word(self) -> &'static str {
+        match self {
+            JobKind::Full => "full",
+            JobKind::Diff => "diff",
+            JobKind::Verify => "verify",
+        }
+    }
+}
+
+/// One schedule of one policy.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub policy: String,
+    pub kind: JobKind,
+    pub spec: CronSpec,
+    pub next: DateTime<Utc>,
+}
+
+/// How long a schedule's runs are apart, measured at `now`.
+pub fn period(spec: &CronSpec, now: DateTime<Utc>) -> Option<chrono::Duration> {
+    let a = spec.next_after(now)?;
+    let b = spec.next_after(a)?;
+    Some(b - a)
+}
+
+/// Every job of the config, each due at its next time, or now when its
+/// last success is older than its period (a run missed while the daemon
+/// was down or the machine asleep).
+pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<Job>> {
+    let mut out = Vec::new();
+    for p in &cfg.policies {
+        for (kind, spec) in [
+            (JobKind::Full, &p.schedule.full),
+            (JobKind::Diff, &p.schedule.diff),
+            (JobKind::Verify, &p.schedule.verify),
+        ] {
+            let Some(spec) = spec else { continue };
+            let Some(mut next) = spec.next_after(now) else {
+                continue;
+            };
+            if let Some(per) = period(spec, now) {
+                let mut newest: Option<DateTime<Utc>> = None;
+                for t in &p.targets {
+                    if let Some(r) = history.last(&p.name, t, kind.word(), true)? {
+                        newest = Some(newest.map_or(r.finished, |n| n.max(r.finished)));
+                    }
+                }
+                let missed = match newest {
+                    Some(last) => now - last > per,
+                    // Never ran here: a backup is due at once, a drill can wait.
+                    None => kind != JobKind::Verify,
+                };
+                if missed {
+                    tracing::info!(policy = %p.name, job = kind.word(), "catching up a missed run");
+                    next = now;
+                }
+            }
+            out.push(Job {
+                policy: p.name.clone(),
+                kind,
+                spec: spec.clone(),
+                next,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// Shared between the scheduler, the workers and the HTTP endpoint.
+#[derive(Debug)]
+pub struct Shared {
+    pub cfg: RwLock<Config>,
+    pub state_dir: PathBuf,
+    pub running: Mutex<HashSet<String>>,
+}
+
+/// Runs one job on every target of its policy and records each result.
+fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
+    let cfg = match shared.cfg.read() {
+        Ok(c) => c.clone(),
+        Err(_) => return,
+    };
+    let history = match History::open(&shared.state_dir) {
+        Ok(h) => h,
+        Err(e) => {
+            tracing::error!("{e}");
+            return;
+        }
+    };
+    let targets = match TargetFilter::All.select(&cfg, policy) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(policy = %policy.name, "{e}");
+            return;
+        }
+    };
+    for t in targets {
+        let started = Utc::now();
+        let hidden = indicatif::ProgressBar::hidden();
+        let result: Result<(Option<String>, u64)> =
+            match kind {
+                JobKind::Full | JobKind::Diff => {
+                    let opts = ops::backup::BackupOptions {
+                        kind: Some(if kind == JobKind::Full {
+                            BackupType::Full
+                        } else {
+                            BackupType::Diff
+                        }),
+                        lock_wait: Duration::from_secs(60),
+                    };
+                    ops::backup::backup(&cfg, policy, t, &opts, &hidden)
+                        .map(|r| (Some(r.label), r.stored_size))
+                }
+                JobKind::Verify => ops::verify::verify(&cfg, policy, t, None, None, &hidden)
+                    .and_then(|v| match v.error {
+                        None => Ok((Some(v.label), 0)),
+                        Some(e) => Err(Error::VerifyFailed(e)),
+                    }),
+            };
+        let run = Run {
+            policy: policy.name.clone(),
+            target: t.name.clone(),
+            kind: kind.word().into(),
+            started,
+            finished: Utc::now(),
+            ok: result.is_ok(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+            label: result.as_ref().ok().and_then(|(l, _)| l.clone()),
+            size: result.as_ref().map(|(_, s)| *s).unwrap_or(0),
+        };
+        match &result {
+            Ok((label, _)) => {
+                tracing::info!(policy = %policy.name, target = %t.name, job = kind.word(), label = label.as_deref().unwrap_or(""), "done")
+            }
+            Err(e) => {
+                tracing::error!(policy = %policy.name, target = %t.name, job = kind.word(), "failed: {e}")
+            }
+        }
+        if let Err(e) = history.record(&run) {
+            tracing::error!("{e}");
+        }
+    }
+}
+
+/// Starts the WAL streamers of `cfg` on their own thread; they stop when `stop` is set.
+fn start_streamers(cfg: Config, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    if !cfg.policies.iter().any(|p| p.wal.enabled) {
+        return None;
+    }
+    Some(std::thread::spawn(move || {
+        let policies: Vec<&Policy> = cfg.policies.iter().filter(|p| p.wal.enabled).collect();
+        for (name, r) in ops::replicate::replicate(&cfg, &policies, &stop) {
+            if let Err(e) = r {
+                tracing::error!(policy = %name, "WAL streamer stopped: {e}");
+            }
+        }
+    }))
+}
+
+/// Runs until `stop`; `hup` asks for a config reload.
+pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) -> Result<()> {
+    let cfg = config::load(config_path)?;
+    let history = History::open(&cfg.state_dir)?;
+    let shared = Arc::new(Shared {
+        state_dir: cfg.state_dir.clone(),
+        cfg: RwLock::new(cfg.clone()),
+        running: Mutex::new(HashSet::new()),
+    });
+    let server = http::serve(&cfg.daemon_listen, shared.clone())?;
+    tracing::info!(listen = %cfg.daemon_listen, "dr daemon started: /healthz and /metrics");
+    let mut stream_stop = Arc::new(AtomicBool::new(false));
+    let mut streamers = start_streamers(cfg.clone(), stream_stop.clone());
+    let mut jobs = jobs(&cfg, &history, Utc::now())?;
+    let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    while !stop.load(Ordering::SeqCst) {
+        if hup.swap(false, Ordering::SeqCst) {
+            match config::load(config_path) {
+                Ok(new) => {
+                    tracing::info!("configuration reloaded");
+                    stream_stop.store(true, Ordering::SeqCst);
+                    if let Some(h) = streamers.take() {
+                        let _ = h.join();
+                    }
+                    stream_stop = Arc::new(AtomicBool::new(false));
+                    streamers = start_streamers(new.clone(), stream_stop.clone());
+                    jobs = self::jobs(&new, &history, Utc::now())?;
+                    if let Ok(mut c) = shared.cfg.write() {
+                        *c = new;
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "the new configuration is invalid, keeping the running one:\n{e}"
+                    );
+                }
+            }
+        }
+        let now = Utc::now();
+        for job in jobs.iter_mut().filter(|j| j.next <= now) {
+            job.next = job
+                .spec
+                .next_after(now)
+                .unwrap_or(now + chrono::Duration::days(3650));
+            let busy = shared
+                .running
+                .lock()
+                .map(|mut r| !r.insert(job.policy.clone()))
+                .unwrap_or(true);
+            if busy {
+                tracing::warn!(policy = %job.policy, job = job.kind.word(), "previous run of this policy is still going: not starting another");
+                continue;
+            }
+            let policy = match shared
+                .cfg
+                .read()
+                .ok()
+                .and_then(|c| c.policy(&job.policy).ok().cloned())
+            {
+                Some(p) => p,
+                None => continue,
+            };
+            let (shared, kind) = (shared.clone(), job.kind);
+            workers.push(std::thread::spawn(move || {
+                run_job(&shared, &policy, kind);
+                if let Ok(mut r) = shared.running.lock() {
+                    r.remove(&policy.name);
+                }
+            }));
+        }
+        workers.retain(|w| !w.is_finished());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    tracing::info!("stopping: no new runs; shipping committed WAL");
+    stream_stop.store(true, Ordering::SeqCst);
+    if let Some(h) = streamers {
+        let _ = h.join();
+    }
+    // An in-flight backup gets a few seconds; one cut off has no manifest
+    // and does not exist for restore (expire removes it later).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while workers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    server.unblock();
+    Ok(())
+}

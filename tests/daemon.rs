@@ -1,0 +1,157 @@
+//! `dr daemon` as a real process: schedules, /healthz, /metrics, signals.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Env;
+
+fn start(env: &Env) -> Child {
+    Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .arg("daemon")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(env.path("daemon.log"))
+                .expect("log"),
+        )
+        .spawn()
+        .expect("start daemon")
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn backups(env: &Env) -> usize {
+    let r = env.dr(&["info", "--json"]);
+    if r.code != 0 {
+        return 0;
+    }
+    r.json()["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .map_or(0, |b| b.len())
+}
+
+fn sigterm_exits_zero_quickly(mut child: Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            assert_eq!(st.code(), Some(0), "daemon exit status");
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "daemon did not stop within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn schedules_run_health_follows_the_target_and_signals_are_handled() {
+    let env = Env::new("[schedule]\nfull = \"*/20 * * * * *\"\ndiff = \"*/2 * * * * *\"\n");
+    common::make_db(&env.db, true, 200, 500);
+    let port = common::s3::free_port();
+    let cfg_text = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), &cfg_text).expect("cfg");
+    let daemon = start(&env);
+    wait_for("two backups", 20, || backups(&env) >= 2);
+    wait_for("/healthz 200", 10, || {
+        get(port, "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+    let (code, metrics) = get(port, "/metrics").expect("metrics");
+    assert_eq!(code, 200);
+    assert!(metrics.contains("dr_backup_last_success_timestamp_seconds{policy=\"app\",target=\"local\",type=\"full\"}"), "{metrics}");
+    assert!(
+        metrics.contains("dr_errors_total{policy=\"app\"} 0"),
+        "{metrics}"
+    );
+
+    // The target becomes unusable: health turns 503 naming it; back: 200.
+    let backups_dir = env.path("backups");
+    let aside = env.path("backups.aside");
+    std::fs::rename(&backups_dir, &aside).expect("mv");
+    std::fs::write(&backups_dir, "not a directory").expect("block");
+    wait_for("/healthz 503", 15, || {
+        get(port, "/healthz")
+            .is_some_and(|(c, b)| c == 503 && b.contains("failing") && b.contains("local"))
+    });
+    let (_, m) = get(port, "/metrics").expect("metrics");
+    assert!(
+        m.contains("dr_backup_last_failure_timestamp_seconds"),
+        "{m}"
+    );
+    std::fs::remove_file(&backups_dir).expect("unblock");
+    std::fs::rename(&aside, &backups_dir).expect("mv back");
+    wait_for("/healthz 200 again", 15, || {
+        get(port, "/healthz").is_some_and(|(c, _)| c == 200)
+    });
+
+    // SIGHUP with a broken config keeps the running one.
+    std::fs::write(env.config(), "this is = not [valid toml").expect("break");
+    let _ = Command::new("kill")
+        .args(["-HUP", &daemon.id().to_string()])
+        .status();
+    std::thread::sleep(Duration::from_secs(1));
+    let before = backups(&env);
+    std::fs::write(env.config(), &cfg_text).expect("fix");
+    wait_for("backups to go on after a bad reload", 10, || {
+        backups(&env) > before
+    });
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    assert!(log.contains("keeping the running one"), "{log}");
+
+    sigterm_exits_zero_quickly(daemon);
+    // Whatever was cut off has no manifest: every listed backup verifies.
+    let key = env.key_arg();
+    env.dr(&["verify", "app", "--identity", &key]).ok();
+}
+
+#[test]
+fn a_run_missed_while_the_daemon_was_down_runs_at_start_up() {
+    let env = Env::new("[schedule]\nfull = \"*/15 * * * * *\"\n");
+    common::make_db(&env.db, true, 50, 500);
+    let port = common::s3::free_port();
+    let cfg_text = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), &cfg_text).expect("cfg");
+    let mut daemon = start(&env);
+    wait_for("the first full", 20, || backups(&env) >= 1);
+    daemon.kill().expect("kill -9");
+    let _ = daemon.wait();
+    let n = backups(&env);
+    // Down for longer than the schedule's period: the run it missed is due.
+    std::thread::sleep(Duration::from_secs(17));
+    let daemon = start(&env);
+    wait_for("the missed full at start-up", 4, || backups(&env) > n);
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    assert!(log.contains("catching up a missed run"), "{log}");
+    sigterm_exits_zero_quickly(daemon);
+}
