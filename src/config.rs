@@ -43,6 +43,14 @@ struct RawMain {
     targets: BTreeMap<String, Spanned<RawTarget>>,
     #[serde(default)]
     daemon: RawDaemon,
+    #[serde(default)]
+    notify: RawNotify,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawNotify {
+    ping_url: Option<Spanned<String>>,
+    webhook_url: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -142,6 +150,16 @@ pub struct Config {
     pub targets: BTreeMap<String, Target>,
     pub policies: Vec<Policy>,
     pub daemon_listen: String,
+    pub notify: Notify,
+}
+
+/// Where the daemon reports runs (`[notify]` in dr.toml).
+#[derive(Debug, Clone, Default)]
+pub struct Notify {
+    /// healthchecks.io / Uptime Kuma style: `URL/start`, `URL`, `URL/fail`.
+    pub ping_url: Option<String>,
+    /// Receives a JSON document for every finished run.
+    pub webhook_url: Option<String>,
 }
 
 /// How archives are encrypted and, at restore, decrypted.
@@ -412,6 +430,24 @@ pub fn load(path: &Path) -> Result<Config> {
         })
         .unwrap_or_else(|| "127.0.0.1:9187".to_string());
 
+    let mut notify = Notify::default();
+    for (field, slot) in [
+        (&raw.notify.ping_url, &mut notify.ping_url),
+        (&raw.notify.webhook_url, &mut notify.webhook_url),
+    ] {
+        if let Some(u) = field {
+            let v = u.get_ref();
+            if v.starts_with("http://") || v.starts_with("https://") {
+                *slot = Some(v.trim_end_matches('/').to_string());
+            } else {
+                d.at(
+                    u.span(),
+                    format!("notify URL '{v}' must start with http:// or https://"),
+                );
+            }
+        }
+    }
+
     let policy_dir = raw
         .policies
         .as_ref()
@@ -492,6 +528,7 @@ pub fn load(path: &Path) -> Result<Config> {
             targets,
             policies,
             daemon_listen,
+            notify,
         })
     } else {
         Err(Error::Config(diags))

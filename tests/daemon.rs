@@ -45,6 +45,29 @@ fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// A loopback HTTP server that records the request lines it receives.
+fn ping_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let mut s = s;
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut buf = [0u8; 8192];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let text = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Some(first) = text.lines().next() {
+                log.lock().expect("lock").push(first.to_string());
+            }
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK");
+        }
+    });
+    (port, seen)
+}
+
 fn backups(env: &Env) -> usize {
     let r = env.dr(&["info", "--json"]);
     if r.code != 0 {
@@ -78,8 +101,11 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     let env = Env::new("[schedule]\nfull = \"*/20 * * * * *\"\ndiff = \"*/2 * * * * *\"\n");
     common::make_db(&env.db, true, 200, 500);
     let port = common::s3::free_port();
+    let (ping_port, pings) = ping_server();
     let cfg_text = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + &format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/ping\"\nwebhook_url = \"http://127.0.0.1:{ping_port}/hook\"\n"
+        );
     std::fs::write(env.config(), &cfg_text).expect("cfg");
     let daemon = start(&env);
     wait_for("two backups", 20, || backups(&env) >= 2);

@@ -4,6 +4,7 @@
 
 pub mod history;
 pub mod http;
+pub mod notify;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -125,6 +126,26 @@ fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
             return;
         }
     };
+    let notify = cfg.notify.clone();
+    let now = || Utc::now().to_rfc3339();
+    notify::ping(
+        &notify,
+        "start",
+        &format!("{} {}", policy.name, kind.word()),
+    );
+    notify::webhook(
+        &notify,
+        &notify::Event {
+            event: "start",
+            policy: &policy.name,
+            job: kind.word(),
+            target: None,
+            label: None,
+            error: None,
+            time: now(),
+        },
+    );
+    let mut failures = Vec::new();
     for t in targets {
         let started = Utc::now();
         let hidden = indicatif::ProgressBar::hidden();
@@ -170,6 +191,30 @@ fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
         if let Err(e) = history.record(&run) {
             tracing::error!("{e}");
         }
+        notify::webhook(
+            &notify,
+            &notify::Event {
+                event: if run.ok { "success" } else { "failure" },
+                policy: &policy.name,
+                job: kind.word(),
+                target: Some(&t.name),
+                label: run.label.as_deref(),
+                error: run.error.as_deref(),
+                time: now(),
+            },
+        );
+        if let Some(e) = &run.error {
+            failures.push(format!("target '{}': {e}", t.name));
+        }
+    }
+    if failures.is_empty() {
+        notify::ping(
+            &notify,
+            "success",
+            &format!("{} {} ok", policy.name, kind.word()),
+        );
+    } else {
+        notify::ping(&notify, "failure", &failures.join("\n"));
     }
 }
 
