@@ -139,6 +139,18 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     wait_for("/healthz 200 again", 15, || {
         get(port, "/healthz").is_some_and(|(c, _)| c == 200)
     });
+    let seen = pings.lock().expect("lock").clone();
+    for want in [
+        "POST /ping/start ",
+        "POST /ping ",
+        "POST /ping/fail ",
+        "POST /hook ",
+    ] {
+        assert!(
+            seen.iter().any(|l| l.starts_with(want)),
+            "no {want:?} in {seen:?}"
+        );
+    }
 
     // SIGHUP with a broken config keeps the running one.
     std::fs::write(env.config(), "this is = not [valid toml").expect("break");
