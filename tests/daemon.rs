@@ -139,6 +139,19 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     wait_for("/healthz 200 again", 15, || {
         get(port, "/healthz").is_some_and(|(c, _)| c == 200)
     });
+    let j = env.dr(&["info", "--json"]).ok().json();
+    let runs = &j["policies"][0]["targets"][0]["runs"];
+    let diff = runs
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["type"] == "diff"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        diff["last_success"].is_string()
+            && diff["last_failure"].is_string()
+            && diff["next_run"].is_string(),
+        "{runs}"
+    );
     let seen = pings.lock().expect("lock").clone();
     for want in [
         "POST /ping/start ",

@@ -49,11 +49,28 @@ pub struct TargetInfo {
     pub backups: Vec<BackupInfo>,
     /// Labels of interrupted backups (no manifest) waiting for expire.
     pub incomplete: Vec<String>,
+    /// The daemon's runs of each scheduled job on this target.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub runs: Vec<RunInfo>,
     /// WAL streaming on this target (SQLite policies with segments or `[wal]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub wal: Option<WalInfo>,
     /// Why the target could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A scheduled job as the daemon ran it.
+#[derive(Debug, Serialize)]
+pub struct RunInfo {
+    /// `full`, `diff` or `verify`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub schedule: String,
+    pub next_run: Option<DateTime<Utc>>,
+    pub last_success: Option<DateTime<Utc>>,
+    pub last_failure: Option<DateTime<Utc>>,
+    /// The error of the last failure, when it is newer than the last success.
     pub error: Option<String>,
 }
 
@@ -161,6 +178,7 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
                 },
                 backups: Vec::new(),
                 incomplete: Vec::new(),
+                runs: runs(cfg, p, &t.name),
                 wal: None,
                 error: None,
             };
@@ -298,6 +316,40 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
     Ok(())
 }
 
+/// The daemon's history of `p` on `target`, if the daemon ran on this host.
+fn runs(cfg: &Config, p: &Policy, target: &str) -> Vec<RunInfo> {
+    if !cfg.state_dir.join("history.db").exists() {
+        return Vec::new();
+    }
+    let Ok(h) = crate::daemon::history::History::open(&cfg.state_dir) else {
+        return Vec::new();
+    };
+    let now = Utc::now();
+    [
+        ("full", &p.schedule.full),
+        ("diff", &p.schedule.diff),
+        ("verify", &p.schedule.verify),
+    ]
+    .into_iter()
+    .filter_map(|(kind, spec)| {
+        let spec = spec.as_ref()?;
+        let ok = h.last(&p.name, target, kind, true).ok().flatten();
+        let bad = h.last(&p.name, target, kind, false).ok().flatten();
+        let failing = bad
+            .as_ref()
+            .filter(|b| ok.as_ref().is_none_or(|o| b.finished > o.finished));
+        Some(RunInfo {
+            kind: kind.into(),
+            schedule: spec.text.clone(),
+            next_run: spec.next_after(now),
+            last_success: ok.as_ref().map(|r| r.finished),
+            last_failure: bad.as_ref().map(|r| r.finished),
+            error: failing.and_then(|b| b.error.clone()),
+        })
+    })
+    .collect()
+}
+
 /// The local streamer's last report for one target, if it ever ran here.
 fn stream_info(cfg: &Config, p: &Policy, target: &str) -> Option<StreamInfo> {
     let st =
@@ -375,6 +427,25 @@ pub fn render(info: &Info) -> String {
             }
             if let Some(w) = &t.wal {
                 render_wal(&mut s, w);
+            }
+            for r in &t.runs {
+                let fmt = |t: &Option<DateTime<Utc>>| {
+                    t.map_or("-".to_string(), |t| {
+                        t.format("%Y-%m-%d %H:%M:%S").to_string()
+                    })
+                };
+                let _ = writeln!(
+                    s,
+                    "    {} ({}): last ok {}, last failure {}, next {}{}",
+                    r.kind,
+                    r.schedule,
+                    fmt(&r.last_success),
+                    fmt(&r.last_failure),
+                    fmt(&r.next_run),
+                    r.error
+                        .as_ref()
+                        .map_or(String::new(), |e| format!("\n      failing: {e}"))
+                );
             }
         }
     }
