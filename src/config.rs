@@ -80,6 +80,7 @@ struct RawTarget {
 #[derive(Debug, Default, Deserialize)]
 struct RawDaemon {
     listen: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -430,6 +431,22 @@ pub fn load(path: &Path) -> Result<Config> {
         })
         .unwrap_or_else(|| "127.0.0.1:9187".to_string());
 
+    let zone = match &raw.daemon.timezone {
+        Some(z) => match z.get_ref().parse::<chrono_tz::Tz>() {
+            Ok(tz) => tz,
+            Err(_) => {
+                d.at(
+                    z.span(),
+                    format!(
+                        "daemon.timezone '{}' is not an IANA time zone: write e.g. \"UTC\" or \"Europe/Berlin\"",
+                        z.get_ref()
+                    ),
+                );
+                chrono_tz::UTC
+            }
+        },
+        None => chrono_tz::UTC,
+    };
     let mut notify = Notify::default();
     for (field, slot) in [
         (&raw.notify.ping_url, &mut notify.ping_url),
@@ -492,9 +509,17 @@ pub fn load(path: &Path) -> Result<Config> {
                     continue;
                 }
                 seen.insert(rp.name.get_ref().clone(), (file.clone(), line));
-                if let Some(p) = check_policy(&file, rp, &targets, &raw.targets, &resolve, &mut pd)
+                if let Some(mut p) =
+                    check_policy(&file, rp, &targets, &raw.targets, &resolve, &mut pd)
                 {
                     any_encrypted |= p.encrypted;
+                    for spec in [
+                        &mut p.schedule.full,
+                        &mut p.schedule.diff,
+                        &mut p.schedule.verify,
+                    ] {
+                        *spec = spec.take().map(|s| s.in_zone(zone));
+                    }
                     policies.push(p);
                 }
             }

@@ -14,6 +14,8 @@ use chrono::{DateTime, Utc};
 pub struct CronSpec {
     pub text: String,
     schedule: cron::Schedule,
+    /// The zone the fields are read in (`[daemon] timezone`, default UTC).
+    zone: chrono_tz::Tz,
 }
 
 impl CronSpec {
@@ -39,12 +41,22 @@ impl CronSpec {
         Ok(CronSpec {
             text: text.to_string(),
             schedule,
+            zone: chrono_tz::UTC,
         })
+    }
+
+    /// The same schedule read in another time zone ("3 o'clock" there).
+    pub fn in_zone(mut self, zone: chrono_tz::Tz) -> Self {
+        self.zone = zone;
+        self
     }
 
     /// The first time this schedule fires strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.schedule.after(&t).next()
+        self.schedule
+            .after(&t.with_timezone(&self.zone))
+            .next()
+            .map(|d| d.with_timezone(&Utc))
     }
 }
 
@@ -84,6 +96,29 @@ fn translate_dow(field: &str) -> Result<String, String> {
         }
     }
     Ok(out.join(","))
+}
+
+#[cfg(test)]
+mod zone_tests {
+    use super::*;
+
+    #[test]
+    fn a_named_zone_moves_the_hour() {
+        let t = DateTime::parse_from_rfc3339("2026-01-10T00:00:00Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let utc = CronSpec::parse("0 3 * * *").expect("parse");
+        let berlin = utc.clone().in_zone(chrono_tz::Europe::Berlin);
+        assert_eq!(
+            utc.next_after(t).map(|d| d.to_rfc3339()).as_deref(),
+            Some("2026-01-10T03:00:00+00:00")
+        );
+        // 03:00 in Berlin in winter is 02:00 UTC.
+        assert_eq!(
+            berlin.next_after(t).map(|d| d.to_rfc3339()).as_deref(),
+            Some("2026-01-10T02:00:00+00:00")
+        );
+    }
 }
 
 #[cfg(test)]

@@ -206,3 +206,23 @@ fn a_run_missed_while_the_daemon_was_down_runs_at_start_up() {
     assert!(log.contains("catching up a missed run"), "{log}");
     sigterm_exits_zero_quickly(daemon);
 }
+
+#[test]
+fn schedules_read_in_a_named_time_zone_and_a_bad_one_is_a_config_error() {
+    let env = Env::new("[schedule]\nfull = \"0 3 * * *\"\n");
+    let base = std::fs::read_to_string(env.config()).expect("cfg");
+    std::fs::write(
+        env.config(),
+        format!("{base}[daemon]\ntimezone = \"Mars/Olympus\"\n"),
+    )
+    .expect("cfg");
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("IANA time zone"), "{}", r.stderr);
+    std::fs::write(
+        env.config(),
+        format!("{base}[daemon]\ntimezone = \"Asia/Tokyo\"\n"),
+    )
+    .expect("cfg");
+    env.dr(&["config", "validate"]).ok();
+}
