@@ -317,14 +317,8 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Daemon => {
-            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            let hup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-            for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-                signal_hook::flag::register(sig, stop.clone())
-                    .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
-            }
-            signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-                .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
+            let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+            let hup = flag_on(&[signal_hook::consts::SIGHUP])?;
             crate::daemon::run(&cli.config, &stop, &hup)
         }
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
@@ -635,6 +629,16 @@ pub fn parse_instant(s: &str) -> std::result::Result<DateTime<Utc>, String> {
     ))
 }
 
+/// A flag that any of `signals` sets (the long-running commands poll it).
+fn flag_on(signals: &[i32]) -> Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for &sig in signals {
+        signal_hook::flag::register(sig, flag.clone())
+            .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
+    }
+    Ok(flag)
+}
+
 fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
     let cfg = config::load(config)?;
     let policies: Vec<&config::Policy> = if names.is_empty() {
@@ -658,11 +662,7 @@ fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
             config.display()
         )));
     }
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| Error::Other(format!("cannot install the signal handler: {e}")))?;
-    }
+    let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
     tracing::info!(
         "streaming {}; Ctrl-C or SIGTERM ships what is committed and stops",
         policies

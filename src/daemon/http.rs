@@ -12,6 +12,7 @@ use serde::Serialize;
 
 use super::history::History;
 use super::{Shared, period};
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::ops::replicate::StreamState;
 
@@ -25,14 +26,19 @@ pub struct Problem {
     pub detail: String,
 }
 
-/// What is wrong now, by policy and target.
-pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
+/// The running config and the run history, as one request sees them.
+fn snapshot(shared: &Shared) -> Result<(Config, History)> {
     let cfg = shared
         .cfg
         .read()
         .map_err(|_| Error::Other("config lock poisoned".into()))?
         .clone();
-    let history = History::open(&shared.state_dir)?;
+    Ok((cfg, History::open(&shared.state_dir)?))
+}
+
+/// What is wrong now, by policy and target.
+pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
+    let (cfg, history) = snapshot(shared)?;
     let now = Utc::now();
     let mut out = Vec::new();
     for p in &cfg.policies {
@@ -98,12 +104,7 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
 
 /// The Prometheus text exposition.
 pub fn metrics(shared: &Shared) -> Result<String> {
-    let cfg = shared
-        .cfg
-        .read()
-        .map_err(|_| Error::Other("config lock poisoned".into()))?
-        .clone();
-    let history = History::open(&shared.state_dir)?;
+    let (cfg, history) = snapshot(shared)?;
     let mut s = String::new();
     let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");

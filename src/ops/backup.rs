@@ -59,17 +59,6 @@ pub fn backup(
     opts: &BackupOptions,
     progress: &ProgressBar,
 ) -> Result<BackupReport> {
-    if let crate::config::Source::Postgres { .. } = policy.source {
-        let _lock = Lock::acquire(
-            &cfg.state_dir,
-            &policy.name,
-            &target.name,
-            "backup",
-            opts.lock_wait,
-        )?;
-        return super::pg::backup(cfg, policy, target, opts.kind);
-    }
-    let db = sqlite_path(policy)?;
     let started = Instant::now();
     let _lock = Lock::acquire(
         &cfg.state_dir,
@@ -78,6 +67,10 @@ pub fn backup(
         "backup",
         opts.lock_wait,
     )?;
+    if let crate::config::Source::Postgres { .. } = policy.source {
+        return super::pg::backup(cfg, policy, target, opts.kind);
+    }
+    let db = sqlite_path(policy)?;
     let store = storage::open(target, &cfg.state_dir)?;
     let sealing = keys::sealing(&cfg.encryption, policy.encrypted)?;
     let repo = PolicyRepo {

@@ -184,12 +184,7 @@ pub fn backup(
 ) -> Result<BackupReport> {
     let started = Instant::now();
     let rb = run::prepare(cfg, policy)?;
-    let repo = rb.repo_of(&target.name).ok_or_else(|| {
-        Error::NotFound(format!(
-            "policy '{}' has no target '{}'",
-            policy.name, target.name
-        ))
-    })?;
+    let repo = rb.repo_of(&target.name)?;
     // The label pgBackRest gives a backup is its start time (to the second).
     let started_at = Utc::now() - chrono::Duration::seconds(1);
     let repo_arg = format!("--repo={repo}");
@@ -236,7 +231,7 @@ pub fn backup(
 /// One target's PostgreSQL backups, for `dr info`.
 pub fn list(cfg: &Config, policy: &Policy, target: &Target) -> Result<Vec<PgBackup>> {
     let rb = run::prepare(cfg, policy)?;
-    let repo = rb.repo_of(&target.name).unwrap_or(0);
+    let repo = rb.repo_of(&target.name)?;
     Ok(backups(&rb)?
         .into_iter()
         .filter(|b| b.repo as usize == repo)
@@ -270,12 +265,7 @@ pub fn restore(
     let started = Instant::now();
     let (data_dir, _, _, _, run_as) = pg_source(policy)?;
     let rb = run::prepare(cfg, policy)?;
-    let repo = rb.repo_of(&target.name).ok_or_else(|| {
-        Error::NotFound(format!(
-            "policy '{}' has no target '{}'",
-            policy.name, target.name
-        ))
-    })?;
+    let repo = rb.repo_of(&target.name)?;
     let in_place = to == data_dir;
     let empty = std::fs::read_dir(to)
         .map(|mut d| d.next().is_none())
@@ -346,7 +336,7 @@ pub fn restore(
 /// exits 0 even when it finds errors.
 pub fn verify(cfg: &Config, policy: &Policy, target: &Target) -> Result<String> {
     let rb = run::prepare(cfg, policy)?;
-    let repo = rb.repo_of(&target.name).unwrap_or(1);
+    let repo = rb.repo_of(&target.name)?;
     let out = rb.run(
         "verify",
         &[

@@ -288,14 +288,7 @@ fn replay_wal(
     let Some(last) = chain.last() else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
-    let write_err = |e: std::io::Error| Error::Io {
-        context: format!(
-            "writing the restored database {}: {}",
-            path.display(),
-            io_reason(&e)
-        ),
-        source: e,
-    };
+    let write_err = |e| write_error(path, e);
     let ps = u64::from(last.page_size);
     let until_ms = plan.until.map(|t| t.timestamp_millis());
     let mut db_pages = last.page_count;
@@ -375,6 +368,18 @@ fn replay_wal(
     Ok(done)
 }
 
+/// A failed write into the restored database, naming it.
+fn write_error(path: &Path, e: std::io::Error) -> Error {
+    Error::Io {
+        context: format!(
+            "writing the restored database {}: {}",
+            path.display(),
+            io_reason(&e)
+        ),
+        source: e,
+    }
+}
+
 /// Writes the pages of `chain` (a full, then optionally a diff) into `file`.
 /// Returns the size of the database written.
 pub fn materialize(
@@ -388,14 +393,7 @@ pub fn materialize(
     let Some(last) = chain.last() else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
-    let write_err = |e: std::io::Error| Error::Io {
-        context: format!(
-            "writing the restored database {}: {}",
-            path.display(),
-            io_reason(&e)
-        ),
-        source: e,
-    };
+    let write_err = |e| write_error(path, e);
     let total: u64 = chain
         .iter()
         .filter_map(|m| m.objects.get(repo::DATA).map(|o| o.plain_size))

@@ -1,7 +1,7 @@
 //! Running pgBackRest for a policy: its configuration file written fresh
 //! from dr's config, and every command run as the cluster's OS user.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -187,7 +187,7 @@ pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
             .write(true)
             .create(true)
             .truncate(true)
-            .mode_0600()
+            .mode(0o600)
             .open(&tmp)
             .map_err(werr)?;
         f.write_all(text.as_bytes())
@@ -208,20 +208,20 @@ pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
     })
 }
 
-trait Mode0600 {
-    fn mode_0600(&mut self) -> &mut Self;
-}
-
-impl Mode0600 for std::fs::OpenOptions {
-    fn mode_0600(&mut self) -> &mut Self {
-        std::os::unix::fs::OpenOptionsExt::mode(self, 0o600)
-    }
-}
-
 impl PgBackRest {
-    /// The repository number of a target.
-    pub fn repo_of(&self, target: &str) -> Option<usize> {
-        self.targets.iter().position(|t| t == target).map(|i| i + 1)
+    /// The repository number of a target (repo N is the policy's Nth target).
+    pub fn repo_of(&self, target: &str) -> Result<usize> {
+        self.targets
+            .iter()
+            .position(|t| t == target)
+            .map(|i| i + 1)
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "stanza '{}' has no repository for target '{target}' (its targets: {})",
+                    self.stanza,
+                    self.targets.join(", ")
+                ))
+            })
     }
 
     /// The command line: `pgbackrest --config=FILE --stanza=S ARGS`, as `run_as`.
