@@ -117,7 +117,14 @@ pub fn expire_locked(
             removed: !dry_run,
         });
     }
-    out.extend(expire_wal(policy, target, &repo, &doomed_labels, dry_run)?);
+    out.extend(expire_wal(
+        policy,
+        target,
+        &repo,
+        &committed,
+        &doomed_labels,
+        dry_run,
+    )?);
     Ok(out)
 }
 
@@ -127,6 +134,7 @@ fn expire_wal(
     policy: &Policy,
     target: &Target,
     repo: &PolicyRepo<'_>,
+    committed: &[repo::Label],
     doomed: &[repo::Label],
     dry_run: bool,
 ) -> Result<Vec<Expired>> {
@@ -136,11 +144,9 @@ fn expire_wal(
         return Ok(Vec::new());
     }
     let mut kept = Vec::new();
-    for c in repo.committed()? {
-        if doomed.contains(&c.dir.label) {
-            continue;
-        }
-        match c.manifest {
+    // The caller's listing already says which backups are committed.
+    for label in committed.iter().filter(|l| !doomed.contains(l)) {
+        match repo.manifest(label) {
             Ok(m) => kept.extend(super::wal_base(&m)),
             Err(e) => {
                 tracing::warn!(policy = %policy.name, target = %target.name, "not expiring WAL: {e}");
