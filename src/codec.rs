@@ -208,6 +208,9 @@ impl<R: Read> Read for Opened<R> {
 /// (hashing, decryption) overlaps with the consumer's.
 struct ReadAhead {
     rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    /// Spent chunks go back to the producer, so it neither allocates nor
+    /// zeroes a buffer per chunk.
+    spent: std::sync::mpsc::SyncSender<Vec<u8>>,
     chunk: Vec<u8>,
     pos: usize,
     ended: bool,
@@ -223,9 +226,11 @@ impl ReadAhead {
         finish: impl FnOnce() -> io::Result<()> + Send + 'static,
     ) -> Self {
         let (tx, rx) = std::sync::mpsc::sync_channel(Self::DEPTH);
+        let (spent, recycled) = std::sync::mpsc::sync_channel::<Vec<u8>>(Self::DEPTH + 2);
         std::thread::spawn(move || {
             loop {
-                let mut buf = vec![0u8; Self::CHUNK];
+                let mut buf = recycled.try_recv().unwrap_or_default();
+                buf.resize(Self::CHUNK, 0);
                 let mut n = 0;
                 let mut eof = false;
                 while n < buf.len() {
@@ -255,6 +260,7 @@ impl ReadAhead {
         });
         ReadAhead {
             rx,
+            spent,
             chunk: Vec::new(),
             pos: 0,
             ended: false,
@@ -271,7 +277,11 @@ impl Read for ReadAhead {
             match self.rx.recv() {
                 Ok(Ok(chunk)) if chunk.is_empty() => self.ended = true,
                 Ok(Ok(chunk)) => {
-                    self.chunk = chunk;
+                    let old = std::mem::replace(&mut self.chunk, chunk);
+                    if old.capacity() > 0 {
+                        // A full return channel just drops the buffer.
+                        let _ = self.spent.try_send(old);
+                    }
                     self.pos = 0;
                 }
                 Ok(Err(e)) => return Err(e),

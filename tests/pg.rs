@@ -247,7 +247,7 @@ fn backup_and_point_in_time_restore_through_an_s3_target_behind_tls() {
 }
 
 #[test]
-fn restore_never_overwrites_a_directory_or_a_running_cluster() {
+fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopped_one_in_place() {
     let dir = tempfile::tempdir().expect("tmp");
     let cluster = PgCluster::start(&dir.path().join("pg"));
     let env = pg_env(&cluster, "");
@@ -266,5 +266,45 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster() {
         cluster.sql("SELECT 1"),
         "1",
         "the running cluster is untouched"
+    );
+
+    // Stopped, and with --force: a delta restore in place rewinds the
+    // cluster to the chosen backup, and it starts and promotes.
+    setup(&env, &cluster);
+    cluster.sql("CREATE TABLE marks(id int primary key)");
+    cluster.sql("INSERT INTO marks SELECT generate_series(1, 300)");
+    let full = env
+        .dr(&["backup-local", "main-pg", "--type", "full", "--json"])
+        .ok()
+        .json();
+    let label = full[0]["label"].as_str().unwrap_or_default().to_string();
+    cluster.sql("INSERT INTO marks VALUES (7777)");
+    cluster.pg_ctl("stop");
+    let r = env
+        .dr(&[
+            "restore-local",
+            "main-pg",
+            "--to",
+            &data,
+            "--force",
+            "--backup",
+            &label,
+        ])
+        .ok();
+    assert!(r.stdout.contains("pg_ctl"), "{}", r.stdout);
+    cluster.pg_ctl("start");
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while cluster.sql("SELECT pg_is_in_recovery()") != "f" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cluster restored in place stays in recovery"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cluster.sql("SELECT count(*) FROM marks"), "300");
+    assert_eq!(
+        cluster.sql("SELECT count(*) FROM marks WHERE id = 7777"),
+        "0",
+        "a row written after the backup is gone after the in-place restore"
     );
 }

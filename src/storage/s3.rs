@@ -433,9 +433,14 @@ impl Drop for S3Writer {
 
 /// Streams a GET body to a blocking reader through a small bounded channel.
 struct S3Reader {
-    rx: std::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<bytes::Bytes>>,
     chunk: bytes::Bytes,
     ended: bool,
+}
+
+impl S3Reader {
+    /// Body chunks in flight (a few KiB to 64 KiB each): a few MiB at most.
+    const DEPTH: usize = 64;
 }
 
 impl Read for S3Reader {
@@ -444,11 +449,11 @@ impl Read for S3Reader {
             if self.ended {
                 return Ok(0);
             }
-            match self.rx.recv() {
-                Ok(Ok(c)) if c.is_empty() => self.ended = true,
-                Ok(Ok(c)) => self.chunk = c,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Err(std::io::Error::other("download stopped before the end")),
+            match self.rx.blocking_recv() {
+                Some(Ok(c)) if c.is_empty() => self.ended = true,
+                Some(Ok(c)) => self.chunk = c,
+                Some(Err(e)) => return Err(e),
+                None => return Err(std::io::Error::other("download stopped before the end")),
             }
         }
         let n = buf.len().min(self.chunk.len());
@@ -619,39 +624,26 @@ impl Storage for S3Storage {
             }
             Err(e) => return Err(inner.err("download", key, &e)),
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel(16);
+        // A bounded async channel: the download task waits on `send` without
+        // tying up a blocking thread per chunk, and the reader blocks on it.
+        let (tx, rx) = tokio::sync::mpsc::channel(S3Reader::DEPTH);
         let mut body = out.body;
         let label = key.to_string();
         let owner = inner.clone();
         self.rt.spawn(async move {
             loop {
-                match body.try_next().await {
-                    Ok(Some(chunk)) => {
-                        if chunk.is_empty() {
-                            continue;
-                        }
-                        let tx2 = tx.clone();
-                        // The channel is bounded: wait for the reader off the async workers.
-                        let sent = tokio::task::spawn_blocking(move || tx2.send(Ok(chunk))).await;
-                        if !matches!(sent, Ok(Ok(()))) {
-                            return;
-                        }
-                    }
-                    Ok(None) => {
-                        let _ =
-                            tokio::task::spawn_blocking(move || tx.send(Ok(bytes::Bytes::new())))
-                                .await;
-                        return;
-                    }
-                    Err(e) => {
-                        let msg =
-                            format!("target '{}': download of {label} failed: {e}", owner.name);
-                        let _ = tokio::task::spawn_blocking(move || {
-                            tx.send(Err(std::io::Error::other(msg)))
-                        })
-                        .await;
-                        return;
-                    }
+                let item = match body.try_next().await {
+                    Ok(Some(chunk)) if chunk.is_empty() => continue,
+                    Ok(Some(chunk)) => Ok(chunk),
+                    Ok(None) => Ok(bytes::Bytes::new()),
+                    Err(e) => Err(std::io::Error::other(format!(
+                        "target '{}': download of {label} failed: {e}",
+                        owner.name
+                    ))),
+                };
+                let last = !matches!(&item, Ok(c) if !c.is_empty());
+                if tx.send(item).await.is_err() || last {
+                    return;
                 }
             }
         });
