@@ -314,14 +314,16 @@ pub struct Decoder<R: Read> {
     /// `None` for objects that carry their own checksum (WAL segments).
     expected: Option<ObjectDigest>,
     stored: Arc<Mutex<RawTally<R>>>,
-    hash: Sha256,
-    count: u64,
+    /// The plaintext is hashed on the decompressing thread, which has time
+    /// to spare, rather than on the consumer's, which also writes it out.
+    plain: Arc<Mutex<RawTally<Box<dyn Read + Send>>>>,
     done: bool,
 }
 
 impl<R: Read + Send + 'static> std::fmt::Debug for Decoder<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Decoder({} bytes out)", self.count)
+        let out = self.plain.lock().map(|p| p.count).unwrap_or(0);
+        write!(f, "Decoder({out} bytes out)")
     }
 }
 
@@ -399,23 +401,30 @@ impl<R: Read + Send + 'static> Decoder<R> {
             decrypted,
         ))
         .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
-        let inner = ReadAhead::spawn(zstd, || Ok(()));
+        let plain = Arc::new(Mutex::new(RawTally {
+            inner: Box::new(zstd) as Box<dyn Read + Send>,
+            hash: Sha256::new(),
+            count: 0,
+        }));
+        let inner = ReadAhead::spawn(TallyReader { raw: plain.clone() }, || Ok(()));
         Ok(Decoder {
             inner,
             expected: expected.cloned(),
             stored,
-            hash: Sha256::new(),
-            count: 0,
+            plain,
             done: false,
         })
     }
 
     fn check_end(&mut self) -> io::Result<()> {
         let mut raw = self.stored.lock().map_err(|_| poisoned())?;
-        let plain = hex::encode(std::mem::take(&mut self.hash).finalize());
         let stored = hex::encode(std::mem::take(&mut raw.hash).finalize());
         let stored_count = raw.count;
         drop(raw);
+        let mut out = self.plain.lock().map_err(|_| poisoned())?;
+        let plain = hex::encode(std::mem::take(&mut out.hash).finalize());
+        let plain_count = out.count;
+        drop(out);
         let Some(e) = &self.expected else {
             return Ok(());
         };
@@ -429,10 +438,10 @@ impl<R: Read + Send + 'static> Decoder<R> {
                 "stored sha256 is {stored}, the manifest says {}",
                 e.stored_sha256
             ))
-        } else if self.count != e.plain_size {
+        } else if plain_count != e.plain_size {
             Some(format!(
-                "plain size is {} bytes, the manifest says {}",
-                self.count, e.plain_size
+                "plain size is {plain_count} bytes, the manifest says {}",
+                e.plain_size
             ))
         } else if plain != e.plain_sha256 {
             Some(format!(
@@ -460,8 +469,6 @@ impl<R: Read + Send + 'static> Read for Decoder<R> {
             self.check_end()?;
             return Ok(0);
         }
-        self.hash.update(&buf[..n]);
-        self.count += n as u64;
         Ok(n)
     }
 }
