@@ -17,7 +17,8 @@ use crate::keys::{self, Sealing};
 use crate::lease::Lease;
 use crate::lock::Lock;
 use crate::repo::{self, BackupType, Label, Manifest, manifest::FORMAT_VERSION};
-use crate::sqlite::{self, IndexReader, IndexWriter, PageWriter, pages::page_hash};
+use crate::sqlite::pages::{HASH_LEN, HashAhead};
+use crate::sqlite::{self, IndexReader, IndexWriter, PageWriter, Snapshot};
 use crate::storage::{self, ObjectWriter, Storage};
 
 /// The chain a backup's page stream is written through.
@@ -159,7 +160,8 @@ pub fn backup(
         |e: std::io::Error| Error::io(format!("writing the page index {}", index_tmp.display()), e);
     let mut index: Option<IndexWriter<BufWriter<File>>> = None;
     let mut next_pgno: u32 = 1;
-    let snapshot = sqlite::snapshot::read_pages(&mut conn, db, |snap, pgno, data| {
+    let mut hasher: Option<HashAhead> = None;
+    let mut process = |snap: &Snapshot, pgno: u32, data: &[u8], h: [u8; HASH_LEN]| {
         if pages.is_none() {
             let b = slot
                 .take()
@@ -180,14 +182,6 @@ pub fn backup(
             }
             progress.set_length(snap.page_count * u64::from(snap.page_size));
         }
-        if pgno != next_pgno {
-            return Err(Error::Source {
-                path: db.to_path_buf(),
-                reason: format!("snapshot returned page {pgno} where {next_pgno} was expected"),
-            });
-        }
-        next_pgno += 1;
-        let h = page_hash(data);
         let store_it = match base.as_mut() {
             Some((_, idx)) => {
                 let old = idx
@@ -205,7 +199,22 @@ pub fn backup(
         }
         progress.inc(data.len() as u64);
         Ok(())
+    };
+    let snapshot = sqlite::snapshot::read_pages(&mut conn, db, |snap, pgno, data| {
+        if pgno != next_pgno {
+            return Err(Error::Source {
+                path: db.to_path_buf(),
+                reason: format!("snapshot returned page {pgno} where {next_pgno} was expected"),
+            });
+        }
+        next_pgno += 1;
+        hasher
+            .get_or_insert_with(|| HashAhead::start(snap.page_size))
+            .push(pgno, data, |n, page, h| process(snap, n, page, h))
     })?;
+    if let Some(h) = hasher {
+        h.finish(|n, page, h| process(&snapshot, n, page, h))?;
+    }
     drop(conn);
     let Some(pages) = pages else {
         return Err(Error::Other(

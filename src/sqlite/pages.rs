@@ -25,6 +25,120 @@ pub fn page_hash(page: &[u8]) -> [u8; HASH_LEN] {
     out
 }
 
+/// Hashes a snapshot's pages on a second core while SQLite reads the next
+/// ones: in a diff, hashing every page to compare it with the full's index
+/// is as much work as reading it.
+#[derive(Debug)]
+pub struct HashAhead {
+    page_size: usize,
+    batch: Vec<u8>,
+    first: u32,
+    work: Option<std::sync::mpsc::SyncSender<(u32, Vec<u8>)>>,
+    done: std::sync::mpsc::Receiver<Hashed>,
+    spare: Vec<Vec<u8>>,
+    in_flight: usize,
+    worker: Option<std::thread::JoinHandle<()>>,
+}
+
+/// A batch of pages back from the hashing thread: first page number, the
+/// pages, and their hashes.
+type Hashed = (u32, Vec<u8>, Vec<[u8; HASH_LEN]>);
+
+fn hasher_gone() -> crate::error::Error {
+    crate::error::Error::Other("internal: the page hashing thread stopped".into())
+}
+
+impl HashAhead {
+    const BATCH_PAGES: usize = 256;
+    const MAX_IN_FLIGHT: usize = 2;
+
+    pub fn start(page_size: u32) -> Self {
+        let page_size = page_size as usize;
+        let (work, jobs) = std::sync::mpsc::sync_channel::<(u32, Vec<u8>)>(Self::MAX_IN_FLIGHT);
+        let (results, done) = std::sync::mpsc::sync_channel::<Hashed>(Self::MAX_IN_FLIGHT + 1);
+        let worker = std::thread::spawn(move || {
+            for (first, pages) in jobs {
+                let hashes = pages.chunks(page_size).map(page_hash).collect();
+                if results.send((first, pages, hashes)).is_err() {
+                    return;
+                }
+            }
+        });
+        HashAhead {
+            page_size,
+            batch: Vec::with_capacity(page_size * Self::BATCH_PAGES),
+            first: 0,
+            work: Some(work),
+            done,
+            spare: Vec::new(),
+            in_flight: 0,
+            worker: Some(worker),
+        }
+    }
+
+    /// Queues page `pgno` (pages come in order, without gaps); `sink` gets
+    /// earlier pages, in order, with their hashes, as they come back.
+    pub fn push(
+        &mut self,
+        pgno: u32,
+        data: &[u8],
+        mut sink: impl FnMut(u32, &[u8], [u8; HASH_LEN]) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        if self.batch.is_empty() {
+            self.first = pgno;
+        }
+        self.batch.extend_from_slice(data);
+        if self.batch.len() >= self.page_size * Self::BATCH_PAGES {
+            self.send()?;
+            while self.in_flight > Self::MAX_IN_FLIGHT {
+                self.take_one(&mut sink)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every page still queued to `sink` and stops the thread.
+    pub fn finish(
+        mut self,
+        mut sink: impl FnMut(u32, &[u8], [u8; HASH_LEN]) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        if !self.batch.is_empty() {
+            self.send()?;
+        }
+        while self.in_flight > 0 {
+            self.take_one(&mut sink)?;
+        }
+        self.work = None;
+        if let Some(w) = self.worker.take() {
+            w.join().map_err(|_| hasher_gone())?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self) -> crate::error::Result<()> {
+        let next = self.spare.pop().unwrap_or_default();
+        let full = std::mem::replace(&mut self.batch, next);
+        self.batch.clear();
+        let work = self.work.as_ref().ok_or_else(hasher_gone)?;
+        work.send((self.first, full)).map_err(|_| hasher_gone())?;
+        self.in_flight += 1;
+        Ok(())
+    }
+
+    fn take_one(
+        &mut self,
+        sink: &mut impl FnMut(u32, &[u8], [u8; HASH_LEN]) -> crate::error::Result<()>,
+    ) -> crate::error::Result<()> {
+        let (first, pages, hashes) = self.done.recv().map_err(|_| hasher_gone())?;
+        self.in_flight -= 1;
+        for ((n, page), h) in (first..).zip(pages.chunks(self.page_size)).zip(hashes) {
+            sink(n, page, h)?;
+        }
+        self.spare.push(pages);
+        Ok(())
+    }
+}
+
 /// Writes a page stream.
 #[derive(Debug)]
 pub struct PageWriter<W: Write> {
@@ -261,6 +375,32 @@ mod tests {
         r.next_page().expect("p1");
         r.next_page().expect("p3");
         assert!(r.next_page().is_err(), "missing end marker is an error");
+    }
+
+    #[test]
+    fn hash_ahead_hands_back_every_page_in_order_with_its_hash() {
+        // Not a multiple of the batch, so the last batch is partial.
+        let n = HashAhead::BATCH_PAGES as u32 * 3 + 17;
+        let page = |i: u32| vec![(i % 251) as u8; 512];
+        let mut seen = Vec::new();
+        let mut ha = HashAhead::start(512);
+        for i in 1..=n {
+            ha.push(i, &page(i), |p, d, h| {
+                seen.push((p, d == page(p).as_slice(), h == page_hash(&page(p))));
+                Ok(())
+            })
+            .expect("push");
+        }
+        ha.finish(|p, d, h| {
+            seen.push((p, d == page(p).as_slice(), h == page_hash(&page(p))));
+            Ok(())
+        })
+        .expect("finish");
+        assert_eq!(seen.len(), n as usize);
+        for (i, (p, same, hashed)) in seen.into_iter().enumerate() {
+            assert_eq!(p, i as u32 + 1);
+            assert!(same && hashed, "page {p}");
+        }
     }
 
     #[test]
