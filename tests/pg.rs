@@ -7,7 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::Env;
-use common::pg::{PgCluster, give_to_postgres, sql_at, start_restored, stop};
+use common::pg::{PgCluster, give_to_postgres, sql_at, start_restored, stop, wait_out_recovery};
 
 /// An env whose only policy is a postgres one for `cluster`.
 fn pg_env(cluster: &PgCluster, extra: &str) -> Env {
@@ -293,14 +293,7 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopp
         .ok();
     assert!(r.stdout.contains("pg_ctl"), "{}", r.stdout);
     cluster.pg_ctl("start");
-    let deadline = std::time::Instant::now() + Duration::from_secs(120);
-    while cluster.sql("SELECT pg_is_in_recovery()") != "f" {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the cluster restored in place stays in recovery"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_out_recovery(&cluster.sock, cluster.port);
     assert_eq!(cluster.sql("SELECT count(*) FROM marks"), "300");
     assert_eq!(
         cluster.sql("SELECT count(*) FROM marks WHERE id = 7777"),

@@ -33,11 +33,11 @@ pub struct HashAhead {
     page_size: usize,
     batch: Vec<u8>,
     first: u32,
-    work: Option<std::sync::mpsc::SyncSender<(u32, Vec<u8>)>>,
+    work: std::sync::mpsc::SyncSender<(u32, Vec<u8>)>,
     done: std::sync::mpsc::Receiver<Hashed>,
     spare: Vec<Vec<u8>>,
     in_flight: usize,
-    worker: Option<std::thread::JoinHandle<()>>,
+    worker: std::thread::JoinHandle<()>,
 }
 
 /// A batch of pages back from the hashing thread: first page number, the
@@ -68,11 +68,11 @@ impl HashAhead {
             page_size,
             batch: Vec::with_capacity(page_size * Self::BATCH_PAGES),
             first: 0,
-            work: Some(work),
+            work,
             done,
             spare: Vec::new(),
             in_flight: 0,
-            worker: Some(worker),
+            worker,
         }
     }
 
@@ -108,19 +108,18 @@ impl HashAhead {
         while self.in_flight > 0 {
             self.take_one(&mut sink)?;
         }
-        self.work = None;
-        if let Some(w) = self.worker.take() {
-            w.join().map_err(|_| hasher_gone())?;
-        }
-        Ok(())
+        let HashAhead { work, worker, .. } = self;
+        drop(work);
+        worker.join().map_err(|_| hasher_gone())
     }
 
     fn send(&mut self) -> crate::error::Result<()> {
         let next = self.spare.pop().unwrap_or_default();
         let full = std::mem::replace(&mut self.batch, next);
         self.batch.clear();
-        let work = self.work.as_ref().ok_or_else(hasher_gone)?;
-        work.send((self.first, full)).map_err(|_| hasher_gone())?;
+        self.work
+            .send((self.first, full))
+            .map_err(|_| hasher_gone())?;
         self.in_flight += 1;
         Ok(())
     }

@@ -169,6 +169,12 @@ pub fn start_restored(data: &Path, sock: &Path, log: &Path) -> u16 {
         String::from_utf8_lossy(&out.stderr),
         std::fs::read_to_string(log).unwrap_or_default()
     );
+    wait_out_recovery(sock, port);
+    port
+}
+
+/// Waits until a restored cluster has replayed its WAL and promoted.
+pub fn wait_out_recovery(sock: &Path, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(120);
     while sql_at(sock, port, "select pg_is_in_recovery()") != "f" {
         assert!(
@@ -177,7 +183,6 @@ pub fn start_restored(data: &Path, sock: &Path, log: &Path) -> u16 {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    port
 }
 
 pub fn stop(data: &Path) {
