@@ -1,6 +1,6 @@
 //! Loading and validating `dr.toml` and the policy directory.
 //!
-//! The files users write are a contract (see `shared/examples/`). Validation
+//! The files users write are a contract (see `examples/` in the repository). Validation
 //! collects every problem it can find, each with its file and line and what
 //! to do, so that one `dr config validate` run is enough to fix a config.
 
@@ -648,7 +648,7 @@ fn parse_file<T: serde::de::DeserializeOwned>(
         diags.push(Diagnostic {
             file: file.to_path_buf(),
             line,
-            message: format!("unknown key '{key}': remove it or check its spelling (see shared/examples for every key)"),
+            message: format!("unknown key '{key}': remove it or check its spelling (see examples/dr.toml in dr's repository for every key)"),
         });
     }
     match result {
@@ -1063,9 +1063,9 @@ mod tests {
     }
 
     #[test]
-    fn shared_examples_are_accepted_as_written() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/examples/dr.toml");
-        let cfg = load(&root).expect("shared/examples/dr.toml must load");
+    fn shipped_examples_are_accepted_as_written() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dr.toml");
+        let cfg = load(&root).expect("examples/dr.toml must load");
         assert_eq!(cfg.policies.len(), 2);
         let app = cfg.policy("app").expect("app");
         assert!(matches!(app.source, Source::Sqlite { .. }));
