@@ -27,7 +27,9 @@ Quick start:
 
 Exit codes: 0 success, 1 failure, 2 configuration or secret error,
 3 integrity or decryption failure, 4 lock or lease held by another run,
-5 not found (policy, target or backup), 6 refused (would overwrite).";
+5 not found (policy, target or backup), 6 refused (would overwrite, not a
+regular file, in use), 7 incomplete (a WAL gap keeps the newest state out of
+reach: the message names the newest instant that --at can restore).";
 
 /// dr: backups and disaster recovery for SQLite and PostgreSQL.
 ///
@@ -220,9 +222,19 @@ pub enum ConfigAction {
     Validate,
 }
 
+/// Log ceilings for crates that would otherwise print secrets.
+const SDK_CAP: &str = "aws_sigv4=debug,aws_smithy_runtime=debug,aws_smithy_runtime_api=debug,aws_config=debug,aws_credential_types=debug,aws_runtime=debug,aws_sdk_s3=debug,aws_smithy_http_client=debug,hyper=info,hyper_util=info,rustls=info,h2=info";
+
 /// Sets up logging on stderr.
 pub fn init_logging(cli: &Cli) {
     let filter = std::env::var("DR_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    // The AWS SDK logs request signing and credentials (the access key id
+    // among them) at trace level: those crates stop at debug, whatever was asked.
+    let filter = if filter.contains("trace") {
+        format!("{filter},{SDK_CAP}")
+    } else {
+        filter
+    };
     let filter = tracing_subscriber::EnvFilter::try_new(&filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
@@ -332,11 +344,11 @@ pub fn run(cli: Cli) -> Result<()> {
             let policies = ops::select_policies(&cfg, policy.as_deref())?;
             let info = ops::info::info(&cfg, &policies, &filter(None, target.as_ref()))?;
             if *json {
-                print_json(&info)
+                print_json(&info)?;
             } else {
                 print!("{}", ops::info::render(&info));
-                Ok(())
             }
+            info.problems().map_or(Ok(()), Err)
         }
         Command::Verify {
             policy,

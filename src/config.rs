@@ -121,7 +121,7 @@ struct RawSchedule {
 #[derive(Debug, Deserialize)]
 struct RawRetention {
     full: Option<Spanned<u32>>,
-    diff: Option<u32>,
+    diff: Option<Spanned<u32>>,
     incomplete_grace: Option<Spanned<String>>,
 }
 
@@ -330,13 +330,41 @@ impl Config {
 
 // ---------------------------------------------------------------- loading
 
+/// The longest `incomplete_grace` dr accepts (it must fit in a time stamp).
+const MAX_GRACE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// The largest config or policy file dr reads: anything bigger is not a
+/// config (a link to /dev/zero would otherwise grow memory without bound).
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Reads a config file, refusing what is not a regular file of sane size.
+fn read_config_text(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let f = std::fs::File::open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(
+            "not a regular file (a device, FIFO or directory)",
+        ));
+    }
+    let mut text = String::new();
+    f.take(MAX_CONFIG_BYTES + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(std::io::Error::other(format!(
+            "larger than {} KiB: not a dr configuration",
+            MAX_CONFIG_BYTES >> 10
+        )));
+    }
+    Ok(text)
+}
+
 /// Where the config is looked for when neither `--config` nor `DR_CONFIG` is given.
 pub const DEFAULT_CONFIG: &str = "dr.toml";
 
 /// Loads and validates the configuration, returning every problem at once.
 pub fn load(path: &Path) -> Result<Config> {
     let mut diags = Vec::new();
-    let text = match std::fs::read_to_string(path) {
+    let text = match read_config_text(path) {
         Ok(t) => t,
         Err(e) => {
             return Err(Error::Config(vec![Diagnostic {
@@ -476,7 +504,7 @@ pub fn load(path: &Path) -> Result<Config> {
         Ok(files) => {
             let mut seen: BTreeMap<String, (PathBuf, usize)> = BTreeMap::new();
             for file in files {
-                let ptext = match std::fs::read_to_string(&file) {
+                let ptext = match read_config_text(&file) {
                     Ok(t) => t,
                     Err(e) => {
                         diags.push(Diagnostic {
@@ -890,6 +918,16 @@ fn check_policy(
     ] {
         if let Some(expr) = raw {
             match CronSpec::parse(expr.get_ref()) {
+                Ok(c) if c.next_after(chrono::Utc::now()).is_none() => {
+                    d.at(
+                        expr.span(),
+                        format!(
+                            "cron expression '{}' never fires (no such date within the years it can reach): check the day and month",
+                            expr.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
                 Ok(c) => *slot = Some(c),
                 Err(e) => {
                     d.at(expr.span(), e);
@@ -912,9 +950,27 @@ fn check_policy(
             }
             retention.full = Some(*full.get_ref());
         }
-        retention.diff = r.diff;
+        if let Some(diff) = r.diff.as_ref().filter(|d| *d.get_ref() == 0) {
+            d.at(
+                diff.span(),
+                "retention.diff must be at least 1 (it is how many diff backups to keep; 0 would delete each diff as soon as it commits): remove the key to keep every diff".into(),
+            );
+            ok = false;
+        }
+        retention.diff = r.diff.as_ref().map(|d| *d.get_ref());
         if let Some(g) = &r.incomplete_grace {
             match humantime::parse_duration(g.get_ref()) {
+                Ok(v) if v > MAX_GRACE => {
+                    d.at(
+                        g.span(),
+                        format!(
+                            "retention.incomplete_grace = \"{}\" is longer than dr allows ({}): write e.g. \"1h\" or \"7d\"",
+                            g.get_ref(),
+                            humantime::format_duration(MAX_GRACE)
+                        ),
+                    );
+                    ok = false;
+                }
                 Ok(v) => retention.incomplete_grace = v,
                 Err(e) => {
                     d.at(

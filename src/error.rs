@@ -57,6 +57,11 @@ pub enum Error {
     #[error("{0}")]
     Refused(String),
 
+    /// The repository cannot give what was asked without giving less (a WAL
+    /// gap before the newest commits); the message says what it can give.
+    #[error("{0}")]
+    Incomplete(String),
+
     /// Verification found a problem (the message lists each one).
     #[error("{0}")]
     VerifyFailed(String),
@@ -91,6 +96,7 @@ impl Error {
             Error::Busy(_) => 4,
             Error::NotFound(_) => 5,
             Error::Refused(_) => 6,
+            Error::Incomplete(_) => 7,
             Error::Storage { .. } | Error::Source { .. } | Error::Io { .. } | Error::Other(_) => 1,
         }
     }

@@ -20,8 +20,9 @@ use crate::error::{Error, Result, io_reason};
 pub enum Sealing {
     /// age X25519 recipients: the backup host cannot decrypt.
     Recipients(Vec<age::x25519::Recipient>),
-    /// scrypt passphrase: the same secret encrypts and decrypts.
-    Passphrase(SecretString),
+    /// scrypt passphrase: the same secret encrypts and decrypts. The string
+    /// is its fingerprint (see [`passphrase_fingerprint`]).
+    Passphrase(SecretString, String),
     /// `encryption = "none"`: compressed and hashed, not encrypted.
     None,
 }
@@ -30,21 +31,26 @@ impl std::fmt::Debug for Sealing {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Sealing::Recipients(r) => write!(f, "Recipients({})", r.len()),
-            Sealing::Passphrase(_) => f.write_str("Passphrase(..)"),
+            Sealing::Passphrase(..) => f.write_str("Passphrase(..)"),
             Sealing::None => f.write_str("None"),
         }
     }
 }
 
 impl Sealing {
-    /// Short stable fingerprints of the recipients, recorded in manifests so a
-    /// user can tell which key a backup needs without decrypting anything.
+    /// Short stable fingerprints of the recipients (or of the passphrase),
+    /// recorded in manifests so dr can tell whether a diff's full was sealed
+    /// for the same keys, and a user which key a backup needs, without
+    /// decrypting anything. Sorted: the order of recipients does not matter.
     pub fn fingerprints(&self) -> Vec<String> {
-        match self {
+        let mut out: Vec<String> = match self {
             Sealing::Recipients(rs) => rs.iter().map(|r| fingerprint(&r.to_string())).collect(),
-            Sealing::Passphrase(_) => vec!["scrypt".into()],
+            Sealing::Passphrase(_, fp) => vec![fp.clone()],
             Sealing::None => vec![],
-        }
+        };
+        out.sort();
+        out.dedup();
+        out
     }
 }
 
@@ -72,6 +78,43 @@ pub fn fingerprint(recipient: &str) -> String {
     hex::encode(&h[..8])
 }
 
+/// Shortest passphrase dr seals backups with: anyone holding a copy of the
+/// repository can guess passphrases offline, at scrypt's pace.
+pub const MIN_PASSPHRASE_CHARS: usize = 12;
+
+/// A fingerprint of a passphrase that does not give it away: the first
+/// 8 bytes of scrypt (log2 N = 15) under a fixed dr-specific salt, as
+/// `scrypt:<hex>`. Guessing a passphrase from it costs the same scrypt work
+/// per guess as guessing it from any age header the repository already holds.
+pub fn passphrase_fingerprint(pass: &SecretString) -> Result<String> {
+    let params = scrypt::Params::new(15, 8, 1, 32)
+        .map_err(|e| Error::Other(format!("internal: scrypt parameters: {e}")))?;
+    let mut out = [0u8; 32];
+    scrypt::scrypt(
+        pass.expose_secret().as_bytes(),
+        b"dr passphrase fingerprint v1",
+        &params,
+        &mut out,
+    )
+    .map_err(|e| Error::Other(format!("internal: scrypt: {e}")))?;
+    Ok(format!("scrypt:{}", hex::encode(&out[..8])))
+}
+
+/// Refuses passphrases too weak to protect a repository copy.
+fn check_passphrase(path: &Path, pass: &SecretString) -> Result<()> {
+    let chars = pass.expose_secret().trim().chars().count();
+    if chars < MIN_PASSPHRASE_CHARS {
+        return Err(Error::Secret {
+            path: path.to_path_buf(),
+            reason: format!(
+                "the passphrase has {chars} characters (not counting surrounding white space): use at least {MIN_PASSPHRASE_CHARS}, e.g. `openssl rand -base64 32 > {}` (existing backups stay readable with the old one)",
+                path.display()
+            ),
+        });
+    }
+    Ok(())
+}
+
 /// Parses one `age1...` recipient.
 pub fn parse_recipient(s: &str) -> std::result::Result<age::x25519::Recipient, String> {
     age::x25519::Recipient::from_str(s.trim()).map_err(|e| {
@@ -88,7 +131,10 @@ pub fn sealing(enc: &Encryption, encrypted: bool) -> Result<Sealing> {
         return Ok(Sealing::None);
     }
     if let Some(p) = &enc.passphrase_file {
-        return Ok(Sealing::Passphrase(crate::secret::read_secret(p)?));
+        let pass = crate::secret::read_secret(p)?;
+        check_passphrase(p, &pass)?;
+        let fp = passphrase_fingerprint(&pass)?;
+        return Ok(Sealing::Passphrase(pass, fp));
     }
     let mut out = Vec::new();
     for r in &enc.recipients {
@@ -213,5 +259,21 @@ mod tests {
         let u = read_identity_file(&p).expect("readable identity");
         assert_eq!(u.identities.len(), 1);
         assert!(keygen(&p).is_err(), "never overwrites");
+    }
+
+    #[test]
+    fn passphrase_fingerprints_tell_secrets_apart() {
+        let a = passphrase_fingerprint(&SecretString::from("correct horse battery".to_string()))
+            .expect("fp");
+        let b = passphrase_fingerprint(&SecretString::from("correct horse battery!".to_string()))
+            .expect("fp");
+        assert!(a.starts_with("scrypt:") && a != b, "{a} {b}");
+        let again = passphrase_fingerprint(&SecretString::from("correct horse battery".to_string()))
+            .expect("fp");
+        assert_eq!(a, again);
+        let p = Path::new("pass");
+        assert!(check_passphrase(p, &SecretString::from("x".to_string())).is_err());
+        assert!(check_passphrase(p, &SecretString::from("            \t".to_string())).is_err());
+        assert!(check_passphrase(p, &SecretString::from("correct horse".to_string())).is_ok());
     }
 }

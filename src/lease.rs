@@ -22,14 +22,27 @@ pub const TTL_MINUTES: i64 = 60;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Record {
     holder: String,
-    /// The holder's host name: a lease from this host is stale whenever we
-    /// hold the local lock, because no other dr here can be writing.
+    /// The holder's host name and process: a lease from this host whose
+    /// process is gone is stale (a killed run); one whose process lives is
+    /// another dr here (another state_dir or config), and it is respected.
     #[serde(default)]
     host: String,
+    #[serde(default)]
+    pid: u32,
     command: String,
     token: String,
     acquired: DateTime<Utc>,
     expires: DateTime<Utc>,
+}
+
+impl Record {
+    /// Whether the holder may still be writing, as seen from `host`.
+    fn alive(&self, host: &str) -> bool {
+        if self.host != host {
+            return true; // another host's process cannot be checked: trust the expiry
+        }
+        self.pid != std::process::id() && crate::scratch::pid_alive(self.pid)
+    }
 }
 
 /// A held lease. Dropping it releases it (best effort).
@@ -58,7 +71,7 @@ fn token() -> String {
 
 impl<'s> Lease<'s> {
     /// Takes the lease of `policy` on a shared target; `Ok(None)` for targets
-    /// only one host writes (local volumes), where the local lock suffices.
+    /// that say only one writer can reach them.
     /// The caller must hold the local lock of the policy and target.
     pub fn acquire(
         store: &'s dyn Storage,
@@ -73,6 +86,7 @@ impl<'s> Lease<'s> {
         let record = Record {
             holder: format!("{} pid {}", crate::lock::hostname(), std::process::id()),
             host: crate::lock::hostname(),
+            pid: std::process::id(),
             command: command.to_string(),
             token: token(),
             acquired: now,
@@ -84,9 +98,9 @@ impl<'s> Lease<'s> {
             let cond = match store.get_with_etag(&key)? {
                 None => Condition::Absent,
                 Some((bytes, etag)) => match serde_json::from_slice::<Record>(&bytes) {
-                    Ok(other) if other.expires > Utc::now() && other.host != record.host => {
+                    Ok(other) if other.expires > Utc::now() && other.alive(&record.host) => {
                         return Err(Error::Busy(format!(
-                            "policy '{policy}' on target '{}' is leased by {} ({} since {}, until {}): another host is writing it; wait, or if that host is gone, delete {key} after checking",
+                            "policy '{policy}' on target '{}' is leased by {} ({} since {}, until {}): another dr is writing it; wait, or if that process is gone, delete {key} after checking",
                             store.target(),
                             other.holder,
                             other.command,

@@ -18,6 +18,7 @@ pub mod ops;
 pub mod pg;
 pub mod repo;
 pub mod schedule;
+pub mod scratch;
 pub mod secret;
 pub mod sqlite;
 pub mod storage;

@@ -238,7 +238,10 @@ fn a_manifest_whose_hash_does_not_match() {
         "{}",
         r.stderr
     );
-    let info = env.dr(&["info", "--json"]).ok().json();
+    // dr info shows the damage and, since a backup cannot be restored, exits 3.
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    let info = r.json();
     let b = &info["policies"][0]["targets"][0]["backups"][0];
     assert!(
         b["error"]

@@ -459,3 +459,88 @@ fn backups_taken_while_streaming_carry_a_wal_position_and_expire_trims_older_wal
         assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}");
     }
 }
+
+fn segment_files(env: &Env) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = common::files_under(&env.path("backups/app/wal"))
+        .into_iter()
+        .filter(|f| f.ends_with(".zst.age"))
+        .map(|f| env.path("backups/app/wal").join(f))
+        .collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn a_wal_gap_refuses_the_newest_state_names_the_newest_instant_and_fails_verify() {
+    let env = Env::new(WAL_POLICY);
+    common::make_db(&env.db, true, 50, 500);
+    let dr = replicate(&env);
+    wait_streaming(&env);
+    write(&env, 6, 30, 1500, 500, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(dr), 0);
+    let segs = segment_files(&env);
+    assert!(segs.len() >= 4, "{segs:?}");
+    // One segment from the middle goes missing.
+    std::fs::remove_file(&segs[segs.len() / 2]).expect("rm");
+    let r = env.restore("newest.db", &[]);
+    assert_eq!(r.code, 7, "{}", r.stderr);
+    assert!(r.stderr.contains("gap"), "{}", r.stderr);
+    assert!(!env.path("newest.db").exists());
+    // The message names the newest instant: asking for it restores the state before the gap.
+    let at = r
+        .stderr
+        .split("--at '")
+        .nth(1)
+        .and_then(|s| s.split('\'').next())
+        .expect("instant in the message")
+        .to_string();
+    restore_at(&env, "restore-local", &at, "before-gap.db").ok();
+    let info = env.dr(&["info"]);
+    assert_eq!(info.code, 3, "{}", info.stderr);
+    assert!(info.stdout.contains("GAP"), "{}", info.stdout);
+    let key = env.key_arg();
+    let v = env.dr(&["verify", "app", "--identity", &key]);
+    assert_eq!(v.code, 3, "{}{}", v.stdout, v.stderr);
+    assert!(
+        format!("{}{}", v.stdout, v.stderr).contains("gap"),
+        "{}{}",
+        v.stdout,
+        v.stderr
+    );
+}
+
+#[test]
+fn verify_reads_every_wal_segment_and_names_a_corrupt_one() {
+    let env = Env::new(WAL_POLICY);
+    common::make_db(&env.db, true, 50, 500);
+    let dr = replicate(&env);
+    wait_streaming(&env);
+    write(&env, 3, 30, 1500, 500, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(dr), 0);
+    let key = env.key_arg();
+    env.dr(&["verify", "app", "--identity", &key]).ok();
+    let segs = segment_files(&env);
+    let victim = segs
+        .iter()
+        .find(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 400))
+        .expect("a segment with frames");
+    let mut bytes = std::fs::read(victim).expect("read");
+    let i = bytes.len() / 2;
+    bytes[i] ^= 0x40;
+    std::fs::write(victim, bytes).expect("write");
+    let v = env.dr(&["verify", "app", "--identity", &key]);
+    assert_eq!(v.code, 3, "{}{}", v.stdout, v.stderr);
+    let name = victim
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        format!("{}{}", v.stdout, v.stderr).contains(&name),
+        "{}{}",
+        v.stdout,
+        v.stderr
+    );
+}

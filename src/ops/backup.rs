@@ -84,10 +84,20 @@ pub fn backup(
     // Listing first: a missing bucket or bad credentials fail before anything is written.
     let committed = repo.committed()?;
     let mut lease = Lease::acquire(store.as_ref(), &policy.name, "backup")?;
+    // A diff builds only on the newest *intact* full, and only when the
+    // chain stays restorable with the keys configured now.
     let newest_full = committed
         .iter()
         .rev()
-        .find(|c| c.dir.label.kind() == BackupType::Full && c.manifest.is_ok());
+        .find_map(|c| c.manifest.as_ref().ok().filter(|m| m.kind == BackupType::Full));
+    if let Some(damaged) = committed
+        .iter()
+        .rev()
+        .take_while(|c| !newest_full.is_some_and(|m| m.label == c.dir.label))
+        .find_map(|c| c.manifest.as_ref().err())
+    {
+        tracing::warn!(policy = %policy.name, target = %target.name, "a newer backup is damaged and not built on: {damaged}");
+    }
     let mut note = None;
     let mut base: Option<(Label, IndexReader<BufReader<File>>)> = None;
     let want = opts.kind.unwrap_or(if newest_full.is_some() {
@@ -96,27 +106,33 @@ pub fn backup(
         BackupType::Full
     });
     if want == BackupType::Diff {
+        let page_size = sqlite::snapshot::page_size(&conn)?;
+        let encryption = if policy.encrypted { "age" } else { "none" };
         match newest_full {
             None => {
-                note =
-                    Some("no full backup exists on this target: taking a full instead".to_string())
+                note = Some(
+                    "no intact full backup exists on this target: taking a full instead"
+                        .to_string(),
+                )
             }
-            Some(full) => {
-                let m = full
-                    .manifest
-                    .as_ref()
-                    .map_err(|e| Error::Other(e.to_string()))?;
-                match cached_index(cfg, &repo, target, m)? {
-                    Ok(path) => {
-                        let f = File::open(&path).map_err(|e| {
-                            Error::io(format!("cannot open page index {}", path.display()), e)
-                        })?;
-                        let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
-                            Error::io(format!("cannot read page index {}", path.display()), e)
-                        })?;
-                        base = Some((full.dir.label.clone(), idx));
+            Some(m) => {
+                if let Some(why) =
+                    m.diff_base_mismatch(page_size, encryption, &sealing.fingerprints())
+                {
+                    note = Some(format!("{why}: taking a full instead"));
+                } else {
+                    match cached_index(cfg, &repo, target, m)? {
+                        Ok(path) => {
+                            let f = File::open(&path).map_err(|e| {
+                                Error::io(format!("cannot open page index {}", path.display()), e)
+                            })?;
+                            let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
+                                Error::io(format!("cannot read page index {}", path.display()), e)
+                            })?;
+                            base = Some((m.label.clone(), idx));
+                        }
+                        Err(why) => note = Some(format!("{why}: taking a full instead")),
                     }
-                    Err(why) => note = Some(format!("{why}: taking a full instead")),
                 }
             }
         }
@@ -124,13 +140,15 @@ pub fn backup(
     if let Some(n) = &note {
         tracing::warn!(policy = %policy.name, target = %target.name, "{n}");
     }
+    let base_page_size = base.as_ref().and(newest_full).map(|m| m.page_size);
 
-    let newest_label = committed
-        .iter()
-        .map(|c| c.dir.label.clone())
-        .chain(repo.dirs()?.into_iter().map(|d| d.label))
-        .max();
-    let label = new_label(base.as_ref().map(|(l, _)| l), newest_label.as_ref());
+    let dirs = repo.dirs()?;
+    let label = new_label(
+        base.as_ref().map(|(l, _)| l),
+        committed.iter().map(|c| &c.dir.label).max(),
+        &dirs,
+        store.as_ref(),
+    )?;
     let kind = label.kind();
     // A streamed policy pins the WAL so the snapshot knows its place in the
     // stream: point-in-time restores can start from this backup.
@@ -163,16 +181,25 @@ pub fn backup(
     let mut hasher: Option<HashAhead> = None;
     let mut process = |snap: &Snapshot, pgno: u32, data: &[u8], h: [u8; HASH_LEN]| {
         if pages.is_none() {
+            if let Some(want) = base_page_size.filter(|&p| p != snap.page_size) {
+                return Err(Error::Source {
+                    path: db.to_path_buf(),
+                    reason: format!(
+                        "the page size changed to {} during the backup (its full has {want}): run the backup again",
+                        snap.page_size
+                    ),
+                });
+            }
             let b = slot
                 .take()
                 .ok_or_else(|| Error::Other("internal: snapshot began twice".into()))?;
             pages = Some(PageWriter::new(b, snap.page_size, snap.page_count).map_err(io_err)?);
             if kind == BackupType::Full {
                 if let Some(dir) = index_tmp.parent() {
-                    std::fs::create_dir_all(dir).map_err(index_err)?;
+                    private_dir(dir).map_err(index_err)?;
                     remove_stale_temporaries(dir);
                 }
-                let f = File::create(&index_tmp).map_err(index_err)?;
+                let f = private_file(&index_tmp).map_err(index_err)?;
                 let count = u32::try_from(snap.page_count)
                     .map_err(|_| Error::Other("database has more than 2^32 pages".into()))?;
                 index = Some(
@@ -328,16 +355,45 @@ pub fn write_encoded(
     Ok(digest)
 }
 
-/// A new label later than every existing one (pgBackRest waits for the next second too).
-fn new_label(parent: Option<&Label>, newest: Option<&Label>) -> Label {
+/// How far ahead of this host's clock the newest backup may be before dr
+/// refuses instead of waiting for its own clock to pass it.
+const MAX_LABEL_SKEW: Duration = Duration::from_secs(3);
+
+/// A new label later than every committed one and unlike any directory's
+/// (pgBackRest waits for the next second too). A committed backup dated
+/// further ahead than [`MAX_LABEL_SKEW`] is refused with the reason, never
+/// waited for: labels must grow, and a clock that runs fast somewhere would
+/// otherwise stall every backup in silence.
+fn new_label(
+    parent: Option<&Label>,
+    newest: Option<&Label>,
+    dirs: &[repo::BackupDir],
+    store: &dyn Storage,
+) -> Result<Label> {
+    let mut waited = false;
     loop {
         let now: DateTime<Utc> = Utc::now();
+        if let Some(n) = newest.filter(|n| n.time() > now) {
+            let ahead = (n.time() - now).to_std().unwrap_or_default();
+            if ahead > MAX_LABEL_SKEW {
+                return Err(Error::Other(format!(
+                    "backup {n} on target '{}' is dated {} ahead of this host's clock ({}): another host's clock runs fast or this one's is wrong; dr's labels must grow in time, so no backup can be added after it. Fix the clock (NTP), or remove that backup on purpose if it is not wanted",
+                    store.target(),
+                    humantime::format_duration(Duration::from_secs(ahead.as_secs())),
+                    now.format("%Y-%m-%d %H:%M:%S UTC")
+                )));
+            }
+            if !waited {
+                tracing::info!(target = store.target(), "backup {n} is dated a moment ahead of this clock: waiting for it to pass");
+                waited = true;
+            }
+        }
         let l = match parent {
             Some(p) => Label::diff_of(p, now),
             None => Label::full(now),
         };
-        if newest.is_none_or(|n| l.time() > n.time()) {
-            return l;
+        if newest.is_none_or(|n| l.time() > n.time()) && !dirs.iter().any(|d| d.label == l) {
+            return Ok(l);
         }
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -403,9 +459,9 @@ fn cached_index(
     let tmp = path.with_extension("pages.tmp");
     let local_err = |e: std::io::Error| Error::io(format!("writing {}", tmp.display()), e);
     if let Some(dir) = tmp.parent() {
-        std::fs::create_dir_all(dir).map_err(local_err)?;
+        private_dir(dir).map_err(local_err)?;
     }
-    let mut out = File::create(&tmp).map_err(local_err)?;
+    let mut out = private_file(&tmp).map_err(local_err)?;
     // The decoder's last read checks the hashes: only a verified index is kept.
     let copied = std::io::copy(&mut dec, &mut out);
     if let Err(e) = copied {
@@ -414,6 +470,25 @@ fn cached_index(
     }
     std::fs::rename(&tmp, &path).map_err(local_err)?;
     Ok(Ok(path))
+}
+
+/// The page-index cache says which pages changed when: only dr reads it.
+fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
+fn private_file(path: &std::path::Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
 }
 
 /// Removes index files left by backups that died (the caller holds the lock).

@@ -63,14 +63,22 @@ pub fn expire_locked(
         store.clean_abandoned(&format!("{}/", policy.name))?;
     }
     let dirs = repo.dirs()?;
-    let committed: Vec<_> = dirs
+    let committed = repo.committed()?;
+    let candidates: Vec<_> = committed
         .iter()
-        .filter(|d| d.has_manifest)
-        .map(|d| d.label.clone())
+        .map(|c| retention::Candidate {
+            label: c.dir.label.clone(),
+            intact: c.manifest.is_ok(),
+        })
         .collect();
     let mut out = Vec::new();
+    for c in &committed {
+        if let Err(e) = &c.manifest {
+            tracing::warn!(policy = %policy.name, target = %target.name, label = %c.dir.label, "damaged backup kept, not counted by retention: {e}");
+        }
+    }
     let mut doomed = Vec::new();
-    for r in retention::plan(&committed, policy.retention.full, policy.retention.diff) {
+    for r in retention::plan(&candidates, policy.retention.full, policy.retention.diff) {
         doomed.push((r.label, r.reason));
     }
     let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)
@@ -134,7 +142,7 @@ fn expire_wal(
     policy: &Policy,
     target: &Target,
     repo: &PolicyRepo<'_>,
-    committed: &[repo::Label],
+    committed: &[super::Committed],
     doomed: &[repo::Label],
     dry_run: bool,
 ) -> Result<Vec<Expired>> {
@@ -144,10 +152,9 @@ fn expire_wal(
         return Ok(Vec::new());
     }
     let mut kept = Vec::new();
-    // The caller's listing already says which backups are committed.
-    for label in committed.iter().filter(|l| !doomed.contains(l)) {
-        match repo.manifest(label) {
-            Ok(m) => kept.extend(super::wal_base(&m)),
+    for c in committed.iter().filter(|c| !doomed.contains(&c.dir.label)) {
+        match &c.manifest {
+            Ok(m) => kept.extend(super::wal_base(m)),
             Err(e) => {
                 tracing::warn!(policy = %policy.name, target = %target.name, "not expiring WAL: {e}");
                 return Ok(Vec::new());

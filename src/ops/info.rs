@@ -12,7 +12,7 @@ use serde::{Serialize, Serializer};
 
 use super::{PolicyRepo, TargetFilter, human_bytes};
 use crate::config::{Config, Policy, Source, TargetKind};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::repo::{self, BackupType};
 use crate::storage;
 
@@ -97,6 +97,9 @@ pub struct GenerationInfo {
     pub covered_until: Option<DateTime<Utc>>,
     /// Backups that a replay of this generation can start from.
     pub bases: Vec<String>,
+    /// Missing frames between stored segments: nothing after a gap can be
+    /// replayed from a backup before it.
+    pub gaps: Vec<String>,
 }
 
 /// The local streamer's view of this target.
@@ -157,6 +160,47 @@ fn source_info(p: &Policy) -> SourceInfo {
             path: Some(data_dir.display().to_string()),
             stanza: Some(stanza.clone()),
         },
+    }
+}
+
+impl Info {
+    /// What `dr info` must not exit 0 over: a damaged backup (exit 3), a WAL
+    /// gap (exit 3), a target that could not be read (exit 1). Listed after
+    /// the output, which still shows everything that could be read.
+    pub fn problems(&self) -> Option<Error> {
+        let mut damaged = Vec::new();
+        let mut unreadable = Vec::new();
+        for p in &self.policies {
+            for t in &p.targets {
+                if let Some(e) = &t.error {
+                    unreadable.push(format!("policy '{}' target '{}': {e}", p.name, t.name));
+                }
+                for b in t.backups.iter().filter_map(|b| b.error.as_ref().map(|e| (b, e))) {
+                    damaged.push(format!(
+                        "policy '{}' target '{}' backup {}: {}",
+                        p.name, t.name, b.0.label, b.1
+                    ));
+                }
+                for g in t.wal.iter().flat_map(|w| &w.generations) {
+                    for gap in &g.gaps {
+                        damaged.push(format!(
+                            "policy '{}' target '{}' WAL {gap}",
+                            p.name, t.name
+                        ));
+                    }
+                }
+            }
+        }
+        let all: Vec<String> = damaged.iter().chain(&unreadable).cloned().collect();
+        if all.is_empty() {
+            return None;
+        }
+        let text = format!("dr info found {} problem(s):\n  {}", all.len(), all.join("\n  "));
+        Some(if damaged.is_empty() {
+            Error::Other(text)
+        } else {
+            Error::VerifyFailed(text)
+        })
     }
 }
 
@@ -243,13 +287,15 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
         policy: &p.name,
     };
     let mut bases = Vec::new();
-    for d in repo.dirs()? {
-        if !d.has_manifest {
-            ti.incomplete.push(d.label.to_string());
-            continue;
-        }
-        let label = d.label.to_string();
-        match repo.manifest(&d.label) {
+    let dirs = repo.dirs()?;
+    ti.incomplete = dirs
+        .iter()
+        .filter(|d| !d.has_manifest)
+        .map(|d| d.label.to_string())
+        .collect();
+    for c in repo.committed_of(&dirs) {
+        let label = c.dir.label.to_string();
+        match c.manifest {
             Ok(m) => ti.backups.push({
                 bases.extend(super::wal_base(&m));
                 BackupInfo {
@@ -267,11 +313,11 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
             }),
             Err(e) => ti.backups.push(BackupInfo {
                 label,
-                kind: d.label.kind(),
-                parent: (d.label.kind() == BackupType::Diff)
-                    .then(|| d.label.full_label().to_string()),
-                timestamp_start: d.label.time(),
-                timestamp_stop: d.label.time(),
+                kind: c.dir.label.kind(),
+                parent: (c.dir.label.kind() == BackupType::Diff)
+                    .then(|| c.dir.label.full_label().to_string()),
+                timestamp_start: c.dir.label.time(),
+                timestamp_stop: c.dir.label.time(),
                 size: 0,
                 stored_size: 0,
                 error: Some(e.to_string()),
@@ -288,6 +334,7 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
         return Ok(());
     }
     let segs = repo::wal::segments(&prefix, &listing);
+    let gaps = repo::wal::gaps(&segs);
     let generations = repo::wal::generations(&prefix, &listing)
         .into_iter()
         .map(|g| {
@@ -303,6 +350,11 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
                     .iter()
                     .filter(|b| b.generation == g)
                     .map(|b| b.label.clone())
+                    .collect(),
+                gaps: gaps
+                    .iter()
+                    .filter(|x| x.generation == g)
+                    .map(ToString::to_string)
                     .collect(),
                 id: g,
             }
@@ -473,6 +525,9 @@ fn render_wal(s: &mut String, w: &WalInfo) {
                 g.bases.join(", ")
             }
         );
+        for gap in &g.gaps {
+            let _ = writeln!(s, "        GAP: {gap}");
+        }
     }
     if w.windows.is_empty() {
         let _ = writeln!(

@@ -110,38 +110,64 @@ impl PolicyRepo<'_> {
         Ok(m)
     }
 
-    /// Committed backups with their manifests, oldest first.
+    /// Committed backups, oldest first, each with its manifest when the
+    /// backup is intact (see [`repo::catalog::check_intact`]), or why not.
     pub fn committed(&self) -> Result<Vec<Committed>> {
-        Ok(self
-            .dirs()?
-            .into_iter()
-            .filter(|d| d.has_manifest)
-            .map(|dir| {
-                let manifest = self.manifest(&dir.label);
-                Committed { dir, manifest }
-            })
-            .collect())
+        Ok(self.committed_of(&self.dirs()?))
     }
 
-    /// The manifests a restore of `label` needs: its full, then the diff itself.
+    /// [`Self::committed`] for directories the caller listed already.
+    pub fn committed_of(&self, dirs: &[BackupDir]) -> Vec<Committed> {
+        dirs.iter()
+            .filter(|d| d.has_manifest)
+            .map(|dir| Committed {
+                dir: dir.clone(),
+                manifest: self.intact_manifest(dir),
+            })
+            .collect()
+    }
+
+    /// Reads the manifest of a listed backup and checks it against the listing.
+    fn intact_manifest(&self, dir: &BackupDir) -> Result<Manifest> {
+        let m = self.manifest(&dir.label)?;
+        repo::catalog::check_intact(dir, &m).map_err(|reason| Error::Integrity {
+            object: format!(
+                "target '{}': backup {} of policy '{}'",
+                self.storage.target(),
+                dir.label,
+                self.policy
+            ),
+            reason,
+        })?;
+        Ok(m)
+    }
+
+    /// The manifests a restore of `label` needs, its full then the diff
+    /// itself, each checked intact against a fresh listing: a missing or
+    /// truncated object is an integrity failure (exit 3), found before any
+    /// byte is written.
     pub fn chain(&self, label: &Label) -> Result<Vec<Manifest>> {
-        let m = self.manifest(label)?;
-        match &m.parent {
-            None => Ok(vec![m]),
-            Some(parent) => {
-                let p = self.manifest(parent).map_err(|e| match e {
-                    Error::NotFound(_) => Error::Integrity {
-                        object: format!("backup {label}"),
-                        reason: format!(
-                            "its full backup {parent} is missing from target '{}'",
-                            self.storage.target()
-                        ),
-                    },
-                    other => other,
-                })?;
-                Ok(vec![p, m])
+        let dirs = self.dirs()?;
+        let target = self.storage.target();
+        let find = |l: &Label| -> Result<Manifest> {
+            match dirs.iter().find(|d| &d.label == l && d.has_manifest) {
+                Some(d) => self.intact_manifest(d),
+                None if l == label => Err(Error::NotFound(format!(
+                    "no committed backup {l} of policy '{}' on target '{target}'",
+                    self.policy
+                ))),
+                None => Err(Error::Integrity {
+                    object: format!("backup {label}"),
+                    reason: format!("its full backup {l} is missing from target '{target}'"),
+                }),
             }
+        };
+        let m = find(label)?;
+        if m.kind == repo::BackupType::Full {
+            return Ok(vec![m]);
         }
+        let p = find(&label.full_label())?;
+        Ok(vec![p, m])
     }
 }
 

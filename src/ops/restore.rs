@@ -126,18 +126,7 @@ pub fn restore(
     super::sqlite_path(policy)?;
     let started = Instant::now();
     let to = &opts.to;
-    if to.is_dir() {
-        return Err(Error::Refused(format!(
-            "{} is a directory: --to takes the path of the database file to create",
-            to.display()
-        )));
-    }
-    if to.exists() && !opts.force {
-        return Err(Error::Refused(format!(
-            "{} exists: dr does not overwrite a database unless you pass --force",
-            to.display()
-        )));
-    }
+    let replaced = check_destination(to, opts.force)?;
     let unsealing = unsealing_for(cfg, policy, opts.identity.as_deref())?;
     let store = storage::open(target, &cfg.state_dir)?;
     let repo = PolicyRepo {
@@ -154,8 +143,11 @@ pub fn restore(
         .file_name()
         .map(|f| f.to_string_lossy().into_owned())
         .unwrap_or_else(|| "restore".into());
+    // Plaintext a killed restore left here goes before this one adds its own.
+    let kind = format!(".{fname}.dr-restore.");
+    crate::scratch::sweep(&dir, &kind);
     let tmp = tempfile::Builder::new()
-        .prefix(&format!(".{fname}.dr-restore."))
+        .prefix(&crate::scratch::prefix_for(&kind))
         .tempfile_in(&dir)
         .map_err(|e| {
             Error::io(
@@ -167,6 +159,9 @@ pub fn restore(
                 e,
             )
         })?;
+    if let Some(meta) = &replaced {
+        keep_owner_and_mode(tmp.as_file(), meta, to)?;
+    }
     let bytes = materialize(
         &repo,
         &chain,
@@ -222,6 +217,87 @@ pub fn restore(
     })
 }
 
+/// Checks what `--to` names before anything is decrypted. Returns the
+/// metadata of the regular file a `--force` restore replaces. Refused: a
+/// directory, anything not a regular file (a device or FIFO would be
+/// replaced by a file), a symbolic link (dangling or not: the restore
+/// would land somewhere the user did not name), an existing file without
+/// `--force`, and a database another process has open (its later writes
+/// would go into the replaced file, lost).
+fn check_destination(to: &Path, force: bool) -> Result<Option<std::fs::Metadata>> {
+    let meta = match std::fs::symlink_metadata(to) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io(format!("cannot inspect {}", to.display()), e)),
+    };
+    let t = meta.file_type();
+    let shown = to.display();
+    if t.is_dir() {
+        return Err(Error::Refused(format!(
+            "{shown} is a directory: --to takes the path of the database file to create"
+        )));
+    }
+    if t.is_symlink() {
+        let dest = std::fs::read_link(to)
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        return Err(Error::Refused(format!(
+            "{shown} is a symbolic link (to {dest}): dr does not restore through links; pass the path of the real file"
+        )));
+    }
+    if !t.is_file() {
+        return Err(Error::Refused(format!(
+            "{shown} is not a regular file (a device, FIFO or socket): dr restores only into regular files"
+        )));
+    }
+    if !force {
+        return Err(Error::Refused(format!(
+            "{shown} exists: dr does not overwrite a database unless you pass --force"
+        )));
+    }
+    let mut users = crate::scratch::opened_by_others(to);
+    for side in sidecars(to) {
+        users.extend(crate::scratch::opened_by_others(&side));
+    }
+    users.sort();
+    users.dedup();
+    if !users.is_empty() {
+        let who: Vec<String> = users
+            .iter()
+            .map(|(pid, comm)| format!("pid {pid} ({comm})"))
+            .collect();
+        return Err(Error::Refused(format!(
+            "{shown} is open in {}: stop the application before restoring over its database (its writes would be lost)",
+            who.join(", ")
+        )));
+    }
+    Ok(Some(meta))
+}
+
+/// Gives the restored file the owner, group and mode of the file it
+/// replaces, so the application can still open it.
+fn keep_owner_and_mode(file: &File, old: &std::fs::Metadata, to: &Path) -> Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let why = |e| {
+        Error::io(
+            format!(
+                "cannot give the restored database the owner {}:{} and mode {:o} of {} (restore as root or as its owner)",
+                old.uid(),
+                old.gid(),
+                old.mode() & 0o7777,
+                to.display()
+            ),
+            e,
+        )
+    };
+    let cur = file.metadata().map_err(why)?;
+    if (cur.uid(), cur.gid()) != (old.uid(), old.gid()) {
+        std::os::unix::fs::fchown(file, Some(old.uid()), Some(old.gid())).map_err(why)?;
+    }
+    file.set_permissions(std::fs::Permissions::from_mode(old.mode() & 0o7777))
+        .map_err(why)
+}
+
 /// Picks the backup, and the WAL to replay on it: a named backup alone; an
 /// instant through the WAL; otherwise the newest state, whether that is a
 /// backup or the end of the WAL.
@@ -269,6 +345,14 @@ fn choose(repo: &PolicyRepo<'_>, opts: &RestoreOptions) -> Result<(Label, Option
             && newest.timestamp_start > reach
         {
             return Ok((newest.label.clone(), None));
+        }
+        if let Some(gap) = repo::wal::gap_after(&plan, &segs) {
+            return Err(Error::Incomplete(format!(
+                "cannot restore the newest state of policy '{}' from target '{target}': the WAL has a gap ({gap}), so the commits after it cannot be replayed. The newest instant reachable is {}: restore it with --at '{}' if that is what you want, or restore from another target",
+                repo.policy,
+                reach.to_rfc3339(),
+                reach.to_rfc3339()
+            )));
         }
     }
     let label: Label = plan.base.label.parse().map_err(Error::NotFound)?;

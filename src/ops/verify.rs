@@ -62,6 +62,14 @@ pub fn verify(
         Err(_) => label.unwrap_or("newest").to_string(),
     };
     let outcome = picked.and_then(|l| drill(cfg, &repo, &l, unsealing.as_ref(), progress));
+    // The WAL is part of what a restore needs: every segment is read back
+    // and hash-checked, and a gap is a failure, whatever the backup's outcome.
+    let wal = check_wal(&repo, unsealing.as_ref(), policy.encrypted);
+    let outcome = match (outcome, wal) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(a), Err(b)) => Err(Error::VerifyFailed(format!("{a}; {b}"))),
+    };
     Ok(Verified {
         policy: policy.name.clone(),
         target: target.name.clone(),
@@ -87,8 +95,9 @@ fn drill(
     let scratch = cfg.state_dir.join("tmp");
     std::fs::create_dir_all(&scratch)
         .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
+    crate::scratch::sweep(&scratch, "verify.");
     let tmp = tempfile::Builder::new()
-        .prefix("verify.")
+        .prefix(&crate::scratch::prefix_for("verify."))
         .suffix(".db")
         .tempfile_in(&scratch)
         .map_err(|e| {
@@ -99,6 +108,38 @@ fn drill(
         })?;
     materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
     sqlite::integrity_check(tmp.path())
+}
+
+/// Reads back every WAL segment of the policy (decrypting and checking its
+/// hash) and checks each generation for gaps. Every problem is listed.
+fn check_wal(
+    repo: &PolicyRepo<'_>,
+    unsealing: Option<&crate::keys::Unsealing>,
+    encrypted: bool,
+) -> Result<()> {
+    let prefix = repo::wal::wal_prefix(repo.policy);
+    let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
+    let mut problems: Vec<String> = repo::wal::gaps(&segs)
+        .iter()
+        .map(|g| format!("WAL gap in {g}"))
+        .collect();
+    for seg in &segs {
+        let object = format!("target '{}': {}", repo.storage.target(), seg.key);
+        let read = repo.storage.open(&seg.key).and_then(|raw| {
+            let mut dec = Decoder::self_checked(raw, &object, unsealing, encrypted)?;
+            std::io::copy(&mut dec, &mut std::io::sink())
+                .map(|_| ())
+                .map_err(|e| read_error(&object, e))
+        });
+        if let Err(e) = read {
+            problems.push(e.to_string());
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::VerifyFailed(problems.join("; ")))
+    }
 }
 
 fn check_other_objects(

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
-use super::label::Label;
+use super::label::{BackupType, Label};
+use super::manifest::Manifest;
 use crate::storage::ObjectMeta;
 
 /// The objects found under one label directory.
@@ -14,6 +15,8 @@ pub struct BackupDir {
     pub label: Label,
     /// Full keys of the objects in the directory.
     pub keys: Vec<String>,
+    /// Stored size of each object, by name inside the directory.
+    pub sizes: BTreeMap<String, u64>,
     pub has_manifest: bool,
     /// Newest modification time among its objects.
     pub modified: DateTime<Utc>,
@@ -36,14 +39,56 @@ pub fn group_backups(prefix: &str, listing: &[ObjectMeta]) -> Vec<BackupDir> {
         let entry = by_label.entry(label.clone()).or_insert_with(|| BackupDir {
             label,
             keys: Vec::new(),
+            sizes: BTreeMap::new(),
             has_manifest: false,
             modified: obj.modified,
         });
         entry.keys.push(obj.key.clone());
+        entry.sizes.insert(name.to_string(), obj.size);
         entry.has_manifest |= name == super::MANIFEST;
         entry.modified = entry.modified.max(obj.modified);
     }
     by_label.into_values().collect()
+}
+
+/// Whether a committed backup is intact as far as a listing can tell: its
+/// manifest agrees with its own label, and every object it records is
+/// present at its recorded size. `Err` says what is wrong. Retention, diffs
+/// and restore trust only intact backups; reading the bytes back is verify's job.
+pub fn check_intact(dir: &BackupDir, m: &Manifest) -> Result<(), String> {
+    if m.label != dir.label {
+        return Err(format!("manifest is for backup {}, not {}", m.label, dir.label));
+    }
+    if m.kind != dir.label.kind() {
+        return Err(format!("manifest says {} but the label is a {}", m.kind, dir.label.kind()));
+    }
+    match (&m.parent, dir.label.kind()) {
+        (None, BackupType::Full) => {}
+        (Some(p), BackupType::Diff) if *p == dir.label.full_label() => {}
+        (p, _) => {
+            return Err(format!(
+                "manifest names parent {} but the label says {}",
+                p.as_ref().map_or("none".to_string(), ToString::to_string),
+                if dir.label.kind() == BackupType::Diff { dir.label.full_label().to_string() } else { "none".into() }
+            ));
+        }
+    }
+    if !m.objects.contains_key(super::DATA) {
+        return Err("the manifest lists no data object".into());
+    }
+    for (name, digest) in &m.objects {
+        match dir.sizes.get(name) {
+            None => return Err(format!("object {name} is missing")),
+            Some(&size) if size != digest.stored_size => {
+                return Err(format!(
+                    "object {name} has {size} bytes where the manifest records {}",
+                    digest.stored_size
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -74,6 +74,48 @@ impl Manifest {
         self.objects.values().map(|o| o.stored_size).sum()
     }
 
+    /// Why a new diff must not build on this full, if it must not: a diff is
+    /// restorable only with its full, so both need the same page size, the
+    /// same format and the same keys. `page_size`, `encryption` and
+    /// `fingerprints` describe the backup about to be taken.
+    pub fn diff_base_mismatch(
+        &self,
+        page_size: u32,
+        encryption: &str,
+        fingerprints: &[String],
+    ) -> Option<String> {
+        let full = &self.label;
+        if self.format != FORMAT_VERSION {
+            return Some(format!(
+                "full backup {full} is in manifest format {}, this dr writes {FORMAT_VERSION}",
+                self.format
+            ));
+        }
+        if self.page_size != page_size {
+            return Some(format!(
+                "the database's page size is now {page_size} bytes but full backup {full} has {}",
+                self.page_size
+            ));
+        }
+        if self.encryption != encryption {
+            return Some(format!(
+                "full backup {full} has encryption '{}', the policy now '{encryption}'",
+                self.encryption
+            ));
+        }
+        let mut recorded = self.recipients.clone();
+        recorded.sort();
+        recorded.dedup();
+        if recorded != fingerprints {
+            return Some(format!(
+                "full backup {full} was encrypted for [{}], the configured keys are [{}]: a diff needs the same keys as its full",
+                recorded.join(", "),
+                fingerprints.join(", ")
+            ));
+        }
+        None
+    }
+
     /// Serialises into the checksummed envelope.
     pub fn to_bytes(&self) -> Vec<u8> {
         let body = serde_json::to_string_pretty(self).unwrap_or_else(|_| "{}".to_string());
@@ -154,5 +196,22 @@ mod tests {
         let err = Manifest::from_bytes(edited.as_bytes()).expect_err("edited");
         assert!(err.contains("checksum mismatch"), "{err}");
         assert!(Manifest::from_bytes(&text.as_bytes()[..text.len() / 2]).is_err());
+    }
+
+    #[test]
+    fn diffs_need_the_same_page_size_format_and_keys_as_their_full() {
+        let m = sample();
+        let keys = vec!["abcd".to_string()];
+        assert_eq!(m.diff_base_mismatch(4096, "age", &keys), None);
+        let e = m.diff_base_mismatch(8192, "age", &keys).expect("page size");
+        assert!(e.contains("8192") && e.contains("4096"), "{e}");
+        assert!(m.diff_base_mismatch(4096, "none", &[]).is_some());
+        let e = m
+            .diff_base_mismatch(4096, "age", &["scrypt:00".to_string()])
+            .expect("keys");
+        assert!(e.contains("same keys"), "{e}");
+        let mut old = sample();
+        old.format = 0;
+        assert!(old.diff_base_mismatch(4096, "age", &keys).is_some());
     }
 }

@@ -1,12 +1,23 @@
 //! pgBackRest-style retention, as a pure plan.
 //!
 //! `full = N` keeps the N newest fulls and everything that depends on them;
-//! `diff = M` keeps the M newest diffs. A full is only ever removed when N
-//! newer fulls have committed, so a failed new full never costs the old one.
+//! `diff = M` keeps the M newest diffs. Only *restorable* backups count: an
+//! intact full, or an intact diff of an intact full. A damaged backup is
+//! never counted (so it can never push a good one out) and never removed
+//! here (it stays for the user to inspect and remove on purpose). The
+//! newest restorable chain is never removed, whatever the counts say.
 
 use std::collections::BTreeSet;
 
 use super::label::{BackupType, Label};
+
+/// A committed backup (it has a manifest) as retention sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    pub label: Label,
+    /// Manifest valid and every object present at its recorded size.
+    pub intact: bool,
+}
 
 /// What expire removes, and why, for `--dry-run` and logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -15,10 +26,23 @@ pub struct Removal {
     pub reason: String,
 }
 
-/// Plans which committed backups to remove. `committed` may be in any order.
-pub fn plan(committed: &[Label], full: Option<u32>, diff: Option<u32>) -> Vec<Removal> {
-    let mut fulls: Vec<&Label> = committed
+/// Plans which committed backups to remove, newest first (so a diff always
+/// goes before the full it needs). `committed` may be in any order.
+pub fn plan(committed: &[Candidate], full: Option<u32>, diff: Option<u32>) -> Vec<Removal> {
+    let labels: BTreeSet<&Label> = committed.iter().map(|c| &c.label).collect();
+    let intact: BTreeSet<&Label> = committed
         .iter()
+        .filter(|c| c.intact)
+        .map(|c| &c.label)
+        .collect();
+    let restorable = |l: &Label| intact.contains(l) && intact.contains(&l.full_label());
+    // The newest state a restore can reach: never removed, nor its full.
+    let newest: Option<&Label> = labels.iter().copied().filter(|l| restorable(l)).max();
+    let protected = |l: &Label| newest.is_some_and(|n| n == l || n.full_label() == *l);
+
+    let mut fulls: Vec<&Label> = intact
+        .iter()
+        .copied()
         .filter(|l| l.kind() == BackupType::Full)
         .collect();
     fulls.sort();
@@ -27,44 +51,50 @@ pub fn plan(committed: &[Label], full: Option<u32>, diff: Option<u32>) -> Vec<Re
     if let Some(keep) = full {
         let keep = keep.max(1) as usize;
         if fulls.len() > keep {
-            for old in &fulls[..fulls.len() - keep] {
+            for old in fulls[..fulls.len() - keep].iter().filter(|l| !protected(l)) {
                 removed.insert((*old).clone());
                 out.push(Removal {
                     label: (*old).clone(),
-                    reason: format!("retention.full = {keep}: {} newer full backups exist", keep),
+                    reason: format!(
+                        "retention.full = {keep}: {keep} newer intact full backups exist"
+                    ),
                 });
             }
         }
     }
-    let mut diffs: Vec<&Label> = committed
-        .iter()
-        .filter(|l| l.kind() == BackupType::Diff)
-        .collect();
-    diffs.sort();
-    // Diffs of a removed full go with it (and do not count towards retention.diff).
-    let mut surviving = Vec::new();
-    for d in diffs {
-        if removed.contains(&d.full_label()) {
+    let mut counted = Vec::new();
+    for d in labels.iter().filter(|l| l.kind() == BackupType::Diff) {
+        let parent = d.full_label();
+        if !labels.contains(&parent) {
             out.push(Removal {
-                label: d.clone(),
-                reason: format!("its full {} expires", d.full_label()),
+                label: (*d).clone(),
+                reason: format!(
+                    "its full {parent} no longer exists (an interrupted expire left it): it cannot be restored"
+                ),
             });
-        } else {
-            surviving.push(d);
+        } else if removed.contains(&parent) {
+            out.push(Removal {
+                label: (*d).clone(),
+                reason: format!("its full {parent} expires"),
+            });
+        } else if restorable(d) {
+            counted.push(*d);
         }
     }
     if let Some(keep) = diff {
-        let keep = keep as usize;
-        if surviving.len() > keep {
-            for old in &surviving[..surviving.len() - keep] {
+        let keep = keep.max(1) as usize;
+        if counted.len() > keep {
+            for old in counted[..counted.len() - keep].iter().filter(|l| !protected(l)) {
                 out.push(Removal {
                     label: (*old).clone(),
-                    reason: format!("retention.diff = {keep}: {keep} newer diff backups exist"),
+                    reason: format!(
+                        "retention.diff = {keep}: {keep} newer restorable diff backups exist"
+                    ),
                 });
             }
         }
     }
-    out.sort_by(|a, b| a.label.cmp(&b.label));
+    out.sort_by(|a, b| b.label.cmp(&a.label));
     out
 }
 
@@ -87,26 +117,63 @@ mod tests {
         let d2 = Label::diff_of(&f2, at(3));
         let d3 = Label::diff_of(&f2, at(4));
         let f3 = Label::full(at(5));
-        let all = vec![
-            f1.clone(),
-            d1.clone(),
-            f2.clone(),
-            d2.clone(),
-            d3.clone(),
-            f3.clone(),
-        ];
-        let p: Vec<Label> = plan(&all, Some(2), None)
-            .into_iter()
-            .map(|r| r.label)
-            .collect();
-        assert_eq!(p, vec![f1.clone(), d1.clone()]);
-        let p: Vec<Label> = plan(&all, Some(2), Some(1))
-            .into_iter()
-            .map(|r| r.label)
-            .collect();
-        assert_eq!(p, vec![f1.clone(), d1.clone(), d2.clone()]);
+        let all = intact(&[&f1, &d1, &f2, &d2, &d3, &f3]);
+        assert_eq!(labels(plan(&all, Some(2), None)), vec![d1.clone(), f1.clone()]);
+        assert_eq!(
+            labels(plan(&all, Some(2), Some(1))),
+            vec![d2.clone(), d1.clone(), f1.clone()]
+        );
         assert!(plan(&all, None, None).is_empty());
         // One full is never removed, whatever retention says.
-        assert!(plan(std::slice::from_ref(&f1), Some(1), Some(0)).is_empty());
+        assert!(plan(&intact(&[&f1]), Some(1), Some(0)).is_empty());
+    }
+
+    fn intact(ls: &[&Label]) -> Vec<Candidate> {
+        ls.iter()
+            .map(|l| Candidate {
+                label: (*l).clone(),
+                intact: true,
+            })
+            .collect()
+    }
+
+    fn labels(r: Vec<Removal>) -> Vec<Label> {
+        r.into_iter().map(|r| r.label).collect()
+    }
+
+    #[test]
+    fn a_damaged_newer_full_neither_counts_nor_goes() {
+        let f1 = Label::full(at(0));
+        let d1 = Label::diff_of(&f1, at(1));
+        let f2 = Label::full(at(2));
+        let d2 = Label::diff_of(&f1, at(3));
+        let mut all = intact(&[&f1, &d1, &f2, &d2]);
+        all[2].intact = false;
+        // f2 is damaged: f1 stays the one full kept, with its newest diff.
+        assert_eq!(labels(plan(&all, Some(1), Some(1))), vec![d1.clone()]);
+        // A damaged diff is not counted: the intact one before it stays.
+        all[3].intact = false;
+        assert!(plan(&all, Some(1), Some(1)).is_empty());
+    }
+
+    #[test]
+    fn the_newest_restorable_chain_is_never_removed() {
+        let f1 = Label::full(at(0));
+        let d1 = Label::diff_of(&f1, at(1));
+        let f2 = Label::full(at(2));
+        let d2 = Label::diff_of(&f2, at(3));
+        let mut all = intact(&[&f1, &d1, &f2, &d2]);
+        // f2's data is gone: d2 cannot be restored, so f1+d1 is the newest chain.
+        all[2].intact = false;
+        assert!(plan(&all, Some(1), Some(1)).is_empty());
+    }
+
+    #[test]
+    fn orphan_diffs_go() {
+        let f1 = Label::full(at(0));
+        let d1 = Label::diff_of(&f1, at(1));
+        let f2 = Label::full(at(2));
+        let all = intact(&[&d1, &f2]);
+        assert_eq!(labels(plan(&all, Some(1), Some(1))), vec![d1]);
     }
 }

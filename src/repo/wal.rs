@@ -225,6 +225,61 @@ pub fn plan(bases: &[Base], segs: &[Segment], at: Option<DateTime<Utc>>) -> Resu
     }
 }
 
+/// Frames missing between two stored segments of one generation: nothing
+/// after the gap can be replayed from a backup before it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gap {
+    pub generation: String,
+    /// The first and last missing frame.
+    pub first_missing: u64,
+    pub last_missing: u64,
+    /// The stream is complete up to this instant before the gap.
+    pub reached: DateTime<Utc>,
+}
+
+impl std::fmt::Display for Gap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "generation {}: frames {}-{} are missing (the stream is complete up to {})",
+            self.generation,
+            self.first_missing,
+            self.last_missing,
+            self.reached.to_rfc3339()
+        )
+    }
+}
+
+/// Every gap between consecutive segments of each generation.
+pub fn gaps(segs: &[Segment]) -> Vec<Gap> {
+    let mut out = Vec::new();
+    for pair in segs.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if a.generation == b.generation && b.first > a.last.saturating_add(1) {
+            out.push(Gap {
+                generation: a.generation.clone(),
+                first_missing: a.last + 1,
+                last_missing: b.first - 1,
+                reached: a.until,
+            });
+        }
+    }
+    out
+}
+
+/// The first gap that stops a replay planned without an instant short of
+/// newer commits in its own generation: restoring "the newest state" then
+/// would silently return less than the repository holds.
+pub fn gap_after(plan: &Replay, segs: &[Segment]) -> Option<Gap> {
+    let reached = plan
+        .segments
+        .last()
+        .map_or(plan.base.seq, |s| s.last.max(plan.base.seq));
+    gaps(segs)
+        .into_iter()
+        .find(|g| g.generation == plan.base.generation && g.last_missing >= reached)
+}
+
 /// Names the covered windows for an error message.
 pub fn describe(w: &[Window]) -> String {
     if w.is_empty() {
@@ -429,6 +484,27 @@ mod tests {
             }]
         );
         assert!(plan(&bases, &segs, Some(t(15))).is_err());
+    }
+
+    #[test]
+    fn a_gap_is_named_and_stops_a_newest_state_restore() {
+        let segs = vec![
+            seg("g1", 1, 10, 1, 10),
+            seg("g1", 12, 20, 12, 20),
+            seg("g2", 1, 5, 30, 31),
+        ];
+        let g = gaps(&segs);
+        assert_eq!(g.len(), 1);
+        assert_eq!((g[0].first_missing, g[0].last_missing), (11, 11));
+        assert_eq!(g[0].reached, t(10));
+        let bases = vec![base("F", "g1", 0, 0)];
+        let p = plan(&bases, &segs, None).expect("plan");
+        assert_eq!(gap_after(&p, &segs), Some(g[0].clone()));
+        // A base after the gap replays the rest with nothing missing.
+        let bases = vec![base("F", "g1", 0, 0), base("D", "g1", 15, 16)];
+        let p = plan(&bases, &segs, None).expect("plan");
+        assert_eq!(p.base.label, "D");
+        assert_eq!(gap_after(&p, &segs), None);
     }
 
     #[test]

@@ -60,22 +60,58 @@ pub fn open_source(path: &Path) -> Result<Connection> {
     // The header is checked through SQLite, never by opening the file
     // ourselves: closing any descriptor of a file drops every POSIX lock
     // this process holds on it, including a streamer's read lock.
-    let conn = Connection::open_with_flags(
+    let mut conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )
     .map_err(|e| source_err(path, format!("cannot open: {e}")))?;
-    conn.busy_timeout(Duration::from_secs(30))
-        .map_err(|e| source_err(path, format!("cannot set busy timeout: {e}")))?;
+    conn.busy_handler(Some(wait_for_lock))
+        .map_err(|e| source_err(path, format!("cannot set a busy handler: {e}")))?;
     conn.query_row("PRAGMA schema_version", [], |_| Ok(()))
         .map_err(|e| match e.sqlite_error_code() {
             Some(rusqlite::ErrorCode::NotADatabase) => source_err(
                 path,
                 "is not a SQLite database (its header does not start with \"SQLite format 3\")",
             ),
-            _ => source_err(path, format!("cannot read the database: {e}")),
+            _ => sql_error(path, "cannot read the database", e),
         })?;
     Ok(conn)
+}
+
+/// How long dr waits for a lock another connection holds on the source.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+const LOCK_POLL: Duration = Duration::from_millis(50);
+
+/// SQLite's busy handler: waits up to [`LOCK_WAIT`], saying so after a second.
+fn wait_for_lock(tries: i32) -> bool {
+    let tries = u32::try_from(tries).unwrap_or(0);
+    if tries == 20 {
+        tracing::warn!(
+            "the database is locked by another connection (an exclusive transaction, or locking_mode = EXCLUSIVE): waiting up to {} s",
+            LOCK_WAIT.as_secs()
+        );
+    }
+    if LOCK_POLL * tries >= LOCK_WAIT {
+        return false;
+    }
+    std::thread::sleep(LOCK_POLL);
+    true
+}
+
+/// A SQLite error on the source, naming a lock that outlasted the wait.
+fn sql_error(path: &Path, doing: &str, e: rusqlite::Error) -> Error {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DatabaseBusy) | Some(rusqlite::ErrorCode::DatabaseLocked) => {
+            source_err(
+                path,
+                format!(
+                    "{doing}: another connection held a lock on it for {} s (an exclusive transaction, or locking_mode = EXCLUSIVE): retry when the application releases it",
+                    LOCK_WAIT.as_secs()
+                ),
+            )
+        }
+        _ => source_err(path, format!("{doing}: {e}")),
+    }
 }
 
 /// Reads every page of the database inside one read transaction, calling
@@ -87,7 +123,7 @@ pub fn read_pages(
     path: &Path,
     each: impl FnMut(&Snapshot, u32, &[u8]) -> Result<()>,
 ) -> Result<Snapshot> {
-    let sqlerr = |e: rusqlite::Error| source_err(path, format!("reading the snapshot failed: {e}"));
+    let sqlerr = |e: rusqlite::Error| sql_error(path, "reading the snapshot failed", e);
     if !conn.is_autocommit() {
         return read_in(conn, path, each);
     }
@@ -102,7 +138,7 @@ fn read_in(
     path: &Path,
     mut each: impl FnMut(&Snapshot, u32, &[u8]) -> Result<()>,
 ) -> Result<Snapshot> {
-    let sqlerr = |e: rusqlite::Error| source_err(path, format!("reading the snapshot failed: {e}"));
+    let sqlerr = |e: rusqlite::Error| sql_error(path, "reading the snapshot failed", e);
     // The first read starts the snapshot; everything after sees the same commit.
     let page_size: u32 = tx
         .query_row("PRAGMA page_size", [], |r| r.get(0))
@@ -156,4 +192,10 @@ fn read_in(
 pub fn journal_mode(conn: &Connection) -> Result<String> {
     conn.query_row("PRAGMA journal_mode", [], |r| r.get::<_, String>(0))
         .map_err(|e| Error::Other(format!("cannot read journal_mode: {e}")))
+}
+
+/// The database's page size now (a `VACUUM` after `PRAGMA page_size` changes it).
+pub fn page_size(conn: &Connection) -> Result<u32> {
+    conn.query_row("PRAGMA page_size", [], |r| r.get::<_, u32>(0))
+        .map_err(|e| Error::Other(format!("cannot read page_size: {e}")))
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use chrono::{DateTime, Utc};
 
-use super::{ObjectMeta, ObjectWriter, Storage};
+use super::{Condition, ObjectMeta, ObjectWriter, Storage};
 use crate::error::{Error, Result};
 
 /// Marker in temporary file names. Listings include such files, so that a
@@ -45,6 +45,20 @@ impl LocalStorage {
         }
         Ok(self.root.join(key))
     }
+}
+
+/// A temporary name beside `fname` in `dir`, unique to this process and moment.
+fn temp_name(dir: &Path, fname: &str) -> PathBuf {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    dir.join(format!(".{fname}{TMP_MARK}{}.{nanos}", std::process::id()))
+}
+
+/// A local object's version: its content (a lease holds a unique token).
+fn etag_of(bytes: &[u8]) -> String {
+    blake3::hash(bytes).to_hex()[..32].to_string()
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
@@ -120,11 +134,7 @@ impl Storage for LocalStorage {
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let tmp = dir.join(format!(".{fname}{TMP_MARK}{}.{nanos}", std::process::id()));
+        let tmp = temp_name(&dir, &fname);
         let file = File::create(&tmp).map_err(|e| self.err("create", key, &e))?;
         Ok(Box::new(LocalWriter {
             storage: self.clone(),
@@ -195,6 +205,80 @@ impl Storage for LocalStorage {
         }
         out.sort_by(|a, b| a.key.cmp(&b.key));
         Ok(out)
+    }
+
+    /// A volume can be mounted by several hosts (NFS) or written by two dr
+    /// processes with different state directories: leases apply here too.
+    fn shared(&self) -> bool {
+        true
+    }
+
+    fn get_with_etag(&self, key: &str) -> Result<Option<(Vec<u8>, String)>> {
+        let p = self.path(key)?;
+        match std::fs::read(&p) {
+            Ok(bytes) => {
+                let etag = etag_of(&bytes);
+                Ok(Some((bytes, etag)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.err("read", key, &e)),
+        }
+    }
+
+    /// Creation is a hard link of a complete temporary file (atomic, and it
+    /// fails when the key exists, on NFS too); replacement compares and
+    /// renames under an exclusive lock on a sidecar file that is never
+    /// replaced itself, so two replacers cannot both see the old version.
+    fn put_conditional(&self, key: &str, bytes: &[u8], cond: &Condition) -> Result<Option<String>> {
+        let dest = self.path(key)?;
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
+        let fname = dest
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let lock = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!(".{fname}.dr-lock")))
+            .map_err(|e| self.err("lock", key, &e))?;
+        lock.lock().map_err(|e| self.err("lock", key, &e))?;
+        let tmp = temp_name(&dir, &fname);
+        File::create(&tmp)
+            .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+            .map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                self.err("write", key, &e)
+            })?;
+        let done = match cond {
+            Condition::Absent => match std::fs::hard_link(&tmp, &dest) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(self.err("create", key, &e));
+                }
+            },
+            Condition::Match(etag) => match std::fs::read(&dest) {
+                Ok(cur) if etag_of(&cur) == *etag => {
+                    std::fs::rename(&tmp, &dest).map_err(|e| self.err("replace", key, &e))?;
+                    true
+                }
+                Ok(_) => false,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(self.err("read", key, &e));
+                }
+            },
+        };
+        let _ = std::fs::remove_file(&tmp);
+        if !done {
+            return Ok(None);
+        }
+        fsync_dir(&dir).map_err(|e| self.err("fsync directory of", key, &e))?;
+        Ok(Some(etag_of(bytes)))
     }
 
     fn delete(&self, key: &str) -> Result<()> {
