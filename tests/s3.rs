@@ -123,7 +123,10 @@ fn an_unreachable_endpoint_is_a_clear_error() {
         "{}",
         r.stderr
     );
-    let info = env.dr(&["info", "--json"]).ok().json();
+    // info still shows every target, and exits 1 because one could not be read.
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let info = r.json();
     assert!(
         info["policies"][0]["targets"][1]["error"]
             .as_str()

@@ -2,6 +2,7 @@
 //! directory, and the real `dr` binary run as a separate process.
 #![allow(dead_code)]
 
+pub mod faults;
 pub mod pg;
 pub mod s3;
 

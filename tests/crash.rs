@@ -1,0 +1,291 @@
+//! The crash suite: dr killed with SIGKILL at seeded random moments during
+//! backup-local, backup-s3 (mid multipart), expire, restore and replicate.
+//! After every kill: every listed backup verifies, the newest restorable
+//! backup or instant never moves backwards, the next run succeeds, and no
+//! plaintext is left once it has run.
+//!
+//! `DR_CRASH_ITERS` sets the kills per operation (default 4, as
+//! `scripts/test` runs it); `scripts/crash` runs the long version (50).
+//! `DR_TEST_SEED` replays a schedule.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::faults::Rng;
+use common::s3::{S3Server, SECRET_KEY, target_toml};
+use common::{Env, dump, make_db};
+
+fn iters() -> u64 {
+    std::env::var("DR_CRASH_ITERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(4)
+}
+
+fn spawn(config: &Path, args: &[&str]) -> Child {
+    Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dr")
+}
+
+/// Runs dr to completion and returns how long it took.
+fn timed(env: &Env, args: &[&str]) -> Duration {
+    let t = Instant::now();
+    env.dr(args).ok();
+    t.elapsed()
+}
+
+/// Starts dr and kills it with SIGKILL after `after` (if it is still running).
+fn kill_after(config: &Path, args: &[&str], after: Duration) {
+    let mut child = spawn(config, args);
+    let deadline = Instant::now() + after;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("wait").is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A moment inside a run that takes about `typical`.
+fn moment(rng: &mut Rng, typical: Duration) -> Duration {
+    let span = (typical.as_millis() as u64 * 6 / 5).max(5);
+    Duration::from_millis(rng.below(span))
+}
+
+fn labels(env: &Env, target: &str) -> Vec<String> {
+    let r = env.dr(&["info", "--json", "--target", target]);
+    assert_eq!(r.code, 0, "info after a kill: {}", r.stderr);
+    let mut l: Vec<String> = r.json()["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| b["label"].as_str().expect("label").to_string())
+        .collect();
+    l.sort();
+    l
+}
+
+/// Every listed backup verifies; returns the newest label.
+fn all_verify(env: &Env, target: &str) -> Option<String> {
+    let key = env.key_arg();
+    let all = labels(env, target);
+    for l in &all {
+        let r = env.dr(&[
+            "verify", "app", "--target", target, "--backup", l, "--identity", &key,
+        ]);
+        assert_eq!(r.code, 0, "backup {l} does not verify after a kill: {}{}", r.stdout, r.stderr);
+    }
+    all.last().cloned()
+}
+
+/// Plaintext temporaries left anywhere under the env.
+fn plaintext_left(env: &Env) -> Vec<String> {
+    common::files_under(env.dir.path())
+        .into_iter()
+        .filter(|f| f.contains(".dr-restore.") || f.contains("tmp/verify."))
+        .collect()
+}
+
+fn touch(env: &Env, rng: &mut Rng) {
+    let c = rusqlite::Connection::open(&env.db).expect("open");
+    c.execute(
+        "UPDATE t SET v = randomblob(length(v)) WHERE id % 97 = ?1",
+        [rng.below(97) as i64],
+    )
+    .expect("update");
+}
+
+fn backup_under_kills(env: &Env, cmd: &str, target: &str, rng: &mut Rng) {
+    let typical = timed(env, &[cmd, "app", "--type", "full"]);
+    let mut newest = all_verify(env, target);
+    for i in 0..iters() {
+        touch(env, rng);
+        let kind = if i % 3 == 0 { "full" } else { "diff" };
+        kill_after(&env.config(), &[cmd, "app", "--type", kind], moment(rng, typical));
+        let now = all_verify(env, target);
+        assert!(now >= newest, "the newest backup moved back: {now:?} < {newest:?}");
+        // The next run succeeds and commits.
+        env.dr(&[cmd, "app"]).ok();
+        newest = all_verify(env, target);
+        assert!(plaintext_left(env).is_empty(), "{:?}", plaintext_left(env));
+    }
+    let key = env.key_arg();
+    let restore = if target == "local" { "restore-local" } else { "restore-s3" };
+    let to = env.path("final.db").display().to_string();
+    env.dr(&[restore, "app", "--to", &to, "--identity", &key, "--force"])
+        .ok();
+    assert_eq!(dump(&env.path("final.db")), dump(&env.db));
+}
+
+#[test]
+fn backup_local_killed_at_random_moments() {
+    let env = Env::new("");
+    make_db(&env.db, true, 4_000, 2000);
+    let mut rng = Rng::new(common::faults::seed());
+    backup_under_kills(&env, "backup-local", "local", &mut rng);
+}
+
+#[test]
+fn backup_s3_killed_mid_multipart() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = Env::new("");
+    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    cfg.push_str(&target_toml(
+        env.dir.path(),
+        "s3",
+        &server.endpoint(),
+        "backups",
+        SECRET_KEY,
+    ));
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let p = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(&policy, p.replace("[\"local\"]", "[\"s3\"]")).expect("policy");
+    // Incompressible: the data object spans three 8 MiB parts.
+    make_db(&env.db, true, 11_000, 2000);
+    let mut rng = Rng::new(common::faults::seed() ^ 0x53);
+    backup_under_kills(&env, "backup-s3", "s3", &mut rng);
+}
+
+#[test]
+fn expire_killed_at_random_moments_never_costs_the_newest_chain() {
+    let env = Env::new("");
+    make_db(&env.db, true, 1_000, 1000);
+    // The same policy with retention, in a second config over the same
+    // target and state: backups pile up under one, expire runs under the other.
+    std::fs::create_dir_all(env.path("expiring")).expect("mkdir");
+    let p = std::fs::read_to_string(env.path("policies/app.toml")).expect("policy");
+    std::fs::write(
+        env.path("expiring/app.toml"),
+        format!("{p}\n[retention]\nfull = 1\ndiff = 1\n"),
+    )
+    .expect("policy");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    let expiring = env.path("expiring.toml");
+    std::fs::write(
+        &expiring,
+        cfg.replace("policies = \"policies\"", "policies = \"expiring\""),
+    )
+    .expect("cfg");
+    let mut rng = Rng::new(common::faults::seed() ^ 0xe7);
+    let mut typical = Duration::from_millis(50);
+    for _ in 0..iters() {
+        for kind in ["full", "diff", "diff"] {
+            touch(&env, &mut rng);
+            std::thread::sleep(Duration::from_millis(1000));
+            env.dr(&["backup-local", "app", "--type", kind]).ok();
+        }
+        let newest = all_verify(&env, "local");
+        kill_after(&expiring, &["expire", "app"], moment(&mut rng, typical));
+        assert_eq!(all_verify(&env, "local"), newest, "expire never removes the newest");
+        let t = Instant::now();
+        let r = Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&expiring)
+            .args(["expire", "app"])
+            .output()
+            .expect("expire");
+        assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+        typical = t.elapsed();
+        assert_eq!(all_verify(&env, "local"), newest);
+        env.restore("r.db", &["--force"]).ok();
+        assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+    }
+}
+
+#[test]
+fn restore_killed_at_random_moments_leaves_the_destination_whole() {
+    let env = Env::new("");
+    make_db(&env.db, true, 8_000, 2000);
+    let mut rng = Rng::new(common::faults::seed() ^ 0x7e);
+    env.dr(&["backup-local", "app"]).ok();
+    let want = dump(&env.db);
+    let to = env.path("r.db").display().to_string();
+    let key = env.key_arg();
+    let args = ["restore-local", "app", "--to", &to, "--identity", &key, "--force"];
+    let typical = timed(&env, &args);
+    for _ in 0..iters() {
+        kill_after(&env.config(), &args, moment(&mut rng, typical));
+        // The destination is the previous restore, whole, or the new one, whole.
+        assert_eq!(dump(&env.path("r.db")), want);
+        env.dr(&args).ok();
+        assert!(plaintext_left(&env).is_empty(), "{:?}", plaintext_left(&env));
+        assert_eq!(dump(&env.path("r.db")), want);
+    }
+}
+
+const WAL_POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\nsegment_max = \"256KiB\"\n";
+
+fn writer(env: &Env, bursts: u32) -> Child {
+    Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py"))
+        .arg("write")
+        .arg(&env.db)
+        .arg(env.path("marks"))
+        .args([bursts, 30, 400, 1000].map(|n| n.to_string()))
+        .spawn()
+        .expect("python3 writer")
+}
+
+fn digest(db: &Path) -> String {
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py"))
+        .arg("digest")
+        .arg(db)
+        .output()
+        .expect("digest");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// The newest instant a point-in-time restore reaches.
+fn reach(env: &Env) -> Option<String> {
+    let j = env.dr(&["info", "--json"]).json();
+    j["policies"][0]["targets"][0]["wal"]["windows"]
+        .as_array()
+        .and_then(|w| w.iter().filter_map(|w| w["end"].as_str()).max().map(String::from))
+}
+
+#[test]
+fn replicate_killed_at_random_moments_never_loses_what_it_shipped() {
+    let env = Env::new(WAL_POLICY);
+    common::make_db(&env.db, true, 50, 500);
+    let mut rng = Rng::new(common::faults::seed() ^ 0x3a);
+    let mut reached: Option<String> = None;
+    let mut w = writer(&env, 4 * iters() as u32);
+    for _ in 0..iters() {
+        kill_after(
+            &env.config(),
+            &["replicate"],
+            Duration::from_millis(1500 + rng.below(2500)),
+        );
+        let now = reach(&env);
+        assert!(now >= reached, "the restorable instant moved back: {now:?} < {reached:?}");
+        reached = now;
+    }
+    let _ = w.wait();
+    w = writer(&env, 2);
+    let mut dr = spawn(&env.config(), &["replicate"]);
+    let _ = w.wait();
+    let want = digest(&env.db);
+    std::thread::sleep(Duration::from_millis(2500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &dr.id().to_string()])
+        .status();
+    assert!(dr.wait().expect("wait").success());
+    all_verify(&env, "local");
+    env.restore("newest.db", &["--force"]).ok();
+    assert_eq!(digest(&env.path("newest.db")), want);
+}
