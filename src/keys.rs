@@ -268,8 +268,9 @@ mod tests {
         let b = passphrase_fingerprint(&SecretString::from("correct horse battery!".to_string()))
             .expect("fp");
         assert!(a.starts_with("scrypt:") && a != b, "{a} {b}");
-        let again = passphrase_fingerprint(&SecretString::from("correct horse battery".to_string()))
-            .expect("fp");
+        let again =
+            passphrase_fingerprint(&SecretString::from("correct horse battery".to_string()))
+                .expect("fp");
         assert_eq!(a, again);
         let p = Path::new("pass");
         assert!(check_passphrase(p, &SecretString::from("x".to_string())).is_err());

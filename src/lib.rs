@@ -11,6 +11,8 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod keys;
 pub mod lease;
 pub mod lock;

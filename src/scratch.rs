@@ -99,7 +99,9 @@ mod tests {
     fn sweeps_only_what_dead_processes_left() {
         let dir = tempfile::tempdir().expect("tmp");
         let dead = dir.path().join(".a.db.dr-restore.999999999.x");
-        let mine = dir.path().join(format!(".a.db.dr-restore.{}.y", std::process::id()));
+        let mine = dir
+            .path()
+            .join(format!(".a.db.dr-restore.{}.y", std::process::id()));
         let other = dir.path().join(".b.db.dr-restore.999999999.x");
         for f in [&dead, &mine, &other] {
             std::fs::write(f, b"plain").expect("write");

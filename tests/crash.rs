@@ -83,9 +83,20 @@ fn all_verify(env: &Env, target: &str) -> Option<String> {
     let all = labels(env, target);
     for l in &all {
         let r = env.dr(&[
-            "verify", "app", "--target", target, "--backup", l, "--identity", &key,
+            "verify",
+            "app",
+            "--target",
+            target,
+            "--backup",
+            l,
+            "--identity",
+            &key,
         ]);
-        assert_eq!(r.code, 0, "backup {l} does not verify after a kill: {}{}", r.stdout, r.stderr);
+        assert_eq!(
+            r.code, 0,
+            "backup {l} does not verify after a kill: {}{}",
+            r.stdout, r.stderr
+        );
     }
     all.last().cloned()
 }
@@ -113,16 +124,27 @@ fn backup_under_kills(env: &Env, cmd: &str, target: &str, rng: &mut Rng) {
     for i in 0..iters() {
         touch(env, rng);
         let kind = if i % 3 == 0 { "full" } else { "diff" };
-        kill_after(&env.config(), &[cmd, "app", "--type", kind], moment(rng, typical));
+        kill_after(
+            &env.config(),
+            &[cmd, "app", "--type", kind],
+            moment(rng, typical),
+        );
         let now = all_verify(env, target);
-        assert!(now >= newest, "the newest backup moved back: {now:?} < {newest:?}");
+        assert!(
+            now >= newest,
+            "the newest backup moved back: {now:?} < {newest:?}"
+        );
         // The next run succeeds and commits.
         env.dr(&[cmd, "app"]).ok();
         newest = all_verify(env, target);
         assert!(plaintext_left(env).is_empty(), "{:?}", plaintext_left(env));
     }
     let key = env.key_arg();
-    let restore = if target == "local" { "restore-local" } else { "restore-s3" };
+    let restore = if target == "local" {
+        "restore-local"
+    } else {
+        "restore-s3"
+    };
     let to = env.path("final.db").display().to_string();
     env.dr(&[restore, "app", "--to", &to, "--identity", &key, "--force"])
         .ok();
@@ -190,7 +212,11 @@ fn expire_killed_at_random_moments_never_costs_the_newest_chain() {
         }
         let newest = all_verify(&env, "local");
         kill_after(&expiring, &["expire", "app"], moment(&mut rng, typical));
-        assert_eq!(all_verify(&env, "local"), newest, "expire never removes the newest");
+        assert_eq!(
+            all_verify(&env, "local"),
+            newest,
+            "expire never removes the newest"
+        );
         let t = Instant::now();
         let r = Command::new(common::dr_bin())
             .arg("--config")
@@ -215,14 +241,26 @@ fn restore_killed_at_random_moments_leaves_the_destination_whole() {
     let want = dump(&env.db);
     let to = env.path("r.db").display().to_string();
     let key = env.key_arg();
-    let args = ["restore-local", "app", "--to", &to, "--identity", &key, "--force"];
+    let args = [
+        "restore-local",
+        "app",
+        "--to",
+        &to,
+        "--identity",
+        &key,
+        "--force",
+    ];
     let typical = timed(&env, &args);
     for _ in 0..iters() {
         kill_after(&env.config(), &args, moment(&mut rng, typical));
         // The destination is the previous restore, whole, or the new one, whole.
         assert_eq!(dump(&env.path("r.db")), want);
         env.dr(&args).ok();
-        assert!(plaintext_left(&env).is_empty(), "{:?}", plaintext_left(&env));
+        assert!(
+            plaintext_left(&env).is_empty(),
+            "{:?}",
+            plaintext_left(&env)
+        );
         assert_eq!(dump(&env.path("r.db")), want);
     }
 }
@@ -255,7 +293,12 @@ fn reach(env: &Env) -> Option<String> {
     let j = env.dr(&["info", "--json"]).json();
     j["policies"][0]["targets"][0]["wal"]["windows"]
         .as_array()
-        .and_then(|w| w.iter().filter_map(|w| w["end"].as_str()).max().map(String::from))
+        .and_then(|w| {
+            w.iter()
+                .filter_map(|w| w["end"].as_str())
+                .max()
+                .map(String::from)
+        })
 }
 
 #[test]
@@ -272,7 +315,10 @@ fn replicate_killed_at_random_moments_never_loses_what_it_shipped() {
             Duration::from_millis(1500 + rng.below(2500)),
         );
         let now = reach(&env);
-        assert!(now >= reached, "the restorable instant moved back: {now:?} < {reached:?}");
+        assert!(
+            now >= reached,
+            "the restorable instant moved back: {now:?} < {reached:?}"
+        );
         reached = now;
     }
     let _ = w.wait();

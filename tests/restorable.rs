@@ -28,11 +28,8 @@ fn backup_json(env: &Env, extra: &[&str]) -> serde_json::Value {
 
 fn touch_rows(env: &Env, n: i64) {
     let c = rusqlite::Connection::open(&env.db).expect("open");
-    c.execute(
-        "UPDATE t SET v = randomblob(length(v)) WHERE id <= ?1",
-        [n],
-    )
-    .expect("update");
+    c.execute("UPDATE t SET v = randomblob(length(v)) WHERE id <= ?1", [n])
+        .expect("update");
 }
 
 /// A newer full directory beside `full`: a copy of it under a later label
@@ -157,7 +154,10 @@ fn changed_keys_start_a_new_chain_and_weak_passphrases_are_refused() {
     touch_rows(&env, 10);
     let b = backup_json(&env, &[]);
     assert_eq!(b["type"], "full", "{b}");
-    assert!(b["note"].as_str().unwrap_or_default().contains("keys"), "{b}");
+    assert!(
+        b["note"].as_str().unwrap_or_default().contains("keys"),
+        "{b}"
+    );
     std::thread::sleep(Duration::from_millis(1100));
     touch_rows(&env, 10);
     assert_eq!(backup_json(&env, &[])["type"], "diff");
@@ -226,9 +226,21 @@ fn retention_diff_zero_and_other_settings_that_lose_data_are_config_errors() {
     let env = Env::new("[retention]\ndiff = 0\n");
     let r = env.dr(&["config", "validate"]);
     assert_eq!(r.code, 2);
-    assert!(r.stderr.contains("retention.diff must be at least 1"), "{}", r.stderr);
-    assert!(r.stderr.contains("app.toml:"), "names file and line: {}", r.stderr);
-    env.write_policy("app", "app.db", "[retention]\nincomplete_grace = \"600000000y\"\n");
+    assert!(
+        r.stderr.contains("retention.diff must be at least 1"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("app.toml:"),
+        "names file and line: {}",
+        r.stderr
+    );
+    env.write_policy(
+        "app",
+        "app.db",
+        "[retention]\nincomplete_grace = \"600000000y\"\n",
+    );
     let r = env.dr(&["config", "validate"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("incomplete_grace"), "{}", r.stderr);
@@ -253,8 +265,11 @@ fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
     // A second config: same target and policies, its own state_dir.
     let text = std::fs::read_to_string(env.config()).expect("config");
     let other = env.path("other.toml");
-    std::fs::write(&other, text.replace("state_dir = \"state\"", "state_dir = \"state2\""))
-        .expect("other");
+    std::fs::write(
+        &other,
+        text.replace("state_dir = \"state\"", "state_dir = \"state2\""),
+    )
+    .expect("other");
     let mut ok = 0;
     for _ in 0..8 {
         let spawn = |cfg: &std::path::Path| {
@@ -270,7 +285,10 @@ fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
         };
         let a = spawn(&env.config());
         let b = spawn(&other);
-        for out in [a.wait_with_output().expect("a"), b.wait_with_output().expect("b")] {
+        for out in [
+            a.wait_with_output().expect("a"),
+            b.wait_with_output().expect("b"),
+        ] {
             let code = out.status.code().unwrap_or(-1);
             let err = String::from_utf8_lossy(&out.stderr);
             match code {
@@ -372,7 +390,11 @@ fn kill_once_temp_exists(env: &Env, args: &[&str], dir: &std::path::Path, prefix
     };
     let _ = child.kill();
     let _ = child.wait();
-    assert!(found, "no temporary {prefix}* appeared in {}", dir.display());
+    assert!(
+        found,
+        "no temporary {prefix}* appeared in {}",
+        dir.display()
+    );
 }
 
 fn temps(dir: &std::path::Path, prefix: &str) -> usize {
@@ -398,7 +420,11 @@ fn plaintext_left_by_a_killed_restore_or_verify_is_removed_by_the_next_run() {
         &out,
         ".r.db.dr-restore.",
     );
-    assert_eq!(temps(&out, ".r.db.dr-restore."), 1, "the kill left plaintext");
+    assert_eq!(
+        temps(&out, ".r.db.dr-restore."),
+        1,
+        "the kill left plaintext"
+    );
     env.dr(&["restore-local", "app", "--to", &to, "--identity", &key])
         .ok();
     assert_eq!(temps(&out, ".r.db.dr-restore."), 0);
@@ -421,16 +447,38 @@ fn restore_force_never_replaces_devices_links_or_a_database_in_use_and_keeps_own
     backup_json(&env, &["--type", "full"]);
     // A FIFO (a device would be the same): refused, left as it is.
     let fifo = env.path("fifo");
-    assert!(Command::new("mkfifo").arg(&fifo).status().expect("mkfifo").success());
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .expect("mkfifo")
+            .success()
+    );
     let r = env.restore("fifo", &["--force"]);
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("not a regular file"), "{}", r.stderr);
-    assert!(std::fs::symlink_metadata(&fifo).expect("meta").file_type().is_fifo());
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .expect("meta")
+            .file_type()
+            .is_fifo()
+    );
     let r = env.dr(&[
-        "restore-local", "app", "--to", "/dev/null", "--force", "--identity", &env.key_arg(),
+        "restore-local",
+        "app",
+        "--to",
+        "/dev/null",
+        "--force",
+        "--identity",
+        &env.key_arg(),
     ]);
     assert_eq!(r.code, 6, "{}", r.stderr);
-    assert!(std::fs::metadata("/dev/null").expect("null").file_type().is_char_device());
+    assert!(
+        std::fs::metadata("/dev/null")
+            .expect("null")
+            .file_type()
+            .is_char_device()
+    );
     // A dangling link counts as existing, and a link is never followed.
     let link = env.path("link.db");
     std::os::unix::fs::symlink(env.path("nowhere.db"), &link).expect("link");
@@ -448,7 +496,10 @@ fn restore_force_never_replaces_devices_links_or_a_database_in_use_and_keeps_own
     std::fs::set_permissions(&owned, std::fs::Permissions::from_mode(0o664)).expect("chmod");
     env.restore("owned.db", &["--force"]).ok();
     let m = std::fs::metadata(&owned).expect("meta");
-    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (nobody, nobody, 0o664));
+    assert_eq!(
+        (m.uid(), m.gid(), m.mode() & 0o7777),
+        (nobody, nobody, 0o664)
+    );
     assert_eq!(dump(&owned), dump(&env.db));
     // A database another process has open is not replaced under it.
     let holder = Command::new("python3")
@@ -483,7 +534,10 @@ fn the_page_index_cache_is_private() {
     make_db(&env.db, true, 100, 200);
     backup_json(&env, &["--type", "full"]);
     let cache = env.path("state/cache/local/app");
-    let files: Vec<_> = std::fs::read_dir(&cache).expect("cache").flatten().collect();
+    let files: Vec<_> = std::fs::read_dir(&cache)
+        .expect("cache")
+        .flatten()
+        .collect();
     assert!(!files.is_empty());
     for f in files {
         let mode = f.metadata().expect("meta").permissions().mode() & 0o777;

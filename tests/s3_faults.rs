@@ -23,8 +23,11 @@ fn faulty_env(proxy: &FaultProxy, extra: &str) -> Env {
     std::fs::write(env.config(), cfg).expect("cfg");
     let policy = env.path("policies/app.toml");
     let p = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(&policy, p.replace("targets = [\"local\"]", "targets = [\"s3\"]"))
-        .expect("policy");
+    std::fs::write(
+        &policy,
+        p.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
+    )
+    .expect("policy");
     env
 }
 
@@ -32,12 +35,7 @@ fn faulty_env(proxy: &FaultProxy, extra: &str) -> Env {
 /// (a body cut short fails its hash) or 4 (a lease left by an attempt cut
 /// off), each naming the target; never a panic, never a silent exit 0.
 fn clear_failure(r: &common::Run) {
-    assert!(
-        matches!(r.code, 1 | 3 | 4),
-        "exit {}: {}",
-        r.code,
-        r.stderr
-    );
+    assert!(matches!(r.code, 1 | 3 | 4), "exit {}: {}", r.code, r.stderr);
     let all = format!("{}{}", r.stdout, r.stderr);
     assert!(
         all.contains("'s3'") || all.contains(" on s3"),
@@ -61,11 +59,8 @@ fn backup_restore_verify_and_expire_under_injected_faults_never_break_what_is_co
     for i in 0..10 {
         {
             let c = rusqlite::Connection::open(&env.db).expect("open");
-            c.execute(
-                "UPDATE t SET v = randomblob(2000) WHERE id % 50 = ?1",
-                [i],
-            )
-            .expect("update");
+            c.execute("UPDATE t SET v = randomblob(2000) WHERE id % 50 = ?1", [i])
+                .expect("update");
         }
         let kind = if i % 4 == 0 { "full" } else { "diff" };
         let r = env.dr(&["backup-s3", "app", "--type", kind]);
@@ -102,14 +97,26 @@ fn backup_restore_verify_and_expire_under_injected_faults_never_break_what_is_co
     }
     let seen = proxy.injected();
     eprintln!("faults injected: {seen:?}; {ok} of 10 backups committed");
-    for f in [Fault::Reset, Fault::Status500, Fault::SlowDown, Fault::Truncate] {
-        assert!(seen.get(&f).copied().unwrap_or(0) > 0, "no {f:?} injected: {seen:?}");
+    for f in [
+        Fault::Reset,
+        Fault::Status500,
+        Fault::SlowDown,
+        Fault::Truncate,
+    ] {
+        assert!(
+            seen.get(&f).copied().unwrap_or(0) > 0,
+            "no {f:?} injected: {seen:?}"
+        );
     }
     assert!(ok >= 3, "retries carry most backups through: {ok}");
     // The network heals: everything committed is intact and restorable.
     proxy.set_rate(0);
     let info = env.dr(&["info", "--json"]);
-    assert_eq!(info.code, 0, "nothing committed is damaged: {}", info.stderr);
+    assert_eq!(
+        info.code, 0,
+        "nothing committed is damaged: {}",
+        info.stderr
+    );
     let labels: Vec<String> = info.json()["policies"][0]["targets"][0]["backups"]
         .as_array()
         .expect("backups")

@@ -86,14 +86,16 @@ pub fn backup(
     let mut lease = Lease::acquire(store.as_ref(), &policy.name, "backup")?;
     // A diff builds only on the newest *intact* full, and only when the
     // chain stays restorable with the keys configured now.
-    let newest_full = committed
-        .iter()
-        .rev()
-        .find_map(|c| c.manifest.as_ref().ok().filter(|m| m.kind == BackupType::Full));
+    let newest_full = committed.iter().rev().find_map(|c| {
+        c.manifest
+            .as_ref()
+            .ok()
+            .filter(|m| m.kind == BackupType::Full)
+    });
     if let Some(damaged) = committed
         .iter()
         .rev()
-        .take_while(|c| !newest_full.is_some_and(|m| m.label == c.dir.label))
+        .take_while(|c| newest_full.is_none_or(|m| m.label != c.dir.label))
         .find_map(|c| c.manifest.as_ref().err())
     {
         tracing::warn!(policy = %policy.name, target = %target.name, "a newer backup is damaged and not built on: {damaged}");
@@ -384,7 +386,10 @@ fn new_label(
                 )));
             }
             if !waited {
-                tracing::info!(target = store.target(), "backup {n} is dated a moment ahead of this clock: waiting for it to pass");
+                tracing::info!(
+                    target = store.target(),
+                    "backup {n} is dated a moment ahead of this clock: waiting for it to pass"
+                );
                 waited = true;
             }
         }

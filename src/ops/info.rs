@@ -175,7 +175,11 @@ impl Info {
                 if let Some(e) = &t.error {
                     unreadable.push(format!("policy '{}' target '{}': {e}", p.name, t.name));
                 }
-                for b in t.backups.iter().filter_map(|b| b.error.as_ref().map(|e| (b, e))) {
+                for b in t
+                    .backups
+                    .iter()
+                    .filter_map(|b| b.error.as_ref().map(|e| (b, e)))
+                {
                     damaged.push(format!(
                         "policy '{}' target '{}' backup {}: {}",
                         p.name, t.name, b.0.label, b.1
@@ -183,10 +187,7 @@ impl Info {
                 }
                 for g in t.wal.iter().flat_map(|w| &w.generations) {
                     for gap in &g.gaps {
-                        damaged.push(format!(
-                            "policy '{}' target '{}' WAL {gap}",
-                            p.name, t.name
-                        ));
+                        damaged.push(format!("policy '{}' target '{}' WAL {gap}", p.name, t.name));
                     }
                 }
             }
@@ -195,7 +196,11 @@ impl Info {
         if all.is_empty() {
             return None;
         }
-        let text = format!("dr info found {} problem(s):\n  {}", all.len(), all.join("\n  "));
+        let text = format!(
+            "dr info found {} problem(s):\n  {}",
+            all.len(),
+            all.join("\n  ")
+        );
         Some(if damaged.is_empty() {
             Error::Other(text)
         } else {

@@ -57,10 +57,17 @@ pub fn group_backups(prefix: &str, listing: &[ObjectMeta]) -> Vec<BackupDir> {
 /// and restore trust only intact backups; reading the bytes back is verify's job.
 pub fn check_intact(dir: &BackupDir, m: &Manifest) -> Result<(), String> {
     if m.label != dir.label {
-        return Err(format!("manifest is for backup {}, not {}", m.label, dir.label));
+        return Err(format!(
+            "manifest is for backup {}, not {}",
+            m.label, dir.label
+        ));
     }
     if m.kind != dir.label.kind() {
-        return Err(format!("manifest says {} but the label is a {}", m.kind, dir.label.kind()));
+        return Err(format!(
+            "manifest says {} but the label is a {}",
+            m.kind,
+            dir.label.kind()
+        ));
     }
     match (&m.parent, dir.label.kind()) {
         (None, BackupType::Full) => {}
@@ -69,7 +76,11 @@ pub fn check_intact(dir: &BackupDir, m: &Manifest) -> Result<(), String> {
             return Err(format!(
                 "manifest names parent {} but the label says {}",
                 p.as_ref().map_or("none".to_string(), ToString::to_string),
-                if dir.label.kind() == BackupType::Diff { dir.label.full_label().to_string() } else { "none".into() }
+                if dir.label.kind() == BackupType::Diff {
+                    dir.label.full_label().to_string()
+                } else {
+                    "none".into()
+                }
             ));
         }
     }

@@ -84,7 +84,10 @@ pub fn plan(committed: &[Candidate], full: Option<u32>, diff: Option<u32>) -> Ve
     if let Some(keep) = diff {
         let keep = keep.max(1) as usize;
         if counted.len() > keep {
-            for old in counted[..counted.len() - keep].iter().filter(|l| !protected(l)) {
+            for old in counted[..counted.len() - keep]
+                .iter()
+                .filter(|l| !protected(l))
+            {
                 out.push(Removal {
                     label: (*old).clone(),
                     reason: format!(
@@ -118,7 +121,10 @@ mod tests {
         let d3 = Label::diff_of(&f2, at(4));
         let f3 = Label::full(at(5));
         let all = intact(&[&f1, &d1, &f2, &d2, &d3, &f3]);
-        assert_eq!(labels(plan(&all, Some(2), None)), vec![d1.clone(), f1.clone()]);
+        assert_eq!(
+            labels(plan(&all, Some(2), None)),
+            vec![d1.clone(), f1.clone()]
+        );
         assert_eq!(
             labels(plan(&all, Some(2), Some(1))),
             vec![d2.clone(), d1.clone(), f1.clone()]

@@ -162,11 +162,8 @@ fn read_chunked(r: &mut impl BufRead) -> std::io::Result<Vec<u8>> {
         let mut size_line = String::new();
         r.read_line(&mut size_line)?;
         out.extend_from_slice(size_line.as_bytes());
-        let size = usize::from_str_radix(
-            size_line.trim().split(';').next().unwrap_or("0"),
-            16,
-        )
-        .map_err(std::io::Error::other)?;
+        let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or("0"), 16)
+            .map_err(std::io::Error::other)?;
         if size == 0 {
             // Trailers, then the blank line.
             loop {

@@ -1,0 +1,121 @@
+//! Entry points for fuzzing the parsers that read what dr did not write
+//! itself this run: manifests, labels, segment names, WAL segments, page
+//! streams and indexes, SQLite `-wal` files and configuration files.
+//!
+//! Each takes arbitrary bytes and must return without panicking, in memory
+//! bounded by the input and dr's own limits. Where a parse succeeds, it
+//! checks the property that makes the parse trustworthy (what is parsed
+//! round-trips). The same functions serve the mutation fuzzer in
+//! `tests/fuzz.rs` (a short run in `scripts/test`) and the cargo-fuzz
+//! targets under `fuzz/` (`scripts/fuzz`, the long run).
+
+use std::path::Path;
+
+use crate::repo::{Label, Manifest};
+use crate::sqlite::{IndexReader, PageReader, segment::SegmentReader};
+
+/// A manifest envelope: parse; a parsed one re-serialises to an equal one.
+pub fn manifest(data: &[u8]) {
+    if let Ok(m) = Manifest::from_bytes(data) {
+        let again = Manifest::from_bytes(&m.to_bytes());
+        assert_eq!(
+            again.as_ref().ok(),
+            Some(&m),
+            "a parsed manifest round-trips"
+        );
+    }
+}
+
+/// A backup label and a WAL segment name.
+pub fn names(data: &[u8]) {
+    let Ok(s) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(l) = s.parse::<Label>() {
+        assert_eq!(
+            l.to_string().parse::<Label>().ok(),
+            Some(l.clone()),
+            "a parsed label round-trips"
+        );
+        let _ = l.full_label();
+    }
+    if let Some((first, last, t0, t1)) = crate::repo::wal::parse_name(s) {
+        let name = crate::repo::wal::segment_name(first, last, t0, t1);
+        assert_eq!(
+            crate::repo::wal::parse_name(&name),
+            Some((first, last, t0, t1))
+        );
+    }
+}
+
+/// A WAL segment, read to its end (every frame, the closing hash).
+pub fn segment(data: &[u8]) {
+    let Ok(mut r) = SegmentReader::new(data) else {
+        return;
+    };
+    // Every frame costs input bytes, so this ends; the bound is a backstop.
+    for _ in 0..=data.len() {
+        match r.next_txn() {
+            Ok(Some(_)) => {}
+            Ok(None) | Err(_) => return,
+        }
+    }
+}
+
+/// A page stream (backup data) and a page-hash index.
+pub fn pages(data: &[u8]) {
+    if let Ok(mut r) = PageReader::new(data) {
+        for _ in 0..=data.len() {
+            match r.next_page() {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+    if let Ok(mut r) = IndexReader::new(data) {
+        for _ in 0..=data.len() {
+            match r.next_hash() {
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+    }
+}
+
+/// A SQLite `-wal` file as the streamer reads it, written to `scratch`.
+pub fn wal_file(data: &[u8], scratch: &Path) {
+    let path = scratch.join("fuzz.db-wal");
+    if std::fs::write(&path, data).is_err() {
+        return;
+    }
+    let Ok(f) = std::fs::File::open(&path) else {
+        return;
+    };
+    if let Ok(Some(h)) = crate::sqlite::wal::read_header(&f) {
+        let cur = crate::sqlite::wal::Cursor::start(h);
+        if let Ok(txns) = crate::sqlite::wal::scan(&f, &cur) {
+            for t in txns.iter().take(64) {
+                let _ = crate::sqlite::wal::read_frames(&f, &h, t.first, t.last, |_, page| {
+                    assert_eq!(page.len() as u64, u64::from(h.page_size));
+                    Ok(())
+                });
+            }
+        }
+    }
+}
+
+/// A configuration: `data` as dr.toml, then as a policy file beside a valid
+/// dr.toml, both loaded from `scratch`.
+pub fn config(data: &[u8], scratch: &Path) {
+    let top = scratch.join("dr.toml");
+    let policies = scratch.join("policies");
+    let _ = std::fs::create_dir_all(&policies);
+    if std::fs::write(&top, data).is_ok() {
+        let _ = crate::config::load(&top);
+    }
+    let base = "state_dir = \"state\"\n[encryption]\nrecipients = [\"age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p\"]\n[targets.local]\nkind = \"local\"\npath = \"backups\"\n";
+    if std::fs::write(&top, base).is_ok() && std::fs::write(policies.join("p.toml"), data).is_ok() {
+        let _ = crate::config::load(&top);
+    }
+    let _ = std::fs::remove_file(policies.join("p.toml"));
+}
