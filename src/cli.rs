@@ -223,14 +223,15 @@ pub enum ConfigAction {
 }
 
 /// Log ceilings for crates that would otherwise print secrets.
-const SDK_CAP: &str = "aws_sigv4=debug,aws_smithy_runtime=debug,aws_smithy_runtime_api=debug,aws_config=debug,aws_credential_types=debug,aws_runtime=debug,aws_sdk_s3=debug,aws_smithy_http_client=debug,hyper=info,hyper_util=info,rustls=info,h2=info";
+const SDK_CAP: &str = "aws_sigv4=info,aws_smithy_runtime=info,aws_smithy_runtime_api=info,aws_config=info,aws_credential_types=info,aws_runtime=info,aws_sdk_s3=info,aws_smithy_http_client=info,aws_smithy_types=info,hyper=info,hyper_util=info,rustls=info,h2=info";
 
 /// Sets up logging on stderr.
 pub fn init_logging(cli: &Cli) {
     let filter = std::env::var("DR_LOG").unwrap_or_else(|_| cli.log_level.clone());
-    // The AWS SDK logs request signing and credentials (the access key id
-    // among them) at trace level: those crates stop at debug, whatever was asked.
-    let filter = if filter.contains("trace") {
+    // The AWS SDK logs its resolved identity (the access key id among it)
+    // at debug level and request signing at trace: those crates stop at
+    // info, whatever was asked.
+    let filter = if filter.contains("trace") || filter.contains("debug") {
         format!("{filter},{SDK_CAP}")
     } else {
         filter

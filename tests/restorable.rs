@@ -544,3 +544,29 @@ fn the_page_index_cache_is_private() {
         assert_eq!(mode, 0o600, "{}", f.path().display());
     }
 }
+
+#[test]
+fn a_locked_source_is_waited_for_out_loud() {
+    let env = Env::new("");
+    make_db(&env.db, false, 100, 200);
+    let mut holder = Command::new("python3")
+        .arg("-c")
+        .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(2.5); c.execute('COMMIT')")
+        .arg(&env.db)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(holder.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("locked");
+    let r = env.dr(&["backup-local", "app"]);
+    let _ = holder.wait();
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("locked by another connection"),
+        "the wait is said: {}",
+        r.stderr
+    );
+}

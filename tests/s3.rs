@@ -304,3 +304,21 @@ fn a_lease_held_by_another_host_stops_the_backup_and_an_expired_one_is_taken_ove
     assert!(!lease.exists(), "the lease is released after the backup");
     restore_s3(&env, "r.db").ok();
 }
+
+#[test]
+fn trace_logging_never_prints_the_s3_credentials() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "backups");
+    make_db(&env.db, true, 50, 100);
+    for level in ["trace", "debug"] {
+        let r = env.dr(&["--log-level", level, "backup-s3", "app"]).ok();
+        assert!(r.stderr.lines().count() > 5, "{level} logs: {}", r.stderr);
+        for secret in [common::s3::ACCESS_KEY, SECRET_KEY] {
+            assert!(
+                !r.stderr.contains(secret) && !r.stdout.contains(secret),
+                "--log-level {level} printed a credential"
+            );
+        }
+    }
+}

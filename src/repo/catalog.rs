@@ -128,4 +128,65 @@ mod tests {
         assert!(!g[1].has_manifest);
         assert_eq!(g[1].keys.len(), 1);
     }
+
+    #[test]
+    fn intact_means_consistent_labels_and_every_object_at_its_size() {
+        use crate::codec::ObjectDigest;
+        let t = Utc::now();
+        let full = Label::full(t - chrono::Duration::hours(1));
+        let diff = Label::diff_of(&full, t);
+        let digest = |n: u64| ObjectDigest {
+            plain_size: n,
+            plain_sha256: String::new(),
+            stored_size: n,
+            stored_sha256: String::new(),
+        };
+        let mut m = Manifest {
+            format: 1,
+            label: diff.clone(),
+            kind: BackupType::Diff,
+            parent: Some(full.clone()),
+            source_kind: "sqlite".into(),
+            source_path: "/db".into(),
+            page_size: 4096,
+            page_count: 1,
+            pages_stored: 1,
+            wal: None,
+            timestamp_start: t,
+            timestamp_stop: t,
+            dr_version: "0".into(),
+            zstd_level: 3,
+            encryption: "age".into(),
+            recipients: vec![],
+            objects: [(super::super::DATA.to_string(), digest(10))].into(),
+        };
+        let mut dir = BackupDir {
+            label: diff.clone(),
+            keys: vec![],
+            sizes: [(super::super::DATA.to_string(), 10)].into(),
+            has_manifest: true,
+            modified: t,
+        };
+        assert_eq!(check_intact(&dir, &m), Ok(()));
+        // A diff whose manifest names another full than its label does.
+        m.parent = Some(Label::full(t - chrono::Duration::hours(2)));
+        assert!(
+            check_intact(&dir, &m)
+                .expect_err("parent")
+                .contains("parent")
+        );
+        m.parent = Some(full);
+        dir.sizes.insert(super::super::DATA.to_string(), 9);
+        assert!(
+            check_intact(&dir, &m)
+                .expect_err("size")
+                .contains("9 bytes")
+        );
+        dir.sizes.clear();
+        assert!(
+            check_intact(&dir, &m)
+                .expect_err("gone")
+                .contains("missing")
+        );
+    }
 }
