@@ -117,16 +117,7 @@ fn missing_or_open_secret_files() {
     );
     // A passphrase file that others can read is refused at backup time too.
     let pass = env.path("pass");
-    std::fs::write(&pass, "correct horse\n").expect("write");
-    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    std::fs::write(
-        env.config(),
-        format!(
-            "state_dir = \"state\"\n[encryption]\npassphrase_file = \"{}\"\n[targets.local]\nkind = \"local\"\npath = \"backups\"\n",
-            pass.display()
-        ),
-    )
-    .expect("config");
+    env.use_passphrase(&pass, "correct horse\n", 0o640);
     let r = env.dr(&["backup-local", "app"]);
     assert_eq!(r.code, 2);
     assert!(

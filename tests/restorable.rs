@@ -140,16 +140,7 @@ fn changed_keys_start_a_new_chain_and_weak_passphrases_are_refused() {
     backup_json(&env, &["--type", "full"]);
     // Recipients -> passphrase between a full and its diffs.
     let pass = env.path("pass");
-    std::fs::write(&pass, "first long passphrase\n").expect("pass");
-    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    std::fs::write(
-        env.config(),
-        format!(
-            "state_dir = \"state\"\n[encryption]\npassphrase_file = \"{}\"\n[targets.local]\nkind = \"local\"\npath = \"backups\"\n",
-            pass.display()
-        ),
-    )
-    .expect("config");
+    env.use_passphrase(&pass, "first long passphrase\n", 0o600);
     std::thread::sleep(Duration::from_millis(1100));
     touch_rows(&env, 10);
     let b = backup_json(&env, &[]);
@@ -335,6 +326,40 @@ fn a_missing_object_is_damage_that_info_backup_and_restore_all_see() {
     assert!(!env.path("r.db").exists());
     env.restore("r.db", &[]).ok();
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+    // When the newest backup is the damaged one, "newest" is refused and
+    // the message names the newest backup that restores.
+    let newest = next["label"].as_str().expect("label").to_string();
+    std::fs::remove_file(env.path(&format!("backups/app/backup/{newest}/pages.zst.age")))
+        .expect("rm");
+    let r = env.restore("r2.db", &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("no backup on this target can be restored"),
+        "{}",
+        r.stderr
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let good = backup_json(&env, &[])["label"]
+        .as_str()
+        .expect("l")
+        .to_string();
+    std::thread::sleep(Duration::from_millis(1100));
+    touch_rows(&env, 5);
+    let bad = backup_json(&env, &["--type", "full"])["label"]
+        .as_str()
+        .expect("l")
+        .to_string();
+    std::fs::remove_file(env.path(&format!("backups/app/backup/{bad}/data.zst.age"))).expect("rm");
+    let r = env.restore("r3.db", &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains(&format!("restore it with --backup {good}")),
+        "{}",
+        r.stderr
+    );
+    env.restore("r3.db", &["--backup", &good]).ok();
 }
 
 #[test]

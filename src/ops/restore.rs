@@ -99,19 +99,50 @@ pub fn pick(repo: &PolicyRepo<'_>, label: Option<&str>) -> Result<Label> {
                 ))),
             }
         }
-        None => repo
-            .dirs()?
-            .into_iter()
-            .rev()
-            .find(|d| d.has_manifest)
-            .map(|d| d.label)
-            .ok_or_else(|| {
-                Error::NotFound(format!(
+        None => {
+            let dirs = repo.dirs()?;
+            let Some(newest) = dirs.iter().rev().find(|d| d.has_manifest) else {
+                return Err(Error::NotFound(format!(
                     "policy '{}' has no committed backup on target '{target}' ({})",
                     repo.policy,
                     repo.storage.location()
-                ))
-            }),
+                )));
+            };
+            // The newest backup is what "newest" promises: when it is
+            // damaged, say so and name the newest one that restores,
+            // rather than silently return an older state.
+            if let Some(Err(e)) = repo
+                .committed_of(std::slice::from_ref(newest))
+                .pop()
+                .map(|c| c.manifest)
+            {
+                let committed = repo.committed_of(&dirs);
+                let restorable = committed.iter().rev().find(|c| {
+                    c.manifest.as_ref().is_ok_and(|m| {
+                        m.parent.as_ref().is_none_or(|p| {
+                            committed
+                                .iter()
+                                .any(|f| &f.dir.label == p && f.manifest.is_ok())
+                        })
+                    })
+                });
+                let hint = match restorable {
+                    Some(c) => format!(
+                        "; the newest restorable backup is {}: restore it with --backup {}",
+                        c.dir.label, c.dir.label
+                    ),
+                    None => "; no backup on this target can be restored".to_string(),
+                };
+                return Err(match e {
+                    Error::Integrity { object, reason } => Error::Integrity {
+                        object,
+                        reason: format!("{reason}{hint}"),
+                    },
+                    other => other,
+                });
+            }
+            Ok(newest.label.clone())
+        }
     }
 }
 

@@ -142,23 +142,11 @@ mod tests {
             stored_sha256: String::new(),
         };
         let mut m = Manifest {
-            format: 1,
             label: diff.clone(),
             kind: BackupType::Diff,
             parent: Some(full.clone()),
-            source_kind: "sqlite".into(),
-            source_path: "/db".into(),
-            page_size: 4096,
-            page_count: 1,
-            pages_stored: 1,
-            wal: None,
-            timestamp_start: t,
-            timestamp_stop: t,
-            dr_version: "0".into(),
-            zstd_level: 3,
-            encryption: "age".into(),
-            recipients: vec![],
             objects: [(super::super::DATA.to_string(), digest(10))].into(),
+            ..super::super::manifest::tests::sample()
         };
         let mut dir = BackupDir {
             label: diff.clone(),

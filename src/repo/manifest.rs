@@ -159,10 +159,11 @@ impl Manifest {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn sample() -> Manifest {
+    /// A plausible full's manifest, for tests across repo/.
+    pub(crate) fn sample() -> Manifest {
         let t = Utc::now();
         Manifest {
             format: FORMAT_VERSION,

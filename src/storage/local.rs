@@ -61,6 +61,20 @@ fn etag_of(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex()[..32].to_string()
 }
 
+impl LocalStorage {
+    /// Where `key` goes: its path, its directory (created) and its file name.
+    fn place(&self, key: &str) -> Result<(PathBuf, PathBuf, String)> {
+        let dest = self.path(key)?;
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
+        let fname = dest
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok((dest, dir, fname))
+    }
+}
+
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
@@ -127,13 +141,7 @@ impl Storage for LocalStorage {
     }
 
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>> {
-        let dest = self.path(key)?;
-        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
-        let fname = dest
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (dest, dir, fname) = self.place(key)?;
         let tmp = temp_name(&dir, &fname);
         let file = File::create(&tmp).map_err(|e| self.err("create", key, &e))?;
         Ok(Box::new(LocalWriter {
@@ -230,13 +238,7 @@ impl Storage for LocalStorage {
     /// renames under an exclusive lock on a sidecar file that is never
     /// replaced itself, so two replacers cannot both see the old version.
     fn put_conditional(&self, key: &str, bytes: &[u8], cond: &Condition) -> Result<Option<String>> {
-        let dest = self.path(key)?;
-        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
-        let fname = dest
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let (dest, dir, fname) = self.place(key)?;
         let lock = File::options()
             .create(true)
             .truncate(false)

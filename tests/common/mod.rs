@@ -104,6 +104,22 @@ impl Env {
         )
     }
 
+    /// Switches the config to passphrase encryption read from `pass`
+    /// (written with `text` and mode `mode`), one local target.
+    pub fn use_passphrase(&self, pass: &Path, text: &str, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(pass, text).expect("write passphrase");
+        std::fs::set_permissions(pass, std::fs::Permissions::from_mode(mode)).expect("chmod");
+        std::fs::write(
+            self.config(),
+            format!(
+                "state_dir = \"state\"\n[encryption]\npassphrase_file = \"{}\"\n[targets.local]\nkind = \"local\"\npath = \"backups\"\n",
+                pass.display()
+            ),
+        )
+        .expect("config");
+    }
+
     pub fn key_arg(&self) -> String {
         self.key.display().to_string()
     }
