@@ -8,6 +8,8 @@ mod common;
 
 use common::faults::{Fault, FaultProxy};
 use common::s3::{S3Server, SECRET_KEY, target_toml};
+use std::time::Duration;
+
 use common::{Env, dump, make_db};
 
 fn faulty_env(proxy: &FaultProxy, extra: &str) -> Env {
@@ -132,4 +134,70 @@ fn backup_restore_verify_and_expire_under_injected_faults_never_break_what_is_co
     env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
         .ok();
     assert_eq!(Some(&dump(&env.path("final.db"))), committed_states.last());
+}
+
+#[test]
+fn replicate_through_faults_ships_every_commit_in_order() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let proxy = FaultProxy::start(server.port, common::faults::seed() ^ 0x11, 20);
+    let env = faulty_env(
+        &proxy,
+        "[wal]\nenabled = true\nsync_interval = \"1s\"\nsegment_max = \"256KiB\"\n",
+    );
+    make_db(&env.db, true, 50, 500);
+    let writer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py");
+    let mut dr = std::process::Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .arg("replicate")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
+        .spawn()
+        .expect("dr replicate");
+    let st = std::process::Command::new("python3")
+        .arg(&writer)
+        .args(["write"])
+        .arg(&env.db)
+        .arg(env.path("marks"))
+        .args(["6", "40", "700", "1000"])
+        .status()
+        .expect("writer");
+    assert!(st.success());
+    let digest = |db: &std::path::Path| {
+        let o = std::process::Command::new("python3")
+            .arg(&writer)
+            .arg("digest")
+            .arg(db)
+            .output()
+            .expect("digest");
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    let want = digest(&env.db);
+    // The network heals before the stop, so SIGTERM can ship what is left.
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.set_rate(0);
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &dr.id().to_string()])
+        .status();
+    let code = dr.wait().expect("wait").code();
+    let log = std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default();
+    assert_eq!(code, Some(0), "{log}");
+    assert!(!log.contains("panicked"), "{log}");
+    eprintln!("faults injected: {:?}", proxy.injected());
+    assert!(!proxy.injected().is_empty());
+    let key = env.key_arg();
+    let to = env.path("newest.db").display().to_string();
+    let info = env.dr(&["info"]);
+    assert_eq!(
+        info.code, 0,
+        "no gap, nothing damaged: {}{}",
+        info.stdout, info.stderr
+    );
+    env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
+        .ok();
+    assert_eq!(digest(&env.path("newest.db")), want);
+    env.dr(&["verify", "app", "--identity", &key]).ok();
 }
