@@ -571,7 +571,16 @@ impl Storage for S3Storage {
                     if err
                         .as_service_error()
                         .is_some_and(|s| s.is_no_such_upload()) => {}
-                Err(err) => return Err(inner.err("abort the abandoned upload of", key, &err)),
+                // A run killed between completing an upload and forgetting
+                // it leaves a record of an upload some stores then refuse
+                // to abort (AccessDenied rather than NoSuchUpload). Nothing
+                // committed depends on it: say so, keep the record for the
+                // next expire, and go on.
+                Err(err) => {
+                    let e = inner.err("abort the abandoned upload of", key, &err);
+                    tracing::warn!(target = %inner.name, "{e} (tried again at the next expire; a lifecycle rule AbortIncompleteMultipartUpload cleans such uploads on the store's side)");
+                    continue;
+                }
             }
             let _ = std::fs::remove_file(e.path());
             tracing::info!(target = %inner.name, "aborted the abandoned multipart upload of {key}");
