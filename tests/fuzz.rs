@@ -4,7 +4,9 @@
 //! schedule. No input may panic, and memory stays bounded.
 //!
 //! `DR_FUZZ_ITERS` sets the mutations per target (default 3000, the short
-//! run in `scripts/test`); `scripts/fuzz` runs cargo-fuzz for the long run.
+//! run in `scripts/test`); `scripts/fuzz` runs cargo-fuzz for the long run,
+//! and what it finds is kept in `tests/fuzz-regressions/<target>-*.bin`,
+//! replayed here as seeds.
 
 mod common;
 
@@ -88,8 +90,20 @@ fn peak_rss_mib() -> u64 {
 
 /// Runs `target` on every seed as is, then on `n` mutations; a panic
 /// fails the test with the input that caused it.
-fn fuzz(name: &str, salt: u64, n: u64, seeds: Vec<Vec<u8>>, target: impl Fn(&[u8])) {
+fn fuzz(name: &str, salt: u64, n: u64, mut seeds: Vec<Vec<u8>>, target: impl Fn(&[u8])) {
     assert!(!seeds.is_empty());
+    // Inputs the long run (cargo-fuzz) found once stay in every short run.
+    let found = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fuzz-regressions");
+    if let Ok(rd) = std::fs::read_dir(found) {
+        for e in rd.flatten() {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}-"))
+            {
+                seeds.push(std::fs::read(e.path()).expect("regression input"));
+            }
+        }
+    }
     let mut rng = Rng::new(common::faults::seed() ^ salt);
     for i in 0..n + seeds.len() as u64 {
         let input = match seeds.get(i as usize) {

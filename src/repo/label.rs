@@ -120,7 +120,15 @@ impl FromStr for Label {
         if diff.is_some_and(|d| d < full) {
             return Err(bad());
         }
-        Ok(Label { full, diff })
+        let label = Label { full, diff };
+        // Only the canonical spelling: chrono also takes signs, spaces and
+        // short fields, and a label must name exactly its directory (keys
+        // are built from the label, so another spelling would point at
+        // objects that are not the ones listed).
+        if label.to_string() != s {
+            return Err(bad());
+        }
+        Ok(label)
     }
 }
 
@@ -168,6 +176,11 @@ mod tests {
         assert_eq!(d.kind(), BackupType::Diff);
         assert!(f < d);
         assert!("20261122-031500".parse::<Label>().is_err());
+        // Found by cargo-fuzz: chrono reads this as a (negative) time, and
+        // it would print back differently. Only the canonical form parses.
+        assert!("\n-8  0122-8\x0c\x0c\x0c0\x0c6F".parse::<Label>().is_err());
+        assert!(" 20261122-031500F".parse::<Label>().is_err());
+        assert!("20261122-31500F".parse::<Label>().is_err());
         assert!(
             "20261122-031500F_20261121-091500D"
                 .parse::<Label>()
