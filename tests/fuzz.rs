@@ -104,6 +104,14 @@ fn fuzz(name: &str, salt: u64, n: u64, mut seeds: Vec<Vec<u8>>, target: impl Fn(
             }
         }
     }
+    // scripts/fuzz starts cargo-fuzz from these same real objects.
+    if let Ok(corpus) = std::env::var("DR_FUZZ_CORPUS") {
+        let dir = Path::new(&corpus).join(if name == "wal" { "wal_file" } else { name });
+        std::fs::create_dir_all(&dir).expect("corpus dir");
+        for (i, s) in seeds.iter().enumerate() {
+            std::fs::write(dir.join(format!("seed-{i}")), s).expect("corpus seed");
+        }
+    }
     let mut rng = Rng::new(common::faults::seed() ^ salt);
     for i in 0..n + seeds.len() as u64 {
         let input = match seeds.get(i as usize) {
