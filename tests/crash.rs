@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::faults::Rng;
-use common::s3::{S3Server, SECRET_KEY, target_toml};
+use common::s3::{S3Server, SECRET_KEY, env_at};
 use common::{Env, dump, make_db};
 
 fn iters() -> u64 {
@@ -169,19 +169,7 @@ fn backup_local_killed_at_random_moments() {
 fn backup_s3_killed_mid_multipart() {
     let root = tempfile::tempdir().expect("tmp");
     let server = S3Server::start(root.path(), "backups");
-    let env = Env::new("");
-    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
-    cfg.push_str(&target_toml(
-        env.dir.path(),
-        "s3",
-        &server.endpoint(),
-        "backups",
-        SECRET_KEY,
-    ));
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let policy = env.path("policies/app.toml");
-    let p = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(&policy, p.replace("[\"local\"]", "[\"s3\"]")).expect("policy");
+    let env = env_at(&server.endpoint(), "[\"s3\"]", "", SECRET_KEY, "backups");
     // Incompressible: the data object spans three 8 MiB parts.
     make_db(&env.db, true, 11_000, 2000);
     let mut rng = Rng::new(common::faults::seed() ^ 0x53);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::s3::{S3Server, SECRET_KEY, target_toml};
+use common::s3::{S3Server, SECRET_KEY, env_at};
 use common::{Env, dump, make_db};
 
 /// An env whose policy `app` has targets local and s3.
@@ -14,19 +14,6 @@ fn s3_env(server: &S3Server, policy_extra: &str, secret: &str, bucket: &str) -> 
         secret,
         bucket,
     )
-}
-
-/// An env with an s3 target at `endpoint`; policy `app` gets `targets`.
-fn env_at(endpoint: &str, targets: &str, policy_extra: &str, secret: &str, bucket: &str) -> Env {
-    let env = Env::new(policy_extra);
-    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
-    cfg.push_str(&target_toml(env.dir.path(), "s3", endpoint, bucket, secret));
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let policy = env.path("policies/app.toml");
-    let p = std::fs::read_to_string(&policy).expect("policy");
-    let p = p.replace("targets = [\"local\"]", &format!("targets = {targets}"));
-    std::fs::write(&policy, p).expect("policy");
-    env
 }
 
 fn restore_s3(env: &Env, to: &str) -> common::Run {

@@ -7,30 +7,13 @@
 mod common;
 
 use common::faults::{Fault, FaultProxy};
-use common::s3::{S3Server, SECRET_KEY, target_toml};
+use common::s3::{S3Server, SECRET_KEY, env_at};
 use std::time::Duration;
 
 use common::{Env, dump, make_db};
 
 fn faulty_env(proxy: &FaultProxy, extra: &str) -> Env {
-    let env = Env::new(extra);
-    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
-    cfg.push_str(&target_toml(
-        env.dir.path(),
-        "s3",
-        &proxy.endpoint(),
-        "backups",
-        SECRET_KEY,
-    ));
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let policy = env.path("policies/app.toml");
-    let p = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(
-        &policy,
-        p.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
-    )
-    .expect("policy");
-    env
+    env_at(&proxy.endpoint(), "[\"s3\"]", extra, SECRET_KEY, "backups")
 }
 
 /// A failure dr may report under faults: exit 1 (target or network), 3

@@ -209,3 +209,22 @@ impl Drop for TlsProxy {
         let _ = self.child.wait();
     }
 }
+
+/// An env with an s3 target at `endpoint`; policy `app` gets `targets`.
+pub fn env_at(
+    endpoint: &str,
+    targets: &str,
+    policy_extra: &str,
+    secret: &str,
+    bucket: &str,
+) -> super::Env {
+    let env = super::Env::new(policy_extra);
+    let mut cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    cfg.push_str(&target_toml(env.dir.path(), "s3", endpoint, bucket, secret));
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let p = std::fs::read_to_string(&policy).expect("policy");
+    let p = p.replace("targets = [\"local\"]", &format!("targets = {targets}"));
+    std::fs::write(&policy, p).expect("policy");
+    env
+}
