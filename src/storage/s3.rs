@@ -453,7 +453,11 @@ impl Read for S3Reader {
                 Some(Ok(c)) if c.is_empty() => self.ended = true,
                 Some(Ok(c)) => self.chunk = c,
                 Some(Err(e)) => return Err(e),
-                None => return Err(std::io::Error::other("download stopped before the end")),
+                None => {
+                    return Err(super::transport_error(
+                        "download stopped before the end".into(),
+                    ));
+                }
             }
         }
         let n = buf.len().min(self.chunk.len());
@@ -645,9 +649,10 @@ impl Storage for S3Storage {
                     Ok(Some(chunk)) if chunk.is_empty() => continue,
                     Ok(Some(chunk)) => Ok(chunk),
                     Ok(None) => Ok(bytes::Bytes::new()),
-                    Err(e) => Err(std::io::Error::other(format!(
-                        "target '{}': download of {label} failed: {e}",
-                        owner.name
+                    Err(e) => Err(super::transport_error(format!(
+                        "target '{}': download of {label} failed: {}",
+                        owner.name,
+                        DisplayErrorContext(&e)
                     ))),
                 };
                 let last = !matches!(&item, Ok(c) if !c.is_empty());

@@ -54,6 +54,8 @@ pub enum Fault {
 pub struct FaultProxy {
     pub port: u16,
     rate: Arc<AtomicU32>,
+    /// When set, every response body over 1 MiB is cut at half its length.
+    cut_large: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     injected: Arc<Mutex<BTreeMap<Fault, u64>>>,
 }
@@ -68,8 +70,10 @@ impl FaultProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let injected = Arc::new(Mutex::new(BTreeMap::new()));
         let rng = Arc::new(Mutex::new(Rng::new(seed)));
+        let cut_large = Arc::new(AtomicBool::new(false));
         {
             let (rate, stop, injected) = (rate.clone(), stop.clone(), injected.clone());
+            let cut_large = cut_large.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -94,8 +98,9 @@ impl FaultProxy {
                                 }
                             };
                             let injected = injected.clone();
+                            let cut = cut_large.load(Ordering::Relaxed);
                             std::thread::spawn(move || {
-                                let _ = serve(client, upstream, pick, &injected);
+                                let _ = serve(client, upstream, pick, cut, &injected);
                             });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -106,6 +111,7 @@ impl FaultProxy {
         FaultProxy {
             port,
             rate,
+            cut_large,
             stop,
             injected,
         }
@@ -118,6 +124,12 @@ impl FaultProxy {
     /// Changes the share of faulted requests (0: a plain proxy).
     pub fn set_rate(&self, percent: u32) {
         self.rate.store(percent, Ordering::Relaxed);
+    }
+
+    /// Cuts every response body over 1 MiB short (object data, not
+    /// listings or manifests), deterministically.
+    pub fn cut_large_bodies(&self, on: bool) {
+        self.cut_large.store(on, Ordering::Relaxed);
     }
 
     /// How many of each fault were injected so far.
@@ -210,6 +222,7 @@ fn serve(
     client: TcpStream,
     upstream: u16,
     fault: Option<(Fault, u64)>,
+    cut_large: bool,
     injected: &Mutex<BTreeMap<Fault, u64>>,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
@@ -258,6 +271,9 @@ fn serve(
     let rhead = read_head(&mut ur)?;
     out.write_all(without_connection(&rhead).as_bytes())?;
     let len: Option<u64> = header(&rhead, "content-length").and_then(|v| v.parse().ok());
+    if cut_large && len.is_some_and(|l| l > 1 << 20) {
+        truncate = len.map(|l| l / 2); // kept: (l / 2) % l, half the body
+    }
     match (truncate, len) {
         (Some(x), Some(len)) if len > 1 => {
             count(Fault::Truncate);
