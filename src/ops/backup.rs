@@ -144,13 +144,10 @@ pub fn backup(
     }
     let base_page_size = base.as_ref().and(newest_full).map(|m| m.page_size);
 
+    // Listed again under the lease: a writer that committed between the
+    // first listing and the lease is seen, so labels keep growing.
     let dirs = repo.dirs()?;
-    let label = new_label(
-        base.as_ref().map(|(l, _)| l),
-        committed.iter().map(|c| &c.dir.label).max(),
-        &dirs,
-        store.as_ref(),
-    )?;
+    let label = new_label(base.as_ref().map(|(l, _)| l), &dirs, store.as_ref())?;
     let kind = label.kind();
     // A streamed policy pins the WAL so the snapshot knows its place in the
     // stream: point-in-time restores can start from this backup.
@@ -368,10 +365,15 @@ const MAX_LABEL_SKEW: Duration = Duration::from_secs(3);
 /// otherwise stall every backup in silence.
 fn new_label(
     parent: Option<&Label>,
-    newest: Option<&Label>,
     dirs: &[repo::BackupDir],
     store: &dyn Storage,
 ) -> Result<Label> {
+    // Damaged backups count too: their labels are taken all the same.
+    let newest = dirs
+        .iter()
+        .filter(|d| d.has_manifest)
+        .map(|d| &d.label)
+        .max();
     let mut waited = false;
     loop {
         let now: DateTime<Utc> = Utc::now();

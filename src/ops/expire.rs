@@ -63,14 +63,8 @@ pub fn expire_locked(
         store.clean_abandoned(&format!("{}/", policy.name))?;
     }
     let dirs = repo.dirs()?;
-    let committed = repo.committed()?;
-    let candidates: Vec<_> = committed
-        .iter()
-        .map(|c| retention::Candidate {
-            label: c.dir.label.clone(),
-            intact: c.manifest.is_ok(),
-        })
-        .collect();
+    let committed = repo.committed_of(&dirs);
+    let candidates: Vec<_> = committed.iter().map(super::Committed::candidate).collect();
     let mut out = Vec::new();
     for c in &committed {
         if let Err(e) = &c.manifest {

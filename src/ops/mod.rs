@@ -85,6 +85,16 @@ pub struct Committed {
     pub manifest: Result<Manifest>,
 }
 
+impl Committed {
+    /// How retention and restore see this backup.
+    pub fn candidate(&self) -> repo::retention::Candidate {
+        repo::retention::Candidate {
+            label: self.dir.label.clone(),
+            intact: self.manifest.is_ok(),
+        }
+    }
+}
+
 impl PolicyRepo<'_> {
     /// Every label directory, committed or not, oldest first.
     pub fn dirs(&self) -> Result<Vec<BackupDir>> {

@@ -116,20 +116,14 @@ pub fn pick(repo: &PolicyRepo<'_>, label: Option<&str>) -> Result<Label> {
                 .pop()
                 .map(|c| c.manifest)
             {
-                let committed = repo.committed_of(&dirs);
-                let restorable = committed.iter().rev().find(|c| {
-                    c.manifest.as_ref().is_ok_and(|m| {
-                        m.parent.as_ref().is_none_or(|p| {
-                            committed
-                                .iter()
-                                .any(|f| &f.dir.label == p && f.manifest.is_ok())
-                        })
-                    })
-                });
-                let hint = match restorable {
-                    Some(c) => format!(
-                        "; the newest restorable backup is {}: restore it with --backup {}",
-                        c.dir.label, c.dir.label
+                let candidates: Vec<_> = repo
+                    .committed_of(&dirs)
+                    .iter()
+                    .map(super::Committed::candidate)
+                    .collect();
+                let hint = match repo::retention::newest_restorable(&candidates) {
+                    Some(l) => format!(
+                        "; the newest restorable backup is {l}: restore it with --backup {l}"
                     ),
                     None => "; no backup on this target can be restored".to_string(),
                 };

@@ -26,18 +26,37 @@ pub struct Removal {
     pub reason: String,
 }
 
+/// Labels of the intact backups among `committed`.
+fn intact_labels(committed: &[Candidate]) -> BTreeSet<&Label> {
+    committed
+        .iter()
+        .filter(|c| c.intact)
+        .map(|c| &c.label)
+        .collect()
+}
+
+/// Whether `l` restores: it is intact and so is the full it needs.
+fn restorable(intact: &BTreeSet<&Label>, l: &Label) -> bool {
+    intact.contains(l) && intact.contains(&l.full_label())
+}
+
+/// The newest backup a restore can use, if any.
+pub fn newest_restorable(committed: &[Candidate]) -> Option<&Label> {
+    let intact = intact_labels(committed);
+    intact
+        .iter()
+        .copied()
+        .filter(|l| restorable(&intact, l))
+        .max()
+}
+
 /// Plans which committed backups to remove, newest first (so a diff always
 /// goes before the full it needs). `committed` may be in any order.
 pub fn plan(committed: &[Candidate], full: Option<u32>, diff: Option<u32>) -> Vec<Removal> {
     let labels: BTreeSet<&Label> = committed.iter().map(|c| &c.label).collect();
-    let intact: BTreeSet<&Label> = committed
-        .iter()
-        .filter(|c| c.intact)
-        .map(|c| &c.label)
-        .collect();
-    let restorable = |l: &Label| intact.contains(l) && intact.contains(&l.full_label());
+    let intact = intact_labels(committed);
     // The newest state a restore can reach: never removed, nor its full.
-    let newest: Option<&Label> = labels.iter().copied().filter(|l| restorable(l)).max();
+    let newest = newest_restorable(committed);
     let protected = |l: &Label| newest.is_some_and(|n| n == l || n.full_label() == *l);
 
     let mut fulls: Vec<&Label> = intact
@@ -77,7 +96,7 @@ pub fn plan(committed: &[Candidate], full: Option<u32>, diff: Option<u32>) -> Ve
                 label: (*d).clone(),
                 reason: format!("its full {parent} expires"),
             });
-        } else if restorable(d) {
+        } else if restorable(&intact, d) {
             counted.push(*d);
         }
     }
