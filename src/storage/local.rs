@@ -34,6 +34,18 @@ impl LocalStorage {
         }
     }
 
+    /// Where `key` goes: its path, its directory (created) and its file name.
+    fn place(&self, key: &str) -> Result<(PathBuf, PathBuf, String)> {
+        let dest = self.path(key)?;
+        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
+        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
+        let fname = dest
+            .file_name()
+            .map(|f| f.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok((dest, dir, fname))
+    }
+
     fn path(&self, key: &str) -> Result<PathBuf> {
         if key.is_empty()
             || key.starts_with('/')
@@ -59,20 +71,6 @@ fn temp_name(dir: &Path, fname: &str) -> PathBuf {
 /// A local object's version: its content (a lease holds a unique token).
 fn etag_of(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex()[..32].to_string()
-}
-
-impl LocalStorage {
-    /// Where `key` goes: its path, its directory (created) and its file name.
-    fn place(&self, key: &str) -> Result<(PathBuf, PathBuf, String)> {
-        let dest = self.path(key)?;
-        let dir = dest.parent().unwrap_or(&self.root).to_path_buf();
-        std::fs::create_dir_all(&dir).map_err(|e| self.err("create directory for", key, &e))?;
-        let fname = dest
-            .file_name()
-            .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        Ok((dest, dir, fname))
-    }
 }
 
 fn fsync_dir(dir: &Path) -> std::io::Result<()> {
