@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::config;
+use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::ops::{self, TargetFilter};
+use crate::ops::{self, BackupOptions, Source, TargetFilter, fanout};
+use crate::progress::Progress;
 use crate::repo::BackupType;
 
 const AFTER_HELP: &str = "\
@@ -250,7 +252,29 @@ pub fn init_logging(cli: &Cli) {
     };
 }
 
-fn progress(json: bool, what: &str) -> ProgressBar {
+/// A progress bar on the terminal, for the ops' [`Progress`].
+struct Bar(ProgressBar);
+
+impl Progress for Bar {
+    fn set_total(&self, bytes: u64) {
+        self.0.set_length(bytes);
+    }
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+}
+
+impl Drop for Bar {
+    fn drop(&mut self) {
+        self.0.finish_and_clear();
+    }
+}
+
+fn progress(json: bool, what: &str) -> Bar {
+    Bar(progress_bar(json, what))
+}
+
+fn progress_bar(json: bool, what: &str) -> ProgressBar {
     if json || !std::io::stderr().is_terminal() {
         return ProgressBar::hidden();
     }
@@ -312,8 +336,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Pg {
             action: PgAction::Setup { policy, json },
         } => {
-            let cfg = config::load(&cli.config)?;
-            let r = ops::pg::setup(&cfg, cfg.policy(policy)?)?;
+            let ctx = Context::load(&cli.config)?;
+            let r = Source::of(ctx.cfg().policy(policy)?).pg_setup(&ctx)?;
             if *json {
                 return print_json(&r);
             }
@@ -341,9 +365,9 @@ pub fn run(cli: Cli) -> Result<()> {
             target,
             json,
         } => {
-            let cfg = config::load(&cli.config)?;
-            let policies = ops::select_policies(&cfg, policy.as_deref())?;
-            let info = ops::info::info(&cfg, &policies, &filter(None, target.as_ref()))?;
+            let ctx = Context::load(&cli.config)?;
+            let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
+            let info = ops::info::info(&ctx, &policies, &filter(None, target.as_ref()))?;
             if *json {
                 print_json(&info)?;
             } else {
@@ -358,66 +382,24 @@ pub fn run(cli: Cli) -> Result<()> {
             identity,
             json,
         } => {
-            let cfg = config::load(&cli.config)?;
-            let mut results = Vec::new();
-            for p in ops::select_policies(&cfg, policy.as_deref())? {
-                if !matches!(p.source, config::Source::Sqlite { .. }) && policy.is_none() {
-                    continue;
+            let ctx = Context::load(&cli.config)?;
+            let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
+            let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(None, target.as_ref()))?;
+            let out = fanout::each(&pairs, "verify", |p, t| {
+                let pb = progress(*json, &format!("verify {}/{}", p.name, t.name));
+                let v = Source::of(p).verify(&ctx, t, backup.as_deref(), identity.as_deref(), &pb);
+                drop(pb);
+                match &v {
+                    Ok(v) if !*json => println!(
+                        "ok    {} on {}: {} ({:.1}s)",
+                        v.policy, v.target, v.label, v.seconds
+                    ),
+                    Err(e) if !*json => println!("FAIL  {} on {}: {e}", p.name, t.name),
+                    _ => {}
                 }
-                for t in filter(None, target.as_ref()).select(&cfg, p)? {
-                    let pb = progress(*json, &format!("verify {}/{}", p.name, t.name));
-                    let v = ops::verify::verify(
-                        &cfg,
-                        p,
-                        t,
-                        backup.as_deref(),
-                        identity.as_deref(),
-                        &pb,
-                    );
-                    pb.finish_and_clear();
-                    let v = match v {
-                        Ok(v) => v,
-                        // Without a key nothing can be verified: say so once.
-                        Err(e @ Error::Secret { .. }) => return Err(e),
-                        Err(e) => ops::verify::Verified {
-                            policy: p.name.clone(),
-                            target: t.name.clone(),
-                            label: backup.clone().unwrap_or_else(|| "newest".into()),
-                            ok: false,
-                            error: Some(e.to_string()),
-                            seconds: 0.0,
-                        },
-                    };
-                    if !*json {
-                        match &v.error {
-                            None => println!(
-                                "ok    {} on {}: {} ({:.1}s)",
-                                v.policy, v.target, v.label, v.seconds
-                            ),
-                            Some(e) => {
-                                println!("FAIL  {} on {}: {}: {e}", v.policy, v.target, v.label)
-                            }
-                        }
-                    }
-                    results.push(v);
-                }
-            }
-            if *json {
-                print_json(&results)?;
-            }
-            let failed: Vec<String> = results
-                .iter()
-                .filter(|v| !v.ok)
-                .map(|v| format!("{} {} on {}", v.policy, v.label, v.target))
-                .collect();
-            if failed.is_empty() {
-                Ok(())
-            } else {
-                Err(Error::VerifyFailed(format!(
-                    "verification failed: {}",
-                    failed.join(", ")
-                )))
-            }
+                v
+            });
+            finish(out, *json)
         }
         Command::Expire {
             policy,
@@ -426,123 +408,97 @@ pub fn run(cli: Cli) -> Result<()> {
             wait,
             json,
         } => {
-            let cfg = config::load(&cli.config)?;
-            let mut all = Vec::new();
-            let mut failures: Vec<Error> = Vec::new();
-            for p in ops::select_policies(&cfg, policy.as_deref())? {
-                if !matches!(p.source, config::Source::Sqlite { .. }) && policy.is_none() {
-                    continue;
-                }
-                for t in filter(None, target.as_ref()).select(&cfg, p)? {
-                    match ops::expire::expire(&cfg, p, t, *dry_run, Duration::from_secs(*wait)) {
-                        Ok(done) => all.extend(done),
-                        Err(e) => {
-                            tracing::error!(policy = %p.name, target = %t.name, "expire failed: {e}");
-                            failures.push(e);
-                        }
-                    }
-                }
-            }
+            let ctx = Context::load(&cli.config)?;
+            let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
+            let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(None, target.as_ref()))?;
+            let out = fanout::each(&pairs, "expire", |p, t| {
+                Source::of(p).expire(&ctx, t, *dry_run, Duration::from_secs(*wait))
+            });
+            let all: Vec<&ops::report::Expired> = out.done.iter().flatten().collect();
             if *json {
-                print_json(&all)?;
-            } else if all.is_empty() && failures.is_empty() {
-                println!("nothing to expire");
+                let mut items: Vec<serde_json::Value> = Vec::new();
+                for e in &all {
+                    items.push(to_json(e)?);
+                }
+                for f in &out.failures {
+                    items.push(to_json(f)?);
+                }
+                print_json(&items)?;
+            } else {
+                if all.is_empty() && out.failures.is_empty() {
+                    println!("nothing to expire");
+                }
+                for e in &all {
+                    println!(
+                        "{} {} {} on {}: {}",
+                        if e.removed { "removed" } else { "would remove" },
+                        e.policy,
+                        e.label,
+                        e.target,
+                        e.reason
+                    );
+                }
             }
-            for e in all.iter().filter(|_| !*json) {
-                println!(
-                    "{} {} {} on {}: {}",
-                    if e.removed { "removed" } else { "would remove" },
-                    e.policy,
-                    e.label,
-                    e.target,
-                    e.reason
-                );
-            }
-            match failures.len() {
-                0 => Ok(()),
-                1 => Err(failures.remove(0)),
-                n => Err(Error::Other(format!(
-                    "expire failed on {n} targets: {}",
-                    failures
-                        .iter()
-                        .map(|e| e.to_string())
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ))),
-            }
+            out.error().map_or(Ok(()), Err)
         }
     }
 }
 
+fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::Other(format!("cannot render JSON: {e}")))
+}
+
+/// Ends a fanned-out command: `--json` prints every report and failure;
+/// the exit code is the most severe failure's.
+fn finish<T: serde::Serialize>(out: fanout::Outcome<T>, json: bool) -> Result<()> {
+    if json {
+        print_json(&out.items())?;
+    }
+    out.error().map_or(Ok(()), Err)
+}
+
 fn backup(config_path: &Path, a: &BackupArgs, kind: &'static str) -> Result<()> {
-    let cfg = config::load(config_path)?;
-    let policies = ops::select_policies(&cfg, a.policy.as_deref())?;
-    let opts = ops::backup::BackupOptions {
+    let ctx = Context::load(config_path)?;
+    let policies = ops::select_policies(ctx.cfg(), a.policy.as_deref())?;
+    let opts = BackupOptions {
         kind: a.kind.map(|k| match k {
             TypeArg::Full => BackupType::Full,
             TypeArg::Diff => BackupType::Diff,
         }),
         lock_wait: Duration::from_secs(a.wait),
     };
-    let mut reports = Vec::new();
-    let mut failures = Vec::new();
-    let mut any_target = false;
-    for p in &policies {
-        for t in filter(Some(kind), a.target.as_ref()).select(&cfg, p)? {
-            any_target = true;
-            let pb = progress(a.json, &format!("{} -> {}", p.name, t.name));
-            let r = ops::backup::backup(&cfg, p, t, &opts, &pb);
-            pb.finish_and_clear();
-            match r {
-                Ok(r) => {
-                    if !a.json {
-                        print_backup(&r);
-                    }
-                    reports.push(r);
-                }
-                Err(e) if policies.len() > 1 => {
-                    tracing::error!(policy = %p.name, target = %t.name, "backup failed: {e}");
-                    failures.push((p.name.clone(), t.name.clone(), e));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-    }
-    if a.json {
-        print_json(&reports)?;
-    }
-    if !any_target {
+    let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(Some(kind), a.target.as_ref()))?;
+    if pairs.is_empty() {
         return Err(Error::NotFound(match &a.policy {
             Some(p) => format!("policy '{p}' has no {kind} target: add one to its `targets`"),
             None => format!("no policy has a {kind} target"),
         }));
     }
-    match failures.len() {
-        0 => Ok(()),
-        1 => Err(failures.remove(0).2),
-        n => Err(Error::Other(format!(
-            "{n} backups failed: {}",
-            failures
-                .iter()
-                .map(|(p, t, e)| format!("{p} on {t}: {e}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        ))),
-    }
+    let out = fanout::each(&pairs, "backup", |p, t| {
+        let pb = progress(a.json, &format!("{} -> {}", p.name, t.name));
+        let r = Source::of(p).backup(&ctx, t, &opts, &pb);
+        drop(pb);
+        if let (Ok(r), false) = (&r, a.json) {
+            print_backup(r);
+        }
+        r
+    });
+    finish(out, a.json)
 }
 
-fn print_backup(r: &ops::backup::BackupReport) {
+fn print_backup(r: &ops::report::BackupReport) {
     if let Some(n) = &r.note {
         println!("note: {n}");
     }
+    let pages = r.pages.as_ref().map_or(String::new(), |p| {
+        format!("{} pages stored of {}, ", p.pages_stored, p.page_count)
+    });
     println!(
-        "ok {} backup {} of {} on {}: {} pages stored of {}, {} -> {} in {:.1}s",
+        "ok {} backup {} of {} on {}: {pages}{} -> {} in {:.1}s",
         r.kind,
         r.label,
         r.policy,
         r.target,
-        r.pages_stored,
-        r.page_count,
         ops::human_bytes(r.size),
         ops::human_bytes(r.stored_size),
         r.seconds
@@ -553,9 +509,9 @@ fn print_backup(r: &ops::backup::BackupReport) {
 }
 
 fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()> {
-    let cfg = config::load(config_path)?;
-    let p = cfg.policy(&a.policy)?;
-    let targets = filter(Some(kind), a.target.as_ref()).select(&cfg, p)?;
+    let ctx = Context::load(config_path)?;
+    let p = ctx.cfg().policy(&a.policy)?;
+    let targets = filter(Some(kind), a.target.as_ref()).select(ctx.cfg(), p)?;
     let t = match targets.as_slice() {
         [] => {
             return Err(Error::NotFound(format!(
@@ -576,21 +532,6 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
             )));
         }
     };
-    if let config::Source::Postgres { .. } = p.source {
-        let r = ops::pg::restore(&cfg, p, t, &a.to, a.at, a.backup.as_deref(), a.force)?;
-        if a.json {
-            return print_json(&r);
-        }
-        println!(
-            "restored {} from {} into {} in {:.1}s\n{}",
-            p.name,
-            t.name,
-            r.to.display(),
-            r.seconds,
-            r.start
-        );
-        return Ok(());
-    }
     let opts = ops::restore::RestoreOptions {
         to: a.to.clone(),
         backup: a.backup.clone(),
@@ -599,12 +540,20 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         at: a.at,
     };
     let pb = progress(a.json, &format!("restore {} <- {}", p.name, t.name));
-    let r = ops::restore::restore(&cfg, p, t, &opts, &pb);
-    pb.finish_and_clear();
+    let r = Source::of(p).restore(&ctx, t, &opts, &pb);
+    drop(pb);
     let r = r?;
     if a.json {
         return print_json(&r);
     }
+    let what = match (&r.label, r.chain.is_empty()) {
+        (_, false) => format!("backup {}", r.chain.join(" + ")),
+        (Some(l), true) => format!("backup {l}"),
+        (None, true) => match r.at {
+            Some(at) => format!("state at {}", at.to_rfc3339()),
+            None => "newest state".to_string(),
+        },
+    };
     let wal = match &r.wal {
         Some(w) => format!(
             " + WAL of generation {} ({} transactions from {} segments, last commit {})",
@@ -615,15 +564,20 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         ),
         None => String::new(),
     };
+    let checked = match r.bytes {
+        Some(b) => format!(" ({}, integrity_check ok)", ops::human_bytes(b)),
+        None => String::new(),
+    };
     println!(
-        "restored {} backup {}{wal} from {} into {} ({}, integrity_check ok) in {:.1}s",
+        "restored {} {what}{wal} from {} into {}{checked} in {:.1}s",
         r.policy,
-        r.chain.join(" + "),
         r.target,
         r.to.display(),
-        ops::human_bytes(r.bytes),
         r.seconds
     );
+    if let Some(n) = &r.next_step {
+        println!("{n}");
+    }
     Ok(())
 }
 
@@ -653,7 +607,8 @@ fn flag_on(signals: &[i32]) -> Result<std::sync::Arc<std::sync::atomic::AtomicBo
 }
 
 fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
-    let cfg = config::load(config)?;
+    let ctx = Context::load(config)?;
+    let cfg = ctx.cfg();
     let policies: Vec<&config::Policy> = if names.is_empty() {
         cfg.policies.iter().filter(|p| p.wal.enabled).collect()
     } else {
@@ -684,7 +639,7 @@ fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    let results = ops::replicate::replicate(&cfg, &policies, &stop);
+    let results = ops::replicate::replicate(&ctx, &policies, &stop);
     let mut first_err = None;
     let mut reports = Vec::new();
     for (name, r) in results {

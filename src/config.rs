@@ -14,22 +14,7 @@ use toml::Spanned;
 use crate::error::{Error, Result};
 use crate::schedule::CronSpec;
 
-/// One problem found in a configuration file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Diagnostic {
-    pub file: PathBuf,
-    pub line: Option<usize>,
-    pub message: String,
-}
-
-impl std::fmt::Display for Diagnostic {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.line {
-            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
-            None => write!(f, "{}: {}", self.file.display(), self.message),
-        }
-    }
-}
+pub use crate::error::Diagnostic;
 
 // ---------------------------------------------------------------- raw files
 
@@ -164,16 +149,7 @@ pub struct Notify {
 }
 
 /// How archives are encrypted and, at restore, decrypted.
-#[derive(Debug, Clone, Default)]
-pub struct Encryption {
-    /// age X25519 recipients, inline or from `recipients_file`, in order.
-    pub recipients: Vec<String>,
-    pub recipients_file: Option<PathBuf>,
-    /// scrypt passphrase file (mode 0600), instead of recipients.
-    pub passphrase_file: Option<PathBuf>,
-    /// Default identity for restores and for reading page indexes on a new host.
-    pub identity_file: Option<PathBuf>,
-}
+pub type Encryption = crate::keys::KeySettings;
 
 /// A place backups are written to.
 #[derive(Debug, Clone)]
@@ -182,37 +158,8 @@ pub struct Target {
     pub kind: TargetKind,
 }
 
-/// The kinds of storage a target can be.
-#[derive(Debug, Clone)]
-pub enum TargetKind {
-    Local { path: PathBuf },
-    S3(S3Target),
-}
-
-impl TargetKind {
-    /// The `kind` word users write in the config.
-    pub fn word(&self) -> &'static str {
-        match self {
-            TargetKind::Local { .. } => "local",
-            TargetKind::S3(_) => "s3",
-        }
-    }
-}
-
-/// Settings of an S3-compatible target.
-#[derive(Debug, Clone)]
-pub struct S3Target {
-    pub endpoint: Option<String>,
-    pub bucket: String,
-    pub region: Option<String>,
-    pub prefix: String,
-    pub path_style: bool,
-    pub access_key_id_file: Option<PathBuf>,
-    pub secret_access_key_file: Option<PathBuf>,
-    pub ca_file: Option<PathBuf>,
-    pub verify_tls: bool,
-    pub request_checksums: bool,
-}
+pub use crate::storage::TargetKind;
+pub use crate::storage::s3::S3Settings as S3Target;
 
 /// One database and how it is protected.
 #[derive(Debug, Clone)]
@@ -232,18 +179,20 @@ pub struct Policy {
 /// What a policy backs up.
 #[derive(Debug, Clone)]
 pub enum Source {
-    Sqlite {
-        path: PathBuf,
-    },
-    Postgres {
-        stanza: String,
-        data_dir: PathBuf,
-        socket_dir: Option<PathBuf>,
-        port: u16,
-        user: String,
-        run_as: Option<String>,
-        cipher_pass_file: Option<PathBuf>,
-    },
+    Sqlite { path: PathBuf },
+    Postgres(PgSource),
+}
+
+/// A PostgreSQL cluster that pgBackRest backs up for a policy.
+#[derive(Debug, Clone)]
+pub struct PgSource {
+    pub stanza: String,
+    pub data_dir: PathBuf,
+    pub socket_dir: Option<PathBuf>,
+    pub port: u16,
+    pub user: String,
+    pub run_as: Option<String>,
+    pub cipher_pass_file: Option<PathBuf>,
 }
 
 impl Source {
@@ -251,7 +200,7 @@ impl Source {
     pub fn word(&self) -> &'static str {
         match self {
             Source::Sqlite { .. } => "sqlite",
-            Source::Postgres { .. } => "postgres",
+            Source::Postgres(_) => "postgres",
         }
     }
 }
@@ -886,14 +835,16 @@ fn check_policy(
                     "[source] kind = \"postgres\" needs `data_dir`".into(),
                 );
             }
-            data_dir.map(|data_dir| Source::Postgres {
-                stanza: src.stanza.clone().unwrap_or_else(|| name.clone()),
-                data_dir,
-                socket_dir: src.socket_dir.as_ref().map(|p| resolve(p)),
-                port: src.port.unwrap_or(5432),
-                user: src.user.clone().unwrap_or_else(|| "postgres".into()),
-                run_as: src.run_as.clone(),
-                cipher_pass_file: src.cipher_pass_file.as_ref().map(|p| resolve(p)),
+            data_dir.map(|data_dir| {
+                Source::Postgres(PgSource {
+                    stanza: src.stanza.clone().unwrap_or_else(|| name.clone()),
+                    data_dir,
+                    socket_dir: src.socket_dir.as_ref().map(|p| resolve(p)),
+                    port: src.port.unwrap_or(5432),
+                    user: src.user.clone().unwrap_or_else(|| "postgres".into()),
+                    run_as: src.run_as.clone(),
+                    cipher_pass_file: src.cipher_pass_file.as_ref().map(|p| resolve(p)),
+                })
             })
         }
         other => {
@@ -1132,7 +1083,7 @@ mod tests {
             TargetKind::S3(_)
         ));
         let pg = cfg.policy("main-pg").expect("pg");
-        assert!(matches!(pg.source, Source::Postgres { port: 5432, .. }));
+        assert!(matches!(&pg.source, Source::Postgres(s) if s.port == 5432));
     }
 
     #[test]

@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use indicatif::ProgressBar;
+use crate::context::Context;
+use crate::progress::Silent;
 
-use crate::config;
 use crate::error::{Error, Result};
 use crate::ops;
 use crate::repo::BackupType;
@@ -117,31 +117,35 @@ pub fn run(dir: &Path) -> Result<()> {
     };
 
     let cfg_path = dir.join("dr.toml");
-    let cfg = config::load(&cfg_path)?;
-    let policy = cfg.policy("demo")?;
-    let target = cfg.target("local")?;
-    let hidden = ProgressBar::hidden();
+    let ctx = Context::load(&cfg_path)?;
+    let policy = ctx.cfg().policy("demo")?;
+    let target = ctx.cfg().target("local")?;
+    let source = ops::Source::of(policy);
+    let hidden = Silent;
     let step = |n: u32, kind: BackupType| -> Result<()> {
         println!(
             "{n}. dr --config {} backup-local demo --type {kind}",
             cfg_path.display()
         );
-        let r = ops::backup::backup(
-            &cfg,
-            policy,
+        let r = source.backup(
+            &ctx,
             target,
-            &ops::backup::BackupOptions {
+            &ops::BackupOptions {
                 kind: Some(kind),
                 lock_wait: Duration::from_secs(5),
             },
             &hidden,
         )?;
+        let (stored, count) = r
+            .pages
+            .as_ref()
+            .map_or((0, 0), |p| (p.pages_stored, p.page_count));
         println!(
             "   {} {}: {} of {} pages stored, {} -> {} in {:.2}s",
             r.kind,
             r.label,
-            r.pages_stored,
-            r.page_count,
+            stored,
+            count,
             ops::human_bytes(r.size),
             ops::human_bytes(r.stored_size),
             r.seconds
@@ -174,9 +178,8 @@ pub fn run(dir: &Path) -> Result<()> {
         restored.display(),
         dir.display()
     );
-    let r = ops::restore::restore(
-        &cfg,
-        policy,
+    let r = source.restore(
+        &ctx,
         target,
         &ops::restore::RestoreOptions {
             to: restored.clone(),
@@ -196,17 +199,14 @@ pub fn run(dir: &Path) -> Result<()> {
     );
 
     println!("6. dr --config {} verify demo", cfg_path.display());
-    let v = ops::verify::verify(&cfg, policy, target, None, None, &hidden)?;
-    match &v.error {
-        None => println!(
-            "   ok: {} read back, decrypted, hashes match, integrity_check ok",
-            v.label
-        ),
-        Some(e) => return Err(Error::VerifyFailed(format!("demo verify failed: {e}"))),
-    }
+    let v = source.verify(&ctx, target, None, None, &hidden)?;
+    println!(
+        "   ok: {} read back, decrypted, hashes match, integrity_check ok",
+        v.label
+    );
 
     println!("7. dr --config {} info", cfg_path.display());
-    let info = ops::info::info(&cfg, &[policy], &ops::TargetFilter::All)?;
+    let info = ops::info::info(&ctx, &[policy], &ops::TargetFilter::All)?;
     print!("{}", ops::info::render(&info));
     println!(
         "\nEverything is in {}: try `dr --config {} info --json`.",

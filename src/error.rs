@@ -7,8 +7,6 @@
 
 use std::path::PathBuf;
 
-use crate::config::Diagnostic;
-
 /// Result alias used across the library.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -77,6 +75,11 @@ pub enum Error {
     /// Any other failure with a self-explaining message.
     #[error("{0}")]
     Other(String),
+
+    /// Independent failures of one command (one per policy and target,
+    /// each named); the exit code is the most severe of them.
+    #[error("{} failed:\n  {}", .0.len(), .0.iter().map(|(w, e)| format!("{w}: {e}")).collect::<Vec<_>>().join("\n  "))]
+    Several(Vec<(String, Error)>),
 }
 
 impl Error {
@@ -98,7 +101,29 @@ impl Error {
             Error::Refused(_) => 6,
             Error::Incomplete(_) => 7,
             Error::Storage { .. } | Error::Source { .. } | Error::Io { .. } | Error::Other(_) => 1,
+            Error::Several(all) => all
+                .iter()
+                .map(|(_, e)| e.exit_code())
+                .max_by_key(|&c| severity(c))
+                .unwrap_or(1),
         }
+    }
+}
+
+/// How bad an exit code is, for [`Error::Several`]: damage found (3) first,
+/// then a restore that cannot give all it was asked (7), a configuration or
+/// secret that stops everything (2), any other failure (1), a busy lock
+/// (4, retrying helps), a refusal (6), and something not found (5).
+pub fn severity(code: i32) -> u8 {
+    match code {
+        3 => 7,
+        7 => 6,
+        2 => 5,
+        1 => 4,
+        4 => 3,
+        6 => 2,
+        5 => 1,
+        _ => 0,
     }
 }
 
@@ -129,5 +154,22 @@ pub fn io_reason(e: &std::io::Error) -> String {
         ErrorKind::NotFound => "no such file or directory".into(),
         ErrorKind::NotADirectory => "a component of the path is not a directory".into(),
         _ => e.to_string(),
+    }
+}
+
+/// One problem found in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{}: {}", self.file.display(), l, self.message),
+            None => write!(f, "{}: {}", self.file.display(), self.message),
+        }
     }
 }

@@ -6,14 +6,26 @@
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use age::secrecy::{ExposeSecret, SecretString};
 use sha2::Digest;
 
-use crate::config::Encryption;
 use crate::error::{Error, Result, io_reason};
+
+/// How archives are encrypted and, at restore, decrypted: the
+/// `[encryption]` section, which keys own so they need not know the config.
+#[derive(Debug, Clone, Default)]
+pub struct KeySettings {
+    /// age X25519 recipients, inline or from `recipients_file`, in order.
+    pub recipients: Vec<String>,
+    pub recipients_file: Option<PathBuf>,
+    /// scrypt passphrase file (mode 0600), instead of recipients.
+    pub passphrase_file: Option<PathBuf>,
+    /// Default identity for restores and for reading page indexes on a new host.
+    pub identity_file: Option<PathBuf>,
+}
 
 /// How a policy's archives are encrypted.
 #[derive(Clone)]
@@ -126,7 +138,7 @@ pub fn parse_recipient(s: &str) -> std::result::Result<age::x25519::Recipient, S
 }
 
 /// Resolves how to encrypt, from the [encryption] section.
-pub fn sealing(enc: &Encryption, encrypted: bool) -> Result<Sealing> {
+pub fn sealing(enc: &KeySettings, encrypted: bool) -> Result<Sealing> {
     if !encrypted {
         return Ok(Sealing::None);
     }
@@ -171,7 +183,7 @@ pub fn sealing(enc: &Encryption, encrypted: bool) -> Result<Sealing> {
 /// Loads identities for decryption: an explicit identity file first, then
 /// the config's identity_file, then the passphrase. `None` when nothing is
 /// available (the caller says what to pass).
-pub fn unsealing(enc: &Encryption, identity: Option<&Path>) -> Result<Option<Unsealing>> {
+pub fn unsealing(enc: &KeySettings, identity: Option<&Path>) -> Result<Option<Unsealing>> {
     if let Some(path) = identity.or(enc.identity_file.as_deref()) {
         return Ok(Some(read_identity_file(path)?));
     }

@@ -19,16 +19,16 @@ pub struct Lock {
 }
 
 impl Lock {
-    /// Takes the lock for `policy` on `target`, waiting up to `wait`.
+    /// Takes the lock for `policy` on `target` in `dir` (the state
+    /// directory's `locks/`), waiting up to `wait`.
     pub fn acquire(
-        state_dir: &Path,
+        dir: &Path,
         policy: &str,
         target: &str,
         what: &str,
         wait: Duration,
     ) -> Result<Lock> {
-        let dir = state_dir.join("locks");
-        std::fs::create_dir_all(&dir).map_err(|e| {
+        std::fs::create_dir_all(dir).map_err(|e| {
             Error::io(
                 format!("cannot create the lock directory {}", dir.display()),
                 e,

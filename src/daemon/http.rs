@@ -10,11 +10,11 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde::Serialize;
 
-use super::history::History;
 use super::{Shared, period};
-use crate::config::Config;
+use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::ops::replicate::StreamState;
+use crate::history::History;
+use crate::sqlite::stream::StreamState;
 
 /// One thing that makes the daemon unhealthy.
 #[derive(Debug, Serialize)]
@@ -27,18 +27,20 @@ pub struct Problem {
 }
 
 /// The running config and the run history, as one request sees them.
-fn snapshot(shared: &Shared) -> Result<(Config, History)> {
-    let cfg = shared
-        .cfg
+fn snapshot(shared: &Shared) -> Result<(Context, History)> {
+    let ctx = shared
+        .ctx
         .read()
         .map_err(|_| Error::Other("config lock poisoned".into()))?
         .clone();
-    Ok((cfg, History::open(&shared.state_dir)?))
+    let history = History::open(ctx.state().root())?;
+    Ok((ctx, history))
 }
 
 /// What is wrong now, by policy and target.
 pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
-    let (cfg, history) = snapshot(shared)?;
+    let (ctx, history) = snapshot(shared)?;
+    let cfg = ctx.cfg();
     let now = Utc::now();
     let mut out = Vec::new();
     for p in &cfg.policies {
@@ -61,7 +63,7 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
                 if let Some(r) = history.last(&p.name, t, kind, false)?
                     && bad
                         .as_ref()
-                        .is_none_or(|b: &super::history::Run| r.finished > b.finished)
+                        .is_none_or(|b: &crate::history::Run| r.finished > b.finished)
                 {
                     bad = Some(r);
                 }
@@ -88,7 +90,7 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
             }
         }
         if p.wal.enabled
-            && let Some(st) = StreamState::load(&StreamState::path(&cfg, &p.name))
+            && let Some(st) = StreamState::load(&ctx.state().stream_state(&p.name))
             && st.spool_full
         {
             out.push(Problem {
@@ -104,7 +106,8 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
 
 /// The Prometheus text exposition.
 pub fn metrics(shared: &Shared) -> Result<String> {
-    let (cfg, history) = snapshot(shared)?;
+    let (ctx, history) = snapshot(shared)?;
+    let cfg = ctx.cfg();
     let mut s = String::new();
     let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
         let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
@@ -147,7 +150,7 @@ pub fn metrics(shared: &Shared) -> Result<String> {
             format!("policy=\"{}\"", p.name),
             history.failures(&p.name)? as f64,
         ));
-        if let Some(st) = StreamState::load(&StreamState::path(&cfg, &p.name)) {
+        if let Some(st) = StreamState::load(&ctx.state().stream_state(&p.name)) {
             for t in &p.targets {
                 if let Some(l) = st.lag(t, Utc::now()) {
                     lag.push((format!("policy=\"{}\",target=\"{t}\"", p.name), l));

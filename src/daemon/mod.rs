@@ -2,12 +2,11 @@
 //! HTTP endpoint saying whether backups are fresh. It calls the same ops as
 //! the CLI and has no backup logic of its own.
 
-pub mod history;
 pub mod http;
 pub mod notify;
 
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -15,11 +14,13 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::config::{self, Config, Policy};
-use crate::error::{Error, Result};
-use crate::ops::{self, TargetFilter};
+use crate::context::Context;
+use crate::error::Result;
+use crate::history::{History, Run};
+use crate::ops::{self, BackupOptions, Source, TargetFilter, fanout};
+use crate::progress::Silent;
 use crate::repo::BackupType;
 use crate::schedule::CronSpec;
-use history::{History, Run};
 
 /// What a scheduled job does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,40 +102,33 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
 /// Shared between the scheduler, the workers and the HTTP endpoint.
 #[derive(Debug)]
 pub struct Shared {
-    pub cfg: RwLock<Config>,
-    pub state_dir: PathBuf,
+    /// The running configuration's context; a reload replaces it.
+    pub ctx: RwLock<Context>,
     pub running: Mutex<HashSet<String>>,
 }
 
-/// Runs one job on every target of its policy and records each result.
-fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
-    let cfg = match shared.cfg.read() {
-        Ok(c) => c.clone(),
-        Err(_) => return,
-    };
-    let history = match History::open(&shared.state_dir) {
+/// Runs one job on every target of its policy (one failing target does not
+/// stop the others) and records each result.
+fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
+    let history = match History::open(ctx.state().root()) {
         Ok(h) => h,
         Err(e) => {
             tracing::error!("{e}");
             return;
         }
     };
-    let targets = match TargetFilter::All.select(&cfg, policy) {
-        Ok(t) => t,
+    let pairs = match fanout::pairs(ctx.cfg(), &[policy], &TargetFilter::All) {
+        Ok(p) => p,
         Err(e) => {
             tracing::error!(policy = %policy.name, "{e}");
             return;
         }
     };
-    let notify = cfg.notify.clone();
+    let notify = &ctx.cfg().notify;
     let now = || Utc::now().to_rfc3339();
-    notify::ping(
-        &notify,
-        "start",
-        &format!("{} {}", policy.name, kind.word()),
-    );
+    notify::ping(notify, "start", &format!("{} {}", policy.name, kind.word()));
     notify::webhook(
-        &notify,
+        notify,
         &notify::Event {
             event: "start",
             policy: &policy.name,
@@ -145,30 +139,27 @@ fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
             time: now(),
         },
     );
-    let mut failures = Vec::new();
-    for t in targets {
+    let source = Source::of(policy);
+    let out = fanout::each(&pairs, kind.word(), |_, t| {
         let started = Utc::now();
-        let hidden = indicatif::ProgressBar::hidden();
-        let result: Result<(Option<String>, u64)> =
-            match kind {
-                JobKind::Full | JobKind::Diff => {
-                    let opts = ops::backup::BackupOptions {
-                        kind: Some(if kind == JobKind::Full {
-                            BackupType::Full
-                        } else {
-                            BackupType::Diff
-                        }),
-                        lock_wait: Duration::from_secs(60),
-                    };
-                    ops::backup::backup(&cfg, policy, t, &opts, &hidden)
-                        .map(|r| (Some(r.label), r.stored_size))
-                }
-                JobKind::Verify => ops::verify::verify(&cfg, policy, t, None, None, &hidden)
-                    .and_then(|v| match v.error {
-                        None => Ok((Some(v.label), 0)),
-                        Some(e) => Err(Error::VerifyFailed(e)),
+        let result: Result<(String, u64)> = match kind {
+            JobKind::Full | JobKind::Diff => {
+                let opts = BackupOptions {
+                    kind: Some(if kind == JobKind::Full {
+                        BackupType::Full
+                    } else {
+                        BackupType::Diff
                     }),
-            };
+                    lock_wait: Duration::from_secs(60),
+                };
+                source
+                    .backup(ctx, t, &opts, &Silent)
+                    .map(|r| (r.label, r.stored_size))
+            }
+            JobKind::Verify => source
+                .verify(ctx, t, None, None, &Silent)
+                .map(|v| (v.label, 0)),
+        };
         let run = Run {
             policy: policy.name.clone(),
             target: t.name.clone(),
@@ -177,22 +168,17 @@ fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
             finished: Utc::now(),
             ok: result.is_ok(),
             error: result.as_ref().err().map(|e| e.to_string()),
-            label: result.as_ref().ok().and_then(|(l, _)| l.clone()),
+            label: result.as_ref().ok().map(|(l, _)| l.clone()),
             size: result.as_ref().map(|(_, s)| *s).unwrap_or(0),
         };
-        match &result {
-            Ok((label, _)) => {
-                tracing::info!(policy = %policy.name, target = %t.name, job = kind.word(), label = label.as_deref().unwrap_or(""), "done")
-            }
-            Err(e) => {
-                tracing::error!(policy = %policy.name, target = %t.name, job = kind.word(), "failed: {e}")
-            }
+        if let Ok((label, _)) = &result {
+            tracing::info!(policy = %policy.name, target = %t.name, job = kind.word(), label = %label, "done");
         }
         if let Err(e) = history.record(&run) {
             tracing::error!("{e}");
         }
         notify::webhook(
-            &notify,
+            notify,
             &notify::Event {
                 event: if run.ok { "success" } else { "failure" },
                 policy: &policy.name,
@@ -203,29 +189,31 @@ fn run_job(shared: &Shared, policy: &Policy, kind: JobKind) {
                 time: now(),
             },
         );
-        if let Some(e) = &run.error {
-            failures.push(format!("target '{}': {e}", t.name));
-        }
-    }
-    if failures.is_empty() {
-        notify::ping(
-            &notify,
+        result
+    });
+    match out.error() {
+        None => notify::ping(
+            notify,
             "success",
             &format!("{} {} ok", policy.name, kind.word()),
-        );
-    } else {
-        notify::ping(&notify, "failure", &failures.join("\n"));
+        ),
+        Some(e) => notify::ping(notify, "failure", &e.to_string()),
     }
 }
 
 /// Starts the WAL streamers of `cfg` on their own thread; they stop when `stop` is set.
-fn start_streamers(cfg: Config, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
-    if !cfg.policies.iter().any(|p| p.wal.enabled) {
+fn start_streamers(ctx: Context, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
+    if !ctx.cfg().policies.iter().any(|p| p.wal.enabled) {
         return None;
     }
     Some(std::thread::spawn(move || {
-        let policies: Vec<&Policy> = cfg.policies.iter().filter(|p| p.wal.enabled).collect();
-        for (name, r) in ops::replicate::replicate(&cfg, &policies, &stop) {
+        let policies: Vec<&Policy> = ctx
+            .cfg()
+            .policies
+            .iter()
+            .filter(|p| p.wal.enabled)
+            .collect();
+        for (name, r) in ops::replicate::replicate(&ctx, &policies, &stop) {
             if let Err(e) = r {
                 tracing::error!(policy = %name, "WAL streamer stopped: {e}");
             }
@@ -235,17 +223,17 @@ fn start_streamers(cfg: Config, stop: Arc<AtomicBool>) -> Option<std::thread::Jo
 
 /// Runs until `stop`; `hup` asks for a config reload.
 pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) -> Result<()> {
-    let cfg = config::load(config_path)?;
-    let history = History::open(&cfg.state_dir)?;
+    let ctx = Context::load(config_path)?;
+    let cfg = ctx.cfg().clone();
+    let history = History::open(ctx.state().root())?;
     let shared = Arc::new(Shared {
-        state_dir: cfg.state_dir.clone(),
-        cfg: RwLock::new(cfg.clone()),
+        ctx: RwLock::new(ctx.clone()),
         running: Mutex::new(HashSet::new()),
     });
     let server = http::serve(&cfg.daemon_listen, shared.clone())?;
     tracing::info!(listen = %cfg.daemon_listen, "dr daemon started: /healthz and /metrics");
     let mut stream_stop = Arc::new(AtomicBool::new(false));
-    let mut streamers = start_streamers(cfg.clone(), stream_stop.clone());
+    let mut streamers = start_streamers(ctx, stream_stop.clone());
     let mut jobs = jobs(&cfg, &history, Utc::now())?;
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
@@ -258,9 +246,10 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                         let _ = h.join();
                     }
                     stream_stop = Arc::new(AtomicBool::new(false));
-                    streamers = start_streamers(new.clone(), stream_stop.clone());
                     jobs = self::jobs(&new, &history, Utc::now())?;
-                    if let Ok(mut c) = shared.cfg.write() {
+                    let new = Context::new(new);
+                    streamers = start_streamers(new.clone(), stream_stop.clone());
+                    if let Ok(mut c) = shared.ctx.write() {
                         *c = new;
                     }
                 }
@@ -286,18 +275,15 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                 tracing::warn!(policy = %job.policy, job = job.kind.word(), "previous run of this policy is still going: not starting another");
                 continue;
             }
-            let policy = match shared
-                .cfg
-                .read()
-                .ok()
-                .and_then(|c| c.policy(&job.policy).ok().cloned())
-            {
-                Some(p) => p,
-                None => continue,
+            let Some((ctx, policy)) = shared.ctx.read().ok().and_then(|c| {
+                let p = c.cfg().policy(&job.policy).ok().cloned()?;
+                Some((c.clone(), p))
+            }) else {
+                continue;
             };
             let (shared, kind) = (shared.clone(), job.kind);
             workers.push(std::thread::spawn(move || {
-                run_job(&shared, &policy, kind);
+                run_job(&ctx, &policy, kind);
                 if let Ok(mut r) = shared.running.lock() {
                     r.remove(&policy.name);
                 }

@@ -1,91 +1,175 @@
 //! Taking a full or differential backup of a SQLite policy to one target.
+//!
+//! [`backup`] reads as the steps a backup takes; each step is a function
+//! below it. The caller holds the policy's lock on this host.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use indicatif::ProgressBar;
-use serde::Serialize;
 
-use super::{PolicyRepo, sqlite_path};
+use super::PolicyRepo;
+use super::report::{BackupReport, PageCounts};
 use crate::codec::{Decoder, Encoder, ObjectDigest, read_error};
-use crate::config::{Config, Policy, Target};
+use crate::config::{Policy, Target};
+use crate::context::Context;
 use crate::error::{Error, Result};
-use crate::keys::{self, Sealing};
+use crate::keys::Sealing;
 use crate::lease::Lease;
-use crate::lock::Lock;
+use crate::progress::Progress;
 use crate::repo::{self, BackupType, Label, Manifest, manifest::FORMAT_VERSION};
 use crate::sqlite::pages::{HASH_LEN, HashAhead};
+use crate::sqlite::stream::StreamState;
 use crate::sqlite::{self, IndexReader, IndexWriter, PageWriter, Snapshot};
-use crate::storage::{self, ObjectWriter, Storage};
+use crate::storage::{ObjectWriter, Storage};
 
 /// The chain a backup's page stream is written through.
 type DataWriter = PageWriter<BufWriter<Encoder<Box<dyn ObjectWriter>>>>;
 
-/// Options of one backup run.
-#[derive(Debug, Clone, Default)]
-pub struct BackupOptions {
-    /// Full or diff; `None` chooses diff when a full exists, else full.
-    pub kind: Option<BackupType>,
-    /// How long to wait for another dr holding this policy's lock.
-    pub lock_wait: Duration,
-}
-
-/// What a backup did, for the terminal, `--json` and the daemon.
-#[derive(Debug, Clone, Serialize)]
-pub struct BackupReport {
-    pub policy: String,
-    pub target: String,
-    pub label: String,
-    #[serde(rename = "type")]
-    pub kind: BackupType,
-    pub parent: Option<String>,
-    pub page_count: u64,
-    pub pages_stored: u64,
-    pub size: u64,
-    pub stored_size: u64,
-    pub seconds: f64,
-    /// Why the type differs from the one asked for, if it does.
-    pub note: Option<String>,
-    pub expired: Vec<String>,
-}
-
-/// Backs up `policy` to `target`, then expires by the policy's retention.
+/// Backs up the SQLite database `db` of `policy` to `target`, then expires
+/// by the policy's retention. A streamed policy's backup records its WAL
+/// position from the state file of the streamer on this host, if any.
 pub fn backup(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
+    db: &Path,
     target: &Target,
-    opts: &BackupOptions,
-    progress: &ProgressBar,
+    kind: Option<BackupType>,
+    progress: &dyn Progress,
+) -> Result<BackupReport> {
+    take(ctx, policy, db, target, kind, progress, None)
+}
+
+/// [`backup`] by the streamer itself (a new generation's base), which
+/// hands over its state in memory.
+pub fn backup_in_stream(
+    ctx: &Context,
+    policy: &Policy,
+    db: &Path,
+    target: &Target,
+    kind: Option<BackupType>,
+    progress: &dyn Progress,
+    stream: &Mutex<StreamState>,
+) -> Result<BackupReport> {
+    take(ctx, policy, db, target, kind, progress, Some(stream))
+}
+
+fn take(
+    ctx: &Context,
+    policy: &Policy,
+    db: &Path,
+    target: &Target,
+    kind: Option<BackupType>,
+    progress: &dyn Progress,
+    stream: Option<&Mutex<StreamState>>,
 ) -> Result<BackupReport> {
     let started = Instant::now();
-    let _lock = Lock::acquire(
-        &cfg.state_dir,
-        &policy.name,
-        &target.name,
-        "backup",
-        opts.lock_wait,
-    )?;
-    if let crate::config::Source::Postgres { .. } = policy.source {
-        return super::pg::backup(cfg, policy, target, opts.kind);
-    }
-    let db = sqlite_path(policy)?;
-    let store = storage::open(target, &cfg.state_dir)?;
-    let sealing = keys::sealing(&cfg.encryption, policy.encrypted)?;
+    let store = ctx.storage(target)?;
+    let sealing = ctx.sealing(policy)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy: &policy.name,
     };
     // Fail on a bad source before touching the target.
     let mut conn = sqlite::open_source(db)?;
-
     // Listing first: a missing bucket or bad credentials fail before anything is written.
     let committed = repo.committed()?;
     let mut lease = Lease::acquire(store.as_ref(), &policy.name, "backup")?;
-    // A diff builds only on the newest *intact* full, and only when the
-    // chain stays restorable with the keys configured now.
+    let base = choose_base(ctx, &repo, policy, &conn, &sealing, &committed, kind)?;
+    // Listed again under the lease: a writer that committed between the
+    // first listing and the lease is seen, so labels keep growing.
+    let label = new_label(base.parent(), &repo.dirs()?, store.as_ref())?;
+    let wal = pin_wal(ctx, policy, db, &mut conn, stream)?;
+    let timestamp_start = Utc::now();
+    tracing::info!(policy = %policy.name, target = %target.name, %label, "starting {} backup of {}", label.kind(), db.display());
+    let written = write_objects(
+        ctx,
+        store.as_ref(),
+        policy,
+        db,
+        &label,
+        &mut conn,
+        &sealing,
+        base.index,
+        progress,
+    )?;
+    drop(conn);
+    let manifest = Manifest {
+        format: FORMAT_VERSION,
+        label: label.clone(),
+        kind: label.kind(),
+        parent: base.index_of.clone(),
+        source_kind: "sqlite".into(),
+        source_path: db.display().to_string(),
+        page_size: written.snapshot.page_size,
+        page_count: written.snapshot.page_count,
+        pages_stored: written.pages_stored,
+        wal,
+        timestamp_start,
+        timestamp_stop: Utc::now(),
+        dr_version: env!("CARGO_PKG_VERSION").to_string(),
+        zstd_level: policy.compression_level,
+        encryption: encryption_word(policy).into(),
+        recipients: sealing.fingerprints(),
+        objects: written.objects,
+    };
+    commit(store.as_ref(), &policy.name, lease.as_mut(), &manifest)?;
+    tracing::info!(policy = %policy.name, target = %target.name, %label, "committed");
+    let expired =
+        super::expire::expire_locked(ctx, policy, target, store.as_ref(), false, Utc::now())?;
+    Ok(BackupReport {
+        policy: policy.name.clone(),
+        target: target.name.clone(),
+        label: label.to_string(),
+        kind: manifest.kind.into(),
+        parent: manifest.parent.as_ref().map(|p| p.to_string()),
+        pages: Some(PageCounts {
+            page_count: manifest.page_count,
+            pages_stored: manifest.pages_stored,
+        }),
+        size: manifest.plain_size(),
+        stored_size: manifest.stored_size(),
+        seconds: started.elapsed().as_secs_f64(),
+        note: base.note,
+        expired: expired.into_iter().map(|r| r.label).collect(),
+    })
+}
+
+fn encryption_word(policy: &Policy) -> &'static str {
+    if policy.encrypted { "age" } else { "none" }
+}
+
+/// What a new backup builds on: a full's page index (then it is a diff of
+/// that full), or nothing (a full), and why when that is not what was asked.
+struct Base {
+    index_of: Option<Label>,
+    index: Option<(IndexReader<BufReader<File>>, u32)>,
+    note: Option<String>,
+}
+
+impl Base {
+    fn parent(&self) -> Option<&Label> {
+        self.index_of.as_ref()
+    }
+}
+
+/// A diff builds only on the newest *intact* full, and only when the chain
+/// stays restorable with the keys configured now; otherwise the backup is a
+/// full, with a note that says why.
+fn choose_base(
+    ctx: &Context,
+    repo: &PolicyRepo<'_>,
+    policy: &Policy,
+    conn: &rusqlite::Connection,
+    sealing: &Sealing,
+    committed: &[super::Committed],
+    kind: Option<BackupType>,
+) -> Result<Base> {
+    let target = repo.storage.target();
     let newest_full = committed.iter().rev().find_map(|c| {
         c.manifest
             .as_ref()
@@ -98,81 +182,114 @@ pub fn backup(
         .take_while(|c| newest_full.is_none_or(|m| m.label != c.dir.label))
         .find_map(|c| c.manifest.as_ref().err())
     {
-        tracing::warn!(policy = %policy.name, target = %target.name, "a newer backup is damaged and not built on: {damaged}");
+        tracing::warn!(policy = %policy.name, target, "a newer backup is damaged and not built on: {damaged}");
     }
-    let mut note = None;
-    let mut base: Option<(Label, IndexReader<BufReader<File>>)> = None;
-    let want = opts.kind.unwrap_or(if newest_full.is_some() {
+    let mut base = Base {
+        index_of: None,
+        index: None,
+        note: None,
+    };
+    let want = kind.unwrap_or(if newest_full.is_some() {
         BackupType::Diff
     } else {
         BackupType::Full
     });
-    if want == BackupType::Diff {
-        let page_size = sqlite::snapshot::page_size(&conn)?;
-        let encryption = if policy.encrypted { "age" } else { "none" };
-        match newest_full {
-            None => {
-                note = Some(
-                    "no intact full backup exists on this target: taking a full instead"
-                        .to_string(),
-                )
-            }
-            Some(m) => {
-                if let Some(why) =
-                    m.diff_base_mismatch(page_size, encryption, &sealing.fingerprints())
-                {
-                    note = Some(format!("{why}: taking a full instead"));
-                } else {
-                    match cached_index(cfg, &repo, target, m)? {
-                        Ok(path) => {
-                            let f = File::open(&path).map_err(|e| {
-                                Error::io(format!("cannot open page index {}", path.display()), e)
-                            })?;
-                            let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
-                                Error::io(format!("cannot read page index {}", path.display()), e)
-                            })?;
-                            base = Some((m.label.clone(), idx));
-                        }
-                        Err(why) => note = Some(format!("{why}: taking a full instead")),
-                    }
+    if want == BackupType::Full {
+        return Ok(base);
+    }
+    let Some(m) = newest_full else {
+        base.note =
+            Some("no intact full backup exists on this target: taking a full instead".into());
+        tracing::warn!(policy = %policy.name, target, "{}", base.note.as_deref().unwrap_or(""));
+        return Ok(base);
+    };
+    let page_size = sqlite::snapshot::page_size(conn)?;
+    let why =
+        match m.diff_base_mismatch(page_size, encryption_word(policy), &sealing.fingerprints()) {
+            Some(why) => why,
+            None => match cached_index(ctx, repo, m)? {
+                Ok(path) => {
+                    let f = File::open(&path).map_err(|e| {
+                        Error::io(format!("cannot open page index {}", path.display()), e)
+                    })?;
+                    let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
+                        Error::io(format!("cannot read page index {}", path.display()), e)
+                    })?;
+                    base.index_of = Some(m.label.clone());
+                    base.index = Some((idx, m.page_size));
+                    return Ok(base);
                 }
-            }
-        }
-    }
-    if let Some(n) = &note {
-        tracing::warn!(policy = %policy.name, target = %target.name, "{n}");
-    }
-    let base_page_size = base.as_ref().and(newest_full).map(|m| m.page_size);
+                Err(why) => why,
+            },
+        };
+    base.note = Some(format!("{why}: taking a full instead"));
+    tracing::warn!(policy = %policy.name, target, "{}", base.note.as_deref().unwrap_or(""));
+    Ok(base)
+}
 
-    // Listed again under the lease: a writer that committed between the
-    // first listing and the lease is seen, so labels keep growing.
-    let dirs = repo.dirs()?;
-    let label = new_label(base.as_ref().map(|(l, _)| l), &dirs, store.as_ref())?;
+/// A streamed policy pins the WAL so the snapshot knows its place in the
+/// stream: point-in-time restores can start from this backup.
+fn pin_wal(
+    ctx: &Context,
+    policy: &Policy,
+    db: &Path,
+    conn: &mut rusqlite::Connection,
+    stream: Option<&Mutex<StreamState>>,
+) -> Result<Option<repo::manifest::WalPosition>> {
+    if !policy.wal.enabled || !sqlite::snapshot::journal_mode(conn)?.eq_ignore_ascii_case("wal") {
+        return Ok(None);
+    }
+    let (pinned, cur) = sqlite::pin::pin(db)?;
+    *conn = pinned;
+    let wal = match stream {
+        Some(st) => st
+            .lock()
+            .map_err(|_| crate::sqlite::stream::poisoned())
+            .map(|st| crate::sqlite::stream::position_in(&st, cur.as_ref()))?,
+        None => crate::sqlite::stream::position_for(
+            &ctx.state().stream_state(&policy.name),
+            cur.as_ref(),
+        ),
+    };
+    if wal.is_none() {
+        tracing::info!(policy = %policy.name, "no `dr replicate` is counting this WAL on this host: the backup has no WAL position");
+    }
+    Ok(wal)
+}
+
+/// What the snapshot wrote to the target.
+struct Written {
+    snapshot: Snapshot,
+    pages_stored: u64,
+    objects: BTreeMap<String, ObjectDigest>,
+}
+
+/// Streams the snapshot's pages (a diff: those that changed) through the
+/// codec into the data object; a full also writes its page index, to a
+/// local file as the pages go by (memory stays flat), then to the target
+/// and into the local cache.
+#[allow(clippy::too_many_arguments)]
+fn write_objects(
+    ctx: &Context,
+    store: &dyn Storage,
+    policy: &Policy,
+    db: &Path,
+    label: &Label,
+    conn: &mut rusqlite::Connection,
+    sealing: &Sealing,
+    mut base: Option<(IndexReader<BufReader<File>>, u32)>,
+    progress: &dyn Progress,
+) -> Result<Written> {
     let kind = label.kind();
-    // A streamed policy pins the WAL so the snapshot knows its place in the
-    // stream: point-in-time restores can start from this backup.
-    let mut wal = None;
-    if policy.wal.enabled && sqlite::snapshot::journal_mode(&conn)?.eq_ignore_ascii_case("wal") {
-        let (pinned, cur) = sqlite::pin::pin(db)?;
-        conn = pinned;
-        wal = super::replicate::position_for(cfg, policy, cur.as_ref());
-        if wal.is_none() {
-            tracing::info!(policy = %policy.name, "no `dr replicate` is counting this WAL on this host: the backup has no WAL position");
-        }
-    }
-    let timestamp_start = Utc::now();
-    tracing::info!(policy = %policy.name, target = %target.name, %label, "starting {kind} backup of {}", db.display());
-
-    let data_key = repo::object_key(&policy.name, &label, repo::DATA);
-    let object = format!("target '{}': {data_key}", target.name);
+    let base_page_size = base.as_ref().map(|(_, ps)| *ps);
+    let data_key = repo::object_key(&policy.name, label, repo::DATA);
     let out = store.create(&data_key)?;
-    let enc = Encoder::new(out, policy.compression_level, &sealing)?;
-    let io_err = |e: std::io::Error| store_err(store.as_ref(), &data_key, e);
+    let enc = Encoder::new(out, policy.compression_level, sealing)?;
+    let io_err = |e: std::io::Error| store_err(store, &data_key, e);
     let mut slot = Some(BufWriter::with_capacity(1 << 20, enc));
     let mut pages: Option<DataWriter> = None;
-    // A full writes its page index to a file as the pages go by (memory stays
-    // flat); it becomes the local cache once the backup commits.
-    let index_tmp = cache_path(cfg, target, &policy.name, &label).with_extension("pages.tmp");
+    let cache = ctx.state().page_cache(store.target(), &policy.name, label);
+    let index_tmp = cache.with_extension("pages.tmp");
     let index_err =
         |e: std::io::Error| Error::io(format!("writing the page index {}", index_tmp.display()), e);
     let mut index: Option<IndexWriter<BufWriter<File>>> = None;
@@ -206,10 +323,10 @@ pub fn backup(
                         .map_err(index_err)?,
                 );
             }
-            progress.set_length(snap.page_count * u64::from(snap.page_size));
+            progress.set_total(snap.page_count * u64::from(snap.page_size));
         }
         let store_it = match base.as_mut() {
-            Some((_, idx)) => {
+            Some((idx, _)) => {
                 let old = idx
                     .next_hash()
                     .map_err(|e| Error::io("reading the page index of the full", e))?;
@@ -223,10 +340,10 @@ pub fn backup(
         if store_it && let Some(w) = pages.as_mut() {
             w.page(pgno, data).map_err(io_err)?;
         }
-        progress.inc(data.len() as u64);
+        progress.advance(data.len() as u64);
         Ok(())
     };
-    let snapshot = sqlite::snapshot::read_pages(&mut conn, db, |snap, pgno, data| {
+    let snapshot = sqlite::snapshot::read_pages(conn, db, |snap, pgno, data| {
         if pgno != next_pgno {
             return Err(Error::Source {
                 path: db.to_path_buf(),
@@ -241,7 +358,6 @@ pub fn backup(
     if let Some(h) = hasher {
         h.finish(|n, page, h| process(&snapshot, n, page, h))?;
     }
-    drop(conn);
     let Some(pages) = pages else {
         return Err(Error::Other(
             "internal: snapshot produced no page writer".into(),
@@ -251,9 +367,9 @@ pub fn backup(
     let enc = buf.into_inner().map_err(|e| io_err(e.into_error()))?;
     let (data_digest, out) = enc.finish().map_err(io_err)?;
     out.commit()?;
-    tracing::debug!(%object, "data committed");
+    tracing::debug!(target = store.target(), key = %data_key, "data committed");
 
-    let mut objects = std::collections::BTreeMap::new();
+    let mut objects = BTreeMap::new();
     objects.insert(repo::DATA.to_string(), data_digest);
     if kind == BackupType::Full {
         let Some(index) = index else {
@@ -266,69 +382,37 @@ pub fn backup(
             .and_then(|b| b.into_inner().map_err(|e| e.into_error()))
             .and_then(|f| f.sync_all())
             .map_err(index_err)?;
-        let pages_key = repo::object_key(&policy.name, &label, repo::PAGES);
-        let digest = write_encoded(
-            store.as_ref(),
-            &pages_key,
-            policy.compression_level,
-            &sealing,
-            |w| File::open(&index_tmp).and_then(|mut f| std::io::copy(&mut f, w).map(|_| ())),
-        )?;
-        let cache = cache_path(cfg, target, &policy.name, &label);
+        let pages_key = repo::object_key(&policy.name, label, repo::PAGES);
+        let digest = write_encoded(store, &pages_key, policy.compression_level, sealing, |w| {
+            File::open(&index_tmp).and_then(|mut f| std::io::copy(&mut f, w).map(|_| ()))
+        })?;
         if let Err(e) = std::fs::rename(&index_tmp, &cache) {
             tracing::warn!("could not cache the page index at {}: {e}", cache.display());
         }
         objects.insert(repo::PAGES.to_string(), digest);
     }
-    let manifest = Manifest {
-        format: FORMAT_VERSION,
-        label: label.clone(),
-        kind,
-        parent: base.as_ref().map(|(l, _)| l.clone()),
-        source_kind: "sqlite".into(),
-        source_path: db.display().to_string(),
-        page_size: snapshot.page_size,
-        page_count: snapshot.page_count,
+    Ok(Written {
+        snapshot,
         pages_stored,
-        wal,
-        timestamp_start,
-        timestamp_stop: Utc::now(),
-        dr_version: env!("CARGO_PKG_VERSION").to_string(),
-        zstd_level: policy.compression_level,
-        encryption: if policy.encrypted {
-            "age".into()
-        } else {
-            "none".into()
-        },
-        recipients: sealing.fingerprints(),
         objects,
-    };
-    // Still the only writer? Then the manifest goes last: its presence commits the backup.
-    if let Some(l) = lease.as_mut() {
+    })
+}
+
+/// Writes the manifest, last: its presence commits the backup. The lease
+/// is renewed first, so a writer that lost it never commits.
+fn commit(
+    store: &dyn Storage,
+    policy: &str,
+    lease: Option<&mut Lease>,
+    manifest: &Manifest,
+) -> Result<()> {
+    if let Some(l) = lease {
         l.renew()?;
     }
     store.put_bytes(
-        &repo::object_key(&policy.name, &label, repo::MANIFEST),
+        &repo::object_key(policy, &manifest.label, repo::MANIFEST),
         &manifest.to_bytes(),
-    )?;
-    tracing::info!(policy = %policy.name, target = %target.name, %label, "committed");
-
-    let expired =
-        super::expire::expire_locked(cfg, policy, target, store.as_ref(), false, Utc::now())?;
-    Ok(BackupReport {
-        policy: policy.name.clone(),
-        target: target.name.clone(),
-        label: label.to_string(),
-        kind,
-        parent: manifest.parent.as_ref().map(|p| p.to_string()),
-        page_count: manifest.page_count,
-        pages_stored,
-        size: manifest.plain_size(),
-        stored_size: manifest.stored_size(),
-        seconds: started.elapsed().as_secs_f64(),
-        note,
-        expired: expired.into_iter().map(|r| r.label).collect(),
-    })
+    )
 }
 
 fn store_err(store: &dyn Storage, key: &str, e: std::io::Error) -> Error {
@@ -406,28 +490,21 @@ fn new_label(
     }
 }
 
-fn cache_path(cfg: &Config, target: &Target, policy: &str, label: &Label) -> PathBuf {
-    cfg.state_dir
-        .join("cache")
-        .join(&target.name)
-        .join(policy)
-        .join(format!("{label}.pages"))
-}
-
 /// Makes sure a verified copy of `full`'s page index is in the local cache
 /// and returns its path: the cached file when its sha256 matches the
 /// manifest, else the object from the target (which needs a key that can
 /// decrypt). The inner `Err` says why a diff is not possible.
 fn cached_index(
-    cfg: &Config,
+    ctx: &Context,
     repo: &PolicyRepo<'_>,
-    target: &Target,
     full: &Manifest,
 ) -> Result<std::result::Result<PathBuf, String>> {
     let Some(expected) = full.objects.get(repo::PAGES) else {
         return Ok(Err(format!("full backup {} has no page index", full.label)));
     };
-    let path = cache_path(cfg, target, repo.policy, &full.label);
+    let path = ctx
+        .state()
+        .page_cache(repo.storage.target(), repo.policy, &full.label);
     if let Ok(mut f) = File::open(&path) {
         let mut hash = <sha2::Sha256 as sha2::Digest>::new();
         if std::io::copy(&mut f, &mut HashWriter(&mut hash)).is_ok()
@@ -441,7 +518,7 @@ fn cached_index(
         );
     }
     let unsealing = if full.encrypted() {
-        match keys::unsealing(&cfg.encryption, None)? {
+        match crate::keys::unsealing(&ctx.cfg().encryption, None)? {
             Some(u) => Some(u),
             None => {
                 return Ok(Err(format!(

@@ -1,54 +1,34 @@
 //! Applying retention and clearing interrupted backups.
 
-use std::time::Duration;
-
 use chrono::{DateTime, Utc};
-use serde::Serialize;
 
 use super::PolicyRepo;
-use crate::config::{Config, Policy, Target};
+use super::report::Expired;
+use crate::config::{Policy, Target};
+use crate::context::Context;
 use crate::error::Result;
-use crate::lock::Lock;
 use crate::repo::{self, retention};
-use crate::storage::{self, Storage};
+use crate::storage::Storage;
 
-/// One backup expire removed (or would remove, with `--dry-run`).
-#[derive(Debug, Clone, Serialize)]
-pub struct Expired {
-    pub policy: String,
-    pub target: String,
-    pub label: String,
-    pub reason: String,
-    pub removed: bool,
-}
-
-/// Expires `policy` on `target`, taking the policy's lock.
+/// Expires `policy` on `target`; the caller holds the policy's lock.
 pub fn expire(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
     target: &Target,
     dry_run: bool,
-    lock_wait: Duration,
 ) -> Result<Vec<Expired>> {
-    let _lock = Lock::acquire(
-        &cfg.state_dir,
-        &policy.name,
-        &target.name,
-        "expire",
-        lock_wait,
-    )?;
-    let store = storage::open(target, &cfg.state_dir)?;
+    let store = ctx.storage(target)?;
     let _lease = if dry_run {
         None
     } else {
         crate::lease::Lease::acquire(store.as_ref(), &policy.name, "expire")?
     };
-    expire_locked(cfg, policy, target, store.as_ref(), dry_run, Utc::now())
+    expire_locked(ctx, policy, target, store.as_ref(), dry_run, Utc::now())
 }
 
 /// Expire for a caller that already holds the lock (a backup that just committed).
 pub fn expire_locked(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
     target: &Target,
     store: &dyn Storage,
@@ -102,13 +82,8 @@ pub fn expire_locked(
             for key in dir.keys.iter().filter(|k| **k != manifest) {
                 store.delete(key)?;
             }
-            let cache = cfg
-                .state_dir
-                .join("cache")
-                .join(&target.name)
-                .join(&policy.name)
-                .join(format!("{label}.pages"));
-            let _ = std::fs::remove_file(cache);
+            let _ =
+                std::fs::remove_file(ctx.state().page_cache(&target.name, &policy.name, &label));
             tracing::info!(policy = %policy.name, target = %target.name, %label, "expired: {reason}");
         }
         out.push(Expired {

@@ -10,11 +10,14 @@ use std::fmt::Write as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Serialize, Serializer};
 
+use super::report::BackupKind;
+use super::source::Source;
 use super::{PolicyRepo, TargetFilter, human_bytes};
-use crate::config::{Config, Policy, Source, TargetKind};
+use crate::config::{self, PgSource, Policy, Target, TargetKind};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::repo::{self, BackupType};
-use crate::storage;
+use crate::sqlite::stream::StreamState;
 
 /// The whole `dr info` document.
 #[derive(Debug, Serialize)]
@@ -128,7 +131,7 @@ fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> std::result::Result<S::Ok,
 pub struct BackupInfo {
     pub label: String,
     #[serde(rename = "type")]
-    pub kind: BackupType,
+    pub kind: BackupKind,
     pub parent: Option<String>,
     #[serde(serialize_with = "rfc3339")]
     pub timestamp_start: DateTime<Utc>,
@@ -148,19 +151,27 @@ pub struct BackupInfo {
 
 fn source_info(p: &Policy) -> SourceInfo {
     match &p.source {
-        Source::Sqlite { path } => SourceInfo {
+        config::Source::Sqlite { path } => SourceInfo {
             kind: "sqlite".into(),
             path: Some(path.display().to_string()),
             stanza: None,
         },
-        Source::Postgres {
-            stanza, data_dir, ..
-        } => SourceInfo {
+        config::Source::Postgres(pg) => SourceInfo {
             kind: "postgres".into(),
-            path: Some(data_dir.display().to_string()),
-            stanza: Some(stanza.clone()),
+            path: Some(pg.data_dir.display().to_string()),
+            stanza: Some(pg.stanza.clone()),
         },
     }
+}
+
+/// What one target holds for a policy, as a source lists it.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub backups: Vec<BackupInfo>,
+    pub incomplete: Vec<String>,
+    pub wal: Option<WalInfo>,
+    /// Why the target could not be read, if it could not.
+    pub error: Option<String>,
 }
 
 impl Info {
@@ -211,70 +222,28 @@ impl Info {
 
 /// Collects info for the selected policies and targets. A target that cannot
 /// be read is reported in place, not as a failure of the whole command.
-pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result<Info> {
+pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Result<Info> {
     let mut out = Info {
         policies: Vec::new(),
     };
     for p in policies {
+        let source = Source::of(p);
         let mut targets = Vec::new();
-        for t in filter.select(cfg, p)? {
-            let mut ti = TargetInfo {
+        for t in filter.select(ctx.cfg(), p)? {
+            let l = source.list(ctx, t);
+            targets.push(TargetInfo {
                 name: t.name.clone(),
                 kind: t.kind.word().into(),
                 location: match &t.kind {
                     TargetKind::Local { path } => path.display().to_string(),
                     TargetKind::S3(s) => format!("s3://{}/{}", s.bucket, s.prefix),
                 },
-                backups: Vec::new(),
-                incomplete: Vec::new(),
-                runs: runs(cfg, p, &t.name),
-                wal: None,
-                error: None,
-            };
-            if matches!(p.source, Source::Postgres { .. }) {
-                match super::pg::list(cfg, p, t) {
-                    Ok(list) => {
-                        for b in list {
-                            ti.backups.push(BackupInfo {
-                                kind: if b.kind == "full" {
-                                    BackupType::Full
-                                } else {
-                                    BackupType::Diff
-                                },
-                                label: b.label,
-                                parent: b.prior,
-                                timestamp_start: b.start,
-                                timestamp_stop: b.stop,
-                                size: b.size,
-                                stored_size: b.repo_size.unwrap_or(0),
-                                error: b.error.then(|| {
-                                    "pgBackRest reports errors in this backup".to_string()
-                                }),
-                                archive_start: b.archive_start,
-                                archive_stop: b.archive_stop,
-                            });
-                        }
-                    }
-                    Err(e) => ti.error = Some(e.to_string()),
-                }
-            } else if matches!(p.source, Source::Sqlite { .. }) {
-                match collect(cfg, t, p, &mut ti) {
-                    Ok(()) => {}
-                    Err(e) => {
-                        ti.error = Some(e.to_string());
-                        // The streamer's own view still says why and how far behind.
-                        let stream = stream_info(cfg, p, &t.name);
-                        if stream.is_some() {
-                            ti.wal = Some(WalInfo {
-                                generations: Vec::new(),
-                                windows: Vec::new(),
-                                stream,
-                            });
-                        }
-                    }
-                }
-            }
-            targets.push(ti);
+                backups: l.backups,
+                incomplete: l.incomplete,
+                runs: runs(ctx, p, &t.name),
+                wal: l.wal,
+                error: l.error,
+            });
         }
         out.policies.push(PolicyInfo {
             name: p.name.clone(),
@@ -285,8 +254,60 @@ pub fn info(cfg: &Config, policies: &[&Policy], filter: &TargetFilter) -> Result
     Ok(out)
 }
 
-fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetInfo) -> Result<()> {
-    let store = storage::open(t, &cfg.state_dir)?;
+/// A PostgreSQL policy's backups on one target, from pgBackRest's own info.
+pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -> Listing {
+    let mut l = Listing::default();
+    let list = match super::pg::list(ctx, policy, pg, target) {
+        Ok(list) => list,
+        Err(e) => {
+            l.error = Some(e.to_string());
+            return l;
+        }
+    };
+    for b in list {
+        let Some(kind) = BackupKind::from_word(&b.kind) else {
+            l.error = Some(format!(
+                "pgbackrest lists backup {} with type '{}', which this dr does not know",
+                b.label, b.kind
+            ));
+            continue;
+        };
+        l.backups.push(BackupInfo {
+            kind,
+            label: b.label,
+            parent: b.prior,
+            timestamp_start: b.start,
+            timestamp_stop: b.stop,
+            size: b.delta,
+            stored_size: b.repo_delta.unwrap_or(0),
+            error: b
+                .error
+                .then(|| "pgBackRest reports errors in this backup".to_string()),
+            archive_start: b.archive_start,
+            archive_stop: b.archive_stop,
+        });
+    }
+    l
+}
+
+/// A SQLite policy's backups and WAL on one target. When the target cannot
+/// be read, the streamer's own view still says why and how far behind.
+pub fn list_sqlite(ctx: &Context, policy: &Policy, target: &Target) -> Listing {
+    let mut l = Listing::default();
+    if let Err(e) = collect(ctx, target, policy, &mut l) {
+        l.error = Some(e.to_string());
+        let stream = stream_info(ctx, policy, &target.name);
+        l.wal = stream.map(|s| WalInfo {
+            generations: Vec::new(),
+            windows: Vec::new(),
+            stream: Some(s),
+        });
+    }
+    l
+}
+
+fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()> {
+    let store = ctx.storage(t)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy: &p.name,
@@ -305,7 +326,7 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
                 bases.extend(super::wal_base(&m));
                 BackupInfo {
                     label,
-                    kind: m.kind,
+                    kind: m.kind.into(),
                     parent: m.parent.as_ref().map(|p| p.to_string()),
                     timestamp_start: m.timestamp_start,
                     timestamp_stop: m.timestamp_stop,
@@ -318,7 +339,7 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
             }),
             Err(e) => ti.backups.push(BackupInfo {
                 label,
-                kind: c.dir.label.kind(),
+                kind: c.dir.label.kind().into(),
                 parent: (c.dir.label.kind() == BackupType::Diff)
                     .then(|| c.dir.label.full_label().to_string()),
                 timestamp_start: c.dir.label.time(),
@@ -333,8 +354,7 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
     }
     let prefix = repo::wal::wal_prefix(&p.name);
     let listing = store.list(&prefix)?;
-    let state =
-        super::replicate::StreamState::load(&super::replicate::StreamState::path(cfg, &p.name));
+    let state = StreamState::load(&ctx.state().stream_state(&p.name));
     if listing.is_empty() && !p.wal.enabled && state.is_none() {
         return Ok(());
     }
@@ -368,17 +388,17 @@ fn collect(cfg: &Config, t: &crate::config::Target, p: &Policy, ti: &mut TargetI
     ti.wal = Some(WalInfo {
         generations,
         windows: repo::wal::windows(&bases, &segs),
-        stream: stream_info(cfg, p, &t.name),
+        stream: stream_info(ctx, p, &t.name),
     });
     Ok(())
 }
 
 /// The daemon's history of `p` on `target`, if the daemon ran on this host.
-fn runs(cfg: &Config, p: &Policy, target: &str) -> Vec<RunInfo> {
-    if !cfg.state_dir.join("history.db").exists() {
+fn runs(ctx: &Context, p: &Policy, target: &str) -> Vec<RunInfo> {
+    if !ctx.state().history_db().exists() {
         return Vec::new();
     }
-    let Ok(h) = crate::daemon::history::History::open(&cfg.state_dir) else {
+    let Ok(h) = crate::history::History::open(ctx.state().root()) else {
         return Vec::new();
     };
     let now = Utc::now();
@@ -408,9 +428,8 @@ fn runs(cfg: &Config, p: &Policy, target: &str) -> Vec<RunInfo> {
 }
 
 /// The local streamer's last report for one target, if it ever ran here.
-fn stream_info(cfg: &Config, p: &Policy, target: &str) -> Option<StreamInfo> {
-    let st =
-        super::replicate::StreamState::load(&super::replicate::StreamState::path(cfg, &p.name))?;
+fn stream_info(ctx: &Context, p: &Policy, target: &str) -> Option<StreamInfo> {
+    let st = StreamState::load(&ctx.state().stream_state(&p.name))?;
     let shipped = st.targets.get(target);
     Some(StreamInfo {
         lag_seconds: st.lag(target, Utc::now()),
@@ -455,20 +474,32 @@ pub fn render(info: &Info) -> String {
                     "LABEL", "TYPE", "START (UTC)", "DURATION", "SIZE", "STORED"
                 );
             }
-            let fulls = t.backups.iter().filter(|b| b.kind == BackupType::Full);
-            let orphans = t.backups.iter().filter(|b| {
-                b.kind == BackupType::Diff
-                    && !t
+            let fulls = t.backups.iter().filter(|b| b.kind == BackupKind::Full);
+            // A diff's parent is its full; an incremental's may be another
+            // incremental: each is shown under the full its chain starts at.
+            let root = |b: &BackupInfo| -> Option<String> {
+                let mut cur = b;
+                for _ in 0..t.backups.len() {
+                    if cur.kind == BackupKind::Full {
+                        return Some(cur.label.clone());
+                    }
+                    cur = t
                         .backups
                         .iter()
-                        .any(|f| Some(&f.label) == b.parent.as_ref())
-            });
+                        .find(|p| Some(&p.label) == cur.parent.as_ref())?;
+                }
+                None
+            };
+            let orphans = t
+                .backups
+                .iter()
+                .filter(|b| b.kind != BackupKind::Full && root(b).is_none());
             for f in fulls {
                 line(&mut s, f, "");
                 for d in t
                     .backups
                     .iter()
-                    .filter(|d| d.parent.as_ref() == Some(&f.label))
+                    .filter(|d| d.kind != BackupKind::Full && root(d).as_ref() == Some(&f.label))
                 {
                     line(&mut s, d, "└ ");
                 }

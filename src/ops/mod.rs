@@ -2,13 +2,19 @@
 
 pub mod backup;
 pub mod expire;
+pub mod fanout;
 pub mod info;
 pub mod pg;
 pub mod replicate;
+pub mod report;
 pub mod restore;
+pub mod source;
 pub mod verify;
 
-use crate::config::{Config, Policy, Source, Target};
+pub use crate::units::human_bytes;
+pub use source::{BackupOptions, Source};
+
+use crate::config::{Config, Policy, Target};
 use crate::error::{Error, Result};
 use crate::repo::{self, BackupDir, Label, Manifest};
 use crate::storage::Storage;
@@ -57,17 +63,6 @@ pub fn select_policies<'c>(cfg: &'c Config, name: Option<&str>) -> Result<Vec<&'
     match name {
         Some(n) => Ok(vec![cfg.policy(n)?]),
         None => Ok(cfg.policies.iter().collect()),
-    }
-}
-
-/// The SQLite database path of a policy, or a clear error for other kinds.
-pub fn sqlite_path(policy: &Policy) -> Result<&std::path::Path> {
-    match &policy.source {
-        Source::Sqlite { path } => Ok(path),
-        Source::Postgres { .. } => Err(Error::Other(format!(
-            "policy '{}' is a PostgreSQL policy: this works on SQLite policies only (PostgreSQL goes through pgBackRest: see `dr pg setup`)",
-            policy.name
-        ))),
     }
 }
 
@@ -189,20 +184,4 @@ pub fn wal_base(m: &Manifest) -> Option<repo::wal::Base> {
         seq: w.frame,
         taken: m.timestamp_start,
     })
-}
-
-/// Formats bytes for people (IEC units).
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
 }

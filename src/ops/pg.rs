@@ -1,15 +1,16 @@
 //! PostgreSQL policies: dr drives pgBackRest (setup, backup, restore,
 //! verify) and reads its info into the same reports as SQLite backups.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use super::backup::BackupReport;
-use crate::config::{Config, Policy, Source, Target};
+use super::report::{BackupKind, BackupReport, Expired, RestoreReport, Verified};
+use super::restore::RestoreOptions;
+use crate::config::{PgSource, Policy, Target};
+use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::pg::info::{self, PgBackup};
 use crate::pg::run::{self, PgBackRest};
@@ -30,35 +31,8 @@ pub struct SetupReport {
     pub todo: Vec<String>,
 }
 
-/// The connection facts of a PostgreSQL policy.
-type PgSource<'a> = (&'a Path, Option<&'a Path>, u16, &'a str, Option<&'a str>);
-
-fn pg_source(policy: &Policy) -> Result<PgSource<'_>> {
-    match &policy.source {
-        Source::Postgres {
-            data_dir,
-            socket_dir,
-            port,
-            user,
-            run_as,
-            ..
-        } => Ok((
-            data_dir,
-            socket_dir.as_deref(),
-            *port,
-            user,
-            run_as.as_deref(),
-        )),
-        Source::Sqlite { .. } => Err(Error::Other(format!(
-            "policy '{}' is a SQLite policy, not PostgreSQL",
-            policy.name
-        ))),
-    }
-}
-
 /// Runs SQL through `psql` as the cluster's OS user; `None` when it cannot connect.
-fn psql(policy: &Policy, rb: &PgBackRest, sql: &str) -> Result<Option<String>> {
-    let (_, socket, port, user, _) = pg_source(policy)?;
+fn psql(pg: &PgSource, rb: &PgBackRest, sql: &str) -> Result<Option<String>> {
     let mut c = match &rb.run_as {
         Some(u) => {
             let mut c = Command::new("runuser");
@@ -67,14 +41,14 @@ fn psql(policy: &Policy, rb: &PgBackRest, sql: &str) -> Result<Option<String>> {
         }
         None => Command::new("psql"),
     };
-    if let Some(s) = socket {
+    if let Some(s) = &pg.socket_dir {
         c.arg("-h").arg(s);
     }
     c.args([
         "-p",
-        &port.to_string(),
+        &pg.port.to_string(),
         "-U",
-        user,
+        &pg.user,
         "-d",
         "postgres",
         "-XAtq",
@@ -99,8 +73,8 @@ fn psql(policy: &Policy, rb: &PgBackRest, sql: &str) -> Result<Option<String>> {
 }
 
 /// Writes the pgBackRest config, turns archiving on, creates the stanza and checks.
-pub fn setup(cfg: &Config, policy: &Policy) -> Result<SetupReport> {
-    let rb = run::prepare(cfg, policy)?;
+pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupReport> {
+    let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let archive_command = format!(
         "{} --config={} --stanza={} archive-push %p",
         rb.bin.display(),
@@ -117,7 +91,7 @@ pub fn setup(cfg: &Config, policy: &Policy) -> Result<SetupReport> {
         todo: Vec::new(),
     };
     let current = psql(
-        policy,
+        pg,
         &rb,
         "SELECT current_setting('archive_mode') || ' ' || current_setting('wal_level') || ' ' || current_setting('archive_command')",
     )?;
@@ -142,12 +116,12 @@ pub fn setup(cfg: &Config, policy: &Policy) -> Result<SetupReport> {
                 format!("ALTER SYSTEM SET archive_command = '{quoted}'"),
                 "SELECT pg_reload_conf()".to_string(),
             ] {
-                ok = ok && psql(policy, &rb, &sql)?.is_some();
+                ok = ok && psql(pg, &rb, &sql)?.is_some();
             }
             if !ok {
                 report.todo.push(format!(
                     "ALTER SYSTEM failed (is user '{}' a superuser?); add to postgresql.conf: archive_mode = on, wal_level = replica, archive_command = '{archive_command}'",
-                    pg_source(policy)?.3
+                    pg.user
                 ));
                 return Ok(report);
             }
@@ -169,24 +143,40 @@ pub fn setup(cfg: &Config, policy: &Policy) -> Result<SetupReport> {
     Ok(report)
 }
 
-fn backups(rb: &PgBackRest) -> Result<Vec<PgBackup>> {
+fn backups(rb: &PgBackRest, repo: usize) -> Result<Vec<PgBackup>> {
     let out = rb.run("info", &["info", "--output=json"])?;
-    info::parse(&String::from_utf8_lossy(&out.stdout), &rb.stanza).map_err(Error::Other)
+    Ok(
+        info::parse(&String::from_utf8_lossy(&out.stdout), &rb.stanza)
+            .map_err(Error::Other)?
+            .into_iter()
+            .filter(|b| b.repo as usize == repo)
+            .collect(),
+    )
+}
+
+/// pgBackRest's backup type as dr reports it.
+fn kind_of(b: &PgBackup) -> Result<BackupKind> {
+    BackupKind::from_word(&b.kind).ok_or_else(|| {
+        Error::Other(format!(
+            "pgbackrest lists backup {} with type '{}', which this dr does not know",
+            b.label, b.kind
+        ))
+    })
 }
 
 /// Backs a PostgreSQL policy up to one target with pgBackRest (which
 /// then expires by the policy's retention).
 pub fn backup(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
+    pg: &PgSource,
     target: &Target,
     kind: Option<BackupType>,
 ) -> Result<BackupReport> {
     let started = Instant::now();
-    let rb = run::prepare(cfg, policy)?;
+    let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
-    // The label pgBackRest gives a backup is its start time (to the second).
-    let started_at = Utc::now() - chrono::Duration::seconds(1);
+    let before: Vec<String> = backups(&rb, repo)?.into_iter().map(|b| b.label).collect();
     let repo_arg = format!("--repo={repo}");
     let type_arg = match kind {
         Some(BackupType::Full) => "--type=full",
@@ -194,83 +184,67 @@ pub fn backup(
         Some(BackupType::Diff) | None => "--type=diff",
     };
     rb.run("backup", &["backup", &repo_arg, type_arg])?;
-    let after = backups(&rb)?;
-    let Some(new) = after
-        .iter()
-        .rfind(|b| b.repo as usize == repo && b.start >= started_at)
-    else {
+    let after = backups(&rb, repo)?;
+    let Some(new) = after.iter().rfind(|b| !before.contains(&b.label)) else {
         return Err(Error::Other(format!(
-            "pgbackrest backup of stanza '{}' reported success but no backup is listed on repo {repo}",
+            "pgbackrest backup of stanza '{}' reported success but no new backup is listed on repo {repo}",
             rb.stanza
         )));
     };
-    let kind = if new.kind == "full" {
-        BackupType::Full
-    } else {
-        BackupType::Diff
-    };
-    let note = (type_arg == "--type=diff" && kind == BackupType::Full)
+    let kind = kind_of(new)?;
+    let note = (type_arg == "--type=diff" && kind == BackupKind::Full)
         .then(|| "no full backup existed in this repository: pgBackRest took a full".to_string());
+    // pgBackRest expired by retention itself: what it removed is what is gone.
+    let expired = before
+        .into_iter()
+        .filter(|l| !after.iter().any(|b| &b.label == l))
+        .collect();
     Ok(BackupReport {
         policy: policy.name.clone(),
         target: target.name.clone(),
         label: new.label.clone(),
         kind,
         parent: new.prior.clone(),
-        page_count: 0,
-        pages_stored: 0,
-        size: new.size,
-        stored_size: new.repo_size.unwrap_or(0),
+        pages: None,
+        size: new.delta,
+        stored_size: new.repo_delta.unwrap_or(0),
         seconds: started.elapsed().as_secs_f64(),
         note,
-        // pgBackRest expired by retention itself; `dr info` shows what is left.
-        expired: Vec::new(),
+        expired,
     })
 }
 
-/// One target's PostgreSQL backups, for `dr info`.
-pub fn list(cfg: &Config, policy: &Policy, target: &Target) -> Result<Vec<PgBackup>> {
-    let rb = run::prepare(cfg, policy)?;
+/// One target's PostgreSQL backups, for `dr info`. Read-only: it uses the
+/// pgBackRest configuration that setup or the last backup wrote.
+pub fn list(
+    ctx: &Context,
+    policy: &Policy,
+    pg: &PgSource,
+    target: &Target,
+) -> Result<Vec<PgBackup>> {
+    let rb = run::locate(ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
-    Ok(backups(&rb)?
-        .into_iter()
-        .filter(|b| b.repo as usize == repo)
-        .collect())
-}
-
-/// What a PostgreSQL restore did.
-#[derive(Debug, Clone, Serialize)]
-pub struct PgRestoreReport {
-    pub policy: String,
-    pub target: String,
-    pub to: PathBuf,
-    pub at: Option<DateTime<Utc>>,
-    pub backup: Option<String>,
-    pub seconds: f64,
-    /// How to start the restored cluster.
-    pub start: String,
+    backups(&rb, repo)
 }
 
 /// Restores into an empty directory (or, with `force`, in place over a
 /// stopped cluster with a delta restore).
 pub fn restore(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
+    pg: &PgSource,
     target: &Target,
-    to: &Path,
-    at: Option<DateTime<Utc>>,
-    label: Option<&str>,
-    force: bool,
-) -> Result<PgRestoreReport> {
+    opts: &RestoreOptions,
+) -> Result<RestoreReport> {
     let started = Instant::now();
-    let (data_dir, _, _, _, run_as) = pg_source(policy)?;
-    let rb = run::prepare(cfg, policy)?;
+    let to = opts.to.as_path();
+    let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
-    let in_place = to == data_dir;
+    let in_place = to == pg.data_dir;
     let empty = std::fs::read_dir(to)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true);
-    if !empty && !force {
+    if !empty && !opts.force {
         return Err(Error::Refused(format!(
             "{} is not empty: dr restores PostgreSQL into an empty directory, or in place over a stopped cluster with --force",
             to.display()
@@ -302,7 +276,7 @@ pub fn restore(
     if !empty {
         args.push("--delta".into());
     }
-    match (at, label) {
+    match (opts.at, &opts.backup) {
         (Some(t), _) => {
             args.push("--type=time".into());
             args.push(format!("--target={}", t.format("%Y-%m-%d %H:%M:%S%.6f+00")));
@@ -317,47 +291,164 @@ pub fn restore(
     }
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
     rb.run("restore", &refs)?;
-    let user = run_as.unwrap_or("postgres");
-    Ok(PgRestoreReport {
+    let user = pg.run_as.as_deref().unwrap_or("postgres");
+    Ok(RestoreReport {
         policy: policy.name.clone(),
         target: target.name.clone(),
+        label: opts.backup.clone(),
+        chain: Vec::new(),
+        wal: None,
+        at: opts.at,
         to: to.to_path_buf(),
-        at,
-        backup: label.map(str::to_string),
+        bytes: None,
         seconds: started.elapsed().as_secs_f64(),
-        start: format!(
+        next_step: Some(format!(
             "start it with: runuser -u {user} -- pg_ctl -D {} -o '-p <free port>' start (it replays WAL to the target, then promotes)",
             to.display()
-        ),
+        )),
     })
 }
 
-/// Runs pgBackRest's verify on one repository and reads its output: 2.45
-/// exits 0 even when it finds errors.
-pub fn verify(cfg: &Config, policy: &Policy, target: &Target) -> Result<String> {
-    let rb = run::prepare(cfg, policy)?;
+/// Runs pgBackRest's verify on one repository. Failure is its exit status
+/// or, since 2.45 exits 0 when it finds damage, what its report says.
+pub fn verify(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -> Result<Verified> {
+    let started = Instant::now();
+    let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
-    let out = rb.run(
-        "verify",
-        &[
+    let out = rb
+        .run(
             "verify",
-            &format!("--repo={repo}"),
-            "--output=text",
-            "--verbose",
-        ],
-    )?;
+            &["verify", &format!("--repo={repo}"), "--output=text"],
+        )
+        .map_err(|e| Error::VerifyFailed(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let bad = text.lines().any(|l| {
-        let l = l.trim();
-        (l.contains("invalid") || l.contains("missing") || l.contains("error"))
-            && !l.ends_with(": 0")
-            && !l.contains("checksum invalid: 0")
-    });
-    if bad {
+    let problems = verify_problems(&text);
+    if !problems.is_empty() {
         return Err(Error::VerifyFailed(format!(
-            "pgbackrest verify of stanza '{}' on target '{}' found problems:\n{text}",
-            rb.stanza, target.name
+            "pgbackrest verify of stanza '{}' on target '{}' found problems: {}",
+            rb.stanza,
+            target.name,
+            problems.join("; ")
         )));
     }
-    Ok(text)
+    Ok(Verified {
+        policy: policy.name.clone(),
+        target: target.name.clone(),
+        label: "repository".into(),
+        ok: true,
+        seconds: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// What pgBackRest's text verify report says is wrong: a status other than
+/// `ok`, and every non-zero count of missing or invalid files. A report
+/// without a status line is a problem too (dr cannot tell it passed).
+fn verify_problems(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut status = None;
+    for line in text.lines().map(str::trim) {
+        if let Some(s) = line.strip_prefix("status:") {
+            status = Some(s.trim().to_string());
+            if s.trim() != "ok" {
+                out.push(line.to_string());
+            }
+        }
+        for field in line.split(',').map(str::trim) {
+            let Some((name, n)) = field.rsplit_once(':') else {
+                continue;
+            };
+            let counted = ["missing", "checksum invalid", "size invalid", "other"];
+            if counted.contains(&name.trim()) && n.trim().parse::<u64>().is_ok_and(|n| n > 0) {
+                out.push(line.to_string());
+                break;
+            }
+        }
+    }
+    if status.is_none() {
+        out.push(format!(
+            "its report has no status line: {}",
+            text.lines().next().unwrap_or("(empty)")
+        ));
+    }
+    out.dedup();
+    out
+}
+
+/// Runs pgBackRest's expire on one repository, with the retention the
+/// policy configures now. Reports the backups it removed (with `dry_run`,
+/// the ones it would remove, read from its `[DRY-RUN]` lines).
+pub fn expire(
+    ctx: &Context,
+    policy: &Policy,
+    pg: &PgSource,
+    target: &Target,
+    dry_run: bool,
+) -> Result<Vec<Expired>> {
+    let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
+    let repo = rb.repo_of(&target.name)?;
+    let before = backups(&rb, repo)?;
+    let repo_arg = format!("--repo={repo}");
+    let mut args = vec!["expire", repo_arg.as_str()];
+    if dry_run {
+        args.extend(["--dry-run", "--log-level-console=info"]);
+    }
+    let out = rb.run("expire", &args)?;
+    let gone: Vec<&PgBackup> = if dry_run {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let named: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("expire") && l.contains("backup"))
+            .flat_map(|l| l.split(|c: char| c == ',' || c.is_whitespace()))
+            .collect();
+        before
+            .iter()
+            .filter(|b| named.contains(&b.label.as_str()))
+            .collect()
+    } else {
+        let after = backups(&rb, repo)?;
+        before
+            .iter()
+            .filter(|b| !after.iter().any(|a| a.label == b.label))
+            .collect()
+    };
+    let keep = |n: Option<u32>| n.map_or("all".to_string(), |n| n.to_string());
+    let reason = format!(
+        "beyond retention (full = {}, diff = {}): pgBackRest expire",
+        keep(policy.retention.full),
+        keep(policy.retention.diff)
+    );
+    Ok(gone
+        .into_iter()
+        .map(|b| {
+            if !dry_run {
+                tracing::info!(policy = %policy.name, target = %target.name, label = %b.label, "expired: {reason}");
+            }
+            Expired {
+                policy: policy.name.clone(),
+                target: target.name.clone(),
+                label: b.label.clone(),
+                reason: reason.clone(),
+                removed: !dry_run,
+            }
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::verify_problems;
+
+    #[test]
+    fn verify_report_is_read_not_grepped() {
+        let ok = "stanza: main\nstatus: ok\n  archiveId: 15-1, total WAL checked: 3, total valid WAL: 3\n    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n";
+        assert!(verify_problems(ok).is_empty(), "{:?}", verify_problems(ok));
+        let bad = "stanza: main\nstatus: error\n  backup: 20261122-072104F, status: invalid, total files checked: 9, total valid files: 8\n    missing: 0, checksum invalid: 1, size invalid: 0, other: 0\n";
+        let p = verify_problems(bad);
+        assert!(p.iter().any(|l| l.contains("checksum invalid: 1")), "{p:?}");
+        assert!(p.iter().any(|l| l == "status: error"), "{p:?}");
+        // A line that merely contains the word "error" is not a failure.
+        let fine = "stanza: error-logs\nstatus: ok\n";
+        assert!(verify_problems(fine).is_empty());
+        assert!(!verify_problems("").is_empty(), "no report is no pass");
+    }
 }

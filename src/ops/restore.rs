@@ -6,22 +6,21 @@
 //! failure before the rename leaves the destination exactly as it was.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use chrono::{DateTime, TimeZone, Utc};
-use indicatif::ProgressBar;
-use serde::Serialize;
+use chrono::{DateTime, Utc};
 
 use super::PolicyRepo;
-use crate::codec::{Decoder, read_error};
-use crate::config::{Config, Policy, Target};
+use super::report::{Replayed, RestoreReport};
+use crate::codec::Decoder;
+use crate::config::{Policy, Target};
+use crate::context::Context;
 use crate::error::{Error, Result, io_reason};
-use crate::keys::{self, Unsealing};
+use crate::keys::Unsealing;
+use crate::progress::{Counted, Progress};
 use crate::repo::{self, Label, Manifest, wal::Replay};
-use crate::sqlite::{self, PageReader, segment::SegmentReader};
-use crate::storage;
+use crate::sqlite::{self, apply};
 
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
@@ -34,51 +33,6 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Restore the state as of this instant (WAL replay); the newest state when absent.
     pub at: Option<DateTime<Utc>>,
-}
-
-/// What a restore did.
-#[derive(Debug, Clone, Serialize)]
-pub struct RestoreReport {
-    pub policy: String,
-    pub target: String,
-    pub label: String,
-    pub chain: Vec<String>,
-    /// WAL replayed on top of the backup, when any.
-    pub wal: Option<Replayed>,
-    pub to: PathBuf,
-    pub bytes: u64,
-    pub seconds: f64,
-}
-
-/// The WAL part of a point-in-time restore.
-#[derive(Debug, Clone, Serialize)]
-pub struct Replayed {
-    pub generation: String,
-    pub segments: usize,
-    pub transactions: u64,
-    /// Commit time of the last transaction applied (as dr saw it commit).
-    pub last_commit: Option<DateTime<Utc>>,
-}
-
-/// Resolves the identities for decrypting a policy's backups, or says what to pass.
-pub fn unsealing_for(
-    cfg: &Config,
-    policy: &Policy,
-    identity: Option<&Path>,
-) -> Result<Option<Unsealing>> {
-    let u = keys::unsealing(&cfg.encryption, identity)?;
-    if u.is_none() && policy.encrypted {
-        return Err(Error::Secret {
-            path: identity
-                .map(Path::to_path_buf)
-                .unwrap_or_else(|| cfg.file.clone()),
-            reason: format!(
-                "policy '{}' is encrypted: pass --identity FILE (the age identity whose recipient is in [encryption]), or set [encryption] identity_file",
-                policy.name
-            ),
-        });
-    }
-    Ok(u)
 }
 
 /// Picks the backup to restore: the named label, or the newest committed one.
@@ -142,18 +96,17 @@ pub fn pick(repo: &PolicyRepo<'_>, label: Option<&str>) -> Result<Label> {
 
 /// Restores `policy` from `target` into `opts.to`.
 pub fn restore(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
     target: &Target,
     opts: &RestoreOptions,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<RestoreReport> {
-    super::sqlite_path(policy)?;
     let started = Instant::now();
     let to = &opts.to;
     let replaced = check_destination(to, opts.force)?;
-    let unsealing = unsealing_for(cfg, policy, opts.identity.as_deref())?;
-    let store = storage::open(target, &cfg.state_dir)?;
+    let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
+    let store = ctx.storage(target)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy: &policy.name,
@@ -233,12 +186,14 @@ pub fn restore(
     Ok(RestoreReport {
         policy: policy.name.clone(),
         target: target.name.clone(),
-        label: label.to_string(),
+        label: Some(label.to_string()),
         chain: chain.iter().map(|m| m.label.to_string()).collect(),
         wal,
+        at: opts.at,
         to: to.clone(),
-        bytes,
+        bytes: Some(bytes),
         seconds: started.elapsed().as_secs_f64(),
+        next_step: None,
     })
 }
 
@@ -397,96 +352,36 @@ fn replay_wal(
     let Some(last) = chain.last() else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
-    let write_err = |e| write_error(path, e);
-    let ps = u64::from(last.page_size);
-    let until_ms = plan.until.map(|t| t.timestamp_millis());
-    let mut db_pages = last.page_count;
-    let mut done = Replayed {
-        generation: plan.base.generation.clone(),
-        segments: 0,
-        transactions: 0,
-        last_commit: None,
-    };
-    let mut seq = plan.base.seq;
-    let mut stopped = false;
+    let mut replay = apply::Replayer::new(
+        file,
+        path,
+        &plan.base.label,
+        last.page_size,
+        last.page_count,
+        plan.base.seq,
+        plan.until,
+    );
     for seg in &plan.segments {
-        if stopped {
+        if replay.done() {
             break;
         }
         let object = format!("target '{}': {}", repo.storage.target(), seg.key);
-        let bad = |reason: String| Error::Integrity {
-            object: object.clone(),
-            reason,
-        };
         let raw = repo.storage.open(&seg.key)?;
         let dec = Decoder::self_checked(raw, &object, unsealing, last.encrypted())?;
-        let mut r = SegmentReader::new(std::io::BufReader::with_capacity(1 << 20, dec))
-            .map_err(|e| read_error(&object, e))?;
-        if r.first_seq != seg.first {
-            return Err(bad(format!(
-                "starts at frame {} but its name says {}",
-                r.first_seq, seg.first
-            )));
-        }
-        if u64::from(r.page_size) != ps {
-            return Err(bad(format!(
-                "page size {} differs from the backup's {ps}",
-                r.page_size
-            )));
-        }
-        done.segments += 1;
-        let mut at = seg.first - 1;
-        while let Some(t) = r.next_txn().map_err(|e| read_error(&object, e))? {
-            let first = at + 1;
-            at += u64::from(t.nframes);
-            let apply = !stopped && at > seq;
-            if apply && first <= seq {
-                return Err(bad(format!(
-                    "a transaction spans frame {seq}, where backup {} ends",
-                    plan.base.label
-                )));
-            }
-            if apply && until_ms.is_some_and(|u| t.commit_ms > u) {
-                stopped = true; // read on to the end: the segment's hash still gets checked
-            }
-            for _ in 0..t.nframes {
-                let (pgno, page) = r.next_frame().map_err(|e| read_error(&object, e))?;
-                if apply && !stopped {
-                    file.write_all_at(page, (u64::from(pgno) - 1) * ps)
-                        .map_err(write_err)?;
-                }
-            }
-            if apply && !stopped {
-                db_pages = u64::from(t.db_pages);
-                if file.metadata().map_err(write_err)?.len() > db_pages * ps {
-                    file.set_len(db_pages * ps).map_err(write_err)?;
-                }
-                seq = at;
-                done.transactions += 1;
-                done.last_commit = Utc.timestamp_millis_opt(t.commit_ms).single();
-            }
-        }
-        if at != seg.last {
-            return Err(bad(format!(
-                "ends at frame {at} but its name says {}",
-                seg.last
-            )));
-        }
+        replay.segment(
+            std::io::BufReader::with_capacity(1 << 20, dec),
+            &object,
+            seg.first,
+            seg.last,
+        )?;
     }
-    file.set_len(db_pages * ps).map_err(write_err)?;
-    Ok(done)
-}
-
-/// A failed write into the restored database, naming it.
-fn write_error(path: &Path, e: std::io::Error) -> Error {
-    Error::Io {
-        context: format!(
-            "writing the restored database {}: {}",
-            path.display(),
-            io_reason(&e)
-        ),
-        source: e,
-    }
+    replay.finish()?;
+    Ok(Replayed {
+        generation: plan.base.generation.clone(),
+        segments: replay.segments,
+        transactions: replay.transactions,
+        last_commit: replay.last_commit,
+    })
 }
 
 /// Writes the pages of `chain` (a full, then optionally a diff) into `file`.
@@ -497,17 +392,16 @@ pub fn materialize(
     unsealing: Option<&Unsealing>,
     file: &File,
     path: &Path,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<u64> {
     let Some(last) = chain.last() else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
-    let write_err = |e| write_error(path, e);
     let total: u64 = chain
         .iter()
         .filter_map(|m| m.objects.get(repo::DATA).map(|o| o.plain_size))
         .sum();
-    progress.set_length(total);
+    progress.set_total(total);
     for m in chain {
         let Some(expected) = m.objects.get(repo::DATA) else {
             return Err(Error::Integrity {
@@ -528,65 +422,13 @@ pub fn materialize(
         let object = format!("target '{}': {key}", repo.storage.target());
         let raw = repo.storage.open(&key)?;
         let dec = Decoder::new(raw, &object, expected, unsealing, m.encrypted())?;
-        let counted = std::io::BufReader::with_capacity(1 << 20, progress.wrap_read(dec));
-        let mut pages = PageReader::new(counted).map_err(|e| read_error(&object, e))?;
-        if u64::from(pages.page_size) != u64::from(m.page_size) || pages.page_count != m.page_count
-        {
-            return Err(Error::Integrity {
-                object,
-                reason: "page stream header disagrees with the manifest".into(),
-            });
-        }
-        let ps = u64::from(pages.page_size);
-        let mut out = Coalesce::new(file);
-        while let Some((pgno, data)) = pages.next_page().map_err(|e| read_error(&object, e))? {
-            out.put((u64::from(pgno) - 1) * ps, data)
-                .map_err(write_err)?;
-        }
-        out.flush().map_err(write_err)?;
+        let counted = std::io::BufReader::with_capacity(1 << 20, Counted::new(dec, progress));
+        apply::apply_pages(counted, &object, m.page_size, m.page_count, file, path)?;
     }
     let size = last.page_count * u64::from(last.page_size);
-    file.set_len(size).map_err(write_err)?;
+    file.set_len(size)
+        .map_err(|e| apply::write_error(path, e))?;
     Ok(size)
-}
-
-/// Gathers runs of adjacent pages into large positioned writes: a full
-/// backup's pages arrive in order, and one syscall per page would dominate.
-struct Coalesce<'f> {
-    file: &'f File,
-    start: u64,
-    buf: Vec<u8>,
-}
-
-impl<'f> Coalesce<'f> {
-    const CAP: usize = 1 << 20;
-
-    fn new(file: &'f File) -> Self {
-        Coalesce {
-            file,
-            start: 0,
-            buf: Vec::with_capacity(Self::CAP),
-        }
-    }
-
-    fn put(&mut self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-        let contiguous = offset == self.start + self.buf.len() as u64;
-        if !contiguous || self.buf.len() + data.len() > Self::CAP {
-            self.flush()?;
-            self.start = offset;
-        }
-        self.buf.extend_from_slice(data);
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        if !self.buf.is_empty() {
-            self.file.write_all_at(&self.buf, self.start)?;
-            self.start += self.buf.len() as u64;
-            self.buf.clear();
-        }
-        Ok(())
-    }
 }
 
 fn sidecars(path: &Path) -> [PathBuf; 3] {

@@ -4,95 +4,81 @@
 
 use std::path::Path;
 
-use indicatif::ProgressBar;
-use serde::Serialize;
-
 use super::PolicyRepo;
-use super::restore::{materialize, pick, unsealing_for};
+use super::report::Verified;
+use super::restore::{materialize, pick};
 use crate::codec::{Decoder, read_error};
-use crate::config::{Config, Policy, Target};
+use crate::config::{Policy, Target};
+use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::progress::Progress;
 use crate::repo::{self, Label, Manifest};
-use crate::{sqlite, storage};
+use crate::sqlite;
 
-/// The outcome for one backup.
-#[derive(Debug, Clone, Serialize)]
-pub struct Verified {
-    pub policy: String,
-    pub target: String,
-    pub label: String,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub seconds: f64,
-}
-
-/// Verifies one backup (the newest by default) of `policy` on `target`.
+/// Verifies one backup (the newest by default) of `policy` on `target`, and
+/// every WAL segment. A drill that fails is an error: exit 3 for what is
+/// missing or damaged, 1 when the target could not be read (the network),
+/// 2 when no key can open the backups.
 pub fn verify(
-    cfg: &Config,
+    ctx: &Context,
     policy: &Policy,
     target: &Target,
     label: Option<&str>,
     identity: Option<&Path>,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<Verified> {
     let started = std::time::Instant::now();
-    if let crate::config::Source::Postgres { .. } = policy.source {
-        super::pg::verify(cfg, policy, target)?;
-        return Ok(Verified {
-            policy: policy.name.clone(),
-            target: target.name.clone(),
-            label: label.unwrap_or("repository").to_string(),
-            ok: true,
-            error: None,
-            seconds: started.elapsed().as_secs_f64(),
-        });
-    }
-    super::sqlite_path(policy)?;
-    let store = storage::open(target, &cfg.state_dir)?;
+    let store = ctx.storage(target)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),
         policy: &policy.name,
     };
-    let unsealing = unsealing_for(cfg, policy, identity)?;
-    // Everything past the keys is part of the drill: a missing backup or an
-    // unreadable target is a failed verification, reported with the others.
-    let picked = pick(&repo, label);
-    let shown = match &picked {
-        Ok(l) => l.to_string(),
-        Err(_) => label.unwrap_or("newest").to_string(),
-    };
-    let outcome = picked.and_then(|l| drill(cfg, &repo, &l, unsealing.as_ref(), progress));
+    let unsealing = ctx.unsealing(policy, identity)?;
+    let picked = pick(&repo, label).map_err(as_drill_failure)?;
+    let drilled =
+        drill(ctx, &repo, &picked, unsealing.as_ref(), progress).map_err(as_drill_failure);
     // The WAL is part of what a restore needs: every segment is read back
     // and hash-checked, and a gap is a failure, whatever the backup's outcome.
-    let wal = check_wal(&repo, unsealing.as_ref(), policy.encrypted);
-    let outcome = match (outcome, wal) {
-        (Ok(()), Ok(())) => Ok(()),
+    let wal = check_wal(&repo, unsealing.as_ref(), policy.encrypted).map_err(as_drill_failure);
+    match (drilled, wal) {
+        (Ok(()), Ok(())) => Ok(Verified {
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            label: picked.to_string(),
+            ok: true,
+            seconds: started.elapsed().as_secs_f64(),
+        }),
         (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
-        (Err(a), Err(b)) => Err(Error::VerifyFailed(format!("{a}; {b}"))),
-    };
-    Ok(Verified {
-        policy: policy.name.clone(),
-        target: target.name.clone(),
-        label: shown,
-        ok: outcome.is_ok(),
-        error: outcome.err().map(|e| e.to_string()),
-        seconds: started.elapsed().as_secs_f64(),
-    })
+        (Err(a), Err(b)) => Err(Error::Several(vec![
+            (format!("backup {picked}"), a),
+            ("WAL".to_string(), b),
+        ])),
+    }
+}
+
+/// What a failed drill is: damage or absence is a failed verification
+/// (exit 3); a target that cannot be read (1) or a key that is missing (2)
+/// keeps its own code, since the backup itself may be fine.
+fn as_drill_failure(e: Error) -> Error {
+    match e.exit_code() {
+        1..=3 => e,
+        _ => Error::VerifyFailed(e.to_string()),
+    }
 }
 
 fn drill(
-    cfg: &Config,
+    ctx: &Context,
     repo: &PolicyRepo<'_>,
     label: &Label,
     unsealing: Option<&crate::keys::Unsealing>,
-    progress: &ProgressBar,
+    progress: &dyn Progress,
 ) -> Result<()> {
     let chain = repo.chain(label)?;
     // Objects that a restore does not read (page indexes) are read back too.
     for m in &chain {
         check_other_objects(repo, m, unsealing)?;
     }
-    let scratch = cfg.state_dir.join("tmp");
+    let scratch = ctx.state().tmp();
     std::fs::create_dir_all(&scratch)
         .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
     crate::scratch::sweep(&scratch, "verify.");

@@ -22,6 +22,10 @@ pub struct PgBackup {
     pub stop: DateTime<Utc>,
     pub size: u64,
     pub repo_size: Option<u64>,
+    /// What this backup added itself (a full: all of it; a diff or an
+    /// incremental: the files it copied).
+    pub delta: u64,
+    pub repo_delta: Option<u64>,
     /// First and last WAL segment the backup needs.
     pub archive_start: Option<String>,
     pub archive_stop: Option<String>,
@@ -62,12 +66,14 @@ struct Timestamps {
 #[derive(Debug, Default, Deserialize)]
 struct Sizes {
     size: Option<u64>,
+    delta: Option<u64>,
     repository: Option<RepoSizes>,
 }
 
 #[derive(Debug, Deserialize)]
 struct RepoSizes {
     size: Option<u64>,
+    delta: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,7 +107,9 @@ pub fn parse(json: &str, stanza: &str) -> Result<Vec<PgBackup>, String> {
             start: time(b.timestamp.start),
             stop: time(b.timestamp.stop),
             size: b.info.size.unwrap_or(0),
-            repo_size: b.info.repository.and_then(|r| r.size),
+            delta: b.info.delta.or(b.info.size).unwrap_or(0),
+            repo_size: b.info.repository.as_ref().and_then(|r| r.size),
+            repo_delta: b.info.repository.and_then(|r| r.delta.or(r.size)),
             archive_start: b.archive.as_ref().and_then(|a| a.start.clone()),
             archive_stop: b.archive.and_then(|a| a.stop),
             error: b.error.unwrap_or(false),
@@ -139,6 +147,8 @@ mod tests {
         assert_eq!(b[1].prior.as_deref(), Some("20261122-072104F"));
         assert_eq!(b[1].repo, 2);
         assert_eq!(b[1].repo_size, None);
+        assert_eq!(b[1].delta, 100_000, "a diff's size is its own delta");
+        assert_eq!(b[0].delta, 38_000_000);
         assert!(parse(SAMPLE, "other").expect("parse").is_empty());
         assert!(parse("not json", "main").is_err());
     }

@@ -8,8 +8,9 @@ use std::process::{Command, Output, Stdio};
 use age::secrecy::ExposeSecret;
 
 use super::conf::{self, PgConf, Repo, S3Repo};
-use crate::config::{Config, Policy, Source, TargetKind};
+use crate::config::{Config, PgSource, Policy, TargetKind};
 use crate::error::{Error, Result};
+use crate::state_dir::StateDir;
 
 /// A policy's pgBackRest, ready to run.
 #[derive(Debug)]
@@ -82,37 +83,62 @@ fn secret(path: &Option<PathBuf>, env: &str, what: &str, target: &str) -> Result
     }
 }
 
-/// Writes the policy's pgBackRest configuration (mode 0600, owned by
-/// `run_as`) and the directories it names.
-pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
-    let Source::Postgres {
-        stanza,
-        data_dir,
-        socket_dir,
-        port,
-        user,
-        run_as,
-        cipher_pass_file,
-    } = &policy.source
-    else {
-        return Err(Error::Other(format!(
-            "policy '{}' is not a PostgreSQL policy",
+/// The policy's pgBackRest as it is set up on this host, without writing
+/// anything: what a read such as `dr info` runs. A missing configuration
+/// file means `dr pg setup` (or a backup) has not run here yet.
+pub fn locate(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
+    let rb = plan(state, policy, pg)?;
+    if !rb.conf.is_file() {
+        return Err(Error::NotFound(format!(
+            "policy '{}': pgBackRest is not set up on this host ({} does not exist): run `dr pg setup {}`",
+            policy.name,
+            rb.conf.display(),
             policy.name
         )));
-    };
-    let bin = find_bin()?;
-    let ids = match run_as {
-        Some(u) if is_root() => Some(user_ids(u)?),
+    }
+    Ok(rb)
+}
+
+fn plan(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
+    let run_as = match &pg.run_as {
+        Some(u) if is_root() => {
+            user_ids(u)?;
+            Some(u.clone())
+        }
         _ => None,
     };
-    let state = cfg.state_dir.join("pg").join(&policy.name);
+    Ok(PgBackRest {
+        bin: find_bin()?,
+        conf: state.pg(&policy.name).join("pgbackrest.conf"),
+        stanza: pg.stanza.clone(),
+        run_as,
+        targets: policy.targets.clone(),
+    })
+}
+
+/// Writes the policy's pgBackRest configuration (mode 0600, owned by
+/// `run_as`) and the directories it names, fresh from dr's config: what
+/// every command that changes the repository runs first, so pgBackRest
+/// always works with the retention and targets configured now.
+pub fn prepare(
+    cfg: &Config,
+    state: &StateDir,
+    policy: &Policy,
+    pg: &PgSource,
+) -> Result<PgBackRest> {
+    let rb = plan(state, policy, pg)?;
+    let ids = match &rb.run_as {
+        Some(u) => Some(user_ids(u)?),
+        None => None,
+    };
+    let state = state.pg(&policy.name);
     for d in ["", "lock", "log", "spool"] {
         own_dir(&state.join(d), ids)?;
     }
-    let cipher_pass = match cipher_pass_file {
+    let cipher_pass = match &pg.cipher_pass_file {
         Some(p) => Some(crate::secret::read_secret(p)?.expose_secret().to_string()),
         None if policy.encrypted => {
-            return Err(Error::Config(vec![crate::config::Diagnostic {
+            return Err(Error::Config(vec![crate::error::Diagnostic {
                 file: policy.file.clone(),
                 line: None,
                 message: format!(
@@ -166,11 +192,11 @@ pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
         });
     }
     let text = conf::render(&PgConf {
-        stanza: stanza.clone(),
-        data_dir: data_dir.clone(),
-        port: *port,
-        socket_dir: socket_dir.clone(),
-        user: user.clone(),
+        stanza: pg.stanza.clone(),
+        data_dir: pg.data_dir.clone(),
+        port: pg.port,
+        socket_dir: pg.socket_dir.clone(),
+        user: pg.user.clone(),
         repos,
         retention_full: policy.retention.full,
         retention_diff: policy.retention.diff,
@@ -178,7 +204,7 @@ pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
         compress_level: policy.compression_level,
         state: state.clone(),
     });
-    let path = state.join("pgbackrest.conf");
+    let path = rb.conf.clone();
     let tmp = state.join(".pgbackrest.conf.tmp");
     let werr = |e| Error::io(format!("cannot write {}", tmp.display()), e);
     {
@@ -199,13 +225,7 @@ pub fn prepare(cfg: &Config, policy: &Policy) -> Result<PgBackRest> {
         std::os::unix::fs::chown(&tmp, Some(u), Some(g)).map_err(werr)?;
     }
     std::fs::rename(&tmp, &path).map_err(werr)?;
-    Ok(PgBackRest {
-        bin,
-        conf: path,
-        stanza: stanza.clone(),
-        run_as: if ids.is_some() { run_as.clone() } else { None },
-        targets: policy.targets.clone(),
-    })
+    Ok(rb)
 }
 
 impl PgBackRest {

@@ -5,9 +5,9 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 
+use super::ObjectMeta;
 use super::label::{BackupType, Label};
 use super::manifest::Manifest;
-use crate::storage::ObjectMeta;
 
 /// The objects found under one label directory.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,6 +14,15 @@ pub use catalog::{BackupDir, group_backups};
 pub use label::{BackupType, Label};
 pub use manifest::Manifest;
 
+/// One object in a target's listing: what every plan in this module reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    /// Key relative to the target root, '/'-separated.
+    pub key: String,
+    pub size: u64,
+    pub modified: chrono::DateTime<chrono::Utc>,
+}
+
 /// Key of a policy's backup directory prefix.
 pub fn backup_prefix(policy: &str) -> String {
     format!("{policy}/backup/")

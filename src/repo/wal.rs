@@ -9,7 +9,7 @@
 
 use chrono::{DateTime, NaiveDateTime, Utc};
 
-use crate::storage::ObjectMeta;
+use super::ObjectMeta;
 
 /// Key prefix of a policy's WAL.
 pub fn wal_prefix(policy: &str) -> String {

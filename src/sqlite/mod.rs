@@ -1,10 +1,12 @@
 //! SQLite as a source: consistent page snapshots, page-hash indexes for
 //! diffs, and putting pages back into a file.
 
+pub mod apply;
 pub mod pages;
 pub mod pin;
 pub mod segment;
 pub mod snapshot;
+pub mod stream;
 pub mod wal;
 
 pub use pages::{IndexReader, IndexWriter, PageReader, PageWriter};

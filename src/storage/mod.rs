@@ -11,18 +11,27 @@ pub mod s3;
 
 use std::io::{Read, Write};
 
-use chrono::{DateTime, Utc};
+use std::path::PathBuf;
 
-use crate::config::{Target, TargetKind};
 use crate::error::{Error, Result};
 
-/// One object in a listing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ObjectMeta {
-    /// Key relative to the target root, '/'-separated.
-    pub key: String,
-    pub size: u64,
-    pub modified: DateTime<Utc>,
+pub use crate::repo::ObjectMeta;
+
+/// The kinds of storage a target can be.
+#[derive(Debug, Clone)]
+pub enum TargetKind {
+    Local { path: PathBuf },
+    S3(s3::S3Settings),
+}
+
+impl TargetKind {
+    /// The `kind` word users write in the config.
+    pub fn word(&self) -> &'static str {
+        match self {
+            TargetKind::Local { .. } => "local",
+            TargetKind::S3(_) => "s3",
+        }
+    }
 }
 
 /// A read that failed in transport (the connection dropped, the body was
@@ -140,15 +149,22 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     }
 }
 
-/// Opens the storage behind a configured target. `state_dir` holds what a
-/// backend must remember across runs (S3: multipart uploads to abort).
-pub fn open(target: &Target, state_dir: &std::path::Path) -> Result<Box<dyn Storage>> {
-    match &target.kind {
-        TargetKind::Local { path } => Ok(Box::new(local::LocalStorage::new(&target.name, path))),
-        TargetKind::S3(s3) => Ok(Box::new(s3::S3Storage::connect(
-            &target.name,
+/// Opens the storage behind a target named `name`. `journal` is where a
+/// backend remembers what it must clean up across runs (S3: multipart
+/// uploads to abort); `rt` runs network clients, shared by every target.
+pub fn open(
+    name: &str,
+    kind: &TargetKind,
+    journal: &std::path::Path,
+    rt: &std::sync::Arc<tokio::runtime::Runtime>,
+) -> Result<std::sync::Arc<dyn Storage>> {
+    match kind {
+        TargetKind::Local { path } => Ok(std::sync::Arc::new(local::LocalStorage::new(name, path))),
+        TargetKind::S3(s3) => Ok(std::sync::Arc::new(s3::S3Storage::connect(
+            name,
             s3,
-            &state_dir.join("uploads").join(&target.name),
+            journal,
+            rt.clone(),
         )?)),
     }
 }

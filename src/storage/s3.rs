@@ -18,7 +18,6 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use chrono::{DateTime, Utc};
 
 use super::{ObjectMeta, ObjectWriter, Storage};
-use crate::config::S3Target;
 use crate::error::{Error, Result};
 
 /// Size of one multipart part: big enough for throughput, small enough that
@@ -26,6 +25,21 @@ use crate::error::{Error, Result};
 const PART_SIZE: usize = 8 << 20;
 /// Parts uploading at once per object.
 const MAX_IN_FLIGHT: usize = 4;
+
+/// Settings of an S3-compatible target.
+#[derive(Debug, Clone)]
+pub struct S3Settings {
+    pub endpoint: Option<String>,
+    pub bucket: String,
+    pub region: Option<String>,
+    pub prefix: String,
+    pub path_style: bool,
+    pub access_key_id_file: Option<PathBuf>,
+    pub secret_access_key_file: Option<PathBuf>,
+    pub ca_file: Option<PathBuf>,
+    pub verify_tls: bool,
+    pub request_checksums: bool,
+}
 
 /// Shared state of one S3 target.
 #[derive(Debug)]
@@ -52,14 +66,14 @@ pub struct S3Storage {
 }
 
 impl S3Storage {
-    /// Connects to the target described by `cfg` (no request is made yet).
-    pub fn connect(name: &str, cfg: &S3Target, journal: &Path) -> Result<Self> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("dr-s3")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::io("cannot start the S3 client runtime", e))?;
+    /// Connects to the target described by `cfg` (no request is made
+    /// yet), on `rt`, which every target of the process shares.
+    pub fn connect(
+        name: &str,
+        cfg: &S3Settings,
+        journal: &Path,
+        rt: Arc<tokio::runtime::Runtime>,
+    ) -> Result<Self> {
         let client = rt.block_on(build_client(name, cfg))?;
         Ok(S3Storage {
             inner: Arc::new(Inner {
@@ -70,12 +84,12 @@ impl S3Storage {
                 client,
                 journal: journal.to_path_buf(),
             }),
-            rt: Arc::new(rt),
+            rt,
         })
     }
 }
 
-async fn build_client(name: &str, cfg: &S3Target) -> Result<aws_sdk_s3::Client> {
+async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client> {
     use aws_config::{BehaviorVersion, Region};
     use aws_sdk_s3::config::{
         Credentials, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
@@ -140,7 +154,7 @@ async fn build_client(name: &str, cfg: &S3Target) -> Result<aws_sdk_s3::Client> 
         );
     let shared = loader.load().await;
     if shared.region().is_none() {
-        return Err(Error::Config(vec![crate::config::Diagnostic {
+        return Err(Error::Config(vec![crate::error::Diagnostic {
             file: std::path::PathBuf::from(format!("targets.{name}")),
             line: None,
             message: "no region: set `region` for this target (or AWS_REGION)".into(),

@@ -1,0 +1,137 @@
+//! What one run of dr shares across its work: the configuration, the
+//! state directory, every target opened once, and the keys.
+//!
+//! Built once per command (and once per configuration in the daemon), then
+//! passed to every op. Opening a target is not free (an S3 client resolves
+//! credentials and builds a connection pool), so each target is opened on
+//! first use and kept; all S3 targets share one async runtime, started only
+//! when the first one is opened, so a run with local targets only starts no
+//! threads for it.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use crate::config::{Config, Policy, Target};
+use crate::error::{Error, Result};
+use crate::keys::{self, Sealing, Unsealing};
+use crate::state_dir::StateDir;
+use crate::storage::{self, Storage};
+
+/// The shared state of one run. Cheap to clone; clones share targets and keys.
+#[derive(Clone)]
+pub struct Context {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: Config,
+    state: StateDir,
+    runtime: OnceLock<Arc<tokio::runtime::Runtime>>,
+    stores: Mutex<HashMap<String, Arc<dyn Storage>>>,
+    /// How encrypted policies seal, resolved on first use: a passphrase's
+    /// fingerprint costs a deliberate scrypt, paid once per run.
+    sealing: OnceLock<Sealing>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("config", &self.inner.cfg.file)
+            .field("state_dir", &self.inner.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(cfg: Config) -> Context {
+        let state = StateDir::new(cfg.state_dir.clone());
+        Context {
+            inner: Arc::new(Inner {
+                cfg,
+                state,
+                runtime: OnceLock::new(),
+                stores: Mutex::new(HashMap::new()),
+                sealing: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Loads the configuration at `path` into a new context.
+    pub fn load(path: &Path) -> Result<Context> {
+        Ok(Context::new(crate::config::load(path)?))
+    }
+
+    pub fn cfg(&self) -> &Config {
+        &self.inner.cfg
+    }
+
+    pub fn state(&self) -> &StateDir {
+        &self.inner.state
+    }
+
+    /// The storage of a target, opened on first use and shared after.
+    pub fn storage(&self, target: &Target) -> Result<Arc<dyn Storage>> {
+        let mut stores = self
+            .inner
+            .stores
+            .lock()
+            .map_err(|_| Error::Other("internal: the target registry is poisoned".into()))?;
+        if let Some(s) = stores.get(&target.name) {
+            return Ok(s.clone());
+        }
+        let rt = self.runtime()?;
+        let s = storage::open(
+            &target.name,
+            &target.kind,
+            &self.inner.state.uploads(&target.name),
+            &rt,
+        )?;
+        stores.insert(target.name.clone(), s.clone());
+        Ok(s)
+    }
+
+    fn runtime(&self) -> Result<Arc<tokio::runtime::Runtime>> {
+        if let Some(rt) = self.inner.runtime.get() {
+            return Ok(rt.clone());
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("dr-net")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("cannot start the network client runtime", e))?;
+        Ok(self.inner.runtime.get_or_init(|| Arc::new(rt)).clone())
+    }
+
+    /// How `policy`'s archives are sealed with the configured keys.
+    pub fn sealing(&self, policy: &Policy) -> Result<Sealing> {
+        if !policy.encrypted {
+            return Ok(Sealing::None);
+        }
+        if let Some(s) = self.inner.sealing.get() {
+            return Ok(s.clone());
+        }
+        let s = keys::sealing(&self.inner.cfg.encryption, true)?;
+        Ok(self.inner.sealing.get_or_init(|| s).clone())
+    }
+
+    /// The identities that open `policy`'s archives: `identity`, else the
+    /// configured identity file or passphrase. An encrypted policy with
+    /// none is a secret error that says what to pass.
+    pub fn unsealing(&self, policy: &Policy, identity: Option<&Path>) -> Result<Option<Unsealing>> {
+        let u = keys::unsealing(&self.inner.cfg.encryption, identity)?;
+        if u.is_none() && policy.encrypted {
+            return Err(Error::Secret {
+                path: identity
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|| self.inner.cfg.file.clone()),
+                reason: format!(
+                    "policy '{}' is encrypted: pass --identity FILE (the age identity whose recipient is in [encryption]), or set [encryption] identity_file",
+                    policy.name
+                ),
+            });
+        }
+        Ok(u)
+    }
+}

@@ -1,0 +1,162 @@
+//! A policy's source, decided once: the only place dr matches on whether a
+//! policy backs up SQLite or PostgreSQL. The CLI and the daemon call these
+//! methods and get the same reports from either.
+
+use std::path::Path;
+use std::time::Duration;
+
+use super::info::Listing;
+use super::report::{BackupReport, Expired, RestoreReport, Verified};
+use super::restore::RestoreOptions;
+use super::{backup, expire, info, pg, restore, verify};
+use crate::config::{self, PgSource, Policy, Target};
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::lock::Lock;
+use crate::progress::Progress;
+use crate::repo::BackupType;
+
+/// What a policy backs up, with the policy.
+#[derive(Debug, Clone, Copy)]
+pub enum Source<'p> {
+    Sqlite {
+        policy: &'p Policy,
+        db: &'p Path,
+    },
+    Postgres {
+        policy: &'p Policy,
+        pg: &'p PgSource,
+    },
+}
+
+/// Options of a backup run.
+#[derive(Debug, Clone, Default)]
+pub struct BackupOptions {
+    /// Full or diff; `None` chooses diff when a full exists, else full.
+    pub kind: Option<BackupType>,
+    /// How long to wait for another dr holding this policy's lock.
+    pub lock_wait: Duration,
+}
+
+impl<'p> Source<'p> {
+    pub fn of(policy: &'p Policy) -> Source<'p> {
+        match &policy.source {
+            config::Source::Sqlite { path } => Source::Sqlite { policy, db: path },
+            config::Source::Postgres(pg) => Source::Postgres { policy, pg },
+        }
+    }
+
+    pub fn policy(&self) -> &'p Policy {
+        match self {
+            Source::Sqlite { policy, .. } | Source::Postgres { policy, .. } => policy,
+        }
+    }
+
+    /// Takes a full or diff backup to `target` under the policy's lock,
+    /// then expires by the policy's retention.
+    pub fn backup(
+        &self,
+        ctx: &Context,
+        target: &Target,
+        opts: &BackupOptions,
+        progress: &dyn Progress,
+    ) -> Result<BackupReport> {
+        let _lock = lock(ctx, self.policy(), target, "backup", opts.lock_wait)?;
+        match *self {
+            Source::Sqlite { policy, db } => {
+                backup::backup(ctx, policy, db, target, opts.kind, progress)
+            }
+            Source::Postgres { policy, pg } => pg::backup(ctx, policy, pg, target, opts.kind),
+        }
+    }
+
+    /// Restores from `target` into `opts.to`.
+    pub fn restore(
+        &self,
+        ctx: &Context,
+        target: &Target,
+        opts: &RestoreOptions,
+        progress: &dyn Progress,
+    ) -> Result<RestoreReport> {
+        match *self {
+            Source::Sqlite { policy, .. } => restore::restore(ctx, policy, target, opts, progress),
+            Source::Postgres { policy, pg } => pg::restore(ctx, policy, pg, target, opts),
+        }
+    }
+
+    /// The restore drill on `target`: a failure is an error (exit 3 for
+    /// damage, 1 when the target could not be read).
+    pub fn verify(
+        &self,
+        ctx: &Context,
+        target: &Target,
+        label: Option<&str>,
+        identity: Option<&Path>,
+        progress: &dyn Progress,
+    ) -> Result<Verified> {
+        match *self {
+            Source::Sqlite { policy, .. } => {
+                verify::verify(ctx, policy, target, label, identity, progress)
+            }
+            Source::Postgres { policy, pg } => {
+                if let Some(l) = label {
+                    return Err(Error::Refused(format!(
+                        "policy '{}' is PostgreSQL: pgBackRest verifies the whole repository, not one backup ({l}); run it without --backup",
+                        policy.name
+                    )));
+                }
+                pg::verify(ctx, policy, pg, target)
+            }
+        }
+    }
+
+    /// What `target` holds for the policy. Reads only: nothing is written,
+    /// locked or taken over. A target that cannot be read is reported in
+    /// the listing, not as an error.
+    pub fn list(&self, ctx: &Context, target: &Target) -> Listing {
+        match *self {
+            Source::Sqlite { policy, .. } => info::list_sqlite(ctx, policy, target),
+            Source::Postgres { policy, pg } => info::list_pg(ctx, policy, pg, target),
+        }
+    }
+
+    /// Removes what the policy's retention no longer keeps on `target`.
+    pub fn expire(
+        &self,
+        ctx: &Context,
+        target: &Target,
+        dry_run: bool,
+        lock_wait: Duration,
+    ) -> Result<Vec<Expired>> {
+        let _lock = lock(ctx, self.policy(), target, "expire", lock_wait)?;
+        match *self {
+            Source::Sqlite { policy, .. } => expire::expire(ctx, policy, target, dry_run),
+            Source::Postgres { policy, pg } => pg::expire(ctx, policy, pg, target, dry_run),
+        }
+    }
+}
+
+/// The state_dir lock of a policy on a target: one dr at a time per host.
+pub fn lock(
+    ctx: &Context,
+    policy: &Policy,
+    target: &Target,
+    what: &str,
+    wait: Duration,
+) -> Result<Lock> {
+    Lock::acquire(&ctx.state().locks(), &policy.name, &target.name, what, wait)
+}
+
+impl Source<'_> {
+    /// `dr pg setup`: pgBackRest's config, archiving, stanza and check.
+    /// SQLite needs no setup, and says so.
+    pub fn pg_setup(&self, ctx: &Context) -> Result<pg::SetupReport> {
+        match *self {
+            Source::Postgres { policy, pg } => pg::setup(ctx, policy, pg),
+            Source::Sqlite { policy, .. } => Err(Error::Refused(format!(
+                "policy '{}' is a SQLite policy: `dr pg setup` is for PostgreSQL policies (SQLite needs no setup: run `dr backup-local {}`)",
+                policy.name, policy.name
+            ))),
+        }
+    }
+}

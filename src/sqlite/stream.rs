@@ -1,0 +1,729 @@
+//! Capturing a SQLite database's WAL as it is committed: the streamer's
+//! read transaction that pins the WAL, the scan of checksum-valid committed
+//! frames into segments stamped with the time each commit was seen, the
+//! spool that holds sealed segments until every target has them, and the
+//! state a streamer publishes (its position, for restarts and for backups
+//! taken meanwhile; its lag and spool, for `dr info`).
+//!
+//! Whenever the streamer cannot prove that no commit escaped it, it starts
+//! a new generation (and asks for a base backup) instead of leaving a
+//! silent gap. Shipping the spool to targets is `ops::replicate`'s job.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Encoder;
+use crate::config::Policy;
+use crate::error::{Error, Result};
+use crate::keys::Sealing;
+use crate::repo::{manifest::WalPosition, wal as rwal};
+use crate::sqlite::pin::{self, Gate};
+use crate::sqlite::segment::SegmentWriter;
+use crate::sqlite::wal::{self, Cursor, WalHeader};
+
+/// How often the WAL is looked at: the precision of commit times.
+const POLL: Duration = Duration::from_millis(50);
+/// An idle stream writes an empty segment this often, so the restore
+/// window keeps up with the clock while nothing commits.
+const HEARTBEAT: Duration = Duration::from_secs(300);
+/// Shortest time between two of dr's checkpoints: often enough that a busy
+/// writer's WAL stays near `checkpoint_pages` (a long WAL slows every
+/// reader and writer of the database), rarely enough to be cheap.
+const CYCLE_SPACING: Duration = Duration::from_millis(200);
+/// Most frames dr copies while holding the database's write lock.
+const GATED_FRAMES: u64 = 2000;
+
+/// What a streamer leaves in `state_dir/wal/<policy>/state.json`: where it
+/// stands, for its own restart, for backups taken meanwhile (their WAL
+/// position), and for `dr info` (lag, spool).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct StreamState {
+    pub generation: String,
+    /// Salts of the WAL incarnation `frame` counts in (none: no WAL yet).
+    pub salts: Option<(u32, u32)>,
+    /// Sequence number of frame 0 of that incarnation.
+    pub seq_base: u64,
+    /// Last frame sealed into a segment, and the WAL checksum after it.
+    pub frame: u64,
+    pub checksum: (u32, u32),
+    pub pid: u32,
+    pub host: String,
+    pub updated: Option<DateTime<Utc>>,
+    /// Newest commit the streamer has seen.
+    pub last_commit: Option<DateTime<Utc>>,
+    /// First commit not yet sealed, if any.
+    pub open_since: Option<DateTime<Utc>>,
+    pub spool_bytes: u64,
+    pub spool_max: u64,
+    pub spool_full: bool,
+    pub targets: BTreeMap<String, Shipped>,
+}
+
+/// How far one target has been shipped.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Shipped {
+    pub generation: String,
+    /// Name of the last segment shipped in `generation`.
+    pub name: String,
+    pub seq: u64,
+    /// Until when every commit is on the target.
+    pub until: Option<DateTime<Utc>>,
+    /// Oldest commit waiting for this target, if any.
+    pub pending_since: Option<DateTime<Utc>>,
+    pub error: Option<String>,
+}
+
+impl StreamState {
+    pub fn load(path: &Path) -> Option<Self> {
+        let bytes = std::fs::read(path).ok()?;
+        serde_json::from_slice(&bytes).ok()
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let tmp = path.with_extension("json.tmp");
+        let err = |e| Error::io(format!("cannot write {}", tmp.display()), e);
+        let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Other(e.to_string()))?;
+        let mut f = File::create(&tmp).map_err(err)?;
+        f.write_all(&bytes)
+            .and_then(|_| f.sync_all())
+            .map_err(err)?;
+        std::fs::rename(&tmp, path).map_err(err)
+    }
+
+    /// Commit lag of a target: how old its oldest unshipped commit is.
+    pub fn lag(&self, target: &str, now: DateTime<Utc>) -> Option<f64> {
+        let t = self.targets.get(target);
+        let oldest = [t.and_then(|t| t.pending_since), self.open_since]
+            .into_iter()
+            .flatten()
+            .min();
+        Some(oldest.map_or(0.0, |o| (now - o).num_milliseconds().max(0) as f64 / 1000.0))
+    }
+}
+
+/// The WAL position a snapshot pinned at `cur` has in the streamer's
+/// current generation, if a streamer is counting this WAL incarnation.
+/// `state` is the streamer's state file (`StateDir::stream_state`).
+pub fn position_for(state: &Path, cur: Option<&Cursor>) -> Option<WalPosition> {
+    position_in(&StreamState::load(state)?, cur)
+}
+
+/// [`position_for`] with the streamer's state in hand (its own base backups).
+pub fn position_in(st: &StreamState, cur: Option<&Cursor>) -> Option<WalPosition> {
+    let st = st.clone();
+    let salts = cur.map(|c| (c.header.salt1, c.header.salt2));
+    (st.salts == salts && !st.generation.is_empty()).then(|| WalPosition {
+        generation: st.generation,
+        frame: st.seq_base + cur.map_or(0, |c| c.frame),
+    })
+}
+
+/// What one streamer did, for the terminal and `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamReport {
+    pub policy: String,
+    pub generation: String,
+    pub generations_started: u32,
+    pub segments: u64,
+    pub frames: u64,
+    /// Segments left in the spool because a target could not take them.
+    pub unshipped: u64,
+}
+
+/// The spool of one policy: sealed segments waiting for their targets.
+#[derive(Debug, Clone)]
+pub struct Spool {
+    pub dir: PathBuf,
+}
+
+/// A sealed segment in the spool.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub generation: String,
+    pub name: String,
+    pub first: u64,
+    pub last: u64,
+    pub first_commit: DateTime<Utc>,
+    pub until: DateTime<Utc>,
+    pub path: PathBuf,
+    pub size: u64,
+}
+
+impl Spooled {
+    /// Whether a target at `cur` already has this segment.
+    pub fn shipped_to(&self, cur: &Shipped) -> bool {
+        (&self.generation, &self.name) <= (&cur.generation, &cur.name)
+    }
+}
+
+impl Spool {
+    fn gen_dir(&self, generation: &str) -> PathBuf {
+        self.dir.join(generation)
+    }
+
+    /// Sealed segments, in shipping order.
+    pub fn list(&self) -> Vec<Spooled> {
+        let mut out = Vec::new();
+        let Ok(gens) = std::fs::read_dir(&self.dir) else {
+            return out;
+        };
+        for g in gens.flatten() {
+            let generation = g.file_name().to_string_lossy().into_owned();
+            let Ok(files) = std::fs::read_dir(g.path()) else {
+                continue;
+            };
+            for f in files.flatten() {
+                let name = f.file_name().to_string_lossy().into_owned();
+                if let Some((first, last, first_commit, until)) = rwal::parse_name(&name) {
+                    out.push(Spooled {
+                        generation: generation.clone(),
+                        name,
+                        first,
+                        last,
+                        first_commit,
+                        until,
+                        path: f.path(),
+                        size: f.metadata().map(|m| m.len()).unwrap_or(0),
+                    });
+                }
+            }
+        }
+        out.sort_by(|a, b| (&a.generation, &a.name).cmp(&(&b.generation, &b.name)));
+        out
+    }
+
+    /// Removes segment temporaries of a dead run, and empty generation dirs.
+    pub fn tidy(&self) {
+        let Ok(gens) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for g in gens.flatten() {
+            if let Ok(files) = std::fs::read_dir(g.path()) {
+                for f in files.flatten() {
+                    if f.file_name().to_string_lossy().ends_with(".tmp") {
+                        let _ = std::fs::remove_file(f.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(g.path());
+        }
+    }
+}
+
+/// The segment being filled.
+struct OpenSegment {
+    writer: SegmentWriter<BufWriter<Encoder<File>>>,
+    generation: String,
+    tmp: PathBuf,
+    first_seq: u64,
+    first_commit: DateTime<Utc>,
+    bytes: u64,
+}
+
+/// The streamer's hold on one database.
+struct Stream<'a> {
+    policy: &'a Policy,
+    db: &'a Path,
+    sealing: Sealing,
+    spool: Spool,
+    state_path: PathBuf,
+    state: Arc<Mutex<StreamState>>,
+    /// Pins the WAL; always inside a read transaction.
+    reader: rusqlite::Connection,
+    wal_file: Option<(File, u64)>,
+    db_ino: u64,
+    generation: String,
+    cursor: Option<Cursor>,
+    seq_base: u64,
+    /// A WAL restart may be taken as continuous: every frame of the old
+    /// incarnation was copied before the read mark that allows it.
+    restart_ok: bool,
+    open: Option<OpenSegment>,
+    /// When the WAL was last read to its end: the segments cover until then.
+    seen_until: DateTime<Utc>,
+    /// Whether an empty segment has marked the stream as idle since the last commit.
+    idle_marked: bool,
+    last_heartbeat: Instant,
+    last_commit_at: Instant,
+    last_seal: Instant,
+    last_cycle: Instant,
+    report: StreamReport,
+    wake_shipper: Sender<()>,
+    new_base: Sender<String>,
+    full_warned: Option<Instant>,
+}
+
+/// Why the inner loop ended.
+enum Next {
+    Stop,
+    /// Continuity is lost or the file was replaced: pin again, new generation.
+    Restart(String),
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    policy: &Policy,
+    db: &Path,
+    sealing: Sealing,
+    spool: Spool,
+    state_path: &Path,
+    state: &Arc<Mutex<StreamState>>,
+    stop: &AtomicBool,
+    wake_shipper: Sender<()>,
+    new_base: Sender<String>,
+) -> Result<StreamReport> {
+    let mut report = StreamReport {
+        policy: policy.name.clone(),
+        generation: String::new(),
+        generations_started: 0,
+        segments: 0,
+        frames: 0,
+        unshipped: 0,
+    };
+    // Each pass pins the database afresh; a pass ends on stop or on a lost continuity.
+    let mut why: Option<String> = None;
+    loop {
+        let reader = pin::open(db)?;
+        let gate = Gate::open(db)?;
+        let db_ino = std::fs::metadata(db)
+            .map(|m| m.ino())
+            .map_err(|e| Error::io(format!("cannot stat {}", db.display()), e))?;
+        let end = gate.hold(|| {
+            pin::begin_read(&reader, db)?;
+            pin::wal_end(db)
+        })?;
+        let mut st = Stream {
+            policy,
+            db,
+            sealing: sealing.clone(),
+            spool: spool.clone(),
+            state_path: state_path.to_path_buf(),
+            state: state.clone(),
+            reader,
+            wal_file: None,
+            db_ino,
+            generation: String::new(),
+            cursor: end,
+            seq_base: 0,
+            restart_ok: true,
+            open: None,
+            seen_until: Utc::now(),
+            idle_marked: true,
+            last_heartbeat: Instant::now(),
+            last_commit_at: Instant::now(),
+            last_seal: Instant::now(),
+            last_cycle: Instant::now(),
+            report: report.clone(),
+            wake_shipper: wake_shipper.clone(),
+            new_base: new_base.clone(),
+            full_warned: None,
+        };
+        // A new generation on every start: commits made while no streamer
+        // watched have no exact time, so the windows must not claim them.
+        st.start_generation(why.take().unwrap_or_else(|| "dr replicate started".into()))?;
+        let next = st.inner(&gate, stop);
+        report = st.report.clone();
+        match next? {
+            Next::Stop => return Ok(report),
+            Next::Restart(reason) => {
+                tracing::warn!(policy = %policy.name, "{reason}: starting a new generation");
+                why = Some(reason);
+                drop(st);
+            }
+        }
+    }
+}
+
+impl Stream<'_> {
+    fn start_generation(&mut self, why: String) -> Result<()> {
+        self.generation = rwal::new_generation(Utc::now());
+        self.seq_base = 0;
+        self.report.generations_started += 1;
+        tracing::info!(policy = %self.policy.name, generation = %self.generation, "new generation ({why}); taking a full backup to every target");
+        self.publish(true)?;
+        let _ = self.new_base.send(self.generation.clone());
+        Ok(())
+    }
+
+    fn seq(&self) -> u64 {
+        self.seq_base + self.cursor.map_or(0, |c| c.frame)
+    }
+
+    /// Writes the state file with the sealed position.
+    fn publish(&mut self, sealed: bool) -> Result<()> {
+        self.report.generation = self.generation.clone();
+        let spool_bytes: u64 = self.spool.list().iter().map(|s| s.size).sum::<u64>()
+            + self.open.as_ref().map_or(0, |o| o.bytes);
+        let mut st = self.state.lock().map_err(|_| poisoned())?;
+        if sealed {
+            st.generation = self.generation.clone();
+            st.salts = self.cursor.map(|c| (c.header.salt1, c.header.salt2));
+            st.seq_base = self.seq_base;
+            st.frame = self.cursor.map_or(0, |c| c.frame);
+            st.checksum = self.cursor.map_or((0, 0), |c| c.checksum);
+        }
+        st.pid = std::process::id();
+        st.host = crate::lock::hostname();
+        st.updated = Some(Utc::now());
+        st.open_since = self.open.as_ref().map(|o| o.first_commit);
+        st.spool_bytes = spool_bytes;
+        st.spool_max = self.policy.wal.spool_max;
+        st.spool_full = spool_bytes >= self.policy.wal.spool_max;
+        st.save(&self.state_path)
+    }
+
+    fn inner(&mut self, gate: &Gate, stop: &AtomicBool) -> Result<Next> {
+        let sync = self.policy.wal.sync_interval;
+        loop {
+            if stop.load(Ordering::SeqCst) {
+                // Ship what is committed: one last look, then seal. With a
+                // full spool dr copies nothing (the next run starts afresh).
+                if self.full_warned.is_none()
+                    && let Some(n) = self.consume()?
+                {
+                    self.seal()?;
+                    return Ok(n);
+                }
+                self.seal()?;
+                self.seal_as(true)?;
+                return Ok(Next::Stop);
+            }
+            if let Some(n) = self.replaced()? {
+                self.seal()?;
+                return Ok(n);
+            }
+            let was_full = self.full_warned.is_some();
+            let full = self.spool_full()?;
+            if was_full && !full && self.commits_waiting()? {
+                self.seal()?;
+                return Ok(Next::Restart(
+                    "the spool was full and dr stopped copying: commits made meanwhile have no exact time".into(),
+                ));
+            }
+            if !full && let Some(n) = self.consume()? {
+                self.seal()?;
+                return Ok(n);
+            }
+            let big = self
+                .open
+                .as_ref()
+                .is_some_and(|o| o.bytes >= self.policy.wal.segment_max);
+            if big || self.last_seal.elapsed() >= sync {
+                self.seal()?;
+            }
+            let frames = self.cursor.map_or(0, |c| c.frame);
+            if !full
+                && frames >= u64::from(self.policy.wal.checkpoint_pages)
+                && self.last_cycle.elapsed() >= CYCLE_SPACING
+                && let Some(n) = self.checkpoint(gate)?
+            {
+                self.seal()?;
+                return Ok(n);
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// A database file replaced under the streamer (restored, moved) breaks the stream.
+    fn replaced(&self) -> Result<Option<Next>> {
+        match std::fs::metadata(self.db) {
+            Ok(m) if m.ino() == self.db_ino => Ok(None),
+            Ok(_) => Ok(Some(Next::Restart("the database file was replaced".into()))),
+            Err(e) => Err(Error::Source {
+                path: self.db.to_path_buf(),
+                reason: format!(
+                    "the database file disappeared while streaming: {}",
+                    crate::error::io_reason(&e)
+                ),
+            }),
+        }
+    }
+
+    fn spool_full(&mut self) -> Result<bool> {
+        let used: u64 = self.spool.list().iter().map(|s| s.size).sum::<u64>()
+            + self.open.as_ref().map_or(0, |o| o.bytes);
+        let full = used >= self.policy.wal.spool_max;
+        if full {
+            if self
+                .full_warned
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+            {
+                tracing::error!(
+                    policy = %self.policy.name,
+                    spool = %self.spool.dir.display(),
+                    "WAL spool is full ({} of wal.spool_max {}): a target is not taking segments; dr keeps the WAL pinned (it grows) and ships nothing new until the spool drains; no data is dropped",
+                    crate::units::human_bytes(used),
+                    crate::units::human_bytes(self.policy.wal.spool_max)
+                );
+                self.full_warned = Some(Instant::now());
+                self.publish(false)?;
+            }
+        } else if self.full_warned.take().is_some() {
+            tracing::info!(policy = %self.policy.name, "WAL spool has room again");
+        }
+        Ok(full)
+    }
+
+    /// The `-wal` file, reopened when it was replaced (deleted and recreated).
+    fn wal(&mut self) -> Result<Option<&File>> {
+        let p = pin::wal_path(self.db);
+        let ino = match std::fs::metadata(&p) {
+            Ok(m) => m.ino(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                self.wal_file = None;
+                return Ok(None);
+            }
+            Err(e) => return Err(Error::io(format!("cannot stat {}", p.display()), e)),
+        };
+        if self.wal_file.as_ref().is_none_or(|(_, i)| *i != ino) {
+            let f =
+                File::open(&p).map_err(|e| Error::io(format!("cannot open {}", p.display()), e))?;
+            self.wal_file = Some((f, ino));
+        }
+        Ok(self.wal_file.as_ref().map(|(f, _)| f))
+    }
+
+    /// Whether committed transactions wait in the WAL beyond what was copied.
+    fn commits_waiting(&mut self) -> Result<bool> {
+        let (Some(cur), Some(f)) = (self.cursor, self.wal()?) else {
+            return Ok(false);
+        };
+        let (txns, more) =
+            wal::scan_at_most(f, &cur, 1).map_err(|e| Error::io("reading the WAL", e))?;
+        Ok(more || !txns.is_empty())
+    }
+
+    /// Copies newly committed transactions into the open segment.
+    fn consume(&mut self) -> Result<Option<Next>> {
+        self.consume_at_most(u64::MAX).map(|(n, _)| n)
+    }
+
+    /// [`Self::consume`], giving up (and copying nothing) when more than
+    /// about `max_frames` frames wait: the caller holds the write lock and
+    /// must not keep the application waiting for a large copy.
+    fn consume_at_most(&mut self, max_frames: u64) -> Result<(Option<Next>, bool)> {
+        let p = pin::wal_path(self.db);
+        let read = |e| Error::io(format!("cannot read {}", p.display()), e);
+        let Some(f) = self.wal()? else {
+            return Ok((None, false));
+        };
+        let f = f.try_clone().map_err(read)?;
+        let Some(h) = wal::read_header(&f).map_err(read)? else {
+            return Ok((None, false)); // truncated by a checkpoint: nothing to read yet
+        };
+        let same = self
+            .cursor
+            .is_some_and(|c| (c.header.salt1, c.header.salt2) == (h.salt1, h.salt2));
+        if !same {
+            let expected_salt1 = self.cursor.map(|c| c.header.salt1.wrapping_add(1));
+            if !self.restart_ok || expected_salt1.is_some_and(|s| s != h.salt1) {
+                return Ok((
+                    Some(Next::Restart(
+                        "the WAL was restarted before dr had copied all of it".into(),
+                    )),
+                    false,
+                ));
+            }
+            // A restart dr allowed: every frame of the old log is copied.
+            self.seq_base = self.seq();
+            self.cursor = Some(Cursor::start(h));
+            self.restart_ok = false;
+        }
+        let Some(cur) = self.cursor else {
+            return Ok((None, false));
+        };
+        if cur.header.page_size != h.page_size {
+            return Ok((
+                Some(Next::Restart("the WAL page size changed".into())),
+                false,
+            ));
+        }
+        let looked = Utc::now();
+        let (txns, more) = wal::scan_at_most(&f, &cur, max_frames).map_err(read)?;
+        if more {
+            return Ok((None, true));
+        }
+        self.seen_until = looked;
+        if txns.is_empty() {
+            // The log may have been cut below what was copied: that is a lost continuity.
+            let len = f.metadata().map_err(read)?.len();
+            if cur.frame > 0 && len < h.frame_offset(cur.frame + 1) {
+                return Ok((
+                    Some(Next::Restart("the WAL was truncated under dr".into())),
+                    false,
+                ));
+            }
+            return Ok((None, false));
+        }
+        let now = Utc::now();
+        for t in &txns {
+            self.append(&f, &h, t, now)?;
+            if let Some(c) = self.cursor.as_mut() {
+                c.frame = t.last;
+                c.checksum = t.checksum;
+            }
+        }
+        self.restart_ok = false;
+        self.idle_marked = false;
+        self.last_commit_at = Instant::now();
+        if let Ok(mut st) = self.state.lock() {
+            st.last_commit = Some(now);
+        }
+        Ok((None, false))
+    }
+
+    fn append(&mut self, f: &File, h: &WalHeader, t: &wal::Txn, now: DateTime<Utc>) -> Result<()> {
+        if self.open.is_none() {
+            self.open = Some(self.new_segment(self.seq_base + t.first, now, h.page_size)?);
+        }
+        let Some(open) = self.open.as_mut() else {
+            return Err(Error::Other("internal: no open segment".into()));
+        };
+        let tmp = open.tmp.clone();
+        let werr = |e| Error::io(format!("writing WAL segment {}", tmp.display()), e);
+        let n = u32::try_from(t.last - t.first + 1)
+            .map_err(|_| Error::Other("transaction with more than 2^32 frames".into()))?;
+        open.writer
+            .txn(n, t.db_pages, now.timestamp_millis())
+            .map_err(werr)?;
+        let w = &mut open.writer;
+        wal::read_frames(f, h, t.first, t.last, |pgno, page| w.frame(pgno, page)).map_err(|e| {
+            Error::io(
+                format!("copying frames from {}", pin::wal_path(self.db).display()),
+                e,
+            )
+        })?;
+        open.bytes += u64::from(n) * (u64::from(h.page_size) + 4) + 16;
+        self.report.frames += u64::from(n);
+        Ok(())
+    }
+
+    fn new_segment(
+        &self,
+        first_seq: u64,
+        now: DateTime<Utc>,
+        page_size: u32,
+    ) -> Result<OpenSegment> {
+        let dir = self.spool.gen_dir(&self.generation);
+        let err = |e| Error::io(format!("cannot write to the spool {}", dir.display()), e);
+        std::fs::create_dir_all(&dir).map_err(err)?;
+        let tmp = dir.join(format!(".open.{}.tmp", std::process::id()));
+        let f = File::create(&tmp).map_err(err)?;
+        let enc = Encoder::new(f, self.policy.compression_level, &self.sealing)?;
+        let writer =
+            SegmentWriter::new(BufWriter::with_capacity(1 << 20, enc), page_size, first_seq)
+                .map_err(err)?;
+        Ok(OpenSegment {
+            writer,
+            generation: self.generation.clone(),
+            tmp,
+            first_seq,
+            first_commit: now,
+            bytes: 0,
+        })
+    }
+
+    /// Closes the open segment into the spool (durably) and records the
+    /// position. With nothing open, writes an empty segment when the
+    /// stream has gone idle (once after the last commit, then every
+    /// [`HEARTBEAT`]), so a restore knows no commit came meanwhile.
+    fn seal(&mut self) -> Result<()> {
+        self.seal_as(false)
+    }
+
+    /// `final_mark`: the streamer is stopping; mark how far it watched.
+    fn seal_as(&mut self, final_mark: bool) -> Result<()> {
+        self.last_seal = Instant::now();
+        if self.open.is_none() {
+            let quiet = self.last_commit_at.elapsed() >= self.policy.wal.sync_interval;
+            let due = final_mark
+                || (!self.idle_marked && quiet)
+                || self.last_heartbeat.elapsed() >= HEARTBEAT;
+            match self.cursor {
+                Some(c) if due => {
+                    let first = self.seq() + 1;
+                    self.open =
+                        Some(self.new_segment(first, self.seen_until, c.header.page_size)?);
+                }
+                _ => return self.publish(false),
+            }
+        }
+        let Some(open) = self.open.take() else {
+            return self.publish(false);
+        };
+        let tmp = open.tmp.clone();
+        let err = |e| Error::io(format!("sealing WAL segment {}", tmp.display()), e);
+        let frames = open.writer.frames();
+        let buf = open.writer.finish().map_err(err)?;
+        let enc = buf.into_inner().map_err(|e| err(e.into_error()))?;
+        let (_, file) = enc.finish().map_err(err)?;
+        file.sync_all().map_err(err)?;
+        let last = open.first_seq + frames - 1;
+        let until = self.seen_until.max(open.first_commit);
+        let name = rwal::segment_name(open.first_seq, last, open.first_commit, until);
+        let dir = self.spool.gen_dir(&open.generation);
+        std::fs::rename(&tmp, dir.join(&name)).map_err(err)?;
+        File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
+        if frames == 0 {
+            self.idle_marked = true;
+            self.last_heartbeat = Instant::now();
+        } else {
+            self.report.segments += 1;
+        }
+        tracing::debug!(policy = %self.policy.name, segment = %name, "sealed");
+        self.publish(true)?;
+        let _ = self.wake_shipper.send(());
+        Ok(())
+    }
+
+    /// dr's own checkpoint. The read mark moves up to the end of the log
+    /// (taken under the write lock, so nothing can slip past unseen), the
+    /// log is checkpointed without blocking anyone, and the read
+    /// transaction is re-taken once more under the write lock after a
+    /// final small checkpoint: if the log is then wholly in the database,
+    /// SQLite may restart it, and dr knows it has every frame of it.
+    fn checkpoint(&mut self, gate: &Gate) -> Result<Option<Next>> {
+        self.last_cycle = Instant::now();
+        let db = self.db;
+        // Move the read mark up to the end of the log. Frames not yet
+        // copied stay in the file: a mark above zero forbids a restart.
+        gate.hold(|| {
+            pin::end_read(&self.reader, db)?;
+            pin::begin_read(&self.reader, db)
+        })?;
+        gate.checkpoint()?;
+        // Copy what is there without the lock, then the last few frames with it.
+        if let Some(n) = self.consume()? {
+            return Ok(Some(n));
+        }
+        let mut lost = None;
+        gate.hold(|| {
+            let (l, behind) = self.consume_at_most(GATED_FRAMES)?;
+            lost = l;
+            if lost.is_some() || behind {
+                return Ok(()); // too far behind to copy under the lock: next time
+            }
+            pin::end_read(&self.reader, db)?;
+            let complete = pin::checkpoint_passive(&self.reader, db)?;
+            pin::begin_read(&self.reader, db)?;
+            self.restart_ok = complete;
+            tracing::trace!(policy = %self.policy.name, complete, "checkpoint");
+            Ok(())
+        })?;
+        Ok(lost)
+    }
+}
+
+pub fn poisoned() -> Error {
+    Error::Other("internal: a streamer thread panicked while holding its state".into())
+}
