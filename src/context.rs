@@ -57,6 +57,18 @@ impl Context {
         }
     }
 
+    /// A context whose targets are the given stores (unit tests).
+    #[cfg(test)]
+    pub(crate) fn with_stores(cfg: Config, stores: Vec<Arc<dyn Storage>>) -> Context {
+        let ctx = Context::new(cfg);
+        if let Ok(mut m) = ctx.inner.stores.lock() {
+            for s in stores {
+                m.insert(s.target().to_string(), s);
+            }
+        }
+        ctx
+    }
+
     /// Loads the configuration at `path` into a new context.
     pub fn load(path: &Path) -> Result<Context> {
         Ok(Context::new(crate::config::load(path)?))

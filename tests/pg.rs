@@ -301,3 +301,127 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopp
         "a row written after the backup is gone after the in-place restore"
     );
 }
+
+#[test]
+fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_nothing() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "[retention]\nfull = 2\n");
+    setup(&env, &cluster);
+    cluster.pgbench(&["-i", "-s", "1", "-q"]);
+    let first = env
+        .dr(&["backup-local", "main-pg", "--type", "full", "--json"])
+        .ok()
+        .json()[0]["label"]
+        .clone();
+    std::thread::sleep(Duration::from_millis(1100));
+    let second = env
+        .dr(&["backup-local", "main-pg", "--type", "full", "--json"])
+        .ok()
+        .json()[0]["label"]
+        .clone();
+    assert_ne!(first, second);
+
+    // An incremental taken with pgBackRest itself is listed as what it is,
+    // with its own size, under its full.
+    let conf = env.path("state/pg/main-pg/pgbackrest.conf");
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "pgbackrest"])
+        .arg(format!("--config={}", conf.display()))
+        .args(["--stanza=main", "--repo=1", "--type=incr", "backup"])
+        .output()
+        .expect("pgbackrest");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // info reads and writes nothing: pgbackrest.conf keeps its bytes and mtime.
+    let before = (
+        std::fs::read(&conf).expect("conf"),
+        std::fs::metadata(&conf)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let after = (
+        std::fs::read(&conf).expect("conf"),
+        std::fs::metadata(&conf)
+            .and_then(|m| m.modified())
+            .expect("mtime"),
+    );
+    assert!(before == after, "dr info rewrote {}", conf.display());
+    let backups = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backups.len(), 3, "{info}");
+    let incr = &backups[2];
+    assert_eq!(incr["type"], "incr", "{info}");
+    assert_eq!(incr["parent"], second, "{info}");
+    assert!(
+        incr["size"].as_u64() < backups[1]["size"].as_u64(),
+        "an incremental's size is its own delta: {info}"
+    );
+    let text = env.dr(&["info"]).ok().stdout;
+    assert!(text.contains("incr"), "{text}");
+
+    // Verify and expire with no policy named include PostgreSQL policies.
+    let v = env.dr(&["verify"]).ok();
+    assert!(v.stdout.contains("ok    main-pg on local"), "{}", v.stdout);
+
+    // Lower retention to one full: expire removes the older chain through
+    // pgBackRest, and a dry run first says so without removing it.
+    let policy = env.path("policies/main-pg.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(&policy, text.replace("full = 2", "full = 1")).expect("policy");
+    let dry = env.dr(&["expire", "--dry-run", "--json"]).ok().json();
+    assert!(
+        dry.as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["label"] == first && e["removed"] == false)),
+        "{dry}"
+    );
+    let count = |env: &Env| {
+        env.dr(&["info", "--json"]).ok().json()["policies"][0]["targets"][0]["backups"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert_eq!(count(&env), 3, "a dry run removes nothing");
+    let done = env.dr(&["expire", "--json"]).ok().json();
+    assert!(
+        done.as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["label"] == first && e["removed"] == true)),
+        "{done}"
+    );
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let left: Vec<_> = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(left.iter().all(|b| b["label"] != first), "{info}");
+    assert!(left.iter().any(|b| b["label"] == second), "{info}");
+
+    // A damaged file in the repository fails verify with exit 3, read from
+    // pgBackRest's report (it exits 0 itself).
+    let set = env.path(&format!(
+        "backups/main-pg/pgbackrest/backup/main/{}/pg_data",
+        second.as_str().expect("label")
+    ));
+    let victim = common::files_under(&set)
+        .into_iter()
+        .map(|f| set.join(f))
+        .filter(|p| std::fs::metadata(p).is_ok_and(|m| m.len() > 64))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .expect("a file in the backup set");
+    let mut bytes = std::fs::read(&victim).expect("read");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&victim, bytes).expect("write");
+    let v = env.dr(&["verify", "main-pg"]);
+    assert_eq!(v.code, 3, "{}\n{}", v.stdout, v.stderr);
+    assert!(v.stdout.contains("FAIL  main-pg on local"), "{}", v.stdout);
+}

@@ -216,3 +216,47 @@ fn a_download_cut_short_mid_restore_is_a_network_failure_not_damage() {
         .ok();
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
 }
+
+#[test]
+fn the_s3_server_dying_mid_restore_is_a_network_failure_naming_the_target() {
+    let root = tempfile::tempdir().expect("tmp");
+    let mut server = S3Server::start(root.path(), "backups");
+    let proxy = FaultProxy::start(server.port, common::faults::seed(), 0);
+    let env = faulty_env(&proxy, "");
+    // Incompressible: the data object spans three 8 MiB parts.
+    make_db(&env.db, true, 11_000, 2000);
+    env.dr(&["backup-s3", "app"]).ok();
+    proxy.slow_large_bodies(true);
+    let to = env.path("r.db");
+    let child = std::process::Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["restore-s3", "app", "--identity", &env.key_arg(), "--to"])
+        .arg(&to)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dr");
+    // Parts trickle at about 2.5 MiB/s: a second in, the first is under way.
+    std::thread::sleep(Duration::from_millis(1500));
+    server.kill();
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a server gone mid-restore is exit 1: {stderr}"
+    );
+    assert!(stderr.contains("target 's3'"), "names the target: {stderr}");
+    assert!(
+        !stderr.contains("damaged") && !stderr.contains("integrity"),
+        "not reported as damage: {stderr}"
+    );
+    assert!(!to.exists(), "the destination is untouched");
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .expect("ls")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("dr-restore"))
+        .collect();
+    assert!(leftovers.is_empty(), "no plaintext left: {leftovers:?}");
+}

@@ -506,3 +506,70 @@ fn verify_reports_a_policy_without_backups_as_a_failure_and_goes_on() {
     );
     assert!(v.stdout.contains("ok    other on local"), "{}", v.stdout);
 }
+
+#[test]
+fn a_broken_first_target_does_not_stop_the_second_and_json_lists_both() {
+    let env = Env::new("");
+    make_db(&env.db, true, 200, 100);
+    // A target whose path runs through a regular file can never be written.
+    std::fs::write(env.path("blocker"), b"not a directory").expect("blocker");
+    let mut cfg = std::fs::read_to_string(env.config()).expect("dr.toml");
+    cfg.push_str("[targets.broken]\nkind = \"local\"\npath = \"blocker/backups\"\n");
+    std::fs::write(env.config(), cfg).expect("dr.toml");
+    std::fs::write(
+        env.path("policies/app.toml"),
+        "name = \"app\"\ntargets = [\"broken\", \"local\"]\n[source]\nkind = \"sqlite\"\npath = \"app.db\"\n",
+    )
+    .expect("policy");
+
+    let r = env.dr(&["backup-local", "app", "--json"]);
+    assert_eq!(r.code, 1, "{}\n{}", r.stdout, r.stderr);
+    let items = r.json();
+    let items = items.as_array().expect("array");
+    assert_eq!(items.len(), 2, "both targets are listed: {items:?}");
+    let failed = items
+        .iter()
+        .find(|i| i["target"] == "broken")
+        .expect("broken listed");
+    assert_eq!(failed["ok"], false);
+    assert_eq!(failed["policy"], "app");
+    assert_eq!(failed["exit_code"], 1);
+    assert!(
+        failed["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("broken")),
+        "{failed}"
+    );
+    let done = items
+        .iter()
+        .find(|i| i["target"] == "local")
+        .expect("local listed");
+    assert_eq!(done["type"], "full", "{done}");
+
+    // The second target really has the backup, and it restores.
+    let info = env.dr(&["info", "--json", "--target", "local"]).ok().json();
+    assert_eq!(
+        info["policies"][0]["targets"][0]["backups"][0]["label"],
+        done["label"]
+    );
+    env.restore("r.db", &["--target", "local"]).ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+
+    // Verify goes on past the broken target too, and says which failed.
+    let v = env.dr(&["verify", "app", "--identity", &env.key_arg(), "--json"]);
+    assert_ne!(v.code, 0, "{}", v.stderr);
+    let items = v.json();
+    let items = items.as_array().expect("array");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["target"] == "local" && i["ok"] == true),
+        "{items:?}"
+    );
+    assert!(
+        items
+            .iter()
+            .any(|i| i["target"] == "broken" && i["ok"] == false && i["exit_code"].is_number()),
+        "{items:?}"
+    );
+}

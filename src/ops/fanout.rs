@@ -119,3 +119,159 @@ pub fn each<'c, T>(
     }
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::context::Context;
+    use crate::ops::{BackupOptions, PolicyRepo, Source};
+    use crate::progress::Silent;
+    use crate::repo::BackupType;
+    use crate::storage::Storage;
+    use crate::storage::memory::MemoryStorage;
+
+    /// A config with policy `app` (a small SQLite database, no encryption,
+    /// `retention`) on targets `a` and `b`, each an in-memory store.
+    fn setup(
+        retention: &str,
+    ) -> (
+        tempfile::TempDir,
+        Context,
+        Arc<MemoryStorage>,
+        Arc<MemoryStorage>,
+    ) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let p = dir.path();
+        std::fs::create_dir_all(p.join("policies")).expect("mkdir");
+        std::fs::write(
+            p.join("dr.toml"),
+            "state_dir = \"state\"\npolicies = \"policies\"\n[targets.a]\nkind = \"local\"\npath = \"a\"\n[targets.b]\nkind = \"local\"\npath = \"b\"\n",
+        )
+        .expect("dr.toml");
+        std::fs::write(
+            p.join("policies/app.toml"),
+            format!("name = \"app\"\ntargets = [\"a\", \"b\"]\nencryption = \"none\"\n[source]\nkind = \"sqlite\"\npath = \"app.db\"\n[retention]\n{retention}\n"),
+        )
+        .expect("policy");
+        let conn = rusqlite::Connection::open(p.join("app.db")).expect("db");
+        conn.execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (randomblob(5000));")
+            .expect("sql");
+        let cfg = crate::config::load(&p.join("dr.toml")).expect("config");
+        let (a, b) = (
+            Arc::new(MemoryStorage::new("a")),
+            Arc::new(MemoryStorage::new("b")),
+        );
+        let ctx = Context::with_stores(cfg, vec![a.clone(), b.clone()]);
+        (dir, ctx, a, b)
+    }
+
+    fn backup_all(ctx: &Context, kind: BackupType) -> Outcome<crate::ops::report::BackupReport> {
+        let cfg = ctx.cfg();
+        let policies: Vec<&Policy> = cfg.policies.iter().collect();
+        let pairs = pairs(cfg, &policies, &TargetFilter::All).expect("pairs");
+        let opts = BackupOptions {
+            kind: Some(kind),
+            lock_wait: Duration::ZERO,
+        };
+        each(&pairs, "backup", |p, t| {
+            Source::of(p).backup(ctx, t, &opts, &Silent)
+        })
+    }
+
+    #[test]
+    fn a_failing_first_target_does_not_stop_the_second() {
+        let (_dir, ctx, a, b) = setup("full = 2");
+        a.break_it();
+        let out = backup_all(&ctx, BackupType::Full);
+        assert_eq!(out.done.len(), 1);
+        assert_eq!(out.done[0].target, "b");
+        assert_eq!(out.failures.len(), 1);
+        assert_eq!(out.failures[0].target, "a");
+        let json = serde_json::to_value(out.items()).expect("json");
+        assert_eq!(json[1]["ok"], false, "{json}");
+        assert_eq!(json[1]["exit_code"], 1, "{json}");
+        assert!(
+            b.list("app/backup/")
+                .expect("list")
+                .iter()
+                .any(|o| o.key.ends_with("manifest.json"))
+        );
+        assert_eq!(out.error().map(|e| e.exit_code()), Some(1));
+    }
+
+    #[test]
+    fn several_failures_exit_with_the_most_severe() {
+        let out: Outcome<()> = Outcome {
+            done: Vec::new(),
+            failures: vec![
+                Failure {
+                    policy: "p".into(),
+                    target: "a".into(),
+                    error: Error::NotFound("gone".into()),
+                },
+                Failure {
+                    policy: "p".into(),
+                    target: "b".into(),
+                    error: Error::VerifyFailed("damaged".into()),
+                },
+                Failure {
+                    policy: "q".into(),
+                    target: "a".into(),
+                    error: Error::Other("network".into()),
+                },
+            ],
+        };
+        let e = out.error().expect("error");
+        assert_eq!(e.exit_code(), 3);
+        let text = e.to_string();
+        assert!(text.contains("policy 'p' on target 'b': damaged"), "{text}");
+        assert!(text.contains("policy 'q' on target 'a': network"), "{text}");
+    }
+
+    #[test]
+    fn retention_on_a_store_keeps_the_newest_fulls_and_never_a_damaged_one() {
+        let (_dir, ctx, a, _b) = setup("full = 2");
+        for _ in 0..3 {
+            let out = backup_all(&ctx, BackupType::Full);
+            assert!(out.failures.is_empty(), "{:?}", out.failures);
+            std::thread::sleep(Duration::from_millis(1100));
+        }
+        let repo = PolicyRepo {
+            storage: a.as_ref(),
+            policy: "app",
+        };
+        let labels = |repo: &PolicyRepo<'_>| -> Vec<String> {
+            repo.committed()
+                .expect("committed")
+                .iter()
+                .map(|c| c.dir.label.to_string())
+                .collect()
+        };
+        let kept = labels(&repo);
+        assert_eq!(
+            kept.len(),
+            2,
+            "retention.full = 2 after three fulls: {kept:?}"
+        );
+        // Damage the newest full: it is kept and not counted, so the older
+        // one, now the newest restorable, stays as well.
+        let newest = kept[1].clone();
+        let key = format!("app/backup/{newest}/data.zst.age");
+        a.delete(&key).expect("delete");
+        let out = backup_all(&ctx, BackupType::Full);
+        assert!(out.failures.is_empty(), "{:?}", out.failures);
+        let now = labels(&repo);
+        assert!(
+            now.contains(&newest),
+            "a damaged backup is never expired: {now:?}"
+        );
+        assert!(
+            now.contains(&kept[0]),
+            "the older intact full is still counted: {now:?}"
+        );
+        assert_eq!(now.len(), 3, "{now:?}");
+    }
+}

@@ -318,10 +318,16 @@ pub fn verify(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) ->
     let out = rb
         .run(
             "verify",
-            &["verify", &format!("--repo={repo}"), "--output=text"],
+            &[
+                "verify",
+                &format!("--repo={repo}"),
+                "--output=text",
+                "--verbose",
+            ],
         )
         .map_err(|e| Error::VerifyFailed(e.to_string()))?;
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    tracing::debug!(policy = %policy.name, target = %target.name, "pgbackrest verify:\n{text}");
     let problems = verify_problems(&text);
     if !problems.is_empty() {
         return Err(Error::VerifyFailed(format!(
@@ -358,7 +364,13 @@ fn verify_problems(text: &str) -> Vec<String> {
                 continue;
             };
             let counted = ["missing", "checksum invalid", "size invalid", "other"];
-            if counted.contains(&name.trim()) && n.trim().parse::<u64>().is_ok_and(|n| n > 0) {
+            let bad_count =
+                counted.contains(&name.trim()) && n.trim().parse::<u64>().is_ok_and(|n| n > 0);
+            // A backup's own status: `valid`, else what is wrong with it.
+            let bad_status = name.trim() == "status"
+                && !line.starts_with("status:")
+                && n.trim() != "valid";
+            if bad_count || bad_status {
                 out.push(line.to_string());
                 break;
             }
@@ -446,6 +458,9 @@ mod tests {
         let p = verify_problems(bad);
         assert!(p.iter().any(|l| l.contains("checksum invalid: 1")), "{p:?}");
         assert!(p.iter().any(|l| l == "status: error"), "{p:?}");
+        assert!(p.iter().any(|l| l.contains("status: invalid")), "{p:?}");
+        let real = "stanza: main\nstatus: ok\n  archiveId: 15-1, total WAL checked: 5, total valid WAL: 5\n    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n  backup: 20261125-152936F_20261125-152939I, status: valid, total files checked: 977, total valid files: 977\n    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n";
+        assert!(verify_problems(real).is_empty(), "{:?}", verify_problems(real));
         // A line that merely contains the word "error" is not a failure.
         let fine = "stanza: error-logs\nstatus: ok\n";
         assert!(verify_problems(fine).is_empty());

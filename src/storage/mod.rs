@@ -7,6 +7,8 @@
 //! the same blocking surface; the daemon calls operations on blocking threads.
 
 pub mod local;
+#[cfg(test)]
+pub(crate) mod memory;
 pub mod s3;
 
 use std::io::{Read, Write};

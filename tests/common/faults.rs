@@ -56,6 +56,9 @@ pub struct FaultProxy {
     rate: Arc<AtomicU32>,
     /// When set, every response body over 1 MiB is cut at half its length.
     cut_large: Arc<AtomicBool>,
+    /// When set, every response body over 1 MiB trickles (about 2.5 MiB/s),
+    /// so a test can act while a download is under way.
+    slow_large: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     injected: Arc<Mutex<BTreeMap<Fault, u64>>>,
 }
@@ -71,9 +74,10 @@ impl FaultProxy {
         let injected = Arc::new(Mutex::new(BTreeMap::new()));
         let rng = Arc::new(Mutex::new(Rng::new(seed)));
         let cut_large = Arc::new(AtomicBool::new(false));
+        let slow_large = Arc::new(AtomicBool::new(false));
         {
             let (rate, stop, injected) = (rate.clone(), stop.clone(), injected.clone());
-            let cut_large = cut_large.clone();
+            let (cut_large, slow_large) = (cut_large.clone(), slow_large.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -98,9 +102,12 @@ impl FaultProxy {
                                 }
                             };
                             let injected = injected.clone();
-                            let cut = cut_large.load(Ordering::Relaxed);
+                            let large = Large {
+                                cut: cut_large.load(Ordering::Relaxed),
+                                slow: slow_large.load(Ordering::Relaxed),
+                            };
                             std::thread::spawn(move || {
-                                let _ = serve(client, upstream, pick, cut, &injected);
+                                let _ = serve(client, upstream, pick, large, &injected);
                             });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -112,9 +119,15 @@ impl FaultProxy {
             port,
             rate,
             cut_large,
+            slow_large,
             stop,
             injected,
         }
+    }
+
+    /// Makes every response body over 1 MiB trickle.
+    pub fn slow_large_bodies(&self, on: bool) {
+        self.slow_large.store(on, Ordering::Relaxed);
     }
 
     pub fn endpoint(&self) -> String {
@@ -218,11 +231,18 @@ fn error_reply(status: &str, code: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// What happens to response bodies over 1 MiB.
+#[derive(Clone, Copy)]
+struct Large {
+    cut: bool,
+    slow: bool,
+}
+
 fn serve(
     client: TcpStream,
     upstream: u16,
     fault: Option<(Fault, u64)>,
-    cut_large: bool,
+    large: Large,
     injected: &Mutex<BTreeMap<Fault, u64>>,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
@@ -271,7 +291,8 @@ fn serve(
     let rhead = read_head(&mut ur)?;
     out.write_all(without_connection(&rhead).as_bytes())?;
     let len: Option<u64> = header(&rhead, "content-length").and_then(|v| v.parse().ok());
-    if cut_large && len.is_some_and(|l| l > 1 << 20) {
+    let is_large = len.is_some_and(|l| l > 1 << 20);
+    if large.cut && is_large {
         truncate = len.map(|l| l / 2); // kept: (l / 2) % l, half the body
     }
     match (truncate, len) {
@@ -280,6 +301,17 @@ fn serve(
             let keep = x % len;
             std::io::copy(&mut ur.take(keep), &mut out)?;
             // Closing here leaves the client short of the length it was promised.
+        }
+        _ if large.slow && is_large => {
+            let mut buf = vec![0u8; 64 << 10];
+            loop {
+                let n = ur.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                out.write_all(&buf[..n])?;
+                std::thread::sleep(Duration::from_millis(25));
+            }
         }
         _ => {
             std::io::copy(&mut ur, &mut out)?;
