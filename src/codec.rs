@@ -492,7 +492,7 @@ fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error 
 
 /// Maps an error from reading a decoder to the library error naming the object.
 pub fn read_error(object: &str, e: io::Error) -> Error {
-    if let Some(t) = crate::storage::transport_cause(&e) {
+    if let Some(t) = crate::error::transport_cause(&e) {
         return Error::Other(format!(
             "reading {object} failed in transport, not because of its contents: {t} (retry when the target is reachable)"
         ));

@@ -753,7 +753,6 @@ fn check_target(
                     .as_ref()
                     .map(|p| resolve(p.get_ref())),
                 ca_file: raw.ca_file.as_ref().map(|p| resolve(p.get_ref())),
-                verify_tls: raw.verify_tls.unwrap_or(true),
                 request_checksums: raw.request_checksums.unwrap_or(false),
             }))
         }

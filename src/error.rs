@@ -173,3 +173,28 @@ impl std::fmt::Display for Diagnostic {
         }
     }
 }
+
+/// A read that failed in transport (the connection dropped, the body was
+/// cut short), not because the bytes were wrong. Backends wrap such errors
+/// in it so a restore or verify reports a network failure (exit 1) and not
+/// a damaged object (exit 3).
+#[derive(Debug)]
+pub struct Transport(pub String);
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Transport {}
+
+/// An `io::Error` carrying a [`Transport`] failure.
+pub fn transport_error(msg: String) -> std::io::Error {
+    std::io::Error::other(Transport(msg))
+}
+
+/// The transport failure inside an error from a read chain, if that is what it is.
+pub fn transport_cause(e: &std::io::Error) -> Option<&Transport> {
+    e.get_ref().and_then(|i| i.downcast_ref::<Transport>())
+}

@@ -6,28 +6,28 @@
 //! docs/repository-format.md for the on-storage contract.
 
 pub mod cli;
-pub mod codec;
-pub mod config;
-pub mod context;
-pub mod daemon;
-pub mod demo;
-pub mod error;
+pub(crate) mod codec;
+pub(crate) mod config;
+pub(crate) mod context;
+pub(crate) mod daemon;
+pub(crate) mod demo;
+pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzz;
-pub mod history;
-pub mod keys;
-pub mod lease;
-pub mod lock;
-pub mod ops;
-pub mod pg;
-pub mod progress;
-pub mod repo;
-pub mod schedule;
-pub mod scratch;
-pub mod secret;
+pub(crate) mod history;
+pub(crate) mod keys;
+pub(crate) mod lease;
+pub(crate) mod lock;
+pub(crate) mod ops;
+pub(crate) mod pg;
+pub(crate) mod progress;
+pub(crate) mod repo;
+pub(crate) mod schedule;
+pub(crate) mod scratch;
+pub(crate) mod secret;
 pub mod sqlite;
-pub mod state_dir;
-pub mod storage;
-pub mod units;
+pub(crate) mod state_dir;
+pub(crate) mod storage;
+pub(crate) mod units;
 
 pub use error::{Error, Result};

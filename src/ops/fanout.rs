@@ -6,9 +6,55 @@
 
 use serde::Serialize;
 
-use super::TargetFilter;
 use crate::config::{Config, Policy, Target};
 use crate::error::{Error, Result};
+
+/// Which of a policy's targets an operation applies to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetFilter {
+    /// Every target of the policy.
+    All,
+    /// Targets of one kind (`local` or `s3`), as the `-local`/`-s3` commands mean.
+    Kind(&'static str),
+    /// One target by name.
+    Name(String),
+}
+
+impl TargetFilter {
+    /// The policy's targets that pass the filter.
+    pub fn select<'c>(&self, cfg: &'c Config, policy: &Policy) -> Result<Vec<&'c Target>> {
+        let mut out = Vec::new();
+        for name in &policy.targets {
+            let t = cfg.target(name)?;
+            let keep = match self {
+                TargetFilter::All => true,
+                TargetFilter::Kind(k) => t.kind.word() == *k,
+                TargetFilter::Name(n) => &t.name == n,
+            };
+            if keep {
+                out.push(t);
+            }
+        }
+        if out.is_empty()
+            && let TargetFilter::Name(n) = self
+        {
+            return Err(Error::NotFound(format!(
+                "policy '{}' has no target named '{n}' (its targets: {})",
+                policy.name,
+                policy.targets.join(", ")
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// The policies an operation applies to: the named one, or all of them.
+pub fn select_policies<'c>(cfg: &'c Config, name: Option<&str>) -> Result<Vec<&'c Policy>> {
+    match name {
+        Some(n) => Ok(vec![cfg.policy(n)?]),
+        None => Ok(cfg.policies.iter().collect()),
+    }
+}
 
 /// One policy on one target that failed.
 #[derive(Debug)]

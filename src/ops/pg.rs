@@ -367,9 +367,8 @@ fn verify_problems(text: &str) -> Vec<String> {
             let bad_count =
                 counted.contains(&name.trim()) && n.trim().parse::<u64>().is_ok_and(|n| n > 0);
             // A backup's own status: `valid`, else what is wrong with it.
-            let bad_status = name.trim() == "status"
-                && !line.starts_with("status:")
-                && n.trim() != "valid";
+            let bad_status =
+                name.trim() == "status" && !line.starts_with("status:") && n.trim() != "valid";
             if bad_count || bad_status {
                 out.push(line.to_string());
                 break;
@@ -460,7 +459,11 @@ mod tests {
         assert!(p.iter().any(|l| l == "status: error"), "{p:?}");
         assert!(p.iter().any(|l| l.contains("status: invalid")), "{p:?}");
         let real = "stanza: main\nstatus: ok\n  archiveId: 15-1, total WAL checked: 5, total valid WAL: 5\n    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n  backup: 20261125-152936F_20261125-152939I, status: valid, total files checked: 977, total valid files: 977\n    missing: 0, checksum invalid: 0, size invalid: 0, other: 0\n";
-        assert!(verify_problems(real).is_empty(), "{:?}", verify_problems(real));
+        assert!(
+            verify_problems(real).is_empty(),
+            "{:?}",
+            verify_problems(real)
+        );
         // A line that merely contains the word "error" is not a failure.
         let fine = "stanza: error-logs\nstatus: ok\n";
         assert!(verify_problems(fine).is_empty());

@@ -5,10 +5,10 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::info::Listing;
+use super::listing::{self, Listing};
 use super::report::{BackupReport, Expired, RestoreReport, Verified};
 use super::restore::RestoreOptions;
-use super::{backup, expire, info, pg, restore, verify};
+use super::{backup, expire, pg, restore, verify};
 use crate::config::{self, PgSource, Policy, Target};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -115,8 +115,8 @@ impl<'p> Source<'p> {
     /// the listing, not as an error.
     pub fn list(&self, ctx: &Context, target: &Target) -> Listing {
         match *self {
-            Source::Sqlite { policy, .. } => info::list_sqlite(ctx, policy, target),
-            Source::Postgres { policy, pg } => info::list_pg(ctx, policy, pg, target),
+            Source::Sqlite { policy, .. } => listing::list_sqlite(ctx, policy, target),
+            Source::Postgres { policy, pg } => listing::list_pg(ctx, policy, pg, target),
         }
     }
 

@@ -18,7 +18,7 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use chrono::{DateTime, Utc};
 
 use super::{ObjectMeta, ObjectWriter, Storage};
-use crate::error::{Error, Result};
+use crate::error::{Error, Result, transport_error};
 
 /// Size of one multipart part: big enough for throughput, small enough that
 /// `MAX_IN_FLIGHT` of them stay well inside the memory budget.
@@ -37,7 +37,6 @@ pub struct S3Settings {
     pub access_key_id_file: Option<PathBuf>,
     pub secret_access_key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
-    pub verify_tls: bool,
     pub request_checksums: bool,
 }
 
@@ -468,9 +467,7 @@ impl Read for S3Reader {
                 Some(Ok(c)) => self.chunk = c,
                 Some(Err(e)) => return Err(e),
                 None => {
-                    return Err(super::transport_error(
-                        "download stopped before the end".into(),
-                    ));
+                    return Err(transport_error("download stopped before the end".into()));
                 }
             }
         }
@@ -663,7 +660,7 @@ impl Storage for S3Storage {
                     Ok(Some(chunk)) if chunk.is_empty() => continue,
                     Ok(Some(chunk)) => Ok(chunk),
                     Ok(None) => Ok(bytes::Bytes::new()),
-                    Err(e) => Err(super::transport_error(format!(
+                    Err(e) => Err(transport_error(format!(
                         "target '{}': download of {label} failed: {}",
                         owner.name,
                         DisplayErrorContext(&e)

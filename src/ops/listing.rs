@@ -1,0 +1,253 @@
+//! What a target holds for one policy, as each source lists it: backups,
+//! interrupted backups, and (SQLite) the WAL and the local streamer's view.
+//! Read-only: listing never writes, locks or takes over anything.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Serialize, Serializer};
+
+use super::PolicyRepo;
+use super::report::BackupKind;
+use crate::config::{PgSource, Policy, Target};
+use crate::context::Context;
+use crate::error::Result;
+use crate::repo::{self, BackupType};
+use crate::sqlite::stream::StreamState;
+
+/// What one target holds for a policy, as a source lists it.
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub backups: Vec<BackupInfo>,
+    pub incomplete: Vec<String>,
+    pub wal: Option<WalInfo>,
+    /// Why the target could not be read, if it could not.
+    pub error: Option<String>,
+}
+
+/// The WAL of a policy on one target.
+#[derive(Debug, Serialize)]
+pub struct WalInfo {
+    pub generations: Vec<GenerationInfo>,
+    /// Instants a `--at` restore can reach, merged, oldest first.
+    pub windows: Vec<repo::wal::Window>,
+    /// The streamer on this host, as it last reported (none if it never ran here).
+    pub stream: Option<StreamInfo>,
+}
+
+/// One generation: an unbroken run of commits.
+#[derive(Debug, Serialize)]
+pub struct GenerationInfo {
+    pub id: String,
+    pub segments: usize,
+    pub stored_size: u64,
+    pub first_frame: Option<u64>,
+    pub last_frame: Option<u64>,
+    pub first_commit: Option<DateTime<Utc>>,
+    /// Until when every commit is in the generation's segments.
+    pub covered_until: Option<DateTime<Utc>>,
+    /// Backups that a replay of this generation can start from.
+    pub bases: Vec<String>,
+    /// Missing frames between stored segments: nothing after a gap can be
+    /// replayed from a backup before it.
+    pub gaps: Vec<String>,
+}
+
+/// The local streamer's view of this target.
+#[derive(Debug, Serialize)]
+pub struct StreamInfo {
+    pub generation: String,
+    pub host: String,
+    pub pid: u32,
+    pub updated: Option<DateTime<Utc>>,
+    /// Seconds since the oldest commit not yet on this target (0: caught up).
+    pub lag_seconds: Option<f64>,
+    /// Until when every commit is on this target.
+    pub shipped_until: Option<DateTime<Utc>>,
+    pub spool_bytes: u64,
+    pub spool_max: u64,
+    pub spool_full: bool,
+    pub error: Option<String>,
+}
+
+fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> std::result::Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::Secs, true))
+}
+
+/// One committed backup.
+#[derive(Debug, Serialize)]
+pub struct BackupInfo {
+    pub label: String,
+    #[serde(rename = "type")]
+    pub kind: BackupKind,
+    pub parent: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub timestamp_start: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
+    pub timestamp_stop: DateTime<Utc>,
+    pub size: u64,
+    pub stored_size: u64,
+    /// Set when the manifest is damaged; the backup cannot be restored.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// PostgreSQL: the first and last WAL segment the backup needs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_stop: Option<String>,
+}
+
+/// A PostgreSQL policy's backups on one target, from pgBackRest's own info.
+pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -> Listing {
+    let mut l = Listing::default();
+    let list = match super::pg::list(ctx, policy, pg, target) {
+        Ok(list) => list,
+        Err(e) => {
+            l.error = Some(e.to_string());
+            return l;
+        }
+    };
+    for b in list {
+        let Some(kind) = BackupKind::from_word(&b.kind) else {
+            l.error = Some(format!(
+                "pgbackrest lists backup {} with type '{}', which this dr does not know",
+                b.label, b.kind
+            ));
+            continue;
+        };
+        l.backups.push(BackupInfo {
+            kind,
+            label: b.label,
+            parent: b.prior,
+            timestamp_start: b.start,
+            timestamp_stop: b.stop,
+            size: b.delta,
+            stored_size: b.repo_delta.unwrap_or(0),
+            error: b
+                .error
+                .then(|| "pgBackRest reports errors in this backup".to_string()),
+            archive_start: b.archive_start,
+            archive_stop: b.archive_stop,
+        });
+    }
+    l
+}
+
+/// A SQLite policy's backups and WAL on one target. When the target cannot
+/// be read, the streamer's own view still says why and how far behind.
+pub fn list_sqlite(ctx: &Context, policy: &Policy, target: &Target) -> Listing {
+    let mut l = Listing::default();
+    if let Err(e) = collect(ctx, target, policy, &mut l) {
+        l.error = Some(e.to_string());
+        let stream = stream_info(ctx, policy, &target.name);
+        l.wal = stream.map(|s| WalInfo {
+            generations: Vec::new(),
+            windows: Vec::new(),
+            stream: Some(s),
+        });
+    }
+    l
+}
+
+fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()> {
+    let store = ctx.storage(t)?;
+    let repo = PolicyRepo {
+        storage: store.as_ref(),
+        policy: &p.name,
+    };
+    let mut bases = Vec::new();
+    let dirs = repo.dirs()?;
+    ti.incomplete = dirs
+        .iter()
+        .filter(|d| !d.has_manifest)
+        .map(|d| d.label.to_string())
+        .collect();
+    for c in repo.committed_of(&dirs) {
+        let label = c.dir.label.to_string();
+        match c.manifest {
+            Ok(m) => ti.backups.push({
+                bases.extend(super::wal_base(&m));
+                BackupInfo {
+                    label,
+                    kind: m.kind.into(),
+                    parent: m.parent.as_ref().map(|p| p.to_string()),
+                    timestamp_start: m.timestamp_start,
+                    timestamp_stop: m.timestamp_stop,
+                    size: m.plain_size(),
+                    stored_size: m.stored_size(),
+                    error: None,
+                    archive_start: None,
+                    archive_stop: None,
+                }
+            }),
+            Err(e) => ti.backups.push(BackupInfo {
+                label,
+                kind: c.dir.label.kind().into(),
+                parent: (c.dir.label.kind() == BackupType::Diff)
+                    .then(|| c.dir.label.full_label().to_string()),
+                timestamp_start: c.dir.label.time(),
+                timestamp_stop: c.dir.label.time(),
+                size: 0,
+                stored_size: 0,
+                error: Some(e.to_string()),
+                archive_start: None,
+                archive_stop: None,
+            }),
+        }
+    }
+    let prefix = repo::wal::wal_prefix(&p.name);
+    let listing = store.list(&prefix)?;
+    let state = StreamState::load(&ctx.state().stream_state(&p.name));
+    if listing.is_empty() && !p.wal.enabled && state.is_none() {
+        return Ok(());
+    }
+    let segs = repo::wal::segments(&prefix, &listing);
+    let gaps = repo::wal::gaps(&segs);
+    let generations = repo::wal::generations(&prefix, &listing)
+        .into_iter()
+        .map(|g| {
+            let mine: Vec<_> = segs.iter().filter(|s| s.generation == g).collect();
+            GenerationInfo {
+                segments: mine.len(),
+                stored_size: mine.iter().map(|s| s.size).sum(),
+                first_frame: mine.first().map(|s| s.first),
+                last_frame: mine.last().map(|s| s.last),
+                first_commit: mine.first().map(|s| s.first_commit),
+                covered_until: mine.iter().map(|s| s.until).max(),
+                bases: bases
+                    .iter()
+                    .filter(|b| b.generation == g)
+                    .map(|b| b.label.clone())
+                    .collect(),
+                gaps: gaps
+                    .iter()
+                    .filter(|x| x.generation == g)
+                    .map(ToString::to_string)
+                    .collect(),
+                id: g,
+            }
+        })
+        .collect();
+    ti.wal = Some(WalInfo {
+        generations,
+        windows: repo::wal::windows(&bases, &segs),
+        stream: stream_info(ctx, p, &t.name),
+    });
+    Ok(())
+}
+
+/// The local streamer's last report for one target, if it ever ran here.
+fn stream_info(ctx: &Context, p: &Policy, target: &str) -> Option<StreamInfo> {
+    let st = StreamState::load(&ctx.state().stream_state(&p.name))?;
+    let shipped = st.targets.get(target);
+    Some(StreamInfo {
+        lag_seconds: st.lag(target, Utc::now()),
+        shipped_until: shipped.and_then(|s| s.until),
+        error: shipped.and_then(|s| s.error.clone()),
+        generation: st.generation.clone(),
+        host: st.host.clone(),
+        pid: st.pid,
+        updated: st.updated,
+        spool_bytes: st.spool_bytes,
+        spool_max: st.spool_max,
+        spool_full: st.spool_full,
+    })
+}

@@ -1,0 +1,126 @@
+//! A policy's backups on one target, as stored: the listing grouped into
+//! backups, each with its manifest when the backup is intact.
+
+use crate::error::{Error, Result};
+use crate::repo::{self, BackupDir, Label, Manifest};
+use crate::storage::Storage;
+
+/// A policy's backups on one target, as stored.
+#[derive(Debug)]
+pub struct PolicyRepo<'a> {
+    pub storage: &'a dyn Storage,
+    pub policy: &'a str,
+}
+
+/// A committed backup with its manifest, or the reason its manifest is unusable.
+#[derive(Debug)]
+pub struct Committed {
+    pub dir: BackupDir,
+    pub manifest: Result<Manifest>,
+}
+
+impl Committed {
+    /// How retention and restore see this backup.
+    pub fn candidate(&self) -> repo::retention::Candidate {
+        repo::retention::Candidate {
+            label: self.dir.label.clone(),
+            intact: self.manifest.is_ok(),
+        }
+    }
+}
+
+impl PolicyRepo<'_> {
+    /// Every label directory, committed or not, oldest first.
+    pub fn dirs(&self) -> Result<Vec<BackupDir>> {
+        let prefix = repo::backup_prefix(self.policy);
+        let listing = self.storage.list(&prefix)?;
+        Ok(repo::group_backups(&prefix, &listing))
+    }
+
+    /// Reads and checks one manifest.
+    pub fn manifest(&self, label: &Label) -> Result<Manifest> {
+        let key = repo::object_key(self.policy, label, repo::MANIFEST);
+        let bytes = self.storage.get_bytes(&key)?;
+        let m = Manifest::from_bytes(&bytes).map_err(|reason| Error::Integrity {
+            object: format!("target '{}': {key}", self.storage.target()),
+            reason,
+        })?;
+        if &m.label != label {
+            return Err(Error::Integrity {
+                object: format!("target '{}': {key}", self.storage.target()),
+                reason: format!("manifest is for backup {}, not {label}", m.label),
+            });
+        }
+        Ok(m)
+    }
+
+    /// Committed backups, oldest first, each with its manifest when the
+    /// backup is intact (see [`repo::catalog::check_intact`]), or why not.
+    pub fn committed(&self) -> Result<Vec<Committed>> {
+        Ok(self.committed_of(&self.dirs()?))
+    }
+
+    /// [`Self::committed`] for directories the caller listed already.
+    pub fn committed_of(&self, dirs: &[BackupDir]) -> Vec<Committed> {
+        dirs.iter()
+            .filter(|d| d.has_manifest)
+            .map(|dir| Committed {
+                dir: dir.clone(),
+                manifest: self.intact_manifest(dir),
+            })
+            .collect()
+    }
+
+    /// Reads the manifest of a listed backup and checks it against the listing.
+    fn intact_manifest(&self, dir: &BackupDir) -> Result<Manifest> {
+        let m = self.manifest(&dir.label)?;
+        repo::catalog::check_intact(dir, &m).map_err(|reason| Error::Integrity {
+            object: format!(
+                "target '{}': backup {} of policy '{}'",
+                self.storage.target(),
+                dir.label,
+                self.policy
+            ),
+            reason,
+        })?;
+        Ok(m)
+    }
+
+    /// The manifests a restore of `label` needs, its full then the diff
+    /// itself, each checked intact against a fresh listing: a missing or
+    /// truncated object is an integrity failure (exit 3), found before any
+    /// byte is written.
+    pub fn chain(&self, label: &Label) -> Result<Vec<Manifest>> {
+        let dirs = self.dirs()?;
+        let target = self.storage.target();
+        let find = |l: &Label| -> Result<Manifest> {
+            match dirs.iter().find(|d| &d.label == l && d.has_manifest) {
+                Some(d) => self.intact_manifest(d),
+                None if l == label => Err(Error::NotFound(format!(
+                    "no committed backup {l} of policy '{}' on target '{target}'",
+                    self.policy
+                ))),
+                None => Err(Error::Integrity {
+                    object: format!("backup {label}"),
+                    reason: format!("its full backup {l} is missing from target '{target}'"),
+                }),
+            }
+        };
+        let m = find(label)?;
+        if m.kind == repo::BackupType::Full {
+            return Ok(vec![m]);
+        }
+        let p = find(&label.full_label())?;
+        Ok(vec![p, m])
+    }
+}
+
+/// A committed backup as a starting point for WAL replay, if it has a WAL position.
+pub fn wal_base(m: &Manifest) -> Option<repo::wal::Base> {
+    m.wal.as_ref().map(|w| repo::wal::Base {
+        label: m.label.to_string(),
+        generation: w.generation.clone(),
+        seq: w.frame,
+        taken: m.timestamp_start,
+    })
+}
