@@ -177,7 +177,10 @@ pub enum Command {
         json: bool,
     },
     /// Restore drill: read back, decrypt, check hashes, restore to a scratch
-    /// file and run integrity_check. Exit code 3 when anything fails.
+    /// file and run integrity_check, on every target of every policy (or
+    /// the ones named). PostgreSQL: pgbackrest verify, its report read.
+    /// Exit code 3 when a drill finds damage or nothing to restore, 1 when a
+    /// target cannot be reached; every target is tried.
     Verify {
         policy: Option<String>,
         /// Backup label; the newest on each target when omitted.
