@@ -32,33 +32,10 @@ type DataWriter = PageWriter<BufWriter<Encoder<Box<dyn ObjectWriter>>>>;
 
 /// Backs up the SQLite database `db` of `policy` to `target`, then expires
 /// by the policy's retention. A streamed policy's backup records its WAL
-/// position from the state file of the streamer on this host, if any.
+/// position: from `stream` when the streamer itself takes it (a new
+/// generation's base, state handed over in memory), else from the state
+/// file of the streamer on this host, if any.
 pub fn backup(
-    ctx: &Context,
-    policy: &Policy,
-    db: &Path,
-    target: &Target,
-    kind: Option<BackupType>,
-    progress: &dyn Progress,
-) -> Result<BackupReport> {
-    take(ctx, policy, db, target, kind, progress, None)
-}
-
-/// [`backup`] by the streamer itself (a new generation's base), which
-/// hands over its state in memory.
-pub fn backup_in_stream(
-    ctx: &Context,
-    policy: &Policy,
-    db: &Path,
-    target: &Target,
-    kind: Option<BackupType>,
-    progress: &dyn Progress,
-    stream: &Mutex<StreamState>,
-) -> Result<BackupReport> {
-    take(ctx, policy, db, target, kind, progress, Some(stream))
-}
-
-fn take(
     ctx: &Context,
     policy: &Policy,
     db: &Path,

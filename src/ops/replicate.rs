@@ -325,14 +325,14 @@ fn base_one(
         return Ok(());
     }
     let _lock = super::source::lock(ctx, policy, t, "backup", Duration::from_secs(600))?;
-    let r = super::backup::backup_in_stream(
+    let r = super::backup::backup(
         ctx,
         policy,
         db,
         t,
         Some(repo::BackupType::Full),
         &Silent,
-        state,
+        Some(state),
     )?;
     tracing::info!(policy = %policy.name, target = %target, label = %r.label, generation, "generation base committed");
     Ok(())

@@ -64,7 +64,7 @@ impl<'p> Source<'p> {
         let _lock = lock(ctx, self.policy(), target, "backup", opts.lock_wait)?;
         match *self {
             Source::Sqlite { policy, db } => {
-                backup::backup(ctx, policy, db, target, opts.kind, progress)
+                backup::backup(ctx, policy, db, target, opts.kind, progress, None)
             }
             Source::Postgres { policy, pg } => pg::backup(ctx, policy, pg, target, opts.kind),
         }
