@@ -12,6 +12,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use crate::config;
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::ops::runs::RunLog;
 use crate::ops::{self, BackupOptions, Source, TargetFilter, fanout};
 use crate::progress::Progress;
 use crate::repo::BackupType;
@@ -183,9 +184,17 @@ pub enum Command {
     /// target cannot be reached; every target is tried.
     Verify {
         policy: Option<String>,
-        /// Backup label; the newest on each target when omitted.
+        /// Drill this backup (and its full) only, instead of the whole repository.
         #[arg(long)]
         backup: Option<String>,
+        /// Restore every backup to a scratch file, not only the newest.
+        #[arg(long, conflicts_with = "backup")]
+        restore_all: bool,
+        /// Read back only this percentage of the older backups and WAL
+        /// segments, chosen at random (restic's read-data-subset); the
+        /// newest backup is always restored.
+        #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
+        sample: Option<f64>,
         #[arg(long)]
         target: Option<String>,
         #[arg(long, env = "DR_IDENTITY")]
@@ -381,27 +390,61 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Verify {
             policy,
             backup,
+            restore_all,
+            sample,
             target,
             identity,
             json,
         } => {
             let ctx = Context::load(&cli.config)?;
+            let opts = ops::verify::VerifyOptions {
+                label: backup.clone(),
+                identity: identity.clone(),
+                restore_all: *restore_all,
+                sample: *sample,
+            };
             let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
             let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(None, target.as_ref()))?;
+            let log = RunLog::open(&ctx);
             let out = fanout::each(&pairs, "verify", |p, t| {
+                log.start(p, "verify");
+                let started = chrono::Utc::now();
                 let pb = progress(*json, &format!("verify {}/{}", p.name, t.name));
-                let v = Source::of(p).verify(&ctx, t, backup.as_deref(), identity.as_deref(), &pb);
+                let v = Source::of(p).verify(&ctx, t, &opts, &pb);
                 drop(pb);
+                let recorded = v.as_ref().map(|v| (v.label.clone(), 0));
+                log.record(
+                    p,
+                    t,
+                    "verify",
+                    started,
+                    &recorded.map_err(|e| Error::Other(e.to_string())),
+                );
                 match &v {
                     Ok(v) if !*json => println!(
-                        "ok    {} on {}: {} ({:.1}s)",
-                        v.policy, v.target, v.label, v.seconds
+                        "ok    {} on {}: {} ({:.1}s){}",
+                        v.policy,
+                        v.target,
+                        v.label,
+                        v.seconds,
+                        match (v.backups_read, v.segments_read) {
+                            (Some(b), Some(s)) => format!(
+                                ": {b} backup(s) and {s} WAL segment(s) read back, {} restored",
+                                v.restored.len()
+                            ),
+                            _ => String::new(),
+                        }
                     ),
                     Err(e) if !*json => println!("FAIL  {} on {}: {e}", p.name, t.name),
                     _ => {}
                 }
                 v
             });
+            for p in &policies {
+                if pairs.iter().any(|(q, _)| q.name == p.name) {
+                    log.finish(p, "verify", &out.failures);
+                }
+            }
             finish(out, *json)
         }
         Command::Expire {
@@ -477,15 +520,38 @@ fn backup(config_path: &Path, a: &BackupArgs, kind: &'static str) -> Result<()> 
             None => format!("no policy has a {kind} target"),
         }));
     }
+    // Recorded and reported like the daemon's runs, so a crontab line is
+    // covered by /healthz, catch-up and the policy's alerts.
+    let log = RunLog::open(&ctx);
+    let job = opts.kind.map_or("backup", BackupType::word);
     let out = fanout::each(&pairs, "backup", |p, t| {
+        log.start(p, job);
+        let started = chrono::Utc::now();
         let pb = progress(a.json, &format!("{} -> {}", p.name, t.name));
         let r = Source::of(p).backup(&ctx, t, &opts, &pb);
         drop(pb);
+        let kind = match &r {
+            Ok(r) => r.kind.to_string(),
+            Err(_) => opts.kind.unwrap_or(BackupType::Diff).word().to_string(),
+        };
+        let recorded = r.as_ref().map(|r| (r.label.clone(), r.stored_size));
+        log.record(
+            p,
+            t,
+            &kind,
+            started,
+            &recorded.map_err(|e| Error::Other(e.to_string())),
+        );
         if let (Ok(r), false) = (&r, a.json) {
             print_backup(r);
         }
         r
     });
+    for p in &policies {
+        if pairs.iter().any(|(q, _)| q.name == p.name) {
+            log.finish(p, job, &out.failures);
+        }
+    }
     finish(out, a.json)
 }
 
@@ -582,6 +648,16 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         println!("{n}");
     }
     Ok(())
+}
+
+/// Parses `--sample`: a percentage above 0 and at most 100.
+fn parse_percent(s: &str) -> std::result::Result<f64, String> {
+    match s.trim_end_matches('%').parse::<f64>() {
+        Ok(p) if p > 0.0 && p <= 100.0 => Ok(p),
+        _ => Err(format!(
+            "'{s}' is not a percentage: write a number above 0 and at most 100, e.g. 10"
+        )),
+    }
 }
 
 /// Parses `--at`: RFC 3339, or `YYYY-MM-DD HH:MM:SS[.fff]` taken as UTC.

@@ -35,6 +35,8 @@ struct RawMain {
 #[derive(Debug, Default, Deserialize)]
 struct RawNotify {
     ping_url: Option<Spanned<String>>,
+    kuma_url: Option<Spanned<String>>,
+    ntfy_url: Option<Spanned<String>>,
     webhook_url: Option<Spanned<String>>,
 }
 
@@ -71,6 +73,7 @@ struct RawDaemon {
 #[derive(Debug, Deserialize)]
 struct RawPolicy {
     name: Spanned<String>,
+    notify: Option<RawNotify>,
     targets: Spanned<Vec<Spanned<String>>>,
     source: Spanned<RawSource>,
     #[serde(default)]
@@ -108,6 +111,7 @@ struct RawRetention {
     full: Option<Spanned<u32>>,
     diff: Option<Spanned<u32>>,
     incomplete_grace: Option<Spanned<String>>,
+    window: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -139,12 +143,17 @@ pub struct Config {
     pub notify: Notify,
 }
 
-/// Where the daemon reports runs (`[notify]` in dr.toml).
+/// Where runs are reported (`[notify]` in dr.toml, or in a policy, which
+/// then replaces the global one for that policy). See `notify.rs`.
 #[derive(Debug, Clone, Default)]
 pub struct Notify {
-    /// healthchecks.io / Uptime Kuma style: `URL/start`, `URL`, `URL/fail`.
+    /// healthchecks.io style: `URL/start`, `URL`, `URL/fail`.
     pub ping_url: Option<String>,
-    /// Receives a JSON document for every finished run.
+    /// Uptime Kuma push URL: `?status=up|down&msg=` is added.
+    pub kuma_url: Option<String>,
+    /// ntfy topic URL: a message on every failure.
+    pub ntfy_url: Option<String>,
+    /// Receives a JSON document for every start and finished run.
     pub webhook_url: Option<String>,
 }
 
@@ -174,6 +183,8 @@ pub struct Policy {
     pub compression_level: i32,
     /// False only when the policy says `encryption = "none"`.
     pub encrypted: bool,
+    /// The policy's own `[notify]`, replacing the global one.
+    pub notify: Option<Notify>,
 }
 
 /// What a policy backs up.
@@ -220,6 +231,8 @@ pub struct Retention {
     pub diff: Option<u32>,
     /// How old an interrupted backup (no manifest) must be before expire removes it.
     pub incomplete_grace: Duration,
+    /// Every instant this far back stays restorable, whatever the counts say.
+    pub window: Option<Duration>,
 }
 
 impl Default for Retention {
@@ -228,6 +241,7 @@ impl Default for Retention {
             full: None,
             diff: None,
             incomplete_grace: Duration::from_secs(3600),
+            window: None,
         }
     }
 }
@@ -247,6 +261,11 @@ pub struct Wal {
 }
 
 impl Config {
+    /// Where `policy`'s runs are reported: its own `[notify]`, else the global one.
+    pub fn notify_for<'a>(&'a self, policy: &'a Policy) -> &'a Notify {
+        policy.notify.as_ref().unwrap_or(&self.notify)
+    }
+
     /// The policy of that name, or an error listing the known ones.
     pub fn policy(&self, name: &str) -> Result<&Policy> {
         self.policies
@@ -424,23 +443,7 @@ pub fn load(path: &Path) -> Result<Config> {
         },
         None => chrono_tz::UTC,
     };
-    let mut notify = Notify::default();
-    for (field, slot) in [
-        (&raw.notify.ping_url, &mut notify.ping_url),
-        (&raw.notify.webhook_url, &mut notify.webhook_url),
-    ] {
-        if let Some(u) = field {
-            let v = u.get_ref();
-            if v.starts_with("http://") || v.starts_with("https://") {
-                *slot = Some(v.trim_end_matches('/').to_string());
-            } else {
-                d.at(
-                    u.span(),
-                    format!("notify URL '{v}' must start with http:// or https://"),
-                );
-            }
-        }
-    }
+    let notify = notify_of(&raw.notify, &mut d);
 
     let policy_dir = raw
         .policies
@@ -931,6 +934,29 @@ fn check_policy(
                 }
             }
         }
+        if let Some(w) = &r.window {
+            match humantime::parse_duration(w.get_ref()) {
+                Ok(v) if v > MAX_GRACE || v.is_zero() => {
+                    d.at(
+                        w.span(),
+                        format!(
+                            "retention.window = \"{}\" must be more than 0 and at most {}: write e.g. \"7d\" or \"36h\"",
+                            w.get_ref(),
+                            humantime::format_duration(MAX_GRACE)
+                        ),
+                    );
+                    ok = false;
+                }
+                Ok(v) => retention.window = Some(v),
+                Err(e) => {
+                    d.at(
+                        w.span(),
+                        format!("retention.window: {e} (write e.g. \"7d\" or \"36h\")"),
+                    );
+                    ok = false;
+                }
+            }
+        }
     }
 
     let mut wal = Wal {
@@ -1022,6 +1048,7 @@ fn check_policy(
         }
     };
     let source = source?;
+    let notify = rp.notify.as_ref().map(|n| notify_of(n, d));
     ok.then(|| Policy {
         name,
         file: file.to_path_buf(),
@@ -1032,7 +1059,32 @@ fn check_policy(
         wal,
         compression_level,
         encrypted,
+        notify,
     })
+}
+
+/// The `[notify]` URLs, each checked to be http(s).
+fn notify_of(raw: &RawNotify, d: &mut FileDiags<'_>) -> Notify {
+    let mut notify = Notify::default();
+    for (field, slot) in [
+        (&raw.ping_url, &mut notify.ping_url),
+        (&raw.kuma_url, &mut notify.kuma_url),
+        (&raw.ntfy_url, &mut notify.ntfy_url),
+        (&raw.webhook_url, &mut notify.webhook_url),
+    ] {
+        if let Some(u) = field {
+            let v = u.get_ref();
+            if v.starts_with("http://") || v.starts_with("https://") {
+                *slot = Some(v.trim_end_matches('/').to_string());
+            } else {
+                d.at(
+                    u.span(),
+                    format!("notify URL '{v}' must start with http:// or https://"),
+                );
+            }
+        }
+    }
+    notify
 }
 
 /// Parses sizes like `1GiB`, `512MiB`, `10MB`, `4096`.

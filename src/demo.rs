@@ -199,7 +199,7 @@ pub fn run(dir: &Path) -> Result<()> {
     );
 
     println!("6. dr --config {} verify demo", cfg_path.display());
-    let v = source.verify(&ctx, target, None, None, &hidden)?;
+    let v = source.verify(&ctx, target, &Default::default(), &hidden)?;
     println!(
         "   ok: {} read back, decrypted, hashes match, integrity_check ok",
         v.label

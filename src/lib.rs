@@ -18,6 +18,7 @@ pub(crate) mod history;
 pub(crate) mod keys;
 pub(crate) mod lease;
 pub(crate) mod lock;
+pub(crate) mod notify;
 pub(crate) mod ops;
 pub(crate) mod pg;
 pub(crate) mod progress;

@@ -4,6 +4,11 @@
 //! first), with day-of-week 0 or 7 meaning Sunday. The `cron` crate counts
 //! days of week from 1 = Sunday, so numeric days are translated here once;
 //! names (`Sun`, `Mon-Fri`) pass through unchanged.
+//!
+//! Day of month and day of week combine as crontab(5) says: when both are
+//! restricted, the job runs on days matching *either* (`0 3 1 * 1` is 03:00
+//! on the 1st and on every Monday); the `cron` crate alone would require
+//! both.
 
 use std::str::FromStr;
 
@@ -14,6 +19,9 @@ use chrono::{DateTime, Utc};
 pub struct CronSpec {
     pub text: String,
     schedule: cron::Schedule,
+    /// With both day fields restricted: the day-of-week half of the OR
+    /// (`schedule` then holds the day-of-month half).
+    or_weekday: Option<cron::Schedule>,
     /// The zone the fields are read in (`[daemon] timezone`, default UTC).
     zone: chrono_tz::Tz,
 }
@@ -35,12 +43,24 @@ impl CronSpec {
             }
         };
         six[5] = translate_dow(&six[5]).map_err(|e| format!("cron expression '{text}': {e}"))?;
-        let expr = six.join(" ");
-        let schedule = cron::Schedule::from_str(&expr)
-            .map_err(|e| format!("cron expression '{text}' is not valid: {e}"))?;
+        let parse = |six: &[String]| {
+            cron::Schedule::from_str(&six.join(" "))
+                .map_err(|e| format!("cron expression '{text}' is not valid: {e}"))
+        };
+        let any = |f: &str| f == "*" || f == "?";
+        let (schedule, or_weekday) = if !any(&six[3]) && !any(&six[5]) {
+            let mut by_day = six.clone();
+            by_day[5] = "*".into();
+            let mut by_weekday = six.clone();
+            by_weekday[3] = "*".into();
+            (parse(&by_day)?, Some(parse(&by_weekday)?))
+        } else {
+            (parse(&six)?, None)
+        };
         Ok(CronSpec {
             text: text.to_string(),
             schedule,
+            or_weekday,
             zone: chrono_tz::UTC,
         })
     }
@@ -53,10 +73,15 @@ impl CronSpec {
 
     /// The first time this schedule fires strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.schedule
-            .after(&t.with_timezone(&self.zone))
-            .next()
-            .map(|d| d.with_timezone(&Utc))
+        let local = t.with_timezone(&self.zone);
+        let next = |s: &cron::Schedule| s.after(&local).next().map(|d| d.with_timezone(&Utc));
+        match (
+            next(&self.schedule),
+            self.or_weekday.as_ref().and_then(next),
+        ) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
@@ -101,6 +126,44 @@ fn translate_dow(field: &str) -> Result<String, String> {
 #[cfg(test)]
 mod zone_tests {
     use super::*;
+
+    #[test]
+    fn day_of_month_and_day_of_week_combine_with_or_as_in_crontab() {
+        // Sunday 2026-11-01 .. : the 1st is a Sunday, the 2nd a Monday.
+        let t = DateTime::parse_from_rfc3339("2026-11-01T04:00:00Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let s = CronSpec::parse("0 3 1 * 1").expect("parse");
+        let mut runs = Vec::new();
+        let mut at = t;
+        for _ in 0..4 {
+            at = s.next_after(at).expect("next");
+            runs.push(at.format("%m-%d %a").to_string());
+        }
+        assert_eq!(runs, ["11-02 Mon", "11-09 Mon", "11-16 Mon", "11-23 Mon"]);
+        let next = s
+            .next_after(
+                DateTime::parse_from_rfc3339("2026-11-30T04:00:00Z")
+                    .expect("t")
+                    .with_timezone(&Utc),
+            )
+            .expect("next");
+        assert_eq!(
+            next.format("%m-%d").to_string(),
+            "12-01",
+            "the 1st, a Tuesday"
+        );
+        // One day field restricted: that field alone decides.
+        let only_dom = CronSpec::parse("0 3 1 * *").expect("parse");
+        assert_eq!(
+            only_dom
+                .next_after(t)
+                .expect("next")
+                .format("%m-%d")
+                .to_string(),
+            "12-01"
+        );
+    }
 
     #[test]
     fn a_named_zone_moves_the_hour() {

@@ -21,7 +21,7 @@ use crate::sqlite::stream::StreamState;
 pub struct Problem {
     pub policy: String,
     pub target: String,
-    /// `overdue`, `failing` or `spool_full`.
+    /// `overdue`, `failing`, `verify_failed`, `streamer_down` or `spool_full`.
     pub problem: String,
     pub detail: String,
 }
@@ -49,11 +49,13 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
             .flatten()
             .filter_map(|s| period(s, now))
             .collect();
-        let Some(shortest) = periods.into_iter().min() else {
-            continue;
-        };
-        let allowed = shortest * 2 + chrono::Duration::seconds(60);
-        for t in &p.targets {
+        // Backups are overdue after twice the most frequent schedule's period.
+        let allowed = periods
+            .into_iter()
+            .min()
+            .map(|shortest| shortest * 2 + chrono::Duration::seconds(60));
+        for t in p.targets.iter().filter(|_| allowed.is_some()) {
+            let allowed = allowed.unwrap_or_default();
             let mut ok = None;
             let mut bad = None;
             for kind in ["full", "diff"] {
@@ -87,6 +89,49 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
                         None => "no successful backup recorded".into(),
                     },
                 });
+            }
+        }
+        for t in &p.targets {
+            let ok = history.last(&p.name, t, "verify", true)?;
+            if let Some(bad) = history.last(&p.name, t, "verify", false)?
+                && ok.as_ref().is_none_or(|o| bad.finished > o.finished)
+            {
+                out.push(Problem {
+                    policy: p.name.clone(),
+                    target: t.clone(),
+                    problem: "verify_failed".into(),
+                    detail: bad.error.clone().unwrap_or_default(),
+                });
+            }
+        }
+        if p.wal.enabled {
+            let status = shared
+                .streamers
+                .lock()
+                .ok()
+                .and_then(|s| s.get(&p.name).cloned());
+            match status {
+                Some(s) if s.up(now) => {}
+                Some(s) => out.push(Problem {
+                    policy: p.name.clone(),
+                    target: "*".into(),
+                    problem: "streamer_down".into(),
+                    detail: match &s.error {
+                        Some(e) if !s.running => format!(
+                            "stopped {} s ago after {} restart(s): {e}",
+                            (now - s.since).num_seconds(),
+                            s.restarts
+                        ),
+                        Some(e) => format!("restarted {} time(s), last error: {e}", s.restarts),
+                        None => "not running".into(),
+                    },
+                }),
+                None => out.push(Problem {
+                    policy: p.name.clone(),
+                    target: "*".into(),
+                    problem: "streamer_down".into(),
+                    detail: "no streamer is running for this policy".into(),
+                }),
             }
         }
         if p.wal.enabled
@@ -152,7 +197,9 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         ));
         if let Some(st) = StreamState::load(&ctx.state().stream_state(&p.name)) {
             for t in &p.targets {
-                if let Some(l) = st.lag(t, Utc::now()) {
+                if let Some(l) =
+                    st.lag(t, Utc::now(), StreamState::stale_after(p.wal.sync_interval))
+                {
                     lag.push((format!("policy=\"{}\",target=\"{t}\"", p.name), l));
                 }
             }

@@ -3,9 +3,9 @@
 //! the CLI and has no backup logic of its own.
 
 pub mod http;
-pub mod notify;
+pub mod streamers;
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -16,8 +16,9 @@ use chrono::{DateTime, Utc};
 use crate::config::{self, Config, Policy};
 use crate::context::Context;
 use crate::error::Result;
-use crate::history::{History, Run};
-use crate::ops::{self, BackupOptions, Source, TargetFilter, fanout};
+use crate::history::History;
+use crate::ops::runs::RunLog;
+use crate::ops::{BackupOptions, Source, TargetFilter, fanout};
 use crate::progress::Silent;
 use crate::repo::BackupType;
 use crate::schedule::CronSpec;
@@ -78,10 +79,12 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
                         newest = Some(newest.map_or(r.finished, |n| n.max(r.finished)));
                     }
                 }
+                // Never ran here, or not within its period: due now. Jobs
+                // due together queue in this order, full, diff, verify, so a
+                // drill runs on the backup taken just before it.
                 let missed = match newest {
                     Some(last) => now - last > per,
-                    // Never ran here: a backup is due at once, a drill can wait.
-                    None => kind != JobKind::Verify,
+                    None => true,
                 };
                 if missed {
                     tracing::info!(policy = %p.name, job = kind.word(), "catching up a missed run");
@@ -104,19 +107,15 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
 pub struct Shared {
     /// The running configuration's context; a reload replaces it.
     pub ctx: RwLock<Context>,
-    pub running: Mutex<HashSet<String>>,
+    /// The job each policy is running now.
+    pub running: Mutex<HashMap<String, JobKind>>,
+    /// The WAL streamers, as their supervisor sees them.
+    pub streamers: streamers::Statuses,
 }
 
 /// Runs one job on every target of its policy (one failing target does not
-/// stop the others) and records each result.
+/// stop the others) and records and reports each result.
 fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
-    let history = match History::open(ctx.state().root()) {
-        Ok(h) => h,
-        Err(e) => {
-            tracing::error!("{e}");
-            return;
-        }
-    };
     let pairs = match fanout::pairs(ctx.cfg(), &[policy], &TargetFilter::All) {
         Ok(p) => p,
         Err(e) => {
@@ -124,21 +123,8 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
             return;
         }
     };
-    let notify = &ctx.cfg().notify;
-    let now = || Utc::now().to_rfc3339();
-    notify::ping(notify, "start", &format!("{} {}", policy.name, kind.word()));
-    notify::webhook(
-        notify,
-        &notify::Event {
-            event: "start",
-            policy: &policy.name,
-            job: kind.word(),
-            target: None,
-            label: None,
-            error: None,
-            time: now(),
-        },
-    );
+    let log = RunLog::open(ctx);
+    log.start(policy, kind.word());
     let source = Source::of(policy);
     let out = fanout::each(&pairs, kind.word(), |_, t| {
         let started = Utc::now();
@@ -157,98 +143,42 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
                     .map(|r| (r.label, r.stored_size))
             }
             JobKind::Verify => source
-                .verify(ctx, t, None, None, &Silent)
+                .verify(ctx, t, &Default::default(), &Silent)
                 .map(|v| (v.label, 0)),
-        };
-        let run = Run {
-            policy: policy.name.clone(),
-            target: t.name.clone(),
-            kind: kind.word().into(),
-            started,
-            finished: Utc::now(),
-            ok: result.is_ok(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-            label: result.as_ref().ok().map(|(l, _)| l.clone()),
-            size: result.as_ref().map(|(_, s)| *s).unwrap_or(0),
         };
         if let Ok((label, _)) = &result {
             tracing::info!(policy = %policy.name, target = %t.name, job = kind.word(), label = %label, "done");
         }
-        if let Err(e) = history.record(&run) {
-            tracing::error!("{e}");
-        }
-        notify::webhook(
-            notify,
-            &notify::Event {
-                event: if run.ok { "success" } else { "failure" },
-                policy: &policy.name,
-                job: kind.word(),
-                target: Some(&t.name),
-                label: run.label.as_deref(),
-                error: run.error.as_deref(),
-                time: now(),
-            },
-        );
+        log.record(policy, t, kind.word(), started, &result);
         result
     });
-    match out.error() {
-        None => notify::ping(
-            notify,
-            "success",
-            &format!("{} {} ok", policy.name, kind.word()),
-        ),
-        Some(e) => notify::ping(notify, "failure", &e.to_string()),
-    }
-}
-
-/// Starts the WAL streamers of `cfg` on their own thread; they stop when `stop` is set.
-fn start_streamers(ctx: Context, stop: Arc<AtomicBool>) -> Option<std::thread::JoinHandle<()>> {
-    if !ctx.cfg().policies.iter().any(|p| p.wal.enabled) {
-        return None;
-    }
-    Some(std::thread::spawn(move || {
-        let policies: Vec<&Policy> = ctx
-            .cfg()
-            .policies
-            .iter()
-            .filter(|p| p.wal.enabled)
-            .collect();
-        for (name, r) in ops::replicate::replicate(&ctx, &policies, &stop) {
-            if let Err(e) = r {
-                tracing::error!(policy = %name, "WAL streamer stopped: {e}");
-            }
-        }
-    }))
+    log.finish(policy, kind.word(), &out.failures);
 }
 
 /// Runs until `stop`; `hup` asks for a config reload.
 pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) -> Result<()> {
     let ctx = Context::load(config_path)?;
-    let cfg = ctx.cfg().clone();
     let history = History::open(ctx.state().root())?;
     let shared = Arc::new(Shared {
         ctx: RwLock::new(ctx.clone()),
-        running: Mutex::new(HashSet::new()),
+        running: Mutex::new(HashMap::new()),
+        streamers: Arc::new(Mutex::new(Default::default())),
     });
-    let server = http::serve(&cfg.daemon_listen, shared.clone())?;
-    tracing::info!(listen = %cfg.daemon_listen, "dr daemon started: /healthz and /metrics");
-    let mut stream_stop = Arc::new(AtomicBool::new(false));
-    let mut streamers = start_streamers(ctx, stream_stop.clone());
-    let mut jobs = jobs(&cfg, &history, Utc::now())?;
+    let listen = ctx.cfg().daemon_listen.clone();
+    let server = http::serve(&listen, shared.clone())?;
+    tracing::info!(listen = %listen, "dr daemon started: /healthz and /metrics");
+    let mut streamers = streamers::Supervisor::new(shared.streamers.clone());
+    streamers.apply(&ctx);
+    let mut sched = Scheduler::new(jobs(ctx.cfg(), &history, Utc::now())?);
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
         if hup.swap(false, Ordering::SeqCst) {
             match config::load(config_path) {
                 Ok(new) => {
                     tracing::info!("configuration reloaded");
-                    stream_stop.store(true, Ordering::SeqCst);
-                    if let Some(h) = streamers.take() {
-                        let _ = h.join();
-                    }
-                    stream_stop = Arc::new(AtomicBool::new(false));
-                    jobs = self::jobs(&new, &history, Utc::now())?;
+                    sched.replace(jobs(&new, &history, Utc::now())?);
                     let new = Context::new(new);
-                    streamers = start_streamers(new.clone(), stream_stop.clone());
+                    streamers.apply(&new);
                     if let Ok(mut c) = shared.ctx.write() {
                         *c = new;
                     }
@@ -260,28 +190,18 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                 }
             }
         }
-        let now = Utc::now();
-        for job in jobs.iter_mut().filter(|j| j.next <= now) {
-            job.next = job
-                .spec
-                .next_after(now)
-                .unwrap_or(now + chrono::Duration::days(3650));
-            let busy = shared
-                .running
-                .lock()
-                .map(|mut r| !r.insert(job.policy.clone()))
-                .unwrap_or(true);
-            if busy {
-                tracing::warn!(policy = %job.policy, job = job.kind.word(), "previous run of this policy is still going: not starting another");
-                continue;
-            }
+        let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
+        for (policy, kind) in sched.due(Utc::now(), &running) {
             let Some((ctx, policy)) = shared.ctx.read().ok().and_then(|c| {
-                let p = c.cfg().policy(&job.policy).ok().cloned()?;
+                let p = c.cfg().policy(&policy).ok().cloned()?;
                 Some((c.clone(), p))
             }) else {
                 continue;
             };
-            let (shared, kind) = (shared.clone(), job.kind);
+            if let Ok(mut r) = shared.running.lock() {
+                r.insert(policy.name.clone(), kind);
+            }
+            let shared = shared.clone();
             workers.push(std::thread::spawn(move || {
                 run_job(&ctx, &policy, kind);
                 if let Ok(mut r) = shared.running.lock() {
@@ -293,10 +213,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopping: no new runs; shipping committed WAL");
-    stream_stop.store(true, Ordering::SeqCst);
-    if let Some(h) = streamers {
-        let _ = h.join();
-    }
+    streamers.stop_all();
     // An in-flight backup gets a few seconds; one cut off has no manifest
     // and does not exist for restore (expire removes it later).
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -305,4 +222,119 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     }
     server.unblock();
     Ok(())
+}
+
+/// When each job falls due, and what waits for its policy.
+///
+/// One run per policy at a time: a job that falls due while its policy runs
+/// another is queued (once: a job already waiting is not queued twice) and
+/// starts when the policy is free, in the order the jobs fell due. Nothing
+/// due is ever dropped.
+#[derive(Debug)]
+pub struct Scheduler {
+    jobs: Vec<Job>,
+    queued: BTreeMap<String, VecDeque<JobKind>>,
+}
+
+impl Scheduler {
+    pub fn new(jobs: Vec<Job>) -> Self {
+        Scheduler {
+            jobs,
+            queued: BTreeMap::new(),
+        }
+    }
+
+    /// New schedules (a reload); what is queued stays queued.
+    pub fn replace(&mut self, jobs: Vec<Job>) {
+        self.jobs = jobs;
+    }
+
+    /// The jobs to start now, given what each policy is `running`: every
+    /// job due by `now` joins its policy's queue, and each free policy
+    /// starts the first job of its queue.
+    pub fn due(
+        &mut self,
+        now: DateTime<Utc>,
+        running: &HashMap<String, JobKind>,
+    ) -> Vec<(String, JobKind)> {
+        for job in self.jobs.iter_mut().filter(|j| j.next <= now) {
+            job.next = job
+                .spec
+                .next_after(now)
+                .unwrap_or(now + chrono::Duration::days(3650));
+            let q = self.queued.entry(job.policy.clone()).or_default();
+            if q.contains(&job.kind) {
+                continue;
+            }
+            q.push_back(job.kind);
+            if let Some(busy) = running.get(&job.policy) {
+                tracing::info!(policy = %job.policy, job = job.kind.word(), running = busy.word(), "queued: waits for the {} run of this policy", busy.word());
+            }
+        }
+        let mut start = Vec::new();
+        for (policy, q) in self.queued.iter_mut() {
+            if running.contains_key(policy) {
+                continue;
+            }
+            if let Some(kind) = q.pop_front() {
+                start.push((policy.clone(), kind));
+            }
+        }
+        self.queued.retain(|_, q| !q.is_empty());
+        start
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(policy: &str, kind: JobKind, spec: &str, next: DateTime<Utc>) -> Job {
+        Job {
+            policy: policy.into(),
+            kind,
+            spec: CronSpec::parse(spec).expect("spec"),
+            next,
+        }
+    }
+
+    #[test]
+    fn jobs_due_while_their_policy_runs_are_queued_in_order_once_and_never_dropped() {
+        let t0 = DateTime::parse_from_rfc3339("2026-11-25T00:00:00Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let mut s = Scheduler::new(vec![
+            job("app", JobKind::Full, "*/30 * * * * *", t0),
+            job("app", JobKind::Diff, "*/10 * * * * *", t0),
+            job("app", JobKind::Verify, "*/20 * * * * *", t0),
+            job("other", JobKind::Diff, "*/10 * * * * *", t0),
+        ]);
+        let mut running = HashMap::new();
+        let first = s.due(t0, &running);
+        assert_eq!(
+            first,
+            vec![
+                ("app".into(), JobKind::Full),
+                ("other".into(), JobKind::Diff)
+            ]
+        );
+        running.insert("app".to_string(), JobKind::Full);
+        // Ten seconds on, diff falls due again while full runs: still one
+        // diff queued, behind the first.
+        let t1 = t0 + chrono::Duration::seconds(10);
+        assert!(s.due(t1, &running).iter().all(|(p, _)| p != "app"));
+        assert_eq!(
+            s.queued
+                .get("app")
+                .map(|q| q.iter().copied().collect::<Vec<_>>()),
+            Some(vec![JobKind::Diff, JobKind::Verify])
+        );
+        running.remove("app");
+        let t2 = t1 + chrono::Duration::seconds(1);
+        assert_eq!(s.due(t2, &running), vec![("app".into(), JobKind::Diff)]);
+        running.insert("app".to_string(), JobKind::Diff);
+        assert!(s.due(t2, &running).is_empty());
+        running.remove("app");
+        assert_eq!(s.due(t2, &running), vec![("app".into(), JobKind::Verify)]);
+    }
 }

@@ -52,7 +52,17 @@ pub fn expire_locked(
         }
     }
     let mut doomed = Vec::new();
-    for r in retention::plan(&candidates, policy.retention.full, policy.retention.diff) {
+    let window_start = policy
+        .retention
+        .window
+        .and_then(|w| chrono::Duration::from_std(w).ok())
+        .map(|w| now - w);
+    for r in retention::plan(
+        &candidates,
+        policy.retention.full,
+        policy.retention.diff,
+        window_start,
+    ) {
         doomed.push((r.label, r.reason));
     }
     let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)

@@ -341,9 +341,13 @@ fn render_wal(s: &mut String, w: &WalInfo) {
     }
     match &w.stream {
         Some(st) => {
+            let state = match st.stopped_seconds_ago {
+                Some(ago) if !st.running => format!("STOPPED {ago:.0} s ago, "),
+                _ => String::new(),
+            };
             let _ = writeln!(
                 s,
-                "      streamer on {} (pid {}): lag {}, spool {} of {}{}{}",
+                "      streamer on {} (pid {}): {state}lag {}, spool {} of {}{}{}",
                 st.host,
                 st.pid,
                 st.lag_seconds.map_or("-".into(), |l| format!("{l:.1}s")),

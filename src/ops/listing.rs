@@ -58,6 +58,11 @@ pub struct StreamInfo {
     pub host: String,
     pub pid: u32,
     pub updated: Option<DateTime<Utc>>,
+    /// Whether the streamer is at work now (its process lives and it
+    /// reported within three sync intervals).
+    pub running: bool,
+    /// When not: how long ago it last reported.
+    pub stopped_seconds_ago: Option<f64>,
     /// Seconds since the oldest commit not yet on this target (0: caught up).
     pub lag_seconds: Option<f64>,
     /// Until when every commit is on this target.
@@ -237,9 +242,19 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
 /// The local streamer's last report for one target, if it ever ran here.
 fn stream_info(ctx: &Context, p: &Policy, target: &str) -> Option<StreamInfo> {
     let st = StreamState::load(&ctx.state().stream_state(&p.name))?;
+    let now = Utc::now();
+    let stale = StreamState::stale_after(p.wal.sync_interval);
+    let running = st.alive(now, stale);
     let shipped = st.targets.get(target);
     Some(StreamInfo {
-        lag_seconds: st.lag(target, Utc::now()),
+        lag_seconds: st.lag(target, now, stale),
+        running,
+        stopped_seconds_ago: (!running)
+            .then(|| {
+                st.updated
+                    .map(|u| (now - u).num_milliseconds().max(0) as f64 / 1000.0)
+            })
+            .flatten(),
         shipped_until: shipped.and_then(|s| s.until),
         error: shipped.and_then(|s| s.error.clone()),
         generation: st.generation.clone(),

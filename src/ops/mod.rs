@@ -10,6 +10,7 @@ pub mod policy_repo;
 pub mod replicate;
 pub mod report;
 pub mod restore;
+pub mod runs;
 pub mod source;
 pub mod verify;
 

@@ -343,6 +343,9 @@ pub fn verify(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) ->
         label: "repository".into(),
         ok: true,
         seconds: started.elapsed().as_secs_f64(),
+        backups_read: None,
+        segments_read: None,
+        restored: Vec::new(),
     })
 }
 

@@ -38,7 +38,10 @@ pub fn replicate(
             .iter()
             .map(|p| {
                 let stop = stop.clone();
-                (p.name.clone(), s.spawn(move || run_policy(ctx, p, &stop)))
+                (
+                    p.name.clone(),
+                    s.spawn(move || stream_policy(ctx, p, &stop)),
+                )
             })
             .collect();
         handles
@@ -53,7 +56,9 @@ pub fn replicate(
     })
 }
 
-fn run_policy(ctx: &Context, policy: &Policy, stop: &Arc<AtomicBool>) -> Result<StreamReport> {
+/// Streams one policy until `stop` is set (then ships what is committed) or
+/// an error stops it.
+pub fn stream_policy(ctx: &Context, policy: &Policy, stop: &AtomicBool) -> Result<StreamReport> {
     let crate::config::Source::Sqlite { path: db } = &policy.source else {
         return Err(Error::Refused(format!(
             "policy '{}' is PostgreSQL: its WAL is archived by PostgreSQL through pgBackRest (`dr pg setup`), not streamed by dr",

@@ -125,6 +125,15 @@ pub struct Verified {
     pub label: String,
     pub ok: bool,
     pub seconds: f64,
+    /// SQLite: backups read back and hash-checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub backups_read: Option<usize>,
+    /// SQLite: WAL segments read back and hash-checked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub segments_read: Option<usize>,
+    /// SQLite: the backups restored to a scratch file and checked.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub restored: Vec<String>,
 }
 
 /// One backup expire removed (or would remove, with `--dry-run`).

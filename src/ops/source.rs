@@ -90,16 +90,13 @@ impl<'p> Source<'p> {
         &self,
         ctx: &Context,
         target: &Target,
-        label: Option<&str>,
-        identity: Option<&Path>,
+        opts: &verify::VerifyOptions,
         progress: &dyn Progress,
     ) -> Result<Verified> {
         match *self {
-            Source::Sqlite { policy, .. } => {
-                verify::verify(ctx, policy, target, label, identity, progress)
-            }
+            Source::Sqlite { policy, .. } => verify::verify(ctx, policy, target, opts, progress),
             Source::Postgres { policy, pg } => {
-                if let Some(l) = label {
+                if let Some(l) = &opts.label {
                     return Err(Error::Refused(format!(
                         "policy '{}' is PostgreSQL: pgBackRest verifies the whole repository, not one backup ({l}); run it without --backup",
                         policy.name

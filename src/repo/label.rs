@@ -16,12 +16,19 @@ pub enum BackupType {
     Diff,
 }
 
-impl fmt::Display for BackupType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl BackupType {
+    /// The word users and manifests use.
+    pub fn word(self) -> &'static str {
+        match self {
             BackupType::Full => "full",
             BackupType::Diff => "diff",
-        })
+        }
+    }
+}
+
+impl fmt::Display for BackupType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.word())
     }
 }
 

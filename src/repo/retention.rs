@@ -6,8 +6,15 @@
 //! never counted (so it can never push a good one out) and never removed
 //! here (it stays for the user to inspect and remove on purpose). The
 //! newest restorable chain is never removed, whatever the counts say.
+//!
+//! `window` (pgBackRest's time-based retention, Litestream's retention) keeps
+//! whatever a restore to any instant inside it needs, whatever the counts
+//! say: every restorable backup taken inside it, and the newest one taken
+//! before it (the base its first instants are restored from).
 
 use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
 
 use super::label::{BackupType, Label};
 
@@ -50,14 +57,42 @@ pub fn newest_restorable(committed: &[Candidate]) -> Option<&Label> {
         .max()
 }
 
+/// What a restore to any instant at or after `start` needs: every
+/// restorable backup from `start` on and the newest one before it, each
+/// with its full.
+fn window_needs(intact: &BTreeSet<&Label>, start: Option<DateTime<Utc>>) -> BTreeSet<Label> {
+    let Some(start) = start else {
+        return BTreeSet::new();
+    };
+    let usable: Vec<&Label> = intact
+        .iter()
+        .copied()
+        .filter(|l| restorable(intact, l))
+        .collect();
+    let base = usable.iter().copied().filter(|l| l.time() <= start).max();
+    usable
+        .into_iter()
+        .filter(|l| l.time() >= start)
+        .chain(base)
+        .flat_map(|l| [l.clone(), l.full_label()])
+        .collect()
+}
+
 /// Plans which committed backups to remove, newest first (so a diff always
 /// goes before the full it needs). `committed` may be in any order.
-pub fn plan(committed: &[Candidate], full: Option<u32>, diff: Option<u32>) -> Vec<Removal> {
+pub fn plan(
+    committed: &[Candidate],
+    full: Option<u32>,
+    diff: Option<u32>,
+    window_start: Option<DateTime<Utc>>,
+) -> Vec<Removal> {
     let labels: BTreeSet<&Label> = committed.iter().map(|c| &c.label).collect();
     let intact = intact_labels(committed);
     // The newest state a restore can reach: never removed, nor its full.
     let newest = newest_restorable(committed);
-    let protected = |l: &Label| newest.is_some_and(|n| n == l || n.full_label() == *l);
+    let needed = window_needs(&intact, window_start);
+    let protected =
+        |l: &Label| newest.is_some_and(|n| n == l || n.full_label() == *l) || needed.contains(l);
 
     let mut fulls: Vec<&Label> = intact
         .iter()
@@ -141,16 +176,46 @@ mod tests {
         let f3 = Label::full(at(5));
         let all = intact(&[&f1, &d1, &f2, &d2, &d3, &f3]);
         assert_eq!(
-            labels(plan(&all, Some(2), None)),
+            labels(plan(&all, Some(2), None, None)),
             vec![d1.clone(), f1.clone()]
         );
         assert_eq!(
-            labels(plan(&all, Some(2), Some(1))),
+            labels(plan(&all, Some(2), Some(1), None)),
             vec![d2.clone(), d1.clone(), f1.clone()]
         );
-        assert!(plan(&all, None, None).is_empty());
+        assert!(plan(&all, None, None, None).is_empty());
         // One full is never removed, whatever retention says.
-        assert!(plan(&intact(&[&f1]), Some(1), Some(0)).is_empty());
+        assert!(plan(&intact(&[&f1]), Some(1), Some(0), None).is_empty());
+    }
+
+    #[test]
+    fn a_window_keeps_what_its_instants_need_whatever_the_counts_say() {
+        let f1 = Label::full(at(0));
+        let d1 = Label::diff_of(&f1, at(1));
+        let f2 = Label::full(at(2));
+        let d2 = Label::diff_of(&f2, at(3));
+        let f3 = Label::full(at(5));
+        let all = intact(&[&f1, &d1, &f2, &d2, &f3]);
+        // full = 1 alone keeps f3; a window from 01:30 needs d1 (the base
+        // of its first instants) with its full f1, and everything after.
+        assert_eq!(
+            labels(plan(&all, Some(1), Some(1), None)),
+            vec![d2.clone(), f2.clone(), d1.clone(), f1.clone()]
+        );
+        assert!(
+            plan(
+                &all,
+                Some(1),
+                Some(1),
+                Some(at(1) + chrono::Duration::minutes(30))
+            )
+            .is_empty()
+        );
+        // A window from 04:00: d2 is the base of its start; f1 and d1 go.
+        assert_eq!(
+            labels(plan(&all, Some(1), Some(1), Some(at(4)))),
+            vec![d1, f1]
+        );
     }
 
     fn intact(ls: &[&Label]) -> Vec<Candidate> {
@@ -175,10 +240,10 @@ mod tests {
         let mut all = intact(&[&f1, &d1, &f2, &d2]);
         all[2].intact = false;
         // f2 is damaged: f1 stays the one full kept, with its newest diff.
-        assert_eq!(labels(plan(&all, Some(1), Some(1))), vec![d1.clone()]);
+        assert_eq!(labels(plan(&all, Some(1), Some(1), None)), vec![d1.clone()]);
         // A damaged diff is not counted: the intact one before it stays.
         all[3].intact = false;
-        assert!(plan(&all, Some(1), Some(1)).is_empty());
+        assert!(plan(&all, Some(1), Some(1), None).is_empty());
     }
 
     #[test]
@@ -190,7 +255,7 @@ mod tests {
         let mut all = intact(&[&f1, &d1, &f2, &d2]);
         // f2's data is gone: d2 cannot be restored, so f1+d1 is the newest chain.
         all[2].intact = false;
-        assert!(plan(&all, Some(1), Some(1)).is_empty());
+        assert!(plan(&all, Some(1), Some(1), None).is_empty());
     }
 
     #[test]
@@ -199,6 +264,6 @@ mod tests {
         let d1 = Label::diff_of(&f1, at(1));
         let f2 = Label::full(at(2));
         let all = intact(&[&d1, &f2]);
-        assert_eq!(labels(plan(&all, Some(1), Some(1))), vec![d1]);
+        assert_eq!(labels(plan(&all, Some(1), Some(1), None)), vec![d1]);
     }
 }

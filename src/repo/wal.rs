@@ -36,6 +36,17 @@ pub struct Segment {
     pub size: u64,
 }
 
+impl Segment {
+    /// An empty segment whose times differ marks an interval the streamer
+    /// did not watch (it was stopped, then continued the generation): the
+    /// commits made meanwhile follow in the next segment, stamped with the
+    /// instant they were read, `until`. No instant from `first_commit` up
+    /// to `until` can be restored exactly; the instants on either side can.
+    pub fn is_blind_mark(&self) -> bool {
+        self.last + 1 == self.first && self.first_commit < self.until
+    }
+}
+
 /// The object name of a segment inside its generation directory.
 pub fn segment_name(first: u64, last: u64, t0: DateTime<Utc>, t1: DateTime<Utc>) -> String {
     format!(
@@ -150,12 +161,17 @@ pub struct Replay {
 }
 
 /// How far the stream reaches from a base without a gap: the segments to
-/// replay, and the instant the base's state is valid from.
-fn reach<'s>(base: &Base, segs: &'s [Segment]) -> (Vec<&'s Segment>, Window) {
+/// replay, and the windows of instants it restores exactly (split where the
+/// streamer did not watch: [`Segment::is_blind_mark`]).
+fn reach<'s>(base: &Base, segs: &'s [Segment]) -> (Vec<&'s Segment>, Vec<Window>) {
     let mut cur = base.seq;
     let mut start = base.taken;
     let mut end = base.taken;
     let mut used = Vec::new();
+    let mut windows = Vec::new();
+    // Right after a blind mark, before any commit: a second mark (the
+    // streamer stopped again before sealing what it read) replaces it.
+    let mut fresh = false;
     for s in segs.iter().filter(|s| s.generation == base.generation) {
         if s.first > cur + 1 {
             break; // a gap: nothing after it is reachable from this base
@@ -165,24 +181,35 @@ fn reach<'s>(base: &Base, segs: &'s [Segment]) -> (Vec<&'s Segment>, Window) {
             // holds commits stamped up to this segment's end at the latest.
             start = start.max(s.until);
         }
+        if s.is_blind_mark() && s.first > base.seq {
+            if !fresh {
+                windows.push(Window {
+                    start,
+                    end: end.max(start),
+                });
+            }
+            fresh = true;
+            start = s.until;
+            end = s.until;
+            continue;
+        }
         if s.last > cur {
             cur = s.last;
             used.push(s);
+            fresh = false;
         }
         end = end.max(s.until);
     }
-    (
-        used,
-        Window {
-            start,
-            end: end.max(start),
-        },
-    )
+    windows.push(Window {
+        start,
+        end: end.max(start),
+    });
+    (used, windows)
 }
 
 /// The restore windows of a target, merged, oldest first.
 pub fn windows(bases: &[Base], segs: &[Segment]) -> Vec<Window> {
-    let mut w: Vec<Window> = bases.iter().map(|b| reach(b, segs).1).collect();
+    let mut w: Vec<Window> = bases.iter().flat_map(|b| reach(b, segs).1).collect();
     w.sort_by_key(|w| w.start);
     let mut out: Vec<Window> = Vec::new();
     for x in w {
@@ -199,18 +226,19 @@ pub fn windows(bases: &[Base], segs: &[Segment]) -> Vec<Window> {
 pub fn plan(bases: &[Base], segs: &[Segment], at: Option<DateTime<Utc>>) -> Result<Replay, String> {
     let mut best: Option<(Window, &Base, Vec<&Segment>)> = None;
     for b in bases {
-        let (used, w) = reach(b, segs);
-        let fits = match at {
-            Some(t) => w.start <= t && t <= w.end,
-            None => true,
+        let (used, ws) = reach(b, segs);
+        let found = match at {
+            Some(t) => ws.iter().find(|w| w.start <= t && t <= w.end).copied(),
+            None => ws.last().copied(),
         };
+        let Some(w) = found else { continue };
         // At an instant every fitting base gives the same state: take the
         // newest (least to replay). Without one, the furthest reach wins.
         let better = best.as_ref().is_none_or(|(bw, bb, _)| match at {
             Some(_) => b.taken > bb.taken,
             None => (w.end, b.taken) > (bw.end, bb.taken),
         });
-        if fits && better {
+        if better {
             best = Some((w, b, used));
         }
     }
@@ -512,5 +540,73 @@ mod tests {
         let segs = vec![seg("g1", 1, 10, 1, 10)];
         let bases = vec![base("D", "g1", 5, 4)];
         assert_eq!(windows(&bases, &segs)[0].start, t(10));
+    }
+
+    #[test]
+    fn a_blind_mark_splits_the_window_and_instants_inside_it_are_refused() {
+        let t = |s: i64| DateTime::from_timestamp(1_795_000_000 + s, 0).expect("t");
+        let seg = |first: u64, last: u64, t0: i64, t1: i64| Segment {
+            generation: "g".into(),
+            first,
+            last,
+            first_commit: t(t0),
+            until: t(t1),
+            key: format!("p/wal/g/{}", segment_name(first, last, t(t0), t(t1))),
+            size: 1,
+        };
+        let segs = vec![
+            seg(1, 10, 1, 10),
+            seg(11, 10, 10, 10), // the stop mark: watched until 10
+            seg(11, 10, 10, 50), // not watched from 10 to 50
+            seg(11, 20, 50, 60), // the commits made meanwhile, read at 50
+        ];
+        assert!(segs[2].is_blind_mark() && !segs[1].is_blind_mark());
+        let base = Base {
+            label: "b".into(),
+            generation: "g".into(),
+            seq: 0,
+            taken: t(0),
+        };
+        let w = windows(std::slice::from_ref(&base), &segs);
+        assert_eq!(
+            w,
+            vec![
+                Window {
+                    start: t(0),
+                    end: t(10)
+                },
+                Window {
+                    start: t(50),
+                    end: t(60)
+                }
+            ]
+        );
+        assert!(plan(std::slice::from_ref(&base), &segs, Some(t(30))).is_err());
+        let p = plan(std::slice::from_ref(&base), &segs, Some(t(55))).expect("after");
+        assert_eq!(p.segments.len(), 2, "replays across the mark");
+        assert!(plan(std::slice::from_ref(&base), &segs, Some(t(5))).is_ok());
+        assert!(gaps(&segs).is_empty(), "a blind mark is no gap");
+        // Stopped again before sealing what it read: the second mark
+        // replaces the first, and no instant between them is claimed.
+        let twice = vec![
+            seg(1, 10, 1, 10),
+            seg(11, 10, 10, 50),
+            seg(11, 10, 10, 70),
+            seg(11, 20, 70, 80),
+        ];
+        let w = windows(std::slice::from_ref(&base), &twice);
+        assert_eq!(
+            w,
+            vec![
+                Window {
+                    start: t(0),
+                    end: t(10)
+                },
+                Window {
+                    start: t(70),
+                    end: t(80)
+                }
+            ]
+        );
     }
 }

@@ -67,6 +67,14 @@ pub struct StreamState {
     pub spool_max: u64,
     pub spool_full: bool,
     pub targets: BTreeMap<String, Shipped>,
+    /// The database file (inode) the position is in: a generation only
+    /// continues in the same file.
+    #[serde(default)]
+    pub db_ino: Option<u64>,
+    /// Until when every commit up to `frame` had been seen: where a
+    /// continued generation's unwatched interval starts.
+    #[serde(default)]
+    pub watched_until: Option<DateTime<Utc>>,
 }
 
 /// How far one target has been shipped.
@@ -100,14 +108,38 @@ impl StreamState {
         std::fs::rename(&tmp, path).map_err(err)
     }
 
-    /// Commit lag of a target: how old its oldest unshipped commit is.
-    pub fn lag(&self, target: &str, now: DateTime<Utc>) -> Option<f64> {
+    /// Whether the streamer that wrote this state is still at work: its
+    /// process lives (when it ran on this host) and it published within
+    /// `stale` (a live streamer publishes every `sync_interval`).
+    pub fn alive(&self, now: DateTime<Utc>, stale: Duration) -> bool {
+        let recent = self
+            .updated
+            .is_some_and(|u| (now - u).to_std().unwrap_or_default() <= stale);
+        let process = self.host != crate::lock::hostname() || crate::scratch::pid_alive(self.pid);
+        recent && process
+    }
+
+    /// How long before a state counts as stale, for a policy streaming
+    /// every `sync_interval`.
+    pub fn stale_after(sync_interval: Duration) -> Duration {
+        sync_interval * 3 + Duration::from_secs(5)
+    }
+
+    /// Commit lag of a target, in seconds. A live streamer: how old the
+    /// oldest commit not yet on the target is (0 when caught up). A stopped
+    /// one: how long since the last instant the target has every commit
+    /// of, which grows until a streamer runs again.
+    pub fn lag(&self, target: &str, now: DateTime<Utc>, stale: Duration) -> Option<f64> {
         let t = self.targets.get(target);
+        let secs = |o: DateTime<Utc>| (now - o).num_milliseconds().max(0) as f64 / 1000.0;
+        if !self.alive(now, stale) {
+            return t.and_then(|t| t.until).or(self.updated).map(secs);
+        }
         let oldest = [t.and_then(|t| t.pending_since), self.open_since]
             .into_iter()
             .flatten()
             .min();
-        Some(oldest.map_or(0.0, |o| (now - o).num_milliseconds().max(0) as f64 / 1000.0))
+        Some(oldest.map_or(0.0, secs))
     }
 }
 
@@ -261,6 +293,9 @@ struct Stream<'a> {
     wake_shipper: Sender<()>,
     new_base: Sender<String>,
     full_warned: Option<Instant>,
+    /// The commit time given to the next transactions read: those made
+    /// while no streamer watched, read when a generation continues.
+    backlog_stamp: Option<DateTime<Utc>>,
 }
 
 /// Why the inner loop ended.
@@ -292,6 +327,8 @@ pub fn run(
     };
     // Each pass pins the database afresh; a pass ends on stop or on a lost continuity.
     let mut why: Option<String> = None;
+    let prev = state.lock().map_err(|_| poisoned())?.clone();
+    let mut first_pass = true;
     loop {
         let reader = pin::open(db)?;
         let gate = Gate::open(db)?;
@@ -302,6 +339,12 @@ pub fn run(
             pin::begin_read(&reader, db)?;
             pin::wal_end(db)
         })?;
+        let continued = if first_pass {
+            continuation(&prev, db_ino, end.as_ref(), db)?
+        } else {
+            None
+        };
+        first_pass = false;
         let mut st = Stream {
             policy,
             db,
@@ -313,7 +356,7 @@ pub fn run(
             wal_file: None,
             db_ino,
             generation: String::new(),
-            cursor: end,
+            cursor: continued.or(end),
             seq_base: 0,
             restart_ok: true,
             open: None,
@@ -327,11 +370,27 @@ pub fn run(
             wake_shipper: wake_shipper.clone(),
             new_base: new_base.clone(),
             full_warned: None,
+            backlog_stamp: None,
         };
-        // A new generation on every start: commits made while no streamer
-        // watched have no exact time, so the windows must not claim them.
-        st.start_generation(why.take().unwrap_or_else(|| "dr replicate started".into()))?;
-        let next = st.inner(&gate, stop);
+        // The last generation continues when the WAL provably continues it
+        // (same file, same incarnation, the recorded frame and checksum
+        // still there); otherwise a new one starts, with a new full.
+        let resumed = match (continued, prev.watched_until) {
+            (Some(_), Some(watched)) => {
+                st.resume(prev.generation.clone(), prev.seq_base, watched)?
+            }
+            _ => {
+                st.start_generation(
+                    why.take()
+                        .unwrap_or_else(|| "no earlier generation continues in this WAL".into()),
+                )?;
+                None
+            }
+        };
+        let next = match resumed {
+            Some(n) => Ok(n),
+            None => st.inner(&gate, stop),
+        };
         report = st.report.clone();
         match next? {
             Next::Stop => return Ok(report),
@@ -344,7 +403,82 @@ pub fn run(
     }
 }
 
+/// Where the generation recorded in `prev` continues in the WAL as it is
+/// now, if it provably does: the same database file, the same WAL
+/// incarnation (salts), and a committed transaction ending at the recorded
+/// frame with the recorded checksum. Frames after it are commits made while
+/// no streamer watched.
+fn continuation(
+    prev: &StreamState,
+    db_ino: u64,
+    end: Option<&Cursor>,
+    db: &Path,
+) -> Result<Option<Cursor>> {
+    let Some(end) = end else { return Ok(None) };
+    let same = !prev.generation.is_empty()
+        && prev.db_ino == Some(db_ino)
+        && prev.watched_until.is_some()
+        && prev.salts == Some((end.header.salt1, end.header.salt2))
+        && end.frame >= prev.frame;
+    if !same {
+        return Ok(None);
+    }
+    let at = Cursor {
+        header: end.header,
+        frame: prev.frame,
+        checksum: prev.checksum,
+    };
+    if prev.frame == 0 {
+        return Ok((prev.checksum == end.header.checksum).then_some(at));
+    }
+    let p = pin::wal_path(db);
+    let read = |e| Error::io(format!("cannot read {}", p.display()), e);
+    let f = File::open(&p).map_err(read)?;
+    let txns = wal::scan(&f, &Cursor::start(end.header)).map_err(read)?;
+    Ok(txns
+        .iter()
+        .any(|t| t.last == prev.frame && t.checksum == prev.checksum)
+        .then_some(at))
+}
+
 impl Stream<'_> {
+    /// Continues `generation` from the cursor: an empty segment marks the
+    /// interval no streamer watched (from `watched` to now), and the
+    /// commits made meanwhile are read at once, stamped with now. Restores
+    /// reach every instant before and after that interval from the
+    /// generation's existing backups; no new full is needed.
+    fn resume(
+        &mut self,
+        generation: String,
+        seq_base: u64,
+        watched: DateTime<Utc>,
+    ) -> Result<Option<Next>> {
+        self.generation = generation;
+        self.seq_base = seq_base;
+        self.restart_ok = false;
+        let now = Utc::now().max(watched);
+        let Some(page_size) = self.cursor.map(|c| c.header.page_size) else {
+            return Ok(Some(Next::Restart("the WAL is gone".into())));
+        };
+        self.open = Some(self.new_segment(self.seq() + 1, watched, page_size)?);
+        self.seen_until = now;
+        self.seal()?;
+        // Until the commits made meanwhile are sealed, the watched interval
+        // still ends where it did: a crash now repeats the mark from there.
+        {
+            let mut st = self.state.lock().map_err(|_| poisoned())?;
+            st.watched_until = Some(watched);
+            st.save(&self.state_path)?;
+        }
+        tracing::info!(policy = %self.policy.name, generation = %self.generation, frame = self.seq(), "continuing the generation (not watched from {} to {}): no new full", watched.to_rfc3339(), now.to_rfc3339());
+        // Every target must still have a base of this generation.
+        let _ = self.new_base.send(self.generation.clone());
+        self.backlog_stamp = Some(now);
+        let next = self.consume()?;
+        self.backlog_stamp = None;
+        Ok(next)
+    }
+
     fn start_generation(&mut self, why: String) -> Result<()> {
         self.generation = rwal::new_generation(Utc::now());
         self.seq_base = 0;
@@ -371,6 +505,8 @@ impl Stream<'_> {
             st.seq_base = self.seq_base;
             st.frame = self.cursor.map_or(0, |c| c.frame);
             st.checksum = self.cursor.map_or((0, 0), |c| c.checksum);
+            st.db_ino = Some(self.db_ino);
+            st.watched_until = Some(self.seen_until);
         }
         st.pid = std::process::id();
         st.host = crate::lock::hostname();
@@ -565,7 +701,7 @@ impl Stream<'_> {
             }
             return Ok((None, false));
         }
-        let now = Utc::now();
+        let now = self.backlog_stamp.unwrap_or_else(Utc::now);
         for t in &txns {
             self.append(&f, &h, t, now)?;
             if let Some(c) = self.cursor.as_mut() {

@@ -1,0 +1,117 @@
+//! Every run of a backup or a restore drill, from the daemon or from the
+//! command line (a crontab line), is recorded in the run history and
+//! reported to the policy's notifications, the same way: so `/healthz`, the
+//! daemon's catch-up, `dr info` and the user's alerts all see it.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+
+use super::fanout::Failure;
+use crate::config::{Policy, Target};
+use crate::context::Context;
+use crate::error::Result;
+use crate::history::{History, Run};
+use crate::notify;
+
+/// The run history and notifications of one command.
+pub struct RunLog<'c> {
+    ctx: &'c Context,
+    history: Option<History>,
+    announced: Mutex<BTreeSet<String>>,
+}
+
+impl std::fmt::Debug for RunLog<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunLog")
+    }
+}
+
+impl<'c> RunLog<'c> {
+    /// Opens the history; a history that cannot be opened is logged and
+    /// the runs go on unrecorded.
+    pub fn open(ctx: &'c Context) -> Self {
+        let history = match History::open(ctx.state().root()) {
+            Ok(h) => Some(h),
+            Err(e) => {
+                tracing::error!("runs will not be recorded: {e}");
+                None
+            }
+        };
+        RunLog {
+            ctx,
+            history,
+            announced: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    /// Announces `job` on `policy` once per command (a ping `/start`).
+    pub fn start(&self, policy: &Policy, job: &str) {
+        let first = self
+            .announced
+            .lock()
+            .map(|mut a| a.insert(policy.name.clone()))
+            .unwrap_or(false);
+        if first {
+            notify::started(self.ctx.cfg().notify_for(policy), &policy.name, job);
+        }
+    }
+
+    /// Records how `job` went on one target: the history and the webhook.
+    /// `result` carries the backup label and its stored size.
+    pub fn record(
+        &self,
+        policy: &Policy,
+        target: &Target,
+        job: &str,
+        started: DateTime<Utc>,
+        result: &Result<(String, u64)>,
+    ) {
+        let run = Run {
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            kind: job.into(),
+            started,
+            finished: Utc::now(),
+            ok: result.is_ok(),
+            error: result.as_ref().err().map(|e| e.to_string()),
+            label: result.as_ref().ok().map(|(l, _)| l.clone()),
+            size: result.as_ref().map(|(_, s)| *s).unwrap_or(0),
+        };
+        if let Some(h) = &self.history
+            && let Err(e) = h.record(&run)
+        {
+            tracing::error!("{e}");
+        }
+        notify::webhook(
+            self.ctx.cfg().notify_for(policy),
+            &notify::Event {
+                event: if run.ok { "success" } else { "failure" },
+                policy: &policy.name,
+                job,
+                target: Some(&target.name),
+                label: run.label.as_deref(),
+                error: run.error.as_deref(),
+                time: Utc::now().to_rfc3339(),
+            },
+        );
+    }
+
+    /// Reports how `job` went on `policy` over all its targets: success
+    /// only when none of `failures` is this policy's.
+    pub fn finish(&self, policy: &Policy, job: &str, failures: &[Failure]) {
+        let mine: Vec<String> = failures
+            .iter()
+            .filter(|f| f.policy == policy.name)
+            .map(|f| format!("target '{}': {}", f.target, f.error))
+            .collect();
+        let failure = (!mine.is_empty()).then(|| mine.join("\n"));
+        notify::finished(
+            self.ctx.cfg().notify_for(policy),
+            &policy.name,
+            job,
+            failure.as_deref(),
+        );
+    }
+}
