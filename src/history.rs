@@ -104,15 +104,15 @@ impl History {
             .map_err(db_err)
     }
 
-    /// Count of failed runs, for `dr_errors_total`.
-    pub fn failures(&self, policy: &str) -> Result<u64> {
+    /// How many runs of one job on one target succeeded and failed.
+    pub fn counts(&self, policy: &str, target: &str, kind: &str) -> Result<(u64, u64)> {
         self.conn
             .query_row(
-                "SELECT count(*) FROM runs WHERE policy = ?1 AND ok = 0",
-                params![policy],
-                |r| r.get::<_, i64>(0),
+                "SELECT coalesce(sum(ok), 0), count(*) - coalesce(sum(ok), 0) FROM runs
+                 WHERE policy = ?1 AND target = ?2 AND kind = ?3",
+                params![policy, target, kind],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
             )
-            .map(|n| n as u64)
             .map_err(db_err)
     }
 }
@@ -151,6 +151,6 @@ mod tests {
             .expect("some");
         assert_eq!(bad.error.as_deref(), Some("boom"));
         assert!(h.last("app", "local", "full", true).expect("q").is_none());
-        assert_eq!(h.failures("app").expect("n"), 1);
+        assert_eq!(h.counts("app", "local", "diff").expect("n"), (2, 1));
     }
 }

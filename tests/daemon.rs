@@ -240,3 +240,235 @@ fn schedules_read_in_a_named_time_zone_and_a_bad_one_is_a_config_error() {
     .expect("cfg");
     env.dr(&["config", "validate"]).ok();
 }
+
+/// Runs of each job recorded in the run history: (kind, runs, successes).
+fn history_counts(env: &Env) -> Vec<(String, i64, i64)> {
+    let c = rusqlite::Connection::open(env.path("state/history.db")).expect("history");
+    let mut st = c
+        .prepare("SELECT kind, count(*), sum(ok) FROM runs GROUP BY kind ORDER BY kind")
+        .expect("sql");
+    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .expect("query")
+        .map(|r| r.expect("row"))
+        .collect()
+}
+
+/// Adds `identity_file` to [encryption] (the daemon's restore drills need it).
+fn with_identity(env: &Env) {
+    let text = std::fs::read_to_string(env.config()).expect("cfg").replace(
+        "[encryption]\n",
+        &format!("[encryption]\nidentity_file = \"{}\"\n", env.key.display()),
+    );
+    std::fs::write(env.config(), text).expect("cfg");
+}
+
+#[test]
+fn jobs_due_together_for_three_minutes_are_queued_and_every_one_runs() {
+    let env = Env::new(
+        "[schedule]\nfull = \"*/30 * * * * *\"\ndiff = \"*/10 * * * * *\"\nverify = \"*/20 * * * * *\"\n",
+    );
+    common::make_db(&env.db, true, 3000, 1000);
+    with_identity(&env);
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let secs: u64 = std::env::var("DR_SCHEDULE_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(180);
+    let started = Instant::now();
+    let daemon = start(&env);
+    std::thread::sleep(Duration::from_secs(secs));
+    sigterm_exits_zero_quickly(daemon);
+    let ran = started.elapsed().as_secs();
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    let counts = history_counts(&env);
+    let runs = |kind: &str| {
+        counts
+            .iter()
+            .find(|(k, _, _)| k == kind)
+            .map_or((0, 0), |(_, n, ok)| (*n, *ok))
+    };
+    // Each schedule's due times in the window (plus the catch-up run at
+    // start-up), less one for a run cut off at the end.
+    for (kind, every) in [("full", 30), ("diff", 10), ("verify", 20)] {
+        let (n, ok) = runs(kind);
+        let due = (ran / every) as i64;
+        assert!(
+            n >= due,
+            "{kind}: {n} runs for {due} due times\n{counts:?}\n{log}"
+        );
+        assert_eq!(n, ok, "{kind}: every run succeeded\n{log}");
+    }
+    assert!(!log.contains("not starting another"), "{log}");
+    assert!(log.contains("queued"), "{log}");
+}
+
+#[test]
+fn a_recovery_window_keeps_what_its_instants_need_whatever_the_counts_say() {
+    let env = Env::new("[retention]\nfull = 1\nwindow = \"6s\"\n");
+    common::make_db(&env.db, true, 50, 100);
+    let label = |env: &Env| {
+        env.dr(&["backup-local", "app", "--type", "full", "--json"])
+            .ok()
+            .json()[0]["label"]
+            .as_str()
+            .expect("label")
+            .to_string()
+    };
+    let a = label(&env);
+    std::thread::sleep(Duration::from_secs(3));
+    let b = label(&env);
+    std::thread::sleep(Duration::from_secs(3));
+    let c = label(&env);
+    // full = 1 alone would keep only c; the window still reaches back to a.
+    let labels = |env: &Env| -> Vec<String> {
+        env.dr(&["info", "--json"]).ok().json()["policies"][0]["targets"][0]["backups"]
+            .as_array()
+            .expect("backups")
+            .iter()
+            .map(|b| b["label"].as_str().expect("label").to_string())
+            .collect()
+    };
+    assert_eq!(labels(&env), vec![a.clone(), b.clone(), c.clone()]);
+    std::thread::sleep(Duration::from_secs(4));
+    // The window now starts after a: b is the base of its oldest instant.
+    let r = env.dr(&["expire", "app", "--json"]).ok();
+    assert!(r.stdout.contains(&a), "{}", r.stdout);
+    assert_eq!(labels(&env), vec![b.clone(), c]);
+    let to = env.path("oldest.db").display().to_string();
+    env.dr(&[
+        "restore-local",
+        "app",
+        "--to",
+        &to,
+        "--backup",
+        &b,
+        "--identity",
+        &env.key_arg(),
+    ])
+    .ok();
+}
+
+#[test]
+fn each_policy_pings_its_own_monitors_from_the_daemon_and_from_the_command_line() {
+    let (ping_port, pings) = ping_server();
+    let env = Env::new(&format!(
+        "[schedule]\nfull = \"*/3 * * * * *\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/app\"\nkuma_url = \"http://127.0.0.1:{ping_port}/kuma/app\"\n"
+    ));
+    common::make_db(&env.db, true, 50, 100);
+    // A second policy whose database does not exist: it fails every run.
+    std::fs::write(
+        env.path("policies/broken.toml"),
+        format!(
+            "name = \"broken\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"missing.db\"\n[schedule]\nfull = \"*/3 * * * * *\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/broken\"\nkuma_url = \"http://127.0.0.1:{ping_port}/kuma/broken\"\n"
+        ),
+    )
+    .expect("policy");
+    // The command line, as a crontab line runs it.
+    let r = env.dr(&["backup-local"]);
+    assert_ne!(r.code, 0, "one policy failed");
+    let seen = pings.lock().expect("lock").clone();
+    for want in [
+        "POST /app/start ",
+        "POST /app ",
+        "GET /kuma/app?status=up",
+        "POST /broken/start ",
+        "POST /broken/fail ",
+        "GET /kuma/broken?status=down",
+    ] {
+        assert!(
+            seen.iter().any(|l| l.starts_with(want)),
+            "no {want}: {seen:?}"
+        );
+    }
+    assert!(
+        !seen.iter().any(|l| l.starts_with("POST /app/fail")),
+        "{seen:?}"
+    );
+    // The CLI run is in the history the daemon reads.
+    let runs: i64 = history_counts(&env).iter().map(|(_, n, _)| n).sum();
+    assert_eq!(runs, 2, "{:?}", history_counts(&env));
+    pings.lock().expect("lock").clear();
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let daemon = start(&env);
+    wait_for("daemon pings of both policies", 20, || {
+        let s = pings.lock().expect("lock");
+        s.iter().any(|l| l.starts_with("POST /app "))
+            && s.iter().any(|l| l.starts_with("POST /broken/fail "))
+    });
+    sigterm_exits_zero_quickly(daemon);
+    let seen = pings.lock().expect("lock").clone();
+    assert!(
+        !seen.iter().any(|l| l.starts_with("POST /app/fail")),
+        "{seen:?}"
+    );
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/dr-alerts.yml");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool is missing ({e}): run scripts/install-test-deps"));
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every series the rules use is served, from the first scrape on (as 0
+    // for what has not happened yet).
+    let env = Env::new(
+        "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nverify = \"0 4 * * *\"\n",
+    );
+    common::make_db(&env.db, true, 50, 100);
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let daemon = start(&env);
+    wait_for("metrics", 10, || {
+        get(port, "/metrics").is_some_and(|(c, _)| c == 200)
+    });
+    let (_, m) = get(port, "/metrics").expect("metrics");
+    sigterm_exits_zero_quickly(daemon);
+    let text = std::fs::read_to_string(&rules).expect("rules");
+    for name in [
+        "dr_backup_last_success_timestamp_seconds",
+        "dr_backup_last_failure_timestamp_seconds",
+        "dr_verify_last_success_timestamp_seconds",
+        "dr_verify_last_failure_timestamp_seconds",
+        "dr_wal_streamer_up",
+        "dr_wal_streamer_restarts_total",
+        "dr_wal_spool_bytes",
+        "dr_wal_spool_max_bytes",
+        "dr_wal_lag_seconds",
+    ] {
+        assert!(text.contains(name), "the rules use {name}");
+        assert!(
+            m.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+            "{name} is served: {m}"
+        );
+    }
+    for name in [
+        "dr_build_info{version=",
+        "dr_runs_total{",
+        "dr_backup_last_duration_seconds{",
+        "dr_wal_last_shipped_timestamp_seconds{",
+    ] {
+        assert!(m.contains(name), "{name}: {m}");
+    }
+    assert!(
+        m.contains("dr_verify_last_success_timestamp_seconds{policy=\"app\",target=\"local\"} 0"),
+        "a drill that never ran is a 0 series: {m}"
+    );
+    assert!(m.ends_with("# EOF\n"), "OpenMetrics text, whole: {m}");
+}

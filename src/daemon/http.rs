@@ -4,7 +4,6 @@
 //! twice its most frequent backup schedule's period and did not fail since,
 //! and no WAL spool is full; else 503 with a JSON body naming each problem.
 
-use std::fmt::Write as _;
 use std::sync::Arc;
 
 use chrono::Utc;
@@ -149,106 +148,201 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     Ok(out)
 }
 
-/// The Prometheus text exposition.
+/// The Prometheus exposition (OpenMetrics text, through prometheus-client).
+/// Every series of every configured policy, target and job is present,
+/// as 0 for what has not happened yet, so alert rules see it from the start.
 pub fn metrics(shared: &Shared) -> Result<String> {
+    use prometheus_client::metrics::counter::Counter;
+    use prometheus_client::metrics::family::Family;
+    use prometheus_client::metrics::gauge::Gauge;
+    use prometheus_client::registry::Registry;
+    type Labels = Vec<(String, String)>;
+    type Gauges = Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>;
+    type Counters = Family<Labels, Counter>;
+
     let (ctx, history) = snapshot(shared)?;
     let cfg = ctx.cfg();
-    let mut s = String::new();
-    let mut gauge = |name: &str, help: &str, rows: Vec<(String, f64)>| {
-        let _ = writeln!(s, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for (labels, v) in rows {
-            let _ = writeln!(s, "{name}{{{labels}}} {v}");
-        }
+    let now = Utc::now();
+    let mut reg = <Registry>::default();
+    let gauge = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Gauges::default();
+        reg.register(name, help, f.clone());
+        f
     };
-    let mut last_ok = Vec::new();
-    let mut last_bad = Vec::new();
-    let mut duration = Vec::new();
-    let mut size = Vec::new();
-    let mut verify = Vec::new();
-    let mut lag = Vec::new();
-    let mut spool = Vec::new();
-    let mut errors = Vec::new();
+    let counter = |reg: &mut Registry, name: &str, help: &str| {
+        let f = Counters::default();
+        reg.register(name, help, f.clone());
+        f
+    };
+    // A gauge of 1 rather than an OpenMetrics info: promtool and older
+    // Prometheus text parsers read it.
+    gauge(
+        &mut reg,
+        "dr_build_info",
+        "The dr version serving these metrics",
+    )
+    .get_or_create(&vec![(
+        "version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    )])
+    .set(1.0);
+    let last_ok = gauge(
+        &mut reg,
+        "dr_backup_last_success_timestamp_seconds",
+        "When the newest successful backup finished (0: never)",
+    );
+    let last_bad = gauge(
+        &mut reg,
+        "dr_backup_last_failure_timestamp_seconds",
+        "When the newest failed backup finished (0: never)",
+    );
+    let duration = gauge(
+        &mut reg,
+        "dr_backup_last_duration_seconds",
+        "Duration of the newest successful backup",
+    );
+    let size = gauge(
+        &mut reg,
+        "dr_backup_size_bytes",
+        "Stored size of the newest successful backup",
+    );
+    let verify_ok = gauge(
+        &mut reg,
+        "dr_verify_last_success_timestamp_seconds",
+        "When the newest passing restore drill finished (0: never)",
+    );
+    let verify_bad = gauge(
+        &mut reg,
+        "dr_verify_last_failure_timestamp_seconds",
+        "When the newest failing restore drill finished (0: never)",
+    );
+    let runs = counter(&mut reg, "dr_runs", "Runs recorded, by job and result");
+    let errors = counter(&mut reg, "dr_errors", "Failed runs recorded");
+    let lag = gauge(
+        &mut reg,
+        "dr_wal_lag_seconds",
+        "Age of the oldest commit not yet on the target; while the streamer is stopped, time since the last instant the target has every commit of",
+    );
+    let shipped = gauge(
+        &mut reg,
+        "dr_wal_last_shipped_timestamp_seconds",
+        "Until when the target has every commit (0: nothing shipped)",
+    );
+    let spool = gauge(
+        &mut reg,
+        "dr_wal_spool_bytes",
+        "WAL segments waiting in the local spool",
+    );
+    let spool_max = gauge(
+        &mut reg,
+        "dr_wal_spool_max_bytes",
+        "The spool's limit (wal.spool_max)",
+    );
+    let up = gauge(
+        &mut reg,
+        "dr_wal_streamer_up",
+        "1 while the policy's WAL streamer runs, 0 while it is down",
+    );
+    let restarts = counter(
+        &mut reg,
+        "dr_wal_streamer_restarts",
+        "Times the WAL streamer stopped on an error and was restarted",
+    );
+    let streamers = shared
+        .streamers
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let l = |pairs: &[(&str, &str)]| -> Labels {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    };
+    let ts = |t: chrono::DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
     for p in &cfg.policies {
+        let name = p.name.as_str();
+        let mut failed = 0;
         for t in &p.targets {
             for kind in ["full", "diff"] {
-                let l = format!("policy=\"{}\",target=\"{t}\",type=\"{kind}\"", p.name);
-                if let Some(r) = history.last(&p.name, t, kind, true)? {
-                    last_ok.push((l.clone(), r.finished.timestamp() as f64));
-                    duration.push((
-                        l.clone(),
-                        (r.finished - r.started).num_milliseconds() as f64 / 1000.0,
-                    ));
-                    size.push((l.clone(), r.size as f64));
-                }
-                if let Some(r) = history.last(&p.name, t, kind, false)? {
-                    last_bad.push((l, r.finished.timestamp() as f64));
-                }
+                let labels = l(&[("policy", name), ("target", t), ("type", kind)]);
+                let ok = history.last(name, t, kind, true)?;
+                let bad = history.last(name, t, kind, false)?;
+                last_ok
+                    .get_or_create(&labels)
+                    .set(ok.as_ref().map_or(0.0, |r| ts(r.finished)));
+                last_bad
+                    .get_or_create(&labels)
+                    .set(bad.as_ref().map_or(0.0, |r| ts(r.finished)));
+                duration
+                    .get_or_create(&labels)
+                    .set(ok.as_ref().map_or(0.0, |r| {
+                        (r.finished - r.started).num_milliseconds() as f64 / 1000.0
+                    }));
+                size.get_or_create(&labels)
+                    .set(ok.as_ref().map_or(0.0, |r| r.size as f64));
             }
-            if let Some(r) = history.last(&p.name, t, "verify", true)? {
-                verify.push((
-                    format!("policy=\"{}\",target=\"{t}\"", p.name),
-                    r.finished.timestamp() as f64,
-                ));
+            let labels = l(&[("policy", name), ("target", t)]);
+            let ok = history.last(name, t, "verify", true)?;
+            let bad = history.last(name, t, "verify", false)?;
+            verify_ok
+                .get_or_create(&labels)
+                .set(ok.as_ref().map_or(0.0, |r| ts(r.finished)));
+            verify_bad
+                .get_or_create(&labels)
+                .set(bad.as_ref().map_or(0.0, |r| ts(r.finished)));
+            for job in ["full", "diff", "verify"] {
+                let (good, bad) = history.counts(name, t, job)?;
+                failed += bad;
+                for (result, n) in [("success", good), ("failure", bad)] {
+                    runs.get_or_create(&l(&[
+                        ("policy", name),
+                        ("target", t),
+                        ("job", job),
+                        ("result", result),
+                    ]))
+                    .inc_by(n);
+                }
             }
         }
-        errors.push((
-            format!("policy=\"{}\"", p.name),
-            history.failures(&p.name)? as f64,
-        ));
-        if let Some(st) = StreamState::load(&ctx.state().stream_state(&p.name)) {
-            for t in &p.targets {
-                if let Some(l) =
-                    st.lag(t, Utc::now(), StreamState::stale_after(p.wal.sync_interval))
-                {
-                    lag.push((format!("policy=\"{}\",target=\"{t}\"", p.name), l));
-                }
-            }
-            spool.push((format!("policy=\"{}\"", p.name), st.spool_bytes as f64));
+        errors.get_or_create(&l(&[("policy", name)])).inc_by(failed);
+        if !p.wal.enabled {
+            continue;
         }
+        let status = streamers.get(name);
+        up.get_or_create(&l(&[("policy", name)]))
+            .set(if status.is_some_and(|s| s.up(now)) {
+                1.0
+            } else {
+                0.0
+            });
+        restarts
+            .get_or_create(&l(&[("policy", name)]))
+            .inc_by(status.map_or(0, |s| s.restarts));
+        let st = StreamState::load(&ctx.state().stream_state(name));
+        let stale = StreamState::stale_after(p.wal.sync_interval);
+        for t in &p.targets {
+            let labels = l(&[("policy", name), ("target", t)]);
+            let st = st.as_ref();
+            lag.get_or_create(&labels)
+                .set(st.and_then(|s| s.lag(t, now, stale)).unwrap_or(0.0));
+            shipped.get_or_create(&labels).set(
+                st.and_then(|s| s.targets.get(t.as_str()))
+                    .and_then(|s| s.until)
+                    .map_or(0.0, ts),
+            );
+        }
+        spool
+            .get_or_create(&l(&[("policy", name)]))
+            .set(st.as_ref().map_or(0.0, |s| s.spool_bytes as f64));
+        spool_max
+            .get_or_create(&l(&[("policy", name)]))
+            .set(p.wal.spool_max as f64);
     }
-    gauge(
-        "dr_backup_last_success_timestamp_seconds",
-        "When the newest successful backup finished.",
-        last_ok,
-    );
-    gauge(
-        "dr_backup_last_failure_timestamp_seconds",
-        "When the newest failed backup finished.",
-        last_bad,
-    );
-    gauge(
-        "dr_backup_duration_seconds",
-        "Duration of the newest successful backup.",
-        duration,
-    );
-    gauge(
-        "dr_backup_size_bytes",
-        "Stored size of the newest successful backup.",
-        size,
-    );
-    gauge(
-        "dr_verify_last_success_timestamp_seconds",
-        "When the newest passing restore drill finished.",
-        verify,
-    );
-    gauge(
-        "dr_wal_lag_seconds",
-        "Age of the oldest commit not yet on the target.",
-        lag,
-    );
-    gauge(
-        "dr_wal_spool_bytes",
-        "WAL segments waiting in the local spool.",
-        spool,
-    );
-    let _ = writeln!(
-        s,
-        "# HELP dr_errors_total Failed runs recorded.\n# TYPE dr_errors_total counter"
-    );
-    for (l, v) in errors {
-        let _ = writeln!(s, "dr_errors_total{{{l}}} {v}");
-    }
-    Ok(s)
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &reg)
+        .map_err(|e| Error::Other(format!("cannot render the metrics: {e}")))?;
+    Ok(out)
 }
 
 /// Serves the endpoint on its own thread; the returned server stops with `unblock`.
@@ -278,7 +372,11 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
                     ),
                 },
                 "/metrics" => match metrics(&shared) {
-                    Ok(m) => (200, m, "text/plain; version=0.0.4"),
+                    Ok(m) => (
+                        200,
+                        m,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
                     Err(e) => (500, e.to_string(), "text/plain"),
                 },
                 _ => (

@@ -264,11 +264,18 @@ impl Scheduler {
                 .unwrap_or(now + chrono::Duration::days(3650));
             let q = self.queued.entry(job.policy.clone()).or_default();
             if q.contains(&job.kind) {
+                tracing::info!(policy = %job.policy, job = job.kind.word(), "due again while still queued: runs once");
                 continue;
             }
+            let ahead = running.get(&job.policy).or(q.front()).copied();
             q.push_back(job.kind);
-            if let Some(busy) = running.get(&job.policy) {
-                tracing::info!(policy = %job.policy, job = job.kind.word(), running = busy.word(), "queued: waits for the {} run of this policy", busy.word());
+            if let Some(ahead) = ahead {
+                let what = if running.contains_key(&job.policy) {
+                    "running"
+                } else {
+                    "queued"
+                };
+                tracing::info!(policy = %job.policy, job = job.kind.word(), "queued: waits for the {} run of this policy ({what})", ahead.word());
             }
         }
         let mut start = Vec::new();

@@ -251,7 +251,8 @@ fn stream_info(ctx: &Context, p: &Policy, target: &str) -> Option<StreamInfo> {
         running,
         stopped_seconds_ago: (!running)
             .then(|| {
-                st.updated
+                st.stopped
+                    .or(st.updated)
                     .map(|u| (now - u).num_milliseconds().max(0) as f64 / 1000.0)
             })
             .flatten(),

@@ -138,6 +138,13 @@ pub fn stream_policy(ctx: &Context, policy: &Policy, stop: &AtomicBool) -> Resul
         let _ = wake_shipper.send(());
         let unshipped = shipper.join().unwrap_or(u64::MAX);
         let _ = bases.join();
+        // Say it stopped, so lag and `dr info` count from now on.
+        if let Ok(mut st) = state.lock() {
+            st.stopped = Some(chrono::Utc::now());
+            if let Err(e) = st.save(&state_path) {
+                tracing::error!(policy = %policy.name, "{e}");
+            }
+        }
         result.map(|mut r| {
             r.unshipped = unshipped;
             r

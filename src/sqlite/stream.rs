@@ -75,6 +75,9 @@ pub struct StreamState {
     /// continued generation's unwatched interval starts.
     #[serde(default)]
     pub watched_until: Option<DateTime<Utc>>,
+    /// When the streamer stopped (on a signal or an error), if it did.
+    #[serde(default)]
+    pub stopped: Option<DateTime<Utc>>,
 }
 
 /// How far one target has been shipped.
@@ -116,7 +119,7 @@ impl StreamState {
             .updated
             .is_some_and(|u| (now - u).to_std().unwrap_or_default() <= stale);
         let process = self.host != crate::lock::hostname() || crate::scratch::pid_alive(self.pid);
-        recent && process
+        self.stopped.is_none() && recent && process
     }
 
     /// How long before a state counts as stale, for a policy streaming
@@ -511,6 +514,7 @@ impl Stream<'_> {
         st.pid = std::process::id();
         st.host = crate::lock::hostname();
         st.updated = Some(Utc::now());
+        st.stopped = None;
         st.open_since = self.open.as_ref().map(|o| o.first_commit);
         st.spool_bytes = spool_bytes;
         st.spool_max = self.policy.wal.spool_max;
