@@ -93,6 +93,7 @@ pub fn backup(
         encryption: encryption_word(policy).into(),
         recipients: sealing.fingerprints(),
         objects: written.objects,
+        trigger: stream.map(|_| "generation".to_string()),
     };
     commit(store.as_ref(), &policy.name, lease.as_mut(), &manifest)?;
     tracing::info!(policy = %policy.name, target = %target.name, %label, "committed");

@@ -60,6 +60,13 @@ pub struct TargetInfo {
     /// Why the target could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// From the oldest to the newest instant a restore from this target
+    /// reaches (a backup's own instant, or any instant of a WAL window).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub covered: Option<crate::repo::wal::Window>,
+    /// The policy's `retention.window`, when it asks for one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub window_asked: Option<String>,
 }
 
 /// A scheduled job as the daemon ran it.
@@ -148,6 +155,7 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
         let mut targets = Vec::new();
         for t in filter.select(ctx.cfg(), p)? {
             let l = source.list(ctx, t);
+            let covered = covered(&l.backups, l.wal.as_ref());
             targets.push(TargetInfo {
                 name: t.name.clone(),
                 kind: t.kind.word().into(),
@@ -158,6 +166,11 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
                 backups: l.backups,
                 incomplete: l.incomplete,
                 runs: runs(ctx, p, &t.name),
+                covered,
+                window_asked: p
+                    .retention
+                    .window
+                    .map(|w| humantime::format_duration(w).to_string()),
                 wal: l.wal,
                 error: l.error,
             });
@@ -169,6 +182,29 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
         });
     }
     Ok(out)
+}
+
+/// What a target covers: the instants of its restorable backups and its
+/// WAL windows, from the oldest to the newest.
+fn covered(backups: &[BackupInfo], wal: Option<&WalInfo>) -> Option<crate::repo::wal::Window> {
+    let instants = backups
+        .iter()
+        .filter(|b| b.error.is_none())
+        .map(|b| b.timestamp_start)
+        .chain(
+            wal.into_iter()
+                .flat_map(|w| &w.windows)
+                .flat_map(|w| [w.start, w.end]),
+        );
+    let (mut lo, mut hi) = (None::<DateTime<Utc>>, None::<DateTime<Utc>>);
+    for t in instants {
+        lo = Some(lo.map_or(t, |l| l.min(t)));
+        hi = Some(hi.map_or(t, |h| h.max(t)));
+    }
+    Some(crate::repo::wal::Window {
+        start: lo?,
+        end: hi?,
+    })
 }
 
 /// The daemon's history of `p` on `target`, if the daemon ran on this host.
@@ -275,6 +311,20 @@ pub fn render(info: &Info) -> String {
             }
             if let Some(w) = &t.wal {
                 render_wal(&mut s, w);
+            }
+            if let Some(c) = &t.covered {
+                let _ = writeln!(
+                    s,
+                    "    covered: {} .. {} UTC ({}){}",
+                    c.start.format("%Y-%m-%d %H:%M:%S"),
+                    c.end.format("%Y-%m-%d %H:%M:%S"),
+                    humantime::format_duration(std::time::Duration::from_secs(
+                        (c.end - c.start).num_seconds().max(0) as u64
+                    )),
+                    t.window_asked.as_ref().map_or(String::new(), |w| format!(
+                        ", retention.window asks for {w}"
+                    ))
+                );
             }
             for r in &t.runs {
                 let fmt = |t: &Option<DateTime<Utc>>| {

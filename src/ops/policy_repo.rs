@@ -25,6 +25,10 @@ impl Committed {
         repo::retention::Candidate {
             label: self.dir.label.clone(),
             intact: self.manifest.is_ok(),
+            counted: self
+                .manifest
+                .as_ref()
+                .map_or(true, |m| m.trigger.as_deref() != Some("generation")),
         }
     }
 }

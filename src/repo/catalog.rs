@@ -142,6 +142,7 @@ mod tests {
             stored_sha256: String::new(),
         };
         let mut m = Manifest {
+            trigger: None,
             label: diff.clone(),
             kind: BackupType::Diff,
             parent: Some(full.clone()),

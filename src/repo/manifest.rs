@@ -49,6 +49,11 @@ pub struct Manifest {
     pub recipients: Vec<String>,
     /// Every object of the backup except the manifest, by name.
     pub objects: BTreeMap<String, ObjectDigest>,
+    /// Why dr took it when no schedule or user asked: `generation` for the
+    /// base of a new WAL generation. Retention does not count such a full
+    /// against `retention.full`, so it never shortens the history kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
 }
 
 /// A point in a WAL stream.
@@ -166,6 +171,7 @@ pub(crate) mod tests {
     pub(crate) fn sample() -> Manifest {
         let t = Utc::now();
         Manifest {
+            trigger: None,
             format: FORMAT_VERSION,
             label: Label::full(t),
             kind: BackupType::Full,

@@ -24,6 +24,10 @@ pub struct Candidate {
     pub label: Label,
     /// Manifest valid and every object present at its recorded size.
     pub intact: bool,
+    /// Counted against `retention.full`: false for a full dr took only as
+    /// the base of a new WAL generation. Such a full is kept while it is
+    /// newer than the oldest full retention keeps, removed after.
+    pub counted: bool,
 }
 
 /// What expire removes, and why, for `--dry-run` and logs.
@@ -94,10 +98,15 @@ pub fn plan(
     let protected =
         |l: &Label| newest.is_some_and(|n| n == l || n.full_label() == *l) || needed.contains(l);
 
+    let uncounted: BTreeSet<&Label> = committed
+        .iter()
+        .filter(|c| !c.counted)
+        .map(|c| &c.label)
+        .collect();
     let mut fulls: Vec<&Label> = intact
         .iter()
         .copied()
-        .filter(|l| l.kind() == BackupType::Full)
+        .filter(|l| l.kind() == BackupType::Full && !uncounted.contains(l))
         .collect();
     fulls.sort();
     let mut removed: BTreeSet<Label> = BTreeSet::new();
@@ -105,12 +114,28 @@ pub fn plan(
     if let Some(keep) = full {
         let keep = keep.max(1) as usize;
         if fulls.len() > keep {
+            let oldest_kept = fulls[fulls.len() - keep];
             for old in fulls[..fulls.len() - keep].iter().filter(|l| !protected(l)) {
                 removed.insert((*old).clone());
                 out.push(Removal {
                     label: (*old).clone(),
                     reason: format!(
                         "retention.full = {keep}: {keep} newer intact full backups exist"
+                    ),
+                });
+            }
+            // Bases of WAL generations do not count, so they never push a
+            // scheduled full out; they go once older than the history kept.
+            for base in intact
+                .iter()
+                .copied()
+                .filter(|l| uncounted.contains(l) && *l < oldest_kept && !protected(l))
+            {
+                removed.insert(base.clone());
+                out.push(Removal {
+                    label: base.clone(),
+                    reason: format!(
+                        "base of a WAL generation older than {oldest_kept}, the oldest full retention.full = {keep} keeps"
                     ),
                 });
             }
@@ -218,11 +243,28 @@ mod tests {
         );
     }
 
+    #[test]
+    fn generation_bases_never_push_a_scheduled_full_out() {
+        let f1 = Label::full(at(0));
+        let g1 = Label::full(at(1));
+        let f2 = Label::full(at(2));
+        let g2 = Label::full(at(3));
+        let mut all = intact(&[&f1, &g1, &f2, &g2]);
+        for c in all.iter_mut().filter(|c| c.label == g1 || c.label == g2) {
+            c.counted = false;
+        }
+        // full = 2: f1 and f2 are the history asked for; the bases add to it.
+        assert!(plan(&all, Some(2), None, None).is_empty());
+        // full = 1: f2 is kept; f1 goes, and g1 with it (older than f2).
+        assert_eq!(labels(plan(&all, Some(1), None, None)), vec![g1, f1]);
+    }
+
     fn intact(ls: &[&Label]) -> Vec<Candidate> {
         ls.iter()
             .map(|l| Candidate {
                 label: (*l).clone(),
                 intact: true,
+                counted: true,
             })
             .collect()
     }
