@@ -305,6 +305,21 @@ fn jobs_due_together_for_three_minutes_are_queued_and_every_one_runs() {
     assert!(log.contains("queued"), "{log}");
 }
 
+/// The instant of a label (`20261125-160102F`) as RFC 3339 up to seconds.
+fn b_time(label: &str) -> String {
+    let d = &label[..8];
+    let t = &label[9..15];
+    format!(
+        "{}-{}-{}T{}:{}:{}",
+        &d[..4],
+        &d[4..6],
+        &d[6..],
+        &t[..2],
+        &t[2..4],
+        &t[4..]
+    )
+}
+
 #[test]
 fn a_recovery_window_keeps_what_its_instants_need_whatever_the_counts_say() {
     let env = Env::new("[retention]\nfull = 1\nwindow = \"6s\"\n");
@@ -337,6 +352,17 @@ fn a_recovery_window_keeps_what_its_instants_need_whatever_the_counts_say() {
     let r = env.dr(&["expire", "app", "--json"]).ok();
     assert!(r.stdout.contains(&a), "{}", r.stdout);
     assert_eq!(labels(&env), vec![b.clone(), c]);
+    // dr info says what the target covers and what the policy asks for.
+    let j = env.dr(&["info", "--json"]).ok().json();
+    let target = &j["policies"][0]["targets"][0];
+    assert_eq!(target["window_asked"], "6s", "{target}");
+    let start = target["covered"]["start"].as_str().expect("covered");
+    let start = chrono::DateTime::parse_from_rfc3339(start).expect("rfc3339");
+    let taken = chrono::DateTime::parse_from_rfc3339(&format!("{}Z", b_time(&b))).expect("label");
+    assert!(
+        start >= taken && start < taken + chrono::Duration::seconds(2),
+        "{start} is backup {b}'s instant"
+    );
     let to = env.path("oldest.db").display().to_string();
     env.dr(&[
         "restore-local",
