@@ -3,38 +3,17 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::Env;
 
 fn start(env: &Env) -> Child {
-    Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .arg("daemon")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(env.path("daemon.log"))
-                .expect("log"),
-        )
-        .spawn()
-        .expect("start daemon")
+    common::start_daemon(env, &[])
 }
 
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
-    Some((code, body))
+    common::http_get(port, path)
 }
 
 fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {

@@ -566,21 +566,7 @@ fn verify_reads_every_wal_segment_and_names_a_corrupt_one() {
 
 /// Starts `dr daemon` in the background, logging to daemon.log.
 fn daemon(env: &Env) -> Child {
-    Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["daemon", "--log-level", "debug"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(env.path("daemon.log"))
-                .expect("log"),
-        )
-        .spawn()
-        .expect("start dr daemon")
+    common::start_daemon(env, &["--log-level", "debug"])
 }
 
 /// A daemon listening on a free port; the port.
@@ -593,14 +579,7 @@ fn with_listen(env: &Env) -> u16 {
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+    common::http_get(port, path)
 }
 
 fn wait_until(what: &str, secs: u64, env: &Env, mut f: impl FnMut() -> bool) {

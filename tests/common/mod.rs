@@ -241,3 +241,37 @@ impl Drop for Mount {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+/// Starts `dr daemon` for `env` in the background, appending its log to
+/// `daemon.log` in the env.
+pub fn start_daemon(env: &Env, args: &[&str]) -> std::process::Child {
+    Command::new(dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .arg("daemon")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(env.path("daemon.log"))
+                .expect("log"),
+        )
+        .spawn()
+        .expect("start dr daemon")
+}
+
+/// A plain HTTP GET on loopback: (status, body), or `None` when nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
+}
