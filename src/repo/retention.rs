@@ -114,7 +114,6 @@ pub fn plan(
     if let Some(keep) = full {
         let keep = keep.max(1) as usize;
         if fulls.len() > keep {
-            let oldest_kept = fulls[fulls.len() - keep];
             for old in fulls[..fulls.len() - keep].iter().filter(|l| !protected(l)) {
                 removed.insert((*old).clone());
                 out.push(Removal {
@@ -124,12 +123,18 @@ pub fn plan(
                     ),
                 });
             }
-            // Bases of WAL generations do not count, so they never push a
-            // scheduled full out; they go once older than the history kept.
+        }
+        // Bases of WAL generations do not count, so they never push a
+        // scheduled full out; they go once older than the history kept.
+        if let Some(oldest_kept) = fulls
+            .len()
+            .checked_sub(keep.min(fulls.len()))
+            .and_then(|i| fulls.get(i))
+        {
             for base in intact
                 .iter()
                 .copied()
-                .filter(|l| uncounted.contains(l) && *l < oldest_kept && !protected(l))
+                .filter(|l| uncounted.contains(l) && l < oldest_kept && !protected(l))
             {
                 removed.insert(base.clone());
                 out.push(Removal {
