@@ -32,7 +32,10 @@ Exit codes: 0 success, 1 failure, 2 configuration or secret error,
 3 integrity or decryption failure, 4 lock or lease held by another run,
 5 not found (policy, target or backup), 6 refused (would overwrite, not a
 regular file, in use), 7 incomplete (a WAL gap keeps the newest state out of
-reach: the message names the newest instant that --at can restore).";
+reach: the message names the newest instant that --at can restore),
+64 usage (a command line dr cannot parse). With several failures, the most
+severe (3, 7, 2, 1, 4, 6, 5). Under --json an error is a JSON object on
+stdout: {\"error\": \"...\", \"exit_code\": N}.";
 
 /// dr: backups and disaster recovery for SQLite and PostgreSQL.
 ///
@@ -45,9 +48,13 @@ pub struct Cli {
     #[arg(long, short = 'c', global = true, env = "DR_CONFIG", default_value = config::DEFAULT_CONFIG)]
     pub config: PathBuf,
 
-    /// Log level (error, warn, info, debug, trace); DR_LOG takes filter syntax too.
-    #[arg(long, global = true, default_value = "info")]
-    pub log_level: String,
+    /// How much to log on stderr; DR_LOG takes tracing filter syntax instead.
+    #[arg(long, global = true, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+
+    /// Only errors on stderr, and no progress bars (for cron and scripts).
+    #[arg(long, short = 'q', global = true, conflicts_with = "log_level")]
+    pub quiet: bool,
 
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -55,6 +62,28 @@ pub struct Cli {
 
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// How much is logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl LogLevel {
+    fn filter(self) -> &'static str {
+        match self {
+            LogLevel::Error => "error",
+            LogLevel::Warn => "warn",
+            LogLevel::Info => "info",
+            LogLevel::Debug => "debug",
+            LogLevel::Trace => "trace",
+        }
+    }
 }
 
 /// How log lines are written.
@@ -110,8 +139,16 @@ pub struct RestoreArgs {
     #[arg(long, env = "DR_IDENTITY")]
     pub identity: Option<PathBuf>,
     /// Replace an existing database at --to (its -wal/-shm go with it).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "if_not_exists")]
     pub force: bool,
+    /// Do nothing (exit 0) when --to already exists: for container
+    /// entrypoints that restore only on a fresh volume.
+    #[arg(long)]
+    pub if_not_exists: bool,
+    /// Do nothing (exit 0) when the target holds no backup yet, instead of
+    /// exit 5: the first start of a new deployment.
+    #[arg(long)]
+    pub if_backup_exists: bool,
     /// Restore from this target (by name) when the policy has several of the kind.
     #[arg(long)]
     pub target: Option<String>,
@@ -125,11 +162,13 @@ pub enum Command {
     /// Run the whole pipeline on a demo database in ./demo (or --dir): key,
     /// config, full and diff backups under a live writer, restore, verify, info.
     Demo {
+        /// Directory to create the demo in (refused when it holds anything but an earlier demo).
         #[arg(long, default_value = "demo")]
         dir: PathBuf,
     },
     /// Write a new age X25519 identity (mode 0600) and print its recipient.
     Keygen {
+        /// File to write the identity to (refused when it exists). Keep it off the backup host.
         #[arg(long, short)]
         output: PathBuf,
     },
@@ -149,6 +188,12 @@ pub enum Command {
     Replicate {
         /// Policies to stream; every policy with [wal] enabled when omitted.
         policies: Vec<String>,
+        /// Run this command (through `sh -c`) as a child and stream while it
+        /// runs: SIGINT and SIGTERM go to it, and when it exits dr ships what
+        /// is committed and exits with its status. For containers whose
+        /// entrypoint is dr (Litestream's -exec).
+        #[arg(long, value_name = "COMMAND")]
+        exec: Option<String>,
         /// Print the final report as JSON.
         #[arg(long)]
         json: bool,
@@ -158,19 +203,26 @@ pub enum Command {
         #[command(subcommand)]
         action: PgAction,
     },
-    /// Run every policy's schedules ([schedule] full/diff/verify, UTC), the
-    /// WAL streamers, and /healthz + /metrics on daemon.listen, until
-    /// SIGTERM or Ctrl-C. SIGHUP reloads the config (an invalid one is
-    /// logged and the running one kept). Runs missed while the daemon was
-    /// down run at start-up.
+    /// Run every policy's schedules ([schedule] full/diff/verify, read in
+    /// [daemon] timezone, UTC by default), the supervised WAL streamers, and
+    /// /healthz + /metrics on daemon.listen, until SIGTERM or Ctrl-C. Jobs
+    /// due while their policy runs another are queued, never dropped. SIGHUP
+    /// reloads the config (an invalid one is logged and the running one
+    /// kept; unchanged streamers keep running). Runs missed while the daemon
+    /// was down run at start-up.
     Daemon,
     /// Restore a policy from a local target.
     RestoreLocal(RestoreArgs),
     /// Restore a policy from an S3 target.
     RestoreS3(RestoreArgs),
-    /// List every backup of every policy and target: labels, chains, sizes.
+    /// List every backup of every policy and target: labels, chains, sizes,
+    /// WAL windows, what each target covers and the daemon's runs. Exit 3
+    /// when a backup is damaged or the WAL has a gap, 1 when a target
+    /// cannot be read (what could be read is still printed).
     Info {
+        /// Only this policy.
         policy: Option<String>,
+        /// Only this target (by name).
         #[arg(long)]
         target: Option<String>,
         /// One JSON document (schema in README.md).
@@ -183,6 +235,7 @@ pub enum Command {
     /// Exit code 3 when a drill finds damage or nothing to restore, 1 when a
     /// target cannot be reached; every target is tried.
     Verify {
+        /// Only this policy; every policy when omitted.
         policy: Option<String>,
         /// Drill this backup (and its full) only, instead of the whole repository.
         #[arg(long)]
@@ -195,27 +248,41 @@ pub enum Command {
         /// newest backup is always restored.
         #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
         sample: Option<f64>,
+        /// Only this target (by name).
         #[arg(long)]
         target: Option<String>,
+        /// age identity file that can decrypt the backups (or [encryption] identity_file).
         #[arg(long, env = "DR_IDENTITY")]
         identity: Option<PathBuf>,
+        /// Print the results as JSON (failures as objects with their exit code).
         #[arg(long)]
         json: bool,
     },
     /// Remove backups beyond the policy's retention, and interrupted backups
     /// older than retention.incomplete_grace (default 1h).
     Expire {
+        /// Only this policy; every policy when omitted.
         policy: Option<String>,
         /// Show what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
+        /// Only this target (by name).
         #[arg(long)]
         target: Option<String>,
+        /// Seconds to wait for another run holding the policy's lock.
         #[arg(long, default_value_t = 0)]
         wait: u64,
+        /// Print what was (or would be) removed as JSON.
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script: `dr completions bash > /etc/bash_completion.d/dr`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `dr man > /usr/local/share/man/man1/dr.1`.
+    Man,
 }
 
 #[derive(Debug, Subcommand)]
@@ -224,7 +291,9 @@ pub enum PgAction {
     /// archiving (ALTER SYSTEM, or print what to add), create the stanza
     /// and run pgBackRest's check.
     Setup {
+        /// The PostgreSQL policy to set up.
         policy: String,
+        /// Print what was done and what is left as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -241,7 +310,13 @@ const SDK_CAP: &str = "aws_sigv4=info,aws_smithy_runtime=info,aws_smithy_runtime
 
 /// Sets up logging on stderr.
 pub fn init_logging(cli: &Cli) {
-    let filter = std::env::var("DR_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    let level = if cli.quiet {
+        LogLevel::Error
+    } else {
+        cli.log_level
+    };
+    QUIET.store(cli.quiet, std::sync::atomic::Ordering::Relaxed);
+    let filter = std::env::var("DR_LOG").unwrap_or_else(|_| level.filter().to_string());
     // The AWS SDK logs its resolved identity (the access key id among it)
     // at debug level and request signing at trace: those crates stop at
     // info, whatever was asked.
@@ -254,7 +329,7 @@ pub fn init_logging(cli: &Cli) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| BarSafe)
         .with_target(false);
     let _ = match cli.log_format {
         LogFormat::Json => builder.json().try_init(),
@@ -262,6 +337,31 @@ pub fn init_logging(cli: &Cli) {
             .with_ansi(std::io::stderr().is_terminal())
             .try_init(),
     };
+}
+
+/// Set by `--quiet`: no progress bars.
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The progress bar on screen, if any: log lines are written around it.
+static SHOWN: std::sync::Mutex<Option<ProgressBar>> = std::sync::Mutex::new(None);
+
+/// stderr for log lines that first lifts the progress bar off the screen
+/// and draws it again after, so a log line never tears it.
+struct BarSafe;
+
+impl std::io::Write for BarSafe {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let bar = SHOWN.lock().ok().and_then(|b| b.clone());
+        match bar {
+            Some(pb) => pb
+                .suspend(|| std::io::stderr().write_all(buf))
+                .map(|()| buf.len()),
+            None => std::io::stderr().write_all(buf).map(|()| buf.len()),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 /// A progress bar on the terminal, for the ops' [`Progress`].
@@ -278,16 +378,26 @@ impl Progress for Bar {
 
 impl Drop for Bar {
     fn drop(&mut self) {
+        if let Ok(mut s) = SHOWN.lock() {
+            *s = None;
+        }
         self.0.finish_and_clear();
     }
 }
 
 fn progress(json: bool, what: &str) -> Bar {
-    Bar(progress_bar(json, what))
+    let pb = progress_bar(json, what);
+    if !pb.is_hidden()
+        && let Ok(mut s) = SHOWN.lock()
+    {
+        *s = Some(pb.clone());
+    }
+    Bar(pb)
 }
 
 fn progress_bar(json: bool, what: &str) -> ProgressBar {
-    if json || !std::io::stderr().is_terminal() {
+    if json || QUIET.load(std::sync::atomic::Ordering::Relaxed) || !std::io::stderr().is_terminal()
+    {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
@@ -300,10 +410,15 @@ fn progress_bar(json: bool, what: &str) -> ProgressBar {
     pb
 }
 
+/// Set once a command printed its JSON document: an error after it (a
+/// fan-out's failures, listed in that document) is not printed twice.
+static JSON_PRINTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
     let s = serde_json::to_string_pretty(v)
         .map_err(|e| Error::Other(format!("cannot render JSON: {e}")))?;
     println!("{s}");
+    JSON_PRINTED.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }
 
@@ -344,7 +459,22 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::BackupLocal(a) => backup(&cli.config, a, "local"),
         Command::BackupS3(a) => backup(&cli.config, a, "s3"),
-        Command::Replicate { policies, json } => replicate(&cli.config, policies, *json),
+        Command::Replicate {
+            policies,
+            exec,
+            json,
+        } => replicate(&cli.config, policies, exec.as_deref(), *json),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut cmd, "dr", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            clap_mangen::Man::new(cmd)
+                .render(&mut std::io::stdout())
+                .map_err(|e| Error::io("cannot write the manual page", e))
+        }
         Command::Pg {
             action: PgAction::Setup { policy, json },
         } => {
@@ -601,6 +731,15 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
             )));
         }
     };
+    // An empty directory is where a PostgreSQL restore goes: not "existing".
+    let empty_dir = std::fs::read_dir(&a.to).is_ok_and(|mut d| d.next().is_none());
+    if a.if_not_exists && std::fs::symlink_metadata(&a.to).is_ok() && !empty_dir {
+        println!(
+            "{} exists: nothing restored (--if-not-exists)",
+            a.to.display()
+        );
+        return Ok(());
+    }
     let opts = ops::restore::RestoreOptions {
         to: a.to.clone(),
         backup: a.backup.clone(),
@@ -611,7 +750,13 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
     let pb = progress(a.json, &format!("restore {} <- {}", p.name, t.name));
     let r = Source::of(p).restore(&ctx, t, &opts, &pb);
     drop(pb);
-    let r = r?;
+    let r = match r {
+        Err(Error::NotFound(why)) if a.if_backup_exists => {
+            println!("nothing restored (--if-backup-exists): {why}");
+            return Ok(());
+        }
+        r => r?,
+    };
     if a.json {
         return print_json(&r);
     }
@@ -650,6 +795,81 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
     Ok(())
 }
 
+/// The application `dr replicate --exec` runs as its child.
+struct App {
+    child: std::sync::Arc<std::sync::Mutex<std::process::Child>>,
+    watcher: std::thread::JoinHandle<()>,
+}
+
+impl App {
+    /// Starts `cmd` through `sh -c`. A watcher thread forwards SIGINT or
+    /// SIGTERM (the `stop` flag) to it, and sets `stop` when it exits, so
+    /// the streamers ship what is committed and end.
+    fn start(cmd: &str, stop: std::sync::Arc<std::sync::atomic::AtomicBool>) -> Result<App> {
+        use std::sync::atomic::Ordering;
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .spawn()
+            .map_err(|e| Error::io(format!("cannot start `{cmd}` (--exec)"), e))?;
+        let pid = child.id();
+        tracing::info!(pid, "started the application: {cmd}");
+        let child = std::sync::Arc::new(std::sync::Mutex::new(child));
+        let watcher = {
+            let child = child.clone();
+            std::thread::spawn(move || {
+                let mut forwarded = false;
+                loop {
+                    let exited = child
+                        .lock()
+                        .map(|mut c| !matches!(c.try_wait(), Ok(None)))
+                        .unwrap_or(true);
+                    if exited {
+                        stop.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                    if stop.load(Ordering::SeqCst) && !forwarded {
+                        terminate(pid);
+                        forwarded = true;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            })
+        };
+        Ok(App { child, watcher })
+    }
+
+    /// Waits for the application (asking it to stop first if it still
+    /// runs) and returns its exit status (128 + signal when killed).
+    fn finish(self) -> Result<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        let status = {
+            let mut c = self.child.lock().map_err(|_| {
+                Error::Other("internal: the application's handle is poisoned".into())
+            })?;
+            if matches!(c.try_wait(), Ok(None)) {
+                terminate(c.id());
+            }
+            c.wait()
+                .map_err(|e| Error::io("cannot wait for the application (--exec)", e))?
+        };
+        let _ = self.watcher.join();
+        let code = status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(1);
+        tracing::info!("the application exited with status {code}");
+        Ok(code)
+    }
+}
+
+/// Asks a process to stop (SIGTERM).
+fn terminate(pid: u32) {
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+}
+
 /// Parses `--sample`: a percentage above 0 and at most 100.
 fn parse_percent(s: &str) -> std::result::Result<f64, String> {
     match s.trim_end_matches('%').parse::<f64>() {
@@ -685,7 +905,7 @@ fn flag_on(signals: &[i32]) -> Result<std::sync::Arc<std::sync::atomic::AtomicBo
     Ok(flag)
 }
 
-fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
+fn replicate(config: &Path, names: &[String], exec: Option<&str>, json: bool) -> Result<()> {
     let ctx = Context::load(config)?;
     let cfg = ctx.cfg();
     let policies: Vec<&config::Policy> = if names.is_empty() {
@@ -718,7 +938,14 @@ fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     );
+    let app = match exec {
+        Some(cmd) => Some(App::start(cmd, stop.clone())?),
+        None => None,
+    };
     let results = ops::replicate::replicate(&ctx, &policies, &stop);
+    // The streamers are done (the application exited, a signal came, or a
+    // streamer failed): the application stops too, and its status is ours.
+    let app_status = app.map(App::finish).transpose()?;
     let mut first_err = None;
     let mut reports = Vec::new();
     for (name, r) in results {
@@ -749,8 +976,86 @@ fn replicate(config: &Path, names: &[String], json: bool) -> Result<()> {
             );
         }
     }
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(()),
+    match (first_err, app_status) {
+        (Some(e), _) => Err(e),
+        (None, Some(status)) if status != 0 => Err(Error::Child(status)),
+        (None, _) => Ok(()),
+    }
+}
+
+/// The exit code for a command line dr cannot parse (sysexits' EX_USAGE),
+/// apart from the configuration's 2.
+pub const EXIT_USAGE: i32 = 64;
+
+/// Prints clap's message for a command line it could not parse and returns
+/// the exit code: 0 for `--help` and `--version`, [`EXIT_USAGE`] otherwise.
+pub fn usage_error(e: &clap::Error) -> i32 {
+    let _ = e.print();
+    match e.kind() {
+        clap::error::ErrorKind::DisplayHelp
+        | clap::error::ErrorKind::DisplayVersion
+        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+        _ => EXIT_USAGE,
+    }
+}
+
+/// Reports a failed command: on stderr, and under `--json` also as one JSON
+/// object on stdout, so a script reading stdout gets the error too.
+pub fn report_error(e: &Error, json: bool) {
+    eprintln!("dr: error: {e}");
+    if json && !JSON_PRINTED.load(std::sync::atomic::Ordering::Relaxed) {
+        let v = serde_json::json!({"error": e.to_string(), "exit_code": e.exit_code()});
+        println!("{v}");
+    }
+}
+
+impl Cli {
+    /// Whether the command asked for `--json`.
+    pub fn json(&self) -> bool {
+        match &self.command {
+            Command::BackupLocal(a) | Command::BackupS3(a) => a.json,
+            Command::RestoreLocal(a) | Command::RestoreS3(a) => a.json,
+            Command::Replicate { json, .. }
+            | Command::Info { json, .. }
+            | Command::Verify { json, .. }
+            | Command::Expire { json, .. } => *json,
+            Command::Pg {
+                action: PgAction::Setup { json, .. },
+            } => *json,
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// Every option and argument of every command says what it is for.
+    #[test]
+    fn every_option_has_help_text() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_about().is_none() && sub.get_long_about().is_none() {
+                    missing.push(format!("{path} {}", sub.get_name()));
+                }
+                walk(sub, &format!("{path} {}", sub.get_name()), missing);
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "dr", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:?}");
+        Cli::command().debug_assert();
     }
 }

@@ -76,6 +76,11 @@ pub enum Error {
     #[error("{0}")]
     Other(String),
 
+    /// The application `dr replicate --exec` ran exited with this status,
+    /// which becomes dr's.
+    #[error("the application exited with status {0}")]
+    Child(i32),
+
     /// Independent failures of one command (one per policy and target,
     /// each named); the exit code is the most severe of them.
     #[error("{} failed:\n  {}", .0.len(), .0.iter().map(|(w, e)| format!("{w}: {e}")).collect::<Vec<_>>().join("\n  "))]
@@ -101,6 +106,7 @@ impl Error {
             Error::Refused(_) => 6,
             Error::Incomplete(_) => 7,
             Error::Storage { .. } | Error::Source { .. } | Error::Io { .. } | Error::Other(_) => 1,
+            Error::Child(status) => *status,
             Error::Several(all) => all
                 .iter()
                 .map(|(_, e)| e.exit_code())

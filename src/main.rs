@@ -3,10 +3,14 @@
 use clap::Parser;
 
 fn main() {
-    let cli = dr::cli::Cli::parse();
+    let cli = match dr::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => std::process::exit(dr::cli::usage_error(&e)),
+    };
     dr::cli::init_logging(&cli);
+    let json = cli.json();
     if let Err(e) = dr::cli::run(cli) {
-        eprintln!("dr: error: {e}");
+        dr::cli::report_error(&e, json);
         std::process::exit(e.exit_code());
     }
 }

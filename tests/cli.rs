@@ -1,0 +1,122 @@
+//! The command line as scripts and containers use it: exit codes, --json
+//! errors, --quiet, completions and the manual, restore guards for
+//! entrypoints, and `replicate --exec`.
+
+mod common;
+
+use std::process::Command;
+
+use common::{Env, dump, make_db};
+
+fn raw(args: &[&str]) -> common::Run {
+    common::Run::from(
+        Command::new(common::dr_bin())
+            .args(args)
+            .output()
+            .expect("run dr"),
+    )
+}
+
+#[test]
+fn usage_errors_exit_64_and_help_exits_0() {
+    let r = raw(&["--log-level", "verbose", "info"]);
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    assert!(r.stderr.contains("possible values"), "{}", r.stderr);
+    assert_eq!(raw(&["no-such-command"]).code, 64);
+    assert_eq!(raw(&["backup-local", "--type", "weekly"]).code, 64);
+    let h = raw(&["--help"]);
+    assert_eq!(h.code, 0);
+    assert!(h.stdout.contains("64 usage"), "{}", h.stdout);
+    assert_eq!(raw(&["--version"]).code, 0);
+    let d = raw(&["daemon", "--help"]);
+    assert!(d.stdout.contains("timezone"), "{}", d.stdout);
+}
+
+#[test]
+fn errors_under_json_are_a_json_object_on_stdout() {
+    let env = Env::new("");
+    let r = env.dr(&["info", "no-such-policy", "--json"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    let j = r.json();
+    assert_eq!(j["exit_code"], 5, "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no-such-policy")),
+        "{j}"
+    );
+    // A configuration error is one too.
+    std::fs::write(env.config(), "state_dir = [").expect("cfg");
+    let r = env.dr(&["backup-local", "--json"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(r.json()["exit_code"], 2, "{}", r.stdout);
+}
+
+#[test]
+fn quiet_logs_only_errors() {
+    let env = Env::new("");
+    make_db(&env.db, true, 50, 100);
+    let r = env.dr(&["-q", "backup-local", "app"]).ok();
+    assert!(r.stderr.trim().is_empty(), "{}", r.stderr);
+    assert!(r.stdout.starts_with("ok full backup"), "{}", r.stdout);
+    let loud = env.dr(&["backup-local", "app"]).ok();
+    assert!(loud.stderr.contains("INFO"), "{}", loud.stderr);
+}
+
+#[test]
+fn completions_and_the_manual_page() {
+    let b = raw(&["completions", "bash"]);
+    assert_eq!(b.code, 0);
+    assert!(b.stdout.contains("restore-local"), "{}", b.stdout);
+    let z = raw(&["completions", "zsh"]);
+    assert!(z.stdout.contains("#compdef dr"), "{}", z.stdout);
+    let m = raw(&["man"]);
+    assert_eq!(m.code, 0);
+    assert!(m.stdout.contains(".TH dr"), "{}", m.stdout);
+}
+
+#[test]
+fn restore_guards_for_container_entrypoints() {
+    let env = Env::new("");
+    make_db(&env.db, true, 50, 100);
+    // No backup yet: --if-backup-exists makes the first start a no-op.
+    let r = env.restore("r.db", &["--if-backup-exists"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("nothing restored"), "{}", r.stdout);
+    assert!(!env.path("r.db").exists());
+    assert_eq!(env.restore("r.db", &[]).code, 5);
+    env.dr(&["backup-local", "app"]).ok();
+    // An existing database is left alone with --if-not-exists.
+    std::fs::write(env.path("r.db"), b"the application's own file").expect("write");
+    let r = env.restore("r.db", &["--if-not-exists"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        std::fs::read(env.path("r.db")).expect("read"),
+        b"the application's own file"
+    );
+    std::fs::remove_file(env.path("r.db")).expect("rm");
+    env.restore("r.db", &["--if-not-exists"]).ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}
+
+#[test]
+fn replicate_exec_streams_while_the_application_runs_and_exits_with_its_status() {
+    let env = Env::new("[wal]\nenabled = true\nsync_interval = \"1s\"\n");
+    make_db(&env.db, true, 50, 100);
+    let db = env.db.display().to_string();
+    let app = format!(
+        "sleep 3; sqlite3 '{db}' \"PRAGMA busy_timeout=5000; INSERT INTO t(v) VALUES ('from the app')\"; sleep 2; exit 3"
+    );
+    let r = env.dr(&["replicate", "app", "--exec", &app]);
+    assert_eq!(r.code, 3, "the application's status: {}", r.stderr);
+    assert!(r.stderr.contains("exited with status 3"), "{}", r.stderr);
+    // What the application committed was shipped before dr exited.
+    env.restore("r.db", &[]).ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+    assert!(
+        dump(&env.path("r.db"))
+            .iter()
+            .any(|row| row.contains("from the app")),
+        "the row the application wrote"
+    );
+}
