@@ -19,6 +19,7 @@ use crate::repo::BackupType;
 
 const AFTER_HELP: &str = "\
 Quick start:
+  dr init --db app.db --target backups   config, policy and key for one database
   dr demo                          see the whole pipeline on a demo database
   dr keygen --output backup.key    make an age identity; put its recipient in dr.toml
   dr config validate               check dr.toml and the policies
@@ -166,6 +167,23 @@ pub enum Command {
         #[arg(long, default_value = "demo")]
         dir: PathBuf,
     },
+    /// Start a configuration for one SQLite database: dr.toml, a policy,
+    /// an age key (backup.key, mode 0600: keep a copy off this host) and
+    /// its recipients file, in --dir. Never overwrites anything.
+    Init {
+        /// The SQLite database to back up.
+        #[arg(long)]
+        db: PathBuf,
+        /// Local directory the backups go to.
+        #[arg(long)]
+        target: PathBuf,
+        /// The policy's name.
+        #[arg(long, default_value = "app")]
+        name: String,
+        /// Where to write the configuration.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Write a new age X25519 identity (mode 0600) and print its recipient.
     Keygen {
         /// File to write the identity to (refused when it exists). Keep it off the backup host.
@@ -211,6 +229,14 @@ pub enum Command {
     /// kept; unchanged streamers keep running). Runs missed while the daemon
     /// was down run at start-up.
     Daemon,
+    /// Ask the running daemon whether all is well (GET /healthz on
+    /// daemon.listen): exit 0 when healthy, 1 with its problems otherwise.
+    /// For container healthchecks, without curl or a shell.
+    Healthcheck {
+        /// Seconds to wait for an answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Restore a policy from a local target.
     RestoreLocal(RestoreArgs),
     /// Restore a policy from an S3 target.
@@ -301,8 +327,16 @@ pub enum PgAction {
 
 #[derive(Debug, Subcommand)]
 pub enum ConfigAction {
-    /// Check dr.toml and every policy; list every problem with file:line.
-    Validate,
+    /// Check dr.toml and every policy, and what they point at: key, secret
+    /// and credential files (present, private, not empty, parse), SQLite
+    /// databases, local target paths (creatable and writable), PostgreSQL
+    /// clusters (a warning when one does not answer). Every problem with
+    /// file:line; exit 2 when any is an error.
+    Validate {
+        /// Print `{"config","ok","policies","targets","findings":[{"file","line","severity","message"}]}`.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Log ceilings for crates that would otherwise print secrets.
@@ -434,6 +468,27 @@ fn filter(kind: Option<&'static str>, name: Option<&String>) -> TargetFilter {
 pub fn run(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Demo { dir } => crate::demo::run(dir),
+        Command::Init {
+            db,
+            target,
+            name,
+            dir,
+        } => {
+            let r = crate::init::init(dir, db, target, name)?;
+            println!(
+                "wrote {}, {}, {} (mode 0600) and {}",
+                r.config.display(),
+                r.policy.display(),
+                r.identity.display(),
+                r.recipients.display()
+            );
+            println!("recipient: {}", r.recipient);
+            println!(
+                "next: dr config validate && dr backup-local; keep a copy of {} off this host: without it no backup can be restored",
+                r.identity.display()
+            );
+            Ok(())
+        }
         Command::Keygen { output } => {
             let r = crate::keys::keygen(output)?;
             eprintln!(
@@ -444,9 +499,25 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Config {
-            action: ConfigAction::Validate,
+            action: ConfigAction::Validate { json },
         } => {
             let cfg = config::load(&cli.config)?;
+            let findings = ops::validate::check(&cfg);
+            let result = ops::validate::into_result(&findings);
+            if *json {
+                print_json(&serde_json::json!({
+                    "config": cli.config,
+                    "ok": result.is_ok(),
+                    "policies": cfg.policies.len(),
+                    "targets": cfg.targets.len(),
+                    "findings": findings,
+                }))?;
+                return result;
+            }
+            for f in findings.iter().filter(|f| f.severity == "warning") {
+                eprintln!("{f}");
+            }
+            result?;
             println!(
                 "{}: ok ({} polic{}, {} target{})",
                 cli.config.display(),
@@ -500,6 +571,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let hup = flag_on(&[signal_hook::consts::SIGHUP])?;
             crate::daemon::run(&cli.config, &stop, &hup)
         }
+        Command::Healthcheck { timeout } => healthcheck(&cli.config, *timeout),
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
         Command::Info {
@@ -870,6 +942,36 @@ fn terminate(pid: u32) {
         .status();
 }
 
+/// `dr healthcheck`: the daemon's /healthz, as an exit code.
+fn healthcheck(config: &Path, timeout: u64) -> Result<()> {
+    let cfg = config::load(config)?;
+    // A daemon listening on every address answers on loopback too.
+    let listen = cfg
+        .daemon_listen
+        .replace("0.0.0.0:", "127.0.0.1:")
+        .replace("[::]:", "[::1]:");
+    let url = format!("http://{listen}/healthz");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(timeout)))
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .map_err(|e| Error::Other(format!("the daemon does not answer at {url}: {e}")))?;
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    println!("{body}");
+    if status == 200 {
+        Ok(())
+    } else {
+        Err(Error::Other(format!(
+            "the daemon is unhealthy ({status} from {url})"
+        )))
+    }
+}
+
 /// Parses `--sample`: a percentage above 0 and at most 100.
 fn parse_percent(s: &str) -> std::result::Result<f64, String> {
     match s.trim_end_matches('%').parse::<f64>() {
@@ -1021,6 +1123,9 @@ impl Cli {
             | Command::Expire { json, .. } => *json,
             Command::Pg {
                 action: PgAction::Setup { json, .. },
+            } => *json,
+            Command::Config {
+                action: ConfigAction::Validate { json },
             } => *json,
             _ => false,
         }

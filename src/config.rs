@@ -356,6 +356,9 @@ pub fn load(path: &Path) -> Result<Config> {
         })
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    // Absolute: other programs (PostgreSQL's archive_command, pgBackRest)
+    // read these paths from other working directories.
+    let base = std::path::absolute(&base).unwrap_or(base);
     let Some(raw) = parse_file::<RawMain>(path, &text, &mut diags) else {
         return Err(Error::Config(diags));
     };

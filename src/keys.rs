@@ -173,9 +173,16 @@ pub fn sealing(enc: &KeySettings, encrypted: bool) -> Result<Sealing> {
         }
     }
     if out.is_empty() {
-        return Err(Error::Other(
-            "no age recipients configured: set [encryption] recipients_file or recipients".into(),
-        ));
+        return Err(match &enc.recipients_file {
+            Some(file) => Error::Secret {
+                path: file.clone(),
+                reason: "the recipients file holds no recipient: put one age1... line in it (`dr keygen --output KEY` prints one)".into(),
+            },
+            None => Error::Other(
+                "no age recipients configured: set [encryption] recipients_file or recipients"
+                    .into(),
+            ),
+        });
     }
     Ok(Sealing::Recipients(out))
 }

@@ -15,6 +15,7 @@ pub(crate) mod error;
 #[doc(hidden)]
 pub mod fuzz;
 pub(crate) mod history;
+pub(crate) mod init;
 pub(crate) mod keys;
 pub(crate) mod lease;
 pub(crate) mod lock;

@@ -80,6 +80,7 @@ fn config_errors_name_file_line_and_fix() {
     // Every command refuses a broken config the same way.
     assert_eq!(env.dr(&["backup-local", "app"]).code, 2);
     let ok = Env::new("");
+    common::make_db(&ok.db, true, 10, 10);
     assert!(
         ok.dr(&["config", "validate"])
             .ok()
@@ -295,4 +296,110 @@ fn the_disk_filling_during_restore_leaves_the_target_untouched() {
         vec!["app.db".to_string()],
         "no temporary file left behind"
     );
+}
+
+#[test]
+fn config_validate_checks_what_the_config_points_at_and_reports_it_all_at_once() {
+    let env = Env::new("");
+    // Each of these can never back up: validate says so, every one at once.
+    std::fs::write(env.path("backup.pub"), "").expect("empty recipients");
+    std::fs::write(env.path("blocker"), b"a file").expect("blocker");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    std::fs::write(
+        env.config(),
+        format!("{cfg}[targets.broken]\nkind = \"local\"\npath = \"blocker/backups\"\n"),
+    )
+    .expect("cfg");
+    std::fs::write(
+        env.path("policies/app.toml"),
+        "name = \"app\"\ntargets = [\"local\", \"broken\"]\n[source]\nkind = \"sqlite\"\npath = \"missing.db\"\n",
+    )
+    .expect("policy");
+    std::fs::write(
+        env.path("policies/pg.toml"),
+        "name = \"pg\"\ntargets = [\"local\"]\n[source]\nkind = \"postgres\"\ndata_dir = \"/nonexistent/pgdata\"\nport = 1\ncipher_pass_file = \"missing.pass\"\n",
+    )
+    .expect("pg policy");
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2, "{}{}", r.stdout, r.stderr);
+    for want in [
+        "backup.pub",
+        "missing.db",
+        "blocker",
+        "missing.pass",
+        "does not answer",
+    ] {
+        assert!(r.stderr.contains(want), "names {want}: {}", r.stderr);
+    }
+    assert!(
+        r.stderr.contains("app.toml:5"),
+        "file:line of the source path: {}",
+        r.stderr
+    );
+    let j = env.dr(&["config", "validate", "--json"]);
+    assert_eq!(j.code, 2);
+    let doc = j.json();
+    assert_eq!(doc["ok"], false, "{doc}");
+    let findings = doc["findings"].as_array().expect("findings");
+    assert!(findings.len() >= 5, "{doc}");
+    assert!(findings.iter().any(|f| f["severity"] == "warning"), "{doc}");
+    // Fixed: ok again.
+    std::fs::write(env.config(), &cfg).expect("cfg");
+    std::fs::remove_file(env.path("policies/pg.toml")).expect("rm");
+    std::fs::write(
+        env.path("policies/app.toml"),
+        "name = \"app\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"app.db\"\n",
+    )
+    .expect("policy");
+    common::make_db(&env.db, true, 10, 10);
+    let key = std::fs::read_to_string(env.path("backup.key")).expect("key");
+    let recipient = key
+        .lines()
+        .find_map(|l| l.strip_prefix("# public key: "))
+        .expect("recipient")
+        .to_string();
+    std::fs::write(env.path("backup.pub"), format!("{recipient}\n")).expect("recipients");
+    env.dr(&["config", "validate"]).ok();
+}
+
+#[test]
+fn relative_config_paths_become_absolute_for_other_programs() {
+    let env = Env::new("");
+    common::make_db(&env.db, true, 10, 10);
+    let out = std::process::Command::new(common::dr_bin())
+        .current_dir(env.dir.path())
+        .args(["--config", "dr.toml", "info", "--json"])
+        .output()
+        .expect("dr");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let loc = j["policies"][0]["targets"][0]["location"]
+        .as_str()
+        .expect("location");
+    assert!(loc.starts_with('/'), "{loc}");
+}
+
+#[test]
+fn the_systemd_unit_is_hardened_and_does_not_restart_a_bad_config() {
+    let unit = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/dr.service");
+    let text = std::fs::read_to_string(&unit).expect("unit");
+    for want in [
+        "StateDirectory=dr",
+        "RestartPreventExitStatus=2 64",
+        "ProtectSystem=strict",
+    ] {
+        assert!(text.contains(want), "{want}");
+    }
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true"])
+        .arg(&unit)
+        .output()
+        .unwrap_or_else(|e| panic!("systemd-analyze is missing ({e}): it comes with systemd"));
+    let report = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = report
+        .lines()
+        .find_map(|l| l.split("exposure level for dr.service: ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {report}"));
+    assert!(level <= 4.0, "exposure {level}:\n{report}");
 }

@@ -127,6 +127,10 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
         m.contains("dr_backup_last_failure_timestamp_seconds"),
         "{m}"
     );
+    // The healthcheck command a container runs says the same, as an exit code.
+    let h = env.dr(&["healthcheck"]);
+    assert_eq!(h.code, 1, "{}{}", h.stdout, h.stderr);
+    assert!(h.stdout.contains("failing"), "{}", h.stdout);
     // A full and a diff can fall due together; one run per policy means the
     // diff may be skipped that tick. Keep the target down until the diff
     // schedule itself has recorded a failure.
@@ -138,6 +142,7 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     wait_for("/healthz 200 again", 15, || {
         get(port, "/healthz").is_some_and(|(c, _)| c == 200)
     });
+    env.dr(&["healthcheck"]).ok();
     let diff = diff_run(&env);
     assert!(
         diff["last_success"].is_string()
@@ -217,6 +222,7 @@ fn schedules_read_in_a_named_time_zone_and_a_bad_one_is_a_config_error() {
         format!("{base}[daemon]\ntimezone = \"Asia/Tokyo\"\n"),
     )
     .expect("cfg");
+    common::make_db(&env.db, true, 10, 10);
     env.dr(&["config", "validate"]).ok();
 }
 

@@ -308,6 +308,18 @@ fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_not
     let cluster = PgCluster::start(&dir.path().join("pg"));
     let env = pg_env(&cluster, "[retention]\nfull = 2\n");
     setup(&env, &cluster);
+    // Set up again the way the README does it, with a relative --config from
+    // the config's directory: PostgreSQL runs archive_command from its own
+    // data directory, so every path in it must be absolute.
+    let out = std::process::Command::new(common::dr_bin())
+        .current_dir(env.dir.path())
+        .args(["--config", "dr.toml", "pg", "setup", "main-pg", "--json"])
+        .output()
+        .expect("dr pg setup");
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let cmd = j["archive_command"].as_str().expect("archive_command");
+    assert!(cmd.contains("--config=/"), "{cmd}");
+    assert_eq!(j["checked"], true, "{j}");
     cluster.pgbench(&["-i", "-s", "1", "-q"]);
     let first = env
         .dr(&["backup-local", "main-pg", "--type", "full", "--json"])

@@ -338,8 +338,9 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
         "{}",
         r.stderr
     );
+    // A time dr cannot read is a usage error (64), not a config problem (2).
     let r = restore_at(&env, "restore-local", "yesterday", "x.db");
-    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert_eq!(r.code, 64, "{}", r.stderr);
     assert!(r.stderr.contains("RFC 3339"), "{}", r.stderr);
 }
 

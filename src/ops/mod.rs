@@ -12,6 +12,7 @@ pub mod report;
 pub mod restore;
 pub mod runs;
 pub mod source;
+pub mod validate;
 pub mod verify;
 
 pub use crate::units::human_bytes;

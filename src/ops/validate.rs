@@ -1,0 +1,274 @@
+//! `dr config validate`: beyond parsing, checks what the configuration
+//! points at, so "ok" means a backup can run: key and secret files exist,
+//! are private, are not empty and parse; SQLite sources exist; local target
+//! paths can be created and written; a PostgreSQL cluster answers (a
+//! warning when it does not: it may just be down). Every problem at once.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::config::{Config, Source, TargetKind};
+use crate::error::Error;
+use crate::keys;
+
+/// One finding.
+#[derive(Debug, Clone, Serialize)]
+pub struct Finding {
+    pub file: PathBuf,
+    pub line: Option<usize>,
+    /// `error` (the config cannot back up) or `warning`.
+    pub severity: &'static str,
+    pub message: String,
+}
+
+impl std::fmt::Display for Finding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(
+                f,
+                "{}:{l}: {}: {}",
+                self.file.display(),
+                self.severity,
+                self.message
+            ),
+            None => write!(
+                f,
+                "{}: {}: {}",
+                self.file.display(),
+                self.severity,
+                self.message
+            ),
+        }
+    }
+}
+
+/// The line of the first `key =` in `file` (after the line `[section]`
+/// when one is given), for messages.
+fn line_of(file: &Path, section: Option<&str>, key: &str) -> Option<usize> {
+    let text = std::fs::read_to_string(file).ok()?;
+    let start = match section {
+        Some(s) => text.lines().position(|l| l.trim() == format!("[{s}]"))?,
+        None => 0,
+    };
+    text.lines()
+        .enumerate()
+        .skip(start)
+        .find(|(_, l)| {
+            let l = l.trim_start();
+            l.starts_with(key) && l[key.len()..].trim_start().starts_with('=')
+        })
+        .map(|(i, _)| i + 1)
+}
+
+struct Findings(Vec<Finding>);
+
+impl Findings {
+    fn error(&mut self, file: &Path, key: &str, message: String) {
+        let (section, key) = match key.rsplit_once(' ') {
+            Some((s, k)) => (Some(s), k),
+            None => (None, key),
+        };
+        self.0.push(Finding {
+            file: file.to_path_buf(),
+            line: line_of(file, section, key),
+            severity: "error",
+            message,
+        });
+    }
+    fn warning(&mut self, file: &Path, key: &str, message: String) {
+        self.0.push(Finding {
+            file: file.to_path_buf(),
+            line: line_of(file, None, key),
+            severity: "warning",
+            message,
+        });
+    }
+}
+
+/// Checks every file and path `cfg` refers to.
+pub fn check(cfg: &Config) -> Vec<Finding> {
+    let mut f = Findings(Vec::new());
+    let main = cfg.file.as_path();
+    let enc = &cfg.encryption;
+    if cfg.policies.iter().any(|p| p.encrypted)
+        && let Err(e) = keys::sealing(enc, true)
+    {
+        let key = if enc.passphrase_file.is_some() {
+            "passphrase_file"
+        } else {
+            "recipients_file"
+        };
+        f.error(main, key, e.to_string());
+    }
+    if let Some(id) = &enc.identity_file
+        && let Err(e) = keys::read_identity_file(id)
+    {
+        f.error(main, "identity_file", e.to_string());
+    }
+    for t in cfg.targets.values() {
+        match &t.kind {
+            TargetKind::Local { path } => {
+                if let Err(why) = writable(path) {
+                    let at = format!("targets.{} path", t.name);
+                    f.error(main, &at, format!("target '{}': {why}", t.name));
+                }
+            }
+            TargetKind::S3(s) => {
+                for (key, file) in [
+                    ("access_key_id_file", &s.access_key_id_file),
+                    ("secret_access_key_file", &s.secret_access_key_file),
+                    ("ca_file", &s.ca_file),
+                ] {
+                    let Some(file) = file else { continue };
+                    let read = if key == "ca_file" {
+                        std::fs::read(file).map(|_| ()).map_err(|e| {
+                            format!("{}: {}", file.display(), crate::error::io_reason(&e))
+                        })
+                    } else {
+                        crate::secret::read_secret(file)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    };
+                    if let Err(why) = read {
+                        let at = format!("targets.{} {key}", t.name);
+                        f.error(main, &at, format!("target '{}': {why}", t.name));
+                    }
+                }
+            }
+        }
+    }
+    for p in &cfg.policies {
+        match &p.source {
+            Source::Sqlite { path } => match std::fs::metadata(path) {
+                Ok(m) if m.is_file() => {}
+                Ok(_) => f.error(
+                    &p.file,
+                    "path",
+                    format!(
+                        "policy '{}': {} is not a regular file",
+                        p.name,
+                        path.display()
+                    ),
+                ),
+                Err(e) => f.error(
+                    &p.file,
+                    "path",
+                    format!(
+                        "policy '{}': the database {}: {}",
+                        p.name,
+                        path.display(),
+                        crate::error::io_reason(&e)
+                    ),
+                ),
+            },
+            Source::Postgres(pg) => {
+                match &pg.cipher_pass_file {
+                    Some(file) => {
+                        if let Err(e) = crate::secret::read_secret(file) {
+                            f.error(&p.file, "cipher_pass_file", e.to_string());
+                        }
+                    }
+                    None if p.encrypted => f.error(
+                        &p.file,
+                        "kind",
+                        format!(
+                            "policy '{}': PostgreSQL backups are encrypted by pgBackRest: set [source] cipher_pass_file, or encryption = \"none\"",
+                            p.name
+                        ),
+                    ),
+                    None => {}
+                }
+                if !pg.data_dir.is_dir() {
+                    f.warning(
+                        &p.file,
+                        "data_dir",
+                        format!(
+                            "policy '{}': {} is not a directory on this host (fine if the cluster runs elsewhere only for restores)",
+                            p.name,
+                            pg.data_dir.display()
+                        ),
+                    );
+                }
+                if !cluster_answers(pg) {
+                    f.warning(
+                        &p.file,
+                        "port",
+                        format!(
+                            "policy '{}': PostgreSQL does not answer on port {} (down, or not reachable as user '{}'): backups fail until it does",
+                            p.name, pg.port, pg.user
+                        ),
+                    );
+                }
+            }
+        }
+    }
+    f.0
+}
+
+/// Whether `path` exists as a writable directory, or can be created: its
+/// nearest existing ancestor is a directory a file can be created in.
+fn writable(path: &Path) -> Result<(), String> {
+    let mut at = path;
+    loop {
+        match std::fs::metadata(at) {
+            Ok(m) if m.is_dir() => break,
+            Ok(_) => {
+                return Err(format!(
+                    "{} cannot be created: {} is a file, not a directory",
+                    path.display(),
+                    at.display()
+                ));
+            }
+            Err(_) => match at.parent() {
+                Some(p) if !p.as_os_str().is_empty() => at = p,
+                _ => {
+                    return Err(format!(
+                        "{} has no existing parent directory",
+                        path.display()
+                    ));
+                }
+            },
+        }
+    }
+    tempfile::tempfile_in(at).map(|_| ()).map_err(|e| {
+        format!(
+            "{} is not writable here ({}): {}",
+            path.display(),
+            at.display(),
+            crate::error::io_reason(&e)
+        )
+    })
+}
+
+/// `pg_isready` on the policy's socket and port.
+fn cluster_answers(pg: &crate::config::PgSource) -> bool {
+    let mut c = std::process::Command::new("pg_isready");
+    if let Some(s) = &pg.socket_dir {
+        c.arg("-h").arg(s);
+    }
+    c.args(["-p", &pg.port.to_string(), "-t", "3"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The findings as the command's result: errors make it a configuration
+/// error (exit 2) listing them all.
+pub fn into_result(findings: &[Finding]) -> Result<(), Error> {
+    let errors: Vec<crate::error::Diagnostic> = findings
+        .iter()
+        .filter(|f| f.severity == "error")
+        .map(|f| crate::error::Diagnostic {
+            file: f.file.clone(),
+            line: f.line,
+            message: f.message.clone(),
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Config(errors))
+    }
+}

@@ -1,0 +1,51 @@
+//! The README's "Your first backup" commands, run as written in an empty
+//! directory, with the `dr` under test first on PATH.
+
+mod common;
+
+#[test]
+fn the_readme_first_backup_runs_as_written() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let block = readme
+        .split("<!-- readme-test")
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .expect("the readme-test block");
+    let dir = tempfile::tempdir().expect("tmp");
+    let bin = std::path::Path::new(common::dr_bin())
+        .parent()
+        .expect("bin dir")
+        .to_path_buf();
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let mut out_all = String::new();
+    for line in block.lines().filter(|l| !l.trim().is_empty()) {
+        let out = std::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", line])
+            .current_dir(dir.path())
+            .env("PATH", &path)
+            .env_remove("DR_CONFIG")
+            .output()
+            .expect("bash");
+        let text = format!(
+            "$ {line}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out_all.push_str(&text);
+        assert!(out.status.success(), "{out_all}");
+    }
+    assert!(out_all.contains("hello"), "the restored row: {out_all}");
+    // dr init never overwrites what exists.
+    let again = std::process::Command::new(common::dr_bin())
+        .args(["init", "--db", "app.db", "--target", "backups"])
+        .current_dir(dir.path())
+        .output()
+        .expect("dr");
+    assert_eq!(again.status.code(), Some(6));
+}
