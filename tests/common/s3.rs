@@ -160,6 +160,13 @@ impl TlsProxy {
             .status()
             .expect("openssl (scripts/install-test-deps installs it)");
         assert!(st.success(), "openssl req failed");
+        TlsProxy::start_with(dir, upstream, &cert, &key, &cert)
+    }
+
+    /// nginx with TLS on `cert`/`key` (trusted through `ca`) in front of
+    /// 127.0.0.1:`upstream`.
+    pub fn start_with(dir: &Path, upstream: u16, cert: &Path, key: &Path, ca: &Path) -> TlsProxy {
+        std::fs::create_dir_all(dir).expect("mkdir");
         let port = free_port();
         let d = dir.display();
         let conf = format!(
@@ -193,7 +200,7 @@ impl TlsProxy {
         }
         TlsProxy {
             port,
-            ca: cert,
+            ca: ca.to_path_buf(),
             child,
         }
     }
