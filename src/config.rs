@@ -638,7 +638,54 @@ fn parse_file<T: serde::de::DeserializeOwned>(
         Ok(v) => Some(v),
         Err(e) => {
             diags.push(toml_diag(file, text, &e));
+            more_type_errors::<T>(file, text, &e, diags);
             None
+        }
+    }
+}
+
+/// serde stops at the first wrong type; the user should see every one at
+/// once. Blanks the line of each error found (keeping line numbers) and
+/// parses again, reporting what else is wrong, until the file parses, an
+/// error repeats, or blanking breaks the syntax.
+fn more_type_errors<T: serde::de::DeserializeOwned>(
+    file: &Path,
+    text: &str,
+    first: &toml::de::Error,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut err_span = first.span();
+    let mut seen = Vec::new();
+    for _ in 0..32 {
+        let Some(span) = err_span else { return };
+        let line = line_at(text, span.start);
+        if seen.contains(&line) || line == 0 || line > lines.len() {
+            return;
+        }
+        seen.push(line);
+        lines[line - 1] = String::new();
+        let blanked = lines.join("\n");
+        let Ok(de) = toml::de::Deserializer::parse(&blanked) else {
+            return;
+        };
+        match serde_ignored::deserialize::<_, _, T>(de, |_| {}) {
+            Ok(_) => return,
+            Err(e) => {
+                // A required key that blanking removed is not the user's error.
+                if e.message().starts_with("missing field") {
+                    return;
+                }
+                let d = toml_diag(file, &blanked, &e);
+                if diags
+                    .iter()
+                    .any(|x| x.line == d.line && x.message == d.message)
+                {
+                    return;
+                }
+                diags.push(d);
+                err_span = e.span();
+            }
         }
     }
 }

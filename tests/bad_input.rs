@@ -403,3 +403,16 @@ fn the_systemd_unit_is_hardened_and_does_not_restart_a_bad_config() {
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
     assert!(level <= 4.0, "exposure {level}:\n{report}");
 }
+
+#[test]
+fn every_wrong_type_in_a_file_is_reported_at_once() {
+    let env = Env::new("[retention]\nfull = \"two\"\ndiff = \"seven\"\n");
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("2 problems"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("\"two\"") && r.stderr.contains("\"seven\""),
+        "{}",
+        r.stderr
+    );
+}
