@@ -448,7 +448,12 @@ fn a_backup_killed_mid_write_never_looks_complete_and_is_cleaned_up() {
         .expect("spawn");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
-        if env.objects().iter().any(|k| k.contains(".dr-tmp.")) {
+        // The data object being written (not the lease's own temporary).
+        if env
+            .objects()
+            .iter()
+            .any(|k| k.contains("/backup/") && k.contains(".dr-tmp."))
+        {
             break;
         }
         assert!(
