@@ -567,20 +567,12 @@ mod tests {
             seq: 0,
             taken: t(0),
         };
+        let win = |a: i64, b: i64| Window {
+            start: t(a),
+            end: t(b),
+        };
         let w = windows(std::slice::from_ref(&base), &segs);
-        assert_eq!(
-            w,
-            vec![
-                Window {
-                    start: t(0),
-                    end: t(10)
-                },
-                Window {
-                    start: t(50),
-                    end: t(60)
-                }
-            ]
-        );
+        assert_eq!(w, vec![win(0, 10), win(50, 60)]);
         assert!(plan(std::slice::from_ref(&base), &segs, Some(t(30))).is_err());
         let p = plan(std::slice::from_ref(&base), &segs, Some(t(55))).expect("after");
         assert_eq!(p.segments.len(), 2, "replays across the mark");
@@ -595,18 +587,6 @@ mod tests {
             seg(11, 20, 70, 80),
         ];
         let w = windows(std::slice::from_ref(&base), &twice);
-        assert_eq!(
-            w,
-            vec![
-                Window {
-                    start: t(0),
-                    end: t(10)
-                },
-                Window {
-                    start: t(70),
-                    end: t(80)
-                }
-            ]
-        );
+        assert_eq!(w, vec![win(0, 10), win(70, 80)]);
     }
 }
