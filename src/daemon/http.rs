@@ -53,8 +53,7 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
             .into_iter()
             .min()
             .map(|shortest| shortest * 2 + chrono::Duration::seconds(60));
-        for t in p.targets.iter().filter(|_| allowed.is_some()) {
-            let allowed = allowed.unwrap_or_default();
+        for (t, allowed) in p.targets.iter().filter_map(|t| allowed.map(|a| (t, a))) {
             let mut ok = None;
             let mut bad = None;
             for kind in ["full", "diff"] {

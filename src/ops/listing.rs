@@ -111,12 +111,12 @@ pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -
         }
     };
     for b in list {
-        let Some(kind) = BackupKind::from_word(&b.kind) else {
-            l.error = Some(format!(
-                "pgbackrest lists backup {} with type '{}', which this dr does not know",
-                b.label, b.kind
-            ));
-            continue;
+        let kind = match super::pg::kind_of(&b) {
+            Ok(k) => k,
+            Err(e) => {
+                l.error = Some(e.to_string());
+                continue;
+            }
         };
         l.backups.push(BackupInfo {
             kind,
@@ -142,7 +142,8 @@ pub fn list_sqlite(ctx: &Context, policy: &Policy, target: &Target) -> Listing {
     let mut l = Listing::default();
     if let Err(e) = collect(ctx, target, policy, &mut l) {
         l.error = Some(e.to_string());
-        let stream = stream_info(ctx, policy, &target.name);
+        let stream = StreamState::load(&ctx.state().stream_state(&policy.name))
+            .map(|st| stream_info(&st, policy, &target.name));
         l.wal = stream.map(|s| WalInfo {
             generations: Vec::new(),
             windows: Vec::new(),
@@ -234,19 +235,18 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
     ti.wal = Some(WalInfo {
         generations,
         windows: repo::wal::windows(&bases, &segs),
-        stream: stream_info(ctx, p, &t.name),
+        stream: state.as_ref().map(|st| stream_info(st, p, &t.name)),
     });
     Ok(())
 }
 
 /// The local streamer's last report for one target, if it ever ran here.
-fn stream_info(ctx: &Context, p: &Policy, target: &str) -> Option<StreamInfo> {
-    let st = StreamState::load(&ctx.state().stream_state(&p.name))?;
+fn stream_info(st: &StreamState, p: &Policy, target: &str) -> StreamInfo {
     let now = Utc::now();
     let stale = StreamState::stale_after(p.wal.sync_interval);
     let running = st.alive(now, stale);
     let shipped = st.targets.get(target);
-    Some(StreamInfo {
+    StreamInfo {
         lag_seconds: st.lag(target, now, stale),
         running,
         stopped_seconds_ago: (!running)
@@ -265,5 +265,5 @@ fn stream_info(ctx: &Context, p: &Policy, target: &str) -> Option<StreamInfo> {
         spool_bytes: st.spool_bytes,
         spool_max: st.spool_max,
         spool_full: st.spool_full,
-    })
+    }
 }

@@ -155,7 +155,7 @@ fn backups(rb: &PgBackRest, repo: usize) -> Result<Vec<PgBackup>> {
 }
 
 /// pgBackRest's backup type as dr reports it.
-fn kind_of(b: &PgBackup) -> Result<BackupKind> {
+pub(crate) fn kind_of(b: &PgBackup) -> Result<BackupKind> {
     BackupKind::from_word(&b.kind).ok_or_else(|| {
         Error::Other(format!(
             "pgbackrest lists backup {} with type '{}', which this dr does not know",

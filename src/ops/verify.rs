@@ -58,14 +58,14 @@ pub fn verify(
         }
     };
     let newest_chain: Vec<Label> = vec![newest.full_label(), newest.clone()];
-    let sampled = |key: &str| sample_keeps(opts.sample, key);
+    let sampled = || sample_keeps(opts.sample);
     let mut backups = 0;
     let committed = repo.committed()?;
     for c in &committed {
         let label = &c.dir.label;
         let whole_repo = opts.label.is_none();
         let in_chain = newest_chain.contains(label);
-        if !(in_chain || whole_repo && sampled(&label.to_string())) {
+        if !(in_chain || whole_repo && sampled()) {
             continue;
         }
         match &c.manifest {
@@ -125,16 +125,10 @@ pub fn verify(
     }
 }
 
-/// Whether a sample of `percent` takes the object `key` (always, without a
-/// sample).
-fn sample_keeps(percent: Option<f64>, key: &str) -> bool {
-    match percent {
-        None => true,
-        Some(p) => {
-            let _ = key;
-            fastrand::f64() * 100.0 < p
-        }
-    }
+/// Whether a sample of `percent` takes the next object (always, without a
+/// sample): each object is drawn on its own.
+fn sample_keeps(percent: Option<f64>) -> bool {
+    percent.is_none_or(|p| fastrand::f64() * 100.0 < p)
 }
 
 /// What a drill that fails means: damage or absence is a failed
@@ -200,7 +194,7 @@ fn check_wal(
     repo: &PolicyRepo<'_>,
     unsealing: Option<&crate::keys::Unsealing>,
     encrypted: bool,
-    sampled: &dyn Fn(&str) -> bool,
+    sampled: &dyn Fn() -> bool,
 ) -> Result<(usize, Vec<(String, Error)>)> {
     let prefix = repo::wal::wal_prefix(repo.policy);
     let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
@@ -214,7 +208,7 @@ fn check_wal(
         })
         .collect();
     let mut read = 0;
-    for seg in segs.iter().filter(|s| sampled(&s.key)) {
+    for seg in segs.iter().filter(|_| sampled()) {
         read += 1;
         let object = format!("target '{}': {}", repo.storage.target(), seg.key);
         let r = repo.storage.open(&seg.key).and_then(|raw| {

@@ -126,11 +126,7 @@ pub fn plan(
         }
         // Bases of WAL generations do not count, so they never push a
         // scheduled full out; they go once older than the history kept.
-        if let Some(oldest_kept) = fulls
-            .len()
-            .checked_sub(keep.min(fulls.len()))
-            .and_then(|i| fulls.get(i))
-        {
+        if let Some(oldest_kept) = fulls.get(fulls.len().saturating_sub(keep)) {
             for base in intact
                 .iter()
                 .copied()

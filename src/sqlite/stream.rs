@@ -155,10 +155,9 @@ pub fn position_for(state: &Path, cur: Option<&Cursor>) -> Option<WalPosition> {
 
 /// [`position_for`] with the streamer's state in hand (its own base backups).
 pub fn position_in(st: &StreamState, cur: Option<&Cursor>) -> Option<WalPosition> {
-    let st = st.clone();
     let salts = cur.map(|c| (c.header.salt1, c.header.salt2));
     (st.salts == salts && !st.generation.is_empty()).then(|| WalPosition {
-        generation: st.generation,
+        generation: st.generation.clone(),
         frame: st.seq_base + cur.map_or(0, |c| c.frame),
     })
 }
