@@ -87,6 +87,11 @@ def main():
     if os.environ.get("BENCH_ONLY") == "wal":
         wal_only()
         return
+    if os.environ.get("BENCH_ONLY") == "fleet":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_fleet
+        bench_fleet.main(DR, WORK)
+        return
     if os.environ.get("BENCH_ONLY") == "pg":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_pg

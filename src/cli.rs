@@ -13,7 +13,7 @@ use crate::config;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::ops::runs::RunLog;
-use crate::ops::{self, BackupOptions, Source, TargetFilter, fanout};
+use crate::ops::{self, BackupOptions, Scope, Source, TargetFilter, fanout};
 use crate::progress::Progress;
 use crate::repo::BackupType;
 
@@ -105,6 +105,10 @@ pub enum TypeArg {
 pub struct BackupArgs {
     /// Policy to back up; every policy with a target of this kind when omitted.
     pub policy: Option<String>,
+    /// One database of a policy whose path is a pattern (`/srv/tenants/*.db`):
+    /// its name (`alice` for alice.db). Also written `POLICY/NAME`.
+    #[arg(long, value_name = "NAME")]
+    pub db: Option<String>,
     /// full, or diff (pages changed since the newest full). Default: diff when a full exists.
     #[arg(long = "type", value_enum)]
     pub kind: Option<TypeArg>,
@@ -123,6 +127,10 @@ pub struct BackupArgs {
 pub struct RestoreArgs {
     /// Policy to restore.
     pub policy: String,
+    /// One database of a policy whose path is a pattern (`/srv/tenants/*.db`):
+    /// its name (`alice` for alice.db). Also written `POLICY/NAME`.
+    #[arg(long, value_name = "NAME")]
+    pub db: Option<String>,
     /// Database file to create. An existing file is replaced only with --force.
     #[arg(long)]
     pub to: PathBuf,
@@ -248,6 +256,10 @@ pub enum Command {
     Info {
         /// Only this policy.
         policy: Option<String>,
+        /// One database of a policy whose path is a pattern (`/srv/tenants/*.db`):
+        /// its name (`alice` for alice.db). Also written `POLICY/NAME`.
+        #[arg(long, value_name = "NAME")]
+        db: Option<String>,
         /// Only this target (by name).
         #[arg(long)]
         target: Option<String>,
@@ -263,6 +275,10 @@ pub enum Command {
     Verify {
         /// Only this policy; every policy when omitted.
         policy: Option<String>,
+        /// One database of a policy whose path is a pattern (`/srv/tenants/*.db`):
+        /// its name (`alice` for alice.db). Also written `POLICY/NAME`.
+        #[arg(long, value_name = "NAME")]
+        db: Option<String>,
         /// Drill this backup (and its full) only, instead of the whole repository.
         #[arg(long)]
         backup: Option<String>,
@@ -289,6 +305,10 @@ pub enum Command {
     Expire {
         /// Only this policy; every policy when omitted.
         policy: Option<String>,
+        /// One database of a policy whose path is a pattern (`/srv/tenants/*.db`):
+        /// its name (`alice` for alice.db). Also written `POLICY/NAME`.
+        #[arg(long, value_name = "NAME")]
+        db: Option<String>,
         /// Show what would be removed, remove nothing.
         #[arg(long)]
         dry_run: bool,
@@ -576,11 +596,14 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
         Command::Info {
             policy,
+            db,
             target,
             json,
         } => {
             let ctx = Context::load(&cli.config)?;
-            let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
+            let policies =
+                ops::members::select(&ctx, policy.as_deref(), db.as_deref(), Scope::Stored)?;
+            let policies: Vec<&config::Policy> = policies.iter().collect();
             let info = ops::info::info(&ctx, &policies, &filter(None, target.as_ref()))?;
             if *json {
                 print_json(&info)?;
@@ -591,6 +614,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify {
             policy,
+            db,
             backup,
             restore_all,
             sample,
@@ -605,7 +629,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 restore_all: *restore_all,
                 sample: *sample,
             };
-            let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
+            let policies =
+                ops::members::select(&ctx, policy.as_deref(), db.as_deref(), Scope::Stored)?;
             let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(None, target.as_ref()))?;
             let log = RunLog::open(&ctx);
             let out = fanout::each(&pairs, "verify", |p, t| {
@@ -642,22 +667,20 @@ pub fn run(cli: Cli) -> Result<()> {
                 }
                 v
             });
-            for p in &policies {
-                if pairs.iter().any(|(q, _)| q.name == p.name) {
-                    log.finish(p, "verify", &out.failures);
-                }
-            }
+            log.finish_all(pairs.iter().map(|(p, _)| *p), "verify", &out.failures);
             finish(out, *json)
         }
         Command::Expire {
             policy,
+            db,
             dry_run,
             target,
             wait,
             json,
         } => {
             let ctx = Context::load(&cli.config)?;
-            let policies = ops::select_policies(ctx.cfg(), policy.as_deref())?;
+            let policies =
+                ops::members::select(&ctx, policy.as_deref(), db.as_deref(), Scope::Stored)?;
             let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(None, target.as_ref()))?;
             let out = fanout::each(&pairs, "expire", |p, t| {
                 Source::of(p).expire(&ctx, t, *dry_run, Duration::from_secs(*wait))
@@ -707,7 +730,7 @@ fn finish<T: serde::Serialize>(out: fanout::Outcome<T>, json: bool) -> Result<()
 
 fn backup(config_path: &Path, a: &BackupArgs, kind: &'static str) -> Result<()> {
     let ctx = Context::load(config_path)?;
-    let policies = ops::select_policies(ctx.cfg(), a.policy.as_deref())?;
+    let policies = ops::members::select(&ctx, a.policy.as_deref(), a.db.as_deref(), Scope::OnDisk)?;
     let opts = BackupOptions {
         kind: a.kind.map(|k| match k {
             TypeArg::Full => BackupType::Full,
@@ -749,11 +772,7 @@ fn backup(config_path: &Path, a: &BackupArgs, kind: &'static str) -> Result<()> 
         }
         r
     });
-    for p in &policies {
-        if pairs.iter().any(|(q, _)| q.name == p.name) {
-            log.finish(p, job, &out.failures);
-        }
-    }
+    log.finish_all(pairs.iter().map(|(p, _)| *p), job, &out.failures);
     finish(out, a.json)
 }
 
@@ -781,7 +800,7 @@ fn print_backup(r: &ops::report::BackupReport) {
 
 fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()> {
     let ctx = Context::load(config_path)?;
-    let p = ctx.cfg().policy(&a.policy)?;
+    let p = &ops::members::one(&ctx, &a.policy, a.db.as_deref())?;
     let targets = filter(Some(kind), a.target.as_ref()).select(ctx.cfg(), p)?;
     let t = match targets.as_slice() {
         [] => {

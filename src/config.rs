@@ -12,6 +12,7 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use crate::error::{Error, Result};
+use crate::fleet::{Fleet, Member};
 use crate::schedule::CronSpec;
 
 pub use crate::error::Diagnostic;
@@ -185,6 +186,33 @@ pub struct Policy {
     pub encrypted: bool,
     /// The policy's own `[notify]`, replacing the global one.
     pub notify: Option<Notify>,
+    /// Set when the source path is a pattern: the policy's databases are
+    /// its members (see `fleet.rs`); the policy itself is never backed up.
+    pub fleet: Option<Fleet>,
+    /// Set on a member: which fleet policy and database it is.
+    pub member: Option<Member>,
+}
+
+impl Policy {
+    /// The member policy of database `db` of this fleet policy: the same
+    /// settings, named `<policy>/<db>`, for the one file `path`.
+    pub fn member_policy(&self, db: &str, path: PathBuf) -> Policy {
+        Policy {
+            name: crate::fleet::member_name(&self.name, db),
+            source: Source::Sqlite { path },
+            fleet: None,
+            member: Some(Member {
+                policy: self.name.clone(),
+                db: db.to_string(),
+            }),
+            ..self.clone()
+        }
+    }
+
+    /// The name of the policy as configured: a member's fleet policy.
+    pub fn configured_name(&self) -> &str {
+        self.member.as_ref().map_or(&self.name, |m| &m.policy)
+    }
 }
 
 /// What a policy backs up.
@@ -866,11 +894,20 @@ fn check_policy(
         }
     }
     let src = rp.source.get_ref();
+    let mut fleet = None;
     let source = match src.kind.get_ref().as_str() {
         "sqlite" => match &src.path {
-            Some(p) => Some(Source::Sqlite {
-                path: resolve(p.get_ref()),
-            }),
+            Some(p) => {
+                let path = resolve(p.get_ref());
+                match Fleet::parse(&path) {
+                    Ok(f) => fleet = f,
+                    Err(why) => {
+                        d.at(p.span(), why);
+                        ok = false;
+                    }
+                }
+                Some(Source::Sqlite { path })
+            }
             None => {
                 d.at(
                     rp.source.span(),
@@ -1110,6 +1147,8 @@ fn check_policy(
         compression_level,
         encrypted,
         notify,
+        fleet,
+        member: None,
     })
 }
 
@@ -1174,8 +1213,13 @@ mod tests {
     fn shipped_examples_are_accepted_as_written() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/dr.toml");
         let cfg = load(&root).expect("examples/dr.toml must load");
-        assert_eq!(cfg.policies.len(), 2);
+        assert_eq!(cfg.policies.len(), 3);
+        let tenants = cfg.policy("tenants").expect("tenants");
+        let fleet = tenants.fleet.as_ref().expect("a pattern makes a fleet");
+        assert_eq!(fleet.dir, Path::new("/srv/tenants"));
+        assert_eq!(fleet.name_of("alice.db").as_deref(), Some("alice"));
         let app = cfg.policy("app").expect("app");
+        assert!(app.fleet.is_none());
         assert!(matches!(app.source, Source::Sqlite { .. }));
         assert_eq!(app.retention.full, Some(2));
         assert!(app.wal.enabled);

@@ -72,6 +72,11 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// The command line asks for something that cannot be (a fleet policy
+    /// without `--db`, say): exit 64, as for clap's own usage errors.
+    #[error("{0}")]
+    Usage(String),
+
     /// Any other failure with a self-explaining message.
     #[error("{0}")]
     Other(String),
@@ -106,6 +111,7 @@ impl Error {
             Error::Refused(_) => 6,
             Error::Incomplete(_) => 7,
             Error::Storage { .. } | Error::Source { .. } | Error::Io { .. } | Error::Other(_) => 1,
+            Error::Usage(_) => 64,
             Error::Child(status) => *status,
             Error::Several(all) => all
                 .iter()

@@ -12,6 +12,7 @@ pub(crate) mod context;
 pub(crate) mod daemon;
 pub(crate) mod demo;
 pub(crate) mod error;
+pub(crate) mod fleet;
 #[doc(hidden)]
 pub mod fuzz;
 pub(crate) mod history;

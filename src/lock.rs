@@ -35,6 +35,15 @@ impl Lock {
             )
         })?;
         let path = dir.join(format!("{policy}.{target}.lock"));
+        // A fleet's database (`tenants/alice`) locks under its policy's directory.
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                Error::io(
+                    format!("cannot create the lock directory {}", parent.display()),
+                    e,
+                )
+            })?;
+        }
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -57,6 +57,12 @@ impl StateDir {
         self.root.join("wal").join(policy)
     }
 
+    /// `wal/.alive-<pid>`: the streaming process `pid` is at work (its
+    /// mtime is its last beat; idle streams publish nothing themselves).
+    pub fn stream_beat(&self, pid: u32) -> PathBuf {
+        self.root.join("wal").join(format!(".alive-{pid}"))
+    }
+
     /// `wal/<policy>/state.json`: where the streamer stands.
     pub fn stream_state(&self, policy: &str) -> PathBuf {
         self.wal_dir(policy).join("state.json")

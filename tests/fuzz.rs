@@ -220,6 +220,7 @@ fn configuration_files() {
         "examples/dr.toml",
         "examples/policies/app.toml",
         "examples/policies/main-pg.toml",
+        "examples/policies/tenants.toml",
         "dr.example.toml",
     ]
     .iter()

@@ -13,7 +13,7 @@ use super::{Shared, period};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::history::History;
-use crate::sqlite::stream::StreamState;
+use crate::sqlite::stream::{self, StreamState};
 
 /// One thing that makes the daemon unhealthy.
 #[derive(Debug, Serialize)]
@@ -42,7 +42,7 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     let cfg = ctx.cfg();
     let now = Utc::now();
     let mut out = Vec::new();
-    for p in &cfg.policies {
+    for p in &super::policies_now(cfg) {
         let periods: Vec<chrono::Duration> = [&p.schedule.full, &p.schedule.diff]
             .into_iter()
             .flatten()
@@ -259,7 +259,7 @@ pub fn metrics(shared: &Shared) -> Result<String> {
             .collect()
     };
     let ts = |t: chrono::DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
-    for p in &cfg.policies {
+    for p in &super::policies_now(cfg) {
         let name = p.name.as_str();
         let mut failed = 0;
         for t in &p.targets {
@@ -319,12 +319,15 @@ pub fn metrics(shared: &Shared) -> Result<String> {
             .get_or_create(&l(&[("policy", name)]))
             .inc_by(status.map_or(0, |s| s.restarts));
         let st = StreamState::load(&ctx.state().stream_state(name));
+        let beat = st
+            .as_ref()
+            .and_then(|s| stream::beat_at(&ctx.state().stream_beat(s.pid)));
         let stale = StreamState::stale_after(p.wal.sync_interval);
         for t in &p.targets {
             let labels = l(&[("policy", name), ("target", t)]);
             let st = st.as_ref();
             lag.get_or_create(&labels)
-                .set(st.and_then(|s| s.lag(t, now, stale)).unwrap_or(0.0));
+                .set(st.and_then(|s| s.lag(t, now, stale, beat)).unwrap_or(0.0));
             shipped.get_or_create(&labels).set(
                 st.and_then(|s| s.targets.get(t.as_str()))
                     .and_then(|s| s.until)

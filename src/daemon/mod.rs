@@ -3,7 +3,6 @@
 //! the CLI and has no backup logic of its own.
 
 pub mod http;
-pub mod streamers;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
@@ -15,10 +14,10 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{self, Config, Policy};
 use crate::context::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::history::History;
 use crate::ops::runs::RunLog;
-use crate::ops::{BackupOptions, Source, TargetFilter, fanout};
+use crate::ops::{self, BackupOptions, Scope, Source, TargetFilter, fanout};
 use crate::progress::Silent;
 use crate::repo::BackupType;
 use crate::schedule::CronSpec;
@@ -73,19 +72,20 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
                 continue;
             };
             if let Some(per) = period(spec, now) {
-                let mut newest: Option<DateTime<Utc>> = None;
-                for t in &p.targets {
-                    if let Some(r) = history.last(&p.name, t, kind.word(), true)? {
-                        newest = Some(newest.map_or(r.finished, |n| n.max(r.finished)));
-                    }
-                }
                 // Never ran here, or not within its period: due now. Jobs
                 // due together queue in this order, full, diff, verify, so a
-                // drill runs on the backup taken just before it.
-                let missed = match newest {
-                    Some(last) => now - last > per,
-                    None => true,
-                };
+                // drill runs on the backup taken just before it. A fleet
+                // missed its run when any of its databases did.
+                let mut missed = false;
+                for name in run_names(p) {
+                    let mut newest: Option<DateTime<Utc>> = None;
+                    for t in &p.targets {
+                        if let Some(r) = history.last(&name, t, kind.word(), true)? {
+                            newest = Some(newest.map_or(r.finished, |n| n.max(r.finished)));
+                        }
+                    }
+                    missed |= newest.is_none_or(|last| now - last > per);
+                }
                 if missed {
                     tracing::info!(policy = %p.name, job = kind.word(), "catching up a missed run");
                     next = now;
@@ -102,6 +102,36 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
     Ok(out)
 }
 
+/// The names a policy's runs are recorded under: its own, or for a fleet,
+/// each of its databases on disk now.
+pub fn run_names(p: &Policy) -> Vec<String> {
+    match &p.fleet {
+        None => vec![p.name.clone()],
+        Some(f) => f
+            .scan()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(n, _)| crate::fleet::member_name(&p.name, &n))
+            .collect(),
+    }
+}
+
+/// Every policy of `cfg` as it runs now: fleets as their databases on disk.
+pub fn policies_now(cfg: &Config) -> Vec<Policy> {
+    let mut out = Vec::new();
+    for p in &cfg.policies {
+        match &p.fleet {
+            None => out.push(p.clone()),
+            Some(f) => match f.scan() {
+                Ok(dbs) => out.extend(dbs.into_iter().map(|(n, path)| p.member_policy(&n, path))),
+                // Reported as the fleet itself: no run of it succeeds.
+                Err(_) => out.push(p.clone()),
+            },
+        }
+    }
+    out
+}
+
 /// Shared between the scheduler, the workers and the HTTP endpoint.
 #[derive(Debug)]
 pub struct Shared {
@@ -110,23 +140,53 @@ pub struct Shared {
     /// The job each policy is running now.
     pub running: Mutex<HashMap<String, JobKind>>,
     /// The WAL streamers, as their supervisor sees them.
-    pub streamers: streamers::Statuses,
+    pub streamers: ops::replicate::Statuses,
 }
 
 /// Runs one job on every target of its policy (one failing target does not
 /// stop the others) and records and reports each result.
 fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
-    let pairs = match fanout::pairs(ctx.cfg(), &[policy], &TargetFilter::All) {
+    // A fleet's job covers every database it has now (a drill, every one
+    // it has backups of).
+    let scope = match kind {
+        JobKind::Verify => Scope::Stored,
+        _ => Scope::OnDisk,
+    };
+    let policies = match ops::members::expand(ctx, policy, scope) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(policy = %policy.name, "{e}");
+            let log = RunLog::open(ctx);
+            log.start(policy, kind.word());
+            for t in &policy.targets {
+                if let Ok(t) = ctx.cfg().target(t) {
+                    log.record(
+                        policy,
+                        t,
+                        kind.word(),
+                        Utc::now(),
+                        &Err(Error::Other(e.to_string())),
+                    );
+                }
+            }
+            return;
+        }
+    };
+    let pairs = match fanout::pairs(ctx.cfg(), &policies, &TargetFilter::All) {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(policy = %policy.name, "{e}");
             return;
         }
     };
+    if pairs.is_empty() {
+        tracing::info!(policy = %policy.name, job = kind.word(), "no database to {}", kind.word());
+        return;
+    }
     let log = RunLog::open(ctx);
     log.start(policy, kind.word());
-    let source = Source::of(policy);
-    let out = fanout::each(&pairs, kind.word(), |_, t| {
+    let out = fanout::each(&pairs, kind.word(), |policy, t| {
+        let source = Source::of(policy);
         let started = Utc::now();
         let result: Result<(String, u64)> = match kind {
             JobKind::Full | JobKind::Diff => {
@@ -152,7 +212,7 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
         log.record(policy, t, kind.word(), started, &result);
         result
     });
-    log.finish(policy, kind.word(), &out.failures);
+    log.finish_all(pairs.iter().map(|(p, _)| *p), kind.word(), &out.failures);
 }
 
 /// Runs until `stop`; `hup` asks for a config reload.
@@ -167,8 +227,17 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     let listen = ctx.cfg().daemon_listen.clone();
     let server = http::serve(&listen, shared.clone())?;
     tracing::info!(listen = %listen, "dr daemon started: /healthz and /metrics");
-    let mut streamers = streamers::Supervisor::new(shared.streamers.clone());
-    streamers.apply(&ctx);
+    let streamers = ops::replicate::Engine::start(
+        &ctx,
+        ctx.cfg()
+            .policies
+            .iter()
+            .filter(|p| p.wal.enabled)
+            .cloned()
+            .collect(),
+        ops::replicate::Mode::Supervised,
+        shared.streamers.clone(),
+    );
     let mut sched = Scheduler::new(jobs(ctx.cfg(), &history, Utc::now())?);
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     while !stop.load(Ordering::SeqCst) {
@@ -213,7 +282,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopping: no new runs; shipping committed WAL");
-    streamers.stop_all();
+    streamers.stop();
     // An in-flight backup gets a few seconds; one cut off has no manifest
     // and does not exist for restore (expire removes it later).
     let deadline = Instant::now() + Duration::from_secs(5);

@@ -48,14 +48,6 @@ impl TargetFilter {
     }
 }
 
-/// The policies an operation applies to: the named one, or all of them.
-pub fn select_policies<'c>(cfg: &'c Config, name: Option<&str>) -> Result<Vec<&'c Policy>> {
-    match name {
-        Some(n) => Ok(vec![cfg.policy(n)?]),
-        None => Ok(cfg.policies.iter().collect()),
-    }
-}
-
 /// One policy on one target that failed.
 #[derive(Debug)]
 pub struct Failure {
@@ -125,15 +117,15 @@ impl<T> Outcome<T> {
 }
 
 /// Every (policy, target) pair the filter selects, in config order.
-pub fn pairs<'c>(
+pub fn pairs<'p, 'c>(
     cfg: &'c Config,
-    policies: &[&'c Policy],
+    policies: &'p [Policy],
     filter: &TargetFilter,
-) -> Result<Vec<(&'c Policy, &'c Target)>> {
+) -> Result<Vec<(&'p Policy, &'c Target)>> {
     let mut out = Vec::new();
     for p in policies {
         for t in filter.select(cfg, p)? {
-            out.push((*p, t));
+            out.push((p, t));
         }
     }
     Ok(out)
@@ -141,10 +133,10 @@ pub fn pairs<'c>(
 
 /// Runs `op` on every pair, in order; `what` names the operation in the
 /// log line each failure gets.
-pub fn each<'c, T>(
-    pairs: &[(&'c Policy, &'c Target)],
+pub fn each<'p, 'c, T>(
+    pairs: &[(&'p Policy, &'c Target)],
     what: &str,
-    mut op: impl FnMut(&'c Policy, &'c Target) -> Result<T>,
+    mut op: impl FnMut(&'p Policy, &'c Target) -> Result<T>,
 ) -> Outcome<T> {
     let mut out = Outcome {
         done: Vec::new(),
@@ -216,8 +208,7 @@ mod tests {
 
     fn backup_all(ctx: &Context, kind: BackupType) -> Outcome<crate::ops::report::BackupReport> {
         let cfg = ctx.cfg();
-        let policies: Vec<&Policy> = cfg.policies.iter().collect();
-        let pairs = pairs(cfg, &policies, &TargetFilter::All).expect("pairs");
+        let pairs = pairs(cfg, &cfg.policies, &TargetFilter::All).expect("pairs");
         let opts = BackupOptions {
             kind: Some(kind),
             lock_wait: Duration::ZERO,

@@ -11,7 +11,7 @@ use crate::config::{PgSource, Policy, Target};
 use crate::context::Context;
 use crate::error::Result;
 use crate::repo::{self, BackupType};
-use crate::sqlite::stream::StreamState;
+use crate::sqlite::stream::{self, StreamState};
 
 /// What one target holds for a policy, as a source lists it.
 #[derive(Debug, Default)]
@@ -142,8 +142,10 @@ pub fn list_sqlite(ctx: &Context, policy: &Policy, target: &Target) -> Listing {
     let mut l = Listing::default();
     if let Err(e) = collect(ctx, target, policy, &mut l) {
         l.error = Some(e.to_string());
-        let stream = StreamState::load(&ctx.state().stream_state(&policy.name))
-            .map(|st| stream_info(&st, policy, &target.name));
+        let stream = StreamState::load(&ctx.state().stream_state(&policy.name)).map(|st| {
+            let beat = stream::beat_at(&ctx.state().stream_beat(st.pid));
+            stream_info(&st, policy, &target.name, beat)
+        });
         l.wal = stream.map(|s| WalInfo {
             generations: Vec::new(),
             windows: Vec::new(),
@@ -235,19 +237,27 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
     ti.wal = Some(WalInfo {
         generations,
         windows: repo::wal::windows(&bases, &segs),
-        stream: state.as_ref().map(|st| stream_info(st, p, &t.name)),
+        stream: state.as_ref().map(|st| {
+            let beat = stream::beat_at(&ctx.state().stream_beat(st.pid));
+            stream_info(st, p, &t.name, beat)
+        }),
     });
     Ok(())
 }
 
 /// The local streamer's last report for one target, if it ever ran here.
-fn stream_info(st: &StreamState, p: &Policy, target: &str) -> StreamInfo {
+fn stream_info(
+    st: &StreamState,
+    p: &Policy,
+    target: &str,
+    beat: Option<chrono::DateTime<Utc>>,
+) -> StreamInfo {
     let now = Utc::now();
     let stale = StreamState::stale_after(p.wal.sync_interval);
-    let running = st.alive(now, stale);
+    let running = st.alive(now, stale, beat);
     let shipped = st.targets.get(target);
     StreamInfo {
-        lag_seconds: st.lag(target, now, stale),
+        lag_seconds: st.lag(target, now, stale, beat),
         running,
         stopped_seconds_ago: (!running)
             .then(|| {

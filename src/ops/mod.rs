@@ -5,6 +5,7 @@ pub mod expire;
 pub mod fanout;
 pub mod info;
 pub mod listing;
+pub mod members;
 pub mod pg;
 pub mod policy_repo;
 pub mod replicate;
@@ -16,6 +17,7 @@ pub mod validate;
 pub mod verify;
 
 pub use crate::units::human_bytes;
-pub use fanout::{TargetFilter, select_policies};
+pub use fanout::TargetFilter;
+pub use members::Scope;
 pub use policy_repo::{Committed, PolicyRepo, wal_base};
 pub use source::{BackupOptions, Source};

@@ -51,10 +51,14 @@ impl<'c> RunLog<'c> {
         let first = self
             .announced
             .lock()
-            .map(|mut a| a.insert(policy.name.clone()))
+            .map(|mut a| a.insert(policy.configured_name().to_string()))
             .unwrap_or(false);
         if first {
-            notify::started(self.ctx.cfg().notify_for(policy), &policy.name, job);
+            notify::started(
+                self.ctx.cfg().notify_for(policy),
+                policy.configured_name(),
+                job,
+            );
         }
     }
 
@@ -100,16 +104,42 @@ impl<'c> RunLog<'c> {
 
     /// Reports how `job` went on `policy` over all its targets: success
     /// only when none of `failures` is this policy's.
-    pub fn finish(&self, policy: &Policy, job: &str, failures: &[Failure]) {
+    /// Ends a run over `policies` (members of one fleet count as their
+    /// fleet policy: one message for all its databases, naming each that
+    /// failed).
+    pub fn finish_all<'p>(
+        &self,
+        policies: impl IntoIterator<Item = &'p Policy>,
+        job: &str,
+        failures: &[Failure],
+    ) {
+        let mut seen = BTreeSet::new();
+        for p in policies {
+            if seen.insert(p.configured_name().to_string()) {
+                self.finish(p, job, failures);
+            }
+        }
+    }
+
+    fn finish(&self, policy: &Policy, job: &str, failures: &[Failure]) {
+        let name = policy.configured_name();
         let mine: Vec<String> = failures
             .iter()
-            .filter(|f| f.policy == policy.name)
-            .map(|f| format!("target '{}': {}", f.target, f.error))
+            .filter(|f| {
+                f.policy == name
+                    || f.policy
+                        .strip_prefix(name)
+                        .is_some_and(|r| r.starts_with('/'))
+            })
+            .map(|f| match f.policy.split_once('/') {
+                Some((_, db)) => format!("database '{db}' on target '{}': {}", f.target, f.error),
+                None => format!("target '{}': {}", f.target, f.error),
+            })
             .collect();
         let failure = (!mine.is_empty()).then(|| mine.join("\n"));
         notify::finished(
             self.ctx.cfg().notify_for(policy),
-            &policy.name,
+            name,
             job,
             failure.as_deref(),
         );

@@ -139,6 +139,31 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
         }
     }
     for p in &cfg.policies {
+        if let Some(fleet) = &p.fleet {
+            match fleet.scan() {
+                Ok(dbs) if dbs.is_empty() => f.warning(
+                    &p.file,
+                    "path",
+                    format!(
+                        "policy '{}': no database matches {} yet (each one that appears is backed up and streamed)",
+                        p.name,
+                        fleet.display()
+                    ),
+                ),
+                Ok(_) => {}
+                Err(e) => f.error(
+                    &p.file,
+                    "path",
+                    format!(
+                        "policy '{}': cannot list {}: {}",
+                        p.name,
+                        fleet.dir.display(),
+                        crate::error::io_reason(&e)
+                    ),
+                ),
+            }
+            continue;
+        }
         match &p.source {
             Source::Sqlite { path } => match std::fs::metadata(path) {
                 Ok(m) if m.is_file() => {}

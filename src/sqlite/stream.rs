@@ -14,8 +14,6 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -31,8 +29,9 @@ use crate::sqlite::pin::{self, Gate};
 use crate::sqlite::segment::SegmentWriter;
 use crate::sqlite::wal::{self, Cursor, WalHeader};
 
-/// How often the WAL is looked at: the precision of commit times.
-const POLL: Duration = Duration::from_millis(50);
+/// The shortest time between two looks at one WAL: the precision of
+/// commit times while a database is busy.
+pub const POLL: Duration = Duration::from_millis(50);
 /// An idle stream writes an empty segment this often, so the restore
 /// window keeps up with the clock while nothing commits.
 const HEARTBEAT: Duration = Duration::from_secs(300);
@@ -113,11 +112,11 @@ impl StreamState {
 
     /// Whether the streamer that wrote this state is still at work: its
     /// process lives (when it ran on this host) and it published within
-    /// `stale` (a live streamer publishes every `sync_interval`).
-    pub fn alive(&self, now: DateTime<Utc>, stale: Duration) -> bool {
-        let recent = self
-            .updated
-            .is_some_and(|u| (now - u).to_std().unwrap_or_default() <= stale);
+    /// `stale`, or its engine beat (`beat`, see [`beat_at`]) is that recent:
+    /// an idle stream publishes nothing.
+    pub fn alive(&self, now: DateTime<Utc>, stale: Duration, beat: Option<DateTime<Utc>>) -> bool {
+        let fresh = |u: DateTime<Utc>| (now - u).to_std().unwrap_or_default() <= stale;
+        let recent = self.updated.is_some_and(fresh) || beat.is_some_and(fresh);
         let process = self.host != crate::lock::hostname() || crate::scratch::pid_alive(self.pid);
         self.stopped.is_none() && recent && process
     }
@@ -132,10 +131,16 @@ impl StreamState {
     /// oldest commit not yet on the target is (0 when caught up). A stopped
     /// one: how long since the last instant the target has every commit
     /// of, which grows until a streamer runs again.
-    pub fn lag(&self, target: &str, now: DateTime<Utc>, stale: Duration) -> Option<f64> {
+    pub fn lag(
+        &self,
+        target: &str,
+        now: DateTime<Utc>,
+        stale: Duration,
+        beat: Option<DateTime<Utc>>,
+    ) -> Option<f64> {
         let t = self.targets.get(target);
         let secs = |o: DateTime<Utc>| (now - o).num_milliseconds().max(0) as f64 / 1000.0;
-        if !self.alive(now, stale) {
+        if !self.alive(now, stale, beat) {
             return t.and_then(|t| t.until).or(self.updated).map(secs);
         }
         let oldest = [t.and_then(|t| t.pending_since), self.open_since]
@@ -144,6 +149,16 @@ impl StreamState {
             .min();
         Some(oldest.map_or(0.0, secs))
     }
+}
+
+/// How often a streaming process rewrites its beat file.
+pub const BEAT: Duration = Duration::from_secs(2);
+
+/// When the streaming process `pid` last beat (its beat file in
+/// `StateDir::stream_beat`), if it ever did.
+pub fn beat_at(path: &Path) -> Option<DateTime<Utc>> {
+    let m = std::fs::metadata(path).ok()?.modified().ok()?;
+    Some(DateTime::<Utc>::from(m))
 }
 
 /// The WAL position a snapshot pinned at `cur` has in the streamer's
@@ -264,16 +279,23 @@ struct OpenSegment {
     bytes: u64,
 }
 
-/// The streamer's hold on one database.
-struct Stream<'a> {
-    policy: &'a Policy,
-    db: &'a Path,
+/// The streamer's hold on one database. The streaming engine
+/// (`ops::replicate`) drives it: [`Stream::open`] pins the database and
+/// decides the generation, [`Stream::step`] is one look at the WAL (run
+/// when the WAL changed or [`Stream::next_due`] came), [`Stream::stop`]
+/// seals what is committed. Between steps it costs nothing.
+pub struct Stream {
+    policy: Policy,
+    db: PathBuf,
     sealing: Sealing,
     spool: Spool,
     state_path: PathBuf,
     state: Arc<Mutex<StreamState>>,
     /// Pins the WAL; always inside a read transaction.
     reader: rusqlite::Connection,
+    /// Takes the write lock for dr's checkpoints; open only while the
+    /// database is busy (idle databases hold one connection, not two).
+    gate: Option<Gate>,
     wal_file: Option<(File, u64)>,
     db_ino: u64,
     generation: String,
@@ -291,48 +313,55 @@ struct Stream<'a> {
     last_commit_at: Instant,
     last_seal: Instant,
     last_cycle: Instant,
+    last_spool_check: Instant,
     report: StreamReport,
-    wake_shipper: Sender<()>,
-    new_base: Sender<String>,
     full_warned: Option<Instant>,
     /// The commit time given to the next transactions read: those made
     /// while no streamer watched, read when a generation continues.
     backlog_stamp: Option<DateTime<Utc>>,
+    /// A segment was sealed since the engine last asked: ship.
+    sealed: bool,
+    /// A generation that needs its base backup on every target.
+    wants_base: Option<String>,
 }
 
-/// Why the inner loop ended.
-enum Next {
+impl std::fmt::Debug for Stream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stream")
+            .field("db", &self.db)
+            .field("generation", &self.generation)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a stream needs its owner's attention.
+#[derive(Debug)]
+pub enum Next {
     Stop,
     /// Continuity is lost or the file was replaced: pin again, new generation.
     Restart(String),
 }
 
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    policy: &Policy,
-    db: &Path,
-    sealing: Sealing,
-    spool: Spool,
-    state_path: &Path,
-    state: &Arc<Mutex<StreamState>>,
-    stop: &AtomicBool,
-    wake_shipper: Sender<()>,
-    new_base: Sender<String>,
-) -> Result<StreamReport> {
-    let mut report = StreamReport {
-        policy: policy.name.clone(),
-        generation: String::new(),
-        generations_started: 0,
-        segments: 0,
-        frames: 0,
-        unshipped: 0,
-    };
-    // Each pass pins the database afresh; a pass ends on stop or on a lost continuity.
-    let mut why: Option<String> = None;
-    let prev = state.lock().map_err(|_| poisoned())?.clone();
-    let mut first_pass = true;
-    loop {
+impl Stream {
+    /// Pins `db` and decides where the stream stands: the generation in
+    /// `prev` continues when the WAL provably continues it, otherwise a new
+    /// one starts (`why` says why, when a restart asked for it). A
+    /// [`Next`] returned with the stream means it must be opened again.
+    #[allow(clippy::too_many_arguments)]
+    pub fn open(
+        policy: &Policy,
+        db: &Path,
+        sealing: Sealing,
+        spool: Spool,
+        state_path: &Path,
+        state: &Arc<Mutex<StreamState>>,
+        prev: Option<&StreamState>,
+        why: Option<String>,
+        report: StreamReport,
+    ) -> Result<(Stream, Option<Next>)> {
         let reader = pin::open(db)?;
+        // The reader only pins: a small page cache is enough.
+        let _ = reader.execute_batch("PRAGMA cache_size = -64");
         let gate = Gate::open(db)?;
         let db_ino = std::fs::metadata(db)
             .map(|m| m.ino())
@@ -341,20 +370,20 @@ pub fn run(
             pin::begin_read(&reader, db)?;
             pin::wal_end(db)
         })?;
-        let continued = if first_pass {
-            continuation(&prev, db_ino, end.as_ref(), db)?
-        } else {
-            None
+        let continued = match prev {
+            Some(prev) => continuation(prev, db_ino, end.as_ref(), db)?,
+            None => None,
         };
-        first_pass = false;
+        let now = Instant::now();
         let mut st = Stream {
-            policy,
-            db,
-            sealing: sealing.clone(),
-            spool: spool.clone(),
+            policy: policy.clone(),
+            db: db.to_path_buf(),
+            sealing,
+            spool,
             state_path: state_path.to_path_buf(),
             state: state.clone(),
             reader,
+            gate: Some(gate),
             wal_file: None,
             db_ino,
             generation: String::new(),
@@ -364,44 +393,145 @@ pub fn run(
             open: None,
             seen_until: Utc::now(),
             idle_marked: true,
-            last_heartbeat: Instant::now(),
-            last_commit_at: Instant::now(),
-            last_seal: Instant::now(),
-            last_cycle: Instant::now(),
-            report: report.clone(),
-            wake_shipper: wake_shipper.clone(),
-            new_base: new_base.clone(),
+            last_heartbeat: now,
+            last_commit_at: now,
+            last_seal: now,
+            last_cycle: now,
+            last_spool_check: now,
+            report,
             full_warned: None,
             backlog_stamp: None,
+            sealed: false,
+            wants_base: None,
         };
         // The last generation continues when the WAL provably continues it
         // (same file, same incarnation, the recorded frame and checksum
         // still there); otherwise a new one starts, with a new full.
-        let resumed = match (continued, prev.watched_until) {
+        let next = match (continued, prev.and_then(|p| p.watched_until)) {
             (Some(_), Some(watched)) => {
-                st.resume(prev.generation.clone(), prev.seq_base, watched)?
+                let prev = prev.map(|p| (p.generation.clone(), p.seq_base));
+                let (generation, seq_base) = prev.unwrap_or_default();
+                st.resume(generation, seq_base, watched)?
             }
             _ => {
                 st.start_generation(
-                    why.take()
-                        .unwrap_or_else(|| "no earlier generation continues in this WAL".into()),
+                    why.unwrap_or_else(|| "no earlier generation continues in this WAL".into()),
                 )?;
                 None
             }
         };
-        let next = match resumed {
-            Some(n) => Ok(n),
-            None => st.inner(&gate, stop),
+        Ok((st, next))
+    }
+
+    pub fn report(&self) -> &StreamReport {
+        &self.report
+    }
+
+    /// Whether a segment was sealed since the last call (the shipper has work).
+    pub fn take_sealed(&mut self) -> bool {
+        std::mem::take(&mut self.sealed)
+    }
+
+    /// The generation that needs a base backup, once per request.
+    pub fn take_wants_base(&mut self) -> Option<String> {
+        self.wants_base.take()
+    }
+
+    /// One look at the database: copy what was committed, seal what is
+    /// due, checkpoint when the WAL is long.
+    pub fn step(&mut self) -> Result<Option<Next>> {
+        let sync = self.policy.wal.sync_interval;
+        if let Some(n) = self.replaced()? {
+            self.seal()?;
+            return Ok(Some(n));
+        }
+        let was_full = self.full_warned.is_some();
+        let full = if was_full || self.last_spool_check.elapsed() >= sync {
+            self.last_spool_check = Instant::now();
+            self.spool_full()?
+        } else {
+            false
         };
-        report = st.report.clone();
-        match next? {
-            Next::Stop => return Ok(report),
-            Next::Restart(reason) => {
-                tracing::warn!(policy = %policy.name, "{reason}: starting a new generation");
-                why = Some(reason);
-                drop(st);
+        if was_full && !full && self.commits_waiting()? {
+            self.seal()?;
+            return Ok(Some(Next::Restart(
+                "the spool was full and dr stopped copying: commits made meanwhile have no exact time".into(),
+            )));
+        }
+        if !full && let Some(n) = self.consume()? {
+            self.seal()?;
+            return Ok(Some(n));
+        }
+        let big = self
+            .open
+            .as_ref()
+            .is_some_and(|o| o.bytes >= self.policy.wal.segment_max);
+        if big || (self.open.is_some() && self.last_seal.elapsed() >= sync) || self.mark_due() {
+            self.seal()?;
+        }
+        let frames = self.cursor.map_or(0, |c| c.frame);
+        if !full
+            && frames >= u64::from(self.policy.wal.checkpoint_pages)
+            && self.last_cycle.elapsed() >= CYCLE_SPACING
+        {
+            let gate = match self.gate.take() {
+                Some(g) => g,
+                None => Gate::open(&self.db)?,
+            };
+            let r = self.checkpoint(&gate);
+            self.gate = Some(gate);
+            if let Some(n) = r? {
+                self.seal()?;
+                return Ok(Some(n));
             }
         }
+        Ok(None)
+    }
+
+    /// Ships what is committed: one last look, then seal and mark how far
+    /// the stream watched. With a full spool dr copies nothing (the next
+    /// run starts afresh).
+    pub fn stop(&mut self) -> Result<Option<Next>> {
+        if self.full_warned.is_none()
+            && let Some(n) = self.consume()?
+        {
+            self.seal()?;
+            return Ok(Some(n));
+        }
+        self.seal()?;
+        self.seal_as(true)?;
+        Ok(Some(Next::Stop))
+    }
+
+    /// When the stream must be looked at even if its WAL does not change:
+    /// a segment to seal, an idle mark or heartbeat to write, a checkpoint
+    /// to take, a full spool to re-check.
+    pub fn next_due(&self) -> Instant {
+        let sync = self.policy.wal.sync_interval;
+        let now = Instant::now();
+        let mut due = self.last_heartbeat + HEARTBEAT;
+        if self.open.is_some() {
+            due = due.min(self.last_seal + sync);
+        } else if !self.idle_marked {
+            due = due.min(self.last_commit_at + sync);
+        }
+        if self.cursor.map_or(0, |c| c.frame) >= u64::from(self.policy.wal.checkpoint_pages) {
+            due = due.min(self.last_cycle + CYCLE_SPACING);
+        }
+        if self.full_warned.is_some() {
+            due = due.min(now + Duration::from_secs(1));
+        }
+        due
+    }
+
+    /// An empty segment is due: once after the last commit (when quiet for
+    /// `sync_interval`), then every [`HEARTBEAT`].
+    fn mark_due(&self) -> bool {
+        self.open.is_none()
+            && self.cursor.is_some()
+            && ((!self.idle_marked
+                && self.last_commit_at.elapsed() >= self.policy.wal.sync_interval)
+                || self.last_heartbeat.elapsed() >= HEARTBEAT)
     }
 }
 
@@ -443,7 +573,7 @@ fn continuation(
         .then_some(at))
 }
 
-impl Stream<'_> {
+impl Stream {
     /// Continues `generation` from the cursor: an empty segment marks the
     /// interval no streamer watched (from `watched` to now), and the
     /// commits made meanwhile are read at once, stamped with now. Restores
@@ -474,7 +604,7 @@ impl Stream<'_> {
         }
         tracing::info!(policy = %self.policy.name, generation = %self.generation, frame = self.seq(), "continuing the generation (not watched from {} to {}): no new full", watched.to_rfc3339(), now.to_rfc3339());
         // Every target must still have a base of this generation.
-        let _ = self.new_base.send(self.generation.clone());
+        self.wants_base = Some(self.generation.clone());
         self.backlog_stamp = Some(now);
         let next = self.consume()?;
         self.backlog_stamp = None;
@@ -487,7 +617,7 @@ impl Stream<'_> {
         self.report.generations_started += 1;
         tracing::info!(policy = %self.policy.name, generation = %self.generation, "new generation ({why}); taking a full backup to every target");
         self.publish(true)?;
-        let _ = self.new_base.send(self.generation.clone());
+        self.wants_base = Some(self.generation.clone());
         Ok(())
     }
 
@@ -521,65 +651,13 @@ impl Stream<'_> {
         st.save(&self.state_path)
     }
 
-    fn inner(&mut self, gate: &Gate, stop: &AtomicBool) -> Result<Next> {
-        let sync = self.policy.wal.sync_interval;
-        loop {
-            if stop.load(Ordering::SeqCst) {
-                // Ship what is committed: one last look, then seal. With a
-                // full spool dr copies nothing (the next run starts afresh).
-                if self.full_warned.is_none()
-                    && let Some(n) = self.consume()?
-                {
-                    self.seal()?;
-                    return Ok(n);
-                }
-                self.seal()?;
-                self.seal_as(true)?;
-                return Ok(Next::Stop);
-            }
-            if let Some(n) = self.replaced()? {
-                self.seal()?;
-                return Ok(n);
-            }
-            let was_full = self.full_warned.is_some();
-            let full = self.spool_full()?;
-            if was_full && !full && self.commits_waiting()? {
-                self.seal()?;
-                return Ok(Next::Restart(
-                    "the spool was full and dr stopped copying: commits made meanwhile have no exact time".into(),
-                ));
-            }
-            if !full && let Some(n) = self.consume()? {
-                self.seal()?;
-                return Ok(n);
-            }
-            let big = self
-                .open
-                .as_ref()
-                .is_some_and(|o| o.bytes >= self.policy.wal.segment_max);
-            if big || self.last_seal.elapsed() >= sync {
-                self.seal()?;
-            }
-            let frames = self.cursor.map_or(0, |c| c.frame);
-            if !full
-                && frames >= u64::from(self.policy.wal.checkpoint_pages)
-                && self.last_cycle.elapsed() >= CYCLE_SPACING
-                && let Some(n) = self.checkpoint(gate)?
-            {
-                self.seal()?;
-                return Ok(n);
-            }
-            std::thread::sleep(POLL);
-        }
-    }
-
     /// A database file replaced under the streamer (restored, moved) breaks the stream.
     fn replaced(&self) -> Result<Option<Next>> {
-        match std::fs::metadata(self.db) {
+        match std::fs::metadata(&self.db) {
             Ok(m) if m.ino() == self.db_ino => Ok(None),
             Ok(_) => Ok(Some(Next::Restart("the database file was replaced".into()))),
             Err(e) => Err(Error::Source {
-                path: self.db.to_path_buf(),
+                path: self.db.clone(),
                 reason: format!(
                     "the database file disappeared while streaming: {}",
                     crate::error::io_reason(&e)
@@ -615,7 +693,7 @@ impl Stream<'_> {
 
     /// The `-wal` file, reopened when it was replaced (deleted and recreated).
     fn wal(&mut self) -> Result<Option<&File>> {
-        let p = pin::wal_path(self.db);
+        let p = pin::wal_path(&self.db);
         let ino = match std::fs::metadata(&p) {
             Ok(m) => m.ino(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -651,7 +729,7 @@ impl Stream<'_> {
     /// about `max_frames` frames wait: the caller holds the write lock and
     /// must not keep the application waiting for a large copy.
     fn consume_at_most(&mut self, max_frames: u64) -> Result<(Option<Next>, bool)> {
-        let p = pin::wal_path(self.db);
+        let p = pin::wal_path(&self.db);
         let read = |e| Error::io(format!("cannot read {}", p.display()), e);
         let Some(f) = self.wal()? else {
             return Ok((None, false));
@@ -738,7 +816,7 @@ impl Stream<'_> {
         let w = &mut open.writer;
         wal::read_frames(f, h, t.first, t.last, |pgno, page| w.frame(pgno, page)).map_err(|e| {
             Error::io(
-                format!("copying frames from {}", pin::wal_path(self.db).display()),
+                format!("copying frames from {}", pin::wal_path(&self.db).display()),
                 e,
             )
         })?;
@@ -794,11 +872,11 @@ impl Stream<'_> {
                     self.open =
                         Some(self.new_segment(first, self.seen_until, c.header.page_size)?);
                 }
-                _ => return self.publish(false),
+                _ => return Ok(()),
             }
         }
         let Some(open) = self.open.take() else {
-            return self.publish(false);
+            return Ok(());
         };
         let tmp = open.tmp.clone();
         let err = |e| Error::io(format!("sealing WAL segment {}", tmp.display()), e);
@@ -821,7 +899,11 @@ impl Stream<'_> {
         }
         tracing::debug!(policy = %self.policy.name, segment = %name, "sealed");
         self.publish(true)?;
-        let _ = self.wake_shipper.send(());
+        self.sealed = true;
+        if frames == 0 {
+            // Idle now: give back the second connection until it is busy again.
+            self.gate = None;
+        }
         Ok(())
     }
 
@@ -833,7 +915,8 @@ impl Stream<'_> {
     /// SQLite may restart it, and dr knows it has every frame of it.
     fn checkpoint(&mut self, gate: &Gate) -> Result<Option<Next>> {
         self.last_cycle = Instant::now();
-        let db = self.db;
+        let db = self.db.clone();
+        let db = db.as_path();
         // Move the read mark up to the end of the log. Frames not yet
         // copied stay in the file: a mark above zero forbids a restart.
         gate.hold(|| {

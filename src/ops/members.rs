@@ -1,0 +1,140 @@
+//! The policies a command applies to, with fleet policies (a pattern for
+//! a path, `fleet.rs`) expanded into one member policy per database.
+//!
+//! Commands that read the repository (info, verify, expire, restore) also
+//! see databases that exist only there (a tenant deleted from disk is still
+//! restorable); backups and streams see the files on disk.
+
+use super::fanout::TargetFilter;
+use crate::config::Policy;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::fleet;
+
+/// Where a fleet's databases are looked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The files matching the pattern now.
+    OnDisk,
+    /// Those, and every database the policy's targets hold backups of.
+    Stored,
+}
+
+/// The policies named (`name`, or every policy), members expanded; `db`
+/// narrows a fleet policy to one database. `name` may also be a member's
+/// own name, `<policy>/<db>`.
+pub fn select(
+    ctx: &Context,
+    name: Option<&str>,
+    db: Option<&str>,
+    scope: Scope,
+) -> Result<Vec<Policy>> {
+    let cfg = ctx.cfg();
+    let Some(name) = name else {
+        if let Some(db) = db {
+            return Err(Error::Usage(format!(
+                "--db {db} needs a policy: name the fleet policy it belongs to"
+            )));
+        }
+        let mut out = Vec::new();
+        for p in &cfg.policies {
+            out.extend(expand(ctx, p, scope)?);
+        }
+        return Ok(out);
+    };
+    if let Some((fleet_name, db_name)) = name.split_once('/') {
+        if db.is_some() {
+            return Err(Error::Usage(format!(
+                "'{name}' names one database already: leave out --db"
+            )));
+        }
+        return one(ctx, fleet_name, Some(db_name)).map(|p| vec![p]);
+    }
+    let p = cfg.policy(name)?;
+    match db {
+        Some(db) => one(ctx, name, Some(db)).map(|p| vec![p]),
+        None => expand(ctx, p, scope),
+    }
+}
+
+/// Exactly one database: a plain policy, or one member of a fleet. A fleet
+/// policy without `db` is a usage error that says how many it holds.
+pub fn one(ctx: &Context, name: &str, db: Option<&str>) -> Result<Policy> {
+    let (name, db) = match (name.split_once('/'), db) {
+        (Some(_), Some(_)) => {
+            return Err(Error::Usage(format!(
+                "'{name}' names one database already: leave out --db"
+            )));
+        }
+        (Some((n, d)), None) => (n, Some(d)),
+        (None, db) => (name, db),
+    };
+    let p = ctx.cfg().policy(name)?;
+    match (&p.fleet, db) {
+        (None, None) => Ok(p.clone()),
+        (None, Some(_)) => Err(Error::Usage(format!(
+            "policy '{name}' backs up one database: --db applies only to policies whose path is a pattern"
+        ))),
+        (Some(f), None) => {
+            let n = f.scan().map(|v| v.len()).unwrap_or(0);
+            Err(Error::Usage(format!(
+                "policy '{name}' holds a database per file of {} ({n} now): name one with --db NAME (`dr info {name}` lists them)",
+                f.display()
+            )))
+        }
+        (Some(f), Some(db)) => {
+            if !fleet::valid_name(db) {
+                return Err(Error::Usage(format!(
+                    "'{db}' is not a database name (letters, digits, '-', '_' and '.')"
+                )));
+            }
+            Ok(p.member_policy(db, f.path_of(db)))
+        }
+    }
+}
+
+/// A configured policy as the policies it stands for: itself, or its
+/// members (sorted by name).
+pub fn expand(ctx: &Context, p: &Policy, scope: Scope) -> Result<Vec<Policy>> {
+    let Some(f) = &p.fleet else {
+        return Ok(vec![p.clone()]);
+    };
+    let mut names: Vec<String> = match f.scan() {
+        Ok(v) => v.into_iter().map(|(n, _)| n).collect(),
+        Err(e) if scope == Scope::Stored => {
+            tracing::warn!(policy = %p.name, "cannot list {}: {} (listing the backups only)", f.dir.display(), crate::error::io_reason(&e));
+            Vec::new()
+        }
+        Err(e) => {
+            return Err(Error::Source {
+                path: f.dir.clone(),
+                reason: format!(
+                    "cannot list the databases of policy '{}' ({}): {}",
+                    p.name,
+                    f.display(),
+                    crate::error::io_reason(&e)
+                ),
+            });
+        }
+    };
+    if scope == Scope::Stored {
+        for t in TargetFilter::All.select(ctx.cfg(), p)? {
+            let listed = ctx.storage(t).and_then(|s| s.list(&format!("{}/", p.name)));
+            match listed {
+                Ok(objs) => names.extend(fleet::names_in_keys(
+                    &p.name,
+                    objs.iter().map(|o| o.key.as_str()),
+                )),
+                Err(e) => {
+                    tracing::warn!(policy = %p.name, target = %t.name, "cannot list the databases backed up there: {e}")
+                }
+            }
+        }
+        names.sort();
+        names.dedup();
+    }
+    Ok(names
+        .iter()
+        .map(|n| p.member_policy(n, f.path_of(n)))
+        .collect())
+}

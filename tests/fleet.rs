@@ -1,0 +1,245 @@
+//! A fleet policy (`path = "tenants/*.db"`): one real `dr replicate`
+//! process streams every tenant database, picks up one created while it
+//! runs, lets one deleted go, and a point-in-time restore of one tenant is
+//! exact.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Env, dump, make_db};
+
+const FLEET: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\n";
+
+fn writer_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py")
+}
+
+fn fleet_env() -> Env {
+    let env = Env::new("");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");
+    std::fs::create_dir_all(env.path("tenants")).expect("tenants dir");
+    env.write_policy("tenants", "tenants/*.db", FLEET);
+    env
+}
+
+fn replicate(env: &Env) -> Child {
+    Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["replicate", "--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
+        .spawn()
+        .expect("start dr replicate")
+}
+
+fn log(env: &Env) -> String {
+    std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default()
+}
+
+/// The databases `dr info tenants` lists, with how many backups each has.
+fn tenants(env: &Env) -> Vec<(String, usize)> {
+    let r = env.dr(&["info", "tenants", "--json"]);
+    let Ok(j) = serde_json::from_str::<serde_json::Value>(&r.stdout) else {
+        return Vec::new();
+    };
+    j["policies"]
+        .as_array()
+        .map(|ps| {
+            ps.iter()
+                .map(|p| {
+                    (
+                        p["name"].as_str().unwrap_or_default().to_string(),
+                        p["targets"][0]["backups"].as_array().map_or(0, |b| b.len()),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wait_for(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            log(env)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn has_base(env: &Env, name: &str) -> bool {
+    tenants(env).iter().any(|(n, b)| n == name && *b > 0)
+}
+
+fn digest(db: &Path) -> String {
+    let out = Command::new("python3")
+        .arg(writer_script())
+        .arg("digest")
+        .arg(db)
+        .output()
+        .expect("digest");
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn a_fleet_streams_tenants_that_come_and_go_and_one_restores_exactly_at_an_instant() {
+    let env = fleet_env();
+    let t = |n: &str| env.path(&format!("tenants/{n}.db"));
+    make_db(&t("alice"), true, 20, 200);
+    make_db(&t("bob"), true, 20, 200);
+    // Not databases of the fleet: another extension, a name dr cannot use.
+    std::fs::write(env.path("tenants/notes.txt"), b"x").expect("txt");
+    let mut child = replicate(&env);
+    wait_for(&env, "bases of alice and bob", 30, || {
+        has_base(&env, "tenants/alice") && has_base(&env, "tenants/bob")
+    });
+
+    // A tenant created while dr runs is picked up without a restart.
+    make_db(&t("carol"), true, 5, 100);
+    wait_for(&env, "a base of carol", 30, || {
+        has_base(&env, "tenants/carol")
+    });
+
+    // bob writes; each quiet gap is an instant to restore.
+    let st = Command::new("python3")
+        .arg(writer_script())
+        .arg("write")
+        .arg(t("bob"))
+        .arg(env.path("marks"))
+        .args(["4", "15", "1200", "300"])
+        .status()
+        .expect("writer");
+    assert!(st.success());
+
+    // alice is deleted: dr lets her go and keeps streaming the others.
+    let alice_rows = dump(&t("alice"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(env.path(&format!("tenants/alice.db{suffix}")));
+    }
+    wait_for(&env, "alice to leave the fleet", 40, || {
+        log(&env).contains("tenants/alice") && log(&env).contains("no longer streamed")
+            || log(&env).contains("removed from its fleet")
+    });
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "dr replicate must keep running: {}",
+        log(&env)
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let code = child.wait().expect("wait").code();
+    assert_eq!(code, Some(0), "{}", log(&env));
+    assert!(!log(&env).contains("panicked"), "{}", log(&env));
+
+    let names: Vec<String> = tenants(&env).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names,
+        ["tenants/alice", "tenants/bob", "tenants/carol"],
+        "a deleted tenant is still listed from its backups"
+    );
+
+    // Every instant bob's writer marked restores exactly.
+    let key = env.key_arg();
+    let marks = std::fs::read_to_string(env.path("marks")).expect("marks");
+    let mut checked = 0;
+    for line in marks.lines() {
+        let mut it = line.split(' ');
+        let secs: f64 = it.next().and_then(|s| s.parse().ok()).expect("time");
+        let _burst = it.next();
+        let want = it.next().expect("digest");
+        let at = chrono::DateTime::from_timestamp_millis((secs * 1000.0) as i64)
+            .expect("ts")
+            .to_rfc3339();
+        let to = env.path("bob.db").display().to_string();
+        env.dr(&[
+            "restore-local",
+            "tenants",
+            "--db",
+            "bob",
+            "--at",
+            &at,
+            "--to",
+            &to,
+            "--identity",
+            &key,
+            "--force",
+        ])
+        .ok();
+        assert_eq!(digest(&env.path("bob.db")), want, "bob at {at}");
+        checked += 1;
+    }
+    assert_eq!(checked, 4);
+
+    // The deleted tenant restores from its backups, by its member name.
+    let to = env.path("alice.db").display().to_string();
+    env.dr(&[
+        "restore-local",
+        "tenants/alice",
+        "--to",
+        &to,
+        "--identity",
+        &key,
+    ])
+    .ok();
+    assert_eq!(dump(&env.path("alice.db")), alice_rows);
+
+    // A fleet restore must say which database.
+    let r = env.dr(&["restore-local", "tenants", "--to", &to, "--identity", &key]);
+    assert_eq!(r.code, 64, "{}", r.stderr);
+    assert!(r.stderr.contains("--db"), "{}", r.stderr);
+
+    // verify drills every tenant, the deleted one included.
+    let r = env
+        .dr(&["verify", "tenants", "--identity", &key, "--json"])
+        .ok();
+    let drilled: Vec<String> = r
+        .json()
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v["policy"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(drilled, ["tenants/alice", "tenants/bob", "tenants/carol"]);
+}
+
+#[test]
+fn a_backup_of_a_fleet_takes_every_database_and_db_picks_one() {
+    let env = fleet_env();
+    for n in ["a1", "a2", "a3"] {
+        make_db(&env.path(&format!("tenants/{n}.db")), true, 10, 100);
+    }
+    let r = env.dr(&["backup-local", "tenants", "--json"]).ok();
+    let done: Vec<String> = r
+        .json()
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v["policy"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(done, ["tenants/a1", "tenants/a2", "tenants/a3"]);
+    assert!(
+        env.objects()
+            .iter()
+            .any(|o| o.starts_with("tenants/a2/backup/")),
+        "each database under its own prefix: {:?}",
+        env.objects()
+    );
+    let r = env
+        .dr(&["backup-local", "tenants", "--db", "a2", "--json"])
+        .ok();
+    assert_eq!(r.json().as_array().map(|a| a.len()), Some(1));
+    let r = env.dr(&["backup-local", "tenants", "--db", "nobody"]);
+    assert_ne!(r.code, 0);
+    let r = env.dr(&["backup-local", "--db", "a2"]);
+    assert_eq!(r.code, 64, "{}", r.stderr);
+}
