@@ -1028,6 +1028,18 @@ impl Inner {
         for s in &done {
             let _ = std::fs::remove_file(&s.path);
         }
+        if !done.is_empty() {
+            // What is left, for `dr info` and /metrics: an idle stream
+            // publishes nothing itself.
+            let left: u64 = segs.iter().map(|s| s.size).sum::<u64>()
+                - done.iter().map(|s| s.size).sum::<u64>();
+            let mut st = lock(&m.state);
+            st.spool_bytes = left;
+            st.spool_full = left >= policy.wal.spool_max;
+            if let Err(e) = st.save(&m.state_path) {
+                tracing::error!(policy = %policy.name, "{e}");
+            }
+        }
         ((segs.len() - done.len()) as u64, retry)
     }
 
