@@ -243,3 +243,68 @@ fn a_backup_of_a_fleet_takes_every_database_and_db_picks_one() {
     let r = env.dr(&["backup-local", "--db", "a2"]);
     assert_eq!(r.code, 64, "{}", r.stderr);
 }
+
+/// Files under `root` with their modification times.
+fn mtimes(root: &Path) -> Vec<(String, std::time::SystemTime)> {
+    let mut out = Vec::new();
+    for f in common::files_under(root) {
+        if let Ok(m) = std::fs::metadata(root.join(&f)).and_then(|m| m.modified()) {
+            out.push((f, m));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn threads(pid: u32) -> usize {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn idle_databases_cost_a_fixed_set_of_threads_and_write_nothing() {
+    let env = fleet_env();
+    for i in 0..40 {
+        make_db(&env.path(&format!("tenants/t{i:02}.db")), true, 3, 50);
+    }
+    let mut child = replicate(&env);
+    wait_for(&env, "40 bases", 90, || {
+        tenants(&env).iter().filter(|(_, b)| *b > 0).count() == 40
+    });
+    // Each database seals its idle mark a sync_interval after its last
+    // commit; then nothing is due before the heartbeat.
+    std::thread::sleep(Duration::from_secs(4));
+    let state = env.path("state/wal/tenants");
+    let (targets_before, state_before) = (mtimes(&env.path("backups")), mtimes(&state));
+    let n = threads(child.id());
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        mtimes(&env.path("backups")),
+        targets_before,
+        "idle databases write nothing to the target"
+    );
+    assert_eq!(mtimes(&state), state_before, "nor to the state directory");
+    // A fixed pool, not threads per database (40 databases, 3 each before).
+    assert!(
+        n <= 16,
+        "dr replicate runs {n} threads for 40 idle databases"
+    );
+    // One commit is still seen, sealed and shipped within sync_interval.
+    let c = rusqlite::Connection::open(env.path("tenants/t07.db")).expect("open");
+    c.execute_batch("INSERT INTO t(v) VALUES ('late')")
+        .expect("insert");
+    drop(c);
+    let wal = env.path("backups/tenants/t07/wal");
+    let before = common::files_under(&wal).len();
+    wait_for(&env, "the commit shipped", 5, || {
+        common::files_under(&wal).len() > before
+    });
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    assert_eq!(child.wait().expect("wait").code(), Some(0), "{}", log(&env));
+}

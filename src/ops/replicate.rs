@@ -54,6 +54,9 @@ const RESCAN: Duration = Duration::from_secs(30);
 /// Every stream is looked at this often even without a change seen, in
 /// case a change escaped the watcher.
 const FALLBACK: Duration = Duration::from_secs(30);
+/// The watcher reads events at most this often, so a busy writer's
+/// thousands of writes a second cost a few wake-ups.
+const WATCH_BATCH: Duration = Duration::from_millis(10);
 /// Threads that copy committed frames; shipping has its own.
 const CAPTURE_WORKERS: usize = 2;
 const IO_WORKERS: usize = 4;
@@ -1031,8 +1034,8 @@ impl Inner {
         if !done.is_empty() {
             // What is left, for `dr info` and /metrics: an idle stream
             // publishes nothing itself.
-            let left: u64 = segs.iter().map(|s| s.size).sum::<u64>()
-                - done.iter().map(|s| s.size).sum::<u64>();
+            let left: u64 =
+                segs.iter().map(|s| s.size).sum::<u64>() - done.iter().map(|s| s.size).sum::<u64>();
             let mut st = lock(&m.state);
             st.spool_bytes = left;
             st.spool_full = left >= policy.wal.spool_max;
@@ -1201,20 +1204,33 @@ impl Watcher {
                             return;
                         }
                     };
+                    // One event per file per batch: a busy writer modifies
+                    // its WAL thousands of times a second.
+                    let mut paths = std::collections::BTreeSet::new();
+                    let mut overflow = false;
                     for ev in evs {
-                        let sent = if ev.mask.contains(inotify::EventMask::Q_OVERFLOW) {
-                            events.send(Event::Overflow)
-                        } else {
-                            let dir = lock(&seen).get(&ev.wd).cloned();
-                            match (dir, ev.name) {
-                                (Some(d), Some(n)) => events.send(Event::Path(d.join(n))),
-                                _ => Ok(()),
-                            }
-                        };
-                        if sent.is_err() {
-                            return; // the engine is gone
+                        if ev.mask.contains(inotify::EventMask::Q_OVERFLOW) {
+                            overflow = true;
+                        } else if let (Some(d), Some(n)) =
+                            (lock(&seen).get(&ev.wd).cloned(), ev.name)
+                        {
+                            paths.insert(d.join(n));
                         }
                     }
+                    let mut sent = if overflow {
+                        events.send(Event::Overflow)
+                    } else {
+                        Ok(())
+                    };
+                    for p in paths {
+                        sent = sent.and_then(|()| events.send(Event::Path(p)));
+                    }
+                    if sent.is_err() {
+                        return; // the engine is gone
+                    }
+                    // Let the kernel merge repeated events meanwhile: a change
+                    // is still seen well within stream::POLL.
+                    std::thread::sleep(WATCH_BATCH);
                 }
             })
             .ok()?;
