@@ -2,11 +2,14 @@
 against Litestream 0.5.17, side by side in one run (BENCH_ONLY=fleet).
 
 For each N (BENCH_FLEET, default "100 1000") and each tool:
-- idle: N WAL databases, no writes. After a warm-up (BENCH_FLEET_WARMUP,
+- idle: N WAL databases, each committing once 5 s after the tool started
+  (as an application would have), then no writes. After a warm-up (BENCH_FLEET_WARMUP,
   default 25 s at N=100 and 40 s at N=1000) the process's CPU (utime+stime
   from /proc), RSS and threads are read over a window (BENCH_FLEET_WINDOW,
   default 30 s), and the files written to the local target during the
-  window give objects written per idle database per hour.
+  window. With an S3 target (s3s-fs, BENCH_FLEET_S3, default N=100) every
+  request the server answers during a 310 s window (one dr heartbeat
+  period) gives requests per idle database per hour.
 - busy: 10% of the databases commit 20 small transactions a second each
   for 20 s. A commit's lag is the time from its commit until the first
   file written to its database's replica with an mtime at or after it
@@ -132,13 +135,58 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(len(xs) * p / 100))]
 
 
-def run_tool(tool, dr, work, n, ls_bin):
-    base = os.path.join(work, f"fleet-{tool}-{n}")
+class S3:
+    """s3s-fs on loopback, logging every request it serves."""
+
+    def __init__(self, work):
+        import socket
+        self.root = os.path.join(work, "fleet-s3")
+        if os.path.exists(self.root):
+            shutil.rmtree(self.root)
+        os.makedirs(self.root)
+        with socket.socket() as so:
+            so.bind(("127.0.0.1", 0))
+            self.port = so.getsockname()[1]
+        self.ak, self.sk = "fleet-access", "fleet-secret-key-0123456789"
+        self.log = os.path.join(work, "fleet-s3.log")
+        s3fs = shutil.which("s3s-fs") or os.path.expanduser("~/.cargo/bin/s3s-fs")
+        env = dict(os.environ, RUST_LOG="s3s::service=debug", NO_COLOR="1")
+        self.proc = subprocess.Popen([s3fs, "--host", "127.0.0.1", "--port", str(self.port),
+                                      "--access-key", self.ak, "--secret-key", self.sk, self.root],
+                                     stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env)
+        for _ in range(500):
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                time.sleep(0.02)
+
+    def bucket(self, name):
+        os.makedirs(os.path.join(self.root, name), exist_ok=True)
+        return os.path.join(self.root, name)
+
+    def mark(self):
+        return os.path.getsize(self.log)
+
+    def requests(self, start, end):
+        with open(self.log, "rb") as f:
+            f.seek(start)
+            text = f.read(end - start).decode(errors="replace")
+        return text.count("s3s::service: req: Request")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def run_tool(tool, dr, work, n, ls_bin, s3=None):
+    base = os.path.join(work, f"fleet-{tool}-{n}{'-s3' if s3 else ''}")
     if os.path.exists(base):
         shutil.rmtree(base)
     dbdir = os.path.join(base, "tenants")
-    target = os.path.join(base, "replica")
-    os.makedirs(target)
+    bucket = f"fleet-{tool}-{n}"
+    target = s3.bucket(bucket) if s3 else os.path.join(base, "replica")
+    os.makedirs(target, exist_ok=True)
     make_fleet(dbdir, n)
     dbs = sorted(glob.glob(os.path.join(dbdir, "*.db")))
     log = open(os.path.join(base, "log"), "w")
@@ -148,11 +196,19 @@ def run_tool(tool, dr, work, n, ls_bin):
         rec = subprocess.run([dr, "keygen", "--output", key], check=True,
                              capture_output=True, text=True).stdout.strip()
         open(os.path.join(base, "bench.pub"), "w").write(rec + "\n")
+        if s3:
+            for name, val in (("id", s3.ak), ("secret", s3.sk)):
+                p = os.path.join(base, name)
+                open(p, "w").write(val + "\n")
+                os.chmod(p, 0o600)
+            tgt = (f'[targets.t]\nkind = "s3"\nendpoint = "http://127.0.0.1:{s3.port}"\nbucket = "{bucket}"\n'
+                   'path_style = true\naccess_key_id_file = "id"\nsecret_access_key_file = "secret"\n')
+        else:
+            tgt = f'[targets.t]\nkind = "local"\npath = "{target}"\n'
         open(os.path.join(base, "dr.toml"), "w").write(
-            'state_dir = "state"\n[encryption]\nrecipients_file = "bench.pub"\n'
-            f'[targets.local]\nkind = "local"\npath = "{target}"\n')
+            'state_dir = "state"\n[encryption]\nrecipients_file = "bench.pub"\n' + tgt)
         open(os.path.join(base, "policies", "tenants.toml"), "w").write(
-            'name = "tenants"\ntargets = ["local"]\n[source]\nkind = "sqlite"\n'
+            'name = "tenants"\ntargets = ["t"]\n[source]\nkind = "sqlite"\n'
             f'path = "{dbdir}/*.db"\n[wal]\nenabled = true\nsync_interval = "1s"\n')
         cmd = [dr, "--config", os.path.join(base, "dr.toml"), "replicate"]
 
@@ -165,17 +221,39 @@ def run_tool(tool, dr, work, n, ls_bin):
             f.write("dbs:\n")
             for db in dbs:
                 name = os.path.basename(db)[:-3]
-                f.write(f"  - path: {db}\n    replica:\n      url: file://{target}/{name}\n")
+                if s3:
+                    f.write(f"  - path: {db}\n    replica:\n      type: s3\n      bucket: {bucket}\n"
+                            f"      path: {name}\n      endpoint: http://127.0.0.1:{s3.port}\n"
+                            "      region: us-east-1\n      force-path-style: true\n"
+                            f"      access-key-id: {s3.ak}\n      secret-access-key: {s3.sk}\n")
+                else:
+                    f.write(f"  - path: {db}\n    replica:\n      url: file://{target}/{name}\n")
         cmd = [ls_bin, "replicate", "-config", cfg]
 
         def replica_of(db):
             return os.path.join(target, os.path.basename(db)[:-3])
-    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=base)
+    # Litestream's S3 client cannot start with AWS_CA_BUNDLE set ("unable to
+    # add custom RootCAs"); the server is plain HTTP on loopback anyway.
+    env = {k: v for k, v in os.environ.items() if k != "AWS_CA_BUNDLE"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, cwd=base, env=env)
     warm = float(os.environ.get("BENCH_FLEET_WARMUP", 25 if n <= 100 else 40))
+    # Every database commits once after the tool started, as an
+    # application would have: each has a WAL from then on.
+    time.sleep(5)
+    t_commit = time.time()
+    for db in dbs:
+        c = sqlite3.connect(db, isolation_level=None, timeout=30)
+        c.execute("INSERT INTO w(ts, v) VALUES (?, hex(randomblob(100)))", (time.time(),))
+        c.close()
+    warm -= 5 + (time.time() - t_commit)
     window = float(os.environ.get("BENCH_FLEET_WINDOW", 30 if n <= 100 else 20))
-    time.sleep(warm)
+    if s3:
+        # Long enough to hold one heartbeat of every idle dr stream (5 min).
+        window = float(os.environ.get("BENCH_FLEET_S3_WINDOW", 310))
+    time.sleep(max(warm, 5))
     before = files(target)
     c0, _, _ = proc_stats(proc.pid)
+    r0 = s3.mark() if s3 else 0
     t0 = time.time()
     time.sleep(window)
     c1, rss, threads = proc_stats(proc.pid)
@@ -186,6 +264,7 @@ def run_tool(tool, dr, work, n, ls_bin):
         "rss": rss,
         "threads": threads,
         "objects_per_db_hour": written / n * 3600 / elapsed,
+        "requests_per_db_hour": (s3.requests(r0, s3.mark()) / n * 3600 / elapsed) if s3 else None,
     }
     busy_dbs = dbs[: max(1, n // 10)]
     before = files(target)
@@ -211,6 +290,32 @@ def run_tool(tool, dr, work, n, ls_bin):
     }
 
 
+def ratio(a, b):
+    return f"{a / b:.2f}" if b else ("0" if a == 0 else "inf")
+
+
+def s3_rows(dr, work, ls_bin):
+    """Idle requests to an S3 server (s3s-fs), per database and hour."""
+    out = []
+    for n in [int(x) for x in os.environ.get("BENCH_FLEET_S3", "100").split()]:
+        s3 = S3(work)
+        try:
+            res = {}
+            for tool in ("litestream", "dr"):
+                print(f"fleet: {tool}, {n} databases, S3 target ...", file=sys.stderr)
+                res[tool] = run_tool(tool, dr, work, n, ls_bin, s3)
+        finally:
+            s3.stop()
+        (li, lb), (di, db_) = res["litestream"], res["dr"]
+        out += [
+            (f"N={n}, S3 target: idle requests (objects written, read, listed) per db per hour", f"{li['requests_per_db_hour']:.1f}",
+             f"{di['requests_per_db_hour']:.1f}", ratio(di["requests_per_db_hour"], li["requests_per_db_hour"])),
+            (f"N={n}, S3 target: idle CPU (% of a core)", f"{li['cpu']:.2f}", f"{di['cpu']:.2f}", ratio(di["cpu"], li["cpu"])),
+            (f"N={n}, S3 target: busy lag p99 (s)", f"{lb['p99']:.2f}", f"{db_['p99']:.2f}", ratio(db_["p99"], lb["p99"])),
+        ]
+    return out
+
+
 def rows(dr, work):
     ls_bin = litestream_bin(work)
     out = []
@@ -220,20 +325,17 @@ def rows(dr, work):
             print(f"fleet: {tool}, {n} databases ...", file=sys.stderr)
             res[tool] = run_tool(tool, dr, work, n, ls_bin)
         (li, lb), (di, db_) = res["litestream"], res["dr"]
-
-        def ratio(a, b):
-            return f"{a / b:.2f}" if b else ("0" if a == 0 else "inf")
         out += [
             (f"N={n} idle CPU (% of a core)", f"{li['cpu']:.2f}", f"{di['cpu']:.2f}", ratio(di["cpu"], li["cpu"])),
             (f"N={n} idle RSS (MiB)", f"{li['rss']:.0f}", f"{di['rss']:.0f}", ratio(di["rss"], li["rss"])),
             (f"N={n} idle threads", str(li["threads"]), str(di["threads"]), ratio(di["threads"], li["threads"])),
-            (f"N={n} idle objects written per db per hour", f"{li['objects_per_db_hour']:.1f}",
-             f"{di['objects_per_db_hour']:.1f}", ratio(di["objects_per_db_hour"], li["objects_per_db_hour"])),
             (f"N={n} busy CPU, {n // 10} dbs x 20 tx/s (% of a core)", f"{lb['cpu']:.1f}", f"{db_['cpu']:.1f}",
              ratio(db_["cpu"], lb["cpu"])),
             (f"N={n} busy lag p50 (s)", f"{lb['p50']:.2f}", f"{db_['p50']:.2f}", ratio(db_["p50"], lb["p50"])),
             (f"N={n} busy lag p99 (s)", f"{lb['p99']:.2f}", f"{db_['p99']:.2f}", ratio(db_["p99"], lb["p99"])),
         ]
+    if os.environ.get("BENCH_FLEET_S3", "100").strip():
+        out += s3_rows(dr, work, ls_bin)
     return out
 
 

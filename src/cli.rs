@@ -1090,11 +1090,21 @@ fn replicate(config: &Path, names: &[String], exec: Option<&str>, json: bool) ->
     if json {
         print_json(&reports)?;
     } else {
+        // A fleet's idle databases are one line, not a thousand.
+        let many = reports.len() > 10;
+        let mut idle = 0;
         for r in &reports {
+            if many && r.frames == 0 {
+                idle += 1;
+                continue;
+            }
             println!(
                 "{}: generation {}, {} segments, {} frames shipped this run",
                 r.policy, r.generation, r.segments, r.frames
             );
+        }
+        if idle > 0 {
+            println!("{idle} more database(s) streamed with no commit this run");
         }
     }
     match (first_err, app_status) {

@@ -50,10 +50,10 @@ const STABLE: Duration = Duration::from_secs(60);
 const BASE_RETRY: Duration = Duration::from_secs(10);
 /// Fleets are rescanned this often even when their directory is quiet (a
 /// watcher can miss what happens on some filesystems).
-const RESCAN: Duration = Duration::from_secs(30);
+const RESCAN: Duration = Duration::from_secs(60);
 /// Every stream is looked at this often even without a change seen, in
 /// case a change escaped the watcher.
-const FALLBACK: Duration = Duration::from_secs(30);
+const FALLBACK: Duration = Duration::from_secs(60);
 /// The watcher reads events at most this often, so a busy writer's
 /// thousands of writes a second cost a few wake-ups.
 const WATCH_BATCH: Duration = Duration::from_millis(10);
@@ -802,8 +802,12 @@ impl Inner {
                     }
                     match r {
                         Ok(None) => {
-                            *lock(&m.due) = Some(due);
-                            self.timer(due, TimerKind::Due, &name);
+                            // One timer per due time: an idle stream looked at
+                            // again keeps the one it has.
+                            let new = lock(&m.due).replace(due) != Some(due);
+                            if new {
+                                self.timer(due, TimerKind::Due, &name);
+                            }
                             if started.elapsed() >= STABLE {
                                 *lock(&m.backoff) = FIRST_BACKOFF;
                             }
@@ -1011,7 +1015,7 @@ impl Inner {
                 .map(|s| s.first_commit);
             let mut st = lock(&m.state);
             st.targets.insert(t.clone(), cur);
-            if let Err(e) = st.save(&m.state_path) {
+            if let Err(e) = st.save_relaxed(&m.state_path) {
                 tracing::error!(policy = %policy.name, "{e}");
             }
         }
@@ -1039,7 +1043,7 @@ impl Inner {
             let mut st = lock(&m.state);
             st.spool_bytes = left;
             st.spool_full = left >= policy.wal.spool_max;
-            if let Err(e) = st.save(&m.state_path) {
+            if let Err(e) = st.save_relaxed(&m.state_path) {
                 tracing::error!(policy = %policy.name, "{e}");
             }
         }

@@ -100,12 +100,23 @@ impl StreamState {
     }
 
     pub fn save(&self, path: &Path) -> Result<()> {
+        self.write(path, true)
+    }
+
+    /// [`Self::save`] without waiting for the disk: for shipping cursors
+    /// and spool sizes, which a crash may lose (the segments are shipped
+    /// again; a state file lost whole starts a new generation, with a full).
+    pub fn save_relaxed(&self, path: &Path) -> Result<()> {
+        self.write(path, false)
+    }
+
+    fn write(&self, path: &Path, durable: bool) -> Result<()> {
         let tmp = path.with_extension("json.tmp");
         let err = |e| Error::io(format!("cannot write {}", tmp.display()), e);
         let bytes = serde_json::to_vec_pretty(self).map_err(|e| Error::Other(e.to_string()))?;
         let mut f = File::create(&tmp).map_err(err)?;
         f.write_all(&bytes)
-            .and_then(|_| f.sync_all())
+            .and_then(|_| if durable { f.sync_all() } else { Ok(()) })
             .map_err(err)?;
         std::fs::rename(&tmp, path).map_err(err)
     }
@@ -374,6 +385,9 @@ impl Stream {
             Some(prev) => continuation(prev, db_ino, end.as_ref(), db)?,
             None => None,
         };
+        // The second connection is needed again only for a checkpoint: an
+        // idle database holds one connection, not two.
+        drop(gate);
         let now = Instant::now();
         let mut st = Stream {
             policy: policy.clone(),
@@ -383,7 +397,7 @@ impl Stream {
             state_path: state_path.to_path_buf(),
             state: state.clone(),
             reader,
-            gate: Some(gate),
+            gate: None,
             wal_file: None,
             db_ino,
             generation: String::new(),
@@ -446,7 +460,9 @@ impl Stream {
             return Ok(Some(n));
         }
         let was_full = self.full_warned.is_some();
-        let full = if was_full || self.last_spool_check.elapsed() >= sync {
+        // The spool only grows through an open segment: an idle stream
+        // does not list it.
+        let full = if was_full || (self.open.is_some() && self.last_spool_check.elapsed() >= sync) {
             self.last_spool_check = Instant::now();
             self.spool_full()?
         } else {
