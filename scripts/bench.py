@@ -68,17 +68,23 @@ def setup(name, db):
     return d, key, rec
 
 
+def write_table(name, title, head, rows):
+    """A markdown table (under `title`, if any) on stdout and in WORK/name."""
+    lines = ([title, ""] if title else []) + [
+        "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    text = "\n".join(lines) + "\n"
+    open(os.path.join(WORK, name), "w").write(text)
+    print(text)
+
+
 def wal_only():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import bench_wal
     rows = bench_wal.rows(DR, WORK)
     head = ("case", "without dr", "with dr", "ratio", "target", "-", "-")
-    lines = [f"WAL streaming, {os.cpu_count()} cores, sync_interval 1s, local target.", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    text = "\n".join(lines) + "\n"
-    open(os.path.join(WORK, "results-wal.md"), "w").write(text)
-    print(text)
+    write_table("results-wal.md", f"WAL streaming, {os.cpu_count()} cores, sync_interval 1s, local target.",
+                head, rows)
     return rows
 
 
@@ -90,18 +96,14 @@ def main():
     if os.environ.get("BENCH_ONLY") == "fleet":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_fleet
-        bench_fleet.main(DR, WORK)
+        write_table("results-fleet.md", *bench_fleet.table(DR, WORK))
         return
     if os.environ.get("BENCH_ONLY") == "pg":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_pg
         rows = bench_pg.rows(DR, WORK, RUNS)
         head = ("case", "pgBackRest by hand", "through dr", "overhead", "target", "-", "-")
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(r) + " |" for r in rows]
-        text = "\n".join(lines) + "\n"
-        open(os.path.join(WORK, "results-pg.md"), "w").write(text)
-        print(text)
+        write_table("results-pg.md", None, head, rows)
         return
     db = os.path.join(WORK, f"bench-{GIB:g}g.db")
     make_db(db, GIB)

@@ -339,14 +339,10 @@ def rows(dr, work):
     return out
 
 
-def main(dr, work):
+def table(dr, work):
+    """(title, head, rows) of the fleet comparison, for bench.write_table."""
     rs = rows(dr, work)
     head = ("case", f"Litestream {LITESTREAM_VERSION}", "dr", "dr / Litestream")
-    lines = [f"Fleet, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}: one process streams every database "
-             "to a local target (dr: sync_interval 1s, age; Litestream: defaults).", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rs]
-    text = "\n".join(lines) + "\n"
-    open(os.path.join(work, "results-fleet.md"), "w").write(text)
-    print(text)
-    return rs
+    title = (f"Fleet, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}: one process streams every database "
+             "to a local target (dr: sync_interval 1s, age; Litestream: defaults).")
+    return title, head, rs

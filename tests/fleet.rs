@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{Env, dump, make_db};
@@ -26,15 +26,7 @@ fn fleet_env() -> Env {
 }
 
 fn replicate(env: &Env) -> Child {
-    Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["replicate", "--log-level", "debug"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
-        .spawn()
-        .expect("start dr replicate")
+    common::spawn_replicate(env)
 }
 
 fn log(env: &Env) -> String {
@@ -60,6 +52,16 @@ fn tenants(env: &Env) -> Vec<(String, usize)> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The `policy` of each item of a `--json` array.
+fn policies_of(r: &common::Run) -> Vec<String> {
+    r.json()
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v["policy"].as_str().unwrap_or_default().to_string())
+        .collect()
 }
 
 fn wait_for(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
@@ -202,13 +204,7 @@ fn a_fleet_streams_tenants_that_come_and_go_and_one_restores_exactly_at_an_insta
     let r = env
         .dr(&["verify", "tenants", "--identity", &key, "--json"])
         .ok();
-    let drilled: Vec<String> = r
-        .json()
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|v| v["policy"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let drilled = policies_of(&r);
     assert_eq!(drilled, ["tenants/alice", "tenants/bob", "tenants/carol"]);
 }
 
@@ -219,13 +215,7 @@ fn a_backup_of_a_fleet_takes_every_database_and_db_picks_one() {
         make_db(&env.path(&format!("tenants/{n}.db")), true, 10, 100);
     }
     let r = env.dr(&["backup-local", "tenants", "--json"]).ok();
-    let done: Vec<String> = r
-        .json()
-        .as_array()
-        .expect("array")
-        .iter()
-        .map(|v| v["policy"].as_str().unwrap_or_default().to_string())
-        .collect();
+    let done = policies_of(&r);
     assert_eq!(done, ["tenants/a1", "tenants/a2", "tenants/a3"]);
     assert!(
         env.objects()

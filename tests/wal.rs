@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::Env;
@@ -18,15 +18,7 @@ fn writer_script() -> PathBuf {
 
 /// Starts `dr replicate` in the background.
 fn replicate(env: &Env) -> Child {
-    Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["replicate", "--log-level", "debug"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
-        .spawn()
-        .expect("start dr replicate")
+    common::spawn_replicate(env)
 }
 
 /// SIGTERM, then the exit code.

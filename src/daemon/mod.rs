@@ -105,29 +105,19 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
 /// The names a policy's runs are recorded under: its own, or for a fleet,
 /// each of its databases on disk now.
 pub fn run_names(p: &Policy) -> Vec<String> {
-    match &p.fleet {
-        None => vec![p.name.clone()],
-        Some(f) => f
-            .scan()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(n, _)| crate::fleet::member_name(&p.name, &n))
-            .collect(),
-    }
+    ops::members::on_disk(p)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|m| m.name)
+        .collect()
 }
 
 /// Every policy of `cfg` as it runs now: fleets as their databases on disk.
 pub fn policies_now(cfg: &Config) -> Vec<Policy> {
     let mut out = Vec::new();
     for p in &cfg.policies {
-        match &p.fleet {
-            None => out.push(p.clone()),
-            Some(f) => match f.scan() {
-                Ok(dbs) => out.extend(dbs.into_iter().map(|(n, path)| p.member_policy(&n, path))),
-                // Reported as the fleet itself: no run of it succeeds.
-                Err(_) => out.push(p.clone()),
-            },
-        }
+        // A fleet that cannot be listed is reported as itself: no run of it succeeds.
+        out.extend(ops::members::on_disk(p).unwrap_or_else(|_| vec![p.clone()]));
     }
     out
 }
@@ -229,12 +219,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     tracing::info!(listen = %listen, "dr daemon started: /healthz and /metrics");
     let streamers = ops::replicate::Engine::start(
         &ctx,
-        ctx.cfg()
-            .policies
-            .iter()
-            .filter(|p| p.wal.enabled)
-            .cloned()
-            .collect(),
+        ops::replicate::streamed(&ctx),
         ops::replicate::Mode::Supervised,
         shared.streamers.clone(),
     );

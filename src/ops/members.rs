@@ -42,19 +42,10 @@ pub fn select(
         }
         return Ok(out);
     };
-    if let Some((fleet_name, db_name)) = name.split_once('/') {
-        if db.is_some() {
-            return Err(Error::Usage(format!(
-                "'{name}' names one database already: leave out --db"
-            )));
-        }
-        return one(ctx, fleet_name, Some(db_name)).map(|p| vec![p]);
+    if name.contains('/') || db.is_some() {
+        return one(ctx, name, db).map(|p| vec![p]);
     }
-    let p = cfg.policy(name)?;
-    match db {
-        Some(db) => one(ctx, name, Some(db)).map(|p| vec![p]),
-        None => expand(ctx, p, scope),
-    }
+    expand(ctx, cfg.policy(name)?, scope)
 }
 
 /// Exactly one database: a plain policy, or one member of a fleet. A fleet
@@ -99,8 +90,11 @@ pub fn expand(ctx: &Context, p: &Policy, scope: Scope) -> Result<Vec<Policy>> {
     let Some(f) = &p.fleet else {
         return Ok(vec![p.clone()]);
     };
-    let mut names: Vec<String> = match f.scan() {
-        Ok(v) => v.into_iter().map(|(n, _)| n).collect(),
+    let mut names: Vec<String> = match on_disk(p) {
+        Ok(v) => v
+            .into_iter()
+            .filter_map(|m| m.member.map(|m| m.db))
+            .collect(),
         Err(e) if scope == Scope::Stored => {
             tracing::warn!(policy = %p.name, "cannot list {}: {} (listing the backups only)", f.dir.display(), crate::error::io_reason(&e));
             Vec::new()
@@ -137,4 +131,17 @@ pub fn expand(ctx: &Context, p: &Policy, scope: Scope) -> Result<Vec<Policy>> {
         .iter()
         .map(|n| p.member_policy(n, f.path_of(n)))
         .collect())
+}
+
+/// A configured policy as the policies it stands for on disk now: itself,
+/// or one member per matching file (sorted by name).
+pub fn on_disk(p: &Policy) -> std::io::Result<Vec<Policy>> {
+    match &p.fleet {
+        None => Ok(vec![p.clone()]),
+        Some(f) => Ok(f
+            .scan()?
+            .into_iter()
+            .map(|(n, path)| p.member_policy(&n, path))
+            .collect()),
+    }
 }

@@ -170,13 +170,7 @@ impl Engine {
     /// policy changed restart, removed ones stop, unchanged ones keep
     /// running (and keep their generation).
     pub fn apply(&self, ctx: &Context) {
-        let wanted: Vec<Policy> = ctx
-            .cfg()
-            .policies
-            .iter()
-            .filter(|p| p.wal.enabled)
-            .cloned()
-            .collect();
+        let wanted = streamed(ctx);
         if let Ok(mut c) = self.inner.ctx.lock() {
             *c = ctx.clone();
         }
@@ -209,6 +203,16 @@ impl Engine {
         let _ = std::fs::remove_file(self.inner.beat_path());
         std::mem::take(&mut *lock(&self.inner.results))
     }
+}
+
+/// The policies of `ctx`'s configuration that stream their WAL.
+pub fn streamed(ctx: &Context) -> Vec<Policy> {
+    ctx.cfg()
+        .policies
+        .iter()
+        .filter(|p| p.wal.enabled)
+        .cloned()
+        .collect()
 }
 
 /// Streams `policies` until `stop` is set (or, under `dr replicate`,
@@ -495,7 +499,15 @@ impl Inner {
                     Some(d) => PathBuf::from(d),
                     None => p.clone(),
                 };
-                let name = lock(&self.by_db).get(&db).cloned();
+                let (name, known) = {
+                    let by_db = lock(&self.by_db);
+                    (by_db.get(&db).cloned(), by_db.contains_key(&p))
+                };
+                // A database of a fleet removed or renamed away (stat only
+                // for events on a database file itself, not on every WAL write).
+                if known && !p.exists() {
+                    self.rescan.store(true, Ordering::SeqCst);
+                }
                 match name.and_then(|n| self.member(&n)) {
                     Some(m) => self.changed(&m),
                     // A file that may be a new database of a fleet.
@@ -511,10 +523,6 @@ impl Inner {
                             self.rescan.store(true, Ordering::SeqCst);
                         }
                     }
-                }
-                // A database of a fleet removed or renamed away.
-                if !p.exists() && lock(&self.by_db).contains_key(&p) {
-                    self.rescan.store(true, Ordering::SeqCst);
                 }
             }
         }
@@ -579,16 +587,12 @@ impl Inner {
         let policies = lock(&self.policies).clone();
         let mut wanted: BTreeMap<String, (Policy, String)> = BTreeMap::new();
         for p in &policies {
-            let expanded = if p.fleet.is_some() {
-                match members::expand(&ctx, p, Scope::OnDisk) {
-                    Ok(v) => v,
-                    Err(e) => {
-                        tracing::error!(policy = %p.name, "{e}");
-                        continue;
-                    }
+            let expanded = match members::expand(&ctx, p, Scope::OnDisk) {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::error!(policy = %p.name, "{e}");
+                    continue;
                 }
-            } else {
-                vec![p.clone()]
             };
             for m in expanded {
                 let fp = fingerprint(&ctx, &m);

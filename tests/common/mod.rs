@@ -275,3 +275,16 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let code = out.split_whitespace().nth(1)?.parse().ok()?;
     Some((code, out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()))
 }
+
+/// Starts `dr replicate` in the background, its log in `replicate.log`.
+pub fn spawn_replicate(env: &Env) -> std::process::Child {
+    Command::new(dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["replicate", "--log-level", "debug"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
+        .spawn()
+        .expect("start dr replicate")
+}
