@@ -122,6 +122,7 @@ struct RawWal {
     spool_max: Option<Spanned<String>>,
     segment_max: Option<Spanned<String>>,
     checkpoint_pages: Option<Spanned<u32>>,
+    diff_after: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -286,6 +287,36 @@ pub struct Wal {
     pub segment_max: u64,
     /// WAL size (frames) at which dr runs its own PASSIVE checkpoint.
     pub checkpoint_pages: u32,
+    /// When the streamer takes a diff backup on its own, so that a
+    /// point-in-time restore replays a bounded amount of WAL however long
+    /// the stream has run.
+    pub diff_after: DiffAfter,
+}
+
+/// `[wal] diff_after`: how much WAL may pile up after the newest backup
+/// before the streamer takes a diff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiffAfter {
+    /// The larger of 256 MiB and a quarter of the database: a restore
+    /// replays at most that much, and a busy large database is not read
+    /// whole every few minutes.
+    Auto,
+    Bytes(u64),
+    Off,
+}
+
+impl DiffAfter {
+    /// Floor of [`DiffAfter::Auto`].
+    pub const AUTO_MIN: u64 = 256 << 20;
+
+    /// The WAL volume that calls for a diff of a database of `db_size` bytes.
+    pub fn threshold(self, db_size: u64) -> Option<u64> {
+        match self {
+            DiffAfter::Auto => Some(Self::AUTO_MIN.max(db_size / 4)),
+            DiffAfter::Bytes(n) => Some(n),
+            DiffAfter::Off => None,
+        }
+    }
 }
 
 impl Config {
@@ -1052,7 +1083,27 @@ fn check_policy(
         spool_max: 1 << 30,
         segment_max: 16 << 20,
         checkpoint_pages: 1000,
+        diff_after: DiffAfter::Auto,
     };
+    if let Some(s) = &rp.wal.diff_after {
+        match s.get_ref().trim() {
+            "auto" => {}
+            "off" => wal.diff_after = DiffAfter::Off,
+            v => match parse_size(v) {
+                Some(n) if n > 0 => wal.diff_after = DiffAfter::Bytes(n),
+                _ => {
+                    d.at(
+                        s.span(),
+                        format!(
+                            "wal.diff_after '{}' is not a size: write e.g. \"512MiB\", \"auto\" (the default: 256 MiB or a quarter of the database, whichever is larger) or \"off\"",
+                            s.get_ref()
+                        ),
+                    );
+                    ok = false;
+                }
+            },
+        }
+    }
     if let Some(s) = &rp.wal.segment_max {
         match parse_size(s.get_ref()) {
             Some(v) if v > 0 => wal.segment_max = v,

@@ -30,11 +30,21 @@ use crate::storage::{ObjectWriter, Storage};
 /// The chain a backup's page stream is written through.
 type DataWriter = PageWriter<BufWriter<Encoder<Box<dyn ObjectWriter>>>>;
 
+/// A backup the streamer takes on its own: its state in memory (for the
+/// WAL position) and why it takes it, recorded as the manifest's `trigger`.
+#[derive(Clone, Copy)]
+pub struct ByStreamer<'a> {
+    pub state: &'a Mutex<StreamState>,
+    /// `generation`: the base of a new generation; `wal`: the WAL since the
+    /// newest backup passed `wal.diff_after`.
+    pub trigger: &'static str,
+}
+
 /// Backs up the SQLite database `db` of `policy` to `target`, then expires
 /// by the policy's retention. A streamed policy's backup records its WAL
-/// position: from `stream` when the streamer itself takes it (a new
-/// generation's base, state handed over in memory), else from the state
-/// file of the streamer on this host, if any.
+/// position: from `stream` when the streamer itself takes it (state handed
+/// over in memory), else from the state file of the streamer on this host,
+/// if any.
 pub fn backup(
     ctx: &Context,
     policy: &Policy,
@@ -42,8 +52,9 @@ pub fn backup(
     target: &Target,
     kind: Option<BackupType>,
     progress: &dyn Progress,
-    stream: Option<&Mutex<StreamState>>,
+    by_streamer: Option<ByStreamer<'_>>,
 ) -> Result<BackupReport> {
+    let stream = by_streamer.map(|b| b.state);
     let started = Instant::now();
     let store = ctx.storage(target)?;
     let sealing = ctx.sealing(policy)?;
@@ -93,7 +104,7 @@ pub fn backup(
         encryption: encryption_word(policy).into(),
         recipients: sealing.fingerprints(),
         objects: written.objects,
-        trigger: stream.map(|_| "generation".to_string()),
+        trigger: by_streamer.map(|b| b.trigger.to_string()),
     };
     commit(store.as_ref(), &policy.name, lease.as_mut(), &manifest)?;
     tracing::info!(policy = %policy.name, target = %target.name, %label, "committed");

@@ -98,6 +98,11 @@ pub struct BackupInfo {
     pub archive_start: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_stop: Option<String>,
+    /// Why dr took it on its own: `generation` (the base of a new WAL
+    /// generation) or `wal` (the WAL since the newest backup passed
+    /// `wal.diff_after`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
 }
 
 /// A PostgreSQL policy's backups on one target, from pgBackRest's own info.
@@ -131,6 +136,7 @@ pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -
                 .then(|| "pgBackRest reports errors in this backup".to_string()),
             archive_start: b.archive_start,
             archive_stop: b.archive_stop,
+            trigger: None,
         });
     }
     l
@@ -184,6 +190,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                     error: None,
                     archive_start: None,
                     archive_stop: None,
+                    trigger: m.trigger.clone(),
                 }
             }),
             Err(e) => ti.backups.push(BackupInfo {
@@ -198,6 +205,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                 error: Some(e.to_string()),
                 archive_start: None,
                 archive_stop: None,
+                trigger: None,
             }),
         }
     }

@@ -255,6 +255,8 @@ enum Job {
     Step(Arc<Member>),
     Ship(Arc<Member>),
     Base(Arc<Member>),
+    /// The WAL since the newest backup passed `wal.diff_after`.
+    Diff(Arc<Member>),
     /// Ship what is left after the stream stopped, then the member is done.
     Drain(Arc<Member>),
 }
@@ -348,6 +350,10 @@ struct Member {
     shipping: Mutex<Option<Shipping>>,
     /// The generation whose base backups are still missing, and where.
     base: Mutex<Option<(String, Vec<String>)>>,
+    /// A diff for `wal.diff_after` is queued or running.
+    diffing: AtomicBool,
+    /// No diff before then: the last one failed.
+    diff_retry: Mutex<Option<Instant>>,
     report: Mutex<StreamReport>,
     result: Mutex<Option<Result<()>>>,
     /// A step is queued (no second one is queued meanwhile).
@@ -675,6 +681,8 @@ impl Inner {
                 }),
                 shipping: Mutex::new(None),
                 base: Mutex::new(None),
+                diffing: AtomicBool::new(false),
+                diff_retry: Mutex::new(None),
                 result: Mutex::new(None),
                 queued: AtomicBool::new(false),
                 ship_queued: AtomicBool::new(false),
@@ -729,6 +737,7 @@ impl Inner {
                     self.timer(Instant::now() + BASE_RETRY, TimerKind::Base, &m.policy.name);
                 }
             }
+            Job::Diff(m) => self.diff_pass(&m),
             Job::Drain(m) => self.drain(&m),
         }
     }
@@ -797,6 +806,9 @@ impl Inner {
                     if let Some(g) = stream.take_wants_base() {
                         *lock(&m.base) = Some((g, m.policy.targets.clone()));
                         self.io.push(Job::Base(m.clone()));
+                    }
+                    if sealed && self.diff_due(m, stream) {
+                        self.io.push(Job::Diff(m.clone()));
                     }
                     *lock(&m.report) = stream.report().clone();
                     let due = stream.next_due();
@@ -1118,6 +1130,76 @@ impl Inner {
         !still.is_empty()
     }
 
+    /// Whether the WAL read since the newest backup passed the policy's
+    /// `wal.diff_after`: then a diff bounds what a point-in-time restore
+    /// replays. Marks the diff as queued when it is due.
+    fn diff_due(&self, m: &Member, stream: &Stream) -> bool {
+        if m.diffing.load(Ordering::SeqCst)
+            || m.stopping.load(Ordering::SeqCst)
+            || lock(&m.base).is_some()
+            || lock(&m.diff_retry).is_some_and(|t| Instant::now() < t)
+        {
+            return false;
+        }
+        let Some((generation, seq, page_size)) = stream.position() else {
+            return false;
+        };
+        let based = {
+            let mut st = lock(&m.state);
+            match &st.based {
+                Some((g, s)) if g == generation => *s,
+                // A generation just started (its base is being taken) or
+                // one from before dr kept this: count from here.
+                _ => {
+                    st.based = Some((generation.to_string(), seq));
+                    return false;
+                }
+            }
+        };
+        let wal = seq.saturating_sub(based) * u64::from(page_size);
+        let db_size = std::fs::metadata(&m.db).map_or(0, |md| md.len());
+        let due = m
+            .policy
+            .wal
+            .diff_after
+            .threshold(db_size)
+            .is_some_and(|t| wal >= t);
+        if due {
+            m.diffing.store(true, Ordering::SeqCst);
+        }
+        due
+    }
+
+    /// Takes the diff [`Self::diff_due`] asked for on every target. The
+    /// stream goes on meanwhile; once every target has it, the WAL before
+    /// it no longer counts.
+    fn diff_pass(&self, m: &Member) {
+        let from = {
+            let st = lock(&m.state);
+            (st.generation.clone(), st.seq_base + st.frame)
+        };
+        let mut failed = false;
+        for t in &m.policy.targets {
+            if m.stopping.load(Ordering::SeqCst) {
+                failed = true;
+                break;
+            }
+            match streamer_backup(&m.ctx, &m.policy, &m.db, &m.state, t, repo::BackupType::Diff, "wal") {
+                Ok(label) => tracing::info!(policy = %m.policy.name, target = %t, %label, "the WAL since the newest backup passed wal.diff_after: diff committed (point-in-time restores replay from it)"),
+                Err(e) => {
+                    tracing::error!(policy = %m.policy.name, target = %t, "the diff for wal.diff_after failed: {e} (retrying in {} s)", BASE_RETRY.as_secs());
+                    failed = true;
+                }
+            }
+        }
+        if failed {
+            *lock(&m.diff_retry) = Some(Instant::now() + BASE_RETRY);
+        } else {
+            lock(&m.state).based = Some(from);
+        }
+        m.diffing.store(false, Ordering::SeqCst);
+    }
+
     /// Stops every member and waits until each has shipped what it could.
     fn drain_all(&self) {
         let members: Vec<Arc<Member>> = lock(&self.members).values().cloned().collect();
@@ -1167,18 +1249,42 @@ fn base_one(
     if has {
         return Ok(());
     }
+    let label = streamer_backup(
+        ctx,
+        policy,
+        db,
+        state,
+        target,
+        repo::BackupType::Full,
+        "generation",
+    )?;
+    tracing::info!(policy = %policy.name, target = %target, %label, generation, "generation base committed");
+    Ok(())
+}
+
+/// A backup the streamer takes on its own (`trigger` says why), under the
+/// policy's backup lock, its WAL position from the state in memory.
+fn streamer_backup(
+    ctx: &Context,
+    policy: &Policy,
+    db: &Path,
+    state: &Mutex<StreamState>,
+    target: &str,
+    kind: repo::BackupType,
+    trigger: &'static str,
+) -> Result<String> {
+    let t = ctx.cfg().target(target)?;
     let _lock = super::source::lock(ctx, policy, t, "backup", Duration::from_secs(600))?;
     let r = super::backup::backup(
         ctx,
         policy,
         db,
         t,
-        Some(repo::BackupType::Full),
+        Some(kind),
         &Silent,
-        Some(state),
+        Some(super::backup::ByStreamer { state, trigger }),
     )?;
-    tracing::info!(policy = %policy.name, target = %target, label = %r.label, generation, "generation base committed");
-    Ok(())
+    Ok(r.label)
 }
 
 /// inotify on the directories that hold streamed databases: one watch per

@@ -77,6 +77,11 @@ pub struct StreamState {
     /// When the streamer stopped (on a signal or an error), if it did.
     #[serde(default)]
     pub stopped: Option<DateTime<Utc>>,
+    /// The generation and WAL sequence of the newest backup the streamer
+    /// knows of: the WAL after it is what a point-in-time restore replays,
+    /// and `wal.diff_after` bounds it.
+    #[serde(default)]
+    pub based: Option<(String, u64)>,
 }
 
 /// How far one target has been shipped.
@@ -444,6 +449,13 @@ impl Stream {
     /// Whether a segment was sealed since the last call (the shipper has work).
     pub fn take_sealed(&mut self) -> bool {
         std::mem::take(&mut self.sealed)
+    }
+
+    /// The generation, the sequence of the last frame read, and the page
+    /// size: how much WAL the stream holds past a backup.
+    pub fn position(&self) -> Option<(&str, u64, u32)> {
+        let c = self.cursor.as_ref()?;
+        Some((&self.generation, self.seq(), c.header.page_size))
     }
 
     /// The generation that needs a base backup, once per request.
