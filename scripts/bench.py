@@ -98,6 +98,11 @@ def main():
         import bench_fleet
         write_table("results-fleet.md", *bench_fleet.table(DR, WORK))
         return
+    if os.environ.get("BENCH_ONLY") == "pitr":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_pitr
+        write_table("results-pitr.md", *bench_pitr.table(DR, WORK))
+        return
     if os.environ.get("BENCH_ONLY") == "pg":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_pg

@@ -1,0 +1,182 @@
+"""Restore after long write bursts: dr against Litestream 0.5.17, side by
+side in one run (BENCH_ONLY=pitr; also part of the full bench).
+
+A BENCH_PITR_GIB (default 1) GiB WAL database, one copy per tool. Each tool
+streams its copy to a local directory (dr: `dr replicate`, `[wal]
+sync_interval = "1s"`, `diff_after` at its default, age; Litestream:
+`litestream replicate DB file:///DIR`, defaults) while the same writer
+updates 10 random rows a transaction, 200 transactions a second, for
+each burst length in BENCH_PITR_BURSTS (default "20 60" seconds: the WAL
+written grows threefold). Then the tool stops and its restore of the
+newest state is timed; the restored table must equal the source's.
+
+What it shows: a restore's time follows what it needs (the database and
+the WAL after the newest backup), not how long the stream has run.
+"""
+import glob
+import hashlib
+import os
+import random
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+from bench_fleet import LITESTREAM_VERSION, litestream_bin  # noqa: E402
+
+GIB = float(os.environ.get("BENCH_PITR_GIB", "1"))
+BURSTS = [int(x) for x in os.environ.get("BENCH_PITR_BURSTS", "20 60").split()]
+RATE = 200
+ROWS_PER_TX = 10
+
+
+def table_digest(db):
+    h = hashlib.sha256()
+    c = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    for row in c.execute("SELECT id, name, payload, n FROM t ORDER BY id"):
+        h.update(repr(row).encode())
+    c.close()
+    return h.hexdigest()
+
+
+def write_burst(db, seconds, seed):
+    """Updates random rows at RATE transactions a second; returns the count."""
+    rnd = random.Random(seed)
+    c = sqlite3.connect(db, isolation_level=None, timeout=30)
+    c.execute("PRAGMA synchronous=NORMAL")
+    rows = c.execute("SELECT max(id) FROM t").fetchone()[0]
+    start, n = time.time(), 0
+    while time.time() - start < seconds:
+        c.execute("BEGIN")
+        for _ in range(ROWS_PER_TX):
+            c.execute("UPDATE t SET n = n + 1, payload = hex(randomblob(150)) || ' status=active region=eu-west-1' WHERE id = ?",
+                      (rnd.randint(1, rows),))
+        c.execute("COMMIT")
+        n += 1
+        delay = start + n / RATE - time.time()
+        if delay > 0:
+            time.sleep(delay)
+    c.close()
+    return n
+
+
+def stop(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+def run_dr(dr, base, src, seconds):
+    db = os.path.join(base, "app.db")
+    shutil.copy(src, db)
+    d, key, _ = bench.setup("pitr-dr", db)
+    policy = os.path.join(d, "policies", "bench.toml")
+    with open(policy, "a") as f:
+        f.write('[wal]\nenabled = true\nsync_interval = "1s"\n')
+    cfg = os.path.join(d, "dr.toml")
+    log = open(os.path.join(base, "dr.log"), "w")
+    p = subprocess.Popen([dr, "-c", cfg, "replicate"], stdout=log, stderr=log)
+    # The generation's base full must be on the target before the burst.
+    deadline = time.time() + 300
+    while not glob_any(os.path.join(d, "backups", "bench", "backup", "*", "manifest*")):
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"dr took no base backup: see {log.name}")
+        time.sleep(0.2)
+    n = write_burst(db, seconds, 1)
+    time.sleep(3)
+    stop(p)
+    want = table_digest(db)
+    out = os.path.join(base, "dr.restored.db")
+    w, rss, _ = bench.timed(f"rm -f '{out}' && '{dr}' -c '{cfg}' restore-local bench --to '{out}' --identity '{key}' --force")
+    ok = table_digest(out) == want
+    stored = dir_size(os.path.join(d, "backups"))
+    diffs = len(glob_any(os.path.join(d, "backups", "bench", "backup", "*D", "manifest*")))
+    shutil.rmtree(d)
+    for p_ in (db, out):
+        for f in (p_, p_ + "-wal", p_ + "-shm"):
+            if os.path.exists(f):
+                os.remove(f)
+    return w, rss, ok, n, stored, diffs
+
+
+def run_litestream(ls, base, src, seconds):
+    db = os.path.join(base, "ls.db")
+    shutil.copy(src, db)
+    replica = os.path.join(base, "ls-replica")
+    shutil.rmtree(replica, ignore_errors=True)
+    log = open(os.path.join(base, "litestream.log"), "w")
+    p = subprocess.Popen([ls, "replicate", db, f"file://{replica}"], stdout=log, stderr=log)
+    # Its first snapshot must be written before the burst.
+    deadline = time.time() + 300
+    while dir_size(replica) < 1 << 20:
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"Litestream wrote no snapshot: see {log.name}")
+        time.sleep(0.2)
+    time.sleep(2)
+    n = write_burst(db, seconds, 1)
+    time.sleep(3)
+    stop(p)
+    want = table_digest(db)
+    out = os.path.join(base, "ls.restored.db")
+    w, rss, _ = bench.timed(f"rm -f '{out}' && '{ls}' restore -o '{out}' 'file://{replica}'")
+    ok = table_digest(out) == want
+    stored = dir_size(replica)
+    shutil.rmtree(replica)
+    for p_ in (db, out):
+        for f in (p_, p_ + "-wal", p_ + "-shm"):
+            if os.path.exists(f):
+                os.remove(f)
+    return w, rss, ok, n, stored
+
+
+def glob_any(pattern):
+    return glob.glob(pattern)
+
+
+def dir_size(root):
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            try:
+                total += os.path.getsize(os.path.join(dirpath, n))
+            except FileNotFoundError:
+                pass
+    return total
+
+
+def rows(dr, work):
+    ls = litestream_bin(work)
+    base = os.path.join(work, "pitr")
+    os.makedirs(base, exist_ok=True)
+    src = os.path.join(work, f"bench-{GIB:g}g.db")
+    bench.make_db(src, GIB)
+    out = []
+    for seconds in BURSTS:
+        lw, lrss, lok, ln, lstored = run_litestream(ls, base, src, seconds)
+        dw, drss, dok, dn, dstored, diffs = run_dr(dr, base, src, seconds)
+        if not (lok and dok):
+            raise SystemExit(f"a restore differs from its source (Litestream ok={lok}, dr ok={dok})")
+        print(f"burst {seconds}s: Litestream {lw:.2f}s ({ln} tx), dr {dw:.2f}s ({dn} tx, {diffs} diffs)",
+              file=sys.stderr)
+        out.append((f"restore of the newest state after a {seconds} s burst ({RATE} tx/s x {ROWS_PER_TX} random rows)",
+                    f"{lw:.2f} s", f"{dw:.2f} s", f"{dw / lw:.2f}x", "<= 0.50x",
+                    f"{lrss:.0f} MiB", f"{drss:.0f} MiB"))
+        out.append((f"stored after the {seconds} s burst (dr: {diffs} diffs taken by diff_after)",
+                    f"{lstored / 1048576:.0f} MiB", f"{dstored / 1048576:.0f} MiB",
+                    f"{dstored / max(lstored, 1):.2f}x", "-", "-", "-"))
+    return out
+
+
+def table(dr, work):
+    head = ("case", f"Litestream {LITESTREAM_VERSION}", "dr", "dr / Litestream", "target",
+            "Litestream peak RSS", "dr peak RSS")
+    title = (f"Restore after write bursts, {GIB:g} GiB database, local replica, both tools "
+             "in one run (dr: sync_interval 1s, diff_after auto, age; Litestream: defaults).")
+    return title, head, rows(dr, work)
