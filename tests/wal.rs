@@ -844,5 +844,8 @@ fn a_long_stream_takes_diffs_so_a_restore_replays_a_bounded_amount_of_wal() {
         "{rep}; diffs {diffs:?}"
     );
     let replayed = rep["wal"]["transactions"].as_u64().unwrap_or(u64::MAX);
-    assert!(replayed < 12 * 80, "{replayed} transactions replayed: {rep}");
+    assert!(
+        replayed < 12 * 80,
+        "{replayed} transactions replayed: {rep}"
+    );
 }

@@ -1184,8 +1184,18 @@ impl Inner {
                 failed = true;
                 break;
             }
-            match streamer_backup(&m.ctx, &m.policy, &m.db, &m.state, t, repo::BackupType::Diff, "wal") {
-                Ok(label) => tracing::info!(policy = %m.policy.name, target = %t, %label, "the WAL since the newest backup passed wal.diff_after: diff committed (point-in-time restores replay from it)"),
+            match streamer_backup(
+                &m.ctx,
+                &m.policy,
+                &m.db,
+                &m.state,
+                t,
+                repo::BackupType::Diff,
+                "wal",
+            ) {
+                Ok(label) => {
+                    tracing::info!(policy = %m.policy.name, target = %t, %label, "the WAL since the newest backup passed wal.diff_after: diff committed (point-in-time restores replay from it)")
+                }
                 Err(e) => {
                     tracing::error!(policy = %m.policy.name, target = %t, "the diff for wal.diff_after failed: {e} (retrying in {} s)", BASE_RETRY.as_secs());
                     failed = true;

@@ -60,16 +60,24 @@ struct Coalesce<'f> {
     file: &'f File,
     start: u64,
     buf: Vec<u8>,
+    /// Bytes written since the last head start of the writeback.
+    unsent: u64,
+    writeback: Option<std::thread::JoinHandle<()>>,
 }
 
 impl<'f> Coalesce<'f> {
     const CAP: usize = 1 << 20;
+    /// How much is written before it is sent on to the disk: the
+    /// restore's closing fsync then waits for little.
+    const WRITEBACK: u64 = 32 << 20;
 
     fn new(file: &'f File) -> Self {
         Coalesce {
             file,
             start: 0,
             buf: Vec::with_capacity(Self::CAP),
+            unsent: 0,
+            writeback: None,
         }
     }
 
@@ -87,9 +95,37 @@ impl<'f> Coalesce<'f> {
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.start)?;
             self.start += self.buf.len() as u64;
+            self.unsent += self.buf.len() as u64;
             self.buf.clear();
+            if self.unsent >= Self::WRITEBACK {
+                self.unsent = 0;
+                start_writeback(self.file, &mut self.writeback);
+            }
         }
         Ok(())
+    }
+}
+
+/// Has a helper thread write the file's dirty pages to disk while the
+/// restore goes on, unless the one before is still at it: with gigabytes of
+/// page cache, Linux would otherwise hold a whole restored database dirty
+/// until the closing fsync, which then writes it all while nothing else
+/// happens. Only a head start: the fsync before the rename is what makes
+/// the restore durable, so a failure here is left for it to report.
+fn start_writeback(file: &File, running: &mut Option<std::thread::JoinHandle<()>>) {
+    if running.as_ref().is_some_and(|h| !h.is_finished()) {
+        return;
+    }
+    if let Some(h) = running.take() {
+        let _ = h.join();
+    }
+    if let Ok(f) = file.try_clone() {
+        *running = std::thread::Builder::new()
+            .name("dr-writeback".into())
+            .spawn(move || {
+                let _ = f.sync_data();
+            })
+            .ok();
     }
 }
 
