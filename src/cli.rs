@@ -975,8 +975,17 @@ fn healthcheck(config: &Path, timeout: u64) -> Result<()> {
         .http_status_as_error(false)
         .build()
         .into();
-    let mut resp = agent
-        .get(&url)
+    let mut req = agent.get(&url);
+    // With the token the daemon names what is wrong, not only that it is.
+    if let Some(f) = &cfg.daemon_token_file {
+        use age::secrecy::ExposeSecret;
+        let token = crate::secret::read_secret(f)?;
+        req = req.header(
+            "Authorization",
+            &format!("Bearer {}", token.expose_secret()),
+        );
+    }
+    let mut resp = req
         .call()
         .map_err(|e| Error::Other(format!("the daemon does not answer at {url}: {e}")))?;
     let status = resp.status().as_u16();

@@ -68,6 +68,7 @@ struct RawTarget {
 #[derive(Debug, Default, Deserialize)]
 struct RawDaemon {
     listen: Option<Spanned<String>>,
+    token_file: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
 }
 
@@ -142,6 +143,10 @@ pub struct Config {
     pub targets: BTreeMap<String, Target>,
     pub policies: Vec<Policy>,
     pub daemon_listen: String,
+    /// `[daemon] token_file`: `/metrics` and `/healthz`'s detail then need
+    /// `Authorization: Bearer <token>`. Read at each request, so a rotated
+    /// token counts at once.
+    pub daemon_token_file: Option<PathBuf>,
     pub notify: Notify,
 }
 
@@ -489,6 +494,8 @@ pub fn load(path: &Path) -> Result<Config> {
         })
         .unwrap_or_else(|| "127.0.0.1:9187".to_string());
 
+    let daemon_token_file = raw.daemon.token_file.as_ref().map(|f| resolve(f.get_ref()));
+
     let zone = match &raw.daemon.timezone {
         Some(z) => match z.get_ref().parse::<chrono_tz::Tz>() {
             Ok(tz) => tz,
@@ -595,6 +602,7 @@ pub fn load(path: &Path) -> Result<Config> {
             targets,
             policies,
             daemon_listen,
+            daemon_token_file,
             notify,
         })
     } else {

@@ -88,6 +88,7 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
         "s3_secret_access_key",
         "backup_recipient",
         "backup.key",
+        "metrics_token",
     ] {
         use std::os::unix::fs::PermissionsExt;
         let m = std::fs::metadata(secrets.join(s)).expect(s);
@@ -228,6 +229,15 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
         );
         std::thread::sleep(Duration::from_millis(500));
     }
+    // /metrics answers Prometheus with the metrics_token, nobody else.
+    let token = std::fs::read_to_string(secrets.join("metrics_token")).expect("token");
+    let auth = format!("Authorization: Bearer {}\r\n", token.trim());
+    assert_eq!(common::http_get(port, "/metrics").map(|r| r.0), Some(401));
+    let (code, body) = common::http_get_with(port, "/metrics", &auth).expect("metrics");
+    assert!(
+        code == 200 && body.contains("dr_build_info"),
+        "{code} {body}"
+    );
     let _ = Command::new("kill")
         .args(["-TERM", &daemon.id().to_string()])
         .status();

@@ -483,3 +483,87 @@ fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
     );
     assert!(m.ends_with("# EOF\n"), "OpenMetrics text, whole: {m}");
 }
+
+#[test]
+fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about() {
+    let env = Env::new("");
+    common::make_db(&env.db, true, 50, 500);
+    let token = "s3cr3t-metrics-token-7f1d";
+    let token_file = env.path("metrics.token");
+    std::fs::write(&token_file, format!("{token}\n")).expect("token");
+    std::fs::set_permissions(
+        &token_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .expect("chmod");
+    let port = common::s3::free_port();
+    let base = std::fs::read_to_string(env.config()).expect("cfg");
+    std::fs::write(
+        env.config(),
+        format!(
+            "{base}[daemon]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            token_file.display()
+        ),
+    )
+    .expect("cfg");
+    let daemon = start(&env);
+    wait_for("the endpoint", 20, || get(port, "/healthz").is_some());
+    // No token, a wrong one: 401, and nothing of the metrics.
+    let (code, body) = get(port, "/metrics").expect("answer");
+    assert_eq!(code, 401, "{body}");
+    assert!(!body.contains("dr_"), "{body}");
+    let wrong =
+        common::http_get_with(port, "/metrics", "Authorization: Bearer nope\r\n").expect("answer");
+    assert_eq!(wrong.0, 401);
+    // The right one: the metrics.
+    let auth = format!("Authorization: Bearer {token}\r\n");
+    let (code, body) = common::http_get_with(port, "/metrics", &auth).expect("answer");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("dr_"), "{body}");
+    // /healthz stays open for probes, without detail.
+    let (_, body) = get(port, "/healthz").expect("answer");
+    assert!(
+        body.contains("status") && !body.contains("problems"),
+        "{body}"
+    );
+    // A rotated token counts at once; the old one no longer does.
+    std::fs::write(&token_file, "rotated-token-22\n").expect("rotate");
+    assert_eq!(
+        common::http_get_with(port, "/metrics", &auth)
+            .expect("answer")
+            .0,
+        401
+    );
+    assert_eq!(
+        common::http_get_with(
+            port,
+            "/metrics",
+            "Authorization: Bearer rotated-token-22\r\n"
+        )
+        .expect("answer")
+        .0,
+        200
+    );
+    sigterm_exits_zero_quickly(daemon);
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    assert!(
+        !log.contains(token) && !log.contains("rotated-token-22"),
+        "a token reached the log: {log}"
+    );
+
+    // Listening beyond loopback without a token: the daemon says so.
+    let port = common::s3::free_port();
+    std::fs::write(
+        env.config(),
+        format!("{base}[daemon]\nlisten = \"0.0.0.0:{port}\"\n"),
+    )
+    .expect("cfg");
+    let daemon = start(&env);
+    wait_for("the endpoint", 20, || get(port, "/healthz").is_some());
+    sigterm_exits_zero_quickly(daemon);
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    assert!(
+        log.contains("reachable from the network") && log.contains("token_file"),
+        "{log}"
+    );
+}

@@ -347,6 +347,58 @@ pub fn metrics(shared: &Shared) -> Result<String> {
     Ok(out)
 }
 
+/// What a request may see.
+enum Access {
+    Granted,
+    Denied,
+    /// A token is configured but cannot be read: nothing is served.
+    Broken,
+}
+
+/// Checks the request's bearer token against `[daemon] token_file`, read
+/// now (a rotated token counts at once). No token configured: all is open,
+/// and the daemon warned at start when that reaches past loopback.
+fn access(shared: &Shared, req: &tiny_http::Request) -> Access {
+    let file = match shared.ctx.read() {
+        Ok(ctx) => ctx.cfg().daemon_token_file.clone(),
+        Err(_) => return Access::Broken,
+    };
+    let Some(file) = file else {
+        return Access::Granted;
+    };
+    let want = match crate::secret::read_secret(&file) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!("refusing /metrics: {e}");
+            return Access::Broken;
+        }
+    };
+    let given = req
+        .headers()
+        .iter()
+        .find(|h| h.field.equiv("Authorization"))
+        .and_then(|h| h.value.as_str().strip_prefix("Bearer "))
+        .map(str::trim);
+    use age::secrecy::ExposeSecret;
+    match given {
+        Some(g) if same(g.as_bytes(), want.expose_secret().as_bytes()) => Access::Granted,
+        _ => Access::Denied,
+    }
+}
+
+/// Compares without stopping at the first difference, so the time taken
+/// says nothing about how much of a guess was right.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Whether `listen` reaches only this host.
+pub fn loopback_only(listen: &str) -> bool {
+    listen
+        .parse::<std::net::SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback())
+}
+
 /// Serves the endpoint on its own thread; the returned server stops with `unblock`.
 pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>> {
     let server = Arc::new(tiny_http::Server::http(listen).map_err(|e| {
@@ -357,8 +409,26 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
     let srv = server.clone();
     std::thread::spawn(move || {
         for req in srv.incoming_requests() {
-            let (code, body, kind) = match req.url() {
-                "/healthz" => match problems(&shared) {
+            let access = access(&shared, &req);
+            let (code, body, kind) = match (req.url(), access) {
+                (_, Access::Broken) => (
+                    500,
+                    "the token file cannot be read: see dr's log\n".to_string(),
+                    "text/plain",
+                ),
+                ("/healthz", Access::Denied) => match problems(&shared) {
+                    // Without the token, the status and no detail: names of
+                    // policies and targets stay private.
+                    Ok(p) if p.is_empty() => {
+                        (200, "{\"status\":\"ok\"}".to_string(), "application/json")
+                    }
+                    Ok(_) | Err(_) => (
+                        503,
+                        "{\"status\":\"unhealthy\"}".to_string(),
+                        "application/json",
+                    ),
+                },
+                ("/healthz", Access::Granted) => match problems(&shared) {
                     Ok(p) if p.is_empty() => {
                         (200, "{\"status\":\"ok\"}".to_string(), "application/json")
                     }
@@ -373,7 +443,13 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
                         "application/json",
                     ),
                 },
-                "/metrics" => match metrics(&shared) {
+                ("/metrics", Access::Denied) => (
+                    401,
+                    "the metrics need `Authorization: Bearer <token>` ([daemon] token_file)\n"
+                        .to_string(),
+                    "text/plain",
+                ),
+                ("/metrics", Access::Granted) => match metrics(&shared) {
                     Ok(m) => (
                         200,
                         m,
@@ -390,6 +466,12 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
             let header = tiny_http::Header::from_bytes(&b"Content-Type"[..], kind.as_bytes());
             let mut resp = tiny_http::Response::from_string(body).with_status_code(code);
             if let Ok(h) = header {
+                resp = resp.with_header(h);
+            }
+            if code == 401
+                && let Ok(h) =
+                    tiny_http::Header::from_bytes(&b"WWW-Authenticate"[..], &b"Bearer"[..])
+            {
                 resp = resp.with_header(h);
             }
             let _ = req.respond(resp);

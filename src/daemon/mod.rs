@@ -215,6 +215,18 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         streamers: Arc::new(Mutex::new(Default::default())),
     });
     let listen = ctx.cfg().daemon_listen.clone();
+    match &ctx.cfg().daemon_token_file {
+        // Checked now: a token that cannot be read fails the start, not
+        // the first scrape.
+        Some(f) => {
+            crate::secret::read_secret(f)?;
+        }
+        None if !http::loopback_only(&listen) => tracing::warn!(
+            listen = %listen,
+            "daemon.listen is reachable from the network and /metrics and /healthz's detail are open to anyone who can reach it: set [daemon] token_file (Prometheus: authorization.credentials_file) or listen on 127.0.0.1"
+        ),
+        None => {}
+    }
     let server = http::serve(&listen, shared.clone())?;
     tracing::info!(listen = %listen, "dr daemon started: /healthz and /metrics");
     let streamers = ops::replicate::Engine::start(
