@@ -106,6 +106,11 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
     {
         f.error(main, "identity_file", e.to_string());
     }
+    if let Some(token) = &cfg.daemon_token_file
+        && let Err(e) = crate::secret::read_secret(token)
+    {
+        f.error(main, "daemon.token_file", e.to_string());
+    }
     for t in cfg.targets.values() {
         match &t.kind {
             TargetKind::Local { path } => {
