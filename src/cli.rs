@@ -322,6 +322,20 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the audit log (state_dir/audit.log): every restore, verify,
+    /// expire (each backup removed), backup, pg setup, config reload, key or
+    /// secret file loaded, lease taken over and refused or failed command,
+    /// one line each with time, host, uid, command, policy, target, labels
+    /// and result. Secrets are never in it.
+    Audit {
+        /// Only entries at or after this instant (RFC 3339, `2026-12-01`,
+        /// or a duration back from now: `24h`, `7d`).
+        #[arg(long, value_name = "WHEN")]
+        since: Option<String>,
+        /// One JSON object per line, as stored.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script: `dr completions bash > /etc/bash_completion.d/dr`.
     Completions {
         /// bash, zsh, fish, elvish or powershell.
@@ -484,8 +498,23 @@ fn filter(kind: Option<&'static str>, name: Option<&String>) -> TargetFilter {
     }
 }
 
-/// Runs a parsed command line.
+/// Runs a parsed command line. A refused or failed command is in the
+/// audit log (once a configuration named its state directory).
 pub fn run(cli: Cli) -> Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    crate::audit::set_command(&argv.join(" "));
+    let r = run_command(cli);
+    if let Err(e) = &r {
+        let action = match e {
+            Error::Refused(_) | Error::Usage(_) => "refused",
+            _ => "failed",
+        };
+        crate::audit::record(crate::audit::Entry::new(action).outcome(&r));
+    }
+    r
+}
+
+fn run_command(cli: Cli) -> Result<()> {
     match &cli.command {
         Command::Demo { dir } => crate::demo::run(dir),
         Command::Init {
@@ -592,6 +621,7 @@ pub fn run(cli: Cli) -> Result<()> {
             crate::daemon::run(&cli.config, &stop, &hup)
         }
         Command::Healthcheck { timeout } => healthcheck(&cli.config, *timeout),
+        Command::Audit { since, json } => audit(&cli.config, since.as_deref(), *json),
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
         Command::Info {
@@ -962,6 +992,61 @@ fn terminate(pid: u32) {
 }
 
 /// `dr healthcheck`: the daemon's /healthz, as an exit code.
+fn audit(config: &Path, since: Option<&str>, json: bool) -> Result<()> {
+    let cfg = config::load(config)?;
+    let since = since.map(parse_since).transpose()?;
+    let (entries, torn) = crate::audit::read(&cfg.state_dir, since)?;
+    for e in &entries {
+        if json {
+            println!(
+                "{}",
+                serde_json::to_string(e).map_err(|e| Error::Other(e.to_string()))?
+            );
+        } else {
+            let time = e
+                .time
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_default();
+            let mut line = format!("{time} {} uid={} {}", e.host, e.uid, e.action);
+            for (k, v) in [("policy", &e.policy), ("target", &e.target)] {
+                if let Some(v) = v {
+                    line.push_str(&format!(" {k}={v}"));
+                }
+            }
+            if !e.labels.is_empty() {
+                line.push_str(&format!(" labels={}", e.labels.join(",")));
+            }
+            if let Some(d) = &e.detail {
+                line.push_str(&format!(" ({d})"));
+            }
+            line.push_str(&format!(": {}", e.result));
+            println!("{line}");
+        }
+    }
+    if torn > 0 {
+        tracing::warn!("{torn} lines of the audit log are not entries (a write cut short)");
+    }
+    Ok(())
+}
+
+/// `--since`: an instant, a date, or a duration back from now.
+fn parse_since(s: &str) -> Result<chrono::DateTime<Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+        && let Some(t) = d.and_hms_opt(0, 0, 0)
+    {
+        return Ok(t.and_utc());
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) => Ok(Utc::now() - chrono::Duration::from_std(d).unwrap_or_default()),
+        Err(_) => Err(Error::Usage(format!(
+            "--since '{s}' is not an instant (2026-12-01T10:00:00Z), a date (2026-12-01) or a duration back from now (24h, 7d)"
+        ))),
+    }
+}
+
 fn healthcheck(config: &Path, timeout: u64) -> Result<()> {
     let cfg = config::load(config)?;
     // A daemon listening on every address answers on loopback too.
@@ -1158,7 +1243,8 @@ impl Cli {
             Command::Replicate { json, .. }
             | Command::Info { json, .. }
             | Command::Verify { json, .. }
-            | Command::Expire { json, .. } => *json,
+            | Command::Expire { json, .. }
+            | Command::Audit { json, .. } => *json,
             Command::Pg {
                 action: PgAction::Setup { json, .. },
             } => *json,

@@ -46,6 +46,7 @@ impl std::fmt::Debug for Context {
 impl Context {
     pub fn new(cfg: Config) -> Context {
         let state = StateDir::new(cfg.state_dir.clone());
+        crate::audit::set_dir(&cfg.state_dir);
         Context {
             inner: Arc::new(Inner {
                 cfg,
@@ -125,6 +126,18 @@ impl Context {
             return Ok(s.clone());
         }
         let s = keys::sealing(&self.inner.cfg.encryption, true)?;
+        crate::audit::record(
+            crate::audit::Entry::new("key_loaded")
+                .policy(&policy.name)
+                .detail(match &self.inner.cfg.encryption.recipients_file {
+                    Some(f) => format!(
+                        "encrypting to {} (from {})",
+                        s.fingerprints().join(", "),
+                        f.display()
+                    ),
+                    None => format!("encrypting to {}", s.fingerprints().join(", ")),
+                }),
+        );
         Ok(self.inner.sealing.get_or_init(|| s).clone())
     }
 

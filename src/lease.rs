@@ -113,6 +113,12 @@ impl<'s> Lease<'s> {
                             target = store.target(),
                             "taking over the expired, stale or unreadable lease {key}"
                         );
+                        crate::audit::record(
+                            crate::audit::Entry::new("lease_takeover")
+                                .policy(policy)
+                                .target(store.target())
+                                .detail(key.clone()),
+                        );
                         Condition::Match(etag)
                     }
                 },

@@ -5,6 +5,7 @@
 //! errors to exit codes. See DESIGN.md in the shared folder and
 //! docs/repository-format.md for the on-storage contract.
 
+pub mod audit;
 pub mod cli;
 pub(crate) mod codec;
 pub(crate) mod config;

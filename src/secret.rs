@@ -37,8 +37,19 @@ pub fn check_private(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Reads a private file's contents as text, for identity files.
+/// Reads a private file's contents as text, for identity files. Every
+/// read is in the audit log (the file, never its contents).
 pub fn read_private_text(path: &Path) -> Result<String> {
+    let r = read_unaudited(path);
+    crate::audit::record(
+        crate::audit::Entry::new("secret_loaded")
+            .detail(path.display().to_string())
+            .outcome(&r),
+    );
+    r
+}
+
+fn read_unaudited(path: &Path) -> Result<String> {
     check_private(path)?;
     let mut s = String::new();
     std::fs::File::open(path)
@@ -52,7 +63,16 @@ pub fn read_private_text(path: &Path) -> Result<String> {
 
 /// Reads a one-line secret (passphrase, key) from a private file, without the trailing newline.
 pub fn read_secret(path: &Path) -> Result<SecretString> {
-    let text = read_private_text(path)?;
+    one_line(path, read_private_text(path)?)
+}
+
+/// [`read_secret`] without an audit line: for the metrics token, read at
+/// every scrape (its loading at start is audited).
+pub fn read_secret_unaudited(path: &Path) -> Result<SecretString> {
+    one_line(path, read_unaudited(path)?)
+}
+
+fn one_line(path: &Path, text: String) -> Result<SecretString> {
     let value = text.trim_end_matches(['\n', '\r']);
     if value.is_empty() {
         return Err(Error::Secret {

@@ -120,3 +120,96 @@ fn replicate_exec_streams_while_the_application_runs_and_exits_with_its_status()
         "the row the application wrote"
     );
 }
+
+#[test]
+fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is() {
+    let env = Env::new("[retention]\nfull = 1\n");
+    let pass = env.path("pass.txt");
+    let secret = "correct-horse-battery-audit-9";
+    env.use_passphrase(&pass, &format!("{secret}\n"), 0o600);
+    common::make_db(&env.db, true, 50, 500);
+    let first = env
+        .dr(&["backup-local", "app", "--type", "full", "--json"])
+        .ok()
+        .json()[0]["label"]
+        .as_str()
+        .expect("label")
+        .to_string();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    // retention.full = 1: this backup's expire removes the first.
+    env.dr(&["backup-local", "app", "--type", "full"]).ok();
+    let to = env.path("restored.db").display().to_string();
+    env.dr(&["restore-local", "app", "--to", &to]).ok();
+    // A restore over an existing file without --force is refused.
+    let refused = env.dr(&["restore-local", "app", "--to", &to]);
+    assert_ne!(refused.code, 0);
+    env.dr(&["verify", "app"]).ok();
+
+    let lines: Vec<serde_json::Value> = env
+        .dr(&["audit", "--json"])
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let of = |action: &str| -> Vec<&serde_json::Value> {
+        lines.iter().filter(|l| l["action"] == action).collect()
+    };
+    for l in &lines {
+        for field in ["time", "host", "uid", "pid", "command", "result"] {
+            assert!(!l[field].is_null(), "{field} missing: {l}");
+        }
+    }
+    assert_eq!(of("backup").len(), 2, "{lines:?}");
+    let expired = of("expire");
+    assert!(
+        expired.iter().any(|e| e["labels"][0] == first.as_str()
+            && e["policy"] == "app"
+            && e["target"] == "local"),
+        "the first full's removal: {expired:?}"
+    );
+    let restores = of("restore");
+    assert!(
+        restores.iter().any(|r| r["result"] == "ok"
+            && r["detail"].as_str().is_some_and(|d| d.contains(&to))
+            && r["labels"].as_array().is_some_and(|l| !l.is_empty())),
+        "{restores:?}"
+    );
+    assert!(
+        of("verify").iter().any(|v| v["result"] == "ok"),
+        "{lines:?}"
+    );
+    let refusals = of("refused");
+    assert!(
+        refusals.iter().any(|r| r["command"]
+            .as_str()
+            .is_some_and(|c| c.contains("restore-local"))),
+        "{lines:?}"
+    );
+    // Key files are named, never quoted.
+    assert!(
+        of("secret_loaded")
+            .iter()
+            .any(|s| s["detail"] == pass.display().to_string().as_str()),
+        "{lines:?}"
+    );
+    let log = std::fs::read_to_string(env.path("state/audit.log")).expect("audit.log");
+    assert!(!log.contains(secret), "the passphrase is in the audit log");
+    let mode = std::fs::metadata(env.path("state/audit.log"))
+        .expect("meta")
+        .permissions();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+        0o600
+    );
+    // --since filters; a bad --since is a usage error.
+    let later = env.dr(&["audit", "--since", "2999-01-01", "--json"]).ok();
+    assert!(later.stdout.trim().is_empty(), "{}", later.stdout);
+    assert_eq!(env.dr(&["audit", "--since", "yesterday-ish"]).code, 64);
+    // The text form names the action, the policy and the labels.
+    let text = env.dr(&["audit", "--since", "1h"]).ok().stdout;
+    assert!(
+        text.contains("expire policy=app target=local labels="),
+        "{text}"
+    );
+}

@@ -244,6 +244,10 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                     tracing::info!("configuration reloaded");
                     sched.replace(jobs(&new, &history, Utc::now())?);
                     let new = Context::new(new);
+                    crate::audit::record(
+                        crate::audit::Entry::new("config_reload")
+                            .detail(config_path.display().to_string()),
+                    );
                     streamers.apply(&new);
                     if let Ok(mut c) = shared.ctx.write() {
                         *c = new;
@@ -253,6 +257,11 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                     tracing::error!(
                         "the new configuration is invalid, keeping the running one:\n{e}"
                     );
+                    crate::audit::record(crate::audit::Entry {
+                        result: format!("invalid, the running configuration kept: {e}"),
+                        ..crate::audit::Entry::new("config_reload")
+                            .detail(config_path.display().to_string())
+                    });
                 }
             }
         }

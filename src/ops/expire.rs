@@ -95,6 +95,7 @@ pub fn expire_locked(
             let _ =
                 std::fs::remove_file(ctx.state().page_cache(&target.name, &policy.name, &label));
             tracing::info!(policy = %policy.name, target = %target.name, %label, "expired: {reason}");
+            audit_removal(policy, target, label.to_string(), &reason);
         }
         out.push(Expired {
             policy: policy.name.clone(),
@@ -113,6 +114,18 @@ pub fn expire_locked(
         dry_run,
     )?);
     Ok(out)
+}
+
+/// One audit line per backup or WAL generation removed, written once its
+/// objects are gone.
+fn audit_removal(policy: &Policy, target: &Target, label: String, reason: &str) {
+    crate::audit::record(
+        crate::audit::Entry::new("expire")
+            .policy(&policy.name)
+            .target(&target.name)
+            .labels(vec![label])
+            .detail(reason),
+    );
 }
 
 /// Removes WAL that no kept backup can use. Skipped (with a warning) when
@@ -147,6 +160,12 @@ fn expire_wal(
                 repo.storage.delete(k)?;
             }
             tracing::info!(policy = %policy.name, target = %target.name, generation = %r.generation, "expired {} WAL objects: {}", r.keys.len(), r.reason);
+            audit_removal(
+                policy,
+                target,
+                format!("wal/{} ({} objects)", r.generation, r.keys.len()),
+                &r.reason,
+            );
         }
         out.push(Expired {
             policy: policy.name.clone(),

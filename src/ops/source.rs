@@ -62,12 +62,21 @@ impl<'p> Source<'p> {
         progress: &dyn Progress,
     ) -> Result<BackupReport> {
         let _lock = lock(ctx, self.policy(), target, "backup", opts.lock_wait)?;
-        match *self {
+        let r = match *self {
             Source::Sqlite { policy, db } => {
                 backup::backup(ctx, policy, db, target, opts.kind, progress, None)
             }
             Source::Postgres { policy, pg } => pg::backup(ctx, policy, pg, target, opts.kind),
-        }
+        };
+        audit(
+            self.policy(),
+            target,
+            "backup",
+            &r,
+            |b| vec![b.label.clone()],
+            None,
+        );
+        r
     }
 
     /// Restores from `target` into `opts.to`.
@@ -78,15 +87,47 @@ impl<'p> Source<'p> {
         opts: &RestoreOptions,
         progress: &dyn Progress,
     ) -> Result<RestoreReport> {
-        match *self {
+        let r = match *self {
             Source::Sqlite { policy, .. } => restore::restore(ctx, policy, target, opts, progress),
             Source::Postgres { policy, pg } => pg::restore(ctx, policy, pg, target, opts),
-        }
+        };
+        let detail = match opts.at {
+            Some(at) => format!("to {} at {}", opts.to.display(), at.to_rfc3339()),
+            None => format!("to {}", opts.to.display()),
+        };
+        audit(
+            self.policy(),
+            target,
+            "restore",
+            &r,
+            |rep| rep.chain.clone(),
+            Some(detail),
+        );
+        r
     }
 
     /// The restore drill on `target`: a failure is an error (exit 3 for
     /// damage, 1 when the target could not be read).
     pub fn verify(
+        &self,
+        ctx: &Context,
+        target: &Target,
+        opts: &verify::VerifyOptions,
+        progress: &dyn Progress,
+    ) -> Result<Verified> {
+        let r = self.verify_unaudited(ctx, target, opts, progress);
+        audit(
+            self.policy(),
+            target,
+            "verify",
+            &r,
+            |v| vec![v.label.clone()],
+            None,
+        );
+        r
+    }
+
+    fn verify_unaudited(
         &self,
         ctx: &Context,
         target: &Target,
@@ -133,6 +174,27 @@ impl<'p> Source<'p> {
     }
 }
 
+/// The audit line of an action on `target`: the labels a success names,
+/// or the error.
+fn audit<T>(
+    policy: &Policy,
+    target: &Target,
+    action: &str,
+    r: &Result<T>,
+    labels: impl FnOnce(&T) -> Vec<String>,
+    detail: Option<String>,
+) {
+    let mut e = crate::audit::Entry::new(action)
+        .policy(&policy.name)
+        .target(&target.name)
+        .labels(r.as_ref().map(labels).unwrap_or_default())
+        .outcome(r);
+    if let Some(d) = detail {
+        e = e.detail(d);
+    }
+    crate::audit::record(e);
+}
+
 /// The state_dir lock of a policy on a target: one dr at a time per host.
 pub fn lock(
     ctx: &Context,
@@ -148,6 +210,16 @@ impl Source<'_> {
     /// `dr pg setup`: pgBackRest's config, archiving, stanza and check.
     /// SQLite needs no setup, and says so.
     pub fn pg_setup(&self, ctx: &Context) -> Result<pg::SetupReport> {
+        let r = self.pg_setup_unaudited(ctx);
+        crate::audit::record(
+            crate::audit::Entry::new("pg_setup")
+                .policy(&self.policy().name)
+                .outcome(&r),
+        );
+        r
+    }
+
+    fn pg_setup_unaudited(&self, ctx: &Context) -> Result<pg::SetupReport> {
         match *self {
             Source::Postgres { policy, pg } => pg::setup(ctx, policy, pg),
             Source::Sqlite { policy, .. } => Err(Error::Refused(format!(
