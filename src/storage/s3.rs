@@ -91,11 +91,17 @@ impl S3Storage {
 async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client> {
     use aws_config::{BehaviorVersion, Region};
     use aws_sdk_s3::config::{
-        Credentials, RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
+        RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
         timeout::TimeoutConfig,
     };
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     if let Some(ep) = &cfg.endpoint {
+        if ep.starts_with("http://") {
+            tracing::warn!(
+                target = %name,
+                "target '{name}' talks to {ep} over plain http: object names, sizes and request signatures cross the network in the clear (and the contents of any policy with encryption = \"none\"); use https (with `ca_file` for a private CA)"
+            );
+        }
         loader = loader.endpoint_url(ep);
     }
     match (&cfg.region, &cfg.endpoint) {
@@ -104,20 +110,22 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
         (None, Some(_)) => loader = loader.region(Region::new("us-east-1")),
         (None, None) => {}
     }
-    if let (Some(id_file), Some(secret_file)) =
-        (&cfg.access_key_id_file, &cfg.secret_access_key_file)
-    {
-        use age::secrecy::ExposeSecret;
-        let id = crate::secret::read_secret(id_file)?;
-        let secret = crate::secret::read_secret(secret_file)?;
-        loader = loader.credentials_provider(Credentials::new(
-            id.expose_secret().trim(),
-            secret.expose_secret().trim(),
-            None,
-            None,
-            "dr-secret-files",
-        ));
-    }
+    let file_creds = match (&cfg.access_key_id_file, &cfg.secret_access_key_file) {
+        (Some(id_file), Some(secret_file)) => {
+            let creds = FileCredentials {
+                target: name.to_string(),
+                id_file: id_file.clone(),
+                secret_file: secret_file.clone(),
+                current: std::sync::Mutex::new(None),
+            };
+            // Read now: a missing or unreadable key file fails the command
+            // as a secret-file problem, before any request.
+            creds.load()?;
+            loader = loader.credentials_provider(creds);
+            true
+        }
+        _ => false,
+    };
     if let Some(ca) = &cfg.ca_file {
         use aws_smithy_http_client::tls;
         let pem = std::fs::read(ca).map_err(|e| Error::Secret {
@@ -160,6 +168,11 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
         }]));
     }
     let mut b = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.path_style);
+    if file_creds {
+        // FileCredentials keeps what it read and looks at the files on each
+        // request: the SDK's own cache would hold a rotated key forever.
+        b = b.identity_cache(aws_sdk_s3::config::IdentityCache::no_cache());
+    }
     // aws-chunked uploads with trailing checksums break several S3-compatible
     // stores (B2, R2, older MinIO, Wasabi): send checksums only when required,
     // unless the user asks for them.
@@ -169,6 +182,84 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     }
     Ok(aws_sdk_s3::Client::from_conf(b.build()))
+}
+
+/// S3 keys from `access_key_id_file` and `secret_access_key_file`, read
+/// again whenever either file changes (inode, size or modification time):
+/// a key rotated by a secret manager is used from the next request on,
+/// without a restart, and the change is one warning line. Each request
+/// costs two `stat` calls; the files are read only when they changed.
+#[derive(Debug)]
+struct FileCredentials {
+    target: String,
+    id_file: PathBuf,
+    secret_file: PathBuf,
+    current: std::sync::Mutex<Option<(Vec<FileStamp>, aws_sdk_s3::config::Credentials)>>,
+}
+
+/// What says a file changed: inode, size, mtime.
+type FileStamp = (u64, u64, i64, i64);
+
+fn stamp(p: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(p).ok()?;
+    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
+impl FileCredentials {
+    fn load(&self) -> Result<aws_sdk_s3::config::Credentials> {
+        use age::secrecy::ExposeSecret;
+        let stamps: Vec<FileStamp> = [&self.id_file, &self.secret_file]
+            .iter()
+            .filter_map(|p| stamp(p))
+            .collect();
+        let mut cur = self
+            .current
+            .lock()
+            .map_err(|_| Error::Other("S3 credentials lock poisoned".into()))?;
+        if let Some((s, c)) = &*cur
+            && *s == stamps
+        {
+            return Ok(c.clone());
+        }
+        let id = crate::secret::read_secret(&self.id_file)?;
+        let secret = crate::secret::read_secret(&self.secret_file)?;
+        let creds = aws_sdk_s3::config::Credentials::new(
+            id.expose_secret().trim(),
+            secret.expose_secret().trim(),
+            None,
+            None,
+            "dr-secret-files",
+        );
+        if cur.is_some() {
+            tracing::warn!(
+                target = %self.target,
+                "the S3 credentials of target '{}' changed ({}, {}): using the new ones from now on",
+                self.target,
+                self.id_file.display(),
+                self.secret_file.display()
+            );
+        }
+        *cur = Some((stamps, creds.clone()));
+        Ok(creds)
+    }
+}
+
+impl aws_sdk_s3::config::ProvideCredentials for FileCredentials {
+    fn provide_credentials<'a>(
+        &'a self,
+    ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        aws_credential_types::provider::future::ProvideCredentials::ready(self.load().map_err(
+            |e| {
+                aws_credential_types::provider::error::CredentialsError::provider_error(
+                    std::io::Error::other(e.to_string()),
+                )
+            },
+        ))
+    }
 }
 
 impl Inner {
@@ -219,7 +310,7 @@ impl Inner {
                 "bucket '{}' does not exist: create it (dr does not create buckets)",
                 self.bucket
             ),
-            "InvalidAccessKeyId" | "SignatureDoesNotMatch" => {
+            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "NotSignedUp" => {
                 "the server refused the credentials: check access_key_id_file and secret_access_key_file".to_string()
             }
             "AccessDenied" => format!(

@@ -12,6 +12,8 @@ pub struct S3Server {
     pub root: PathBuf,
     pub port: u16,
     child: Option<Child>,
+    /// The access key and secret the server accepts.
+    keys: (String, String),
 }
 
 fn s3s_fs() -> PathBuf {
@@ -50,6 +52,7 @@ impl S3Server {
             root: root.to_path_buf(),
             port: free_port(),
             child: None,
+            keys: (ACCESS_KEY.into(), SECRET_KEY.into()),
         };
         s.spawn();
         s
@@ -62,6 +65,7 @@ impl S3Server {
             root: root.to_path_buf(),
             port,
             child: None,
+            keys: (ACCESS_KEY.into(), SECRET_KEY.into()),
         };
         s.spawn();
         s
@@ -70,7 +74,7 @@ impl S3Server {
     fn spawn(&mut self) {
         let child = Command::new(s3s_fs())
             .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
+            .args(["--access-key", &self.keys.0, "--secret-key", &self.keys.1])
             .arg(&self.root)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -99,6 +103,13 @@ impl S3Server {
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
+    }
+
+    /// Restarts the server accepting only a new key pair: the old one is
+    /// refused from now on, as after a rotation at the store.
+    pub fn rotate(&mut self, access: &str, secret: &str) {
+        self.keys = (access.into(), secret.into());
+        self.restart();
     }
 }
 
