@@ -63,6 +63,15 @@ struct RawTarget {
     ca_file: Option<Spanned<String>>,
     verify_tls: Option<bool>,
     request_checksums: Option<bool>,
+    object_lock: Option<Spanned<RawObjectLock>>,
+    append_only: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawObjectLock {
+    mode: Spanned<String>,
+    days: Spanned<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -874,6 +883,8 @@ fn check_target(
                     .map(|p| resolve(p.get_ref())),
                 ca_file: raw.ca_file.as_ref().map(|p| resolve(p.get_ref())),
                 request_checksums: raw.request_checksums.unwrap_or(false),
+                object_lock: object_lock(name, raw.object_lock.as_ref(), d),
+                append_only: raw.append_only.unwrap_or(false),
             }))
         }
         other => {
@@ -884,6 +895,36 @@ fn check_target(
             None
         }
     }
+}
+
+/// `object_lock = { mode = "governance" | "compliance", days = N }`.
+fn object_lock(
+    name: &str,
+    raw: Option<&Spanned<RawObjectLock>>,
+    d: &mut FileDiags<'_>,
+) -> Option<crate::storage::s3::ObjectLock> {
+    let raw = raw?;
+    let l = raw.get_ref();
+    let compliance = match l.mode.get_ref().as_str() {
+        "governance" => false,
+        "compliance" => true,
+        other => {
+            d.at(
+                l.mode.span(),
+                format!("targets.{name}.object_lock.mode = \"{other}\": use \"governance\" (an account with s3:BypassGovernanceRetention can still delete) or \"compliance\" (nobody can, until the date)"),
+            );
+            return None;
+        }
+    };
+    let days = *l.days.get_ref();
+    if !(1..=36500).contains(&days) {
+        d.at(
+            l.days.span(),
+            format!("targets.{name}.object_lock.days = {days}: use 1 to 36500 (keep it at least as long as retention keeps backups)"),
+        );
+        return None;
+    }
+    Some(crate::storage::s3::ObjectLock { days, compliance })
 }
 
 fn check_policy(

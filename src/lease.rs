@@ -33,6 +33,10 @@ struct Record {
     token: String,
     acquired: DateTime<Utc>,
     expires: DateTime<Utc>,
+    /// Released by its holder on an append-only target (where dr deletes
+    /// nothing): taking it is no takeover.
+    #[serde(default)]
+    released: bool,
 }
 
 impl Record {
@@ -91,6 +95,7 @@ impl<'s> Lease<'s> {
             token: token(),
             acquired: now,
             expires: now + Duration::minutes(TTL_MINUTES),
+            released: false,
         };
         let body = serde_json::to_vec_pretty(&record).map_err(|e| Error::Other(e.to_string()))?;
         for _ in 0..3 {
@@ -108,6 +113,7 @@ impl<'s> Lease<'s> {
                             other.expires.to_rfc3339_opts(SecondsFormat::Secs, true),
                         )));
                     }
+                    Ok(other) if other.released => Condition::Match(etag),
                     _ => {
                         tracing::warn!(
                             target = store.target(),
@@ -207,10 +213,29 @@ impl Drop for Lease<'_> {
             return;
         }
         // Release only if it is still ours.
-        if let Ok(Some((bytes, _))) = self.store.get_with_etag(&self.key)
-            && serde_json::from_slice::<Record>(&bytes).is_ok_and(|r| r.token == self.record.token)
-            && let Err(e) = self.store.delete(&self.key)
-        {
+        let Ok(Some((bytes, etag))) = self.store.get_with_etag(&self.key) else {
+            return;
+        };
+        if !serde_json::from_slice::<Record>(&bytes).is_ok_and(|r| r.token == self.record.token) {
+            return;
+        }
+        let released = if self.store.protection() == crate::storage::Protection::AppendOnly {
+            // dr deletes nothing there: the lease is left expired, and the
+            // next writer takes it over.
+            let mut r = self.record.clone();
+            r.expires = Utc::now() - Duration::seconds(1);
+            r.released = true;
+            serde_json::to_vec(&r)
+                .map_err(|e| crate::error::Error::Other(e.to_string()))
+                .and_then(|b| {
+                    self.store
+                        .put_conditional(&self.key, &b, &Condition::Match(etag))
+                        .map(|_| ())
+                })
+        } else {
+            self.store.delete(&self.key)
+        };
+        if let Err(e) = released {
             tracing::warn!("could not release the lease {}: {e}", self.key);
         }
     }

@@ -309,3 +309,151 @@ fn trace_logging_never_prints_the_s3_credentials() {
         }
     }
 }
+
+/// The objects under `backups/` of the s3 target, by data key of each label.
+fn data_key(label: &str) -> String {
+    format!("prod/app/backup/{label}/data.zst.age")
+}
+
+#[test]
+fn object_lock_keeps_backups_a_delete_cannot_remove_and_expire_waits_for_it() {
+    let moto = common::s3::Moto::start();
+    moto.lock_tool(&["create", "lockbucket"]);
+    let env = env_at(
+        &moto.endpoint(),
+        "[\"s3\"]",
+        "[retention]\nfull = 1\n",
+        SECRET_KEY,
+        "lockbucket",
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "object_lock = { mode = \"governance\", days = 2 }\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    make_db(&env.db, true, 50, 500);
+    let want = dump(&env.db);
+    let first = env
+        .dr(&["backup-s3", "app", "--type", "full", "--json"])
+        .ok()
+        .json()[0]["label"]
+        .as_str()
+        .expect("label")
+        .to_string();
+    // Every object dr wrote is locked for two days.
+    let head = moto.lock_tool(&["head", "lockbucket", &data_key(&first)]);
+    let (mode, until) = head.split_once(' ').expect("mode and date");
+    assert_eq!(mode, "GOVERNANCE");
+    let until: i64 = until.parse().expect("epoch");
+    let now = chrono::Utc::now().timestamp();
+    assert!(
+        (now + 2 * 86400 - 120..=now + 2 * 86400 + 120).contains(&until),
+        "retain until {until}, now {now}"
+    );
+    // A delete with dr's own credentials is refused.
+    assert_eq!(
+        moto.lock_tool(&["delete", "lockbucket", &data_key(&first)]),
+        "AccessDenied"
+    );
+
+    // retention.full = 1 would remove the first full: it is locked, so
+    // expire leaves it and says until when.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let second = env
+        .dr(&["backup-s3", "app", "--type", "full", "--json"])
+        .ok()
+        .json();
+    assert_eq!(second[0]["expired"], serde_json::json!([]), "{second}");
+    let exp = env.dr(&["expire", "app", "--json"]).ok().json();
+    let held = exp
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["label"] == first.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(held["removed"], false, "{exp}");
+    let reason = held["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("Object Lock (governance) until 20"),
+        "{reason}"
+    );
+    // dr info shows how long each backup is locked.
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let b = &info["policies"][0]["targets"][0]["backups"][0];
+    assert!(
+        b["locked_until"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("20")),
+        "{b}"
+    );
+    // The locked backup restores, byte for byte.
+    let to = env.path("first.db").display().to_string();
+    let key = env.key_arg();
+    env.dr(&[
+        "restore-s3",
+        "app",
+        "--backup",
+        &first,
+        "--to",
+        &to,
+        "--identity",
+        &key,
+    ])
+    .ok();
+    assert_eq!(dump(&env.path("first.db")), want);
+}
+
+#[test]
+fn an_append_only_target_never_sees_a_delete() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(&dir.path().join("s3"), "aobucket");
+    let env = env_at(
+        &server.endpoint(),
+        "[\"s3\"]",
+        "[retention]\nfull = 1\n",
+        SECRET_KEY,
+        "aobucket",
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + "append_only = true\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    make_db(&env.db, true, 50, 500);
+    let files = || common::files_under(&dir.path().join("s3"));
+    let mut labels = Vec::new();
+    for _ in 0..3 {
+        let before = files();
+        let r = env
+            .dr(&["backup-s3", "app", "--type", "full", "--json"])
+            .ok()
+            .json();
+        labels.push(r[0]["label"].as_str().unwrap_or_default().to_string());
+        // Nothing that was there is gone: not a backup, not the lease.
+        let after = files();
+        for f in &before {
+            assert!(after.contains(f), "{f} was deleted");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+    }
+    let exp = env.dr(&["expire", "app", "--json"]).ok().json();
+    let kept: Vec<_> = exp
+        .as_array()
+        .map(|a| a.iter().filter(|e| e["removed"] == false).collect())
+        .unwrap_or_default();
+    assert_eq!(kept.len(), 2, "{exp}");
+    assert!(
+        kept.iter().all(|e| e["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("append_only")),
+        "{exp}"
+    );
+    // The lease is released by overwriting, not deleting: no run took one over.
+    let audit = env.dr(&["audit", "--json"]).ok().stdout;
+    assert!(!audit.contains("lease_takeover"), "{audit}");
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let backups = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(backups.len(), labels.len(), "{info}");
+    assert!(
+        backups.iter().all(|b| b["locked_until"] == "append_only"),
+        "{info}"
+    );
+}

@@ -124,7 +124,11 @@ pub fn backup(
         stored_size: manifest.stored_size(),
         seconds: started.elapsed().as_secs_f64(),
         note: base.note,
-        expired: expired.into_iter().map(|r| r.label).collect(),
+        expired: expired
+            .into_iter()
+            .filter(|r| r.removed)
+            .map(|r| r.label)
+            .collect(),
     })
 }
 

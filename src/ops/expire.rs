@@ -78,11 +78,27 @@ pub fn expire_locked(
             ));
         }
     }
-    let doomed_labels: Vec<_> = doomed.iter().map(|(l, _)| l.clone()).collect();
+    // What goes: a backup the target still holds stays, and so does the
+    // WAL it needs.
+    let mut doomed_labels = Vec::new();
+    let protection = store.protection();
     for (label, reason) in doomed {
         let Some(dir) = dirs.iter().find(|d| d.label == label) else {
             continue;
         };
+        if let Some(until) = protection.held_until(dir.modified, now) {
+            // Not even tried: with dr's credentials it would fail, or
+            // (versioned buckets) only hide the objects behind a marker.
+            out.push(Expired {
+                policy: policy.name.clone(),
+                target: target.name.clone(),
+                label: label.to_string(),
+                reason: format!("{reason}; kept: {}", held_why(protection, until)),
+                removed: false,
+            });
+            continue;
+        }
+        doomed_labels.push(label.clone());
         if !dry_run {
             // Uncommit first: a crash half-way leaves an interrupted backup, never a damaged one.
             let manifest = repo::object_key(&policy.name, &label, repo::MANIFEST);
@@ -114,6 +130,19 @@ pub fn expire_locked(
         dry_run,
     )?);
     Ok(out)
+}
+
+/// Why an object retention would remove stays, and until when.
+fn held_why(p: crate::storage::Protection, until: chrono::DateTime<Utc>) -> String {
+    match p {
+        crate::storage::Protection::AppendOnly => "the target is append_only: dr never deletes there; expire it with the store's lifecycle rules or from a host whose credentials may delete".into(),
+        crate::storage::Protection::Locked { compliance, .. } => format!(
+            "under S3 Object Lock ({}) until {}: expire removes it after that",
+            if compliance { "compliance" } else { "governance" },
+            until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ),
+        crate::storage::Protection::None => String::new(),
+    }
 }
 
 /// One audit line per backup or WAL generation removed, written once its
@@ -154,7 +183,24 @@ fn expire_wal(
         }
     }
     let mut out = Vec::new();
+    let protection = repo.storage.protection();
+    let now = Utc::now();
     for r in repo::wal::expire(&prefix, &listing, &kept) {
+        let newest = listing
+            .iter()
+            .filter(|o| r.keys.contains(&o.key))
+            .map(|o| o.modified)
+            .max();
+        if let Some(until) = newest.and_then(|m| protection.held_until(m, now)) {
+            out.push(Expired {
+                policy: policy.name.clone(),
+                target: target.name.clone(),
+                label: format!("wal/{} ({} objects)", r.generation, r.keys.len()),
+                reason: format!("{}; kept: {}", r.reason, held_why(protection, until)),
+                removed: false,
+            });
+            continue;
+        }
         if !dry_run {
             for k in &r.keys {
                 repo.storage.delete(k)?;

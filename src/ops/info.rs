@@ -431,4 +431,10 @@ fn line(s: &mut String, b: &BackupInfo, indent: &str) {
     if let Some(e) = &b.error {
         let _ = writeln!(s, "      damaged: {e}");
     }
+    match b.locked_until.as_deref() {
+        Some("append_only") | None => {}
+        Some(t) => {
+            let _ = writeln!(s, "      locked until {t} (S3 Object Lock)");
+        }
+    }
 }

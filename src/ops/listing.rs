@@ -103,6 +103,10 @@ pub struct BackupInfo {
     /// `wal.diff_after`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trigger: Option<String>,
+    /// Under S3 Object Lock until then (`append_only` targets: never
+    /// deleted by dr, shown as `"append_only"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locked_until: Option<String>,
 }
 
 /// A PostgreSQL policy's backups on one target, from pgBackRest's own info.
@@ -137,6 +141,7 @@ pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -
             archive_start: b.archive_start,
             archive_stop: b.archive_stop,
             trigger: None,
+            locked_until: None,
         });
     }
     l
@@ -159,6 +164,16 @@ pub fn list_sqlite(ctx: &Context, policy: &Policy, target: &Target) -> Listing {
         });
     }
     l
+}
+
+/// What keeps a backup written at `modified` from being deleted now.
+fn held(p: crate::storage::Protection, modified: DateTime<Utc>) -> Option<String> {
+    match p {
+        crate::storage::Protection::AppendOnly => Some("append_only".into()),
+        _ => p
+            .held_until(modified, Utc::now())
+            .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+    }
 }
 
 fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()> {
@@ -191,6 +206,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                     archive_start: None,
                     archive_stop: None,
                     trigger: m.trigger.clone(),
+                    locked_until: held(store.protection(), c.dir.modified),
                 }
             }),
             Err(e) => ti.backups.push(BackupInfo {
@@ -206,6 +222,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                 archive_start: None,
                 archive_stop: None,
                 trigger: None,
+                locked_until: held(store.protection(), c.dir.modified),
             }),
         }
     }

@@ -11,6 +11,7 @@ pub mod local;
 pub(crate) mod memory;
 pub mod s3;
 
+use chrono::{DateTime, Utc};
 use std::io::{Read, Write};
 
 use std::path::PathBuf;
@@ -50,6 +51,37 @@ pub enum Condition {
     Absent,
     /// Replace only this version: `If-Match: <etag>`.
     Match(String),
+}
+
+/// What a target does not let dr delete, so that a host that is taken
+/// over cannot erase its backups with dr's credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    None,
+    /// `append_only = true`: dr never sends a delete to this target; the
+    /// store's lifecycle rules, or a host holding other credentials, expire.
+    AppendOnly,
+    /// `object_lock`: every backup and WAL object dr writes is under S3
+    /// Object Lock for `days` after it was written.
+    Locked {
+        days: u32,
+        compliance: bool,
+    },
+}
+
+impl Protection {
+    /// Until when an object written at `modified` may not be deleted, if
+    /// it may not be now; `None`: it may be.
+    pub fn held_until(self, modified: DateTime<Utc>, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self {
+            Protection::None => None,
+            Protection::AppendOnly => Some(DateTime::<Utc>::MAX_UTC),
+            Protection::Locked { days, .. } => {
+                let until = modified + chrono::Duration::days(i64::from(days));
+                (until > now).then_some(until)
+            }
+        }
+    }
 }
 
 /// A backup target's object store.
@@ -96,6 +128,11 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Whether several hosts may write this target, so that a lease object is needed.
     fn shared(&self) -> bool {
         false
+    }
+
+    /// What the target keeps dr from deleting.
+    fn protection(&self) -> Protection {
+        Protection::None
     }
 
     /// Writes a small object in one go.

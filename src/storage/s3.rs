@@ -38,6 +38,35 @@ pub struct S3Settings {
     pub secret_access_key_file: Option<PathBuf>,
     pub ca_file: Option<PathBuf>,
     pub request_checksums: bool,
+    /// S3 Object Lock on every backup and WAL object dr writes.
+    pub object_lock: Option<ObjectLock>,
+    /// dr never deletes on this target.
+    pub append_only: bool,
+}
+
+/// `object_lock`: the retention dr puts on each object it writes (the
+/// bucket must have been created with Object Lock enabled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectLock {
+    pub days: u32,
+    /// COMPLIANCE (nobody can shorten it) rather than GOVERNANCE.
+    pub compliance: bool,
+}
+
+impl ObjectLock {
+    fn mode(self) -> aws_sdk_s3::types::ObjectLockMode {
+        if self.compliance {
+            aws_sdk_s3::types::ObjectLockMode::Compliance
+        } else {
+            aws_sdk_s3::types::ObjectLockMode::Governance
+        }
+    }
+
+    /// Retain-until for an object written now.
+    fn until(self) -> aws_sdk_s3::primitives::DateTime {
+        let t = Utc::now() + chrono::Duration::days(i64::from(self.days));
+        aws_sdk_s3::primitives::DateTime::from_secs(t.timestamp() + 1)
+    }
 }
 
 /// Shared state of one S3 target.
@@ -48,6 +77,8 @@ struct Inner {
     prefix: String,
     endpoint: String,
     client: aws_sdk_s3::Client,
+    object_lock: Option<ObjectLock>,
+    append_only: bool,
     /// Multipart uploads started and not yet completed or aborted, one file
     /// each, so a later run can abort what a crash or an outage left behind
     /// (stores such as s3s-fs or Garage may not list multipart uploads).
@@ -81,6 +112,8 @@ impl S3Storage {
                 prefix: cfg.prefix.clone(),
                 endpoint: cfg.endpoint.clone().unwrap_or_else(|| "AWS S3".to_string()),
                 client,
+                object_lock: cfg.object_lock,
+                append_only: cfg.append_only,
                 journal: journal.to_path_buf(),
             }),
             rt,
@@ -176,7 +209,8 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
     // aws-chunked uploads with trailing checksums break several S3-compatible
     // stores (B2, R2, older MinIO, Wasabi): send checksums only when required,
     // unless the user asks for them.
-    if cfg.endpoint.is_some() && !cfg.request_checksums {
+    // A locked PUT must carry a checksum (S3 refuses it without one).
+    if cfg.endpoint.is_some() && !cfg.request_checksums && cfg.object_lock.is_none() {
         b = b
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
@@ -379,6 +413,8 @@ impl S3Writer {
                     .create_multipart_upload()
                     .bucket(&inner.bucket)
                     .key(&full)
+                    .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
+                    .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
                     .send(),
             )
             .map_err(|e| inner.err("start upload of", &self.key, &e))?;
@@ -487,6 +523,8 @@ impl ObjectWriter for S3Writer {
                         .put_object()
                         .bucket(&inner.bucket)
                         .key(&full)
+                        .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
+                        .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
                         .body(ByteStream::from(body))
                         .send(),
                 )
@@ -589,6 +627,17 @@ fn journal_remove(dir: &Path, key: &str, upload_id: &str) {
 impl Storage for S3Storage {
     fn shared(&self) -> bool {
         true
+    }
+
+    fn protection(&self) -> super::Protection {
+        match (self.inner.append_only, self.inner.object_lock) {
+            (true, _) => super::Protection::AppendOnly,
+            (false, Some(l)) => super::Protection::Locked {
+                days: l.days,
+                compliance: l.compliance,
+            },
+            (false, None) => super::Protection::None,
+        }
     }
 
     fn put_conditional(

@@ -246,3 +246,59 @@ pub fn env_at(
     std::fs::write(&policy, p).expect("policy");
     env
 }
+
+/// moto's S3 server (plain HTTP), which enforces S3 Object Lock.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let port = free_port();
+        let child = Command::new("python3")
+            .args(["-m", "moto.server", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 -m moto.server (run scripts/install-test-deps)");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "moto's server did not start: run scripts/install-test-deps"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Moto { port, child }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Runs tests/s3_lock.py with dr's test keys; its stdout.
+    pub fn lock_tool(&self, args: &[&str]) -> String {
+        let out = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/s3_lock.py"))
+            .args(args)
+            .env("S3_ENDPOINT", self.endpoint())
+            .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
+            .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            .output()
+            .expect("python3 s3_lock.py");
+        assert!(
+            out.status.success(),
+            "s3_lock.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,44 @@
+"""Object Lock checks against a real S3 server (moto), with boto3:
+
+  python3 s3_lock.py create BUCKET          bucket with Object Lock enabled
+  python3 s3_lock.py head BUCKET KEY        prints "MODE RETAIN_UNTIL_EPOCH"
+  python3 s3_lock.py delete BUCKET KEY      deletes the current version by id;
+                                            prints "deleted" or the error code
+
+Endpoint and credentials come from S3_ENDPOINT, AWS_ACCESS_KEY_ID and
+AWS_SECRET_ACCESS_KEY (the same keys dr uses).
+"""
+import os
+import sys
+
+import boto3
+from botocore.exceptions import ClientError
+
+
+def client():
+    return boto3.client("s3", endpoint_url=os.environ["S3_ENDPOINT"], region_name="us-east-1")
+
+
+def main():
+    cmd, bucket = sys.argv[1], sys.argv[2]
+    s3 = client()
+    if cmd == "create":
+        s3.create_bucket(Bucket=bucket, ObjectLockEnabledForBucket=True)
+    elif cmd == "head":
+        h = s3.head_object(Bucket=bucket, Key=sys.argv[3])
+        until = h.get("ObjectLockRetainUntilDate")
+        print(h.get("ObjectLockMode", "-"), int(until.timestamp()) if until else 0)
+    elif cmd == "delete":
+        key = sys.argv[3]
+        version = s3.head_object(Bucket=bucket, Key=key).get("VersionId")
+        try:
+            s3.delete_object(Bucket=bucket, Key=key, VersionId=version)
+            print("deleted")
+        except ClientError as e:
+            print(e.response["Error"]["Code"])
+    else:
+        sys.exit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main()
