@@ -229,6 +229,13 @@ pub enum Command {
         #[command(subcommand)]
         action: PgAction,
     },
+    /// Which keys the stored backups need, for key rotation: add the new
+    /// recipient to [encryption], SIGHUP the daemon, and retire the old
+    /// identity once `dr keys status` says no backup needs it.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
     /// Run every policy's schedules ([schedule] full/diff/verify, read in
     /// [daemon] timezone, UTC by default), the supervised WAL streamers, and
     /// /healthz + /metrics on daemon.listen, until SIGTERM or Ctrl-C. Jobs
@@ -343,6 +350,21 @@ pub enum Command {
     },
     /// Print the manual page (roff): `dr man > /usr/local/share/man/man1/dr.1`.
     Man,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Per key (recipient fingerprint): current or not, the backups it
+    /// opens on every target, those only it opens, and whether it can be
+    /// retired. Reads every target's manifests; nothing is decrypted.
+    Status {
+        /// Only the keys of these identity files (age-keygen format).
+        #[arg(long, value_name = "FILE")]
+        identity: Vec<PathBuf>,
+        /// One JSON document.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -622,6 +644,31 @@ fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Healthcheck { timeout } => healthcheck(&cli.config, *timeout),
         Command::Audit { since, json } => audit(&cli.config, since.as_deref(), *json),
+        Command::Keys {
+            action: KeysAction::Status { identity, json },
+        } => {
+            let ctx = Context::load(&cli.config)?;
+            let (uses, unread) = crate::ops::keys::status(&ctx, identity)?;
+            if *json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(
+                        &serde_json::json!({"keys": uses, "unread": unread})
+                    )
+                    .map_err(|e| Error::Other(e.to_string()))?
+                );
+            } else {
+                print!("{}", crate::ops::keys::render(&uses, &unread));
+            }
+            if unread.is_empty() {
+                Ok(())
+            } else {
+                Err(Error::Other(format!(
+                    "{} targets could not be read: no key is called retirable until they are",
+                    unread.len()
+                )))
+            }
+        }
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),
         Command::Info {
@@ -1244,7 +1291,10 @@ impl Cli {
             | Command::Info { json, .. }
             | Command::Verify { json, .. }
             | Command::Expire { json, .. }
-            | Command::Audit { json, .. } => *json,
+            | Command::Audit { json, .. }
+            | Command::Keys {
+                action: KeysAction::Status { json, .. },
+            } => *json,
             Command::Pg {
                 action: PgAction::Setup { json, .. },
             } => *json,

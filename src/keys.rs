@@ -227,6 +227,28 @@ pub fn read_identity_file(path: &Path) -> Result<Unsealing> {
     })
 }
 
+/// The recipient fingerprints of the X25519 identities in an identity
+/// file: what manifests record, so `dr keys status` can say what the file
+/// still opens.
+pub fn identity_fingerprints(path: &Path) -> Result<Vec<String>> {
+    use std::str::FromStr;
+    let text = crate::secret::read_private_text(path)?;
+    let fps: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .filter_map(|l| age::x25519::Identity::from_str(l).ok())
+        .map(|i| fingerprint(&i.to_public().to_string()))
+        .collect();
+    if fps.is_empty() {
+        return Err(Error::Secret {
+            path: path.to_path_buf(),
+            reason: "contains no AGE-SECRET-KEY line".into(),
+        });
+    }
+    Ok(fps)
+}
+
 /// Writes a new X25519 identity to `path` (mode 0600, never overwriting) and returns its recipient.
 pub fn keygen(path: &Path) -> Result<String> {
     let identity = age::x25519::Identity::generate();

@@ -213,3 +213,73 @@ fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is
         "{text}"
     );
 }
+
+#[test]
+fn keys_status_names_the_backups_an_old_key_opens_and_retires_it_after_expire() {
+    let env = Env::new("[retention]\nfull = 3\n");
+    make_db(&env.db, true, 50, 500);
+    let old_pub = std::fs::read_to_string(env.path("backup.pub")).expect("pub");
+    let first = env
+        .dr(&["backup-local", "app", "--type", "full", "--json"])
+        .ok()
+        .json()[0]["label"]
+        .as_str()
+        .expect("label")
+        .to_string();
+    // Rotation: the new recipient is added beside the old one, then the
+    // old one is removed.
+    let new_key = env.path("new.key");
+    let new_pub = env
+        .dr(&["keygen", "--output", &new_key.display().to_string()])
+        .ok()
+        .stdout;
+    std::fs::write(env.path("backup.pub"), format!("{}{}", old_pub, new_pub)).expect("pub");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.dr(&["backup-local", "app", "--type", "full"]).ok();
+    std::fs::write(env.path("backup.pub"), &new_pub).expect("pub");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    env.dr(&["backup-local", "app", "--type", "full"]).ok();
+
+    let old = env.key_arg();
+    let status = |env: &Env| {
+        let j = env
+            .dr(&["keys", "status", "--identity", &old, "--json"])
+            .ok()
+            .json();
+        j["keys"][0].clone()
+    };
+    let k = status(&env);
+    assert_eq!(k["current"], false, "{k}");
+    assert_eq!(k["backups"].as_array().map(|a| a.len()), Some(2), "{k}");
+    assert_eq!(
+        k["needed_by"],
+        serde_json::json!([format!("app/local/{first}")]),
+        "only the first backup needs the old key alone: {k}"
+    );
+    assert_eq!(k["retirable"], false, "{k}");
+    let text = env.dr(&["keys", "status", "--identity", &old]).ok().stdout;
+    assert!(
+        text.contains("keep it until retention has expired them"),
+        "{text}"
+    );
+
+    // Retention now keeps one full: once expire removes the old ones, the
+    // old key opens nothing stored and can be retired.
+    std::fs::write(
+        env.path("policies/app.toml"),
+        std::fs::read_to_string(env.path("policies/app.toml"))
+            .expect("policy")
+            .replace("full = 3", "full = 1"),
+    )
+    .expect("policy");
+    env.dr(&["expire", "app"]).ok();
+    let k = status(&env);
+    assert_eq!(k["retirable"], true, "{k}");
+    assert_eq!(k["backups"].as_array().map(|a| a.len()), Some(0), "{k}");
+    // The new key restores what is left.
+    let to = env.path("r.db").display().to_string();
+    let nk = new_key.display().to_string();
+    env.dr(&["restore-local", "app", "--to", &to, "--identity", &nk])
+        .ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}

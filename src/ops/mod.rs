@@ -4,6 +4,7 @@ pub mod backup;
 pub mod expire;
 pub mod fanout;
 pub mod info;
+pub mod keys;
 pub mod listing;
 pub mod members;
 pub mod pg;

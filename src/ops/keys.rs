@@ -1,0 +1,173 @@
+//! `dr keys status`: which keys the stored backups still need, so an old
+//! key is retired only once nothing needs it. Manifests record the
+//! fingerprints of the recipients each backup was encrypted to; WAL
+//! segments are expired with the backups of their generation, so a key no
+//! backup needs is not needed by any kept WAL either.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+use super::PolicyRepo;
+use super::members::{self, Scope};
+use crate::context::Context;
+use crate::error::Result;
+
+/// One key (recipient fingerprint) and what needs it.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyUse {
+    pub fingerprint: String,
+    /// The identity file it was given as, when it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<PathBuf>,
+    /// New backups are encrypted to it.
+    pub current: bool,
+    /// Backups that this key opens, as `policy/target/label`.
+    pub backups: Vec<String>,
+    /// Of those, the ones no current key opens: the key must stay while
+    /// they exist.
+    pub needed_by: Vec<String>,
+    /// The newest backup it opens.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub newest: Option<String>,
+    /// Whether it can be retired now.
+    pub retirable: bool,
+}
+
+/// Every key the stored backups record, or only those of `identities`.
+/// Targets that cannot be read are skipped with a warning (their backups
+/// are not counted: say so rather than call a key retirable).
+pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec<String>)> {
+    let mut uses: BTreeMap<String, KeyUse> = BTreeMap::new();
+    let mut unread = Vec::new();
+    let mut current: Vec<String> = Vec::new();
+    for p in members::select(ctx, None, None, Scope::Stored)? {
+        if !p.encrypted || !matches!(p.source, crate::config::Source::Sqlite { .. }) {
+            continue;
+        }
+        current.extend(ctx.sealing(&p)?.fingerprints());
+        for tname in &p.targets {
+            let t = ctx.cfg().target(tname)?;
+            let committed = ctx.storage(t).and_then(|store| {
+                PolicyRepo {
+                    storage: store.as_ref(),
+                    policy: &p.name,
+                }
+                .committed()
+            });
+            let committed = match committed {
+                Ok(c) => c,
+                Err(e) => {
+                    unread.push(format!("policy '{}' on target '{tname}': {e}", p.name));
+                    continue;
+                }
+            };
+            for c in committed {
+                let Ok(m) = c.manifest else { continue };
+                let at = format!("{}/{tname}/{}", p.name, m.label);
+                for fp in &m.recipients {
+                    let u = uses.entry(fp.clone()).or_insert_with(|| KeyUse {
+                        fingerprint: fp.clone(),
+                        identity_file: None,
+                        current: false,
+                        backups: Vec::new(),
+                        needed_by: Vec::new(),
+                        newest: None,
+                        retirable: false,
+                    });
+                    u.backups.push(at.clone());
+                    if !m.recipients.iter().any(|r| current_has(&current, r)) {
+                        u.needed_by.push(at.clone());
+                    }
+                    if u.newest
+                        .as_ref()
+                        .is_none_or(|n| label_of(n) < m.label.to_string())
+                    {
+                        u.newest = Some(at.clone());
+                    }
+                }
+            }
+        }
+    }
+    for fp in &current {
+        uses.entry(fp.clone()).or_insert_with(|| KeyUse {
+            fingerprint: fp.clone(),
+            identity_file: None,
+            current: true,
+            backups: Vec::new(),
+            needed_by: Vec::new(),
+            newest: None,
+            retirable: false,
+        });
+    }
+    for u in uses.values_mut() {
+        u.current = current_has(&current, &u.fingerprint);
+        // Needed by backups no current key opens; a current key is never retired.
+        u.retirable = !u.current && u.needed_by.is_empty() && unread.is_empty();
+    }
+    if identities.is_empty() {
+        return Ok((uses.into_values().collect(), unread));
+    }
+    let mut out = Vec::new();
+    for path in identities {
+        for fp in crate::keys::identity_fingerprints(path)? {
+            let mut u = uses.get(&fp).cloned().unwrap_or(KeyUse {
+                fingerprint: fp.clone(),
+                identity_file: None,
+                current: current_has(&current, &fp),
+                backups: Vec::new(),
+                needed_by: Vec::new(),
+                newest: None,
+                retirable: !current_has(&current, &fp) && unread.is_empty(),
+            });
+            u.identity_file = Some(path.clone());
+            out.push(u);
+        }
+    }
+    Ok((out, unread))
+}
+
+fn current_has(current: &[String], fp: &str) -> bool {
+    current.iter().any(|c| c == fp)
+}
+
+fn label_of(at: &str) -> String {
+    at.rsplit('/').next().unwrap_or_default().to_string()
+}
+
+/// The human report.
+pub fn render(uses: &[KeyUse], unread: &[String]) -> String {
+    use std::fmt::Write;
+    let mut s = String::new();
+    for u in uses {
+        let name = match &u.identity_file {
+            Some(f) => format!("{} ({})", u.fingerprint, f.display()),
+            None => u.fingerprint.clone(),
+        };
+        let state = if u.current {
+            "current"
+        } else {
+            "not in [encryption]"
+        };
+        let _ = writeln!(s, "key {name}: {state}, opens {} backups", u.backups.len());
+        if let Some(n) = &u.newest {
+            let _ = writeln!(s, "  newest: {n}");
+        }
+        if !u.needed_by.is_empty() {
+            let _ = writeln!(
+                s,
+                "  only this key (no current one) opens {}: keep it until retention has expired them (newest {})",
+                u.needed_by.len(),
+                u.needed_by.last().map(String::as_str).unwrap_or("")
+            );
+        }
+        if u.retirable {
+            let _ = writeln!(s, "  can be retired: no stored backup needs it");
+        }
+    }
+    for e in unread {
+        let _ = writeln!(s, "not read (no key is called retirable until it is): {e}");
+    }
+    s
+}
