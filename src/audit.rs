@@ -25,6 +25,14 @@ pub const FILE: &str = "audit.log";
 
 static DIR: RwLock<Option<PathBuf>> = RwLock::new(None);
 static COMMAND: RwLock<String> = RwLock::new(String::new());
+/// A line was written since [`take_written`] last asked: there is
+/// something to ship.
+static WRITTEN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether lines were written since the last call.
+pub fn take_written() -> bool {
+    WRITTEN.swap(false, std::sync::atomic::Ordering::SeqCst)
+}
 
 /// Where this process's audit lines go (its state directory).
 pub fn set_dir(state_dir: &Path) {
@@ -120,8 +128,9 @@ pub fn record(mut entry: Entry) {
     entry.uid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
     entry.pid = std::process::id();
     entry.command = COMMAND.read().map(|c| c.clone()).unwrap_or_default();
-    if let Err(e) = append(&dir, &entry) {
-        tracing::error!("the audit log could not be written: {e}");
+    match append(&dir, &entry) {
+        Ok(()) => WRITTEN.store(true, std::sync::atomic::Ordering::SeqCst),
+        Err(e) => tracing::error!("the audit log could not be written: {e}"),
     }
 }
 

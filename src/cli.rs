@@ -342,6 +342,13 @@ pub enum Command {
         /// One JSON object per line, as stored.
         #[arg(long)]
         json: bool,
+        /// Read what every host shipped to this target (under `.audit/`)
+        /// instead of this host's file: the record survives the host.
+        #[arg(long, value_name = "NAME")]
+        target: Option<String>,
+        /// The age identity that opens the shipped log (with --target).
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// Print a shell completion script: `dr completions bash > /etc/bash_completion.d/dr`.
     Completions {
@@ -525,6 +532,7 @@ fn filter(kind: Option<&'static str>, name: Option<&String>) -> TargetFilter {
 pub fn run(cli: Cli) -> Result<()> {
     let argv: Vec<String> = std::env::args().collect();
     crate::audit::set_command(&argv.join(" "));
+    let config = cli.config.clone();
     let r = run_command(cli);
     if let Err(e) = &r {
         let action = match e {
@@ -532,6 +540,15 @@ pub fn run(cli: Cli) -> Result<()> {
             _ => "failed",
         };
         crate::audit::record(crate::audit::Entry::new(action).outcome(&r));
+    }
+    // What this command added to the audit log goes to the targets too
+    // (the daemon ships on its own). A failure is a warning: the command's
+    // own outcome stands.
+    if crate::audit::take_written()
+        && let Ok(ctx) = Context::load(&config)
+        && let Err(e) = crate::ops::audit_log::ship(&ctx)
+    {
+        tracing::warn!("the audit log stays on this host for now: {e}");
     }
     r
 }
@@ -643,7 +660,18 @@ fn run_command(cli: Cli) -> Result<()> {
             crate::daemon::run(&cli.config, &stop, &hup)
         }
         Command::Healthcheck { timeout } => healthcheck(&cli.config, *timeout),
-        Command::Audit { since, json } => audit(&cli.config, since.as_deref(), *json),
+        Command::Audit {
+            since,
+            json,
+            target,
+            identity,
+        } => audit(
+            &cli.config,
+            since.as_deref(),
+            *json,
+            target.as_deref(),
+            identity.as_deref(),
+        ),
         Command::Keys {
             action: KeysAction::Status { identity, json },
         } => {
@@ -1039,10 +1067,27 @@ fn terminate(pid: u32) {
 }
 
 /// `dr healthcheck`: the daemon's /healthz, as an exit code.
-fn audit(config: &Path, since: Option<&str>, json: bool) -> Result<()> {
-    let cfg = config::load(config)?;
+fn audit(
+    config: &Path,
+    since: Option<&str>,
+    json: bool,
+    target: Option<&str>,
+    identity: Option<&Path>,
+) -> Result<()> {
     let since = since.map(parse_since).transpose()?;
-    let (entries, torn) = crate::audit::read(&cfg.state_dir, since)?;
+    let (entries, torn) = match target {
+        Some(name) => {
+            let ctx = Context::load(config)?;
+            let t = ctx.cfg().target(name)?.clone();
+            let all = crate::ops::audit_log::read_target(&ctx, &t, identity)?;
+            let kept = all
+                .into_iter()
+                .filter(|e| since.is_none_or(|s| e.time.is_some_and(|t| t >= s)))
+                .collect();
+            (kept, 0)
+        }
+        None => crate::audit::read(&config::load(config)?.state_dir, since)?,
+    };
     for e in &entries {
         if json {
             println!(

@@ -212,6 +212,35 @@ fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is
         text.contains("expire policy=app target=local labels="),
         "{text}"
     );
+    // Each command shipped its lines to the target, encrypted: erasing the
+    // host's log does not erase the record.
+    let shipped: Vec<String> = env
+        .objects()
+        .into_iter()
+        .filter(|o| o.starts_with(".audit/"))
+        .collect();
+    assert!(!shipped.is_empty(), "{:?}", env.objects());
+    for o in &shipped {
+        let bytes = std::fs::read(env.path("backups").join(o)).expect("object");
+        assert!(
+            bytes.starts_with(b"age-encryption.org/v1"),
+            "{o} is not age"
+        );
+    }
+    std::fs::remove_file(env.path("state/audit.log")).expect("erase");
+    let remote: Vec<serde_json::Value> = env
+        .dr(&["audit", "--target", "local", "--json"])
+        .ok()
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    for action in ["backup", "expire", "restore", "verify", "refused"] {
+        assert!(
+            remote.iter().any(|l| l["action"] == action),
+            "{action} not shipped: {remote:?}"
+        );
+    }
 }
 
 #[test]

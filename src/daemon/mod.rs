@@ -237,6 +237,8 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     );
     let mut sched = Scheduler::new(jobs(ctx.cfg(), &history, Utc::now())?);
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
+    let mut shipper: Option<std::thread::JoinHandle<()>> = None;
+    let mut last_ship = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         if hup.swap(false, Ordering::SeqCst) {
             match config::load(config_path) {
@@ -285,6 +287,22 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
             }));
         }
         workers.retain(|w| !w.is_finished());
+        // The audit log goes to the targets at most once every
+        // AUDIT_SHIP, and only when it gained lines.
+        if last_ship.elapsed() >= AUDIT_SHIP
+            && shipper.as_ref().is_none_or(|h| h.is_finished())
+            && crate::audit::take_written()
+        {
+            last_ship = Instant::now();
+            let ctx = shared.ctx.read().map(|c| c.clone()).ok();
+            shipper = ctx.map(|ctx| {
+                std::thread::spawn(move || {
+                    if let Err(e) = ops::audit_log::ship(&ctx) {
+                        tracing::warn!("the audit log stays on this host for now: {e}");
+                    }
+                })
+            });
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopping: no new runs; shipping committed WAL");
@@ -296,8 +314,20 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     server.unblock();
+    if let Some(h) = shipper.take() {
+        let _ = h.join();
+    }
+    if crate::audit::take_written()
+        && let Ok(ctx) = shared.ctx.read().map(|c| c.clone())
+        && let Err(e) = ops::audit_log::ship(&ctx)
+    {
+        tracing::warn!("the audit log stays on this host for now: {e}");
+    }
     Ok(())
 }
+
+/// How often the daemon ships new audit lines to the targets.
+const AUDIT_SHIP: Duration = Duration::from_secs(60);
 
 /// When each job falls due, and what waits for its policy.
 ///
