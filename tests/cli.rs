@@ -128,13 +128,7 @@ fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is
     let secret = "correct-horse-battery-audit-9";
     env.use_passphrase(&pass, &format!("{secret}\n"), 0o600);
     common::make_db(&env.db, true, 50, 500);
-    let first = env
-        .dr(&["backup-local", "app", "--type", "full", "--json"])
-        .ok()
-        .json()[0]["label"]
-        .as_str()
-        .expect("label")
-        .to_string();
+    let first = env.full_backup("backup-local");
     std::thread::sleep(std::time::Duration::from_millis(1100));
     // retention.full = 1: this backup's expire removes the first.
     env.dr(&["backup-local", "app", "--type", "full"]).ok();
@@ -248,13 +242,7 @@ fn keys_status_names_the_backups_an_old_key_opens_and_retires_it_after_expire() 
     let env = Env::new("[retention]\nfull = 3\n");
     make_db(&env.db, true, 50, 500);
     let old_pub = std::fs::read_to_string(env.path("backup.pub")).expect("pub");
-    let first = env
-        .dr(&["backup-local", "app", "--type", "full", "--json"])
-        .ok()
-        .json()[0]["label"]
-        .as_str()
-        .expect("label")
-        .to_string();
+    let first = env.full_backup("backup-local");
     // Rotation: the new recipient is added beside the old one, then the
     // old one is removed.
     let new_key = env.path("new.key");

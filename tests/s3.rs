@@ -331,13 +331,7 @@ fn object_lock_keeps_backups_a_delete_cannot_remove_and_expire_waits_for_it() {
     std::fs::write(env.config(), cfg).expect("cfg");
     make_db(&env.db, true, 50, 500);
     let want = dump(&env.db);
-    let first = env
-        .dr(&["backup-s3", "app", "--type", "full", "--json"])
-        .ok()
-        .json()[0]["label"]
-        .as_str()
-        .expect("label")
-        .to_string();
+    let first = env.full_backup("backup-s3");
     // Every object dr wrote is locked for two days.
     let head = moto.lock_tool(&["head", "lockbucket", &data_key(&first)]);
     let (mode, until) = head.split_once(' ').expect("mode and date");

@@ -124,6 +124,27 @@ fn restore_at(env: &Env, cmd: &str, at: &str, to: &str) -> common::Run {
     ])
 }
 
+/// Adds an s3 target at `endpoint` (bucket `walbucket`) beside local, and
+/// streams policy `app` to both.
+fn add_s3(env: &Env, endpoint: &str) {
+    let toml = common::s3::target_toml(
+        env.dir.path(),
+        "s3",
+        endpoint,
+        "walbucket",
+        common::s3::SECRET_KEY,
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        text.replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
+    )
+    .expect("policy");
+}
+
 fn generations(env: &Env, target: usize) -> usize {
     let j = env.dr(&["info", "--json"]).ok().json();
     j["policies"][0]["targets"][target]["wal"]["generations"]
@@ -242,22 +263,7 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
     let dir = tempfile::tempdir().expect("tmp");
     let mut server = S3Server::start(&dir.path().join("s3"), "walbucket");
     let env = Env::new(WAL_POLICY);
-    let toml = common::s3::target_toml(
-        env.dir.path(),
-        "s3",
-        &server.endpoint(),
-        "walbucket",
-        common::s3::SECRET_KEY,
-    );
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
-    std::fs::write(env.config(), cfg).expect("cfg");
-    std::fs::write(
-        env.path("policies/app.toml"),
-        std::fs::read_to_string(env.path("policies/app.toml"))
-            .expect("policy")
-            .replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
-    )
-    .expect("policy");
+    add_s3(&env, &server.endpoint());
     common::make_db(&env.db, true, 50, 1000);
     let dr = replicate(&env);
     wait_streaming(&env);
@@ -340,22 +346,7 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
 fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let port = common::s3::free_port();
     let env = Env::new(&WAL_POLICY.replace("[wal]\n", "[wal]\nspool_max = \"200KiB\"\n"));
-    let toml = common::s3::target_toml(
-        env.dir.path(),
-        "s3",
-        &format!("http://127.0.0.1:{port}"),
-        "walbucket",
-        common::s3::SECRET_KEY,
-    );
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let policy = env.path("policies/app.toml");
-    let text = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(
-        &policy,
-        text.replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
-    )
-    .expect("policy");
+    add_s3(&env, &format!("http://127.0.0.1:{port}"));
     common::make_db(&env.db, true, 50, 1000);
     let dr = replicate(&env);
     wait_streaming(&env);
@@ -855,25 +846,8 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
     let dir = tempfile::tempdir().expect("tmp");
     let mut server = S3Server::start(&dir.path().join("s3"), "walbucket");
     let env = Env::new(WAL_POLICY);
-    let toml = common::s3::target_toml(
-        env.dir.path(),
-        "s3",
-        &server.endpoint(),
-        "walbucket",
-        common::s3::SECRET_KEY,
-    );
-    let port = common::s3::free_port();
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &toml
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
-    std::fs::write(env.config(), cfg).expect("cfg");
-    std::fs::write(
-        env.path("policies/app.toml"),
-        std::fs::read_to_string(env.path("policies/app.toml"))
-            .expect("policy")
-            .replace("targets = [\"local\"]", "targets = [\"local\", \"s3\"]"),
-    )
-    .expect("policy");
+    add_s3(&env, &server.endpoint());
+    with_listen(&env);
     common::make_db(&env.db, true, 50, 1000);
     let mut daemon = daemon(&env);
     wait_streaming(&env);

@@ -416,33 +416,31 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
                     "the token file cannot be read: see dr's log\n".to_string(),
                     "text/plain",
                 ),
-                ("/healthz", Access::Denied) => match problems(&shared) {
-                    // Without the token, the status and no detail: names of
-                    // policies and targets stay private.
-                    Ok(p) if p.is_empty() => {
-                        (200, "{\"status\":\"ok\"}".to_string(), "application/json")
+                // Without the token (when one is set), the status and no
+                // detail: names of policies and targets stay private.
+                ("/healthz", access) => {
+                    let detail = matches!(access, Access::Granted);
+                    match problems(&shared) {
+                        Ok(p) if p.is_empty() => {
+                            (200, "{\"status\":\"ok\"}".to_string(), "application/json")
+                        }
+                        Ok(p) if detail => (
+                            503,
+                            serde_json::json!({"status": "unhealthy", "problems": p}).to_string(),
+                            "application/json",
+                        ),
+                        Err(e) if detail => (
+                            500,
+                            format!("{{\"error\":{:?}}}", e.to_string()),
+                            "application/json",
+                        ),
+                        Ok(_) | Err(_) => (
+                            503,
+                            "{\"status\":\"unhealthy\"}".to_string(),
+                            "application/json",
+                        ),
                     }
-                    Ok(_) | Err(_) => (
-                        503,
-                        "{\"status\":\"unhealthy\"}".to_string(),
-                        "application/json",
-                    ),
-                },
-                ("/healthz", Access::Granted) => match problems(&shared) {
-                    Ok(p) if p.is_empty() => {
-                        (200, "{\"status\":\"ok\"}".to_string(), "application/json")
-                    }
-                    Ok(p) => (
-                        503,
-                        serde_json::json!({"status": "unhealthy", "problems": p}).to_string(),
-                        "application/json",
-                    ),
-                    Err(e) => (
-                        500,
-                        format!("{{\"error\":{:?}}}", e.to_string()),
-                        "application/json",
-                    ),
-                },
+                }
                 ("/metrics", Access::Denied) => (
                     401,
                     "the metrics need `Authorization: Bearer <token>` ([daemon] token_file)\n"

@@ -120,6 +120,17 @@ impl Env {
         .expect("config");
     }
 
+    /// Takes a full backup of policy `app` (`cmd`: backup-local or
+    /// backup-s3) and returns its label.
+    pub fn full_backup(&self, cmd: &str) -> String {
+        self.dr(&[cmd, "app", "--type", "full", "--json"])
+            .ok()
+            .json()[0]["label"]
+            .as_str()
+            .expect("label")
+            .to_string()
+    }
+
     pub fn key_arg(&self) -> String {
         self.key.display().to_string()
     }
