@@ -208,8 +208,7 @@ fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is
     );
     // Each command shipped its lines to the target, encrypted: erasing the
     // host's log does not erase the record.
-    let shipped: Vec<String> = env
-        .objects()
+    let shipped: Vec<String> = common::files_under(&env.path("backups"))
         .into_iter()
         .filter(|o| o.starts_with(".audit/"))
         .collect();

@@ -144,9 +144,13 @@ impl Env {
         self.dr(&args)
     }
 
-    /// Keys of every object under the backups directory, relative to it.
+    /// Keys of the backup and WAL objects under the backups directory,
+    /// relative to it (the shipped audit log under `.audit/` is not one).
     pub fn objects(&self) -> Vec<String> {
         files_under(&self.path("backups"))
+            .into_iter()
+            .filter(|k| !k.starts_with(".audit/"))
+            .collect()
     }
 }
 
