@@ -189,6 +189,15 @@ fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is
     );
     let log = std::fs::read_to_string(env.path("state/audit.log")).expect("audit.log");
     assert!(!log.contains(secret), "the passphrase is in the audit log");
+    for root in ["state", "backups"] {
+        for f in common::files_under(&env.path(root)) {
+            let bytes = std::fs::read(env.path(root).join(&f)).unwrap_or_default();
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "the passphrase is in {root}/{f}"
+            );
+        }
+    }
     let mode = std::fs::metadata(env.path("state/audit.log"))
         .expect("meta")
         .permissions();

@@ -176,6 +176,31 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     });
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert!(log.contains("keeping the running one"), "{log}");
+    // A good reload too; both are in the audit log.
+    let _ = Command::new("kill")
+        .args(["-HUP", &daemon.id().to_string()])
+        .status();
+    wait_for("the reload's audit line", 10, || {
+        env.dr(&["audit", "--json"])
+            .stdout
+            .lines()
+            .filter(|l| l.contains("\"config_reload\""))
+            .count()
+            >= 2
+    });
+    let audit = env.dr(&["audit", "--json"]).ok().stdout;
+    let reloads: Vec<serde_json::Value> = audit
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|l: &serde_json::Value| l["action"] == "config_reload")
+        .collect();
+    assert!(
+        reloads[0]["result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("invalid")),
+        "{audit}"
+    );
+    assert_eq!(reloads[1]["result"], "ok", "{audit}");
 
     sigterm_exits_zero_quickly(daemon);
     // Whatever was cut off has no manifest: every listed backup verifies.

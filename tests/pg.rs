@@ -49,6 +49,13 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
     let cluster = PgCluster::start(&dir.path().join("pg"));
     let env = pg_env(&cluster, "[retention]\nfull = 1\n");
     setup(&env, &cluster);
+    let audit = env.dr(&["audit", "--json"]).ok().stdout;
+    assert!(
+        audit.lines().any(|l| l.contains("\"pg_setup\"")
+            && l.contains("\"policy\":\"main-pg\"")
+            && l.contains("\"result\":\"ok\"")),
+        "{audit}"
+    );
     cluster.pgbench(&["-i", "-s", "2", "-q"]);
     cluster.sql("CREATE TABLE marks(id int primary key, note text)");
     cluster.sql("INSERT INTO marks SELECT g, 'before' FROM generate_series(1, 1000) g");

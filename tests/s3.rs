@@ -290,6 +290,14 @@ fn a_lease_held_by_another_host_stops_the_backup_and_an_expired_one_is_taken_ove
     env.dr(&["backup-s3", "app"]).ok();
     assert!(!lease.exists(), "the lease is released after the backup");
     restore_s3(&env, "r.db").ok();
+    // The takeover is on record, with the lease's key.
+    let audit = env.dr(&["audit", "--json"]).ok().stdout;
+    assert!(
+        audit.lines().any(|l| l.contains("\"lease_takeover\"")
+            && l.contains("\"target\":\"s3\"")
+            && l.contains("app/lease")),
+        "{audit}"
+    );
 }
 
 #[test]

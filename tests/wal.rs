@@ -902,6 +902,15 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
     // The test server speaks plain http: dr says so, naming the target.
     assert!(log.contains("target 's3' talks to http://"), "{log}");
     assert!(!log.contains(new_secret) && !log.contains(common::s3::SECRET_KEY));
+    for f in common::files_under(&env.path("state")) {
+        let text =
+            String::from_utf8_lossy(&std::fs::read(env.path("state").join(&f)).unwrap_or_default())
+                .to_string();
+        assert!(
+            !text.contains(new_secret) && !text.contains(common::s3::SECRET_KEY),
+            "an S3 secret is in state/{f}"
+        );
+    }
     // Nothing was lost: every instant restores exactly from s3 (with the new key).
     assert_eq!(generations(&env, 1), 1);
     for (at, burst, want) in marks(&env) {
