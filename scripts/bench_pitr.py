@@ -73,6 +73,19 @@ def stop(p):
         p.wait()
 
 
+def burst_then_restore(tool, db, seconds, out, restore):
+    """The writer's burst while `tool` streams, then the tool stops and
+    `restore` (a shell command writing `out`) is timed. Returns the
+    transactions written, the restore's seconds and peak RSS, and whether
+    `out` equals the source."""
+    n = write_burst(db, seconds, 1)
+    time.sleep(3)
+    stop(tool)
+    want = table_digest(db)
+    w, rss, _ = bench.timed(restore)
+    return n, w, rss, table_digest(out) == want
+
+
 def run_dr(dr, base, src, seconds):
     db = os.path.join(base, "app.db")
     shutil.copy(src, db)
@@ -89,13 +102,10 @@ def run_dr(dr, base, src, seconds):
         if time.time() > deadline or p.poll() is not None:
             raise SystemExit(f"dr took no base backup: see {log.name}")
         time.sleep(0.2)
-    n = write_burst(db, seconds, 1)
-    time.sleep(3)
-    stop(p)
-    want = table_digest(db)
     out = os.path.join(base, "dr.restored.db")
-    w, rss, _ = bench.timed(f"rm -f '{out}' && '{dr}' -c '{cfg}' restore-local bench --to '{out}' --identity '{key}' --force")
-    ok = table_digest(out) == want
+    n, w, rss, ok = burst_then_restore(
+        p, db, seconds, out,
+        f"rm -f '{out}' && '{dr}' -c '{cfg}' restore-local bench --to '{out}' --identity '{key}' --force")
     stored = dir_size(os.path.join(d, "backups"))
     diffs = len(glob_any(os.path.join(d, "backups", "bench", "backup", "*D", "manifest*")))
     shutil.rmtree(d)
@@ -110,7 +120,11 @@ def run_litestream(ls, base, src, seconds):
     db = os.path.join(base, "ls.db")
     shutil.copy(src, db)
     replica = os.path.join(base, "ls-replica")
-    shutil.rmtree(replica, ignore_errors=True)
+    # Litestream keeps its own state beside the database: a run must not
+    # start from the last one's.
+    meta = os.path.join(base, ".ls.db-litestream")
+    for d in (replica, meta):
+        shutil.rmtree(d, ignore_errors=True)
     log = open(os.path.join(base, "litestream.log"), "w")
     p = subprocess.Popen([ls, "replicate", db, f"file://{replica}"], stdout=log, stderr=log)
     # Its first snapshot must be written before the burst.
@@ -120,15 +134,12 @@ def run_litestream(ls, base, src, seconds):
             raise SystemExit(f"Litestream wrote no snapshot: see {log.name}")
         time.sleep(0.2)
     time.sleep(2)
-    n = write_burst(db, seconds, 1)
-    time.sleep(3)
-    stop(p)
-    want = table_digest(db)
     out = os.path.join(base, "ls.restored.db")
-    w, rss, _ = bench.timed(f"rm -f '{out}' && '{ls}' restore -o '{out}' 'file://{replica}'")
-    ok = table_digest(out) == want
+    n, w, rss, ok = burst_then_restore(
+        p, db, seconds, out, f"rm -f '{out}' && '{ls}' restore -o '{out}' 'file://{replica}'")
     stored = dir_size(replica)
     shutil.rmtree(replica)
+    shutil.rmtree(meta, ignore_errors=True)
     for p_ in (db, out):
         for f in (p_, p_ + "-wal", p_ + "-shm"):
             if os.path.exists(f):
