@@ -106,6 +106,16 @@ impl<'f> Coalesce<'f> {
     }
 }
 
+impl Drop for Coalesce<'_> {
+    /// The last head start ends before the caller goes on: WAL replayed
+    /// next must not write pages an `fdatasync` is still writing out.
+    fn drop(&mut self) {
+        if let Some(h) = self.writeback.take() {
+            let _ = h.join();
+        }
+    }
+}
+
 /// Has a helper thread write the file's dirty pages to disk while the
 /// restore goes on, unless the one before is still at it: with gigabytes of
 /// page cache, Linux would otherwise hold a whole restored database dirty
