@@ -332,6 +332,8 @@ pub struct Stream {
     last_spool_check: Instant,
     report: StreamReport,
     full_warned: Option<Instant>,
+    /// What the spool held (sealed, stored bytes) when it became full.
+    full_listed: Option<u64>,
     /// The commit time given to the next transactions read: those made
     /// while no streamer watched, read when a generation continues.
     backlog_stamp: Option<DateTime<Utc>>,
@@ -419,6 +421,7 @@ impl Stream {
             last_spool_check: now,
             report,
             full_warned: None,
+            full_listed: None,
             backlog_stamp: None,
             sealed: false,
             wants_base: None,
@@ -695,9 +698,13 @@ impl Stream {
     }
 
     fn spool_full(&mut self) -> Result<bool> {
-        let used: u64 = self.spool.list().iter().map(|s| s.size).sum::<u64>()
-            + self.open.as_ref().map_or(0, |o| o.bytes);
-        let full = used >= self.policy.wal.spool_max;
+        let listed: u64 = self.spool.list().iter().map(|s| s.size).sum::<u64>();
+        let used = listed + self.open.as_ref().map_or(0, |o| o.bytes);
+        // Full until a target drains something: sealing the open segment
+        // (counted in plaintext bytes, stored compressed) must not read as
+        // room again.
+        let full = used >= self.policy.wal.spool_max
+            || self.full_listed.is_some_and(|mark| listed >= mark);
         if full {
             if self
                 .full_warned
@@ -713,7 +720,11 @@ impl Stream {
                 self.full_warned = Some(Instant::now());
                 self.publish(false)?;
             }
+            if self.full_listed.is_none() {
+                self.full_listed = Some(listed);
+            }
         } else if self.full_warned.take().is_some() {
+            self.full_listed = None;
             tracing::info!(policy = %self.policy.name, "WAL spool has room again");
         }
         Ok(full)
