@@ -813,17 +813,15 @@ fn a_long_stream_takes_diffs_so_a_restore_replays_a_bounded_amount_of_wal() {
         chrono::DateTime::parse_from_rfc3339(v.as_str().unwrap_or_default()).expect("time")
     };
     let at = chrono::DateTime::parse_from_rfc3339(&last.0).expect("mark time");
-    // `info` gives whole seconds: a diff started in the instant's own
-    // second may have taken its snapshot just after it, so the newest or
-    // the one before it fits.
-    let mut before: Vec<_> = diffs
+    // The diff it starts from was taken before the instant (`info` gives
+    // whole seconds); under load the newest one may have taken its
+    // snapshot just after it, so an earlier diff is fine too.
+    let chosen = diffs
         .iter()
-        .filter(|d| ts(&d["timestamp_start"]) <= at)
-        .map(|d| (ts(&d["timestamp_start"]), d["label"].clone()))
-        .collect();
-    before.sort_by_key(|d| std::cmp::Reverse(d.0));
+        .find(|d| d["label"] == chain[1])
+        .expect("the chosen diff");
     assert!(
-        before.iter().take(2).any(|(_, l)| *l == chain[1]),
+        ts(&chosen["timestamp_start"]) <= at,
         "{rep}; diffs {diffs:?}"
     );
     let replayed = rep["wal"]["transactions"].as_u64().unwrap_or(u64::MAX);
