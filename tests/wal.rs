@@ -359,8 +359,17 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     wait_streaming(&env);
     write(&env, 4, 30, 1200, 4000, &[]);
     let final_digest = digest(&env.db);
-    std::thread::sleep(Duration::from_millis(1500));
-    let j = env.dr(&["info", "--json", "--target", "s3"]).json();
+    // Under load the capture may trail the writer: wait for it to fill.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let j = loop {
+        let j = env.dr(&["info", "--json", "--target", "s3"]).json();
+        if j["policies"][0]["targets"][0]["wal"]["stream"]["spool_full"] == true
+            || Instant::now() > deadline
+        {
+            break j;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let stream = &j["policies"][0]["targets"][0]["wal"]["stream"];
     assert_eq!(stream["spool_full"], true, "{stream}");
     assert!(
