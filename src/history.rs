@@ -38,6 +38,10 @@ impl History {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;
         let conn = Connection::open(state_dir.join("history.db")).map_err(db_err)?;
+        // Before the schema: a `dr info` opening the file at the same
+        // moment must make this wait, not fail the daemon's start.
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
              CREATE TABLE IF NOT EXISTS runs(
@@ -47,8 +51,6 @@ impl History {
              CREATE INDEX IF NOT EXISTS runs_by_job ON runs(policy, target, kind, finished);",
         )
         .map_err(db_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(db_err)?;
         Ok(History { conn })
     }
 
