@@ -546,9 +546,8 @@ pub fn run(cli: Cli) -> Result<()> {
     // own outcome stands.
     if crate::audit::take_written()
         && let Ok(ctx) = Context::load(&config)
-        && let Err(e) = crate::ops::audit_log::ship(&ctx)
     {
-        tracing::warn!("the audit log stays on this host for now: {e}");
+        crate::ops::audit_log::ship(&ctx);
     }
     r
 }
@@ -1121,10 +1120,11 @@ fn audit(
     Ok(())
 }
 
-/// `--since`: an instant, a date, or a duration back from now.
+/// `--since`: an instant (as `--at` takes it), a date, or a duration back
+/// from now.
 fn parse_since(s: &str) -> Result<chrono::DateTime<Utc>> {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
-        return Ok(t.with_timezone(&Utc));
+    if let Ok(t) = parse_instant(s) {
+        return Ok(t);
     }
     if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
         && let Some(t) = d.and_hms_opt(0, 0, 0)

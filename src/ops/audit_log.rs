@@ -35,10 +35,17 @@ fn sealing(ctx: &Context) -> Result<Sealing> {
     }
 }
 
-/// Ships the new lines to every target; returns the objects written. A
-/// target that fails is skipped (and tried again next time from the same
-/// place); the first error is returned after the others were tried.
-pub fn ship(ctx: &Context) -> Result<usize> {
+/// Ships the new lines to every target. Never fails the caller: what
+/// cannot go now is a warning, and goes next time from the same place.
+pub fn ship(ctx: &Context) {
+    if let Err(e) = ship_all(ctx) {
+        tracing::warn!("the audit log stays on this host for now: {e}");
+    }
+}
+
+/// [`ship`]; a target that fails is a warning of its own and the others
+/// still get their lines.
+fn ship_all(ctx: &Context) -> Result<()> {
     let sealing = sealing(ctx)?;
     let targets: Vec<Target> = ctx.cfg().targets.values().cloned().collect();
     // Open the targets first: reading their key files is itself audited,
@@ -53,8 +60,6 @@ pub fn ship(ctx: &Context) -> Result<usize> {
         .unwrap_or_default();
     // Whole lines only.
     let end = log.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1) as u64;
-    let mut written = 0;
-    let mut first_err = None;
     for (t, store) in stores {
         let from = cursors.get(&t.name).copied().unwrap_or(0);
         // A log that shrank was rotated by the user: ship it from its start.
@@ -80,21 +85,15 @@ pub fn ship(ctx: &Context) -> Result<usize> {
         match r {
             Ok(()) => {
                 cursors.insert(t.name.clone(), end);
-                written += 1;
             }
             Err(e) => {
-                tracing::warn!(target = %t.name, "the audit log could not be shipped: {e}");
-                first_err.get_or_insert(e);
+                tracing::warn!(target = %t.name, "the audit log stays on this host for now: {e}");
             }
         }
     }
     let bytes = serde_json::to_vec(&cursors).map_err(|e| Error::Other(e.to_string()))?;
     std::fs::write(&cursor_path, bytes)
-        .map_err(|e| Error::io(format!("cannot write {}", cursor_path.display()), e))?;
-    match first_err {
-        Some(e) => Err(e),
-        None => Ok(written),
-    }
+        .map_err(|e| Error::io(format!("cannot write {}", cursor_path.display()), e))
 }
 
 /// Every entry shipped to `target` (by any host), oldest first, read with

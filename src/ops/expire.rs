@@ -186,6 +186,7 @@ fn expire_wal(
     let protection = repo.storage.protection();
     let now = Utc::now();
     for r in repo::wal::expire(&prefix, &listing, &kept) {
+        let label = format!("wal/{} ({} objects)", r.generation, r.keys.len());
         let newest = listing
             .iter()
             .filter(|o| r.keys.contains(&o.key))
@@ -195,7 +196,7 @@ fn expire_wal(
             out.push(Expired {
                 policy: policy.name.clone(),
                 target: target.name.clone(),
-                label: format!("wal/{} ({} objects)", r.generation, r.keys.len()),
+                label,
                 reason: format!("{}; kept: {}", r.reason, held_why(protection, until)),
                 removed: false,
             });
@@ -206,17 +207,12 @@ fn expire_wal(
                 repo.storage.delete(k)?;
             }
             tracing::info!(policy = %policy.name, target = %target.name, generation = %r.generation, "expired {} WAL objects: {}", r.keys.len(), r.reason);
-            audit_removal(
-                policy,
-                target,
-                format!("wal/{} ({} objects)", r.generation, r.keys.len()),
-                &r.reason,
-            );
+            audit_removal(policy, target, label.clone(), &r.reason);
         }
         out.push(Expired {
             policy: policy.name.clone(),
             target: target.name.clone(),
-            label: format!("wal/{} ({} objects)", r.generation, r.keys.len()),
+            label,
             reason: r.reason,
             removed: !dry_run,
         });

@@ -35,13 +35,28 @@ pub struct KeyUse {
     pub retirable: bool,
 }
 
+impl KeyUse {
+    fn new(fingerprint: &str, current: bool) -> KeyUse {
+        KeyUse {
+            fingerprint: fingerprint.to_string(),
+            identity_file: None,
+            current,
+            backups: Vec::new(),
+            needed_by: Vec::new(),
+            newest: None,
+            retirable: false,
+        }
+    }
+}
+
 /// Every key the stored backups record, or only those of `identities`.
 /// Targets that cannot be read are skipped with a warning (their backups
 /// are not counted: say so rather than call a key retirable).
 pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec<String>)> {
-    let mut uses: BTreeMap<String, KeyUse> = BTreeMap::new();
     let mut unread = Vec::new();
     let mut current: Vec<String> = Vec::new();
+    // Every backup read, as (`policy/target/label`, label, recipients).
+    let mut stored = Vec::new();
     for p in members::select(ctx, None, None, Scope::Stored)? {
         if !p.encrypted || !matches!(p.source, crate::config::Source::Sqlite { .. }) {
             continue;
@@ -56,53 +71,44 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
                 }
                 .committed()
             });
-            let committed = match committed {
-                Ok(c) => c,
-                Err(e) => {
-                    unread.push(format!("policy '{}' on target '{tname}': {e}", p.name));
-                    continue;
-                }
-            };
-            for c in committed {
-                let Ok(m) = c.manifest else { continue };
-                let at = format!("{}/{tname}/{}", p.name, m.label);
-                for fp in &m.recipients {
-                    let u = uses.entry(fp.clone()).or_insert_with(|| KeyUse {
-                        fingerprint: fp.clone(),
-                        identity_file: None,
-                        current: false,
-                        backups: Vec::new(),
-                        needed_by: Vec::new(),
-                        newest: None,
-                        retirable: false,
-                    });
-                    u.backups.push(at.clone());
-                    if !m.recipients.iter().any(|r| current_has(&current, r)) {
-                        u.needed_by.push(at.clone());
-                    }
-                    if u.newest
-                        .as_ref()
-                        .is_none_or(|n| label_of(n) < m.label.to_string())
-                    {
-                        u.newest = Some(at.clone());
-                    }
-                }
+            match committed {
+                Ok(c) => stored.extend(c.into_iter().filter_map(|c| c.manifest.ok()).map(|m| {
+                    (
+                        format!("{}/{tname}/{}", p.name, m.label),
+                        m.label.to_string(),
+                        m.recipients,
+                    )
+                })),
+                Err(e) => unread.push(format!("policy '{}' on target '{tname}': {e}", p.name)),
             }
         }
     }
-    for fp in &current {
-        uses.entry(fp.clone()).or_insert_with(|| KeyUse {
-            fingerprint: fp.clone(),
-            identity_file: None,
-            current: true,
-            backups: Vec::new(),
-            needed_by: Vec::new(),
-            newest: None,
-            retirable: false,
-        });
+    current.sort();
+    current.dedup();
+    let is_current = |fp: &str| current.iter().any(|c| c == fp);
+    let mut uses: BTreeMap<String, KeyUse> = current
+        .iter()
+        .map(|fp| (fp.clone(), KeyUse::new(fp, true)))
+        .collect();
+    let mut newest: BTreeMap<String, String> = BTreeMap::new();
+    for (at, label, recipients) in &stored {
+        let only_old = !recipients.iter().any(|r| is_current(r));
+        for fp in recipients {
+            let u = uses
+                .entry(fp.clone())
+                .or_insert_with(|| KeyUse::new(fp, false));
+            u.backups.push(at.clone());
+            if only_old {
+                u.needed_by.push(at.clone());
+            }
+            let n = newest.entry(fp.clone()).or_default();
+            if *label > *n {
+                *n = label.clone();
+                u.newest = Some(at.clone());
+            }
+        }
     }
     for u in uses.values_mut() {
-        u.current = current_has(&current, &u.fingerprint);
         // Needed by backups no current key opens; a current key is never retired.
         u.retirable = !u.current && u.needed_by.is_empty() && unread.is_empty();
     }
@@ -112,28 +118,16 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
     let mut out = Vec::new();
     for path in identities {
         for fp in crate::keys::identity_fingerprints(path)? {
-            let mut u = uses.get(&fp).cloned().unwrap_or(KeyUse {
-                fingerprint: fp.clone(),
-                identity_file: None,
-                current: current_has(&current, &fp),
-                backups: Vec::new(),
-                needed_by: Vec::new(),
-                newest: None,
-                retirable: !current_has(&current, &fp) && unread.is_empty(),
+            let mut u = uses.get(&fp).cloned().unwrap_or_else(|| {
+                let mut u = KeyUse::new(&fp, is_current(&fp));
+                u.retirable = !u.current && unread.is_empty();
+                u
             });
             u.identity_file = Some(path.clone());
             out.push(u);
         }
     }
     Ok((out, unread))
-}
-
-fn current_has(current: &[String], fp: &str) -> bool {
-    current.iter().any(|c| c == fp)
-}
-
-fn label_of(at: &str) -> String {
-    at.rsplit('/').next().unwrap_or_default().to_string()
 }
 
 /// The human report.
