@@ -29,6 +29,29 @@ pub struct History {
     conn: Connection,
 }
 
+/// How long opening the history waits for another process's lock.
+const BUSY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Runs `f` again while SQLite answers busy or locked, until `deadline`.
+fn until_not_busy(
+    deadline: std::time::Instant,
+    mut f: impl FnMut() -> rusqlite::Result<()>,
+) -> Result<()> {
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if matches!(
+                    e.code,
+                    rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+                ) && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            r => return r.map_err(db_err),
+        }
+    }
+}
+
 fn db_err(e: rusqlite::Error) -> Error {
     Error::Other(format!("run history: {e}"))
 }
@@ -38,19 +61,31 @@ impl History {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::io(format!("cannot create {}", state_dir.display()), e))?;
         let conn = Connection::open(state_dir.join("history.db")).map_err(db_err)?;
-        // Before the schema: a `dr info` opening the file at the same
-        // moment must make this wait, not fail the daemon's start.
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(db_err)?;
-        conn.execute_batch(
-            "PRAGMA journal_mode=WAL;
-             CREATE TABLE IF NOT EXISTS runs(
-               policy TEXT NOT NULL, target TEXT NOT NULL, kind TEXT NOT NULL,
-               started TEXT NOT NULL, finished TEXT NOT NULL, ok INTEGER NOT NULL,
-               error TEXT, label TEXT, size INTEGER NOT NULL DEFAULT 0);
-             CREATE INDEX IF NOT EXISTS runs_by_job ON runs(policy, target, kind, finished);",
-        )
-        .map_err(db_err)?;
+        // Two processes opening a new file at once (the daemon starting
+        // while a `dr info` runs) both write the schema. SQLite answers one
+        // of them "locked" at once, without waiting, when a reader's upgrade
+        // to writer would deadlock; so the schema is written under BEGIN
+        // IMMEDIATE (the write lock first, which the busy timeout waits
+        // for), and a busy answer is tried again until the deadline.
+        conn.busy_timeout(BUSY_WAIT).map_err(db_err)?;
+        let deadline = std::time::Instant::now() + BUSY_WAIT;
+        until_not_busy(deadline, || conn.execute_batch("PRAGMA journal_mode=WAL"))?;
+        until_not_busy(deadline, || {
+            conn.execute_batch(
+                "BEGIN IMMEDIATE;
+                 CREATE TABLE IF NOT EXISTS runs(
+                   policy TEXT NOT NULL, target TEXT NOT NULL, kind TEXT NOT NULL,
+                   started TEXT NOT NULL, finished TEXT NOT NULL, ok INTEGER NOT NULL,
+                   error TEXT, label TEXT, size INTEGER NOT NULL DEFAULT 0);
+                 CREATE INDEX IF NOT EXISTS runs_by_job ON runs(policy, target, kind, finished);
+                 COMMIT;",
+            )
+            .inspect_err(|_| {
+                if !conn.is_autocommit() {
+                    let _ = conn.execute_batch("ROLLBACK");
+                }
+            })
+        })?;
         Ok(History { conn })
     }
 
@@ -122,6 +157,28 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The daemon starting while `dr info` runs: every opener of a new
+    /// history gets it, none is told "database is locked".
+    #[test]
+    fn openers_racing_on_a_new_file_all_succeed() {
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().expect("tmp");
+            let go = std::sync::Arc::new(std::sync::Barrier::new(4));
+            let openers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (path, go) = (dir.path().to_path_buf(), go.clone());
+                    std::thread::spawn(move || {
+                        go.wait();
+                        History::open(&path).map(|_| ())
+                    })
+                })
+                .collect();
+            for o in openers {
+                o.join().expect("thread").expect("open");
+            }
+        }
+    }
 
     #[test]
     fn keeps_the_newest_success_and_failure_per_job() {

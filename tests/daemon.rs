@@ -16,10 +16,19 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     common::http_get(port, path)
 }
 
-fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+/// Polls `f` for up to `secs`; on a timeout, panics with the daemon's log and
+/// what `dr info` says, so a failure under load explains itself.
+fn wait_in(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        if Instant::now() >= deadline {
+            let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+            let info = env.dr(&["info", "--json"]);
+            panic!(
+                "timed out waiting for {what}\n--- daemon.log\n{log}\n--- dr info (exit {})\n{}{}",
+                info.code, info.stdout, info.stderr
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -101,8 +110,8 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
         );
     std::fs::write(env.config(), &cfg_text).expect("cfg");
     let daemon = start(&env);
-    wait_for("two backups", 20, || backups(&env) >= 2);
-    wait_for("/healthz 200", 10, || {
+    wait_in(&env, "two backups", 20, || backups(&env) >= 2);
+    wait_in(&env, "/healthz 200", 10, || {
         get(port, "/healthz").is_some_and(|(c, _)| c == 200)
     });
     let (code, metrics) = get(port, "/metrics").expect("metrics");
@@ -118,7 +127,7 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     let aside = env.path("backups.aside");
     std::fs::rename(&backups_dir, &aside).expect("mv");
     std::fs::write(&backups_dir, "not a directory").expect("block");
-    wait_for("/healthz 503", 15, || {
+    wait_in(&env, "/healthz 503", 15, || {
         get(port, "/healthz")
             .is_some_and(|(c, b)| c == 503 && b.contains("failing") && b.contains("local"))
     });
@@ -134,12 +143,12 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     // A full and a diff can fall due together; one run per policy means the
     // diff may be skipped that tick. Keep the target down until the diff
     // schedule itself has recorded a failure.
-    wait_for("a failed diff run in the history", 15, || {
+    wait_in(&env, "a failed diff run in the history", 15, || {
         diff_run(&env)["last_failure"].is_string()
     });
     std::fs::remove_file(&backups_dir).expect("unblock");
     std::fs::rename(&aside, &backups_dir).expect("mv back");
-    wait_for("/healthz 200 again", 15, || {
+    wait_in(&env, "/healthz 200 again", 15, || {
         get(port, "/healthz").is_some_and(|(c, _)| c == 200)
     });
     env.dr(&["healthcheck"]).ok();
@@ -171,7 +180,7 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     std::thread::sleep(Duration::from_secs(1));
     let before = backups(&env);
     std::fs::write(env.config(), &cfg_text).expect("fix");
-    wait_for("backups to go on after a bad reload", 10, || {
+    wait_in(&env, "backups to go on after a bad reload", 10, || {
         backups(&env) > before
     });
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
@@ -180,7 +189,7 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     let _ = Command::new("kill")
         .args(["-HUP", &daemon.id().to_string()])
         .status();
-    wait_for("the reload's audit line", 10, || {
+    wait_in(&env, "the reload's audit line", 10, || {
         env.dr(&["audit", "--json"])
             .stdout
             .lines()
@@ -217,14 +226,14 @@ fn a_run_missed_while_the_daemon_was_down_runs_at_start_up() {
         + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
     std::fs::write(env.config(), &cfg_text).expect("cfg");
     let mut daemon = start(&env);
-    wait_for("the first full", 20, || backups(&env) >= 1);
+    wait_in(&env, "the first full", 20, || backups(&env) >= 1);
     daemon.kill().expect("kill -9");
     let _ = daemon.wait();
     let n = backups(&env);
     // Down for longer than the schedule's period: the run it missed is due.
     std::thread::sleep(Duration::from_secs(17));
     let daemon = start(&env);
-    wait_for("the missed full at start-up", 4, || backups(&env) > n);
+    wait_in(&env, "the missed full at start-up", 4, || backups(&env) > n);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert!(log.contains("catching up a missed run"), "{log}");
     sigterm_exits_zero_quickly(daemon);
@@ -432,7 +441,7 @@ fn each_policy_pings_its_own_monitors_from_the_daemon_and_from_the_command_line(
         + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
     std::fs::write(env.config(), cfg).expect("cfg");
     let daemon = start(&env);
-    wait_for("daemon pings of both policies", 20, || {
+    wait_in(&env, "daemon pings of both policies", 20, || {
         let s = pings.lock().expect("lock");
         s.iter().any(|l| l.starts_with("POST /app "))
             && s.iter().any(|l| l.starts_with("POST /broken/fail "))
@@ -471,7 +480,7 @@ fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
         + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
     std::fs::write(env.config(), cfg).expect("cfg");
     let daemon = start(&env);
-    wait_for("metrics", 10, || {
+    wait_in(&env, "metrics", 10, || {
         get(port, "/metrics").is_some_and(|(c, _)| c == 200)
     });
     let (_, m) = get(port, "/metrics").expect("metrics");
@@ -532,7 +541,7 @@ fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about()
     )
     .expect("cfg");
     let daemon = start(&env);
-    wait_for("the endpoint", 20, || get(port, "/healthz").is_some());
+    wait_in(&env, "the endpoint", 20, || get(port, "/healthz").is_some());
     // No token, a wrong one: 401, and nothing of the metrics.
     let (code, body) = get(port, "/metrics").expect("answer");
     assert_eq!(code, 401, "{body}");
@@ -584,7 +593,7 @@ fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about()
     )
     .expect("cfg");
     let daemon = start(&env);
-    wait_for("the endpoint", 20, || get(port, "/healthz").is_some());
+    wait_in(&env, "the endpoint", 20, || get(port, "/healthz").is_some());
     sigterm_exits_zero_quickly(daemon);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert!(
