@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use crate::config::{Config, Policy, Target};
 use crate::error::{Error, Result};
 use crate::keys::{self, Sealing, Unsealing};
+use crate::secret::FileStamp;
 use crate::state_dir::StateDir;
 use crate::storage::{self, Storage};
 
@@ -29,9 +30,18 @@ struct Inner {
     state: StateDir,
     runtime: OnceLock<Arc<tokio::runtime::Runtime>>,
     stores: Mutex<HashMap<String, Arc<dyn Storage>>>,
-    /// How encrypted policies seal, resolved on first use: a passphrase's
-    /// fingerprint costs a deliberate scrypt, paid once per run.
-    sealing: OnceLock<Sealing>,
+    /// How encrypted policies seal, resolved on first use and again when
+    /// the key file changes (a passphrase's fingerprint costs a deliberate
+    /// scrypt, paid once per key).
+    sealing: Mutex<Keys>,
+}
+
+/// The sealing in use and the stamp of the file it came from.
+#[derive(Default)]
+struct Keys {
+    loaded: Option<(Option<FileStamp>, Sealing)>,
+    /// A changed key file that could not be used, said once.
+    refused: Option<Option<FileStamp>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -53,7 +63,7 @@ impl Context {
                 state,
                 runtime: OnceLock::new(),
                 stores: Mutex::new(HashMap::new()),
-                sealing: OnceLock::new(),
+                sealing: Mutex::default(),
             }),
         }
     }
@@ -122,23 +132,58 @@ impl Context {
         if !policy.encrypted {
             return Ok(Sealing::None);
         }
-        if let Some(s) = self.inner.sealing.get() {
+        self.keys()
+    }
+
+    /// The configured keys, whatever a policy says: the audit log is
+    /// encrypted to them when any are configured.
+    pub fn keys(&self) -> Result<Sealing> {
+        let enc = &self.inner.cfg.encryption;
+        // The file that holds the keys: a rotation is a change to it, seen
+        // by the next backup or WAL segment without a restart.
+        let file = enc
+            .passphrase_file
+            .as_ref()
+            .or(enc.recipients_file.as_ref());
+        let now = file.and_then(|f| crate::secret::stamp(f));
+        let mut keys = self
+            .inner
+            .sealing
+            .lock()
+            .map_err(|_| Error::Other("internal: the key cache is poisoned".into()))?;
+        if let Some((stamp, s)) = &keys.loaded
+            && *stamp == now
+        {
             return Ok(s.clone());
         }
-        let s = keys::sealing(&self.inner.cfg.encryption, true)?;
-        crate::audit::record(
-            crate::audit::Entry::new("key_loaded")
-                .policy(&policy.name)
-                .detail(match &self.inner.cfg.encryption.recipients_file {
-                    Some(f) => format!(
-                        "encrypting to {} (from {})",
-                        s.fingerprints().join(", "),
-                        f.display()
-                    ),
-                    None => format!("encrypting to {}", s.fingerprints().join(", ")),
-                }),
-        );
-        Ok(self.inner.sealing.get_or_init(|| s).clone())
+        let s = match keys::sealing(enc, true) {
+            Ok(s) => s,
+            Err(e) => {
+                if keys.loaded.is_some() && keys.refused != Some(now) {
+                    keys.refused = Some(now);
+                    tracing::error!(
+                        "the changed key file cannot be used: {e}; running WAL streams keep encrypting to the previous keys, backups fail until it is fixed"
+                    );
+                }
+                return Err(e);
+            }
+        };
+        let fps = s.fingerprints().join(", ");
+        let detail = match file {
+            Some(f) => format!("encrypting to {fps} (from {})", f.display()),
+            None => format!("encrypting to {fps}"),
+        };
+        crate::audit::record(crate::audit::Entry::new("key_loaded").detail(detail.clone()));
+        if let Some((_, old)) = &keys.loaded
+            && old.fingerprints() != s.fingerprints()
+        {
+            tracing::warn!(
+                "the encryption keys changed: {detail}; new backups and WAL segments use them from now on"
+            );
+        }
+        keys.refused = None;
+        keys.loaded = Some((now, s.clone()));
+        Ok(s)
     }
 
     /// The identities that open `policy`'s archives: `identity`, else the

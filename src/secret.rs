@@ -12,6 +12,18 @@ use age::secrecy::SecretString;
 
 use crate::error::{Error, Result, io_reason};
 
+/// What says a secret file changed (inode, size, modification time), so
+/// a key rotated by a secret manager (a rename, or Kubernetes' symlink
+/// swap) is read again without reading it on every use.
+pub type FileStamp = (u64, u64, i64, i64);
+
+/// The [`FileStamp`] of `path`, following symlinks; `None` when it cannot be read.
+pub fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+}
+
 /// Checks that a file holding a secret is private to its owner.
 pub fn check_private(path: &Path) -> Result<()> {
     let meta = std::fs::metadata(path).map_err(|e| Error::Secret {

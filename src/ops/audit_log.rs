@@ -29,7 +29,7 @@ fn sealing(ctx: &Context) -> Result<Sealing> {
         || !enc.recipients.is_empty()
         || enc.passphrase_file.is_some();
     if configured {
-        keys::sealing(enc, true)
+        ctx.keys()
     } else {
         Ok(Sealing::None)
     }

@@ -19,6 +19,7 @@ use chrono::{DateTime, Utc};
 
 use super::{ObjectMeta, ObjectWriter, Storage};
 use crate::error::{Error, Result, transport_error};
+use crate::secret::{FileStamp, stamp};
 
 /// Size of one multipart part: big enough for throughput, small enough that
 /// `MAX_IN_FLIGHT` of them stay well inside the memory budget.
@@ -77,6 +78,8 @@ struct Inner {
     prefix: String,
     endpoint: String,
     client: aws_sdk_s3::Client,
+    /// The key files, when the target reads its keys from files.
+    creds: Option<FileCredentials>,
     object_lock: Option<ObjectLock>,
     append_only: bool,
     /// Multipart uploads started and not yet completed or aborted, one file
@@ -104,7 +107,7 @@ impl S3Storage {
         journal: &Path,
         rt: Arc<tokio::runtime::Runtime>,
     ) -> Result<Self> {
-        let client = rt.block_on(build_client(name, cfg))?;
+        let (client, creds) = rt.block_on(build_client(name, cfg))?;
         Ok(S3Storage {
             inner: Arc::new(Inner {
                 name: name.to_string(),
@@ -112,6 +115,7 @@ impl S3Storage {
                 prefix: cfg.prefix.clone(),
                 endpoint: cfg.endpoint.clone().unwrap_or_else(|| "AWS S3".to_string()),
                 client,
+                creds,
                 object_lock: cfg.object_lock,
                 append_only: cfg.append_only,
                 journal: journal.to_path_buf(),
@@ -121,7 +125,10 @@ impl S3Storage {
     }
 }
 
-async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client> {
+async fn build_client(
+    name: &str,
+    cfg: &S3Settings,
+) -> Result<(aws_sdk_s3::Client, Option<FileCredentials>)> {
     use aws_config::{BehaviorVersion, Region};
     use aws_sdk_s3::config::{
         RequestChecksumCalculation, ResponseChecksumValidation, retry::RetryConfig,
@@ -149,15 +156,15 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
                 target: name.to_string(),
                 id_file: id_file.clone(),
                 secret_file: secret_file.clone(),
-                current: std::sync::Mutex::new(None),
+                current: Arc::default(),
             };
             // Read now: a missing or unreadable key file fails the command
             // as a secret-file problem, before any request.
             creds.load()?;
-            loader = loader.credentials_provider(creds);
-            true
+            loader = loader.credentials_provider(creds.clone());
+            Some(creds)
         }
-        _ => false,
+        _ => None,
     };
     if let Some(ca) = &cfg.ca_file {
         use aws_smithy_http_client::tls;
@@ -201,7 +208,7 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
         }]));
     }
     let mut b = aws_sdk_s3::config::Builder::from(&shared).force_path_style(cfg.path_style);
-    if file_creds {
+    if file_creds.is_some() {
         // FileCredentials keeps what it read and looks at the files on each
         // request: the SDK's own cache would hold a rotated key forever.
         b = b.identity_cache(aws_sdk_s3::config::IdentityCache::no_cache());
@@ -215,7 +222,7 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
             .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
     }
-    Ok(aws_sdk_s3::Client::from_conf(b.build()))
+    Ok((aws_sdk_s3::Client::from_conf(b.build()), file_creds))
 }
 
 /// S3 keys from `access_key_id_file` and `secret_access_key_file`, read
@@ -223,24 +230,28 @@ async fn build_client(name: &str, cfg: &S3Settings) -> Result<aws_sdk_s3::Client
 /// a key rotated by a secret manager is used from the next request on,
 /// without a restart, and the change is one warning line. Each request
 /// costs two `stat` calls; the files are read only when they changed.
-#[derive(Debug)]
+/// Clones share what was read: the client asks one, the target keeps
+/// another to force a re-read after the store refused a key.
+#[derive(Debug, Clone)]
 struct FileCredentials {
     target: String,
     id_file: PathBuf,
     secret_file: PathBuf,
-    current: std::sync::Mutex<Option<(Vec<FileStamp>, aws_sdk_s3::config::Credentials)>>,
-}
-
-/// What says a file changed: inode, size, mtime.
-type FileStamp = (u64, u64, i64, i64);
-
-fn stamp(p: &Path) -> Option<FileStamp> {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(p).ok()?;
-    Some((m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+    current: Arc<std::sync::Mutex<Option<(Vec<FileStamp>, aws_sdk_s3::config::Credentials)>>>,
 }
 
 impl FileCredentials {
+    /// Makes the next request read both files again, changed or not: a
+    /// secret manager may rewrite a file within the same second, at the
+    /// same size, on a filesystem that keeps no finer time.
+    fn forget(&self) {
+        if let Ok(mut cur) = self.current.lock()
+            && let Some((stamps, _)) = cur.as_mut()
+        {
+            stamps.clear();
+        }
+    }
+
     fn load(&self) -> Result<aws_sdk_s3::config::Credentials> {
         use age::secrecy::ExposeSecret;
         let stamps: Vec<FileStamp> = [&self.id_file, &self.secret_file]
@@ -265,7 +276,11 @@ impl FileCredentials {
             None,
             "dr-secret-files",
         );
-        if cur.is_some() {
+        let changed = cur.as_ref().is_some_and(|(_, old)| {
+            old.access_key_id() != creds.access_key_id()
+                || old.secret_access_key() != creds.secret_access_key()
+        });
+        if changed {
             tracing::warn!(
                 target = %self.target,
                 "the S3 credentials of target '{}' changed ({}, {}): using the new ones from now on",
@@ -302,6 +317,28 @@ impl Inner {
             key.to_string()
         } else {
             format!("{}/{key}", self.prefix)
+        }
+    }
+
+    /// Sends a request, and once more when the store refused the key
+    /// files' credentials: the files are read again first, a second
+    /// later, so a rotation caught between the store and the files (or
+    /// between the two files) costs a retry, not a failed backup.
+    async fn send<T, E, R, F, Fut>(&self, mut request: F) -> std::result::Result<T, SdkError<E, R>>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = std::result::Result<T, SdkError<E, R>>>,
+        E: ProvideErrorMetadata,
+    {
+        let first = request().await;
+        match (&first, &self.creds) {
+            (Err(e), Some(creds)) if refused(e) => {
+                tracing::warn!(target = %self.name, "target '{}' refused the credentials; reading {} and {} again and retrying once", self.name, creds.id_file.display(), creds.secret_file.display());
+                creds.forget();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                request().await
+            }
+            _ => first,
         }
     }
 
@@ -380,6 +417,14 @@ impl Inner {
     }
 }
 
+/// Whether the store refused the credentials themselves (not what they may do).
+fn refused<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    matches!(
+        e.as_service_error().and_then(|s| s.code()),
+        Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken")
+    )
+}
+
 fn to_io(e: Error) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
@@ -407,7 +452,7 @@ impl S3Writer {
         let full = inner.full_key(&self.key);
         let out = self
             .rt
-            .block_on(
+            .block_on(inner.send(|| {
                 inner
                     .client
                     .create_multipart_upload()
@@ -415,8 +460,8 @@ impl S3Writer {
                     .key(&full)
                     .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
                     .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
-                    .send(),
-            )
+                    .send()
+            }))
             .map_err(|e| inner.err("start upload of", &self.key, &e))?;
         let id = out.upload_id().unwrap_or_default().to_string();
         self.upload_id = Some(id.clone());
@@ -515,9 +560,9 @@ impl ObjectWriter for S3Writer {
         let inner = self.inner.clone();
         let full = inner.full_key(&self.key);
         if self.upload_id.is_none() {
-            let body = std::mem::take(&mut self.buf);
+            let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
             self.rt
-                .block_on(
+                .block_on(inner.send(|| {
                     inner
                         .client
                         .put_object()
@@ -525,9 +570,9 @@ impl ObjectWriter for S3Writer {
                         .key(&full)
                         .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
                         .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
-                        .body(ByteStream::from(body))
-                        .send(),
-                )
+                        .body(ByteStream::from(body.clone()))
+                        .send()
+                }))
                 .map_err(|e| inner.err("upload", &self.key, &e))?;
             self.finished = true;
             return Ok(());
@@ -647,17 +692,21 @@ impl Storage for S3Storage {
         cond: &super::Condition,
     ) -> Result<Option<String>> {
         let inner = &self.inner;
-        let mut req = inner
-            .client
-            .put_object()
-            .bucket(&inner.bucket)
-            .key(inner.full_key(key))
-            .body(ByteStream::from(bytes.to_vec()));
-        req = match cond {
-            super::Condition::Absent => req.if_none_match("*"),
-            super::Condition::Match(etag) => req.if_match(etag),
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        let request = || {
+            let req = inner
+                .client
+                .put_object()
+                .bucket(&inner.bucket)
+                .key(inner.full_key(key))
+                .body(ByteStream::from(body.clone()));
+            match cond {
+                super::Condition::Absent => req.if_none_match("*"),
+                super::Condition::Match(etag) => req.if_match(etag),
+            }
+            .send()
         };
-        match self.rt.block_on(req.send()) {
+        match self.rt.block_on(inner.send(request)) {
             Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());
@@ -678,11 +727,14 @@ impl Storage for S3Storage {
         let inner = &self.inner;
         let res = self.rt.block_on(async {
             let out = inner
-                .client
-                .get_object()
-                .bucket(&inner.bucket)
-                .key(inner.full_key(key))
-                .send()
+                .send(|| {
+                    inner
+                        .client
+                        .get_object()
+                        .bucket(&inner.bucket)
+                        .key(inner.full_key(key))
+                        .send()
+                })
                 .await?;
             let etag = out.e_tag().unwrap_or_default().to_string();
             let body = out.body.collect().await.map(|b| b.into_bytes().to_vec());
@@ -769,14 +821,14 @@ impl Storage for S3Storage {
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
         let inner = self.inner.clone();
         let full = inner.full_key(key);
-        let out = self.rt.block_on(
+        let out = self.rt.block_on(inner.send(|| {
             inner
                 .client
                 .get_object()
                 .bucket(&inner.bucket)
                 .key(&full)
-                .send(),
-        );
+                .send()
+        }));
         let out = match out {
             Ok(o) => o,
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
@@ -832,15 +884,15 @@ impl Storage for S3Storage {
         loop {
             let page = self
                 .rt
-                .block_on(
+                .block_on(inner.send(|| {
                     inner
                         .client
                         .list_objects_v2()
                         .bucket(&inner.bucket)
                         .prefix(&full_prefix)
                         .set_continuation_token(token.clone())
-                        .send(),
-                )
+                        .send()
+                }))
                 .map_err(|e| inner.err("list", prefix, &e))?;
             for o in page.contents() {
                 let Some(k) = o.key() else { continue };
@@ -868,14 +920,14 @@ impl Storage for S3Storage {
         let inner = &self.inner;
         let full = inner.full_key(key);
         self.rt
-            .block_on(
+            .block_on(inner.send(|| {
                 inner
                     .client
                     .delete_object()
                     .bucket(&inner.bucket)
                     .key(&full)
-                    .send(),
-            )
+                    .send()
+            }))
             .map_err(|e| inner.err("delete", key, &e))?;
         Ok(())
     }
