@@ -237,8 +237,11 @@ struct FileCredentials {
     target: String,
     id_file: PathBuf,
     secret_file: PathBuf,
-    current: Arc<std::sync::Mutex<Option<(Vec<FileStamp>, aws_sdk_s3::config::Credentials)>>>,
+    current: Arc<std::sync::Mutex<Option<Loaded>>>,
 }
+
+/// The keys last read, and the stamps of their files then.
+type Loaded = (Vec<FileStamp>, aws_sdk_s3::config::Credentials);
 
 impl FileCredentials {
     /// Makes the next request read both files again, changed or not: a
