@@ -1,8 +1,9 @@
-//! `dr keys status`: which keys the stored backups still need, so an old
-//! key is retired only once nothing needs it. Manifests record the
-//! fingerprints of the recipients each backup was encrypted to; WAL
-//! segments are expired with the backups of their generation, so a key no
-//! backup needs is not needed by any kept WAL either.
+//! `dr keys status`: which keys the stored backups and WAL still need, so
+//! an old key is retired only once nothing needs it. Manifests record the
+//! fingerprints of the recipients each backup was encrypted to, and a
+//! generation's keys records those of its WAL segments
+//! (`repo::wal::keys_ranges`). WAL stored before keys records existed has
+//! none and is judged by its generation's backups.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -25,8 +26,11 @@ pub struct KeyUse {
     pub current: bool,
     /// Backups that this key opens, as `policy/target/label`.
     pub backups: Vec<String>,
-    /// Of those, the ones no current key opens: the key must stay while
-    /// they exist.
+    /// Stored WAL that this key opens, as `policy/target/wal/generation`
+    /// with the number of segments and the first one.
+    pub wal: Vec<String>,
+    /// Of those backups and WAL, the ones no current key opens: the key
+    /// must stay while they exist.
     pub needed_by: Vec<String>,
     /// The newest backup it opens.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -42,6 +46,7 @@ impl KeyUse {
             identity_file: None,
             current,
             backups: Vec::new(),
+            wal: Vec::new(),
             needed_by: Vec::new(),
             newest: None,
             retirable: false,
@@ -55,8 +60,10 @@ impl KeyUse {
 pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec<String>)> {
     let mut unread = Vec::new();
     let mut current: Vec<String> = Vec::new();
-    // Every backup read, as (`policy/target/label`, label, recipients).
+    // Every backup read, as (`policy/target/label`, label, recipients),
+    // and every WAL range, as (`policy/target/wal/...`, recipients).
     let mut stored = Vec::new();
+    let mut wal: Vec<(String, Vec<String>)> = Vec::new();
     for p in members::select(ctx, None, None, Scope::Stored)? {
         if !p.encrypted || !matches!(p.source, crate::config::Source::Sqlite { .. }) {
             continue;
@@ -80,6 +87,16 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
                     )
                 })),
                 Err(e) => unread.push(format!("policy '{}' on target '{tname}': {e}", p.name)),
+            }
+            match ctx
+                .storage(t)
+                .and_then(|store| wal_ranges(store.as_ref(), &p.name, tname))
+            {
+                Ok(w) => wal.extend(w),
+                Err(e) => unread.push(format!(
+                    "the WAL of policy '{}' on target '{tname}': {e}",
+                    p.name
+                )),
             }
         }
     }
@@ -108,6 +125,18 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
             }
         }
     }
+    for (at, recipients) in &wal {
+        let only_old = !recipients.iter().any(|r| is_current(r));
+        for fp in recipients {
+            let u = uses
+                .entry(fp.clone())
+                .or_insert_with(|| KeyUse::new(fp, false));
+            u.wal.push(at.clone());
+            if only_old {
+                u.needed_by.push(at.clone());
+            }
+        }
+    }
     for u in uses.values_mut() {
         // Needed by backups no current key opens; a current key is never retired.
         u.retirable = !u.current && u.needed_by.is_empty() && unread.is_empty();
@@ -130,6 +159,48 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
     Ok((out, unread))
 }
 
+/// The WAL ranges a policy holds on one target, each with the keys its
+/// segments are sealed to (one small read per keys record that still
+/// covers a segment).
+fn wal_ranges(
+    store: &dyn crate::storage::Storage,
+    policy: &str,
+    target: &str,
+) -> Result<Vec<(String, Vec<String>)>> {
+    use std::io::Read;
+    let prefix = crate::repo::wal::wal_prefix(policy);
+    let listing = store.list(&prefix)?;
+    let mut out = Vec::new();
+    for r in crate::repo::wal::keys_ranges(&prefix, &listing) {
+        let Some(first) = r.segments.first() else {
+            continue;
+        };
+        let mut body = String::new();
+        store
+            .open(&r.key)?
+            .read_to_string(&mut body)
+            .map_err(|e| store.err("read", &r.key, &e))?;
+        let record: crate::repo::wal::KeysRecord =
+            serde_json::from_str(&body).map_err(|e| crate::error::Error::Storage {
+                target: target.to_string(),
+                location: store.location(),
+                action: "read",
+                key: r.key.clone(),
+                reason: format!("not a keys record: {e}"),
+            })?;
+        let first = first.rsplit('/').next().unwrap_or(first);
+        out.push((
+            format!(
+                "{policy}/{target}/wal/{} ({} segments from {first})",
+                r.generation,
+                r.segments.len()
+            ),
+            record.recipients,
+        ));
+    }
+    Ok(out)
+}
+
 /// The human report.
 pub fn render(uses: &[KeyUse], unread: &[String]) -> String {
     use std::fmt::Write;
@@ -144,7 +215,12 @@ pub fn render(uses: &[KeyUse], unread: &[String]) -> String {
         } else {
             "not in [encryption]"
         };
-        let _ = writeln!(s, "key {name}: {state}, opens {} backups", u.backups.len());
+        let _ = writeln!(
+            s,
+            "key {name}: {state}, opens {} backups and {} WAL ranges",
+            u.backups.len(),
+            u.wal.len()
+        );
         if let Some(n) = &u.newest {
             let _ = writeln!(s, "  newest: {n}");
         }
@@ -157,7 +233,7 @@ pub fn render(uses: &[KeyUse], unread: &[String]) -> String {
             );
         }
         if u.retirable {
-            let _ = writeln!(s, "  can be retired: no stored backup needs it");
+            let _ = writeln!(s, "  can be retired: no stored backup or WAL needs it");
         }
     }
     for e in unread {

@@ -797,6 +797,15 @@ impl Inner {
                 Capture::Running {
                     stream, started, ..
                 } => {
+                    // A key file that changed is seen within a second; one
+                    // that cannot be used is the context's error to report,
+                    // and the stream keeps the keys it has.
+                    if !stopping
+                        && stream.keys_due()
+                        && let Ok(s) = m.ctx.sealing(&m.policy)
+                    {
+                        stream.offer_keys(s);
+                    }
                     let r = if stopping {
                         stream.stop()
                     } else {
@@ -991,13 +1000,24 @@ impl Inner {
             let pending: Vec<&Spooled> = segs.iter().filter(|s| !s.shipped_to(&cur)).collect();
             for s in pending {
                 let key = rwal::segment_key(&policy.name, &s.generation, &s.name);
-                let sent = File::open(&s.path)
-                    .map_err(|e| Error::io(format!("cannot read spooled {}", s.path.display()), e))
-                    .and_then(|mut f| {
-                        let mut w = store.create(&key)?;
-                        std::io::copy(&mut f, &mut w).map_err(|e| store.err("write", &key, &e))?;
-                        w.commit()
-                    });
+                let put = |path: &Path, key: &str| {
+                    File::open(path)
+                        .map_err(|e| Error::io(format!("cannot read spooled {}", path.display()), e))
+                        .and_then(|mut f| {
+                            let mut w = store.create(key)?;
+                            std::io::copy(&mut f, &mut w).map_err(|e| store.err("write", key, &e))?;
+                            w.commit()
+                        })
+                };
+                // The keys record first: no segment is stored without it.
+                let sent = match &s.keys {
+                    Some(record) => put(
+                        record,
+                        &rwal::keys_record_key(&policy.name, &s.generation, &s.name),
+                    ),
+                    None => Ok(()),
+                }
+                .and_then(|()| put(&s.path, &key));
                 match sent {
                     Ok(()) => {
                         cur.generation = s.generation.clone();
@@ -1049,6 +1069,9 @@ impl Inner {
                 .collect()
         };
         for s in &done {
+            if let Some(record) = &s.keys {
+                let _ = std::fs::remove_file(record);
+            }
             let _ = std::fs::remove_file(&s.path);
         }
         if !done.is_empty() {

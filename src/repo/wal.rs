@@ -85,6 +85,78 @@ pub fn parse_name(name: &str) -> Option<(u64, u64, DateTime<Utc>, DateTime<Utc>)
     (first <= last.saturating_add(1) && t0 <= t1).then_some((first, last, t0, t1))
 }
 
+/// Where the keys of a generation's segments are recorded: the age
+/// header of a segment does not say which recipients it was encrypted
+/// to, so each time the keys change the streamer writes this small
+/// plaintext record, named after the first segment sealed with them.
+/// It holds fingerprints only, like a manifest's `recipients`.
+pub fn keys_record_key(policy: &str, generation: &str, segment_name: &str) -> String {
+    let stem = segment_name.strip_suffix(SUFFIX).unwrap_or(segment_name);
+    format!("{policy}/wal/{generation}/{KEYS_DIR}{stem}.json")
+}
+
+const KEYS_DIR: &str = "keys/";
+
+/// The contents of a keys record.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KeysRecord {
+    /// Fingerprints of the recipients (or the passphrase), sorted.
+    pub recipients: Vec<String>,
+}
+
+/// A keys record in a listing, and the segments it covers: from the
+/// segment it is named after up to the next record of its generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeysRange {
+    pub generation: String,
+    pub key: String,
+    /// The stem of the first segment sealed with these keys.
+    pub from: String,
+    /// Keys of the listed segments it covers.
+    pub segments: Vec<String>,
+    /// Whether a later record follows in its generation (the last one
+    /// also covers the segments still to come).
+    pub superseded: bool,
+}
+
+/// The keys records of a listing of [`wal_prefix`], each with the
+/// segments it covers, by generation then position.
+pub fn keys_ranges(prefix: &str, listing: &[ObjectMeta]) -> Vec<KeysRange> {
+    let mut out: Vec<KeysRange> = listing
+        .iter()
+        .filter_map(|o| {
+            let rest = o.key.strip_prefix(prefix)?;
+            let (generation, name) = rest.split_once('/')?;
+            let from = name.strip_prefix(KEYS_DIR)?.strip_suffix(".json")?;
+            Some(KeysRange {
+                generation: generation.to_string(),
+                key: o.key.clone(),
+                from: from.to_string(),
+                segments: Vec::new(),
+                superseded: false,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| (&a.generation, &a.from).cmp(&(&b.generation, &b.from)));
+    for i in 1..out.len() {
+        if out[i].generation == out[i - 1].generation {
+            out[i - 1].superseded = true;
+        }
+    }
+    for seg in segments(prefix, listing) {
+        let stem = seg.key.rsplit('/').next().unwrap_or("");
+        let stem = stem.strip_suffix(SUFFIX).unwrap_or(stem);
+        if let Some(r) = out
+            .iter_mut()
+            .rev()
+            .find(|r| r.generation == seg.generation && r.from.as_str() <= stem)
+        {
+            r.segments.push(seg.key.clone());
+        }
+    }
+    out
+}
+
 /// Segments of a listing of [`wal_prefix`], by generation then sequence.
 /// Keys that are not segments (temporaries of a cut-off upload) are skipped.
 pub fn segments(prefix: &str, listing: &[ObjectMeta]) -> Vec<Segment> {
@@ -333,6 +405,7 @@ pub struct WalRemoval {
 /// newest (its first backup may still be on its way).
 pub fn expire(prefix: &str, listing: &[ObjectMeta], kept: &[Base]) -> Vec<WalRemoval> {
     let segs = segments(prefix, listing);
+    let ranges = keys_ranges(prefix, listing);
     let gens = generations(prefix, listing);
     let newest = gens.last().cloned();
     let mut out = Vec::new();
@@ -343,11 +416,24 @@ pub fn expire(prefix: &str, listing: &[ObjectMeta], kept: &[Base]) -> Vec<WalRem
             .min_by_key(|b| b.seq);
         match oldest {
             Some(b) => {
-                let keys: Vec<String> = segs
+                let mut keys: Vec<String> = segs
                     .iter()
                     .filter(|s| &s.generation == g && s.last <= b.seq)
                     .map(|s| s.key.clone())
                     .collect();
+                // A keys record goes once a later one exists and every
+                // segment it covers goes.
+                keys.extend(
+                    ranges
+                        .iter()
+                        .filter(|r| {
+                            &r.generation == g
+                                && r.superseded
+                                && r.segments.iter().all(|k| keys.contains(k))
+                        })
+                        .map(|r| r.key.clone())
+                        .collect::<Vec<_>>(),
+                );
                 if !keys.is_empty() {
                     out.push(WalRemoval {
                         generation: g.clone(),
@@ -408,6 +494,40 @@ mod tests {
             seq,
             taken: t(taken),
         }
+    }
+
+    #[test]
+    fn keys_records_cover_their_segments_and_expire_with_them() {
+        let a = seg("g1", 1, 10, 0, 1);
+        let b = seg("g1", 11, 20, 1, 2);
+        let c = seg("g1", 21, 30, 2, 3);
+        let ka = keys_record_key("p", "g1", &segment_name(1, 10, t(0), t(1)));
+        let kc = keys_record_key("p", "g1", &segment_name(21, 30, t(2), t(3)));
+        assert!(ka.starts_with("p/wal/g1/keys/") && ka.ends_with(".json"), "{ka}");
+        let listing: Vec<ObjectMeta> = [&a.key, &b.key, &c.key, &ka, &kc]
+            .iter()
+            .map(|k| ObjectMeta {
+                key: (*k).clone(),
+                size: 1,
+                modified: t(0),
+            })
+            .collect();
+        // Records are not segments.
+        assert_eq!(segments("p/wal/", &listing).len(), 3);
+        let r = keys_ranges("p/wal/", &listing);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0].segments, vec![a.key.clone(), b.key.clone()]);
+        assert!(r[0].superseded && !r[1].superseded);
+        assert_eq!(r[1].segments, vec![c.key.clone()]);
+        // A backup at 20 keeps c: a and b go, and the record that covers
+        // only them; the newest record stays.
+        let removed = expire("p/wal/", &listing, &[base("L", "g1", 20, 2)]);
+        assert_eq!(removed.len(), 1);
+        assert!(removed[0].keys.contains(&ka), "{removed:?}");
+        assert!(!removed[0].keys.contains(&kc), "{removed:?}");
+        // A backup at 10 keeps b, which the first record covers.
+        let removed = expire("p/wal/", &listing, &[base("L", "g1", 10, 1)]);
+        assert!(!removed[0].keys.contains(&ka), "{removed:?}");
     }
 
     #[test]

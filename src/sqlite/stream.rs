@@ -41,6 +41,8 @@ const HEARTBEAT: Duration = Duration::from_secs(300);
 const CYCLE_SPACING: Duration = Duration::from_millis(200);
 /// Most frames dr copies while holding the database's write lock.
 const GATED_FRAMES: u64 = 2000;
+/// How often a stream asks whether the configured keys changed.
+const KEYS_CHECK: Duration = Duration::from_secs(1);
 
 /// What a streamer leaves in `state_dir/wal/<policy>/state.json`: where it
 /// stands, for its own restart, for backups taken meanwhile (their WAL
@@ -82,6 +84,10 @@ pub struct StreamState {
     /// and `wal.diff_after` bounds it.
     #[serde(default)]
     pub based: Option<(String, u64)>,
+    /// Fingerprints of the keys the generation's segments are sealed to:
+    /// a generation continues under new keys only if they include these.
+    #[serde(default)]
+    pub keys: Vec<String>,
 }
 
 /// How far one target has been shipped.
@@ -222,6 +228,8 @@ pub struct Spooled {
     pub until: DateTime<Utc>,
     pub path: PathBuf,
     pub size: u64,
+    /// The keys record to ship before it (the keys changed at this segment).
+    pub keys: Option<PathBuf>,
 }
 
 impl Spooled {
@@ -247,11 +255,18 @@ impl Spool {
             let Ok(files) = std::fs::read_dir(g.path()) else {
                 continue;
             };
-            for f in files.flatten() {
+            let files: Vec<_> = files.flatten().collect();
+            let names: std::collections::HashSet<String> = files
+                .iter()
+                .map(|f| f.file_name().to_string_lossy().into_owned())
+                .collect();
+            for f in files {
                 let name = f.file_name().to_string_lossy().into_owned();
                 if let Some((first, last, first_commit, until)) = rwal::parse_name(&name) {
+                    let keys = keys_file_name(&name);
                     out.push(Spooled {
                         generation: generation.clone(),
+                        keys: names.contains(&keys).then(|| g.path().join(&keys)),
                         name,
                         first,
                         last,
@@ -285,6 +300,11 @@ impl Spool {
     }
 }
 
+/// The spool file of the keys record that goes before segment `name`.
+fn keys_file_name(name: &str) -> String {
+    format!("{name}.keys.json")
+}
+
 /// The segment being filled.
 struct OpenSegment {
     writer: SegmentWriter<BufWriter<Encoder<File>>>,
@@ -293,6 +313,8 @@ struct OpenSegment {
     first_seq: u64,
     first_commit: DateTime<Utc>,
     bytes: u64,
+    /// Fingerprints of the keys it is sealed to.
+    keys: Vec<String>,
 }
 
 /// The streamer's hold on one database. The streaming engine
@@ -341,6 +363,14 @@ pub struct Stream {
     sealed: bool,
     /// A generation that needs its base backup on every target.
     wants_base: Option<String>,
+    /// Fingerprints of `sealing`.
+    keys: Vec<String>,
+    /// Keys offered by the engine, taken at the next step.
+    new_sealing: Option<Sealing>,
+    last_keys_check: Instant,
+    /// The keys this process last recorded in the generation: a segment
+    /// sealed to others gets a keys record.
+    recorded: Option<Vec<String>>,
 }
 
 impl std::fmt::Debug for Stream {
@@ -396,9 +426,23 @@ impl Stream {
         // idle database holds one connection, not two.
         drop(gate);
         let now = Instant::now();
+        let keys = sealing.fingerprints();
+        // A generation continues under new keys only if they still open
+        // what it holds: else a restore would need the old and the new.
+        let dropped = prev.is_some_and(|p| p.keys.iter().any(|k| !keys.contains(k)));
+        let continued = continued.filter(|_| !dropped);
+        let why = if dropped {
+            Some(KEYS_DROPPED.to_string())
+        } else {
+            why
+        };
         let mut st = Stream {
             policy: policy.clone(),
             db: db.to_path_buf(),
+            keys,
+            new_sealing: None,
+            last_keys_check: now,
+            recorded: None,
             sealing,
             spool,
             state_path: state_path.to_path_buf(),
@@ -449,6 +493,34 @@ impl Stream {
         &self.report
     }
 
+    /// Whether the engine should offer the configured keys again.
+    pub fn keys_due(&self) -> bool {
+        self.last_keys_check.elapsed() >= KEYS_CHECK
+    }
+
+    /// The configured keys, as the engine read them: when they changed,
+    /// the next segment is sealed to them. Dropping a key (or changing the
+    /// passphrase) starts a new generation at the next step.
+    pub fn offer_keys(&mut self, sealing: Sealing) {
+        self.last_keys_check = Instant::now();
+        if sealing.fingerprints() != self.keys {
+            self.new_sealing = Some(sealing);
+        }
+    }
+
+    /// Takes keys the engine offered; `true` when a key was dropped.
+    fn take_new_keys(&mut self) -> bool {
+        let Some(sealing) = self.new_sealing.take() else {
+            return false;
+        };
+        let keys = sealing.fingerprints();
+        let dropped = self.keys.iter().any(|k| !keys.contains(k));
+        tracing::info!(policy = %self.policy.name, "WAL segments are sealed to {} from now on", keys.join(", "));
+        self.sealing = sealing;
+        self.keys = keys;
+        dropped
+    }
+
     /// Whether a segment was sealed since the last call (the shipper has work).
     pub fn take_sealed(&mut self) -> bool {
         std::mem::take(&mut self.sealed)
@@ -470,6 +542,10 @@ impl Stream {
     /// due, checkpoint when the WAL is long.
     pub fn step(&mut self) -> Result<Option<Next>> {
         let sync = self.policy.wal.sync_interval;
+        if self.take_new_keys() {
+            self.seal()?;
+            return Ok(Some(Next::Restart(KEYS_DROPPED.into())));
+        }
         if let Some(n) = self.replaced()? {
             self.seal()?;
             return Ok(Some(n));
@@ -645,6 +721,7 @@ impl Stream {
     fn start_generation(&mut self, why: String) -> Result<()> {
         self.generation = rwal::new_generation(Utc::now());
         self.seq_base = 0;
+        self.recorded = None;
         self.report.generations_started += 1;
         tracing::info!(policy = %self.policy.name, generation = %self.generation, "new generation ({why}); taking a full backup to every target");
         self.publish(true)?;
@@ -670,6 +747,7 @@ impl Stream {
             st.checksum = self.cursor.map_or((0, 0), |c| c.checksum);
             st.db_ino = Some(self.db_ino);
             st.watched_until = Some(self.seen_until);
+            st.keys = self.recorded.clone().unwrap_or_else(|| self.keys.clone());
         }
         st.pid = std::process::id();
         st.host = crate::lock::hostname();
@@ -886,6 +964,7 @@ impl Stream {
             first_seq,
             first_commit: now,
             bytes: 0,
+            keys: self.keys.clone(),
         })
     }
 
@@ -928,6 +1007,22 @@ impl Stream {
         let until = self.seen_until.max(open.first_commit);
         let name = rwal::segment_name(open.first_seq, last, open.first_commit, until);
         let dir = self.spool.gen_dir(&open.generation);
+        if !open.keys.is_empty() && self.recorded.as_ref() != Some(&open.keys) {
+            // Before the segment, so no segment is ever spooled without it.
+            let record = rwal::KeysRecord {
+                recipients: open.keys.clone(),
+            };
+            let body = serde_json::to_vec(&record).map_err(|e| Error::Other(e.to_string()))?;
+            let keys_tmp = dir.join(format!(".keys.{}.tmp", std::process::id()));
+            File::create(&keys_tmp)
+                .and_then(|mut f| {
+                    std::io::Write::write_all(&mut f, &body)?;
+                    f.sync_all()
+                })
+                .and_then(|()| std::fs::rename(&keys_tmp, dir.join(keys_file_name(&name))))
+                .map_err(err)?;
+            self.recorded = Some(open.keys.clone());
+        }
         std::fs::rename(&tmp, dir.join(&name)).map_err(err)?;
         File::open(&dir).and_then(|d| d.sync_all()).map_err(err)?;
         if frames == 0 {
@@ -984,6 +1079,9 @@ impl Stream {
         Ok(lost)
     }
 }
+
+/// Why a generation ends when a key is dropped.
+const KEYS_DROPPED: &str = "the encryption keys changed and a key was dropped (or the passphrase changed): a new generation starts, so a restore needs only the new keys";
 
 pub fn poisoned() -> Error {
     Error::Other("internal: a streamer thread panicked while holding its state".into())
