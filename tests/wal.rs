@@ -932,3 +932,149 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
         "{audit}"
     );
 }
+
+/// The keys records stored for the local target's WAL: (generation, recipients).
+fn keys_records(env: &Env) -> Vec<(String, Vec<String>)> {
+    let wal = env.path("backups/app/wal");
+    let mut out = Vec::new();
+    for f in common::files_under(&wal) {
+        let parts: Vec<&str> = f.split('/').collect();
+        if let [generation, "keys", name] = parts[..]
+            && name.ends_with(".json")
+        {
+            let j: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(wal.join(&f)).expect("record"))
+                    .expect("a keys record is JSON");
+            let r = j["recipients"]
+                .as_array()
+                .expect("recipients")
+                .iter()
+                .map(|v| v.as_str().expect("fingerprint").to_string())
+                .collect();
+            out.push((generation.to_string(), r));
+        }
+    }
+    out
+}
+
+/// Replaces a file the way secret managers do: a new file, then a rename.
+fn replace_file(path: &Path, text: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
+#[test]
+fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_status_follows() {
+    let env = Env::new(&format!("{WAL_POLICY}[retention]\nfull = 1\n"));
+    common::make_db(&env.db, true, 50, 500);
+    let old_pub = std::fs::read_to_string(env.path("backup.pub")).expect("pub");
+    let new_key = env.path("new.key");
+    let new_pub = env
+        .dr(&["keygen", "--output", &new_key.display().to_string()])
+        .ok()
+        .stdout;
+    let mut d = daemon(&env);
+    wait_streaming(&env);
+    write(&env, 2, 20, 600, 500, &[]);
+    let before_rotation: Vec<String> = marks(&env).into_iter().map(|m| m.0).collect();
+
+    // Step 1 of the runbook: the new recipient beside the old. No SIGHUP:
+    // the next segments are sealed to both.
+    replace_file(&env.path("backup.pub"), &format!("{old_pub}{new_pub}"));
+    wait_until("a keys record with both keys", 20, &env, || {
+        write(&env, 1, 10, 100, 500, &[]);
+        keys_records(&env).iter().any(|(_, r)| r.len() == 2)
+    });
+    assert_eq!(generations(&env, 0), 1, "adding a key keeps the generation");
+    // Step 2: the old recipient removed. The generation ends (a restore
+    // must not need both keys) and a new one starts with a full.
+    replace_file(&env.path("backup.pub"), &new_pub);
+    wait_until(
+        "a new generation sealed to the new key alone",
+        30,
+        &env,
+        || {
+            write(&env, 1, 10, 100, 500, &[]);
+            generations(&env, 0) == 2
+                && backup_count(&env) == 2
+                && keys_records(&env).iter().any(|(_, r)| r.len() == 1)
+        },
+    );
+    write(&env, 2, 20, 600, 500, &[]);
+    let final_digest = digest(&env.db);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(d.try_wait().expect("wait").is_none(), "the daemon stopped");
+    assert_eq!(stop(d), 0);
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("the encryption keys changed:"))
+            .count(),
+        2,
+        "one warning per change\n{log}"
+    );
+    assert!(log.contains("a key was dropped"), "{log}");
+    assert!(!log.contains("restarting in"), "a streamer failed: {log}");
+    let audit = std::fs::read_to_string(env.path("state/audit.log")).expect("audit");
+    assert!(
+        audit
+            .lines()
+            .filter(|l| l.contains("\"key_loaded\"") && l.contains("backup.pub"))
+            .count()
+            >= 3,
+        "{audit}"
+    );
+
+    // The new key alone restores the newest state; the old one still
+    // restores what was written before the rotation.
+    let to = env.path("newest.db").display().to_string();
+    let nk = new_key.display().to_string();
+    env.dr(&["restore-local", "app", "--to", &to, "--identity", &nk])
+        .ok();
+    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    let all = marks(&env);
+    let (at, burst, want) = all
+        .iter()
+        .rfind(|m| before_rotation.contains(&m.0))
+        .expect("a mark before the rotation");
+    restore_at(&env, "restore-local", at, "old.db").ok();
+    assert_eq!(&digest(&env.path("old.db")), want, "burst {burst} at {at}");
+
+    // keys status: the old key is needed by the first generation's base
+    // and by its WAL sealed before the new key was added.
+    let old = env.key_arg();
+    let status = |env: &Env| {
+        env.dr(&["keys", "status", "--identity", &old, "--json"])
+            .ok()
+            .json()["keys"][0]
+            .clone()
+    };
+    let k = status(&env);
+    assert_eq!(k["current"], false, "{k}");
+    let needed: Vec<&str> = k["needed_by"]
+        .as_array()
+        .expect("needed_by")
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert!(
+        needed.iter().any(|n| n.contains("/wal/")),
+        "WAL sealed to the old key alone: {k}"
+    );
+    assert!(
+        needed.iter().any(|n| !n.contains("/wal/")),
+        "the first base: {k}"
+    );
+    assert_eq!(k["retirable"], false, "{k}");
+    // A scheduled full, and retention.full = 1 expires both generations'
+    // bases and the first generation's WAL: nothing needs the old key.
+    env.dr(&["backup-local", "app", "--type", "full"]).ok();
+    let k = status(&env);
+    assert_eq!(k["retirable"], true, "{k}");
+    assert_eq!(k["wal"].as_array().map(Vec::len), Some(0), "{k}");
+    let to = env.path("last.db").display().to_string();
+    env.dr(&["restore-local", "app", "--to", &to, "--identity", &nk])
+        .ok();
+    assert_eq!(digest(&env.path("last.db")), final_digest);
+}

@@ -1002,10 +1002,13 @@ impl Inner {
                 let key = rwal::segment_key(&policy.name, &s.generation, &s.name);
                 let put = |path: &Path, key: &str| {
                     File::open(path)
-                        .map_err(|e| Error::io(format!("cannot read spooled {}", path.display()), e))
+                        .map_err(|e| {
+                            Error::io(format!("cannot read spooled {}", path.display()), e)
+                        })
                         .and_then(|mut f| {
                             let mut w = store.create(key)?;
-                            std::io::copy(&mut f, &mut w).map_err(|e| store.err("write", key, &e))?;
+                            std::io::copy(&mut f, &mut w)
+                                .map_err(|e| store.err("write", key, &e))?;
                             w.commit()
                         })
                 };

@@ -503,7 +503,10 @@ mod tests {
         let c = seg("g1", 21, 30, 2, 3);
         let ka = keys_record_key("p", "g1", &segment_name(1, 10, t(0), t(1)));
         let kc = keys_record_key("p", "g1", &segment_name(21, 30, t(2), t(3)));
-        assert!(ka.starts_with("p/wal/g1/keys/") && ka.ends_with(".json"), "{ka}");
+        assert!(
+            ka.starts_with("p/wal/g1/keys/") && ka.ends_with(".json"),
+            "{ka}"
+        );
         let listing: Vec<ObjectMeta> = [&a.key, &b.key, &c.key, &ka, &kc]
             .iter()
             .map(|k| ObjectMeta {
