@@ -104,7 +104,7 @@ impl<W: Write> Encoder<W> {
                         .map_err(|e| Error::io("writing the age header", e))?,
                 )
             }
-            Sealing::Passphrase(p, _) => {
+            Sealing::Passphrase(p, ..) => {
                 let enc = age::Encryptor::with_user_passphrase(p.clone());
                 Sealed::Age(
                     enc.wrap_output(tally)

@@ -33,8 +33,10 @@ pub enum Sealing {
     /// age X25519 recipients: the backup host cannot decrypt.
     Recipients(Vec<age::x25519::Recipient>),
     /// scrypt passphrase: the same secret encrypts and decrypts. The string
-    /// is its fingerprint (see [`passphrase_fingerprint`]).
-    Passphrase(SecretString, String),
+    /// is its fingerprint (see [`passphrase_fingerprint`]); the recipient
+    /// is the one derived from it for objects written often
+    /// ([`Sealing::frequent`]).
+    Passphrase(SecretString, String, age::x25519::Recipient),
     /// `encryption = "none"`: compressed and hashed, not encrypted.
     None,
 }
@@ -57,12 +59,25 @@ impl Sealing {
     pub fn fingerprints(&self) -> Vec<String> {
         let mut out: Vec<String> = match self {
             Sealing::Recipients(rs) => rs.iter().map(|r| fingerprint(&r.to_string())).collect(),
-            Sealing::Passphrase(_, fp) => vec![fp.clone()],
+            Sealing::Passphrase(_, fp, _) => vec![fp.clone()],
             Sealing::None => vec![],
         };
         out.sort();
         out.dedup();
         out
+    }
+
+    /// How objects written many times a minute are sealed: WAL segments
+    /// and audit shipments. age's passphrase stanza costs about a second
+    /// of scrypt per object, to write and again to read, which a stream
+    /// sealing a segment a second cannot pay; under a passphrase they are
+    /// sealed to the recipient derived from it ([`passphrase_identity`]),
+    /// which costs one scrypt per process instead.
+    pub fn frequent(&self) -> Sealing {
+        match self {
+            Sealing::Passphrase(_, _, derived) => Sealing::Recipients(vec![derived.clone()]),
+            other => other.clone(),
+        }
     }
 }
 
@@ -112,6 +127,33 @@ pub fn passphrase_fingerprint(pass: &SecretString) -> Result<String> {
     Ok(format!("scrypt:{}", hex::encode(&out[..8])))
 }
 
+/// The X25519 identity derived from a passphrase: scrypt (log2 N = 15,
+/// r = 8, p = 1) under the fixed salt `dr passphrase key v1`, 32 bytes, as
+/// an age secret key. It costs a guesser what the fingerprint manifests
+/// already show costs ([`passphrase_fingerprint`]), so it weakens nothing;
+/// any age tool opens the objects sealed to it given this identity
+/// (docs/repository-format.md says how to compute it).
+pub fn passphrase_identity(pass: &SecretString) -> Result<age::x25519::Identity> {
+    let params = scrypt::Params::new(15, 8, 1, 32)
+        .map_err(|e| Error::Other(format!("internal: scrypt parameters: {e}")))?;
+    let mut key = [0u8; 32];
+    scrypt::scrypt(
+        pass.expose_secret().as_bytes(),
+        b"dr passphrase key v1",
+        &params,
+        &mut key,
+    )
+    .map_err(|e| Error::Other(format!("internal: scrypt: {e}")))?;
+    let hrp = bech32::Hrp::parse("age-secret-key-")
+        .map_err(|e| Error::Other(format!("internal: bech32: {e}")))?;
+    let encoded = bech32::encode::<bech32::Bech32>(hrp, &key)
+        .map_err(|e| Error::Other(format!("internal: bech32: {e}")))?;
+    key.fill(0);
+    let encoded = SecretString::from(encoded.to_uppercase());
+    age::x25519::Identity::from_str(encoded.expose_secret())
+        .map_err(|e| Error::Other(format!("internal: derived identity: {e}")))
+}
+
 /// Refuses passphrases too weak to protect a repository copy.
 fn check_passphrase(path: &Path, pass: &SecretString) -> Result<()> {
     let chars = pass.expose_secret().trim().chars().count();
@@ -146,7 +188,8 @@ pub fn sealing(enc: &KeySettings, encrypted: bool) -> Result<Sealing> {
         let pass = crate::secret::read_secret(p)?;
         check_passphrase(p, &pass)?;
         let fp = passphrase_fingerprint(&pass)?;
-        return Ok(Sealing::Passphrase(pass, fp));
+        let derived = passphrase_identity(&pass)?.to_public();
+        return Ok(Sealing::Passphrase(pass, fp, derived));
     }
     let mut out = Vec::new();
     for r in &enc.recipients {
@@ -196,8 +239,12 @@ pub fn unsealing(enc: &KeySettings, identity: Option<&Path>) -> Result<Option<Un
     }
     if let Some(p) = &enc.passphrase_file {
         let pass = crate::secret::read_secret(p)?;
+        let derived = passphrase_identity(&pass)?;
         return Ok(Some(Unsealing {
-            identities: vec![Box::new(age::scrypt::Identity::new(pass))],
+            identities: vec![
+                Box::new(age::scrypt::Identity::new(pass)),
+                Box::new(derived),
+            ],
             source: p.display().to_string(),
         }));
     }
@@ -300,6 +347,42 @@ mod tests {
         let u = read_identity_file(&p).expect("readable identity");
         assert_eq!(u.identities.len(), 1);
         assert!(keygen(&p).is_err(), "never overwrites");
+    }
+
+    /// The derivation is part of the repository format: a fixed input
+    /// gives a fixed key, and what is sealed to it opens with it.
+    #[test]
+    fn the_derived_passphrase_identity_is_stable_and_opens_what_frequent_sealing_writes() {
+        let pass = SecretString::from("correct horse battery".to_string());
+        let a = passphrase_identity(&pass).expect("derive");
+        let b = passphrase_identity(&pass).expect("derive");
+        assert_eq!(a.to_public().to_string(), b.to_public().to_string());
+        let other = passphrase_identity(&SecretString::from("correct horse battery!".to_string()))
+            .expect("derive");
+        assert_ne!(a.to_public().to_string(), other.to_public().to_string());
+        let fp = passphrase_fingerprint(&pass).expect("fp");
+        let sealing = Sealing::Passphrase(pass, fp.clone(), a.to_public());
+        // The fingerprint users see stays the passphrase's.
+        assert_eq!(sealing.fingerprints(), vec![fp]);
+        let Sealing::Recipients(rs) = sealing.frequent() else {
+            panic!("a passphrase seals frequent objects to its derived recipient");
+        };
+        let enc = age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
+            .expect("encryptor");
+        let mut sealed = Vec::new();
+        let mut w = enc.wrap_output(&mut sealed).expect("wrap");
+        std::io::Write::write_all(&mut w, b"segment").expect("write");
+        w.finish().expect("finish");
+        let dec = age::Decryptor::new(&sealed[..]).expect("header");
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(
+            &mut dec
+                .decrypt(std::iter::once(&b as &dyn age::Identity))
+                .expect("the derived identity opens it"),
+            &mut plain,
+        )
+        .expect("read");
+        assert_eq!(plain, b"segment");
     }
 
     #[test]

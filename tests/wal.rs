@@ -957,10 +957,13 @@ fn keys_records(env: &Env) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// Replaces a file the way secret managers do: a new file, then a rename.
+/// Replaces a file the way secret managers do: a new file (mode 0600),
+/// then a rename.
 fn replace_file(path: &Path, text: &str) {
     let tmp = path.with_extension("new");
     std::fs::write(&tmp, text).expect("write");
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .expect("chmod");
     std::fs::rename(&tmp, path).expect("rename");
 }
 
@@ -1077,4 +1080,55 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
     env.dr(&["restore-local", "app", "--to", &to, "--identity", &nk])
         .ok();
     assert_eq!(digest(&env.path("last.db")), final_digest);
+}
+
+#[test]
+fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphrase_restores_its_own()
+ {
+    let env = Env::new(WAL_POLICY);
+    let pass = env.path("pass.txt");
+    let (first, second) = ("first-wal-passphrase-4711", "second-wal-passphrase-0815");
+    env.use_passphrase(&pass, &format!("{first}\n"), 0o600);
+    common::make_db(&env.db, true, 50, 500);
+    let d = daemon(&env);
+    wait_streaming(&env);
+    write(&env, 2, 20, 600, 500, &[]);
+    let before: Vec<String> = marks(&env).into_iter().map(|m| m.0).collect();
+    replace_file(&pass, &format!("{second}\n"));
+    wait_until(
+        "a new generation under the new passphrase",
+        30,
+        &env,
+        || {
+            write(&env, 1, 10, 100, 500, &[]);
+            generations(&env, 0) == 2 && backup_count(&env) == 2
+        },
+    );
+    write(&env, 2, 20, 600, 500, &[]);
+    let final_digest = digest(&env.db);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(d), 0);
+    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
+    assert!(!log.contains(first) && !log.contains(second), "{log}");
+    assert!(!log.contains("restarting in"), "a streamer failed: {log}");
+    // The new passphrase alone restores the newest state...
+    let to = env.path("newest.db").display().to_string();
+    env.dr(&["restore-local", "app", "--to", &to]).ok();
+    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    // ...and the old one what was written under it.
+    replace_file(&pass, &format!("{first}\n"));
+    let all = marks(&env);
+    let (at, burst, want) = all
+        .iter()
+        .rfind(|m| before.contains(&m.0))
+        .expect("a mark before the change");
+    let to = env.path("old.db").display().to_string();
+    env.dr(&["restore-local", "app", "--to", &to, "--at", at])
+        .ok();
+    assert_eq!(
+        &digest(&env.path("old.db")),
+        want,
+        "burst {burst} at {at}\n{all:?}\n{:?}\n{log}",
+        common::files_under(&env.path("backups"))
+    );
 }

@@ -500,25 +500,13 @@ impl Stream {
 
     /// The configured keys, as the engine read them: when they changed,
     /// the next segment is sealed to them. Dropping a key (or changing the
-    /// passphrase) starts a new generation at the next step.
+    /// passphrase) ends the generation at the next step: the stream is
+    /// opened again, under the new keys, in a new one.
     pub fn offer_keys(&mut self, sealing: Sealing) {
         self.last_keys_check = Instant::now();
         if sealing.fingerprints() != self.keys {
             self.new_sealing = Some(sealing);
         }
-    }
-
-    /// Takes keys the engine offered; `true` when a key was dropped.
-    fn take_new_keys(&mut self) -> bool {
-        let Some(sealing) = self.new_sealing.take() else {
-            return false;
-        };
-        let keys = sealing.fingerprints();
-        let dropped = self.keys.iter().any(|k| !keys.contains(k));
-        tracing::info!(policy = %self.policy.name, "WAL segments are sealed to {} from now on", keys.join(", "));
-        self.sealing = sealing;
-        self.keys = keys;
-        dropped
     }
 
     /// Whether a segment was sealed since the last call (the shipper has work).
@@ -542,9 +530,23 @@ impl Stream {
     /// due, checkpoint when the WAL is long.
     pub fn step(&mut self) -> Result<Option<Next>> {
         let sync = self.policy.wal.sync_interval;
-        if self.take_new_keys() {
-            self.seal()?;
-            return Ok(Some(Next::Restart(KEYS_DROPPED.into())));
+        if let Some(sealing) = self.new_sealing.take() {
+            let keys = sealing.fingerprints();
+            if self.keys.iter().any(|k| !keys.contains(k)) {
+                // The generation ends under the keys it has, as a stop ends
+                // it: what is committed is read and sealed, and a final
+                // mark says how far it was watched.
+                if let Some(n) = self.consume()? {
+                    self.seal()?;
+                    return Ok(Some(n));
+                }
+                self.seal()?;
+                self.seal_as(true)?;
+                return Ok(Some(Next::Restart(KEYS_DROPPED.into())));
+            }
+            tracing::info!(policy = %self.policy.name, "WAL segments are sealed to {} from now on", keys.join(", "));
+            self.sealing = sealing;
+            self.keys = keys;
         }
         if let Some(n) = self.replaced()? {
             self.seal()?;
@@ -953,7 +955,7 @@ impl Stream {
         std::fs::create_dir_all(&dir).map_err(err)?;
         let tmp = dir.join(format!(".open.{}.tmp", std::process::id()));
         let f = File::create(&tmp).map_err(err)?;
-        let enc = Encoder::new(f, self.policy.compression_level, &self.sealing)?;
+        let enc = Encoder::new(f, self.policy.compression_level, &self.sealing.frequent())?;
         let writer =
             SegmentWriter::new(BufWriter::with_capacity(1 << 20, enc), page_size, first_seq)
                 .map_err(err)?;
