@@ -459,3 +459,67 @@ fn an_append_only_target_never_sees_a_delete() {
         "{info}"
     );
 }
+
+#[test]
+fn a_key_refused_mid_rotation_is_read_again_and_the_request_tried_once_more() {
+    use std::io::BufRead;
+    let root = tempfile::tempdir().expect("tmp");
+    let mut server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "backups");
+    make_db(&env.db, true, 50, 100);
+    // The store already takes only the new key; the files still hold the
+    // old one when the backup starts, and are replaced only once dr has
+    // been refused: the retry must read them again.
+    let (new_id, new_secret) = ("dr-mid-rotation", "dr-mid-rotation-secret-24680");
+    server.rotate(new_id, new_secret);
+    let mut child = std::process::Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(env.config())
+        .args(["backup-s3", "app"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("dr");
+    let stderr = child.stderr.take().expect("stderr");
+    let files = [
+        (env.path("s3.key_id"), new_id),
+        (env.path("s3.secret"), new_secret),
+    ];
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.expect("stderr line");
+            if line.contains("refused the credentials; reading") {
+                for (path, value) in &files {
+                    let tmp = path.with_extension("new");
+                    std::fs::write(&tmp, format!("{value}\n")).expect("new key");
+                    std::fs::set_permissions(
+                        &tmp,
+                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+                    )
+                    .expect("chmod");
+                    std::fs::rename(&tmp, path).expect("rename");
+                }
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    let status = child.wait().expect("wait");
+    let log = reader.join().expect("reader");
+    assert!(status.success(), "{log}");
+    assert_eq!(
+        log.matches("refused the credentials; reading").count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.contains("S3 credentials of target 's3' changed"),
+        "{log}"
+    );
+    assert!(!log.contains(new_secret), "{log}");
+    restore_s3(&env, "r.db").ok();
+    assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}

@@ -851,6 +851,10 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
     let mut daemon = daemon(&env);
     wait_streaming(&env);
     write(&env, 2, 30, 600, 2000, &[]);
+    assert!(
+        common::assert_no_dr_process_shows(&[common::s3::SECRET_KEY]) >= 1,
+        "the daemon runs"
+    );
 
     // The store takes a new key; the old one is refused from now on. The
     // secret manager writes the new files a moment later (atomically, by
@@ -1094,6 +1098,10 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     wait_streaming(&env);
     write(&env, 2, 20, 600, 500, &[]);
     let before: Vec<String> = marks(&env).into_iter().map(|m| m.0).collect();
+    assert!(
+        common::assert_no_dr_process_shows(&[first]) >= 1,
+        "the daemon runs"
+    );
     replace_file(&pass, &format!("{second}\n"));
     wait_until(
         "a new generation under the new passphrase",

@@ -384,7 +384,7 @@ impl Inner {
                 "bucket '{}' does not exist: create it (dr does not create buckets)",
                 self.bucket
             ),
-            "InvalidAccessKeyId" | "SignatureDoesNotMatch" | "NotSignedUp" => {
+            _ if refused(e) => {
                 "the server refused the credentials: check access_key_id_file and secret_access_key_file".to_string()
             }
             "AccessDenied" => format!(
@@ -424,7 +424,13 @@ impl Inner {
 fn refused<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     matches!(
         e.as_service_error().and_then(|s| s.code()),
-        Some("InvalidAccessKeyId" | "SignatureDoesNotMatch" | "ExpiredToken" | "InvalidToken")
+        Some(
+            "InvalidAccessKeyId"
+                | "SignatureDoesNotMatch"
+                | "NotSignedUp"
+                | "ExpiredToken"
+                | "InvalidToken"
+        )
     )
 }
 

@@ -154,6 +154,33 @@ impl Env {
     }
 }
 
+/// Fails when a running dr process shows one of `secrets` where `ps`
+/// looks: its command line. Returns how many dr processes were looked at.
+#[allow(dead_code)]
+pub fn assert_no_dr_process_shows(secrets: &[&str]) -> usize {
+    let mut seen = 0;
+    for p in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(cmdline) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if !args.first().is_some_and(|a| a.ends_with("/dr")) {
+            continue;
+        }
+        seen += 1;
+        for s in secrets {
+            assert!(
+                !args.iter().any(|a| a.contains(s)),
+                "a dr command line shows a secret: {args:?}"
+            );
+        }
+    }
+    seen
+}
+
 /// Every file below `root`, as sorted paths relative to it.
 pub fn files_under(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
