@@ -355,6 +355,19 @@ fn object_lock_keeps_backups_a_delete_cannot_remove_and_expire_waits_for_it() {
         moto.lock_tool(&["delete", "lockbucket", &data_key(&first)]),
         "AccessDenied"
     );
+    // So is one of the audit log the command shipped: the record of what
+    // was done outlives the host too.
+    let audit = moto.lock_tool(&["list", "lockbucket", "prod/.audit/"]);
+    let shipped = audit.lines().next().expect("a shipped audit object");
+    assert!(
+        moto.lock_tool(&["head", "lockbucket", shipped])
+            .starts_with("GOVERNANCE "),
+        "{shipped}"
+    );
+    assert_eq!(
+        moto.lock_tool(&["delete", "lockbucket", shipped]),
+        "AccessDenied"
+    );
 
     // retention.full = 1 would remove the first full: it is locked, so
     // expire leaves it and says until when.

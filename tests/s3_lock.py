@@ -4,6 +4,7 @@
   python3 s3_lock.py head BUCKET KEY        prints "MODE RETAIN_UNTIL_EPOCH"
   python3 s3_lock.py delete BUCKET KEY      deletes the current version by id;
                                             prints "deleted" or the error code
+  python3 s3_lock.py list BUCKET PREFIX     prints the keys under PREFIX, a line each
 
 Endpoint and credentials come from S3_ENDPOINT, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (the same keys dr uses).
@@ -36,6 +37,10 @@ def main():
             print("deleted")
         except ClientError as e:
             print(e.response["Error"]["Code"])
+    elif cmd == "list":
+        out = s3.list_objects_v2(Bucket=bucket, Prefix=sys.argv[3])
+        for o in out.get("Contents", []):
+            print(o["Key"])
     else:
         sys.exit(f"unknown command {cmd}")
 
