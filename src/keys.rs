@@ -114,17 +114,20 @@ pub const MIN_PASSPHRASE_CHARS: usize = 12;
 /// `scrypt:<hex>`. Guessing a passphrase from it costs the same scrypt work
 /// per guess as guessing it from any age header the repository already holds.
 pub fn passphrase_fingerprint(pass: &SecretString) -> Result<String> {
+    let out = passphrase_scrypt(pass, b"dr passphrase fingerprint v1")?;
+    Ok(format!("scrypt:{}", hex::encode(&out[..8])))
+}
+
+/// 32 bytes of scrypt (log2 N = 15, r = 8, p = 1) of the passphrase under
+/// `salt`: what the fingerprint and the derived identity are made of, so a
+/// guess costs the same against either.
+fn passphrase_scrypt(pass: &SecretString, salt: &[u8]) -> Result<[u8; 32]> {
     let params = scrypt::Params::new(15, 8, 1, 32)
         .map_err(|e| Error::Other(format!("internal: scrypt parameters: {e}")))?;
     let mut out = [0u8; 32];
-    scrypt::scrypt(
-        pass.expose_secret().as_bytes(),
-        b"dr passphrase fingerprint v1",
-        &params,
-        &mut out,
-    )
-    .map_err(|e| Error::Other(format!("internal: scrypt: {e}")))?;
-    Ok(format!("scrypt:{}", hex::encode(&out[..8])))
+    scrypt::scrypt(pass.expose_secret().as_bytes(), salt, &params, &mut out)
+        .map_err(|e| Error::Other(format!("internal: scrypt: {e}")))?;
+    Ok(out)
 }
 
 /// The X25519 identity derived from a passphrase: scrypt (log2 N = 15,
@@ -134,16 +137,7 @@ pub fn passphrase_fingerprint(pass: &SecretString) -> Result<String> {
 /// any age tool opens the objects sealed to it given this identity
 /// (docs/repository-format.md says how to compute it).
 pub fn passphrase_identity(pass: &SecretString) -> Result<age::x25519::Identity> {
-    let params = scrypt::Params::new(15, 8, 1, 32)
-        .map_err(|e| Error::Other(format!("internal: scrypt parameters: {e}")))?;
-    let mut key = [0u8; 32];
-    scrypt::scrypt(
-        pass.expose_secret().as_bytes(),
-        b"dr passphrase key v1",
-        &params,
-        &mut key,
-    )
-    .map_err(|e| Error::Other(format!("internal: scrypt: {e}")))?;
+    let mut key = passphrase_scrypt(pass, b"dr passphrase key v1")?;
     let hrp = bech32::Hrp::parse("age-secret-key-")
         .map_err(|e| Error::Other(format!("internal: bech32: {e}")))?;
     let encoded = bech32::encode::<bech32::Bech32>(hrp, &key)

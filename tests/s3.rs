@@ -505,14 +505,7 @@ fn a_key_refused_mid_rotation_is_read_again_and_the_request_tried_once_more() {
             let line = line.expect("stderr line");
             if line.contains("refused the credentials; reading") {
                 for (path, value) in &files {
-                    let tmp = path.with_extension("new");
-                    std::fs::write(&tmp, format!("{value}\n")).expect("new key");
-                    std::fs::set_permissions(
-                        &tmp,
-                        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-                    )
-                    .expect("chmod");
-                    std::fs::rename(&tmp, path).expect("rename");
+                    common::replace_private_file(path, &format!("{value}\n"));
                 }
             }
             all.push_str(&line);

@@ -863,11 +863,7 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
     server.rotate(new_id, new_secret);
     write(&env, 2, 30, 600, 2000, &[]);
     for (file, value) in [("s3.key_id", new_id), ("s3.secret", new_secret)] {
-        let tmp = env.path(&format!("{file}.new"));
-        std::fs::write(&tmp, format!("{value}\n")).expect("new key");
-        std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .expect("chmod");
-        std::fs::rename(&tmp, env.path(file)).expect("rename");
+        common::replace_private_file(&env.path(file), &format!("{value}\n"));
     }
     write(&env, 2, 30, 600, 2000, &[]);
     let final_digest = digest(&env.db);
@@ -961,16 +957,6 @@ fn keys_records(env: &Env) -> Vec<(String, Vec<String>)> {
     out
 }
 
-/// Replaces a file the way secret managers do: a new file (mode 0600),
-/// then a rename.
-fn replace_file(path: &Path, text: &str) {
-    let tmp = path.with_extension("new");
-    std::fs::write(&tmp, text).expect("write");
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .expect("chmod");
-    std::fs::rename(&tmp, path).expect("rename");
-}
-
 #[test]
 fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_status_follows() {
     let env = Env::new(&format!("{WAL_POLICY}[retention]\nfull = 1\n"));
@@ -988,7 +974,7 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
 
     // Step 1 of the runbook: the new recipient beside the old. No SIGHUP:
     // the next segments are sealed to both.
-    replace_file(&env.path("backup.pub"), &format!("{old_pub}{new_pub}"));
+    common::replace_private_file(&env.path("backup.pub"), &format!("{old_pub}{new_pub}"));
     wait_until("a keys record with both keys", 20, &env, || {
         write(&env, 1, 10, 100, 500, &[]);
         keys_records(&env).iter().any(|(_, r)| r.len() == 2)
@@ -996,7 +982,7 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
     assert_eq!(generations(&env, 0), 1, "adding a key keeps the generation");
     // Step 2: the old recipient removed. The generation ends (a restore
     // must not need both keys) and a new one starts with a full.
-    replace_file(&env.path("backup.pub"), &new_pub);
+    common::replace_private_file(&env.path("backup.pub"), &new_pub);
     wait_until(
         "a new generation sealed to the new key alone",
         30,
@@ -1102,7 +1088,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
         common::assert_no_dr_process_shows(&[first]) >= 1,
         "the daemon runs"
     );
-    replace_file(&pass, &format!("{second}\n"));
+    common::replace_private_file(&pass, &format!("{second}\n"));
     wait_until(
         "a new generation under the new passphrase",
         30,
@@ -1124,7 +1110,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     env.dr(&["restore-local", "app", "--to", &to]).ok();
     assert_eq!(digest(&env.path("newest.db")), final_digest);
     // ...and the old one what was written under it.
-    replace_file(&pass, &format!("{first}\n"));
+    common::replace_private_file(&pass, &format!("{first}\n"));
     let all = marks(&env);
     let (at, burst, want) = all
         .iter()

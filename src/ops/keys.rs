@@ -60,39 +60,41 @@ impl KeyUse {
 pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec<String>)> {
     let mut unread = Vec::new();
     let mut current: Vec<String> = Vec::new();
-    // Every backup read, as (`policy/target/label`, label, recipients),
-    // and every WAL range, as (`policy/target/wal/...`, recipients).
-    let mut stored = Vec::new();
-    let mut wal: Vec<(String, Vec<String>)> = Vec::new();
+    // Everything stored that records its keys, as (`policy/target/...`,
+    // the label of a backup or `None` for a WAL range, recipients).
+    // WAL after every backup, as listed.
+    let mut stored: Vec<(String, Option<String>, Vec<String>)> = Vec::new();
+    let mut wal = Vec::new();
     for p in members::select(ctx, None, None, Scope::Stored)? {
         if !p.encrypted || !matches!(p.source, crate::config::Source::Sqlite { .. }) {
             continue;
         }
         current.extend(ctx.sealing(&p)?.fingerprints());
         for tname in &p.targets {
-            let t = ctx.cfg().target(tname)?;
-            let committed = ctx.storage(t).and_then(|store| {
-                PolicyRepo {
-                    storage: store.as_ref(),
-                    policy: &p.name,
+            let store = match ctx.storage(ctx.cfg().target(tname)?) {
+                Ok(store) => store,
+                Err(e) => {
+                    unread.push(format!("policy '{}' on target '{tname}': {e}", p.name));
+                    continue;
                 }
-                .committed()
-            });
+            };
+            let committed = PolicyRepo {
+                storage: store.as_ref(),
+                policy: &p.name,
+            }
+            .committed();
             match committed {
                 Ok(c) => stored.extend(c.into_iter().filter_map(|c| c.manifest.ok()).map(|m| {
                     (
                         format!("{}/{tname}/{}", p.name, m.label),
-                        m.label.to_string(),
+                        Some(m.label.to_string()),
                         m.recipients,
                     )
                 })),
                 Err(e) => unread.push(format!("policy '{}' on target '{tname}': {e}", p.name)),
             }
-            match ctx
-                .storage(t)
-                .and_then(|store| wal_ranges(store.as_ref(), &p.name, tname))
-            {
-                Ok(w) => wal.extend(w),
+            match wal_ranges(store.as_ref(), &p.name, tname) {
+                Ok(w) => wal.extend(w.into_iter().map(|(at, r)| (at, None, r))),
                 Err(e) => unread.push(format!(
                     "the WAL of policy '{}' on target '{tname}': {e}",
                     p.name
@@ -100,6 +102,7 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
             }
         }
     }
+    stored.extend(wal);
     current.sort();
     current.dedup();
     let is_current = |fp: &str| current.iter().any(|c| c == fp);
@@ -114,26 +117,18 @@ pub fn status(ctx: &Context, identities: &[PathBuf]) -> Result<(Vec<KeyUse>, Vec
             let u = uses
                 .entry(fp.clone())
                 .or_insert_with(|| KeyUse::new(fp, false));
-            u.backups.push(at.clone());
             if only_old {
                 u.needed_by.push(at.clone());
             }
+            let Some(label) = label else {
+                u.wal.push(at.clone());
+                continue;
+            };
+            u.backups.push(at.clone());
             let n = newest.entry(fp.clone()).or_default();
             if *label > *n {
                 *n = label.clone();
                 u.newest = Some(at.clone());
-            }
-        }
-    }
-    for (at, recipients) in &wal {
-        let only_old = !recipients.iter().any(|r| is_current(r));
-        for fp in recipients {
-            let u = uses
-                .entry(fp.clone())
-                .or_insert_with(|| KeyUse::new(fp, false));
-            u.wal.push(at.clone());
-            if only_old {
-                u.needed_by.push(at.clone());
             }
         }
     }

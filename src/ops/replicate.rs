@@ -998,20 +998,17 @@ impl Inner {
             }
             let mut cur = lock(&m.state).targets.get(&t).cloned().unwrap_or_default();
             let pending: Vec<&Spooled> = segs.iter().filter(|s| !s.shipped_to(&cur)).collect();
+            let put = |path: &Path, key: &str| {
+                File::open(path)
+                    .map_err(|e| Error::io(format!("cannot read spooled {}", path.display()), e))
+                    .and_then(|mut f| {
+                        let mut w = store.create(key)?;
+                        std::io::copy(&mut f, &mut w).map_err(|e| store.err("write", key, &e))?;
+                        w.commit()
+                    })
+            };
             for s in pending {
                 let key = rwal::segment_key(&policy.name, &s.generation, &s.name);
-                let put = |path: &Path, key: &str| {
-                    File::open(path)
-                        .map_err(|e| {
-                            Error::io(format!("cannot read spooled {}", path.display()), e)
-                        })
-                        .and_then(|mut f| {
-                            let mut w = store.create(key)?;
-                            std::io::copy(&mut f, &mut w)
-                                .map_err(|e| store.err("write", key, &e))?;
-                            w.commit()
-                        })
-                };
                 // The keys record first: no segment is stored without it.
                 let sent = match &s.keys {
                     Some(record) => put(

@@ -125,8 +125,7 @@ pub fn keys_ranges(prefix: &str, listing: &[ObjectMeta]) -> Vec<KeysRange> {
     let mut out: Vec<KeysRange> = listing
         .iter()
         .filter_map(|o| {
-            let rest = o.key.strip_prefix(prefix)?;
-            let (generation, name) = rest.split_once('/')?;
+            let (generation, name) = in_generation(prefix, &o.key)?;
             let from = name.strip_prefix(KEYS_DIR)?.strip_suffix(".json")?;
             Some(KeysRange {
                 generation: generation.to_string(),
@@ -157,14 +156,18 @@ pub fn keys_ranges(prefix: &str, listing: &[ObjectMeta]) -> Vec<KeysRange> {
     out
 }
 
+/// A key under [`wal_prefix`] as (generation, the rest of its name).
+fn in_generation<'a>(prefix: &str, key: &'a str) -> Option<(&'a str, &'a str)> {
+    key.strip_prefix(prefix)?.split_once('/')
+}
+
 /// Segments of a listing of [`wal_prefix`], by generation then sequence.
 /// Keys that are not segments (temporaries of a cut-off upload) are skipped.
 pub fn segments(prefix: &str, listing: &[ObjectMeta]) -> Vec<Segment> {
     let mut out: Vec<Segment> = listing
         .iter()
         .filter_map(|o| {
-            let rest = o.key.strip_prefix(prefix)?;
-            let (generation, name) = rest.split_once('/')?;
+            let (generation, name) = in_generation(prefix, &o.key)?;
             let (first, last, first_commit, until) = parse_name(name)?;
             Some(Segment {
                 generation: generation.to_string(),
@@ -185,7 +188,7 @@ pub fn segments(prefix: &str, listing: &[ObjectMeta]) -> Vec<Segment> {
 pub fn generations(prefix: &str, listing: &[ObjectMeta]) -> Vec<String> {
     let mut g: Vec<String> = listing
         .iter()
-        .filter_map(|o| o.key.strip_prefix(prefix)?.split_once('/'))
+        .filter_map(|o| in_generation(prefix, &o.key))
         .map(|(g, _)| g.to_string())
         .collect();
     g.sort();

@@ -365,8 +365,8 @@ pub struct Stream {
     wants_base: Option<String>,
     /// Fingerprints of `sealing`.
     keys: Vec<String>,
-    /// Keys offered by the engine, taken at the next step.
-    new_sealing: Option<Sealing>,
+    /// Keys offered by the engine and their fingerprints, taken at the next step.
+    new_sealing: Option<(Sealing, Vec<String>)>,
     last_keys_check: Instant,
     /// The keys this process last recorded in the generation: a segment
     /// sealed to others gets a keys record.
@@ -429,7 +429,7 @@ impl Stream {
         let keys = sealing.fingerprints();
         // A generation continues under new keys only if they still open
         // what it holds: else a restore would need the old and the new.
-        let dropped = prev.is_some_and(|p| p.keys.iter().any(|k| !keys.contains(k)));
+        let dropped = prev.is_some_and(|p| drops_a_key(&p.keys, &keys));
         let continued = continued.filter(|_| !dropped);
         let why = if dropped {
             Some(KEYS_DROPPED.to_string())
@@ -504,8 +504,9 @@ impl Stream {
     /// opened again, under the new keys, in a new one.
     pub fn offer_keys(&mut self, sealing: Sealing) {
         self.last_keys_check = Instant::now();
-        if sealing.fingerprints() != self.keys {
-            self.new_sealing = Some(sealing);
+        let keys = sealing.fingerprints();
+        if keys != self.keys {
+            self.new_sealing = Some((sealing, keys));
         }
     }
 
@@ -530,9 +531,8 @@ impl Stream {
     /// due, checkpoint when the WAL is long.
     pub fn step(&mut self) -> Result<Option<Next>> {
         let sync = self.policy.wal.sync_interval;
-        if let Some(sealing) = self.new_sealing.take() {
-            let keys = sealing.fingerprints();
-            if self.keys.iter().any(|k| !keys.contains(k)) {
+        if let Some((sealing, keys)) = self.new_sealing.take() {
+            if drops_a_key(&self.keys, &keys) {
                 // The generation ends under the keys it has, as a stop ends
                 // it: what is committed is read and sealed, and a final
                 // mark says how far it was watched.
@@ -1080,6 +1080,12 @@ impl Stream {
         })?;
         Ok(lost)
     }
+}
+
+/// Whether keys `new` leave out one of `old`: what a generation holds
+/// would then need the old key and the new one together.
+fn drops_a_key(old: &[String], new: &[String]) -> bool {
+    old.iter().any(|k| !new.contains(k))
 }
 
 /// Why a generation ends when a key is dropped.

@@ -154,6 +154,17 @@ impl Env {
     }
 }
 
+/// Replaces a file the way secret managers do: a new file (mode 0600),
+/// then a rename over the old one.
+#[allow(dead_code)]
+pub fn replace_private_file(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, text).expect("write");
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::rename(&tmp, path).expect("rename");
+}
+
 /// Fails when a running dr process shows one of `secrets` where `ps`
 /// looks: its command line. Returns how many dr processes were looked at.
 #[allow(dead_code)]
