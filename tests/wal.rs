@@ -967,6 +967,7 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
         .dr(&["keygen", "--output", &new_key.display().to_string()])
         .ok()
         .stdout;
+    with_listen(&env);
     let mut d = daemon(&env);
     wait_streaming(&env);
     write(&env, 2, 20, 600, 500, &[]);
@@ -1080,6 +1081,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     let (first, second) = ("first-wal-passphrase-4711", "second-wal-passphrase-0815");
     env.use_passphrase(&pass, &format!("{first}\n"), 0o600);
     common::make_db(&env.db, true, 50, 500);
+    with_listen(&env);
     let d = daemon(&env);
     wait_streaming(&env);
     write(&env, 2, 20, 600, 500, &[]);
