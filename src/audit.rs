@@ -6,8 +6,11 @@
 //!
 //! The log is per state directory; the process's context sets it
 //! ([`set_dir`]) so that every module records through [`record`] without
-//! carrying the context. A line that cannot be written is an error in
-//! dr's own log, never a failed backup.
+//! carrying the context. The actions a user asks for (backups, whoever
+//! takes them, restores, drills, expiries) go through [`record_checked`]
+//! and check [`writable`] before they act: an action whose line cannot be
+//! written fails rather than happen unrecorded. The file is opened without
+//! following a link, so a link planted at its path cannot redirect it.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -119,37 +122,97 @@ impl Entry {
 /// Appends `entry` to the audit log, stamped with time, host, uid, pid and
 /// command. Without a state directory (a command that has none) nothing is
 /// written.
-pub fn record(mut entry: Entry) {
+pub fn record(entry: Entry) {
+    if let Err(e) = record_checked(entry) {
+        tracing::error!("{e}");
+    }
+}
+
+/// [`record`], returning the failure instead of logging it: the caller's
+/// action fails with it.
+pub fn record_checked(mut entry: Entry) -> Result<()> {
     let Some(dir) = DIR.read().ok().and_then(|d| d.clone()) else {
-        return;
+        return Ok(());
     };
     entry.time = Some(Utc::now());
     entry.host = crate::lock::hostname();
     entry.uid = std::fs::metadata("/proc/self").map_or(u32::MAX, |m| m.uid());
     entry.pid = std::process::id();
     entry.command = COMMAND.read().map(|c| c.clone()).unwrap_or_default();
-    match append(&dir, &entry) {
-        Ok(()) => WRITTEN.store(true, std::sync::atomic::Ordering::SeqCst),
-        Err(e) => tracing::error!("the audit log could not be written: {e}"),
+    append(&dir, &entry).map_err(|e| {
+        Error::Other(format!(
+            "the audit log could not be written, so the {} is not recorded: {e}; make state_dir/{FILE} a writable regular file",
+            entry.action
+        ))
+    })?;
+    WRITTEN.store(true, std::sync::atomic::Ordering::SeqCst);
+    Ok(())
+}
+
+/// Whether a line can be appended now: checked before an action, so that
+/// an unwritable log (a full disk, a directory or link at its path) stops
+/// the action before it happens.
+pub fn writable() -> Result<()> {
+    let Some(dir) = DIR.read().ok().and_then(|d| d.clone()) else {
+        return Ok(());
+    };
+    open(&dir).map(drop).map_err(|e| {
+        Error::Other(format!(
+            "the audit log cannot be written, so dr does not act unrecorded: {e}; make {} a writable regular file",
+            dir.join(FILE).display()
+        ))
+    })
+}
+
+/// Opens the log for appending, never through a symbolic link, and only
+/// when it is a regular file.
+fn open(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(FILE);
+    let err = |e| Error::io(format!("cannot append to {}", path.display()), e);
+    std::fs::create_dir_all(dir).map_err(err)?;
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(&path)
+        .map_err(err)?;
+    let meta = f.metadata().map_err(err)?;
+    if !meta.is_file() {
+        return Err(Error::Other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
     }
+    Ok(f)
 }
 
 fn append(dir: &Path, entry: &Entry) -> Result<()> {
     let path = dir.join(FILE);
     let err = |e| Error::io(format!("cannot append to {}", path.display()), e);
-    std::fs::create_dir_all(dir).map_err(err)?;
     let mut line = serde_json::to_vec(entry).map_err(|e| Error::Other(e.to_string()))?;
     line.push(b'\n');
-    let mut f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(err)?;
+    let mut f = open(dir)?;
     // One write: lines from processes sharing the state directory do not
     // interleave.
     f.write_all(&line).map_err(err)?;
     f.sync_data().map_err(err)
+}
+
+/// `text` with every control character written as an escape (`\n`,
+/// `\u{1b}`): a value in a line of the text view (a path given to
+/// `--to`, an error) can never start a line of its own or drive the
+/// terminal.
+pub fn escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_control() {
+                c.escape_default().collect::<Vec<_>>()
+            } else {
+                vec![c]
+            }
+        })
+        .collect()
 }
 
 /// The entries of the audit log in `state_dir` at or after `since`, oldest
@@ -208,5 +271,27 @@ mod tests {
             .permissions();
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(mode.mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_link_or_directory_at_the_path_is_refused() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let elsewhere = dir.path().join("elsewhere");
+        std::os::unix::fs::symlink(&elsewhere, dir.path().join(FILE)).expect("link");
+        let e = Entry {
+            time: Some(Utc::now()),
+            ..Entry::new("restore")
+        };
+        assert!(append(dir.path(), &e).is_err());
+        assert!(!elsewhere.exists(), "the link was followed");
+        let d2 = tempfile::tempdir().expect("tmp");
+        std::fs::create_dir(d2.path().join(FILE)).expect("dir");
+        assert!(append(d2.path(), &e).is_err());
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(escape("a\nb\x1b[2J"), "a\\nb\\u{1b}[2J");
+        assert_eq!(escape("plain é"), "plain é");
     }
 }

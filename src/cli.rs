@@ -708,7 +708,12 @@ fn run_command(cli: Cli) -> Result<()> {
             let policies =
                 ops::members::select(&ctx, policy.as_deref(), db.as_deref(), Scope::Stored)?;
             let policies: Vec<&config::Policy> = policies.iter().collect();
-            let info = ops::info::info(&ctx, &policies, &filter(None, target.as_ref()))?;
+            let mut info = ops::info::info(&ctx, &policies, &filter(None, target.as_ref()))?;
+            if db.is_none() {
+                let excluded = ops::members::unnamed(&ctx, policy.as_deref());
+                info.policies
+                    .extend(excluded.iter().map(|(p, f)| ops::info::excluded(p, f)));
+            }
             if *json {
                 print_json(&info)?;
             } else {
@@ -1111,7 +1116,9 @@ fn audit(
                 line.push_str(&format!(" ({d})"));
             }
             line.push_str(&format!(": {}", e.result));
-            println!("{line}");
+            // Every field came from somewhere a user controls (a --to path,
+            // an error): one entry is one line, whatever it holds.
+            println!("{}", crate::audit::escape(&line));
         }
     }
     if torn > 0 {

@@ -1210,6 +1210,21 @@ fn check_policy(
             }
         }
     }
+    // A spool smaller than one segment can never hold what it must ship:
+    // the stream would call a healthy target full and ship nothing.
+    if let Some(s) = &rp.wal.spool_max
+        && wal.spool_max < wal.segment_max
+    {
+        d.at(
+            s.span(),
+            format!(
+                "wal.spool_max '{}' is smaller than one segment (wal.segment_max, {} bytes): the stream could ship nothing; raise spool_max (default \"1GiB\") or lower segment_max",
+                s.get_ref(),
+                wal.segment_max
+            ),
+        );
+        ok = false;
+    }
     if wal.enabled && !matches!(source, Some(Source::Sqlite { .. }) | None) {
         d.whole(format!("policy '{name}': [wal] streaming is for sqlite sources; PostgreSQL WAL is archived by pgBackRest"));
         ok = false;

@@ -77,7 +77,8 @@ impl Fleet {
     }
 
     /// The database name of a file in the fleet's directory, when the file
-    /// is one of its databases.
+    /// is one of its databases. Any name SQLite can open is a name (spaces,
+    /// letters of any script, a leading dot); only an empty one is not.
     pub fn name_of(&self, file: &str) -> Option<String> {
         if SIDE_FILES.iter().any(|s| file.ends_with(s)) || !self.pattern.matches(file) {
             return None;
@@ -88,7 +89,7 @@ impl Fleet {
                 .strip_suffix(post.as_str())?,
             None => file,
         };
-        valid_name(name).then(|| name.to_string())
+        (!name.is_empty()).then(|| name.to_string())
     }
 
     /// Where the database called `name` lives.
@@ -99,15 +100,21 @@ impl Fleet {
         }
     }
 
-    /// The fleet's databases on disk now, by name. A file whose name dr
-    /// cannot use (see [`valid_name`]) is left out with a warning.
+    /// The fleet's databases on disk now, by name.
     pub fn scan(&self) -> std::io::Result<Vec<(String, PathBuf)>> {
-        let mut out = Vec::new();
+        Ok(self.scan_all()?.members)
+    }
+
+    /// The fleet's databases on disk now, and the files that match the
+    /// pattern but cannot be named (a name that is not UTF-8, or empty):
+    /// those are never skipped in silence, the protection verdict lists
+    /// them as at risk.
+    pub fn scan_all(&self) -> std::io::Result<Scan> {
+        let mut out = Scan::default();
         for entry in std::fs::read_dir(&self.dir)? {
             let entry = entry?;
-            let Some(file) = entry.file_name().to_str().map(str::to_string) else {
-                continue;
-            };
+            let raw = entry.file_name();
+            let file = raw.to_string_lossy();
             if !self.pattern.matches(&file) || SIDE_FILES.iter().any(|s| file.ends_with(s)) {
                 continue;
             }
@@ -115,21 +122,89 @@ impl Fleet {
             if !std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
                 continue;
             }
-            match self.name_of(&file) {
-                Some(name) => out.push((name, entry.path())),
-                None => tracing::warn!(
-                    file = %entry.path().display(),
-                    "matches {} but its name cannot name a database (letters, digits, '-', '_' and '.' only, not first '.'): not backed up; rename it",
-                    self.display()
-                ),
+            match raw.to_str().and_then(|f| self.name_of(f)) {
+                Some(name) => out.members.push((name, entry.path())),
+                None => {
+                    tracing::warn!(
+                        file = %entry.path().display(),
+                        "matches {} but its name cannot name a database (not UTF-8, or nothing where the pattern's '*' is): NOT backed up; rename it",
+                        self.display()
+                    );
+                    out.unnamed.push(entry.path());
+                }
             }
         }
-        out.sort();
+        out.members.sort();
+        out.unnamed.sort();
         Ok(out)
     }
 }
 
-/// Whether `name` can name a database (and so directories and objects).
+/// What a directory scan of a fleet found.
+#[derive(Debug, Default)]
+pub struct Scan {
+    /// Databases by name, sorted.
+    pub members: Vec<(String, PathBuf)>,
+    /// Files the pattern matches that no name can stand for.
+    pub unnamed: Vec<PathBuf>,
+}
+
+/// The bytes a database name keeps as they are in object keys and
+/// state_dir paths; every other byte (and a leading `.`) is written `%XX`.
+fn plain_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.'
+}
+
+/// The form of database name `db` used in object keys, member policy
+/// names and state_dir paths (docs/repository-format.md): names of
+/// letters, digits, `-`, `_` and `.` (not first) as they are, so every
+/// repository written before stays valid; any other name percent-encoded
+/// byte by byte (`my db` is `my%20db`, `.hidden` is `%2Ehidden`). A plain
+/// name never holds `%`, so the two forms never meet.
+pub fn key_name(db: &str) -> String {
+    if valid_name(db) {
+        return db.to_string();
+    }
+    let mut out = String::with_capacity(db.len() * 3);
+    for (i, b) in db.bytes().enumerate() {
+        if plain_byte(b) && !(i == 0 && b == b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The database name a key segment written by [`key_name`] stands for,
+/// or `None` when the segment is no such form.
+pub fn name_of_key(key: &str) -> Option<String> {
+    if valid_name(key) {
+        return Some(key.to_string());
+    }
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = key.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b if plain_byte(b) => {
+                out.push(b);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+    let name = String::from_utf8(out).ok()?;
+    // Only the canonical spelling: one name, one key.
+    (!name.is_empty() && key_name(&name) == key).then_some(name)
+}
+
+/// Whether `name` is written as it is in keys and paths (see [`key_name`]).
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
@@ -138,9 +213,10 @@ pub fn valid_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
-/// The member policy name of database `db` in fleet policy `policy`.
+/// The member policy name of database `db` in fleet policy `policy`:
+/// its key form, so objects and state_dir paths follow from it.
 pub fn member_name(policy: &str, db: &str) -> String {
-    format!("{policy}/{db}")
+    format!("{policy}/{}", key_name(db))
 }
 
 /// The distinct database names found under `<policy>/` in a listing of
@@ -150,8 +226,7 @@ pub fn names_in_keys<'k>(policy: &str, keys: impl Iterator<Item = &'k str>) -> V
     let mut names: Vec<String> = keys
         .filter_map(|k| k.strip_prefix(&prefix))
         .filter_map(|rest| rest.split_once('/').map(|(db, _)| db))
-        .filter(|db| valid_name(db))
-        .map(str::to_string)
+        .filter_map(name_of_key)
         .collect();
     names.sort();
     names.dedup();
@@ -175,6 +250,8 @@ mod tests {
         assert_eq!(f.name_of("alice.db-shm"), None);
         assert_eq!(f.name_of("alice.sqlite"), None);
         assert_eq!(f.name_of(".db"), None, "an empty name is no name");
+        assert_eq!(f.name_of("my db.db").as_deref(), Some("my db"));
+        assert_eq!(f.name_of(".hidden.db").as_deref(), Some(".hidden"));
         let g = fleet("/srv/t/tenant-?.sqlite");
         assert_eq!(
             g.name_of("tenant-1.sqlite").as_deref(),
@@ -205,14 +282,39 @@ mod tests {
     }
 
     #[test]
+    fn any_name_has_one_key_and_comes_back_from_it() {
+        for (name, key) in [
+            ("alice", "alice"),
+            ("a.b-c_d", "a.b-c_d"),
+            ("my db", "my%20db"),
+            (".hidden", "%2Ehidden"),
+            ("café", "caf%C3%A9"),
+            ("100%", "100%25"),
+            ("a/b", "a%2Fb"),
+        ] {
+            assert_eq!(key_name(name), key, "{name}");
+            assert_eq!(name_of_key(key).as_deref(), Some(name), "{key}");
+        }
+        // Not the canonical spelling of any name: refused, so two keys
+        // never stand for one database.
+        for key in ["my%2", "%61lice", "a b", "%zz", "", "%2e"] {
+            assert_eq!(name_of_key(key), None, "{key}");
+        }
+    }
+
+    #[test]
     fn stored_names_come_from_keys() {
         let keys = [
             "t/alice/backup/20260101-000000F/manifest.json",
             "t/bob/wal/g/1-2_a_b.zst.age",
             "t/bob/lease",
+            "t/my%20db/backup/l/manifest.json",
             "t/lease",
             "other/x/backup/l/manifest.json",
         ];
-        assert_eq!(names_in_keys("t", keys.into_iter()), vec!["alice", "bob"]);
+        assert_eq!(
+            names_in_keys("t", keys.into_iter()),
+            vec!["alice", "bob", "my db"]
+        );
     }
 }

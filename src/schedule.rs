@@ -71,6 +71,13 @@ impl CronSpec {
         self
     }
 
+    /// How long the schedule's runs are apart, measured at `now`.
+    pub fn period(&self, now: DateTime<Utc>) -> Option<chrono::Duration> {
+        let a = self.next_after(now)?;
+        let b = self.next_after(a)?;
+        Some(b - a)
+    }
+
     /// The first time this schedule fires strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
         let local = t.with_timezone(&self.zone);

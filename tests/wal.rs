@@ -352,7 +352,10 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
 #[test]
 fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let port = common::s3::free_port();
-    let env = Env::new(&WAL_POLICY.replace("[wal]\n", "[wal]\nspool_max = \"200KiB\"\n"));
+    let env = Env::new(&WAL_POLICY.replace(
+        "[wal]\n",
+        "[wal]\nspool_max = \"200KiB\"\nsegment_max = \"64KiB\"\n",
+    ));
     add_s3(&env, &format!("http://127.0.0.1:{port}"));
     common::make_db(&env.db, true, 50, 1000);
     let dr = replicate(&env);

@@ -51,9 +51,7 @@ pub struct Job {
 
 /// How long a schedule's runs are apart, measured at `now`.
 pub fn period(spec: &CronSpec, now: DateTime<Utc>) -> Option<chrono::Duration> {
-    let a = spec.next_after(now)?;
-    let b = spec.next_after(a)?;
-    Some(b - a)
+    spec.period(now)
 }
 
 /// Every job of the config, each due at its next time, or now when its

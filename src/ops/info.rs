@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::listing::{BackupInfo, WalInfo};
 use super::report::BackupKind;
 use super::source::Source;
+use super::verdict::{self, Evidence, Promise, Reason, StreamEvidence, TargetEvidence, Verdict};
 use super::{TargetFilter, human_bytes};
 use crate::config::{self, Policy, TargetKind};
 use crate::context::Context;
@@ -24,11 +25,13 @@ pub struct Info {
     pub policies: Vec<PolicyInfo>,
 }
 
-/// One policy.
+/// One policy (one database: a fleet's databases are listed one by one).
 #[derive(Debug, Serialize)]
 pub struct PolicyInfo {
     pub name: String,
     pub source: SourceInfo,
+    /// Protected or at risk, and why (`ops::verdict::judge`).
+    pub verdict: Verdict,
     pub targets: Vec<TargetInfo>,
 }
 
@@ -99,48 +102,166 @@ fn source_info(p: &Policy) -> SourceInfo {
 }
 
 impl Info {
-    /// What `dr info` must not exit 0 over: a damaged backup (exit 3), a WAL
-    /// gap (exit 3), a target that could not be read (exit 1). Listed after
-    /// the output, which still shows everything that could be read.
+    /// What `dr info` must not exit 0 over: any database at risk, each
+    /// reason named once. Damage (a damaged backup, a WAL gap, a backup
+    /// hidden by delete markers) is exit 3; any other risk exit 1. Listed
+    /// after the output, which still shows everything that could be read.
     pub fn problems(&self) -> Option<Error> {
-        let mut damaged = Vec::new();
-        let mut unreadable = Vec::new();
+        let mut all = Vec::new();
+        let mut damaged = false;
         for p in &self.policies {
-            for t in &p.targets {
-                if let Some(e) = &t.error {
-                    unreadable.push(format!("policy '{}' target '{}': {e}", p.name, t.name));
-                }
-                for b in t
-                    .backups
-                    .iter()
-                    .filter_map(|b| b.error.as_ref().map(|e| (b, e)))
-                {
-                    damaged.push(format!(
-                        "policy '{}' target '{}' backup {}: {}",
-                        p.name, t.name, b.0.label, b.1
-                    ));
-                }
-                for g in t.wal.iter().flat_map(|w| &w.generations) {
-                    for gap in &g.gaps {
-                        damaged.push(format!("policy '{}' target '{}' WAL {gap}", p.name, t.name));
-                    }
-                }
+            for r in &p.verdict.reasons {
+                damaged |= matches!(r.reason, Reason::Damaged | Reason::HiddenByDeleteMarker);
+                let at = r
+                    .target
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(" target '{t}'"));
+                all.push(format!(
+                    "policy '{}'{at}: {}: {}",
+                    p.name,
+                    r.reason.word(),
+                    r.detail
+                ));
             }
         }
-        let all: Vec<String> = damaged.iter().chain(&unreadable).cloned().collect();
         if all.is_empty() {
             return None;
         }
         let text = format!(
-            "dr info found {} problem(s):\n  {}",
-            all.len(),
+            "{} database(s) at risk:\n  {}",
+            self.policies
+                .iter()
+                .filter(|p| p.verdict.state == verdict::State::AtRisk)
+                .count(),
             all.join("\n  ")
         );
-        Some(if damaged.is_empty() {
-            Error::Other(text)
-        } else {
+        Some(if damaged {
             Error::VerifyFailed(text)
+        } else {
+            Error::Other(text)
         })
+    }
+}
+
+/// What is wrong with a policy's source as it is on disk now, and whether
+/// it is a fleet database that no longer exists there (kept only in the
+/// repository). Reads only the file's header: nothing is opened through
+/// SQLite.
+fn source_evidence(p: &Policy) -> (Vec<(Reason, String)>, bool) {
+    let config::Source::Sqlite { path } = &p.source else {
+        return (Vec::new(), false);
+    };
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && p.member.is_some() => {
+            (Vec::new(), true)
+        }
+        Err(e) => (
+            vec![(
+                Reason::Unreadable,
+                format!("{}: {}", path.display(), crate::error::io_reason(&e)),
+            )],
+            false,
+        ),
+        Ok(_) => match verdict::header_says_wal(path) {
+            Err(e) => (
+                vec![(
+                    Reason::Unreadable,
+                    format!("{}: {}", path.display(), crate::error::io_reason(&e)),
+                )],
+                false,
+            ),
+            Ok(Some(false)) if p.wal.enabled => (
+                vec![(
+                    Reason::CannotStream,
+                    format!(
+                        "{} is not in WAL mode: the application must run `PRAGMA journal_mode=WAL` once, or set [wal] enabled = false",
+                        path.display()
+                    ),
+                )],
+                false,
+            ),
+            Ok(_) => (Vec::new(), false),
+        },
+    }
+}
+
+/// The evidence `dr info` has of one target: what it holds, the runs
+/// recorded on this host, the local streamer's report.
+fn target_evidence(t: &TargetInfo) -> TargetEvidence {
+    let failing = t
+        .runs
+        .iter()
+        .filter(|r| r.kind != "verify")
+        .find_map(|r| r.error.clone());
+    let verify_failed = t
+        .runs
+        .iter()
+        .filter(|r| r.kind == "verify")
+        .find_map(|r| r.error.clone());
+    let mut damaged: Vec<String> = t
+        .backups
+        .iter()
+        .filter_map(|b| b.error.as_ref().map(|e| format!("backup {}: {e}", b.label)))
+        .collect();
+    damaged.extend(
+        t.wal
+            .iter()
+            .flat_map(|w| &w.generations)
+            .flat_map(|g| &g.gaps)
+            .map(|gap| format!("WAL {gap}")),
+    );
+    TargetEvidence {
+        target: t.name.clone(),
+        unreachable: t.error.clone(),
+        newest_restorable: t.covered.map(|c| c.end),
+        damaged,
+        hidden: Vec::new(),
+        failing,
+        verify_failed,
+        stream: t
+            .wal
+            .as_ref()
+            .and_then(|w| w.stream.as_ref())
+            .map(|s| StreamEvidence {
+                running: s.running,
+                lag_seconds: s.lag_seconds,
+                error: s.error.clone(),
+                spool_full: s.spool_full,
+            }),
+    }
+}
+
+/// A file a fleet's pattern matches that no database name can stand for:
+/// listed as a database at risk, never skipped in silence.
+pub fn excluded(policy: &Policy, file: &std::path::Path) -> PolicyInfo {
+    let now = Utc::now();
+    let evidence = Evidence {
+        promise: Promise::of(policy, now),
+        source: vec![(
+            Reason::ExcludedByName,
+            format!(
+                "{} matches the fleet's pattern but its name is not UTF-8 or empty: it is NOT backed up; rename it",
+                file.display()
+            ),
+        )],
+        retired: false,
+        targets: Vec::new(),
+    };
+    PolicyInfo {
+        name: format!(
+            "{}/{}",
+            policy.name,
+            file.file_name()
+                .map(|f| f.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ),
+        source: SourceInfo {
+            kind: "sqlite".into(),
+            path: Some(file.display().to_string()),
+            stanza: None,
+        },
+        verdict: verdict::judge(&evidence, now),
+        targets: Vec::new(),
     }
 }
 
@@ -175,9 +296,18 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
                 error: l.error,
             });
         }
+        let now = Utc::now();
+        let (problems, retired) = source_evidence(p);
+        let evidence = Evidence {
+            promise: Promise::of(p, now),
+            source: problems,
+            retired,
+            targets: targets.iter().map(target_evidence).collect(),
+        };
         out.policies.push(PolicyInfo {
             name: p.name.clone(),
             source: source_info(p),
+            verdict: verdict::judge(&evidence, now),
             targets,
         });
     }
@@ -252,6 +382,7 @@ pub fn render(info: &Info) -> String {
             p.source.kind,
             p.source.path.as_deref().unwrap_or("")
         );
+        render_verdict(&mut s, &p.verdict);
         for t in &p.targets {
             let _ = writeln!(s, "  target {} ({} {})", t.name, t.kind, t.location);
             if let Some(e) = &t.error {
@@ -351,6 +482,36 @@ pub fn render(info: &Info) -> String {
         s.push_str("no policies configured\n");
     }
     s
+}
+
+fn render_verdict(s: &mut String, v: &Verdict) {
+    let newest = match (v.newest_restorable, v.age_seconds) {
+        (Some(t), Some(age)) => format!(
+            "newest restorable instant {} UTC ({} ago{})",
+            t.format("%Y-%m-%d %H:%M:%S%.3f"),
+            humantime::format_duration(std::time::Duration::from_secs(age as u64)),
+            v.promised_seconds.map_or(String::new(), |p| format!(
+                ", promised within {}",
+                humantime::format_duration(std::time::Duration::from_secs(p as u64))
+            ))
+        ),
+        _ => "nothing restorable".into(),
+    };
+    match v.state {
+        verdict::State::Protected => {
+            let _ = writeln!(s, "  PROTECTED: {newest}");
+        }
+        verdict::State::AtRisk => {
+            let _ = writeln!(s, "  AT RISK: {newest}");
+            for r in &v.reasons {
+                let at = r
+                    .target
+                    .as_ref()
+                    .map_or(String::new(), |t| format!(" (target {t})"));
+                let _ = writeln!(s, "    {}{at}: {}", r.reason.word(), r.detail);
+            }
+        }
+    }
 }
 
 fn render_wal(s: &mut String, w: &WalInfo) {

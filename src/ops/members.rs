@@ -57,6 +57,8 @@ pub fn one(ctx: &Context, name: &str, db: Option<&str>) -> Result<Policy> {
                 "'{name}' names one database already: leave out --db"
             )));
         }
+        // `<policy>/<db>` is how members are named in messages: the
+        // database in its key form (`fleet/my%20db`).
         (Some((n, d)), None) => (n, Some(d)),
         (None, db) => (name, db),
     };
@@ -74,12 +76,19 @@ pub fn one(ctx: &Context, name: &str, db: Option<&str>) -> Result<Policy> {
             )))
         }
         (Some(f), Some(db)) => {
-            if !fleet::valid_name(db) {
+            // The name as the file has it, or its key form as messages show
+            // it: the one whose file or backups exist wins.
+            let decoded = fleet::name_of_key(db).filter(|d| d != db);
+            let db = match decoded {
+                Some(d) if !f.path_of(db).exists() => d,
+                _ => db.to_string(),
+            };
+            if db.is_empty() || db.contains('/') || db.contains('\0') {
                 return Err(Error::Usage(format!(
-                    "'{db}' is not a database name (letters, digits, '-', '_' and '.')"
+                    "'{db}' is not a database name: name the part of the file name the pattern's '*' matches"
                 )));
             }
-            Ok(p.member_policy(db, f.path_of(db)))
+            Ok(p.member_policy(&db, f.path_of(&db)))
         }
     }
 }
@@ -144,4 +153,17 @@ pub fn on_disk(p: &Policy) -> std::io::Result<Vec<Policy>> {
             .map(|(n, path)| p.member_policy(&n, path))
             .collect()),
     }
+}
+
+/// Files a fleet's pattern matches that no database name stands for (a
+/// name that is not UTF-8, or empty), with their fleet policy: the
+/// protection verdict lists each as at risk. `name` narrows to one policy.
+pub fn unnamed(ctx: &Context, name: Option<&str>) -> Vec<(Policy, std::path::PathBuf)> {
+    ctx.cfg()
+        .policies
+        .iter()
+        .filter(|p| name.is_none_or(|n| n == p.name))
+        .filter_map(|p| Some((p, p.fleet.as_ref()?.scan_all().ok()?)))
+        .flat_map(|(p, scan)| scan.unnamed.into_iter().map(|f| (p.clone(), f)))
+        .collect()
 }

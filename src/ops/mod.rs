@@ -16,6 +16,7 @@ pub mod restore;
 pub mod runs;
 pub mod source;
 pub mod validate;
+pub mod verdict;
 pub mod verify;
 
 pub use crate::units::human_bytes;

@@ -340,6 +340,9 @@ struct Shipping {
 struct Member {
     policy: Policy,
     db: PathBuf,
+    /// `db` with its links resolved, where SQLite writes the `-wal` (the
+    /// watcher maps events there back to the member too).
+    real: PathBuf,
     /// What the stream was started with: a reload restarts it only when this changes.
     fingerprint: String,
     ctx: Context,
@@ -633,7 +636,10 @@ impl Inner {
                 .collect();
             for n in gone {
                 if let Some(m) = members.remove(&n) {
-                    lock(&self.by_db).remove(&m.db);
+                    let mut by_db = lock(&self.by_db);
+                    by_db.remove(&m.db);
+                    by_db.remove(&m.real);
+                    drop(by_db);
                     lock(&self.statuses).remove(&n);
                 }
             }
@@ -651,10 +657,13 @@ impl Inner {
                 continue;
             };
             let db = db.clone();
-            if let Some(w) = &self.watcher
-                && let Some(dir) = db.parent()
-            {
-                w.watch(dir);
+            // A database given through a link has its `-wal` beside the
+            // file the link points to: both directories are watched.
+            let real = crate::sqlite::pin::real_path(&db);
+            if let Some(w) = &self.watcher {
+                for dir in [db.parent(), real.parent()].into_iter().flatten() {
+                    w.watch(dir);
+                }
             }
             let m = Arc::new(Member {
                 spool: Spool {
@@ -673,6 +682,7 @@ impl Inner {
                     unshipped: 0,
                 }),
                 db: db.clone(),
+                real: real.clone(),
                 fingerprint: fp,
                 ctx: ctx.clone(),
                 capture: Mutex::new(Capture::Closed {
@@ -697,7 +707,11 @@ impl Inner {
             if m.policy.member.is_some() {
                 tracing::info!(policy = %name, db = %db.display(), "streaming a database of the fleet");
             }
-            lock(&self.by_db).insert(db, name.clone());
+            {
+                let mut by_db = lock(&self.by_db);
+                by_db.insert(real, name.clone());
+                by_db.insert(db, name.clone());
+            }
             lock(&self.members).insert(name, m.clone());
             self.step(&m);
         }
@@ -835,6 +849,10 @@ impl Inner {
                             }
                             if started.elapsed() >= STABLE {
                                 *lock(&m.backoff) = FIRST_BACKOFF;
+                                // Streaming again: an earlier failure is over.
+                                if self.mode == Mode::Command {
+                                    lock(&m.result).take();
+                                }
                             }
                             return;
                         }
@@ -904,6 +922,12 @@ impl Inner {
         }
         let wait = *backoff;
         let why = e.to_string();
+        // A fleet's database that fails keeps being retried (the others
+        // stream on), and `dr replicate` exits non-zero for it unless it
+        // came back: a database that cannot be streamed is never an "ok".
+        if self.mode == Mode::Command {
+            *lock(&m.result) = Some(Err(e));
+        }
         let mut restarts = 0;
         self.set_status(name, |s| {
             s.running = false;
@@ -1308,6 +1332,7 @@ fn streamer_backup(
 ) -> Result<String> {
     let t = ctx.cfg().target(target)?;
     let _lock = super::source::lock(ctx, policy, t, "backup", Duration::from_secs(600))?;
+    crate::audit::writable()?;
     let r = super::backup::backup(
         ctx,
         policy,
@@ -1316,6 +1341,15 @@ fn streamer_backup(
         Some(kind),
         &Silent,
         Some(super::backup::ByStreamer { state, trigger }),
+    );
+    // The streamer's own backups are audited as any other, with why.
+    let r = super::source::audit(
+        policy,
+        t,
+        "backup",
+        r,
+        |b| vec![b.label.clone()],
+        Some(format!("by the WAL streamer ({trigger})")),
     )?;
     Ok(r.label)
 }

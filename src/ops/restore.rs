@@ -341,7 +341,7 @@ fn choose(repo: &PolicyRepo<'_>, opts: &RestoreOptions) -> Result<(Label, Option
 
 /// Applies the planned WAL segments on top of the restored backup, up to
 /// the last commit at or before the plan's instant.
-fn replay_wal(
+pub fn replay_wal(
     repo: &PolicyRepo<'_>,
     plan: &Replay,
     chain: &[Manifest],

@@ -62,6 +62,7 @@ impl<'p> Source<'p> {
         progress: &dyn Progress,
     ) -> Result<BackupReport> {
         let _lock = lock(ctx, self.policy(), target, "backup", opts.lock_wait)?;
+        crate::audit::writable()?;
         let r = match *self {
             Source::Sqlite { policy, db } => {
                 backup::backup(ctx, policy, db, target, opts.kind, progress, None)
@@ -72,11 +73,10 @@ impl<'p> Source<'p> {
             self.policy(),
             target,
             "backup",
-            &r,
+            r,
             |b| vec![b.label.clone()],
             None,
-        );
-        r
+        )
     }
 
     /// Restores from `target` into `opts.to`.
@@ -87,6 +87,7 @@ impl<'p> Source<'p> {
         opts: &RestoreOptions,
         progress: &dyn Progress,
     ) -> Result<RestoreReport> {
+        crate::audit::writable()?;
         let r = match *self {
             Source::Sqlite { policy, .. } => restore::restore(ctx, policy, target, opts, progress),
             Source::Postgres { policy, pg } => pg::restore(ctx, policy, pg, target, opts),
@@ -99,11 +100,10 @@ impl<'p> Source<'p> {
             self.policy(),
             target,
             "restore",
-            &r,
+            r,
             |rep| rep.chain.clone(),
             Some(detail),
-        );
-        r
+        )
     }
 
     /// The restore drill on `target`: a failure is an error (exit 3 for
@@ -115,16 +115,16 @@ impl<'p> Source<'p> {
         opts: &verify::VerifyOptions,
         progress: &dyn Progress,
     ) -> Result<Verified> {
+        crate::audit::writable()?;
         let r = self.verify_unaudited(ctx, target, opts, progress);
         audit(
             self.policy(),
             target,
             "verify",
-            &r,
+            r,
             |v| vec![v.label.clone()],
             None,
-        );
-        r
+        )
     }
 
     fn verify_unaudited(
@@ -167,6 +167,9 @@ impl<'p> Source<'p> {
         lock_wait: Duration,
     ) -> Result<Vec<Expired>> {
         let _lock = lock(ctx, self.policy(), target, "expire", lock_wait)?;
+        if !dry_run {
+            crate::audit::writable()?;
+        }
         match *self {
             Source::Sqlite { policy, .. } => expire::expire(ctx, policy, target, dry_run),
             Source::Postgres { policy, pg } => pg::expire(ctx, policy, pg, target, dry_run),
@@ -175,24 +178,28 @@ impl<'p> Source<'p> {
 }
 
 /// The audit line of an action on `target`: the labels a success names,
-/// or the error.
-fn audit<T>(
+/// or the error. A line that cannot be written fails the action's result
+/// (an action dr cannot record is not reported as done).
+pub fn audit<T>(
     policy: &Policy,
     target: &Target,
     action: &str,
-    r: &Result<T>,
+    r: Result<T>,
     labels: impl FnOnce(&T) -> Vec<String>,
     detail: Option<String>,
-) {
+) -> Result<T> {
     let mut e = crate::audit::Entry::new(action)
         .policy(&policy.name)
         .target(&target.name)
         .labels(r.as_ref().map(labels).unwrap_or_default())
-        .outcome(r);
+        .outcome(&r);
     if let Some(d) = detail {
         e = e.detail(d);
     }
-    crate::audit::record(e);
+    let recorded = crate::audit::record_checked(e);
+    let r = r?;
+    recorded?;
+    Ok(r)
 }
 
 /// The state_dir lock of a policy on a target: one dr at a time per host.

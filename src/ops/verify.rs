@@ -4,7 +4,7 @@
 
 use super::PolicyRepo;
 use super::report::Verified;
-use super::restore::{materialize, pick};
+use super::restore::{materialize, pick, replay_wal};
 use crate::codec::{Decoder, read_error};
 use crate::config::{Policy, Target};
 use crate::context::Context;
@@ -99,7 +99,13 @@ pub fn verify(
     }
     // The WAL is part of what a restore needs: every segment is read back
     // and hash-checked, and a gap is a failure, whatever the backups' outcome.
-    let segments = match check_wal(&repo, unsealing.as_ref(), policy.encrypted, &sampled) {
+    let segments = match check_wal(
+        &repo,
+        &committed,
+        unsealing.as_ref(),
+        policy.encrypted,
+        &sampled,
+    ) {
         Ok((n, wal_problems)) => {
             problems.extend(wal_problems);
             n
@@ -109,6 +115,24 @@ pub fn verify(
             0
         }
     };
+    // What verify passes, restore restores: each generation's WAL is
+    // replayed onto its base, as a point-in-time restore would.
+    if opts.label.is_none() {
+        match drill_wal(
+            ctx,
+            &repo,
+            &committed,
+            unsealing.as_ref(),
+            opts.sample,
+            progress,
+        ) {
+            Ok((drilled, wal_problems)) => {
+                restored.extend(drilled);
+                problems.extend(wal_problems);
+            }
+            Err(e) => problems.push(("WAL replay".into(), as_drill_failure(e))),
+        }
+    }
     match problems.len() {
         0 => Ok(Verified {
             policy: policy.name.clone(),
@@ -124,6 +148,9 @@ pub fn verify(
         _ => Err(Error::Several(problems)),
     }
 }
+
+/// What a drill found wrong, each named.
+type Problems = Vec<(String, Error)>;
 
 /// Whether a sample of `percent` takes the next object (always, without a
 /// sample): each object is drawn on its own.
@@ -160,6 +187,25 @@ fn read_back(
     Ok(())
 }
 
+/// A pid-named scratch file for a drill, in the state_dir (swept by the
+/// next run if this one is killed).
+fn scratch_file(ctx: &Context) -> Result<tempfile::NamedTempFile> {
+    let scratch = ctx.state().tmp();
+    std::fs::create_dir_all(&scratch)
+        .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
+    crate::scratch::sweep(&scratch, "verify.");
+    tempfile::Builder::new()
+        .prefix(&crate::scratch::prefix_for("verify."))
+        .suffix(".db")
+        .tempfile_in(&scratch)
+        .map_err(|e| {
+            Error::io(
+                format!("cannot create a scratch file in {}", scratch.display()),
+                e,
+            )
+        })
+}
+
 /// Restores the chain of `label` to a scratch file and runs `integrity_check`.
 fn drill(
     ctx: &Context,
@@ -169,33 +215,26 @@ fn drill(
     progress: &dyn Progress,
 ) -> Result<()> {
     let chain = repo.chain(label)?;
-    let scratch = ctx.state().tmp();
-    std::fs::create_dir_all(&scratch)
-        .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
-    crate::scratch::sweep(&scratch, "verify.");
-    let tmp = tempfile::Builder::new()
-        .prefix(&crate::scratch::prefix_for("verify."))
-        .suffix(".db")
-        .tempfile_in(&scratch)
-        .map_err(|e| {
-            Error::io(
-                format!("cannot create a scratch file in {}", scratch.display()),
-                e,
-            )
-        })?;
+    let tmp = scratch_file(ctx)?;
     materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
     sqlite::integrity_check(tmp.path())
 }
 
 /// Reads back the WAL segments of the policy (all, or the sample),
-/// decrypting and checking each hash, and checks each generation for gaps.
-/// Returns how many segments were read and every problem found.
+/// decrypting and checking each hash, and checks that each one is what its
+/// name says: it starts at the frame its name starts at, holds exactly the
+/// frames its name counts, commits within the times its name gives, and
+/// has its generation's page size (the page size of that generation's
+/// backups). Gaps and overlaps between consecutive segments of a
+/// generation are failures too. Returns how many segments were read and
+/// every problem found.
 fn check_wal(
     repo: &PolicyRepo<'_>,
+    committed: &[super::Committed],
     unsealing: Option<&crate::keys::Unsealing>,
     encrypted: bool,
     sampled: &dyn Fn() -> bool,
-) -> Result<(usize, Vec<(String, Error)>)> {
+) -> Result<(usize, Problems)> {
     let prefix = repo::wal::wal_prefix(repo.policy);
     let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
     let mut problems: Vec<(String, Error)> = repo::wal::gaps(&segs)
@@ -207,19 +246,189 @@ fn check_wal(
             )
         })
         .collect();
+    for pair in segs.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if a.generation == b.generation && b.first <= a.last {
+            problems.push((
+                format!("WAL segment {}", b.key),
+                Error::VerifyFailed(format!(
+                    "overlaps {}: frames {}-{} are in both (a segment stored under a name it does not have)",
+                    a.key,
+                    b.first,
+                    a.last.min(b.last)
+                )),
+            ));
+        }
+    }
+    // The page size each generation's backups were taken with.
+    let mut page_sizes = std::collections::HashMap::new();
+    for m in committed.iter().filter_map(|c| c.manifest.as_ref().ok()) {
+        if let Some(w) = &m.wal {
+            page_sizes.insert(w.generation.clone(), m.page_size);
+        }
+    }
     let mut read = 0;
     for seg in segs.iter().filter(|_| sampled()) {
         read += 1;
         let object = format!("target '{}': {}", repo.storage.target(), seg.key);
         let r = repo.storage.open(&seg.key).and_then(|raw| {
-            let mut dec = Decoder::self_checked(raw, &object, unsealing, encrypted)?;
-            std::io::copy(&mut dec, &mut std::io::sink())
-                .map(|_| ())
-                .map_err(|e| read_error(&object, e))
+            let dec = Decoder::self_checked(raw, &object, unsealing, encrypted)?;
+            check_segment(
+                std::io::BufReader::with_capacity(1 << 20, dec),
+                &object,
+                seg,
+                page_sizes.get(&seg.generation).copied(),
+            )
         });
         if let Err(e) = r {
             problems.push((format!("WAL segment {}", seg.key), as_drill_failure(e)));
         }
     }
     Ok((read, problems))
+}
+
+/// Reads one segment to its end (its hash is checked there) and checks it
+/// against its name and its generation's page size.
+fn check_segment(
+    input: impl std::io::Read,
+    object: &str,
+    seg: &repo::wal::Segment,
+    page_size: Option<u32>,
+) -> Result<()> {
+    let bad = |reason: String| Error::Integrity {
+        object: object.to_string(),
+        reason,
+    };
+    let mut r = sqlite::segment::SegmentReader::new(input).map_err(|e| read_error(object, e))?;
+    if r.first_seq != seg.first {
+        return Err(bad(format!(
+            "starts at frame {} but its name says {} (a segment stored under another's name)",
+            r.first_seq, seg.first
+        )));
+    }
+    if let Some(ps) = page_size
+        && r.page_size != ps
+    {
+        return Err(bad(format!(
+            "page size {} differs from the {ps} of generation {}'s backups (a segment of another generation or database)",
+            r.page_size, seg.generation
+        )));
+    }
+    let mut at = seg.first.saturating_sub(1);
+    // The name carries the first commit's stamp, to the millisecond: a
+    // segment of another generation or time stored under this name fails.
+    let stamped = seg.first_commit.timestamp_millis();
+    let mut first_txn = true;
+    while let Some(t) = r.next_txn().map_err(|e| read_error(object, e))? {
+        at += u64::from(t.nframes);
+        if first_txn && t.commit_ms != stamped {
+            return Err(bad(format!(
+                "its first transaction committed at {} but its name says {} (a segment stored under another's name)",
+                chrono::DateTime::from_timestamp_millis(t.commit_ms)
+                    .map_or_else(|| t.commit_ms.to_string(), |d| d.to_rfc3339()),
+                seg.first_commit.to_rfc3339()
+            )));
+        }
+        first_txn = false;
+        for _ in 0..t.nframes {
+            r.next_frame().map_err(|e| read_error(object, e))?;
+        }
+    }
+    if at != seg.last {
+        return Err(bad(format!(
+            "ends at frame {at} but its name says {}",
+            seg.last
+        )));
+    }
+    Ok(())
+}
+
+/// The WAL drill: for each generation that has a base backup, restores
+/// the base into a scratch file, replays the generation's WAL onto it up
+/// to the newest instant it reaches (and, with `--sample`, also up to one
+/// instant drawn at random within it), then runs `integrity_check`, as a
+/// restore does. The newest generation is always drilled; older ones as
+/// the sample draws them. Returns the instants drilled, per generation.
+fn drill_wal(
+    ctx: &Context,
+    repo: &PolicyRepo<'_>,
+    committed: &[super::Committed],
+    unsealing: Option<&crate::keys::Unsealing>,
+    sample: Option<f64>,
+    progress: &dyn Progress,
+) -> Result<(Vec<String>, Problems)> {
+    let prefix = repo::wal::wal_prefix(repo.policy);
+    let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
+    let bases: Vec<repo::wal::Base> = committed
+        .iter()
+        .filter_map(|c| c.manifest.as_ref().ok())
+        .filter_map(super::wal_base)
+        .collect();
+    let mut generations: Vec<&str> = bases.iter().map(|b| b.generation.as_str()).collect();
+    generations.sort();
+    generations.dedup();
+    let newest = generations.last().copied();
+    let mut drilled = Vec::new();
+    let mut problems = Vec::new();
+    for g in generations {
+        if Some(g) != newest && !sample_keeps(sample) {
+            continue;
+        }
+        let own: Vec<repo::wal::Base> = bases
+            .iter()
+            .filter(|b| b.generation == g)
+            .cloned()
+            .collect();
+        let Ok(plan) = repo::wal::plan(&own, &segs, None) else {
+            continue;
+        };
+        if plan.segments.is_empty() {
+            continue; // nothing past the base: the backup drill covers it
+        }
+        let mut instants = vec![None];
+        if sample.is_some() && plan.window.end > plan.window.start {
+            let span = (plan.window.end - plan.window.start)
+                .num_milliseconds()
+                .max(1);
+            let off = fastrand::i64(0..=span);
+            instants.push(Some(
+                plan.window.start + chrono::Duration::milliseconds(off),
+            ));
+        }
+        for at in instants {
+            let plan = match at {
+                None => plan.clone(),
+                Some(t) => match repo::wal::plan(&own, &segs, Some(t)) {
+                    Ok(p) => p,
+                    Err(_) => continue,
+                },
+            };
+            let what = format!(
+                "WAL replay of generation {g} to {}",
+                at.map_or_else(|| "its newest instant".to_string(), |t| t.to_rfc3339())
+            );
+            let r = replay_drill(ctx, repo, &plan, unsealing, progress);
+            drilled.push(what.clone());
+            if let Err(e) = r {
+                problems.push((what, as_drill_failure(e)));
+            }
+        }
+    }
+    Ok((drilled, problems))
+}
+
+/// Restores `plan`'s base and WAL into a scratch file and checks it.
+fn replay_drill(
+    ctx: &Context,
+    repo: &PolicyRepo<'_>,
+    plan: &repo::wal::Replay,
+    unsealing: Option<&crate::keys::Unsealing>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let label: Label = plan.base.label.parse().map_err(Error::NotFound)?;
+    let chain = repo.chain(&label)?;
+    let tmp = scratch_file(ctx)?;
+    materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
+    replay_wal(repo, plan, &chain, unsealing, tmp.as_file(), tmp.path())?;
+    sqlite::integrity_check(tmp.path())
 }

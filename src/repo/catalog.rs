@@ -51,8 +51,13 @@ pub fn group_backups(prefix: &str, listing: &[ObjectMeta]) -> Vec<BackupDir> {
     by_label.into_values().collect()
 }
 
+/// The longest a backup may take from choosing its label to its snapshot
+/// (the WAL pin waits up to 10 s for a writer's lock; a loaded host more).
+const MAX_LABEL_TO_START: chrono::Duration = chrono::Duration::minutes(10);
+
 /// Whether a committed backup is intact as far as a listing can tell: its
-/// manifest agrees with its own label, and every object it records is
+/// manifest agrees with its own label (type, parent, the time of its
+/// snapshot, its WAL generation), and every object it records is
 /// present at its recorded size. `Err` says what is wrong. Retention, diffs
 /// and restore trust only intact backups; reading the bytes back is verify's job.
 pub fn check_intact(dir: &BackupDir, m: &Manifest) -> Result<(), String> {
@@ -83,6 +88,36 @@ pub fn check_intact(dir: &BackupDir, m: &Manifest) -> Result<(), String> {
                 }
             ));
         }
+    }
+    // A backup's label is the second its run chose it, just before the
+    // snapshot: a manifest whose snapshot is older than its label, or far
+    // newer, is a backup stored under another's label (a replayed or
+    // relabelled full that would pass for the newest state).
+    let labelled = dir.label.time();
+    if m.timestamp_start < labelled || m.timestamp_start - labelled > MAX_LABEL_TO_START {
+        return Err(format!(
+            "its snapshot was taken at {} but its label says {}: a backup stored under another label",
+            m.timestamp_start.to_rfc3339(),
+            labelled.to_rfc3339()
+        ));
+    }
+    if m.timestamp_stop < m.timestamp_start {
+        return Err(format!(
+            "it finished ({}) before it started ({})",
+            m.timestamp_stop.to_rfc3339(),
+            m.timestamp_start.to_rfc3339()
+        ));
+    }
+    // A generation is named for the instant it began; its bases come after.
+    if let Some(w) = &m.wal
+        && let Some(began) = super::wal::generation_time(&w.generation)
+        && began > m.timestamp_start + chrono::Duration::seconds(1)
+    {
+        return Err(format!(
+            "its WAL position is in generation {}, which began after the snapshot ({})",
+            w.generation,
+            m.timestamp_start.to_rfc3339()
+        ));
     }
     if !m.objects.contains_key(super::DATA) {
         return Err("the manifest lists no data object".into());
@@ -143,6 +178,8 @@ mod tests {
         };
         let mut m = Manifest {
             trigger: None,
+            timestamp_start: diff.time() + chrono::Duration::milliseconds(300),
+            timestamp_stop: diff.time() + chrono::Duration::seconds(2),
             label: diff.clone(),
             kind: BackupType::Diff,
             parent: Some(full.clone()),
@@ -157,6 +194,15 @@ mod tests {
             modified: t,
         };
         assert_eq!(check_intact(&dir, &m), Ok(()));
+        // An older snapshot under a newer label: a replayed backup.
+        let taken = m.timestamp_start;
+        m.timestamp_start = full.time() + chrono::Duration::seconds(5);
+        assert!(
+            check_intact(&dir, &m)
+                .expect_err("relabelled")
+                .contains("another label")
+        );
+        m.timestamp_start = taken;
         // A diff whose manifest names another full than its label does.
         m.parent = Some(Label::full(t - chrono::Duration::hours(2)));
         assert!(

@@ -205,6 +205,14 @@ pub fn new_generation(now: DateTime<Utc>) -> String {
     format!("{}-{:08x}", now.format("%Y%m%d-%H%M%S"), h.finish() as u32)
 }
 
+/// The instant a generation began, from its id ([`new_generation`]).
+pub fn generation_time(id: &str) -> Option<DateTime<Utc>> {
+    let stamp = id.get(..15)?;
+    chrono::NaiveDateTime::parse_from_str(stamp, "%Y%m%d-%H%M%S")
+        .ok()
+        .map(|n| n.and_utc())
+}
+
 /// A backup that can start a replay: it knows its place in a generation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Base {

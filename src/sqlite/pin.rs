@@ -25,9 +25,20 @@ fn source_err(path: &Path, reason: impl Into<String>) -> Error {
     }
 }
 
-/// The `-wal` file of a database.
+/// The file SQLite really opens for `db`: every symbolic link resolved, as
+/// SQLite's unix VFS does before it names the `-wal` and `-shm` files. A
+/// database given through a link (a release directory, a volume) has its
+/// WAL beside the file the link points to, not beside the link. A path
+/// that cannot be resolved (absent) is returned as given.
+pub fn real_path(db: &Path) -> PathBuf {
+    std::fs::canonicalize(db).unwrap_or_else(|_| db.to_path_buf())
+}
+
+/// The `-wal` file of a database, beside the file SQLite really opens.
 pub fn wal_path(db: &Path) -> PathBuf {
-    PathBuf::from(format!("{}-wal", db.display()))
+    let mut p = real_path(db).into_os_string();
+    p.push("-wal");
+    PathBuf::from(p)
 }
 
 /// Opens a connection that reads the source and never checkpoints or

@@ -34,7 +34,7 @@ use crate::sqlite::wal::{self, Cursor, WalHeader};
 pub const POLL: Duration = Duration::from_millis(50);
 /// An idle stream writes an empty segment this often, so the restore
 /// window keeps up with the clock while nothing commits.
-const HEARTBEAT: Duration = Duration::from_secs(300);
+pub const HEARTBEAT: Duration = Duration::from_secs(300);
 /// Shortest time between two of dr's checkpoints: often enough that a busy
 /// writer's WAL stays near `checkpoint_pages` (a long WAL slows every
 /// reader and writer of the database), rarely enough to be cheap.
@@ -324,7 +324,11 @@ struct OpenSegment {
 /// seals what is committed. Between steps it costs nothing.
 pub struct Stream {
     policy: Policy,
+    /// The file SQLite opens (links resolved): its `-wal` is the one read.
     db: PathBuf,
+    /// The path as configured, when it is a link: a link that comes to
+    /// point at another file ends the generation.
+    link: Option<PathBuf>,
     sealing: Sealing,
     spool: Spool,
     state_path: PathBuf,
@@ -407,6 +411,13 @@ impl Stream {
         why: Option<String>,
         report: StreamReport,
     ) -> Result<(Stream, Option<Next>)> {
+        let configured = db;
+        let real = pin::real_path(db);
+        let db = real.as_path();
+        let link = (db != configured).then(|| configured.to_path_buf());
+        if let Some(l) = &link {
+            tracing::info!(policy = %policy.name, "{} is a link: streaming {}", l.display(), db.display());
+        }
         let reader = pin::open(db)?;
         // The reader only pins: a small page cache is enough.
         let _ = reader.execute_batch("PRAGMA cache_size = -64");
@@ -439,6 +450,7 @@ impl Stream {
         let mut st = Stream {
             policy: policy.clone(),
             db: db.to_path_buf(),
+            link,
             keys,
             new_sealing: None,
             last_keys_check: now,
@@ -764,6 +776,15 @@ impl Stream {
 
     /// A database file replaced under the streamer (restored, moved) breaks the stream.
     fn replaced(&self) -> Result<Option<Next>> {
+        if let Some(link) = &self.link
+            && pin::real_path(link) != self.db
+        {
+            return Ok(Some(Next::Restart(format!(
+                "{} now points to another file than {}",
+                link.display(),
+                self.db.display()
+            ))));
+        }
         match std::fs::metadata(&self.db) {
             Ok(m) if m.ino() == self.db_ino => Ok(None),
             Ok(_) => Ok(Some(Next::Restart("the database file was replaced".into()))),

@@ -1,0 +1,429 @@
+//! The protection verdict: the one function ([`judge`]) that decides
+//! whether a database is *protected* or *at risk*, and why.
+//!
+//! A database is protected when its newest restorable instant is within
+//! what its policy promises: with WAL streaming, a live streamer no more
+//! than `StreamState::stale_after(sync_interval)` behind (or, seen from a
+//! host where no streamer runs, a WAL window that reached within a
+//! heartbeat of now); with scheduled backups, a restorable backup within
+//! twice the most frequent schedule's period (plus a minute); with
+//! neither, any restorable backup. Everything else is at risk with named
+//! reasons. `dr info`, `/healthz`, the metrics and the notifications
+//! gather their evidence differently (a listing of the targets, or the
+//! run history and the streamers' state) but all decide here.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::Policy;
+use crate::sqlite::stream::StreamState;
+
+/// How often an idle stream writes a heartbeat segment: a window seen
+/// from the target reaches at least this close to now while a streamer
+/// runs somewhere.
+pub const HEARTBEAT: Duration = crate::sqlite::stream::HEARTBEAT;
+
+/// Why a database is at risk. The names are the `reason` field of
+/// `dr info --json` and the `problem` field of `/healthz` (README).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// No restorable backup on a target.
+    NeverBackedUp,
+    /// The newest restorable instant is older than the policy promises.
+    Overdue,
+    /// The newest backup run failed (after the last success).
+    Failing,
+    /// The newest restore drill failed.
+    VerifyFailed,
+    /// WAL streaming is configured but no streamer is running.
+    StreamerDown,
+    /// The streamer runs but has not shipped what was committed.
+    Behind,
+    /// The local spool is full: segments are not shipped.
+    SpoolFull,
+    /// The database cannot be streamed (not in WAL mode).
+    CannotStream,
+    /// The database file cannot be read.
+    Unreadable,
+    /// A file the fleet's pattern matches that no database name stands for.
+    ExcludedByName,
+    /// The target could not be read.
+    TargetUnreachable,
+    /// A backup or the WAL on the target is damaged.
+    Damaged,
+    /// A committed backup's objects are hidden by S3 delete markers.
+    HiddenByDeleteMarker,
+}
+
+impl Reason {
+    /// The word used in JSON, `/healthz` and metrics.
+    pub fn word(self) -> &'static str {
+        match self {
+            Reason::NeverBackedUp => "never_backed_up",
+            Reason::Overdue => "overdue",
+            Reason::Failing => "failing",
+            Reason::VerifyFailed => "verify_failed",
+            Reason::StreamerDown => "streamer_down",
+            Reason::Behind => "behind",
+            Reason::SpoolFull => "spool_full",
+            Reason::CannotStream => "cannot_stream",
+            Reason::Unreadable => "unreadable",
+            Reason::ExcludedByName => "excluded_by_name",
+            Reason::TargetUnreachable => "target_unreachable",
+            Reason::Damaged => "damaged",
+            Reason::HiddenByDeleteMarker => "hidden_by_delete_marker",
+        }
+    }
+}
+
+/// One reason a database is at risk, on one target or on its source.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Risk {
+    pub reason: Reason,
+    /// The target concerned; `None` for the source itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target: Option<String>,
+    pub detail: String,
+}
+
+/// `protected` or `at_risk`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Protected,
+    AtRisk,
+}
+
+/// What a policy promises about its newest restorable instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Promise {
+    /// The oldest the newest restorable instant may be (scheduled backups).
+    pub backups_within: Option<Duration>,
+    /// WAL streaming: how far a live streamer may trail.
+    pub stream_within: Option<Duration>,
+}
+
+impl Promise {
+    /// What `policy` promises at `now`.
+    pub fn of(policy: &Policy, now: DateTime<Utc>) -> Promise {
+        let shortest = [&policy.schedule.full, &policy.schedule.diff]
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.period(now))
+            .min()
+            .and_then(|d| d.to_std().ok());
+        Promise {
+            backups_within: shortest.map(|p| p * 2 + Duration::from_secs(60)),
+            stream_within: policy
+                .wal
+                .enabled
+                .then(|| StreamState::stale_after(policy.wal.sync_interval)),
+        }
+    }
+
+    /// The age of the newest restorable instant beyond which it is at
+    /// risk, as seen from a target's contents alone.
+    pub fn max_age(&self) -> Option<Duration> {
+        match (self.stream_within, self.backups_within) {
+            (Some(s), b) => Some(b.map_or(HEARTBEAT + s, |b| b.min(HEARTBEAT + s).max(s))),
+            (None, b) => b,
+        }
+    }
+}
+
+/// A streamer's state as the evidence gatherer saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamEvidence {
+    pub running: bool,
+    /// Seconds the target trails the database (see `StreamState::lag`).
+    pub lag_seconds: Option<f64>,
+    pub error: Option<String>,
+    pub spool_full: bool,
+}
+
+/// What is known of one target of a database.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TargetEvidence {
+    pub target: String,
+    /// Why the target could not be read.
+    pub unreachable: Option<String>,
+    /// The newest instant a restore from this target reaches.
+    pub newest_restorable: Option<DateTime<Utc>>,
+    /// Damaged backups, WAL gaps, hidden objects: each named.
+    pub damaged: Vec<String>,
+    pub hidden: Vec<String>,
+    /// The newest backup run failed after the last success: its error.
+    pub failing: Option<String>,
+    pub verify_failed: Option<String>,
+    /// The streamer on this host, when one ever ran here.
+    pub stream: Option<StreamEvidence>,
+}
+
+/// Everything known of one database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Evidence {
+    pub promise: Promise,
+    /// What is wrong with the source itself (file unreadable, cannot be
+    /// streamed, excluded by name).
+    pub source: Vec<(Reason, String)>,
+    /// The database no longer exists on disk (a fleet member kept only in
+    /// the repository): nothing is promised about its freshness.
+    pub retired: bool,
+    pub targets: Vec<TargetEvidence>,
+}
+
+/// The verdict on one database.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Verdict {
+    pub state: State,
+    /// The newest instant any target restores.
+    pub newest_restorable: Option<DateTime<Utc>>,
+    pub age_seconds: Option<f64>,
+    /// The oldest the newest restorable instant may be (none: no promise).
+    pub promised_seconds: Option<f64>,
+    pub reasons: Vec<Risk>,
+}
+
+/// Decides. Pure: the same evidence gives the same verdict everywhere.
+pub fn judge(e: &Evidence, now: DateTime<Utc>) -> Verdict {
+    let mut reasons: Vec<Risk> = e
+        .source
+        .iter()
+        .map(|(r, d)| Risk {
+            reason: *r,
+            target: None,
+            detail: d.clone(),
+        })
+        .collect();
+    let age = |t: DateTime<Utc>| (now - t).num_milliseconds().max(0) as f64 / 1000.0;
+    let max_age = e.promise.max_age().filter(|_| !e.retired);
+    for t in &e.targets {
+        let mut risk = |reason, detail: String| {
+            reasons.push(Risk {
+                reason,
+                target: Some(t.target.clone()),
+                detail,
+            })
+        };
+        if let Some(why) = &t.unreachable {
+            risk(Reason::TargetUnreachable, why.clone());
+        }
+        for d in &t.damaged {
+            risk(Reason::Damaged, d.clone());
+        }
+        for h in &t.hidden {
+            risk(Reason::HiddenByDeleteMarker, h.clone());
+        }
+        if let Some(f) = &t.failing {
+            risk(Reason::Failing, f.clone());
+        }
+        if let Some(f) = &t.verify_failed {
+            risk(Reason::VerifyFailed, f.clone());
+        }
+        if t.unreachable.is_some() {
+            continue;
+        }
+        let Some(newest) = t.newest_restorable else {
+            risk(
+                Reason::NeverBackedUp,
+                "no restorable backup on this target".into(),
+            );
+            continue;
+        };
+        if e.retired {
+            continue;
+        }
+        let live = match (&t.stream, e.promise.stream_within) {
+            (Some(s), Some(within)) => {
+                if s.spool_full {
+                    risk(
+                        Reason::SpoolFull,
+                        "the WAL spool is full: segments wait on this host".into(),
+                    );
+                }
+                if !s.running {
+                    risk(
+                        Reason::StreamerDown,
+                        match &s.error {
+                            Some(err) => format!("the WAL streamer is not running: {err}"),
+                            None => "the WAL streamer is not running".into(),
+                        },
+                    );
+                    false
+                } else {
+                    let lag = s.lag_seconds.unwrap_or(0.0);
+                    if lag > within.as_secs_f64() {
+                        risk(
+                            Reason::Behind,
+                            format!(
+                                "the streamer trails by {lag:.1} s (promised {:.0} s){}",
+                                within.as_secs_f64(),
+                                s.error.as_ref().map_or(String::new(), |e| format!(": {e}"))
+                            ),
+                        );
+                    }
+                    true
+                }
+            }
+            _ => false,
+        };
+        // A live streamer answers for freshness; otherwise the target's
+        // own contents must be recent enough.
+        if !live
+            && let Some(max) = max_age
+            && age(newest) > max.as_secs_f64()
+        {
+            risk(
+                Reason::Overdue,
+                format!(
+                    "the newest restorable instant, {}, is {:.0} s old (promised {:.0} s)",
+                    newest.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                    age(newest),
+                    max.as_secs_f64()
+                ),
+            );
+        }
+    }
+    let newest = e.targets.iter().filter_map(|t| t.newest_restorable).max();
+    Verdict {
+        state: if reasons.is_empty() {
+            State::Protected
+        } else {
+            State::AtRisk
+        },
+        newest_restorable: newest,
+        age_seconds: newest.map(age),
+        promised_seconds: max_age.map(|d| d.as_secs_f64()),
+        reasons,
+    }
+}
+
+/// Whether a SQLite database file is in WAL mode, from its header alone
+/// (bytes 18 and 19 are 2 in WAL mode): `dr info` reads without opening a
+/// connection that could change anything. `None`: too short to tell (an
+/// empty file is a database SQLite has not written yet).
+pub fn header_says_wal(path: &std::path::Path) -> std::io::Result<Option<bool>> {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    let mut f = std::fs::File::open(path)?;
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    if got < head.len() {
+        return Ok(None);
+    }
+    Ok(Some(head[18] == 2 && head[19] == 2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> DateTime<Utc> {
+        Utc::now()
+    }
+
+    fn target(newest: Option<DateTime<Utc>>) -> TargetEvidence {
+        TargetEvidence {
+            target: "t".into(),
+            newest_restorable: newest,
+            ..TargetEvidence::default()
+        }
+    }
+
+    fn evidence(promise: Promise, targets: Vec<TargetEvidence>) -> Evidence {
+        Evidence {
+            promise,
+            source: Vec::new(),
+            retired: false,
+            targets,
+        }
+    }
+
+    const HOURLY: Promise = Promise {
+        backups_within: Some(Duration::from_secs(2 * 3600 + 60)),
+        stream_within: None,
+    };
+
+    fn reasons(v: &Verdict) -> Vec<Reason> {
+        v.reasons.iter().map(|r| r.reason).collect()
+    }
+
+    #[test]
+    fn fresh_backups_protect_and_old_ones_do_not() {
+        let n = now();
+        let v = judge(&evidence(HOURLY, vec![target(Some(n))]), n);
+        assert_eq!(v.state, State::Protected);
+        let old = n - chrono::Duration::hours(3);
+        let v = judge(&evidence(HOURLY, vec![target(Some(old))]), n);
+        assert_eq!(reasons(&v), vec![Reason::Overdue]);
+        let v = judge(&evidence(HOURLY, vec![target(None)]), n);
+        assert_eq!(reasons(&v), vec![Reason::NeverBackedUp]);
+    }
+
+    #[test]
+    fn a_stream_answers_for_freshness_while_it_runs() {
+        let n = now();
+        let promise = Promise {
+            backups_within: None,
+            stream_within: Some(Duration::from_secs(8)),
+        };
+        let old = n - chrono::Duration::hours(1);
+        let mut t = target(Some(old));
+        t.stream = Some(StreamEvidence {
+            running: true,
+            lag_seconds: Some(0.5),
+            error: None,
+            spool_full: false,
+        });
+        assert_eq!(
+            judge(&evidence(promise, vec![t.clone()]), n).state,
+            State::Protected
+        );
+        t.stream = Some(StreamEvidence {
+            running: false,
+            lag_seconds: Some(3600.0),
+            error: Some("journal_mode=delete".into()),
+            spool_full: false,
+        });
+        let v = judge(&evidence(promise, vec![t.clone()]), n);
+        assert_eq!(reasons(&v), vec![Reason::StreamerDown, Reason::Overdue]);
+        // Seen from another host: the window must reach within a heartbeat.
+        t.stream = None;
+        t.newest_restorable = Some(n - chrono::Duration::seconds(30));
+        assert_eq!(
+            judge(&evidence(promise, vec![t]), n).state,
+            State::Protected
+        );
+    }
+
+    #[test]
+    fn every_reason_is_kept_and_the_source_counts() {
+        let n = now();
+        let mut t = target(Some(n));
+        t.damaged = vec!["backup X: bad".into()];
+        let mut u = target(None);
+        u.target = "s3".into();
+        u.unreachable = Some("connection refused".into());
+        let mut e = evidence(HOURLY, vec![t, u]);
+        e.source
+            .push((Reason::CannotStream, "journal_mode=delete".into()));
+        let v = judge(&e, n);
+        assert_eq!(
+            reasons(&v),
+            vec![
+                Reason::CannotStream,
+                Reason::Damaged,
+                Reason::TargetUnreachable
+            ]
+        );
+        assert_eq!(v.newest_restorable, Some(n));
+    }
+}
