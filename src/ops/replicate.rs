@@ -792,6 +792,11 @@ impl Inner {
                                 started: Instant::now(),
                             };
                             let grace = m.policy.wal.sync_interval * 2 + Duration::from_secs(1);
+                            // Streaming again: an earlier failure of a
+                            // fleet's database no longer fails `dr replicate`.
+                            if self.mode == Mode::Command && m.policy.member.is_some() {
+                                lock(&m.result).take();
+                            }
                             self.set_status(&name, |s| {
                                 s.running = true;
                                 s.since = Utc::now();
@@ -849,10 +854,6 @@ impl Inner {
                             }
                             if started.elapsed() >= STABLE {
                                 *lock(&m.backoff) = FIRST_BACKOFF;
-                                // Streaming again: an earlier failure is over.
-                                if self.mode == Mode::Command {
-                                    lock(&m.result).take();
-                                }
                             }
                             return;
                         }

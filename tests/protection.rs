@@ -1,0 +1,468 @@
+//! Every database dr is told about is protected, or dr says so: the edges
+//! where dr used to say "ok" and lose data (issue 22). Each test runs the
+//! real binary and compares what a restore gives with the source.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::{Env, dump, make_db};
+
+const WAL: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\nsegment_max = \"256KiB\"\n";
+
+/// Kills a child on drop: a failed assertion never leaves it running.
+struct Reaped(Option<Child>);
+
+impl Reaped {
+    /// SIGTERM, then the exit code.
+    fn stop(mut self) -> i32 {
+        let mut child = self.0.take().expect("child");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(st) = child.try_wait().expect("wait") {
+                return st.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("dr replicate did not stop on SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn log(env: &Env) -> String {
+    std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default()
+}
+
+fn wait_for(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            log(env)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Commits `n` rows, one transaction each, through `path`.
+fn commit_rows(path: &Path, from: i64, n: i64) {
+    let c = rusqlite::Connection::open(path).expect("open");
+    c.busy_timeout(Duration::from_secs(10)).expect("busy");
+    for i in from..from + n {
+        c.execute(
+            "INSERT INTO t(id, v) VALUES (?1, randomblob(300))",
+            rusqlite::params![1_000_000 + i],
+        )
+        .expect("insert");
+    }
+}
+
+fn backups_dir_wal(env: &Env, policy: &str) -> std::path::PathBuf {
+    env.path(&format!("backups/{policy}/wal"))
+}
+
+#[test]
+fn a_database_given_through_a_symbolic_link_is_streamed_and_restores_every_commit() {
+    let env = Env::new(WAL);
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm");
+    std::fs::create_dir_all(env.path("release/data")).expect("dir");
+    let real = env.path("release/data/real.db");
+    make_db(&real, true, 20, 500);
+    std::os::unix::fs::symlink(&real, env.path("link.db")).expect("link");
+    env.write_policy("app", "link.db", WAL);
+    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    wait_for(&env, "the generation's base", 30, || {
+        log(&env).contains("generation base committed")
+    });
+    // Writes through the link and through the real name: one database.
+    commit_rows(&env.path("link.db"), 0, 200);
+    commit_rows(&real, 200, 100);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(dr.stop(), 0, "{}", log(&env));
+    let r = env.restore("out.db", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let got = dump(&env.path("out.db"));
+    assert_eq!(got.len(), 320, "every commit made through either name");
+    assert_eq!(got, dump(&real));
+}
+
+fn fleet_env(extra: &str) -> Env {
+    let env = Env::new("");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");
+    std::fs::create_dir_all(env.path("tenants")).expect("tenants dir");
+    env.write_policy("tenants", "tenants/*.db", extra);
+    env
+}
+
+#[test]
+fn fleet_databases_named_with_spaces_accents_or_a_leading_dot_are_backed_up_and_restored() {
+    let env = fleet_env("");
+    let names = ["my db", "café", ".hidden", "plain"];
+    for (i, n) in names.iter().enumerate() {
+        make_db(
+            &env.path(&format!("tenants/{n}.db")),
+            false,
+            5 + i as i64,
+            100,
+        );
+    }
+    env.dr(&["backup-local", "tenants"]).ok();
+    let j = env.dr(&["info", "tenants", "--json"]).ok().json();
+    let mut listed: Vec<String> = j["policies"]
+        .as_array()
+        .expect("policies")
+        .iter()
+        .map(|p| {
+            assert_eq!(p["verdict"]["state"], "protected", "{p}");
+            assert_eq!(p["targets"][0]["backups"].as_array().map(Vec::len), Some(1));
+            p["name"].as_str().expect("name").to_string()
+        })
+        .collect();
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            "tenants/%2Ehidden",
+            "tenants/caf%C3%A9",
+            "tenants/my%20db",
+            "tenants/plain"
+        ]
+    );
+    let key = env.key_arg();
+    for n in names {
+        let to = env.path(&format!("out-{}.db", n.replace(' ', "_")));
+        let r = env.dr(&[
+            "restore-local",
+            "tenants",
+            "--db",
+            n,
+            "--to",
+            &to.display().to_string(),
+            "--identity",
+            &key,
+        ]);
+        assert_eq!(r.code, 0, "{n}: {}", r.stderr);
+        assert_eq!(
+            dump(&to),
+            dump(&env.path(&format!("tenants/{n}.db"))),
+            "{n}"
+        );
+    }
+    // The key form names the same database.
+    let to = env.path("again.db");
+    let r = env.dr(&[
+        "restore-local",
+        "tenants/my%20db",
+        "--to",
+        &to.display().to_string(),
+        "--identity",
+        &key,
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&to), dump(&env.path("tenants/my db.db")));
+}
+
+#[test]
+fn a_fleet_database_that_cannot_be_streamed_fails_replicate_and_is_at_risk() {
+    let env = fleet_env(WAL);
+    make_db(&env.path("tenants/good.db"), true, 10, 100);
+    make_db(&env.path("tenants/journal.db"), false, 10, 100);
+    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    wait_for(
+        &env,
+        "the streamer to refuse the rollback-journal database",
+        30,
+        || log(&env).contains("journal_mode=delete"),
+    );
+    commit_rows(&env.path("tenants/good.db"), 0, 5);
+    std::thread::sleep(Duration::from_millis(1500));
+    let code = dr.stop();
+    assert_eq!(code, 1, "a database that cannot be streamed: {}", log(&env));
+    let r = env.dr(&["info", "tenants", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let j = r.json();
+    let verdict = |name: &str| {
+        j["policies"]
+            .as_array()
+            .expect("policies")
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["verdict"].clone())
+            .unwrap_or_else(|| panic!("{name} not listed: {j}"))
+    };
+    let bad = verdict("tenants/journal");
+    assert_eq!(bad["state"], "at_risk", "{bad}");
+    let reasons: Vec<&str> = bad["reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert!(reasons.contains(&"cannot_stream"), "{bad}");
+    assert!(r.stderr.contains("cannot_stream"), "{}", r.stderr);
+}
+
+#[test]
+fn a_spool_smaller_than_one_segment_is_refused() {
+    let env = Env::new("[wal]\nenabled = true\nspool_max = \"0\"\n");
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("spool_max") && r.stderr.contains("smaller than one segment"),
+        "{}",
+        r.stderr
+    );
+}
+
+/// A repository with two generations of WAL for policy `app`: returns
+/// the segment keys (relative to the policy's `wal/`) of each, oldest first.
+fn two_generations(env: &Env) -> Vec<Vec<String>> {
+    make_db(&env.db, true, 20, 400);
+    for round in 0..2 {
+        let dr = Reaped(Some(common::spawn_replicate(env)));
+        wait_for(env, "a generation's base", 30, || {
+            log(env).contains("generation base committed")
+        });
+        commit_rows(&env.db, round * 1000, 60);
+        std::thread::sleep(Duration::from_millis(1500));
+        commit_rows(&env.db, round * 1000 + 500, 60);
+        std::thread::sleep(Duration::from_millis(2000));
+        assert_eq!(dr.stop(), 0, "{}", log(env));
+        // The WAL restarts offline: the next stream cannot continue this
+        // generation and starts a new one.
+        let c = rusqlite::Connection::open(&env.db).expect("open");
+        c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .expect("checkpoint");
+    }
+    let wal = backups_dir_wal(env, "app");
+    let mut gens: Vec<String> = std::fs::read_dir(&wal)
+        .expect("wal dir")
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    gens.sort();
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    gens.iter()
+        .map(|g| {
+            let mut segs: Vec<String> = std::fs::read_dir(wal.join(g))
+                .expect("gen dir")
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".zst.age"))
+                .collect();
+            segs.sort();
+            segs.into_iter().map(|s| format!("{g}/{s}")).collect()
+        })
+        .collect()
+}
+
+fn frames_of(name: &str) -> (u64, u64) {
+    let file = name.rsplit('/').next().expect("file");
+    let (a, rest) = file.split_once('-').expect("first");
+    let b = rest.split('_').next().expect("last");
+    (a.parse().expect("a"), b.parse().expect("b"))
+}
+
+#[test]
+fn verify_fails_wal_that_restore_would_refuse() {
+    let env = Env::new(WAL);
+    let gens = two_generations(&env);
+    let r = env.dr(&["verify", "app", "--identity", &env.key_arg(), "--json"]);
+    assert_eq!(r.code, 0, "an untouched repository verifies: {}", r.stderr);
+    let drilled = r.stdout.clone();
+    assert!(drilled.contains("WAL replay of generation"), "{drilled}");
+
+    // 1. A segment of the first generation over the second's segment of
+    //    the same first frame: same name, foreign content.
+    let wal = backups_dir_wal(&env, "app");
+    let nonempty = |s: &&String| {
+        let (a, b) = frames_of(s);
+        b >= a
+    };
+    let victim = gens[1]
+        .iter()
+        .filter(nonempty)
+        .find(|s| {
+            gens[0]
+                .iter()
+                .filter(nonempty)
+                .any(|o| frames_of(o).0 == frames_of(s).0)
+        })
+        .expect("a segment number both generations have")
+        .clone();
+    let foreign = gens[0]
+        .iter()
+        .filter(nonempty)
+        .find(|o| frames_of(o).0 == frames_of(&victim).0)
+        .expect("foreign");
+    let saved = std::fs::read(wal.join(&victim)).expect("read");
+    std::fs::copy(wal.join(foreign), wal.join(&victim)).expect("copy");
+    let r = env.dr(&["verify", "app", "--identity", &env.key_arg()]);
+    assert_eq!(r.code, 3, "a foreign segment: {}", r.stderr);
+    assert!(r.stderr.contains(&victim), "{}", r.stderr);
+    std::fs::write(wal.join(&victim), saved).expect("put back");
+
+    // 2. A segment copied under a later name, so that two overlap.
+    let last_gen = &gens[1];
+    let src = last_gen
+        .iter()
+        .find(|s| {
+            let (a, b) = frames_of(s);
+            b > a
+        })
+        .expect("a segment with frames");
+    let (a, b) = frames_of(src);
+    let file = src.rsplit('/').next().expect("file");
+    let moved = file.replacen(
+        &format!("{a:016}-{b:016}"),
+        &format!("{:016}-{:016}", a + 1, b + 1),
+        1,
+    );
+    let generation = src.split('/').next().expect("gen");
+    std::fs::copy(wal.join(src), wal.join(generation).join(&moved)).expect("copy");
+    let r = env.dr(&["verify", "app", "--identity", &env.key_arg()]);
+    assert_eq!(r.code, 3, "overlapping segments: {}", r.stderr);
+    assert!(r.stderr.contains("overlaps"), "{}", r.stderr);
+}
+
+#[test]
+fn an_older_full_stored_under_a_newer_label_is_damaged_not_newest() {
+    use sha2::Digest;
+    let env = Env::new("");
+    make_db(&env.db, true, 20, 200);
+    let old = env.full_backup("backup-local");
+    std::thread::sleep(Duration::from_millis(1100));
+    commit_rows(&env.db, 0, 30);
+    let newest = env.full_backup("backup-local");
+    // The old full replayed under a label newer than everything: the
+    // manifest is edited and its envelope hash recomputed, as a writer to
+    // the bucket could.
+    let fake = "29991231-235959F";
+    let dir = env.path("backups/app/backup");
+    std::fs::create_dir_all(dir.join(fake)).expect("dir");
+    for e in std::fs::read_dir(dir.join(&old)).expect("old") {
+        let e = e.expect("entry");
+        std::fs::copy(e.path(), dir.join(fake).join(e.file_name())).expect("copy");
+    }
+    let t = std::fs::read_to_string(dir.join(fake).join("manifest.json")).expect("manifest");
+    let body_start = t[1..].find('{').expect("body") + 1;
+    let body_end = t.rfind(",\n\"sha256\"").expect("sum");
+    let body = t[body_start..body_end].replace(&old, fake);
+    let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    std::fs::write(
+        dir.join(fake).join("manifest.json"),
+        format!("{{\"manifest\": {body},\n\"sha256\": \"{sum}\"}}\n"),
+    )
+    .expect("write");
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("another label"), "{}", r.stderr);
+    let r = env.dr(&["verify", "app", "--identity", &env.key_arg()]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    // Restore of "newest" never hands back the older state as newest.
+    let r = env.restore("out.db", &[]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(
+        r.stderr.contains(&newest),
+        "names what to restore: {}",
+        r.stderr
+    );
+    let r = env.restore("out.db", &["--backup", &newest]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&env.path("out.db")), dump(&env.db));
+}
+
+#[test]
+fn the_streamers_own_backups_are_audited_and_an_unwritable_log_stops_a_restore() {
+    let env = Env::new(WAL);
+    make_db(&env.db, true, 20, 200);
+    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    wait_for(&env, "the generation's base", 30, || {
+        log(&env).contains("generation base committed")
+    });
+    assert_eq!(dr.stop(), 0, "{}", log(&env));
+    let lines = env.dr(&["audit", "--json"]).ok().stdout;
+    assert!(
+        lines.lines().any(|l| l.contains("\"action\":\"backup\"")
+            && l.contains("by the WAL streamer (generation)")
+            && l.contains("\"result\":\"ok\"")),
+        "{lines}"
+    );
+    // A directory where the log should be: the restore does not happen.
+    let log_path = env.path("state/audit.log");
+    std::fs::remove_file(&log_path).expect("rm log");
+    std::fs::create_dir(&log_path).expect("dir");
+    let r = env.restore("out.db", &[]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(r.stderr.contains("audit log"), "{}", r.stderr);
+    assert!(!env.path("out.db").exists(), "restored unrecorded");
+    std::fs::remove_dir(&log_path).expect("rmdir");
+    // A link planted at its path is not followed.
+    let elsewhere = env.path("elsewhere.log");
+    std::os::unix::fs::symlink(&elsewhere, &log_path).expect("link");
+    let r = env.restore("out.db", &[]);
+    assert_ne!(r.code, 0, "{}", r.stdout);
+    assert!(!elsewhere.exists(), "the audit log followed a link");
+    std::fs::remove_file(&log_path).expect("rm link");
+    // A path with a newline cannot fake a line in the text view.
+    let r = env.restore("out\nFAKE.db", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let text = env.dr(&["audit"]).ok().stdout;
+    assert!(
+        !text.lines().any(|l| l.starts_with("FAKE")),
+        "a control character started a line: {text}"
+    );
+}
+
+#[test]
+fn info_gives_one_verdict_per_database_and_exits_non_zero_when_any_is_at_risk() {
+    let env = Env::new("[schedule]\ndiff = \"0 * * * *\"\n");
+    make_db(&env.db, false, 10, 100);
+    env.write_policy("never", "never.db", "");
+    make_db(&env.path("never.db"), false, 10, 100);
+    env.full_backup("backup-local");
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 1, "one database was never backed up: {}", r.stdout);
+    let j = r.json();
+    let by_name = |n: &str| {
+        j["policies"]
+            .as_array()
+            .expect("policies")
+            .iter()
+            .find(|p| p["name"] == n)
+            .map(|p| p["verdict"].clone())
+            .expect("listed")
+    };
+    let app = by_name("app");
+    assert_eq!(app["state"], "protected", "{app}");
+    assert!(app["newest_restorable"].is_string(), "{app}");
+    assert!(
+        app["age_seconds"].as_f64().is_some_and(|a| a < 60.0),
+        "{app}"
+    );
+    assert_eq!(app["promised_seconds"].as_f64(), Some(7260.0), "{app}");
+    let never = by_name("never");
+    assert_eq!(never["state"], "at_risk", "{never}");
+    assert_eq!(never["reasons"][0]["reason"], "never_backed_up", "{never}");
+    assert!(r.stderr.contains("policy 'never'"), "{}", r.stderr);
+    let r = env.dr(&["info", "app"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("PROTECTED"), "{}", r.stdout);
+}
