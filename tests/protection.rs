@@ -466,3 +466,27 @@ fn info_gives_one_verdict_per_database_and_exits_non_zero_when_any_is_at_risk() 
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stdout.contains("PROTECTED"), "{}", r.stdout);
 }
+
+#[test]
+fn an_idle_stream_marks_how_far_it_watched_when_it_stops() {
+    let env = Env::new(WAL);
+    make_db(&env.db, true, 20, 200);
+    // The log emptied offline: the stream starts with no WAL header.
+    let c = rusqlite::Connection::open(&env.db).expect("open");
+    c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        .expect("checkpoint");
+    drop(c);
+    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    wait_for(&env, "the generation's base", 30, || {
+        log(&env).contains("generation base committed")
+    });
+    std::thread::sleep(Duration::from_millis(3000));
+    let watched = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(dr.stop(), 0, "{}", log(&env));
+    // An instant the stream watched, seconds after its base, restores.
+    let at = watched.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let r = env.restore("at.db", &["--at", &at]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, log(&env));
+    assert_eq!(dump(&env.path("at.db")), dump(&env.db));
+}

@@ -468,7 +468,14 @@ fn a_backup_killed_mid_write_never_looks_complete_and_is_cleaned_up() {
     }
     child.kill().expect("kill -9");
     child.wait().expect("reap");
-    let info = env.dr(&["info", "--json"]).ok().json();
+    // Nothing restorable: the database is at risk, and info says so (exit 1).
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let info = r.json();
+    assert_eq!(
+        info["policies"][0]["verdict"]["reasons"][0]["reason"],
+        "never_backed_up"
+    );
     let t = &info["policies"][0]["targets"][0];
     assert_eq!(
         t["backups"].as_array().map(|a| a.len()),

@@ -1,18 +1,18 @@
 //! `/healthz` and `/metrics` on `daemon.listen` (loopback by default).
 //!
-//! Health: 200 when every policy's newest backup on every target is within
-//! twice its most frequent backup schedule's period and did not fail since,
-//! and no WAL spool is full; else 503 with a JSON body naming each problem.
+//! Health: 200 when every database is protected (`ops::verdict::judge`);
+//! else 503 with a JSON body naming each reason, as `dr info` names them.
 
 use std::sync::Arc;
 
 use chrono::Utc;
 use serde::Serialize;
 
-use super::{Shared, period};
+use super::Shared;
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::history::History;
+use crate::ops::verdict::{self, Evidence, Promise, StreamEvidence, TargetEvidence};
 use crate::sqlite::stream::{self, StreamState};
 
 /// One thing that makes the daemon unhealthy.
@@ -20,7 +20,8 @@ use crate::sqlite::stream::{self, StreamState};
 pub struct Problem {
     pub policy: String,
     pub target: String,
-    /// `overdue`, `failing`, `verify_failed`, `streamer_down` or `spool_full`.
+    /// A reason of `ops::verdict::Reason` (`overdue`, `failing`,
+    /// `verify_failed`, `streamer_down`, `spool_full`, `never_backed_up`, ...).
     pub problem: String,
     pub detail: String,
 }
@@ -36,85 +37,83 @@ fn snapshot(shared: &Shared) -> Result<(Context, History)> {
     Ok((ctx, history))
 }
 
-/// What is wrong now, by policy and target.
+/// What is wrong now, by policy and target: the reasons of every database
+/// at risk, decided by `ops::verdict::judge` (the function `dr info`
+/// decides with) from what the daemon knows without listing a target: the
+/// run history, the streamers' live status and their state files.
 pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     let (ctx, history) = snapshot(shared)?;
     let cfg = ctx.cfg();
     let now = Utc::now();
     let mut out = Vec::new();
     for p in &super::policies_now(cfg) {
-        let periods: Vec<chrono::Duration> = [&p.schedule.full, &p.schedule.diff]
-            .into_iter()
-            .flatten()
-            .filter_map(|s| period(s, now))
-            .collect();
-        // Backups are overdue after twice the most frequent schedule's period.
-        let allowed = periods
-            .into_iter()
-            .min()
-            .map(|shortest| shortest * 2 + chrono::Duration::seconds(60));
-        for (t, allowed) in p.targets.iter().filter_map(|t| allowed.map(|a| (t, a))) {
-            let mut ok = None;
-            let mut bad = None;
-            for kind in ["full", "diff"] {
-                if let Some(r) = history.last(&p.name, t, kind, true)? {
-                    ok = Some(ok.map_or(r.finished, |o: chrono::DateTime<Utc>| o.max(r.finished)));
-                }
-                if let Some(r) = history.last(&p.name, t, kind, false)?
-                    && bad
-                        .as_ref()
-                        .is_none_or(|b: &crate::history::Run| r.finished > b.finished)
-                {
-                    bad = Some(r);
-                }
+        let evidence = evidence(shared, &ctx, &history, p, now)?;
+        for r in verdict::judge(&evidence, now).reasons {
+            out.push(Problem {
+                policy: p.name.clone(),
+                target: r.target.unwrap_or_else(|| "*".into()),
+                problem: r.reason.word().into(),
+                detail: r.detail,
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What the daemon knows of one database, for the verdict.
+fn evidence(
+    shared: &Shared,
+    ctx: &Context,
+    history: &History,
+    p: &crate::config::Policy,
+    now: chrono::DateTime<Utc>,
+) -> Result<Evidence> {
+    let state = p
+        .wal
+        .enabled
+        .then(|| StreamState::load(&ctx.state().stream_state(&p.name)))
+        .flatten();
+    let status = shared
+        .streamers
+        .lock()
+        .ok()
+        .and_then(|s| s.get(&p.name).cloned());
+    let stale = StreamState::stale_after(p.wal.sync_interval);
+    let beat = state
+        .as_ref()
+        .and_then(|st| stream::beat_at(&ctx.state().stream_beat(st.pid)));
+    let mut targets = Vec::new();
+    for t in &p.targets {
+        let mut ok: Option<chrono::DateTime<Utc>> = None;
+        let mut bad: Option<crate::history::Run> = None;
+        for kind in ["full", "diff"] {
+            if let Some(r) = history.last(&p.name, t, kind, true)? {
+                ok = Some(ok.map_or(r.finished, |o| o.max(r.finished)));
             }
-            if let Some(b) = &bad
-                && ok.is_none_or(|o| b.finished > o)
+            if let Some(r) = history.last(&p.name, t, kind, false)?
+                && bad.as_ref().is_none_or(|b| r.finished > b.finished)
             {
-                out.push(Problem {
-                    policy: p.name.clone(),
-                    target: t.clone(),
-                    problem: "failing".into(),
-                    detail: b.error.clone().unwrap_or_default(),
-                });
-            } else if ok.is_none_or(|o| now - o > allowed) {
-                out.push(Problem {
-                    policy: p.name.clone(),
-                    target: t.clone(),
-                    problem: "overdue".into(),
-                    detail: match ok {
-                        Some(o) => format!("newest backup finished {}", o.to_rfc3339()),
-                        None => "no successful backup recorded".into(),
-                    },
-                });
+                bad = Some(r);
             }
         }
-        for t in &p.targets {
-            let ok = history.last(&p.name, t, "verify", true)?;
-            if let Some(bad) = history.last(&p.name, t, "verify", false)?
-                && ok.as_ref().is_none_or(|o| bad.finished > o.finished)
-            {
-                out.push(Problem {
-                    policy: p.name.clone(),
-                    target: t.clone(),
-                    problem: "verify_failed".into(),
-                    detail: bad.error.clone().unwrap_or_default(),
-                });
-            }
-        }
-        if p.wal.enabled {
-            let status = shared
-                .streamers
-                .lock()
-                .ok()
-                .and_then(|s| s.get(&p.name).cloned());
-            match status {
-                Some(s) if s.up(now) => {}
-                Some(s) => out.push(Problem {
-                    policy: p.name.clone(),
-                    target: "*".into(),
-                    problem: "streamer_down".into(),
-                    detail: match &s.error {
+        let failing = bad
+            .filter(|b| ok.is_none_or(|o| b.finished > o))
+            .map(|b| b.error.unwrap_or_default());
+        let verified = history.last(&p.name, t, "verify", true)?;
+        let verify_failed = history
+            .last(&p.name, t, "verify", false)?
+            .filter(|b| verified.as_ref().is_none_or(|o| b.finished > o.finished))
+            .map(|b| b.error.unwrap_or_default());
+        let shipped = state
+            .as_ref()
+            .and_then(|st| st.targets.get(t))
+            .and_then(|s| s.until);
+        let stream = p.wal.enabled.then(|| {
+            let (running, error) = match &status {
+                Some(s) if s.up(now) => (true, None),
+                Some(s) => (
+                    false,
+                    Some(match &s.error {
                         Some(e) if !s.running => format!(
                             "stopped {} s ago after {} restart(s): {e}",
                             (now - s.since).num_seconds(),
@@ -122,29 +121,34 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
                         ),
                         Some(e) => format!("restarted {} time(s), last error: {e}", s.restarts),
                         None => "not running".into(),
-                    },
-                }),
-                None => out.push(Problem {
-                    policy: p.name.clone(),
-                    target: "*".into(),
-                    problem: "streamer_down".into(),
-                    detail: "no streamer is running for this policy".into(),
-                }),
+                    }),
+                ),
+                None => (false, Some("no streamer is running for this policy".into())),
+            };
+            StreamEvidence {
+                running,
+                lag_seconds: state.as_ref().and_then(|st| st.lag(t, now, stale, beat)),
+                error,
+                spool_full: state.as_ref().is_some_and(|st| st.spool_full),
             }
-        }
-        if p.wal.enabled
-            && let Some(st) = StreamState::load(&ctx.state().stream_state(&p.name))
-            && st.spool_full
-        {
-            out.push(Problem {
-                policy: p.name.clone(),
-                target: "*".into(),
-                problem: "spool_full".into(),
-                detail: format!("{} bytes spooled of {}", st.spool_bytes, st.spool_max),
-            });
-        }
+        });
+        targets.push(TargetEvidence {
+            target: t.clone(),
+            unreachable: None,
+            newest_restorable: [ok, shipped].into_iter().flatten().max(),
+            damaged: Vec::new(),
+            hidden: Vec::new(),
+            failing,
+            verify_failed,
+            stream,
+        });
     }
-    Ok(out)
+    Ok(Evidence {
+        promise: Promise::of(p, now),
+        source: Vec::new(),
+        retired: false,
+        targets,
+    })
 }
 
 /// The Prometheus exposition (OpenMetrics text, through prometheus-client).

@@ -339,6 +339,10 @@ pub struct Stream {
     /// database is busy (idle databases hold one connection, not two).
     gate: Option<Gate>,
     wal_file: Option<(File, u64)>,
+    /// The database's page size when the stream opened: an empty segment
+    /// (a heartbeat, a final mark) needs one even when the WAL has no
+    /// header yet (an idle database whose log was checkpointed away).
+    page_size: u32,
     db_ino: u64,
     generation: String,
     cursor: Option<Cursor>,
@@ -421,6 +425,12 @@ impl Stream {
         let reader = pin::open(db)?;
         // The reader only pins: a small page cache is enough.
         let _ = reader.execute_batch("PRAGMA cache_size = -64");
+        let page_size: u32 = reader
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(|e| Error::Source {
+                path: db.to_path_buf(),
+                reason: format!("cannot read the page size: {e}"),
+            })?;
         let gate = Gate::open(db)?;
         let db_ino = std::fs::metadata(db)
             .map(|m| m.ino())
@@ -462,6 +472,7 @@ impl Stream {
             reader,
             gate: None,
             wal_file: None,
+            page_size,
             db_ino,
             generation: String::new(),
             cursor: continued.or(end),
@@ -649,7 +660,6 @@ impl Stream {
     /// `sync_interval`), then every [`HEARTBEAT`].
     fn mark_due(&self) -> bool {
         self.open.is_none()
-            && self.cursor.is_some()
             && ((!self.idle_marked
                 && self.last_commit_at.elapsed() >= self.policy.wal.sync_interval)
                 || self.last_heartbeat.elapsed() >= HEARTBEAT)
@@ -871,11 +881,21 @@ impl Stream {
     fn consume_at_most(&mut self, max_frames: u64) -> Result<(Option<Next>, bool)> {
         let p = pin::wal_path(&self.db);
         let read = |e| Error::io(format!("cannot read {}", p.display()), e);
+        let looked = Utc::now();
+        // A log without a header holds no commit: with nothing copied yet
+        // in this incarnation, the stream has seen everything until now
+        // (an idle database's heartbeats and final mark say so).
         let Some(f) = self.wal()? else {
+            if self.cursor.is_none() {
+                self.seen_until = looked;
+            }
             return Ok((None, false));
         };
         let f = f.try_clone().map_err(read)?;
         let Some(h) = wal::read_header(&f).map_err(read)? else {
+            if self.cursor.is_none() {
+                self.seen_until = looked;
+            }
             return Ok((None, false)); // truncated by a checkpoint: nothing to read yet
         };
         let same = self
@@ -905,7 +925,6 @@ impl Stream {
                 false,
             ));
         }
-        let looked = Utc::now();
         let (txns, more) = wal::scan_at_most(&f, &cur, max_frames).map_err(read)?;
         if more {
             return Ok((None, true));
@@ -1007,14 +1026,14 @@ impl Stream {
             let due = final_mark
                 || (!self.idle_marked && quiet)
                 || self.last_heartbeat.elapsed() >= HEARTBEAT;
-            match self.cursor {
-                Some(c) if due => {
-                    let first = self.seq() + 1;
-                    self.open =
-                        Some(self.new_segment(first, self.seen_until, c.header.page_size)?);
-                }
-                _ => return Ok(()),
+            if !due {
+                return Ok(());
             }
+            // Without a WAL header (nothing written since the log was
+            // emptied) the mark still says how far the stream watched.
+            let page_size = self.cursor.map_or(self.page_size, |c| c.header.page_size);
+            let first = self.seq() + 1;
+            self.open = Some(self.new_segment(first, self.seen_until, page_size)?);
         }
         let Some(open) = self.open.take() else {
             return Ok(());
