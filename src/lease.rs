@@ -207,6 +207,32 @@ impl<'s> Lease<'s> {
     }
 }
 
+/// Releases the lease of `policy` on `store` when this process holds it:
+/// at a shutdown that abandons a run still holding it, so the next writer
+/// (on this host or another) does not wait for it to expire. Returns
+/// whether a lease was released.
+pub fn release_if_ours(store: &dyn Storage, policy: &str) -> Result<bool> {
+    let key = key_of(policy);
+    let Some((bytes, etag)) = store.get_with_etag(&key)? else {
+        return Ok(false);
+    };
+    let Ok(mut r) = serde_json::from_slice::<Record>(&bytes) else {
+        return Ok(false);
+    };
+    if r.released || r.host != crate::lock::hostname() || r.pid != std::process::id() {
+        return Ok(false);
+    }
+    if store.protection() == crate::storage::Protection::AppendOnly {
+        r.expires = Utc::now() - Duration::seconds(1);
+        r.released = true;
+        let b = serde_json::to_vec(&r).map_err(|e| crate::error::Error::Other(e.to_string()))?;
+        store.put_conditional(&key, &b, &Condition::Match(etag))?;
+    } else {
+        store.delete(&key)?;
+    }
+    Ok(true)
+}
+
 impl Drop for Lease<'_> {
     fn drop(&mut self) {
         if self.released {

@@ -490,3 +490,51 @@ fn an_idle_stream_marks_how_far_it_watched_when_it_stops() {
     assert_eq!(r.code, 0, "{}\n{}", r.stderr, log(&env));
     assert_eq!(dump(&env.path("at.db")), dump(&env.db));
 }
+
+#[test]
+fn a_daemon_stopped_mid_backup_says_it_abandoned_the_run_and_releases_the_lease() {
+    let env = Env::new(&format!("{WAL}[schedule]\nfull = \"*/2 * * * * *\"\n"));
+    make_db(&env.db, true, 50, 500);
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+    let daemon = Reaped(Some(common::start_daemon(&env, &["--log-level", "debug"])));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon_log().contains("committed") {
+        assert!(Instant::now() < deadline, "no backup: {}", daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The application holds the write lock: the next full waits for it
+    // (to pin the WAL) while holding the policy's lease.
+    let app = rusqlite::Connection::open(&env.db).expect("open");
+    app.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(v) VALUES (x'00');")
+        .expect("lock");
+    std::thread::sleep(Duration::from_millis(3500));
+    let code = daemon.stop();
+    app.execute_batch("ROLLBACK").expect("release");
+    let text = daemon_log();
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("abandoned: the daemon stopped during the full run"),
+        "{text}"
+    );
+    assert!(
+        !env.path("backups/app/lease").exists(),
+        "the lease is left held: {text}"
+    );
+    // The history counts it as a failure: dr info shows it.
+    let j = env.dr(&["info", "--json"]).json();
+    let runs = &j["policies"][0]["targets"][0]["runs"];
+    let full = runs
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["type"] == "full"))
+        .unwrap_or_else(|| panic!("no full runs: {j}"));
+    assert!(
+        full["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("abandoned")),
+        "{full}"
+    );
+}

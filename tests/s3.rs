@@ -54,7 +54,15 @@ fn backup_and_restore_through_s3_byte_equal_across_several_parts() {
         .ok();
     assert!(v.stdout.starts_with("ok"), "{}", v.stdout);
     // backup-local does not touch the S3 target, and the other way round.
-    let info = env.dr(&["info", "--json"]).ok().json();
+    // With nothing on the local target the database is at risk there.
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("target 'local': never_backed_up"),
+        "{}",
+        r.stderr
+    );
+    let info = r.json();
     let targets = info["policies"][0]["targets"].as_array().expect("targets");
     assert_eq!(targets[0]["name"], "local");
     assert_eq!(targets[0]["backups"].as_array().map(|b| b.len()), Some(0));
@@ -201,7 +209,10 @@ fn the_server_dying_mid_upload_fails_cleanly_and_the_next_run_succeeds() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("target 's3'"), "{stderr}");
     server.restart();
-    let info = env.dr(&["info", "--json"]).ok().json();
+    // The failed backup left nothing restorable: at risk, exit 1.
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let info = r.json();
     assert_eq!(
         info["policies"][0]["targets"][1]["backups"]
             .as_array()
@@ -528,4 +539,44 @@ fn a_key_refused_mid_rotation_is_read_again_and_the_request_tried_once_more() {
     assert!(!log.contains(new_secret), "{log}");
     restore_s3(&env, "r.db").ok();
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
+}
+
+#[test]
+fn a_delete_marker_over_the_newest_backup_is_seen_and_removing_it_restores_it() {
+    let moto = common::s3::Moto::start();
+    moto.lock_tool(&["create", "markbucket"]);
+    let env = env_at(&moto.endpoint(), "[\"s3\"]", "", SECRET_KEY, "markbucket");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "object_lock = { mode = \"governance\", days = 1 }\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    make_db(&env.db, true, 20, 300);
+    env.full_backup("backup-s3");
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    make_db(&env.db, true, 20, 300);
+    let newest = env.full_backup("backup-s3");
+    let want = dump(&env.db);
+    // A plain delete of the newest backup's keys: the locked versions stay,
+    // hidden behind delete markers.
+    let marked = moto.lock_tool(&["mark", "markbucket", &format!("prod/app/backup/{newest}/")]);
+    assert!(marked.contains("manifest.json"), "{marked}");
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 3, "{}", r.stderr);
+    assert!(r.stderr.contains("hidden_by_delete_marker"), "{}", r.stderr);
+    assert!(r.stderr.contains(&newest), "{}", r.stderr);
+    let key = env.key_arg();
+    let v = env.dr(&["verify", "app", "--identity", &key]);
+    assert_eq!(v.code, 3, "{}", v.stderr);
+    let r = restore_s3(&env, "r.db");
+    assert_eq!(r.code, 3, "never the older backup as newest: {}", r.stderr);
+    assert!(r.stderr.contains("delete marker"), "{}", r.stderr);
+    assert!(!env.path("r.db").exists());
+    // The runbook: remove the markers; the locked versions are back.
+    moto.lock_tool(&[
+        "unmark",
+        "markbucket",
+        &format!("prod/app/backup/{newest}/"),
+    ]);
+    env.dr(&["info", "--json"]).ok();
+    restore_s3(&env, "r.db").ok();
+    assert_eq!(dump(&env.path("r.db")), want);
 }

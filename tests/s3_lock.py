@@ -5,6 +5,9 @@
   python3 s3_lock.py delete BUCKET KEY      deletes the current version by id;
                                             prints "deleted" or the error code
   python3 s3_lock.py list BUCKET PREFIX     prints the keys under PREFIX, a line each
+  python3 s3_lock.py mark BUCKET PREFIX     a plain DeleteObject (no version) of
+                                            each key under PREFIX: delete markers
+  python3 s3_lock.py unmark BUCKET PREFIX   removes the delete markers under PREFIX
 
 Endpoint and credentials come from S3_ENDPOINT, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (the same keys dr uses).
@@ -41,6 +44,16 @@ def main():
         out = s3.list_objects_v2(Bucket=bucket, Prefix=sys.argv[3])
         for o in out.get("Contents", []):
             print(o["Key"])
+    elif cmd == "mark":
+        out = s3.list_objects_v2(Bucket=bucket, Prefix=sys.argv[3])
+        for o in out.get("Contents", []):
+            s3.delete_object(Bucket=bucket, Key=o["Key"])
+            print(o["Key"])
+    elif cmd == "unmark":
+        out = s3.list_object_versions(Bucket=bucket, Prefix=sys.argv[3])
+        for m in out.get("DeleteMarkers", []):
+            s3.delete_object(Bucket=bucket, Key=m["Key"], VersionId=m["VersionId"])
+            print(m["Key"])
     else:
         sys.exit(f"unknown command {cmd}")
 

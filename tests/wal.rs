@@ -39,6 +39,21 @@ fn stop(mut child: Child) -> i32 {
     }
 }
 
+/// `dr info --json` once the streamer was stopped on purpose: the
+/// database is at risk for that reason alone (`streamer_down`, exit 1),
+/// or protected; any other reason fails the test.
+fn info_after_stop(env: &Env) -> serde_json::Value {
+    let r = env.dr(&["info", "--json"]);
+    let j = r.json();
+    for p in j["policies"].as_array().expect("policies") {
+        for reason in p["verdict"]["reasons"].as_array().expect("reasons") {
+            assert_eq!(reason["reason"], "streamer_down", "{}", r.stderr);
+        }
+    }
+    assert!(r.code == 0 || r.code == 1, "{}", r.stderr);
+    j
+}
+
 /// Runs the writer to completion.
 fn write(env: &Env, bursts: u32, rows: u32, gap_ms: u32, pad: u32, extra: &[&str]) {
     let st = Command::new("python3")
@@ -153,7 +168,7 @@ fn add_s3(env: &Env, endpoint: &str) {
 }
 
 fn generations(env: &Env, target: usize) -> usize {
-    let j = env.dr(&["info", "--json"]).ok().json();
+    let j = info_after_stop(env);
     j["policies"][0]["targets"][target]["wal"]["generations"]
         .as_array()
         .map_or(0, |g| g.len())
@@ -219,7 +234,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
     let last = chrono::DateTime::parse_from_rfc3339(&shipped_marks[2].0).expect("t");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let j = env.dr(&["info", "--json"]).ok().json();
+        let j = info_after_stop(&env);
         let end = j["policies"][0]["targets"][0]["wal"]["windows"][0]["end"]
             .as_str()
             .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok());
@@ -352,10 +367,7 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
 #[test]
 fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let port = common::s3::free_port();
-    let env = Env::new(&WAL_POLICY.replace(
-        "[wal]\n",
-        "[wal]\nspool_max = \"200KiB\"\nsegment_max = \"64KiB\"\n",
-    ));
+    let env = Env::new(&WAL_POLICY.replace("[wal]\n", "[wal]\nspool_max = \"200KiB\"\n"));
     add_s3(&env, &format!("http://127.0.0.1:{port}"));
     common::make_db(&env.db, true, 50, 1000);
     let dr = replicate(&env);
@@ -457,7 +469,7 @@ fn backups_taken_while_streaming_carry_a_wal_position_and_expire_trims_older_wal
     write(&env, 2, 40, 600, 2000, &[]);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(stop(dr), 0);
-    let j = env.dr(&["info", "--json"]).ok().json();
+    let j = info_after_stop(&env);
     let t = &j["policies"][0]["targets"][0];
     assert_eq!(t["backups"].as_array().map(|b| b.len()), Some(1), "{t}");
     let g = &t["wal"]["generations"][0];
@@ -788,7 +800,7 @@ fn a_long_stream_takes_diffs_so_a_restore_replays_a_bounded_amount_of_wal() {
     assert_eq!(stop(dr), 0);
     let log = std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default();
 
-    let j = env.dr(&["info", "--json"]).ok().json();
+    let j = info_after_stop(&env);
     let backups = j["policies"][0]["targets"][0]["backups"]
         .as_array()
         .cloned()

@@ -242,7 +242,8 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
             match config::load(config_path) {
                 Ok(new) => {
                     tracing::info!("configuration reloaded");
-                    sched.replace(jobs(&new, &history, Utc::now())?);
+                    let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
+                    sched.replace(jobs(&new, &history, Utc::now())?, &running, Utc::now());
                     let new = Context::new(new);
                     crate::audit::record(
                         crate::audit::Entry::new("config_reload")
@@ -305,6 +306,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     while workers.iter().any(|w| !w.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
+    abandon(&shared);
     server.unblock();
     if let Some(h) = shipper.take() {
         let _ = h.join();
@@ -315,6 +317,56 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         ops::audit_log::ship(&ctx);
     }
     Ok(())
+}
+
+/// The runs still going when the daemon stops are abandoned, and said to
+/// be: an error line naming each, a failed run in the history (so
+/// `/healthz`, `dr info` and the metrics count it), the failure
+/// notification, and the policy's lease released on each target.
+fn abandon(shared: &Shared) {
+    let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
+    let Ok(ctx) = shared.ctx.read().map(|c| c.clone()) else {
+        return;
+    };
+    for (name, kind) in running {
+        let Ok(policy) = ctx.cfg().policy(&name).cloned() else {
+            continue;
+        };
+        let why = format!(
+            "abandoned: the daemon stopped during the {} run of policy '{name}'; the backup it was writing has no manifest and is removed by expire",
+            kind.word()
+        );
+        tracing::error!(policy = %name, job = kind.word(), "{why}");
+        let log = RunLog::open(&ctx);
+        let mut failures = Vec::new();
+        for t in &policy.targets {
+            let Ok(target) = ctx.cfg().target(t) else {
+                continue;
+            };
+            log.record(
+                &policy,
+                target,
+                kind.word(),
+                Utc::now(),
+                &Err(Error::Other(why.clone())),
+            );
+            failures.push(fanout::Failure {
+                policy: name.clone(),
+                target: t.clone(),
+                error: Error::Other(why.clone()),
+            });
+            let members = ops::members::expand(&ctx, &policy, Scope::OnDisk)
+                .unwrap_or_else(|_| vec![policy.clone()]);
+            if let Ok(store) = ctx.storage(target) {
+                for m in &members {
+                    if let Err(e) = crate::lease::release_if_ours(store.as_ref(), &m.name) {
+                        tracing::warn!(policy = %m.name, target = %t, "could not release the lease: {e}");
+                    }
+                }
+            }
+        }
+        log.finish_all([&policy], kind.word(), &failures);
+    }
 }
 
 /// How often the daemon ships new audit lines to the targets.
@@ -340,8 +392,28 @@ impl Scheduler {
         }
     }
 
-    /// New schedules (a reload); what is queued stays queued.
-    pub fn replace(&mut self, jobs: Vec<Job>) {
+    /// New schedules (a reload); what is queued stays queued. A job whose
+    /// schedule did not change keeps its next time, and one whose policy is
+    /// running that very job now is not due again for it: a reload never
+    /// queues a duplicate of a run in progress.
+    pub fn replace(
+        &mut self,
+        jobs: Vec<Job>,
+        running: &HashMap<String, JobKind>,
+        now: DateTime<Utc>,
+    ) {
+        let mut jobs = jobs;
+        for j in &mut jobs {
+            let same = self
+                .jobs
+                .iter()
+                .find(|o| o.policy == j.policy && o.kind == j.kind && o.spec.text == j.spec.text);
+            if let Some(old) = same {
+                j.next = old.next;
+            } else if running.get(&j.policy) == Some(&j.kind) && j.next <= now {
+                j.next = j.spec.next_after(now).unwrap_or(j.next);
+            }
+        }
         self.jobs = jobs;
     }
 
@@ -399,6 +471,40 @@ mod tests {
             spec: CronSpec::parse(spec).expect("spec"),
             next,
         }
+    }
+
+    #[test]
+    fn a_reload_keeps_next_times_and_never_queues_the_run_in_progress_again() {
+        let t0 = DateTime::parse_from_rfc3339("2026-11-25T00:00:00Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let later = t0 + chrono::Duration::hours(1);
+        let mut s = Scheduler::new(vec![
+            job("app", JobKind::Full, "0 0 * * * *", later),
+            job("app", JobKind::Diff, "0 */5 * * * *", later),
+        ]);
+        let running: HashMap<String, JobKind> = [("app".to_string(), JobKind::Full)].into();
+        // A reload computes a full due now (its run has not succeeded yet)
+        // and changes the diff's schedule.
+        s.replace(
+            vec![
+                job("app", JobKind::Full, "0 0 * * * *", t0),
+                job("app", JobKind::Diff, "0 */10 * * * *", t0),
+            ],
+            &running,
+            t0,
+        );
+        assert_eq!(s.jobs[0].next, later, "unchanged schedule keeps its time");
+        assert_eq!(s.jobs[1].next, t0, "a changed schedule is computed anew");
+        let due = s.due(t0, &running);
+        assert!(due.is_empty(), "{due:?}");
+        assert_eq!(
+            s.queued
+                .get("app")
+                .map(|q| q.iter().copied().collect::<Vec<_>>()),
+            Some(vec![JobKind::Diff]),
+            "no second full behind the running one"
+        );
     }
 
     #[test]

@@ -63,6 +63,9 @@ pub struct TargetInfo {
     /// Why the target could not be read, if it could not.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Backups hidden by S3 delete markers (versioned or locked buckets).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hidden: Vec<String>,
     /// From the oldest to the newest instant a restore from this target
     /// reaches (a backup's own instant, or any instant of a WAL window).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -215,7 +218,7 @@ fn target_evidence(t: &TargetInfo) -> TargetEvidence {
         unreachable: t.error.clone(),
         newest_restorable: t.covered.map(|c| c.end),
         damaged,
-        hidden: Vec::new(),
+        hidden: t.hidden.clone(),
         failing,
         verify_failed,
         stream: t
@@ -294,6 +297,7 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
                     .map(|w| humantime::format_duration(w).to_string()),
                 wal: l.wal,
                 error: l.error,
+                hidden: l.hidden,
             });
         }
         let now = Utc::now();

@@ -21,6 +21,8 @@ pub struct Listing {
     pub wal: Option<WalInfo>,
     /// Why the target could not be read, if it could not.
     pub error: Option<String>,
+    /// Backups hidden by S3 delete markers, each with what is hidden.
+    pub hidden: Vec<String>,
 }
 
 /// The WAL of a policy on one target.
@@ -184,6 +186,11 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
     };
     let mut bases = Vec::new();
     let dirs = repo.dirs()?;
+    ti.hidden = repo
+        .hidden()?
+        .into_iter()
+        .map(|(l, names)| format!("backup {l}: {} hidden by a delete marker", names.join(", ")))
+        .collect();
     ti.incomplete = dirs
         .iter()
         .filter(|d| !d.has_manifest)

@@ -41,6 +41,49 @@ impl PolicyRepo<'_> {
         Ok(repo::group_backups(&prefix, &listing))
     }
 
+    /// Backups whose objects a delete marker hides on a versioned bucket
+    /// (their older versions still exist, maybe locked): by label, with
+    /// the hidden object names. A plain listing does not see them, so a
+    /// restore of "newest" would silently return an older state.
+    pub fn hidden(&self) -> Result<Vec<(Label, Vec<String>)>> {
+        let prefix = repo::backup_prefix(self.policy);
+        let mut by_label: std::collections::BTreeMap<Label, Vec<String>> = Default::default();
+        for key in self.storage.hidden(&prefix)? {
+            let Some((dir, name)) = key.strip_prefix(&prefix).and_then(|r| r.split_once('/'))
+            else {
+                continue;
+            };
+            if let Ok(label) = dir.parse::<Label>() {
+                by_label.entry(label).or_default().push(name.to_string());
+            }
+        }
+        Ok(by_label.into_iter().collect())
+    }
+
+    /// [`Self::hidden`] as an error naming each hidden backup and what to
+    /// do, or `None` when nothing is hidden.
+    pub fn hidden_error(&self) -> Result<Option<Error>> {
+        let hidden = self.hidden()?;
+        if hidden.is_empty() {
+            return Ok(None);
+        }
+        let list: Vec<String> = hidden
+            .iter()
+            .map(|(l, names)| format!("{l} ({})", names.join(", ")))
+            .collect();
+        Ok(Some(Error::Integrity {
+            object: format!(
+                "target '{}': policy '{}'",
+                self.storage.target(),
+                self.policy
+            ),
+            reason: format!(
+                "backup(s) hidden by S3 delete markers: {}. Their earlier versions still exist (under Object Lock they cannot be deleted): remove the delete markers (README: Restore from a version hidden by a delete marker), then run again",
+                list.join("; ")
+            ),
+        }))
+    }
+
     /// Reads and checks one manifest.
     pub fn manifest(&self, label: &Label) -> Result<Manifest> {
         let key = repo::object_key(self.policy, label, repo::MANIFEST);

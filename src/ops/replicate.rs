@@ -1273,14 +1273,22 @@ impl Inner {
 
 /// What a stream depends on: the policy, its targets, the keys and the
 /// state directory.
+///
+/// Only what a stream uses counts: a reload that changes a schedule, or
+/// adds the identity restores use, leaves running streams alone (a
+/// restart would leave an instant nobody watched).
 fn fingerprint(ctx: &Context, p: &Policy) -> String {
     let cfg = ctx.cfg();
     let targets: Vec<_> = p.targets.iter().map(|t| cfg.target(t).ok()).collect();
-    format!(
-        "{p:?}|{targets:?}|{:?}|{}",
-        cfg.encryption,
-        cfg.state_dir.display()
-    )
+    let keys = crate::keys::KeySettings {
+        identity_file: None,
+        ..cfg.encryption.clone()
+    };
+    let used = Policy {
+        schedule: crate::config::Schedule::default(),
+        ..p.clone()
+    };
+    format!("{used:?}|{targets:?}|{keys:?}|{}", cfg.state_dir.display())
 }
 
 /// A full backup of `generation` to one target, unless it has one. Its WAL

@@ -54,6 +54,10 @@ pub fn pick(repo: &PolicyRepo<'_>, label: Option<&str>) -> Result<Label> {
             }
         }
         None => {
+            // "Newest" is what the bucket holds, delete markers or not.
+            if let Some(e) = repo.hidden_error()? {
+                return Err(e);
+            }
             let dirs = repo.dirs()?;
             let Some(newest) = dirs.iter().rev().find(|d| d.has_manifest) else {
                 return Err(Error::NotFound(format!(

@@ -50,6 +50,11 @@ pub fn verify(
         policy: &policy.name,
     };
     let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
+    // A backup a delete marker hides is a backup the drill cannot see: it
+    // fails, naming it, rather than pass on an older one.
+    if let Some(e) = repo.hidden_error()? {
+        return Err(e);
+    }
     let newest = pick(&repo, opts.label.as_deref()).map_err(as_drill_failure)?;
     let mut problems: Vec<(String, Error)> = Vec::new();
     let mut note = |what: String, r: Result<()>| {

@@ -125,6 +125,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// Keys under `prefix` whose newest version is a delete marker while an
+    /// older version still exists (a versioned or Object-Locked bucket): a
+    /// plain listing hides them, yet they were written and may be locked.
+    /// Targets without versions hide nothing.
+    fn hidden(&self, prefix: &str) -> Result<Vec<String>> {
+        let _ = prefix;
+        Ok(Vec::new())
+    }
+
     /// Whether several hosts may write this target, so that a lease object is needed.
     fn shared(&self) -> bool {
         false

@@ -925,6 +925,56 @@ impl Storage for S3Storage {
         Ok(out)
     }
 
+    fn hidden(&self, prefix: &str) -> Result<Vec<String>> {
+        let inner = &self.inner;
+        let full_prefix = inner.full_key(prefix);
+        let strip = if inner.prefix.is_empty() {
+            0
+        } else {
+            inner.prefix.len() + 1
+        };
+        let mut marked = std::collections::BTreeSet::new();
+        let mut versioned = std::collections::BTreeSet::new();
+        let mut key_marker: Option<String> = None;
+        let mut version_marker: Option<String> = None;
+        loop {
+            let page = self
+                .rt
+                .block_on(inner.send(|| {
+                    inner
+                        .client
+                        .list_object_versions()
+                        .bucket(&inner.bucket)
+                        .prefix(&full_prefix)
+                        .set_key_marker(key_marker.clone())
+                        .set_version_id_marker(version_marker.clone())
+                        .send()
+                }))
+                .map_err(|e| inner.err("list versions of", prefix, &e))?;
+            for m in page.delete_markers() {
+                if m.is_latest().unwrap_or(false)
+                    && let Some(rel) = m.key().and_then(|k| k.get(strip..))
+                {
+                    marked.insert(rel.to_string());
+                }
+            }
+            for v in page.versions() {
+                if let Some(rel) = v.key().and_then(|k| k.get(strip..)) {
+                    versioned.insert(rel.to_string());
+                }
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                break;
+            }
+            key_marker = page.next_key_marker().map(str::to_string);
+            version_marker = page.next_version_id_marker().map(str::to_string);
+            if key_marker.is_none() {
+                break;
+            }
+        }
+        Ok(marked.intersection(&versioned).cloned().collect())
+    }
+
     fn delete(&self, key: &str) -> Result<()> {
         let inner = &self.inner;
         let full = inner.full_key(key);
