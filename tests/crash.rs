@@ -12,7 +12,7 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::faults::Rng;
@@ -26,16 +26,17 @@ fn iters() -> u64 {
         .unwrap_or(4)
 }
 
-fn spawn(config: &Path, args: &[&str]) -> Child {
-    Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(config)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dr")
+fn spawn(config: &Path, args: &[&str]) -> common::Proc {
+    common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("dr")
 }
 
 /// Runs dr to completion and returns how long it took.
@@ -262,15 +263,16 @@ fn restore_killed_at_random_moments_leaves_the_destination_whole() {
 
 const WAL_POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\nsegment_max = \"256KiB\"\n";
 
-fn writer(env: &Env, bursts: u32) -> Child {
-    Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py"))
-        .arg("write")
-        .arg(&env.db)
-        .arg(env.path("marks"))
-        .args([bursts, 30, 400, 1000].map(|n| n.to_string()))
-        .spawn()
-        .expect("python3 writer")
+fn writer(env: &Env, bursts: u32) -> common::Proc {
+    common::Proc::spawn(
+        Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py"))
+            .arg("write")
+            .arg(&env.db)
+            .arg(env.path("marks"))
+            .args([bursts, 30, 400, 1000].map(|n| n.to_string())),
+    )
+    .expect("python3 writer")
 }
 
 fn digest(db: &Path) -> String {

@@ -3,12 +3,12 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Env;
 
-fn start(env: &Env) -> Child {
+fn start(env: &Env) -> common::Proc {
     common::start_daemon(env, &[])
 }
 
@@ -80,7 +80,7 @@ fn diff_run(env: &Env) -> serde_json::Value {
         .unwrap_or_default()
 }
 
-fn sigterm_exits_zero_quickly(mut child: Child) {
+fn sigterm_exits_zero_quickly(mut child: common::Proc) {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();

@@ -6,7 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Env, dump, make_db};
@@ -25,7 +25,7 @@ fn fleet_env() -> Env {
     env
 }
 
-fn replicate(env: &Env) -> Child {
+fn replicate(env: &Env) -> common::Proc {
     common::spawn_replicate(env)
 }
 

@@ -5,42 +5,30 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{Env, dump, make_db};
 
 const WAL: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\nsegment_max = \"256KiB\"\n";
 
-/// Kills a child on drop: a failed assertion never leaves it running.
-struct Reaped(Option<Child>);
+/// A dr process in its own process group, killed with it on drop: a
+/// failed assertion never leaves it running.
+struct Reaped(common::Proc);
 
 impl Reaped {
     /// SIGTERM, then the exit code.
     fn stop(mut self) -> i32 {
-        let mut child = self.0.take().expect("child");
         let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.0.id().to_string()])
             .status();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Some(st) = child.try_wait().expect("wait") {
+            if let Some(st) = self.0.try_wait().expect("wait") {
                 return st.code().unwrap_or(-1);
             }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("dr replicate did not stop on SIGTERM");
-            }
+            assert!(Instant::now() < deadline, "dr did not stop on SIGTERM");
             std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
         }
     }
 }
@@ -87,7 +75,7 @@ fn a_database_given_through_a_symbolic_link_is_streamed_and_restores_every_commi
     make_db(&real, true, 20, 500);
     std::os::unix::fs::symlink(&real, env.path("link.db")).expect("link");
     env.write_policy("app", "link.db", WAL);
-    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    let dr = Reaped(common::spawn_replicate(&env));
     wait_for(&env, "the generation's base", 30, || {
         log(&env).contains("generation base committed")
     });
@@ -184,7 +172,7 @@ fn a_fleet_database_that_cannot_be_streamed_fails_replicate_and_is_at_risk() {
     let env = fleet_env(WAL);
     make_db(&env.path("tenants/good.db"), true, 10, 100);
     make_db(&env.path("tenants/journal.db"), false, 10, 100);
-    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    let dr = Reaped(common::spawn_replicate(&env));
     wait_for(
         &env,
         "the streamer to refuse the rollback-journal database",
@@ -236,7 +224,7 @@ fn a_spool_smaller_than_one_segment_is_refused() {
 fn two_generations(env: &Env) -> Vec<Vec<String>> {
     make_db(&env.db, true, 20, 400);
     for round in 0..2 {
-        let dr = Reaped(Some(common::spawn_replicate(env)));
+        let dr = Reaped(common::spawn_replicate(env));
         wait_for(env, "a generation's base", 30, || {
             log(env).contains("generation base committed")
         });
@@ -393,7 +381,7 @@ fn an_older_full_stored_under_a_newer_label_is_damaged_not_newest() {
 fn the_streamers_own_backups_are_audited_and_an_unwritable_log_stops_a_restore() {
     let env = Env::new(WAL);
     make_db(&env.db, true, 20, 200);
-    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    let dr = Reaped(common::spawn_replicate(&env));
     wait_for(&env, "the generation's base", 30, || {
         log(&env).contains("generation base committed")
     });
@@ -476,7 +464,7 @@ fn an_idle_stream_marks_how_far_it_watched_when_it_stops() {
     c.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .expect("checkpoint");
     drop(c);
-    let dr = Reaped(Some(common::spawn_replicate(&env)));
+    let dr = Reaped(common::spawn_replicate(&env));
     wait_for(&env, "the generation's base", 30, || {
         log(&env).contains("generation base committed")
     });
@@ -500,7 +488,7 @@ fn a_daemon_stopped_mid_backup_says_it_abandoned_the_run_and_releases_the_lease(
         + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
     std::fs::write(env.config(), cfg).expect("cfg");
     let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
-    let daemon = Reaped(Some(common::start_daemon(&env, &["--log-level", "debug"])));
+    let daemon = Reaped(common::start_daemon(&env, &["--log-level", "debug"]));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !daemon_log().contains("committed") {
         assert!(Instant::now() < deadline, "no backup: {}", daemon_log());
@@ -537,4 +525,94 @@ fn a_daemon_stopped_mid_backup_says_it_abandoned_the_run_and_releases_the_lease(
             .is_some_and(|e| e.contains("abandoned")),
         "{full}"
     );
+}
+
+#[test]
+fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
+    let env = Env::new("[schedule]\nfull = \"*/2 * * * * *\"\n");
+    make_db(&env.db, false, 20, 200);
+    // A second policy whose database is gone: its runs fail.
+    env.write_policy("lost", "lost.db", "[schedule]\nfull = \"*/2 * * * * *\"\n");
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let daemon = Reaped(common::start_daemon(&env, &[]));
+    let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+    // Wait until the daemon ran both: the history has a success and a failure.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Some((503, b)) = common::http_get(port, "/healthz")
+            && b.contains("\"lost\"")
+            && !b.contains("\"app\"")
+        {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "healthz never settled: {:?}\n{}",
+            common::http_get(port, "/healthz"),
+            daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let health: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+    let info = r.json();
+    let state = |n: &str| {
+        info["policies"]
+            .as_array()
+            .expect("policies")
+            .iter()
+            .find(|p| p["name"] == n)
+            .map(|p| p["verdict"].clone())
+            .expect("listed")
+    };
+    assert_eq!(state("app")["state"], "protected", "{info}");
+    assert_eq!(state("lost")["state"], "at_risk", "{info}");
+    // Every reason /healthz gives, dr info gives too.
+    let info_reasons: Vec<String> = state("lost")["reasons"]
+        .as_array()
+        .expect("reasons")
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
+        .collect();
+    for p in health["problems"].as_array().expect("problems") {
+        assert_eq!(p["policy"], "lost", "{body}");
+        let reason = p["problem"].as_str().unwrap_or_default().to_string();
+        assert!(
+            info_reasons.contains(&reason),
+            "{reason} not in {info_reasons:?}"
+        );
+    }
+    assert!(
+        info_reasons.contains(&"failing".to_string()),
+        "{info_reasons:?}"
+    );
+    drop(daemon);
+}
+
+#[test]
+fn an_empty_file_in_a_fleet_does_not_fail_the_others_and_an_unknown_db_is_not_found() {
+    let env = fleet_env("");
+    make_db(&env.path("tenants/a.db"), false, 10, 100);
+    std::fs::write(env.path("tenants/new.db"), b"").expect("empty");
+    let r = env.dr(&["backup-local", "tenants", "--json"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    // Once written, it is a database like the others.
+    make_db(&env.path("tenants/new.db"), false, 3, 100);
+    std::thread::sleep(Duration::from_millis(1100));
+    env.dr(&["backup-local", "tenants"]).ok();
+    let j = env.dr(&["info", "tenants", "--json"]).ok().json();
+    assert_eq!(j["policies"].as_array().map(Vec::len), Some(2), "{j}");
+    for cmd in ["expire", "verify", "info"] {
+        let r = env.dr(&[cmd, "tenants", "--db", "nosuch"]);
+        assert_eq!(r.code, 5, "{cmd}: {}", r.stderr);
+        assert!(
+            r.stderr.contains("no database 'nosuch'"),
+            "{cmd}: {}",
+            r.stderr
+        );
+    }
 }

@@ -9,7 +9,7 @@ use common::{Env, dump, make_db, sha256_file};
 
 /// A writer in a separate process: each transaction inserts the same id into
 /// two tables, so a torn snapshot shows up as tables that differ.
-fn start_writer(db: &std::path::Path, journal: &str) -> std::process::Child {
+fn start_writer(db: &std::path::Path, journal: &str) -> common::Proc {
     let script = format!(
         r#"
 import sqlite3, sys, time
@@ -28,13 +28,14 @@ while True:
     time.sleep(0.001)
 "#
     );
-    let mut child = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(db)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python3 writer");
+    let mut child = common::Proc::spawn(
+        Command::new("python3")
+            .arg("-c")
+            .arg(script)
+            .arg(db)
+            .stdout(Stdio::piped()),
+    )
+    .expect("python3 writer");
     let mut line = String::new();
     use std::io::BufRead;
     std::io::BufReader::new(child.stdout.take().expect("stdout"))

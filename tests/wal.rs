@@ -4,7 +4,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::Env;
@@ -17,12 +17,12 @@ fn writer_script() -> PathBuf {
 }
 
 /// Starts `dr replicate` in the background.
-fn replicate(env: &Env) -> Child {
+fn replicate(env: &Env) -> common::Proc {
     common::spawn_replicate(env)
 }
 
 /// SIGTERM, then the exit code.
-fn stop(mut child: Child) -> i32 {
+fn stop(mut child: common::Proc) -> i32 {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
@@ -367,7 +367,12 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
 #[test]
 fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let port = common::s3::free_port();
-    let env = Env::new(&WAL_POLICY.replace("[wal]\n", "[wal]\nspool_max = \"200KiB\"\n"));
+    // A spool of under a segment is refused: this one holds a few.
+    let env = Env::new(
+        &WAL_POLICY
+            .replace("[wal]\n", "[wal]\nspool_max = \"200KiB\"\n")
+            .replace("segment_max = \"256KiB\"", "segment_max = \"64KiB\""),
+    );
     add_s3(&env, &format!("http://127.0.0.1:{port}"));
     common::make_db(&env.db, true, 50, 1000);
     let dr = replicate(&env);
@@ -580,7 +585,7 @@ fn verify_reads_every_wal_segment_and_names_a_corrupt_one() {
 }
 
 /// Starts `dr daemon` in the background, logging to daemon.log.
-fn daemon(env: &Env) -> Child {
+fn daemon(env: &Env) -> common::Proc {
     common::start_daemon(env, &["--log-level", "debug"])
 }
 

@@ -88,9 +88,31 @@ pub fn one(ctx: &Context, name: &str, db: Option<&str>) -> Result<Policy> {
                     "'{db}' is not a database name: name the part of the file name the pattern's '*' matches"
                 )));
             }
-            Ok(p.member_policy(&db, f.path_of(&db)))
+            let path = f.path_of(&db);
+            if !path.exists() && !stored(ctx, p, &db) {
+                return Err(Error::NotFound(format!(
+                    "policy '{name}' has no database '{db}': no {} on disk and no target holds backups of it (`dr info {name}` lists its databases)",
+                    path.display()
+                )));
+            }
+            Ok(p.member_policy(&db, path))
         }
     }
+}
+
+/// Whether any target of fleet policy `p` holds objects of database `db`
+/// (a target that cannot be listed counts as holding it: the command
+/// then says what is wrong with the target itself).
+fn stored(ctx: &Context, p: &Policy, db: &str) -> bool {
+    let Ok(targets) = TargetFilter::All.select(ctx.cfg(), p) else {
+        return true;
+    };
+    let prefix = format!("{}/", fleet::member_name(&p.name, db));
+    targets.iter().any(|t| {
+        ctx.storage(t)
+            .and_then(|s| s.list(&prefix))
+            .map_or(true, |objs| !objs.is_empty())
+    })
 }
 
 /// A configured policy as the policies it stands for: itself, or its
@@ -144,12 +166,24 @@ pub fn expand(ctx: &Context, p: &Policy, scope: Scope) -> Result<Vec<Policy>> {
 
 /// A configured policy as the policies it stands for on disk now: itself,
 /// or one member per matching file (sorted by name).
+///
+/// An empty file (a database its application has not written yet) holds
+/// nothing to protect: it is left out until it has a header, so one new
+/// tenant never fails the fleet's backup, and the streamer picks it up
+/// when it is written.
 pub fn on_disk(p: &Policy) -> std::io::Result<Vec<Policy>> {
     match &p.fleet {
         None => Ok(vec![p.clone()]),
         Some(f) => Ok(f
             .scan()?
             .into_iter()
+            .filter(|(n, path)| {
+                let empty = std::fs::metadata(path).is_ok_and(|m| m.len() == 0);
+                if empty {
+                    tracing::debug!(policy = %p.name, db = %n, "empty: nothing to back up yet");
+                }
+                !empty
+            })
             .map(|(n, path)| p.member_policy(&n, path))
             .collect()),
     }

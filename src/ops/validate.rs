@@ -145,17 +145,41 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
     }
     for p in &cfg.policies {
         if let Some(fleet) = &p.fleet {
-            match fleet.scan() {
-                Ok(dbs) if dbs.is_empty() => f.warning(
-                    &p.file,
-                    "path",
-                    format!(
-                        "policy '{}': no database matches {} yet (each one that appears is backed up and streamed)",
-                        p.name,
-                        fleet.display()
-                    ),
-                ),
-                Ok(_) => {}
+            match fleet.scan_all() {
+                Ok(scan) => {
+                    for file in &scan.unnamed {
+                        f.error(
+                            &p.file,
+                            "path",
+                            format!(
+                                "policy '{}': {} matches {} but no database name stands for it (not UTF-8, or nothing where '*' is): it would not be backed up; rename it",
+                                p.name,
+                                file.display(),
+                                fleet.display()
+                            ),
+                        );
+                    }
+                    for (name, path) in &scan.members {
+                        if let Some(why) = unstreamable(p, path) {
+                            f.error(
+                                &p.file,
+                                "enabled",
+                                format!("policy '{}' database '{name}': {why}", p.name),
+                            );
+                        }
+                    }
+                    if scan.members.is_empty() && scan.unnamed.is_empty() {
+                        f.warning(
+                            &p.file,
+                            "path",
+                            format!(
+                                "policy '{}': no database matches {} yet (each one that appears is backed up and streamed)",
+                                p.name,
+                                fleet.display()
+                            ),
+                        );
+                    }
+                }
                 Err(e) => f.error(
                     &p.file,
                     "path",
@@ -171,7 +195,11 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
         }
         match &p.source {
             Source::Sqlite { path } => match std::fs::metadata(path) {
-                Ok(m) if m.is_file() => {}
+                Ok(m) if m.is_file() => {
+                    if let Some(why) = unstreamable(p, path) {
+                        f.error(&p.file, "enabled", format!("policy '{}': {why}", p.name));
+                    }
+                }
                 Ok(_) => f.error(
                     &p.file,
                     "path",
@@ -234,6 +262,21 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
         }
     }
     f.0
+}
+
+/// Why a database of a WAL-streamed policy cannot be streamed, read from
+/// its header (no connection is opened): it is not in WAL mode.
+fn unstreamable(p: &crate::config::Policy, path: &Path) -> Option<String> {
+    if !p.wal.enabled {
+        return None;
+    }
+    match crate::ops::verdict::header_says_wal(path) {
+        Ok(Some(false)) => Some(format!(
+            "{} is not in WAL mode, so [wal] cannot stream it: the application must run `PRAGMA journal_mode=WAL` once (it persists), or set [wal] enabled = false",
+            path.display()
+        )),
+        _ => None,
+    }
 }
 
 /// Whether `path` exists as a writable directory, or can be created: its

@@ -420,6 +420,15 @@ impl Inner {
     }
 }
 
+/// Whether a store answered that it cannot list object versions, or that
+/// these credentials may not: not a failure of the command.
+fn versions_unavailable<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+    matches!(
+        e.as_service_error().and_then(|s| s.code()),
+        Some("NotImplemented" | "AccessDenied" | "MethodNotAllowed" | "NotSupported")
+    )
+}
+
 /// Whether the store refused the credentials themselves (not what they may do).
 fn refused<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     matches!(
@@ -938,19 +947,29 @@ impl Storage for S3Storage {
         let mut key_marker: Option<String> = None;
         let mut version_marker: Option<String> = None;
         loop {
-            let page = self
-                .rt
-                .block_on(inner.send(|| {
-                    inner
-                        .client
-                        .list_object_versions()
-                        .bucket(&inner.bucket)
-                        .prefix(&full_prefix)
-                        .set_key_marker(key_marker.clone())
-                        .set_version_id_marker(version_marker.clone())
-                        .send()
-                }))
-                .map_err(|e| inner.err("list versions of", prefix, &e))?;
+            let page = match self.rt.block_on(inner.send(|| {
+                inner
+                    .client
+                    .list_object_versions()
+                    .bucket(&inner.bucket)
+                    .prefix(&full_prefix)
+                    .set_key_marker(key_marker.clone())
+                    .set_version_id_marker(version_marker.clone())
+                    .send()
+            })) {
+                Ok(page) => page,
+                // A store without versions (s3s-fs, some S3-compatible
+                // servers) or credentials without s3:ListBucketVersions:
+                // nothing can be hidden that dr could see. Said once.
+                Err(e) if versions_unavailable(&e) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        tracing::info!(target = %inner.name, "cannot list object versions here ({}): backups hidden by delete markers are not looked for", e.as_service_error().and_then(|s| s.code()).unwrap_or("refused"));
+                    });
+                    return Ok(Vec::new());
+                }
+                Err(e) => return Err(inner.err("list versions of", prefix, &e)),
+            };
             for m in page.delete_markers() {
                 if m.is_latest().unwrap_or(false)
                     && let Some(rel) = m.key().and_then(|k| k.get(strip..))

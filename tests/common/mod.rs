@@ -9,6 +9,52 @@ pub mod s3;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+/// A child process in a process group of its own, killed with its whole
+/// group (an nginx master's workers, a shell's children) when the guard is
+/// dropped: after a test that passed, and after a failed assertion or a
+/// panic alike. Derefs to the [`std::process::Child`].
+pub struct Proc(Option<std::process::Child>);
+
+impl Proc {
+    /// Spawns `cmd` as the leader of a new process group.
+    pub fn spawn(cmd: &mut Command) -> std::io::Result<Proc> {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0).spawn().map(|c| Proc(Some(c)))
+    }
+
+    /// SIGKILL to the whole group, then reaps the leader.
+    pub fn kill_group(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = Command::new("kill")
+                .args(["-KILL", "--", &format!("-{}", c.id())])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status();
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl std::ops::Deref for Proc {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("process already stopped")
+    }
+}
+
+impl std::ops::DerefMut for Proc {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        self.0.as_mut().expect("process already stopped")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill_group();
+    }
+}
+
 pub struct Env {
     pub dir: tempfile::TempDir,
     pub key: PathBuf,
@@ -297,23 +343,24 @@ impl Drop for Mount {
 
 /// Starts `dr daemon` for `env` in the background, appending its log to
 /// `daemon.log` in the env.
-pub fn start_daemon(env: &Env, args: &[&str]) -> std::process::Child {
-    Command::new(dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .arg("daemon")
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(env.path("daemon.log"))
-                .expect("log"),
-        )
-        .spawn()
-        .expect("start dr daemon")
+pub fn start_daemon(env: &Env, args: &[&str]) -> Proc {
+    Proc::spawn(
+        Command::new(dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .arg("daemon")
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(env.path("daemon.log"))
+                    .expect("log"),
+            ),
+    )
+    .expect("start dr daemon")
 }
 
 /// A plain HTTP GET on loopback: (status, body), or `None` when nothing answers.
@@ -335,14 +382,15 @@ pub fn http_get_with(port: u16, path: &str, headers: &str) -> Option<(u16, Strin
 }
 
 /// Starts `dr replicate` in the background, its log in `replicate.log`.
-pub fn spawn_replicate(env: &Env) -> std::process::Child {
-    Command::new(dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["replicate", "--log-level", "debug"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
-        .spawn()
-        .expect("start dr replicate")
+pub fn spawn_replicate(env: &Env) -> Proc {
+    Proc::spawn(
+        Command::new(dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["replicate", "--log-level", "debug"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(env.path("replicate.log")).expect("log")),
+    )
+    .expect("start dr replicate")
 }

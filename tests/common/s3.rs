@@ -2,7 +2,7 @@
 //! started and stopped by the test itself on a free loopback port.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const ACCESS_KEY: &str = "dr-test-access";
@@ -11,7 +11,7 @@ pub const SECRET_KEY: &str = "dr-test-secret-key-0123456789";
 pub struct S3Server {
     pub root: PathBuf,
     pub port: u16,
-    child: Option<Child>,
+    child: Option<super::Proc>,
     /// The access key and secret the server accepts.
     keys: (String, String),
 }
@@ -72,14 +72,15 @@ impl S3Server {
     }
 
     fn spawn(&mut self) {
-        let child = Command::new(s3s_fs())
-            .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
-            .args(["--access-key", &self.keys.0, "--secret-key", &self.keys.1])
-            .arg(&self.root)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start s3s-fs");
+        let child = super::Proc::spawn(
+            Command::new(s3s_fs())
+                .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
+                .args(["--access-key", &self.keys.0, "--secret-key", &self.keys.1])
+                .arg(&self.root)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("start s3s-fs (run scripts/install-test-deps)");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
@@ -95,8 +96,7 @@ impl S3Server {
     /// Stops the server abruptly (kill -9).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            c.kill_group();
         }
     }
 
@@ -140,7 +140,7 @@ pub fn target_toml(dir: &Path, name: &str, endpoint: &str, bucket: &str, secret:
 pub struct TlsProxy {
     pub port: u16,
     pub ca: PathBuf,
-    child: Child,
+    child: super::Proc,
 }
 
 impl TlsProxy {
@@ -192,15 +192,17 @@ impl TlsProxy {
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("conf");
-        let child = Command::new("nginx")
-            .arg("-c")
-            .arg(&conf_path)
-            .arg("-p")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nginx (scripts/install-test-deps installs nginx-light)");
+        // Its own process group: the workers go with the master.
+        let child = super::Proc::spawn(
+            Command::new("nginx")
+                .arg("-c")
+                .arg(&conf_path)
+                .arg("-p")
+                .arg(dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("nginx (scripts/install-test-deps installs nginx-light)");
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -223,8 +225,7 @@ impl TlsProxy {
 
 impl Drop for TlsProxy {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill_group();
     }
 }
 
@@ -250,18 +251,19 @@ pub fn env_at(
 /// moto's S3 server (plain HTTP), which enforces S3 Object Lock.
 pub struct Moto {
     pub port: u16,
-    child: Child,
+    child: super::Proc,
 }
 
 impl Moto {
     pub fn start() -> Moto {
         let port = free_port();
-        let child = Command::new("python3")
-            .args(["-m", "moto.server", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 -m moto.server (run scripts/install-test-deps)");
+        let child = super::Proc::spawn(
+            Command::new("python3")
+                .args(["-m", "moto.server", "-p", &port.to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        )
+        .expect("python3 -m moto.server (run scripts/install-test-deps)");
         let deadline = Instant::now() + Duration::from_secs(30);
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(
@@ -298,7 +300,6 @@ impl Moto {
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.child.kill_group();
     }
 }
