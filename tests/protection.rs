@@ -616,3 +616,64 @@ fn an_empty_file_in_a_fleet_does_not_fail_the_others_and_an_unknown_db_is_not_fo
         );
     }
 }
+
+#[test]
+fn a_reload_that_changes_nothing_a_stream_uses_leaves_it_running() {
+    let env = Env::new(WAL);
+    make_db(&env.db, true, 20, 200);
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), &cfg).expect("cfg");
+    let daemon = Reaped(common::start_daemon(&env, &[]));
+    let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !daemon_log().contains("generation base committed") {
+        assert!(Instant::now() < deadline, "no base: {}", daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The identity restores use, and a schedule: nothing the stream uses.
+    let with_identity = cfg.replace(
+        "[encryption]\n",
+        &format!("[encryption]\nidentity_file = \"{}\"\n", env.key_arg()),
+    );
+    std::fs::write(env.config(), with_identity).expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        format!("{text}[schedule]\nverify = \"0 3 * * *\"\n"),
+    )
+    .expect("policy");
+    let _ = Command::new("kill")
+        .args(["-HUP", &daemon.0.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon_log().contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "no reload: {}", daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A changed sync_interval is a setting the stream uses: it restarts.
+    std::thread::sleep(Duration::from_millis(1500));
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        text.replace("sync_interval = \"1s\"", "sync_interval = \"2s\""),
+    )
+    .expect("policy");
+    let _ = Command::new("kill")
+        .args(["-HUP", &daemon.0.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !daemon_log().contains("restarting the WAL streamer") {
+        assert!(Instant::now() < deadline, "no restart: {}", daemon_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = daemon_log();
+    assert_eq!(
+        log.matches("restarting the WAL streamer").count(),
+        1,
+        "only the sync_interval change restarts the stream: {log}"
+    );
+    assert_eq!(daemon.stop(), 0, "{}", daemon_log());
+}

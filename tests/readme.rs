@@ -24,6 +24,7 @@ fn the_readme_first_backup_runs_as_written() {
         std::env::var("PATH").unwrap_or_default()
     );
     let mut out_all = String::new();
+    let mut selected = None;
     for line in block.lines().filter(|l| !l.trim().is_empty()) {
         let out = std::process::Command::new("bash")
             .args(["-euo", "pipefail", "-c", line])
@@ -39,8 +40,22 @@ fn the_readme_first_backup_runs_as_written() {
         );
         out_all.push_str(&text);
         assert!(out.status.success(), "{out_all}");
+        if line.starts_with("sqlite3 restored.db") {
+            selected = Some(String::from_utf8_lossy(&out.stdout).into_owned());
+        }
     }
-    assert!(out_all.contains("hello"), "the restored row: {out_all}");
+    // What the README's reader sees: the row, read from the restored file
+    // alone (not from an echo of the command that wrote it).
+    assert_eq!(
+        selected.as_deref(),
+        Some("hello\n"),
+        "the restored row: {out_all}"
+    );
+    assert_eq!(
+        common::dump(&dir.path().join("restored.db")),
+        common::dump(&dir.path().join("app.db")),
+        "the restored database equals the source"
+    );
     // dr init never overwrites what exists.
     let again = std::process::Command::new(common::dr_bin())
         .args(["init", "--db", "app.db", "--target", "backups"])
