@@ -26,6 +26,61 @@ pub fn manifest(data: &[u8]) {
     }
 }
 
+/// A manifest *body* in a valid envelope (its sha256 recomputed, as any
+/// writer to the bucket could): what the checksum would stop is parsed,
+/// and a manifest judged intact against a listing that matches it in every
+/// way a listing can must agree with itself: its label, type and parent,
+/// dr's own object names, SQLite's page limits.
+pub fn manifest_body(data: &[u8]) {
+    use sha2::Digest;
+    let Ok(body) = std::str::from_utf8(data) else {
+        return;
+    };
+    let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+    let env = format!("{{\"manifest\": {body},\n\"sha256\": \"{sum}\"}}\n");
+    let Ok(m) = Manifest::from_bytes(env.as_bytes()) else {
+        return;
+    };
+    let dir = crate::repo::BackupDir {
+        label: m.label.clone(),
+        keys: Vec::new(),
+        sizes: m
+            .objects
+            .iter()
+            .map(|(n, d)| (n.clone(), d.stored_size))
+            .collect(),
+        has_manifest: true,
+        modified: m.timestamp_stop,
+    };
+    if crate::repo::catalog::check_intact(&dir, &m).is_ok() {
+        assert_eq!(m.kind, m.label.kind(), "type agrees with the label");
+        match m.kind {
+            crate::repo::BackupType::Full => assert!(m.parent.is_none(), "a full has no parent"),
+            crate::repo::BackupType::Diff => {
+                assert_eq!(
+                    m.parent.as_ref(),
+                    Some(&m.label.full_label()),
+                    "a diff's parent is its full"
+                );
+                assert_ne!(m.parent.as_ref(), Some(&m.label), "never its own parent");
+            }
+        }
+        assert!(
+            m.objects
+                .keys()
+                .all(|n| n == crate::repo::DATA || n == crate::repo::PAGES),
+            "only dr's own object names"
+        );
+        if m.source_kind == "sqlite" {
+            assert!(m.page_size.is_power_of_two() && (512..=65536).contains(&m.page_size));
+        }
+        assert!(
+            m.timestamp_start >= m.label.time(),
+            "no snapshot before its label"
+        );
+    }
+}
+
 /// A backup label and a WAL segment name.
 pub fn names(data: &[u8]) {
     let Ok(s) = std::str::from_utf8(data) else {

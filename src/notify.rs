@@ -19,7 +19,8 @@ use crate::config::Notify;
 /// The webhook's body.
 #[derive(Debug, Clone, Serialize)]
 pub struct Event<'a> {
-    /// `start`, `success` or `failure`.
+    /// `start`, `success` or `failure` of a run; `at_risk` or `protected`
+    /// when a database's protection verdict changes (job `protection`).
     pub event: &'a str,
     pub policy: &'a str,
     pub job: &'a str,

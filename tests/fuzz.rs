@@ -162,7 +162,25 @@ fn real_backup() -> (tempfile::TempDir, Vec<u8>, Vec<u8>, Vec<u8>) {
 #[test]
 fn manifests_and_labels() {
     let (_dir, manifest, _, _) = real_backup();
-    fuzz("manifest", 1, iters(), vec![manifest], dr::fuzz::manifest);
+    fuzz(
+        "manifest",
+        1,
+        iters(),
+        vec![manifest.clone()],
+        dr::fuzz::manifest,
+    );
+    // The body under a recomputed envelope: the parser and the intact
+    // checks behind the checksum are reached, not just the checksum.
+    let text = String::from_utf8(manifest).expect("utf8");
+    let start = text[1..].find('{').expect("body") + 1;
+    let end = text.rfind(",\n\"sha256\"").expect("sum");
+    fuzz(
+        "manifest_body",
+        5,
+        iters(),
+        vec![text.as_bytes()[start..end].to_vec()],
+        dr::fuzz::manifest_body,
+    );
     fuzz(
         "names",
         2,

@@ -534,8 +534,11 @@ fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
     // A second policy whose database is gone: its runs fail.
     env.write_policy("lost", "lost.db", "[schedule]\nfull = \"*/2 * * * * *\"\n");
     let port = common::s3::free_port();
+    let (hook_port, hooks) = common::http_sink();
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + &format!(
+            "[daemon]\nlisten = \"127.0.0.1:{port}\"\n[notify]\nwebhook_url = \"http://127.0.0.1:{hook_port}/hook\"\n"
+        );
     std::fs::write(env.config(), cfg).expect("cfg");
     let daemon = Reaped(common::start_daemon(&env, &[]));
     let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
@@ -590,6 +593,25 @@ fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
         info_reasons.contains(&"failing".to_string()),
         "{info_reasons:?}"
     );
+    // The notification says the same: an at_risk event for 'lost', as JSON.
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let event = loop {
+        let found = hooks.lock().expect("hooks").iter().find_map(|req| {
+            let body = req.split("\r\n\r\n").nth(1)?;
+            let j: serde_json::Value = serde_json::from_str(body).ok()?;
+            (j["event"] == "at_risk" && j["policy"] == "lost").then_some(j)
+        });
+        if let Some(j) = found {
+            break j;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no at_risk notification: {:?}",
+            hooks.lock().expect("hooks")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(event["job"], "protection", "{event}");
     drop(daemon);
 }
 
@@ -676,4 +698,36 @@ fn a_reload_that_changes_nothing_a_stream_uses_leaves_it_running() {
         "only the sync_interval change restarts the stream: {log}"
     );
     assert_eq!(daemon.stop(), 0, "{}", daemon_log());
+}
+
+#[test]
+fn a_fleet_whose_directory_is_a_link_streams_every_database_through_it() {
+    let env = Env::new("");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");
+    std::fs::create_dir_all(env.path("volume/tenants")).expect("dir");
+    std::os::unix::fs::symlink(env.path("volume/tenants"), env.path("tenants")).expect("link");
+    env.write_policy("tenants", "tenants/*.db", WAL);
+    let real = env.path("volume/tenants/alice.db");
+    make_db(&real, true, 20, 300);
+    let dr = Reaped(common::spawn_replicate(&env));
+    wait_for(&env, "alice's base", 30, || {
+        log(&env).contains("generation base committed")
+    });
+    commit_rows(&env.path("tenants/alice.db"), 0, 150);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(dr.stop(), 0, "{}", log(&env));
+    let to = env.path("out.db");
+    let r = env.dr(&[
+        "restore-local",
+        "tenants",
+        "--db",
+        "alice",
+        "--to",
+        &to.display().to_string(),
+        "--identity",
+        &env.key_arg(),
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&to).len(), 170);
+    assert_eq!(dump(&to), dump(&real));
 }

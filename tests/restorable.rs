@@ -252,7 +252,8 @@ fn retention_diff_zero_and_other_settings_that_lose_data_are_config_errors() {
 #[test]
 fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
     let env = Env::new("");
-    make_db(&env.db, true, 200, 300);
+    // Large enough that a backup lasts a while: the two runs of a pair overlap.
+    make_db(&env.db, true, 20_000, 1000);
     // A second config: same target and policies, its own state_dir.
     let text = std::fs::read_to_string(env.config()).expect("config");
     let other = env.path("other.toml");
@@ -262,6 +263,7 @@ fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
     )
     .expect("other");
     let mut ok = 0;
+    let mut refused = 0;
     for _ in 0..8 {
         let spawn = |cfg: &std::path::Path| {
             Command::new(common::dr_bin())
@@ -284,7 +286,10 @@ fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
             let err = String::from_utf8_lossy(&out.stderr);
             match code {
                 0 => ok += 1,
-                4 => assert!(err.contains("leased by"), "{err}"),
+                4 => {
+                    assert!(err.contains("leased by"), "{err}");
+                    refused += 1;
+                }
                 _ => panic!("exit {code}: {err}"),
             }
         }
@@ -299,6 +304,28 @@ fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
         .len();
     assert_eq!(n, ok, "one committed backup per successful run");
     assert!(ok >= 8, "at least one of each pair gets through");
+    // Exclusion shown, not assumed: runs started together were refused,
+    // and no two committed backups were ever written at the same time.
+    assert!(
+        refused >= 1,
+        "no run was ever refused: the lease was never tested"
+    );
+    let j = r.json();
+    let mut spans: Vec<(String, String)> = j["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| {
+            (
+                b["timestamp_start"].as_str().expect("start").to_string(),
+                b["timestamp_stop"].as_str().expect("stop").to_string(),
+            )
+        })
+        .collect();
+    spans.sort();
+    for w in spans.windows(2) {
+        assert!(w[0].1 <= w[1].0, "two backups were written at once: {w:?}");
+    }
 }
 
 #[test]

@@ -86,6 +86,9 @@ fn live_writer_round_trip(journal: &str) {
         n > 0 && n <= before_stop,
         "restored {n} rows, source had {before_stop} after the backup"
     );
+    // The writer only appends: the restore holds exactly the source's first
+    // n rows of each table, blobs included, and all of `t`.
+    same_prefix(&env.path("restored-diff.db"), &env.db, n);
     let full_label = full[0]["label"].as_str().expect("label");
     env.restore("restored-full.db", &["--backup", full_label])
         .ok();
@@ -93,6 +96,36 @@ fn live_writer_round_trip(journal: &str) {
     assert!(
         m < n,
         "the diff carries the writes made after the full ({m} vs {n})"
+    );
+    same_prefix(&env.path("restored-full.db"), &env.db, m);
+}
+
+/// Rows of `table` with id <= `n`, in order.
+fn rows(path: &std::path::Path, table: &str, n: i64) -> Vec<(i64, Vec<u8>)> {
+    let c = rusqlite::Connection::open(path).expect("open");
+    let mut st = c
+        .prepare(&format!(
+            "SELECT id, v FROM {table} WHERE id <= ?1 ORDER BY id"
+        ))
+        .expect("prepare");
+    st.query_map([n], |r| Ok((r.get(0)?, r.get(1)?)))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows")
+}
+
+fn same_prefix(restored: &std::path::Path, source: &std::path::Path, n: i64) {
+    for table in ["a", "b"] {
+        let got = rows(restored, table, i64::MAX);
+        assert_eq!(got.len() as i64, n, "{table}");
+        assert!(
+            got == rows(source, table, n),
+            "{table}: the restored rows differ from the source's first {n}"
+        );
+    }
+    assert!(
+        rows(restored, "t", i64::MAX) == rows(source, "t", i64::MAX),
+        "t differs"
     );
 }
 
@@ -160,9 +193,21 @@ fn restore_never_overwrites_without_force_and_replaces_wal_with_it() {
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(r.stderr.contains("--force"), "{}", r.stderr);
     assert_eq!(sha256_file(&target), before, "existing database untouched");
+    // The old database's -wal and -shm stay behind when its application
+    // goes (a crash): their frames must never land on the restored file.
+    let side = |s: &str| std::path::PathBuf::from(format!("{}{s}", target.display()));
+    let wal = std::fs::read(side("-wal")).expect("-wal");
+    let shm = std::fs::read(side("-shm")).expect("-shm");
+    assert!(!wal.is_empty());
     drop(keep);
-    make_db(&target, true, 0, 0);
+    std::fs::write(side("-wal"), &wal).expect("stale -wal");
+    std::fs::write(side("-shm"), &shm).expect("stale -shm");
     env.restore("existing.db", &["--force"]).ok();
+    assert_ne!(
+        std::fs::read(side("-wal")).ok().as_deref(),
+        Some(&wal[..]),
+        "the stale -wal is gone"
+    );
     assert_eq!(dump(&target), dump(&env.db));
 }
 

@@ -1148,3 +1148,60 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
         common::files_under(&env.path("backups"))
     );
 }
+
+#[test]
+fn expire_after_a_passphrase_rotation_keeps_every_instant_the_new_generation_restores() {
+    let env = Env::new(&format!("{WAL_POLICY}[retention]\nfull = 1\n"));
+    let pass = env.path("pass.txt");
+    env.use_passphrase(&pass, "first-rotation-passphrase\n", 0o600);
+    common::make_db(&env.db, true, 50, 500);
+    with_listen(&env);
+    let d = daemon(&env);
+    wait_streaming(&env);
+    write(&env, 2, 20, 600, 500, &[]);
+    let before = marks(&env).len();
+    common::replace_private_file(&pass, "second-rotation-passphrase\n");
+    wait_until(
+        "a new generation under the new passphrase",
+        30,
+        &env,
+        || {
+            write(&env, 1, 10, 100, 500, &[]);
+            generations(&env, 0) == 2 && backup_count(&env) == 2
+        },
+    );
+    write(&env, 3, 20, 600, 500, &[]);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(stop(d), 0);
+    let restore = |at: &str| {
+        let to = env.path("at.db").display().to_string();
+        env.dr(&["restore-local", "app", "--to", &to, "--at", at, "--force"])
+    };
+    // What the new generation restores before expire...
+    let after: Vec<(String, u32, String)> = marks(&env).into_iter().skip(before).collect();
+    let mut restorable = Vec::new();
+    for (at, burst, want) in &after {
+        let r = restore(at);
+        if r.code == 0 {
+            assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}");
+            restorable.push((at.clone(), *burst, want.clone()));
+        }
+    }
+    assert!(
+        restorable.len() >= after.len() / 2,
+        "most instants after the rotation restore: {} of {}",
+        restorable.len(),
+        after.len()
+    );
+    // ...it still restores after expire keeps one full.
+    env.dr(&["expire", "app"]).ok();
+    for (at, burst, want) in &restorable {
+        let r = restore(at);
+        assert_eq!(
+            r.code, 0,
+            "burst {burst} at {at} no longer restores: {}",
+            r.stderr
+        );
+        assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}");
+    }
+}

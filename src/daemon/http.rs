@@ -251,6 +251,11 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         "dr_wal_streamer_restarts",
         "Times the WAL streamer stopped on an error and was restarted",
     );
+    let protected = gauge(
+        &mut reg,
+        "dr_protected",
+        "1 while the database is protected, 0 while it is at risk (the verdict of dr info and /healthz)",
+    );
     let streamers = shared
         .streamers
         .lock()
@@ -265,6 +270,14 @@ pub fn metrics(shared: &Shared) -> Result<String> {
     let ts = |t: chrono::DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
     for p in &super::policies_now(cfg) {
         let name = p.name.as_str();
+        let verdict = verdict::judge(&evidence(shared, &ctx, &history, p, now)?, now);
+        protected.get_or_create(&l(&[("policy", name)])).set(
+            if verdict.state == verdict::State::Protected {
+                1.0
+            } else {
+                0.0
+            },
+        );
         let mut failed = 0;
         for t in &p.targets {
             for kind in ["full", "diff"] {

@@ -237,7 +237,23 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut shipper: Option<std::thread::JoinHandle<()>> = None;
     let mut last_ship = Instant::now();
+    let mut watcher: Option<std::thread::JoinHandle<()>> = None;
+    // The first look comes once the first jobs have had a moment to run.
+    let mut last_watch = Instant::now()
+        .checked_sub(VERDICT_CHECK - Duration::from_secs(5))
+        .unwrap_or_else(Instant::now);
+    let at_risk: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
     while !stop.load(Ordering::SeqCst) {
+        // The protection verdict, every VERDICT_CHECK: a database that
+        // becomes at risk (or protected again) is notified once.
+        if last_watch.elapsed() >= VERDICT_CHECK && watcher.as_ref().is_none_or(|h| h.is_finished())
+        {
+            last_watch = Instant::now();
+            let (shared, at_risk) = (shared.clone(), at_risk.clone());
+            watcher = Some(std::thread::spawn(move || {
+                notify_verdicts(&shared, &at_risk)
+            }));
+        }
         if hup.swap(false, Ordering::SeqCst) {
             match config::load(config_path) {
                 Ok(new) => {
@@ -367,6 +383,75 @@ fn abandon(shared: &Shared) {
         }
         log.finish_all([&policy], kind.word(), &failures);
     }
+}
+
+/// How often the daemon looks at the protection verdict of every database.
+const VERDICT_CHECK: Duration = Duration::from_secs(30);
+
+/// Sends the `at_risk` and `protected` webhook events for the databases
+/// whose verdict changed since the last look (`known`: at-risk databases
+/// and their reasons), and logs each change.
+fn notify_verdicts(shared: &Shared, known: &Mutex<BTreeMap<String, String>>) {
+    let problems = match http::problems(shared) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!("cannot judge the protection of the databases: {e}");
+            return;
+        }
+    };
+    let mut now: BTreeMap<String, String> = BTreeMap::new();
+    for p in problems {
+        let line = format!("{} (target {}): {}", p.problem, p.target, p.detail);
+        now.entry(p.policy)
+            .and_modify(|d| {
+                d.push_str("; ");
+                d.push_str(&line);
+            })
+            .or_insert(line);
+    }
+    let Ok(ctx) = shared.ctx.read().map(|c| c.clone()) else {
+        return;
+    };
+    let Ok(mut known) = known.lock() else { return };
+    let time = Utc::now().to_rfc3339();
+    for (policy, why) in &now {
+        if known.contains_key(policy) {
+            continue;
+        }
+        tracing::error!(policy = %policy, "at risk: {why}");
+        if let Ok(p) = ctx.cfg().policy(policy.split('/').next().unwrap_or(policy)) {
+            crate::notify::webhook(
+                ctx.cfg().notify_for(p),
+                &crate::notify::Event {
+                    event: "at_risk",
+                    policy,
+                    job: "protection",
+                    target: None,
+                    label: None,
+                    error: Some(why),
+                    time: time.clone(),
+                },
+            );
+        }
+    }
+    for policy in known.keys().filter(|p| !now.contains_key(*p)) {
+        tracing::info!(policy = %policy, "protected again");
+        if let Ok(p) = ctx.cfg().policy(policy.split('/').next().unwrap_or(policy)) {
+            crate::notify::webhook(
+                ctx.cfg().notify_for(p),
+                &crate::notify::Event {
+                    event: "protected",
+                    policy,
+                    job: "protection",
+                    target: None,
+                    label: None,
+                    error: None,
+                    time: time.clone(),
+                },
+            );
+        }
+    }
+    *known = now;
 }
 
 /// How often the daemon ships new audit lines to the targets.

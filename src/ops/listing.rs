@@ -198,7 +198,13 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
         .collect();
     for c in repo.committed_of(&dirs) {
         let label = c.dir.label.to_string();
-        match c.manifest {
+        // A manifest that could not be read (the network, the store) says
+        // nothing of the backup: the target is unreadable, not damaged.
+        let manifest = match c.manifest {
+            Err(e) if e.exit_code() == 1 => return Err(e),
+            other => other,
+        };
+        match manifest {
             Ok(m) => ti.backups.push({
                 bases.extend(super::wal_base(&m));
                 BackupInfo {

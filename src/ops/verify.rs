@@ -74,6 +74,11 @@ pub fn verify(
             continue;
         }
         match &c.manifest {
+            // A manifest the network cut off is not a damaged backup: the
+            // target could not be read (exit 1), as for any other read.
+            Err(e) if e.exit_code() == 1 => {
+                note(format!("backup {label}"), Err(Error::Other(e.to_string())))
+            }
             Err(e) => note(
                 format!("backup {label}"),
                 Err(Error::VerifyFailed(e.to_string())),

@@ -122,6 +122,29 @@ pub fn check_intact(dir: &BackupDir, m: &Manifest) -> Result<(), String> {
     if !m.objects.contains_key(super::DATA) {
         return Err("the manifest lists no data object".into());
     }
+    // Only dr's own object names: a name with a path in it would make a
+    // restore read (and expire remove) what is not this backup's.
+    if let Some(name) = m
+        .objects
+        .keys()
+        .find(|n| ![super::DATA, super::PAGES].contains(&n.as_str()))
+    {
+        return Err(format!(
+            "the manifest lists an object dr never writes: {name:?}"
+        ));
+    }
+    // SQLite's limits: a restore never sizes a file from an absurd header.
+    if m.source_kind == "sqlite" {
+        if !(512..=65536).contains(&m.page_size) || !m.page_size.is_power_of_two() {
+            return Err(format!("page size {} is not one SQLite uses", m.page_size));
+        }
+        if m.page_count > u64::from(u32::MAX - 1) || m.pages_stored > m.page_count {
+            return Err(format!(
+                "{} pages ({} stored) is beyond what SQLite holds",
+                m.page_count, m.pages_stored
+            ));
+        }
+    }
     for (name, digest) in &m.objects {
         match dir.sizes.get(name) {
             None => return Err(format!("object {name} is missing")),

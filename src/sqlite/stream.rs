@@ -572,7 +572,16 @@ impl Stream {
             self.keys = keys;
         }
         if let Some(n) = self.replaced()? {
+            // The old file's generation ends as a stop ends it: what its
+            // WAL still holds is read (through the handle kept open: the
+            // path may name the new file's log already), sealed, and a final
+            // mark says how far it was watched, so its window reaches the
+            // swap instead of its last segment.
+            if self.wal_file.is_some() && matches!(self.consume(), Ok(None)) {
+                tracing::debug!(policy = %self.policy.name, "read the replaced file's last commits");
+            }
             self.seal()?;
+            self.seal_as(true)?;
             return Ok(Some(n));
         }
         let was_full = self.full_warned.is_some();

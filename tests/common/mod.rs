@@ -394,3 +394,43 @@ pub fn spawn_replicate(env: &Env) -> Proc {
     )
     .expect("start dr replicate")
 }
+
+/// An HTTP server on loopback that answers 200 to everything and keeps
+/// each request whole (request line, headers, body), so a test can assert
+/// what a notification said, not only that one came.
+pub fn http_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = l.local_addr().expect("addr").port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let mut r = BufReader::new(&s);
+            let mut text = String::new();
+            let mut len = 0usize;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+                let end = line == "\r\n";
+                text.push_str(&line);
+                if end {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            let _ = r.read_exact(&mut body);
+            text.push_str(&String::from_utf8_lossy(&body));
+            log.lock().expect("lock").push(text);
+            let _ = (&s)
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK");
+        }
+    });
+    (port, seen)
+}
