@@ -401,7 +401,8 @@ fn the_systemd_unit_is_hardened_and_does_not_restart_a_bad_config() {
         .and_then(|s| s.split_whitespace().next())
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
-    assert!(level <= 4.0, "exposure {level}:\n{report}");
+    // What the README promises (deploy/dr.service).
+    assert!(level <= 2.8, "exposure {level}:\n{report}");
 }
 
 #[test]

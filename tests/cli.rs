@@ -136,7 +136,7 @@ fn restores_verifies_expiries_and_refusals_are_in_the_audit_log_and_no_secret_is
     env.dr(&["restore-local", "app", "--to", &to]).ok();
     // A restore over an existing file without --force is refused.
     let refused = env.dr(&["restore-local", "app", "--to", &to]);
-    assert_ne!(refused.code, 0);
+    assert_eq!(refused.code, 6, "{}", refused.stderr);
     env.dr(&["verify", "app"]).ok();
 
     let lines: Vec<serde_json::Value> = env

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -34,26 +33,14 @@ fn wait_in(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 }
 
 /// A loopback HTTP server that records the request lines it receives.
+/// Every request whole (request line, headers, body): see `common::http_sink`.
 fn ping_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = l.local_addr().expect("addr").port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let log = seen.clone();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            let mut s = s;
-            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-            let mut buf = [0u8; 8192];
-            let n = s.read(&mut buf).unwrap_or(0);
-            let text = String::from_utf8_lossy(&buf[..n]).to_string();
-            if let Some(first) = text.lines().next() {
-                log.lock().expect("lock").push(first.to_string());
-            }
-            let _ =
-                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nOK");
-        }
-    });
-    (port, seen)
+    common::http_sink()
+}
+
+/// The body of a request `common::http_sink` kept.
+fn body(request: &str) -> &str {
+    request.split("\r\n\r\n").nth(1).unwrap_or("")
 }
 
 fn backups(env: &Env) -> usize {
@@ -171,6 +158,46 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
             "no {want:?} in {seen:?}"
         );
     }
+    // What they said: the failure names the policy and the target's error;
+    // the webhook carries the documented JSON.
+    let fail = seen
+        .iter()
+        .find(|l| l.starts_with("POST /ping/fail "))
+        .expect("fail ping");
+    assert!(
+        body(fail).starts_with("app ")
+            && body(fail).contains("failed: ")
+            && body(fail).contains("local"),
+        "{fail}"
+    );
+    let events: Vec<serde_json::Value> = seen
+        .iter()
+        .filter(|l| l.starts_with("POST /hook "))
+        .filter_map(|l| serde_json::from_str(body(l)).ok())
+        .collect();
+    let success = events
+        .iter()
+        .find(|e| e["event"] == "success")
+        .unwrap_or_else(|| panic!("no success event: {events:?}"));
+    assert_eq!(success["policy"], "app", "{success}");
+    assert_eq!(success["target"], "local", "{success}");
+    assert!(
+        success["label"]
+            .as_str()
+            .is_some_and(|l| l.ends_with('F') || l.ends_with('D')),
+        "{success}"
+    );
+    assert!(success["time"].is_string(), "{success}");
+    let failure = events
+        .iter()
+        .find(|e| e["event"] == "failure")
+        .unwrap_or_else(|| panic!("no failure event: {events:?}"));
+    assert!(
+        failure["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("local")),
+        "{failure}"
+    );
 
     // SIGHUP with a broken config keeps the running one.
     std::fs::write(env.config(), "this is = not [valid toml").expect("break");
@@ -400,20 +427,20 @@ fn a_recovery_window_keeps_what_its_instants_need_whatever_the_counts_say() {
 fn each_policy_pings_its_own_monitors_from_the_daemon_and_from_the_command_line() {
     let (ping_port, pings) = ping_server();
     let env = Env::new(&format!(
-        "[schedule]\nfull = \"*/3 * * * * *\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/app\"\nkuma_url = \"http://127.0.0.1:{ping_port}/kuma/app\"\n"
+        "[schedule]\nfull = \"*/3 * * * * *\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/app\"\nkuma_url = \"http://127.0.0.1:{ping_port}/kuma/app\"\nntfy_url = \"http://127.0.0.1:{ping_port}/ntfy/app\"\n"
     ));
     common::make_db(&env.db, true, 50, 100);
     // A second policy whose database does not exist: it fails every run.
     std::fs::write(
         env.path("policies/broken.toml"),
         format!(
-            "name = \"broken\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"missing.db\"\n[schedule]\nfull = \"*/3 * * * * *\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/broken\"\nkuma_url = \"http://127.0.0.1:{ping_port}/kuma/broken\"\n"
+            "name = \"broken\"\ntargets = [\"local\"]\n[source]\nkind = \"sqlite\"\npath = \"missing.db\"\n[schedule]\nfull = \"*/3 * * * * *\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/broken\"\nkuma_url = \"http://127.0.0.1:{ping_port}/kuma/broken\"\nntfy_url = \"http://127.0.0.1:{ping_port}/ntfy/broken\"\n"
         ),
     )
     .expect("policy");
     // The command line, as a crontab line runs it.
     let r = env.dr(&["backup-local"]);
-    assert_ne!(r.code, 0, "one policy failed");
+    assert_eq!(r.code, 1, "one policy failed: {}", r.stderr);
     let seen = pings.lock().expect("lock").clone();
     for want in [
         "POST /app/start ",
@@ -432,6 +459,18 @@ fn each_policy_pings_its_own_monitors_from_the_daemon_and_from_the_command_line(
         !seen.iter().any(|l| l.starts_with("POST /app/fail")),
         "{seen:?}"
     );
+    // ntfy hears of the failure only, with a title and the reason.
+    let ntfy: Vec<&String> = seen
+        .iter()
+        .filter(|l| l.starts_with("POST /ntfy/"))
+        .collect();
+    assert_eq!(ntfy.len(), 1, "{seen:?}");
+    assert!(ntfy[0].starts_with("POST /ntfy/broken "), "{ntfy:?}");
+    assert!(
+        ntfy[0].to_lowercase().contains("title: dr: broken "),
+        "{ntfy:?}"
+    );
+    assert!(body(ntfy[0]).contains("missing.db"), "{ntfy:?}");
     // The CLI run is in the history the daemon reads.
     let runs: i64 = history_counts(&env).iter().map(|(_, n, _)| n).sum();
     assert_eq!(runs, 2, "{:?}", history_counts(&env));

@@ -615,7 +615,7 @@ fn a_broken_first_target_does_not_stop_the_second_and_json_lists_both() {
 
     // Verify goes on past the broken target too, and says which failed.
     let v = env.dr(&["verify", "app", "--identity", &env.key_arg(), "--json"]);
-    assert_ne!(v.code, 0, "{}", v.stderr);
+    assert_eq!(v.code, 1, "an unusable target is exit 1: {}", v.stderr);
     let items = v.json();
     let items = items.as_array().expect("array");
     assert!(
