@@ -427,9 +427,13 @@ pub fn expire(prefix: &str, listing: &[ObjectMeta], kept: &[Base]) -> Vec<WalRem
             .min_by_key(|b| b.seq);
         match oldest {
             Some(b) => {
+                // Inside the backup in frames *and* in time: a segment
+                // sealed after the snapshot (or an empty mark, a heartbeat
+                // after it) still says until when nothing more was
+                // committed, which is the reach of that backup's window.
                 let mut keys: Vec<String> = segs
                     .iter()
-                    .filter(|s| &s.generation == g && s.last <= b.seq)
+                    .filter(|s| &s.generation == g && s.last <= b.seq && s.until <= b.taken)
                     .map(|s| s.key.clone())
                     .collect();
                 // A keys record goes once a later one exists and every
@@ -607,12 +611,42 @@ mod tests {
                 modified: t(0),
             })
             .collect();
-        let kept = [base("F", "g1", 10, 0)];
+        let kept = [base("F", "g1", 10, 10)];
         let r = expire("p/wal/", &listing, &kept);
         assert_eq!(r.len(), 2);
         assert_eq!(r[0].keys, vec![segs[0].key.clone()]);
         assert_eq!(r[1].generation, "g2");
         // g3 is the newest: its first backup may still be running.
+    }
+
+    #[test]
+    fn expire_keeps_the_marks_and_late_seals_that_reach_past_the_oldest_base() {
+        // The base's snapshot (t=8) holds frames 1-10; the segment of those
+        // frames was sealed at 12, and the stream then went idle: a
+        // heartbeat at 20 and a final mark at 25, both without frames.
+        let segs = vec![
+            seg("g1", 1, 10, 1, 12),
+            seg("g1", 11, 10, 20, 20),
+            seg("g1", 11, 10, 25, 25),
+        ];
+        let listing: Vec<ObjectMeta> = segs
+            .iter()
+            .map(|s| ObjectMeta {
+                key: s.key.clone(),
+                size: 1,
+                modified: t(0),
+            })
+            .collect();
+        let kept = [base("F", "g1", 10, 8)];
+        let before = windows(&kept, &segs);
+        assert!(expire("p/wal/", &listing, &kept).is_empty());
+        assert_eq!(
+            before,
+            vec![Window {
+                start: t(8),
+                end: t(25)
+            }]
+        );
     }
 
     #[test]
