@@ -49,6 +49,44 @@ fn wait_for(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// The verdict `dr info --json` gives database `name`.
+fn verdict_of(info: &serde_json::Value, name: &str) -> serde_json::Value {
+    info["policies"]
+        .as_array()
+        .expect("policies")
+        .iter()
+        .find(|p| p["name"] == name)
+        .map(|p| p["verdict"].clone())
+        .unwrap_or_else(|| panic!("{name} not listed: {info}"))
+}
+
+/// Adds `[daemon] listen` on a free port (and `extra` TOML) to the config,
+/// starts `dr daemon`, and returns it with the port.
+fn daemon_with_listen(env: &Env, extra: &str, args: &[&str]) -> (Reaped, u16) {
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n{extra}");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    (Reaped(common::start_daemon(env, args)), port)
+}
+
+fn daemon_log(env: &Env) -> String {
+    std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default()
+}
+
+/// Waits until the daemon's log holds `needle`.
+fn wait_daemon_log(env: &Env, needle: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !daemon_log(env).contains(needle) {
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the daemon's log: {}",
+            daemon_log(env)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Commits `n` rows, one transaction each, through `path`.
 fn commit_rows(path: &Path, from: i64, n: i64) {
     let c = rusqlite::Connection::open(path).expect("open");
@@ -186,15 +224,7 @@ fn a_fleet_database_that_cannot_be_streamed_fails_replicate_and_is_at_risk() {
     let r = env.dr(&["info", "tenants", "--json"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     let j = r.json();
-    let verdict = |name: &str| {
-        j["policies"]
-            .as_array()
-            .expect("policies")
-            .iter()
-            .find(|p| p["name"] == name)
-            .map(|p| p["verdict"].clone())
-            .unwrap_or_else(|| panic!("{name} not listed: {j}"))
-    };
+    let verdict = |name: &str| verdict_of(&j, name);
     let bad = verdict("tenants/journal");
     assert_eq!(bad["state"], "at_risk", "{bad}");
     let reasons: Vec<&str> = bad["reasons"]
@@ -429,15 +459,7 @@ fn info_gives_one_verdict_per_database_and_exits_non_zero_when_any_is_at_risk() 
     let r = env.dr(&["info", "--json"]);
     assert_eq!(r.code, 1, "one database was never backed up: {}", r.stdout);
     let j = r.json();
-    let by_name = |n: &str| {
-        j["policies"]
-            .as_array()
-            .expect("policies")
-            .iter()
-            .find(|p| p["name"] == n)
-            .map(|p| p["verdict"].clone())
-            .expect("listed")
-    };
+    let by_name = |n: &str| verdict_of(&j, n);
     let app = by_name("app");
     assert_eq!(app["state"], "protected", "{app}");
     assert!(app["newest_restorable"].is_string(), "{app}");
@@ -483,26 +505,21 @@ fn an_idle_stream_marks_how_far_it_watched_when_it_stops() {
 fn a_daemon_stopped_mid_backup_says_it_abandoned_the_run_and_releases_the_lease() {
     let env = Env::new(&format!("{WAL}[schedule]\nfull = \"*/2 * * * * *\"\n"));
     make_db(&env.db, true, 50, 500);
-    let port = common::s3::free_port();
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
-    let daemon = Reaped(common::start_daemon(&env, &["--log-level", "debug"]));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon_log().contains("committed") {
-        assert!(Instant::now() < deadline, "no backup: {}", daemon_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    // The application holds the write lock: the next full waits for it
-    // (to pin the WAL) while holding the policy's lease.
+    // A full from the command line first: the daemon has no run to catch
+    // up at its start, so its streamer takes its base alone.
+    env.full_backup("backup-local");
+    let (daemon, _) = daemon_with_listen(&env, "", &["--log-level", "debug"]);
+    wait_daemon_log(&env, "generation base committed", 30);
+    // The application holds the write lock: the next scheduled full waits
+    // for it (to pin the WAL) while holding the policy's lease.
     let app = rusqlite::Connection::open(&env.db).expect("open");
+    app.busy_timeout(Duration::from_secs(10)).expect("busy");
     app.execute_batch("BEGIN IMMEDIATE; INSERT INTO t(v) VALUES (x'00');")
         .expect("lock");
     std::thread::sleep(Duration::from_millis(3500));
     let code = daemon.stop();
     app.execute_batch("ROLLBACK").expect("release");
-    let text = daemon_log();
+    let text = daemon_log(&env);
     assert_eq!(code, 0, "{text}");
     assert!(
         text.contains("abandoned: the daemon stopped during the full run"),
@@ -533,15 +550,12 @@ fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
     make_db(&env.db, false, 20, 200);
     // A second policy whose database is gone: its runs fail.
     env.write_policy("lost", "lost.db", "[schedule]\nfull = \"*/2 * * * * *\"\n");
-    let port = common::s3::free_port();
     let (hook_port, hooks) = common::http_sink();
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!(
-            "[daemon]\nlisten = \"127.0.0.1:{port}\"\n[notify]\nwebhook_url = \"http://127.0.0.1:{hook_port}/hook\"\n"
-        );
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let daemon = Reaped(common::start_daemon(&env, &[]));
-    let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+    let (daemon, port) = daemon_with_listen(
+        &env,
+        &format!("[notify]\nwebhook_url = \"http://127.0.0.1:{hook_port}/hook\"\n"),
+        &[],
+    );
     // Wait until the daemon ran both: the history has a success and a failure.
     let deadline = Instant::now() + Duration::from_secs(30);
     let body = loop {
@@ -555,7 +569,7 @@ fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
             Instant::now() < deadline,
             "healthz never settled: {:?}\n{}",
             common::http_get(port, "/healthz"),
-            daemon_log()
+            daemon_log(&env)
         );
         std::thread::sleep(Duration::from_millis(200));
     };
@@ -563,15 +577,7 @@ fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
     let r = env.dr(&["info", "--json"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
     let info = r.json();
-    let state = |n: &str| {
-        info["policies"]
-            .as_array()
-            .expect("policies")
-            .iter()
-            .find(|p| p["name"] == n)
-            .map(|p| p["verdict"].clone())
-            .expect("listed")
-    };
+    let state = |n: &str| verdict_of(&info, n);
     assert_eq!(state("app")["state"], "protected", "{info}");
     assert_eq!(state("lost")["state"], "at_risk", "{info}");
     // Every reason /healthz gives, dr info gives too.
@@ -643,17 +649,9 @@ fn an_empty_file_in_a_fleet_does_not_fail_the_others_and_an_unknown_db_is_not_fo
 fn a_reload_that_changes_nothing_a_stream_uses_leaves_it_running() {
     let env = Env::new(WAL);
     make_db(&env.db, true, 20, 200);
-    let port = common::s3::free_port();
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
-    std::fs::write(env.config(), &cfg).expect("cfg");
-    let daemon = Reaped(common::start_daemon(&env, &[]));
-    let daemon_log = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !daemon_log().contains("generation base committed") {
-        assert!(Instant::now() < deadline, "no base: {}", daemon_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (daemon, _) = daemon_with_listen(&env, "", &[]);
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    wait_daemon_log(&env, "generation base committed", 30);
     // The identity restores use, and a schedule: nothing the stream uses.
     let with_identity = cfg.replace(
         "[encryption]\n",
@@ -670,11 +668,7 @@ fn a_reload_that_changes_nothing_a_stream_uses_leaves_it_running() {
     let _ = Command::new("kill")
         .args(["-HUP", &daemon.0.id().to_string()])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon_log().contains("configuration reloaded") {
-        assert!(Instant::now() < deadline, "no reload: {}", daemon_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_daemon_log(&env, "configuration reloaded", 10);
     // A changed sync_interval is a setting the stream uses: it restarts.
     std::thread::sleep(Duration::from_millis(1500));
     let text = std::fs::read_to_string(&policy).expect("policy");
@@ -686,18 +680,14 @@ fn a_reload_that_changes_nothing_a_stream_uses_leaves_it_running() {
     let _ = Command::new("kill")
         .args(["-HUP", &daemon.0.id().to_string()])
         .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !daemon_log().contains("restarting the WAL streamer") {
-        assert!(Instant::now() < deadline, "no restart: {}", daemon_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let log = daemon_log();
+    wait_daemon_log(&env, "restarting the WAL streamer", 10);
+    let log = daemon_log(&env);
     assert_eq!(
         log.matches("restarting the WAL streamer").count(),
         1,
         "only the sync_interval change restarts the stream: {log}"
     );
-    assert_eq!(daemon.stop(), 0, "{}", daemon_log());
+    assert_eq!(daemon.stop(), 0, "{}", daemon_log(&env));
 }
 
 #[test]
@@ -730,4 +720,46 @@ fn a_fleet_whose_directory_is_a_link_streams_every_database_through_it() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(dump(&to).len(), 170);
     assert_eq!(dump(&to), dump(&real));
+}
+
+#[test]
+fn a_database_replaced_by_mv_keeps_its_old_generation_up_to_the_swap() {
+    let env = Env::new(WAL);
+    make_db(&env.db, true, 20, 200);
+    let dr = Reaped(common::spawn_replicate(&env));
+    wait_for(&env, "the generation's base", 30, || {
+        log(&env).contains("generation base committed")
+    });
+    // Commits until the swap, each followed by the instant it was done.
+    let c = rusqlite::Connection::open(&env.db).expect("open");
+    let mut last = (String::new(), 0i64);
+    for i in 0..60 {
+        c.execute(
+            "INSERT INTO t(id, v) VALUES (?1, randomblob(200))",
+            [2_000_000 + i],
+        )
+        .expect("insert");
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+            .expect("count");
+        last = (
+            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            n,
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(c);
+    // Another database is moved over it (a deploy, a restore by hand).
+    let other = env.path("other.db");
+    make_db(&other, true, 5, 100);
+    std::fs::rename(&other, &env.db).expect("mv");
+    wait_for(&env, "the swap to be seen", 20, || {
+        log(&env).contains("the database file was replaced")
+    });
+    std::thread::sleep(Duration::from_millis(2000));
+    assert_eq!(dr.stop(), 0, "{}", log(&env));
+    // The last instant before the swap restores the old file's last state.
+    let r = env.restore("at.db", &["--at", &last.0]);
+    assert_eq!(r.code, 0, "{}\n{}", r.stderr, log(&env));
+    assert_eq!(dump(&env.path("at.db")).len() as i64, last.1);
 }

@@ -414,42 +414,30 @@ fn notify_verdicts(shared: &Shared, known: &Mutex<BTreeMap<String, String>>) {
     };
     let Ok(mut known) = known.lock() else { return };
     let time = Utc::now().to_rfc3339();
-    for (policy, why) in &now {
-        if known.contains_key(policy) {
-            continue;
-        }
-        tracing::error!(policy = %policy, "at risk: {why}");
+    let send = |policy: &str, event: &str, error: Option<&str>| {
+        // A fleet's database notifies through its fleet policy's [notify].
         if let Ok(p) = ctx.cfg().policy(policy.split('/').next().unwrap_or(policy)) {
             crate::notify::webhook(
                 ctx.cfg().notify_for(p),
                 &crate::notify::Event {
-                    event: "at_risk",
+                    event,
                     policy,
                     job: "protection",
                     target: None,
                     label: None,
-                    error: Some(why),
+                    error,
                     time: time.clone(),
                 },
             );
         }
+    };
+    for (policy, why) in now.iter().filter(|(p, _)| !known.contains_key(*p)) {
+        tracing::error!(policy = %policy, "at risk: {why}");
+        send(policy, "at_risk", Some(why));
     }
     for policy in known.keys().filter(|p| !now.contains_key(*p)) {
         tracing::info!(policy = %policy, "protected again");
-        if let Ok(p) = ctx.cfg().policy(policy.split('/').next().unwrap_or(policy)) {
-            crate::notify::webhook(
-                ctx.cfg().notify_for(p),
-                &crate::notify::Event {
-                    event: "protected",
-                    policy,
-                    job: "protection",
-                    target: None,
-                    label: None,
-                    error: None,
-                    time: time.clone(),
-                },
-            );
-        }
+        send(policy, "protected", None);
     }
     *known = now;
 }

@@ -502,6 +502,16 @@ mod tests {
         }
     }
 
+    fn listing_of(segs: &[Segment]) -> Vec<ObjectMeta> {
+        segs.iter()
+            .map(|s| ObjectMeta {
+                key: s.key.clone(),
+                size: 1,
+                modified: t(0),
+            })
+            .collect()
+    }
+
     fn base(label: &str, g: &str, seq: u64, taken: i64) -> Base {
         Base {
             label: label.into(),
@@ -603,14 +613,7 @@ mod tests {
             seg("g2", 1, 5, 30, 31),
             seg("g3", 1, 5, 40, 41),
         ];
-        let listing: Vec<ObjectMeta> = segs
-            .iter()
-            .map(|s| ObjectMeta {
-                key: s.key.clone(),
-                size: 1,
-                modified: t(0),
-            })
-            .collect();
+        let listing = listing_of(&segs);
         let kept = [base("F", "g1", 10, 10)];
         let r = expire("p/wal/", &listing, &kept);
         assert_eq!(r.len(), 2);
@@ -629,14 +632,7 @@ mod tests {
             seg("g1", 11, 10, 20, 20),
             seg("g1", 11, 10, 25, 25),
         ];
-        let listing: Vec<ObjectMeta> = segs
-            .iter()
-            .map(|s| ObjectMeta {
-                key: s.key.clone(),
-                size: 1,
-                modified: t(0),
-            })
-            .collect();
+        let listing = listing_of(&segs);
         let kept = [base("F", "g1", 10, 8)];
         let before = windows(&kept, &segs);
         assert!(expire("p/wal/", &listing, &kept).is_empty());
