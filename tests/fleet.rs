@@ -266,9 +266,22 @@ fn idle_databases_cost_a_fixed_set_of_threads_and_write_nothing() {
         tenants(&env).iter().filter(|(_, b)| *b > 0).count() == 40
     });
     // Each database seals its idle mark a sync_interval after its last
-    // commit; then nothing is due before the heartbeat.
-    std::thread::sleep(Duration::from_secs(4));
+    // commit; then nothing is due before the heartbeat. Wait for that
+    // (nothing written for 1.5 s), not for a fixed time.
     let state = env.path("state/wal/tenants");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = (mtimes(&env.path("backups")), mtimes(&state));
+        std::thread::sleep(Duration::from_millis(1500));
+        if (mtimes(&env.path("backups")), mtimes(&state)) == before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the idle fleet kept writing for 30 s: {}",
+            log(&env)
+        );
+    }
     let (targets_before, state_before) = (mtimes(&env.path("backups")), mtimes(&state));
     let n = threads(child.id());
     std::thread::sleep(Duration::from_secs(3));

@@ -306,6 +306,28 @@ fn verify_fails_wal_that_restore_would_refuse() {
     assert_eq!(r.code, 0, "an untouched repository verifies: {}", r.stderr);
     let drilled = r.stdout.clone();
     assert!(drilled.contains("WAL replay of generation"), "{drilled}");
+    // A sample also replays to an instant drawn inside the newest generation.
+    let r = env.dr(&[
+        "verify",
+        "app",
+        "--identity",
+        &env.key_arg(),
+        "--sample",
+        "100",
+        "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let restored = r.json()[0]["restored"].clone();
+    let instants = restored
+        .as_array()
+        .expect("restored")
+        .iter()
+        .filter(|x| {
+            x.as_str()
+                .is_some_and(|x| x.contains("WAL replay") && !x.contains("newest instant"))
+        })
+        .count();
+    assert!(instants >= 1, "no drill at a sampled instant: {restored}");
 
     // 1. A segment of the first generation over the second's segment of
     //    the same first frame: same name, foreign content.
@@ -730,25 +752,27 @@ fn a_database_replaced_by_mv_keeps_its_old_generation_up_to_the_swap() {
     wait_for(&env, "the generation's base", 30, || {
         log(&env).contains("generation base committed")
     });
-    // Commits until the swap, each followed by the instant it was done.
+    // Commits, then a quiet moment (dr stamps a commit when it reads it),
+    // then the instant just before the swap.
     let c = rusqlite::Connection::open(&env.db).expect("open");
-    let mut last = (String::new(), 0i64);
     for i in 0..60 {
         c.execute(
             "INSERT INTO t(id, v) VALUES (?1, randomblob(200))",
             [2_000_000 + i],
         )
         .expect("insert");
-        let n: i64 = c
-            .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
-            .expect("count");
-        last = (
-            chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            n,
-        );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let n: i64 = c
+        .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+        .expect("count");
     drop(c);
+    std::thread::sleep(Duration::from_millis(1500));
+    let last = (
+        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        n,
+    );
+    std::thread::sleep(Duration::from_millis(300));
     // Another database is moved over it (a deploy, a restore by hand).
     let other = env.path("other.db");
     make_db(&other, true, 5, 100);
@@ -762,4 +786,48 @@ fn a_database_replaced_by_mv_keeps_its_old_generation_up_to_the_swap() {
     let r = env.restore("at.db", &["--at", &last.0]);
     assert_eq!(r.code, 0, "{}\n{}", r.stderr, log(&env));
     assert_eq!(dump(&env.path("at.db")).len() as i64, last.1);
+}
+
+#[test]
+fn a_failed_drill_turns_healthz_503_naming_verify_failed() {
+    let env = Env::new("[schedule]\nverify = \"*/2 * * * * *\"\n");
+    make_db(&env.db, false, 200, 300);
+    let label = env.full_backup("backup-local");
+    // Damage the stored data: the daemon's scheduled drill must fail.
+    let data = env.path(&format!("backups/app/backup/{label}/data.zst.age"));
+    let mut bytes = std::fs::read(&data).expect("data");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&data, bytes).expect("tamper");
+    let key = env.key_arg();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg").replace(
+        "[encryption]\n",
+        &format!("[encryption]\nidentity_file = \"{key}\"\n"),
+    );
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let (daemon, port) = daemon_with_listen(&env, "", &[]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        if let Some((503, b)) = common::http_get(port, "/healthz")
+            && b.contains("verify_failed")
+        {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no verify_failed: {:?}\n{}",
+            common::http_get(port, "/healthz"),
+            daemon_log(&env)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    let p = &j["problems"][0];
+    assert_eq!(p["policy"], "app", "{body}");
+    assert_eq!(p["target"], "local", "{body}");
+    assert!(
+        p["detail"].as_str().is_some_and(|d| d.contains(&label)),
+        "{body}"
+    );
+    assert_eq!(daemon.stop(), 0, "{}", daemon_log(&env));
 }

@@ -240,8 +240,23 @@ fn the_s3_server_dying_mid_restore_is_a_network_failure_naming_the_target() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn dr");
-    // Parts trickle at about 2.5 MiB/s: a second in, the first is under way.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Parts trickle at about 2.5 MiB/s: once the restore's temporary file
+    // holds pages, the download is under way; then the server dies.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !std::fs::read_dir(env.dir.path())
+        .expect("ls")
+        .flatten()
+        .any(|e| {
+            e.file_name().to_string_lossy().contains("dr-restore")
+                && e.metadata().is_ok_and(|m| m.len() > 0)
+        })
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the restore never started writing"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     server.kill();
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);

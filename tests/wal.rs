@@ -872,7 +872,7 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
     wait_streaming(&env);
     write(&env, 2, 30, 600, 2000, &[]);
     assert!(
-        common::assert_no_dr_process_shows(&[common::s3::SECRET_KEY]) >= 1,
+        common::assert_no_dr_process_shows(&env, &[common::s3::SECRET_KEY]) >= 1,
         "the daemon runs"
     );
 
@@ -1107,7 +1107,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     write(&env, 2, 20, 600, 500, &[]);
     let before: Vec<String> = marks(&env).into_iter().map(|m| m.0).collect();
     assert!(
-        common::assert_no_dr_process_shows(&[first]) >= 1,
+        common::assert_no_dr_process_shows(&env, &[first]) >= 1,
         "the daemon runs"
     );
     common::replace_private_file(&pass, &format!("{second}\n"));
