@@ -108,6 +108,7 @@ struct RawSource {
     user: Option<String>,
     run_as: Option<String>,
     cipher_pass_file: Option<String>,
+    archive_timeout: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -247,6 +248,10 @@ pub struct PgSource {
     pub user: String,
     pub run_as: Option<String>,
     pub cipher_pass_file: Option<PathBuf>,
+    /// PostgreSQL's `archive_timeout`, which `dr pg setup` sets: the
+    /// longest a commit waits in an unfinished WAL segment before it is
+    /// archived, so it bounds what a lost host loses (the RPO).
+    pub archive_timeout: Duration,
 }
 
 impl Source {
@@ -997,6 +1002,28 @@ fn check_policy(
             }
         },
         "postgres" => {
+            let archive_timeout = match &src.archive_timeout {
+                None => Duration::from_secs(60),
+                Some(t) => match humantime::parse_duration(t.get_ref()) {
+                    Ok(v) if v >= Duration::from_secs(1) => v,
+                    Ok(_) => {
+                        d.at(
+                            t.span(),
+                            "archive_timeout must be at least 1s: 0 would leave the open WAL segment unarchived for as long as PostgreSQL takes to fill it, an unbounded loss on a lost host".into(),
+                        );
+                        ok = false;
+                        Duration::from_secs(60)
+                    }
+                    Err(e) => {
+                        d.at(
+                            t.span(),
+                            format!("archive_timeout: {e} (write e.g. \"60s\" or \"5min\")"),
+                        );
+                        ok = false;
+                        Duration::from_secs(60)
+                    }
+                },
+            };
             let data_dir = src.data_dir.as_ref().map(|p| resolve(p));
             if data_dir.is_none() {
                 d.at(
@@ -1013,6 +1040,7 @@ fn check_policy(
                     user: src.user.clone().unwrap_or_else(|| "postgres".into()),
                     run_as: src.run_as.clone(),
                     cipher_pass_file: src.cipher_pass_file.as_ref().map(|p| resolve(p)),
+                    archive_timeout,
                 })
             })
         }

@@ -444,3 +444,38 @@ fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_not
     assert_eq!(v.code, 3, "{}\n{}", v.stdout, v.stderr);
     assert!(v.stdout.contains("FAIL  main-pg on local"), "{}", v.stdout);
 }
+
+#[test]
+fn setup_changes_postgresql_only_once_the_repository_works_and_bounds_the_rpo() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "archive_timeout = \"30s\"\n");
+    // A repository pgBackRest cannot write: a file where its directory goes.
+    std::fs::create_dir_all(env.path("backups")).expect("dir");
+    std::fs::write(env.path("backups/main-pg"), b"not a directory").expect("block");
+    let before = (
+        cluster.sql("SHOW archive_command"),
+        cluster.sql("SHOW archive_timeout"),
+    );
+    let r = env.dr(&["pg", "setup", "main-pg"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert_eq!(
+        (
+            cluster.sql("SHOW archive_command"),
+            cluster.sql("SHOW archive_timeout")
+        ),
+        before,
+        "PostgreSQL was changed before the repository worked"
+    );
+    // The repository usable: setup goes through and bounds the RPO.
+    std::fs::remove_file(env.path("backups/main-pg")).expect("unblock");
+    setup(&env, &cluster);
+    assert_eq!(cluster.sql("SHOW archive_timeout"), "30s");
+    // Zero would leave the open segment unarchived without bound.
+    let policy = env.path("policies/main-pg.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(&policy, text.replace("\"30s\"", "\"0s\"")).expect("policy");
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    assert!(r.stderr.contains("archive_timeout"), "{}", r.stderr);
+}

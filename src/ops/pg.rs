@@ -95,10 +95,17 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
         &rb,
         "SELECT current_setting('archive_mode') || ' ' || current_setting('wal_level') || ' ' || current_setting('archive_command')",
     )?;
+    // The repository first: PostgreSQL is changed only once pgBackRest has
+    // shown it can write there (a wrong bucket or key leaves the cluster
+    // as it was, not archiving into nowhere).
+    if current.is_some() {
+        rb.run("stanza-create", &["stanza-create"])?;
+    }
+    let timeout = format!("{}s", pg.archive_timeout.as_secs().max(1));
     match current {
         None => {
             report.todo.push(format!(
-                "dr could not connect to PostgreSQL; add to postgresql.conf and restart it:\n  archive_mode = on\n  wal_level = replica\n  archive_command = '{archive_command}'"
+                "dr could not connect to PostgreSQL; add to postgresql.conf and restart it:\n  archive_mode = on\n  wal_level = replica\n  archive_command = '{archive_command}'\n  archive_timeout = '{timeout}'"
             ));
             return Ok(report);
         }
@@ -114,13 +121,16 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
                 "ALTER SYSTEM SET archive_mode = 'on'".to_string(),
                 "ALTER SYSTEM SET wal_level = 'replica'".to_string(),
                 format!("ALTER SYSTEM SET archive_command = '{quoted}'"),
+                // A commit waits at most this long in an unfinished
+                // segment before it is archived: the RPO.
+                format!("ALTER SYSTEM SET archive_timeout = '{timeout}'"),
                 "SELECT pg_reload_conf()".to_string(),
             ] {
                 ok = ok && psql(pg, &rb, &sql)?.is_some();
             }
             if !ok {
                 report.todo.push(format!(
-                    "ALTER SYSTEM failed (is user '{}' a superuser?); add to postgresql.conf: archive_mode = on, wal_level = replica, archive_command = '{archive_command}'",
+                    "ALTER SYSTEM failed (is user '{}' a superuser?); add to postgresql.conf: archive_mode = on, wal_level = replica, archive_command = '{archive_command}', archive_timeout = '{timeout}'",
                     pg.user
                 ));
                 return Ok(report);
@@ -131,7 +141,6 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
             }
         }
     }
-    rb.run("stanza-create", &["stanza-create"])?;
     if report.restart_needed {
         report.todo.push(
             "restart PostgreSQL (archive_mode/wal_level change only on restart), then run `dr pg setup` again to check".into(),
