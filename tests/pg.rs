@@ -307,6 +307,32 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopp
         "0",
         "a row written after the backup is gone after the in-place restore"
     );
+    // At the policy's own path, the restored cluster still writes nothing
+    // into the repository it came from: it may be the wrong restore.
+    let archive = env.path("backups/main-pg/pgbackrest/archive");
+    let before = common::files_under(&archive);
+    cluster.sql("INSERT INTO marks VALUES (8888)");
+    cluster.sql("SELECT pg_switch_wal()");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(cluster.sql("SHOW archive_mode"), "off");
+    assert_eq!(
+        common::files_under(&archive),
+        before,
+        "the restored cluster archived into the repository"
+    );
+    // Declared the new primary (`dr pg setup`): its next WAL is archived,
+    // on its new timeline.
+    setup(&env, &cluster);
+    cluster.sql("INSERT INTO marks VALUES (9999)");
+    cluster.sql("SELECT pg_switch_wal()");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while common::files_under(&archive).len() <= before.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new primary's WAL is not archived"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[test]

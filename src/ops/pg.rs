@@ -278,10 +278,11 @@ pub fn restore(
         format!("--repo={repo}"),
         format!("--pg1-path={}", to.display()),
     ];
-    if !in_place {
-        // The copy must not archive into the repository it came from.
-        args.push("--archive-mode=off".into());
-    }
+    // No restore archives into the repository it came from, not even one
+    // at the policy's own path: it may be a drill, or the wrong instant.
+    // `dr pg setup POLICY` declares it the new primary (archiving on, on
+    // its new timeline).
+    args.push("--archive-mode=off".into());
     if !empty {
         args.push("--delta".into());
     }
@@ -311,10 +312,18 @@ pub fn restore(
         to: to.to_path_buf(),
         bytes: None,
         seconds: started.elapsed().as_secs_f64(),
-        next_step: Some(format!(
-            "start it with: runuser -u {user} -- pg_ctl -D {} -o '-p <free port>' start (it replays WAL to the target, then promotes)",
-            to.display()
-        )),
+        next_step: Some(if in_place {
+            format!(
+                "start it with: runuser -u {user} -- pg_ctl -D {} start (it replays WAL to the target, then promotes; it does not archive). Once it is the primary you keep, run `dr pg setup {}` to turn archiving on into the repository",
+                to.display(),
+                policy.name
+            )
+        } else {
+            format!(
+                "start it with: runuser -u {user} -- pg_ctl -D {} -o '-p <free port>' start (it replays WAL to the target, then promotes; it does not archive)",
+                to.display()
+            )
+        }),
     })
 }
 
