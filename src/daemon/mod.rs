@@ -54,10 +54,26 @@ pub fn period(spec: &CronSpec, now: DateTime<Utc>) -> Option<chrono::Duration> {
     spec.period(now)
 }
 
+/// The newest committed backup of a kind on a target of a policy, as the
+/// repository holds it (see [`jobs`]).
+pub type Stored<'a> = dyn Fn(&Policy, &str, JobKind) -> Option<DateTime<Utc>> + 'a;
+
 /// Every job of the config, each due at its next time, or now when its
 /// last success is older than its period (a run missed while the daemon
 /// was down or the machine asleep).
-pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<Job>> {
+///
+/// A backup job this host never ran looks at the repository too (`stored`:
+/// the newest committed backup of that kind on a target): on a new host
+/// recovering from the bucket, with an empty state_dir, the backups taken
+/// before the disaster count, so its first start takes no "missed" full on
+/// top of the new WAL generation's base, and nothing that first start does
+/// makes retention expire the restore points it was recovered from.
+pub fn jobs(
+    cfg: &Config,
+    history: &History,
+    now: DateTime<Utc>,
+    stored: &Stored<'_>,
+) -> Result<Vec<Job>> {
     let mut out = Vec::new();
     for p in &cfg.policies {
         for (kind, spec) in [
@@ -78,8 +94,16 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
                 for name in run_names(p) {
                     let mut newest: Option<DateTime<Utc>> = None;
                     for t in &p.targets {
-                        if let Some(r) = history.last(&name, t, kind.word(), true)? {
-                            newest = Some(newest.map_or(r.finished, |n| n.max(r.finished)));
+                        let seen = match history.last(&name, t, kind.word(), true)? {
+                            Some(r) => Some(r.finished),
+                            // Never ran here: what the repository holds.
+                            None if kind != JobKind::Verify && p.fleet.is_none() => {
+                                stored(p, t, kind)
+                            }
+                            None => None,
+                        };
+                        if let Some(s) = seen {
+                            newest = Some(newest.map_or(s, |n| n.max(s)));
                         }
                     }
                     missed |= newest.is_none_or(|last| now - last > per);
@@ -98,6 +122,25 @@ pub fn jobs(cfg: &Config, history: &History, now: DateTime<Utc>) -> Result<Vec<J
         }
     }
     Ok(out)
+}
+
+/// The newest committed backup of `kind` (a diff: of either kind) that
+/// `target` holds for `policy`, when it can be read.
+fn newest_stored(
+    ctx: &Context,
+    policy: &Policy,
+    target: &str,
+    kind: JobKind,
+) -> Option<DateTime<Utc>> {
+    let t = ctx.cfg().target(target).ok()?;
+    Source::of(policy)
+        .list(ctx, t)
+        .backups
+        .iter()
+        .filter(|b| b.error.is_none())
+        .filter(|b| kind != JobKind::Full || b.kind == ops::report::BackupKind::Full)
+        .map(|b| b.timestamp_start)
+        .max()
 }
 
 /// The names a policy's runs are recorded under: its own, or for a fleet,
@@ -233,7 +276,9 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         ops::replicate::Mode::Supervised,
         shared.streamers.clone(),
     );
-    let mut sched = Scheduler::new(jobs(ctx.cfg(), &history, Utc::now())?);
+    let mut sched = Scheduler::new(jobs(ctx.cfg(), &history, Utc::now(), &|p, t, k| {
+        newest_stored(&ctx, p, t, k)
+    })?);
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
     let mut shipper: Option<std::thread::JoinHandle<()>> = None;
     let mut last_ship = Instant::now();
@@ -259,8 +304,11 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                 Ok(new) => {
                     tracing::info!("configuration reloaded");
                     let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
-                    sched.replace(jobs(&new, &history, Utc::now())?, &running, Utc::now());
                     let new = Context::new(new);
+                    let fresh = jobs(new.cfg(), &history, Utc::now(), &|p, t, k| {
+                        newest_stored(&new, p, t, k)
+                    })?;
+                    sched.replace(fresh, &running, Utc::now());
                     crate::audit::record(
                         crate::audit::Entry::new("config_reload")
                             .detail(config_path.display().to_string()),

@@ -1,0 +1,105 @@
+//! The day the host is gone: a new host with only the repository, the
+//! configuration and the identity recovers, and its first start continues
+//! the history instead of cutting it short (issue 23).
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::{Env, dump, make_db};
+
+const POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nfull = \"0 0 * * * *\"\n[retention]\nfull = 1\n";
+
+fn wait_log(path: &std::path::Path, needle: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.contains(needle) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {needle:?} in: {text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn labels(env: &Env) -> Vec<String> {
+    let j = env.dr(&["info", "--json"]).json();
+    let mut l: Vec<String> = j["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| b["label"].as_str().expect("label").to_string())
+        .collect();
+    l.sort();
+    l
+}
+
+#[test]
+fn a_new_hosts_first_start_takes_one_base_and_expires_nothing_from_before() {
+    let env = Env::new(POLICY);
+    make_db(&env.db, true, 50, 300);
+    // Host A: a scheduled-style full, then a stream with commits.
+    let full = env.full_backup("backup-local");
+    let mut dr = common::spawn_replicate(&env);
+    wait_log(&env.path("replicate.log"), "generation base committed", 30);
+    {
+        let c = rusqlite::Connection::open(&env.db).expect("open");
+        for i in 0..40 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(100))", [])
+                .expect("insert");
+            if i % 10 == 0 {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        }
+    }
+    std::thread::sleep(Duration::from_millis(2000));
+    let before_loss = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let want = dump(&env.db);
+    std::thread::sleep(Duration::from_millis(300));
+    let _ = Command::new("kill")
+        .args(["-TERM", &dr.id().to_string()])
+        .status();
+    assert!(dr.wait().expect("wait").success());
+    let before = labels(&env);
+    assert!(before.contains(&full), "{before:?}");
+
+    // The host is lost: its database and state_dir are gone. Host B has
+    // the configuration, the identity and the repository.
+    std::fs::remove_dir_all(env.path("state")).expect("wipe state");
+    for side in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{side}", env.db.display()));
+    }
+    let r = env.restore("app.db", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&env.db), want, "the newest state, exactly");
+
+    // Its first daemon start: one new base for the new WAL generation, no
+    // "missed" full on top of it, and nothing from before expired.
+    let port = common::s3::free_port();
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let daemon = common::start_daemon(&env, &[]);
+    wait_log(&env.path("daemon.log"), "generation base committed", 30);
+    std::thread::sleep(Duration::from_millis(3000));
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+    drop(daemon);
+    assert!(!log.contains("catching up a missed run"), "{log}");
+    let after = labels(&env);
+    for l in &before {
+        assert!(
+            after.contains(l),
+            "{l} was expired by the first start: {after:?}\n{log}"
+        );
+    }
+    assert_eq!(
+        after.len(),
+        before.len() + 1,
+        "one new base: {after:?}\n{log}"
+    );
+    // The instant before the loss still restores exactly.
+    let r = env.restore("at.db", &["--at", &before_loss, "--force"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&env.path("at.db")), want);
+}
