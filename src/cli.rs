@@ -1313,14 +1313,29 @@ pub const EXIT_USAGE: i32 = 64;
 
 /// Prints clap's message for a command line it could not parse and returns
 /// the exit code: 0 for `--help` and `--version`, [`EXIT_USAGE`] otherwise.
+///
+/// `--help` and `--version` exit 0; anything else is a usage error, exit
+/// 64: a command line with no command too (the help it prints is the
+/// answer to a mistake, not a success a script should take for one). Under
+/// `--json` the error is also one JSON object on stdout, as for any other
+/// failure.
 pub fn usage_error(e: &clap::Error) -> i32 {
     let _ = e.print();
-    match e.kind() {
-        clap::error::ErrorKind::DisplayHelp
-        | clap::error::ErrorKind::DisplayVersion
-        | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => 0,
+    let code = match e.kind() {
+        clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
         _ => EXIT_USAGE,
+    };
+    if code != 0 && std::env::args().any(|a| a == "--json") {
+        let first = e.to_string();
+        let first = first
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ");
+        let v = serde_json::json!({"error": first, "exit_code": code});
+        println!("{v}");
     }
+    code
 }
 
 /// Reports a failed command: on stderr, and under `--json` also as one JSON

@@ -24,6 +24,19 @@ fn usage_errors_exit_64_and_help_exits_0() {
     assert!(r.stderr.contains("possible values"), "{}", r.stderr);
     assert_eq!(raw(&["no-such-command"]).code, 64);
     assert_eq!(raw(&["backup-local", "--type", "weekly"]).code, 64);
+    // No command at all is a mistake too, not a success.
+    let none = raw(&[]);
+    assert_eq!(none.code, 64, "{}", none.stderr);
+    assert!(none.stderr.contains("Usage"), "{}", none.stderr);
+    // Under --json a usage error is a JSON object on stdout as well.
+    let j = raw(&["info", "--json", "--bogus"]);
+    assert_eq!(j.code, 64, "{}", j.stderr);
+    let v = j.json();
+    assert_eq!(v["exit_code"], 64, "{v}");
+    assert!(
+        v["error"].as_str().is_some_and(|e| e.contains("--bogus")),
+        "{v}"
+    );
     let h = raw(&["--help"]);
     assert_eq!(h.code, 0);
     assert!(h.stdout.contains("64 usage"), "{}", h.stdout);
