@@ -51,8 +51,11 @@ pub fn verify(
     };
     let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
     // A backup a delete marker hides is a backup the drill cannot see: it
-    // fails, naming it, rather than pass on an older one.
-    if let Some(e) = repo.hidden_error()? {
+    // fails, naming it, rather than pass on an older one (`pick` without a
+    // label checks this itself).
+    if opts.label.is_some()
+        && let Some(e) = repo.hidden_error()?
+    {
         return Err(e);
     }
     let newest = pick(&repo, opts.label.as_deref()).map_err(as_drill_failure)?;
@@ -95,7 +98,7 @@ pub fn verify(
     let mut restored = Vec::new();
     let mut restore = |label: &Label| {
         restored.push(label.to_string());
-        drill(ctx, &repo, label, unsealing.as_ref(), progress)
+        drill(ctx, &repo, label, None, unsealing.as_ref(), progress)
     };
     note(format!("restore of {newest}"), restore(&newest));
     if opts.restore_all && opts.label.is_none() {
@@ -109,8 +112,18 @@ pub fn verify(
     }
     // The WAL is part of what a restore needs: every segment is read back
     // and hash-checked, and a gap is a failure, whatever the backups' outcome.
+    // Listed once, for the segment checks and the replay drill.
+    let prefix = repo::wal::wal_prefix(repo.policy);
+    let segs = match repo.storage.list(&prefix) {
+        Ok(listing) => repo::wal::segments(&prefix, &listing),
+        Err(e) => {
+            problems.push(("WAL".into(), as_drill_failure(e)));
+            Vec::new()
+        }
+    };
     let segments = match check_wal(
         &repo,
+        &segs,
         &committed,
         unsealing.as_ref(),
         policy.encrypted,
@@ -131,6 +144,7 @@ pub fn verify(
         match drill_wal(
             ctx,
             &repo,
+            &segs,
             &committed,
             unsealing.as_ref(),
             opts.sample,
@@ -216,38 +230,42 @@ fn scratch_file(ctx: &Context) -> Result<tempfile::NamedTempFile> {
         })
 }
 
-/// Restores the chain of `label` to a scratch file and runs `integrity_check`.
+/// Restores the chain of `label` to a scratch file, replays `wal` onto it
+/// when given, and runs `integrity_check`.
 fn drill(
     ctx: &Context,
     repo: &PolicyRepo<'_>,
     label: &Label,
+    wal: Option<&repo::wal::Replay>,
     unsealing: Option<&crate::keys::Unsealing>,
     progress: &dyn Progress,
 ) -> Result<()> {
     let chain = repo.chain(label)?;
     let tmp = scratch_file(ctx)?;
     materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
+    if let Some(plan) = wal {
+        replay_wal(repo, plan, &chain, unsealing, tmp.as_file(), tmp.path())?;
+    }
     sqlite::integrity_check(tmp.path())
 }
 
 /// Reads back the WAL segments of the policy (all, or the sample),
 /// decrypting and checking each hash, and checks that each one is what its
 /// name says: it starts at the frame its name starts at, holds exactly the
-/// frames its name counts, commits within the times its name gives, and
-/// has its generation's page size (the page size of that generation's
-/// backups). Gaps and overlaps between consecutive segments of a
-/// generation are failures too. Returns how many segments were read and
-/// every problem found.
+/// frames its name counts, its first transaction carries the commit time
+/// its name starts with, and it has its generation's page size (the page
+/// size of that generation's backups). Gaps and overlaps between
+/// consecutive segments of a generation are failures too. Returns how many
+/// segments were read and every problem found.
 fn check_wal(
     repo: &PolicyRepo<'_>,
+    segs: &[repo::wal::Segment],
     committed: &[super::Committed],
     unsealing: Option<&crate::keys::Unsealing>,
     encrypted: bool,
     sampled: &dyn Fn() -> bool,
 ) -> Result<(usize, Problems)> {
-    let prefix = repo::wal::wal_prefix(repo.policy);
-    let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
-    let mut problems: Vec<(String, Error)> = repo::wal::gaps(&segs)
+    let mut problems: Vec<(String, Error)> = repo::wal::gaps(segs)
         .iter()
         .map(|g| {
             (
@@ -362,13 +380,12 @@ fn check_segment(
 fn drill_wal(
     ctx: &Context,
     repo: &PolicyRepo<'_>,
+    segs: &[repo::wal::Segment],
     committed: &[super::Committed],
     unsealing: Option<&crate::keys::Unsealing>,
     sample: Option<f64>,
     progress: &dyn Progress,
 ) -> Result<(Vec<String>, Problems)> {
-    let prefix = repo::wal::wal_prefix(repo.policy);
-    let segs = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?);
     let bases: Vec<repo::wal::Base> = committed
         .iter()
         .filter_map(|c| c.manifest.as_ref().ok())
@@ -389,7 +406,7 @@ fn drill_wal(
             .filter(|b| b.generation == g)
             .cloned()
             .collect();
-        let Ok(plan) = repo::wal::plan(&own, &segs, None) else {
+        let Ok(plan) = repo::wal::plan(&own, segs, None) else {
             continue;
         };
         if plan.segments.is_empty() {
@@ -408,7 +425,7 @@ fn drill_wal(
         for at in instants {
             let plan = match at {
                 None => plan.clone(),
-                Some(t) => match repo::wal::plan(&own, &segs, Some(t)) {
+                Some(t) => match repo::wal::plan(&own, segs, Some(t)) {
                     Ok(p) => p,
                     Err(_) => continue,
                 },
@@ -417,7 +434,12 @@ fn drill_wal(
                 "WAL replay of generation {g} to {}",
                 at.map_or_else(|| "its newest instant".to_string(), |t| t.to_rfc3339())
             );
-            let r = replay_drill(ctx, repo, &plan, unsealing, progress);
+            let r = plan
+                .base
+                .label
+                .parse::<Label>()
+                .map_err(Error::NotFound)
+                .and_then(|l| drill(ctx, repo, &l, Some(&plan), unsealing, progress));
             drilled.push(what.clone());
             if let Err(e) = r {
                 problems.push((what, as_drill_failure(e)));
@@ -425,20 +447,4 @@ fn drill_wal(
         }
     }
     Ok((drilled, problems))
-}
-
-/// Restores `plan`'s base and WAL into a scratch file and checks it.
-fn replay_drill(
-    ctx: &Context,
-    repo: &PolicyRepo<'_>,
-    plan: &repo::wal::Replay,
-    unsealing: Option<&crate::keys::Unsealing>,
-    progress: &dyn Progress,
-) -> Result<()> {
-    let label: Label = plan.base.label.parse().map_err(Error::NotFound)?;
-    let chain = repo.chain(&label)?;
-    let tmp = scratch_file(ctx)?;
-    materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
-    replay_wal(repo, plan, &chain, unsealing, tmp.as_file(), tmp.path())?;
-    sqlite::integrity_check(tmp.path())
 }
