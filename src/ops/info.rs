@@ -154,7 +154,8 @@ fn source_evidence(p: &Policy) -> (Vec<(Reason, String)>, bool) {
     let config::Source::Sqlite { path } = &p.source else {
         return (Vec::new(), false);
     };
-    match std::fs::metadata(path) {
+    let found = std::fs::metadata(path).and_then(|_| verdict::not_streamable(path));
+    match found {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && p.member.is_some() => {
             (Vec::new(), true)
         }
@@ -165,26 +166,8 @@ fn source_evidence(p: &Policy) -> (Vec<(Reason, String)>, bool) {
             )],
             false,
         ),
-        Ok(_) => match verdict::header_says_wal(path) {
-            Err(e) => (
-                vec![(
-                    Reason::Unreadable,
-                    format!("{}: {}", path.display(), crate::error::io_reason(&e)),
-                )],
-                false,
-            ),
-            Ok(Some(false)) if p.wal.enabled => (
-                vec![(
-                    Reason::CannotStream,
-                    format!(
-                        "{} is not in WAL mode: the application must run `PRAGMA journal_mode=WAL` once, or set [wal] enabled = false",
-                        path.display()
-                    ),
-                )],
-                false,
-            ),
-            Ok(_) => (Vec::new(), false),
-        },
+        Ok(Some(why)) if p.wal.enabled => (vec![(Reason::CannotStream, why)], false),
+        Ok(_) => (Vec::new(), false),
     }
 }
 

@@ -270,13 +270,7 @@ fn unstreamable(p: &crate::config::Policy, path: &Path) -> Option<String> {
     if !p.wal.enabled {
         return None;
     }
-    match crate::ops::verdict::header_says_wal(path) {
-        Ok(Some(false)) => Some(format!(
-            "{} is not in WAL mode, so [wal] cannot stream it: the application must run `PRAGMA journal_mode=WAL` once (it persists), or set [wal] enabled = false",
-            path.display()
-        )),
-        _ => None,
-    }
+    crate::ops::verdict::not_streamable(path).ok().flatten()
 }
 
 /// Whether `path` exists as a writable directory, or can be created: its

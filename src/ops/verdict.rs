@@ -27,8 +27,7 @@ pub const HEARTBEAT: Duration = crate::sqlite::stream::HEARTBEAT;
 
 /// Why a database is at risk. The names are the `reason` field of
 /// `dr info --json` and the `problem` field of `/healthz` (README).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// No restorable backup on a target.
     NeverBackedUp,
@@ -76,6 +75,14 @@ impl Reason {
             Reason::Damaged => "damaged",
             Reason::HiddenByDeleteMarker => "hidden_by_delete_marker",
         }
+    }
+}
+
+/// Serialised as [`Reason::word`]: one spelling for JSON, `/healthz` and
+/// messages.
+impl Serialize for Reason {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.word())
     }
 }
 
@@ -299,6 +306,18 @@ pub fn judge(e: &Evidence, now: DateTime<Utc>) -> Verdict {
         promised_seconds: max_age.map(|d| d.as_secs_f64()),
         reasons,
     }
+}
+
+/// Why the database at `path` cannot be WAL-streamed (it is not in WAL
+/// mode), from its header alone; `Err` when it cannot be read. `dr info`
+/// and `config validate` say it in the same words.
+pub fn not_streamable(path: &std::path::Path) -> std::io::Result<Option<String>> {
+    Ok((header_says_wal(path)? == Some(false)).then(|| {
+        format!(
+            "{} is not in WAL mode, so [wal] cannot stream it: the application must run `PRAGMA journal_mode=WAL` once (it persists), or set [wal] enabled = false",
+            path.display()
+        )
+    }))
 }
 
 /// Whether a SQLite database file is in WAL mode, from its header alone
