@@ -216,21 +216,30 @@ pub fn release_if_ours(store: &dyn Storage, policy: &str) -> Result<bool> {
     let Some((bytes, etag)) = store.get_with_etag(&key)? else {
         return Ok(false);
     };
-    let Ok(mut r) = serde_json::from_slice::<Record>(&bytes) else {
+    let Ok(r) = serde_json::from_slice::<Record>(&bytes) else {
         return Ok(false);
     };
     if r.released || r.host != crate::lock::hostname() || r.pid != std::process::id() {
         return Ok(false);
     }
-    if store.protection() == crate::storage::Protection::AppendOnly {
-        r.expires = Utc::now() - Duration::seconds(1);
-        r.released = true;
-        let b = serde_json::to_vec(&r).map_err(|e| crate::error::Error::Other(e.to_string()))?;
-        store.put_conditional(&key, &b, &Condition::Match(etag))?;
-    } else {
-        store.delete(&key)?;
-    }
+    release(store, &key, r, etag)?;
     Ok(true)
+}
+
+/// Gives up a lease known to be ours (`record` as stored, read with
+/// `etag`): deleted, or on an append-only target, where dr deletes
+/// nothing, left expired and marked released for the next writer.
+fn release(store: &dyn Storage, key: &str, mut record: Record, etag: String) -> Result<()> {
+    if store.protection() == crate::storage::Protection::AppendOnly {
+        record.expires = Utc::now() - Duration::seconds(1);
+        record.released = true;
+        let b =
+            serde_json::to_vec(&record).map_err(|e| crate::error::Error::Other(e.to_string()))?;
+        store.put_conditional(key, &b, &Condition::Match(etag))?;
+        Ok(())
+    } else {
+        store.delete(key)
+    }
 }
 
 impl Drop for Lease<'_> {
@@ -245,23 +254,7 @@ impl Drop for Lease<'_> {
         if !serde_json::from_slice::<Record>(&bytes).is_ok_and(|r| r.token == self.record.token) {
             return;
         }
-        let released = if self.store.protection() == crate::storage::Protection::AppendOnly {
-            // dr deletes nothing there: the lease is left expired, and the
-            // next writer takes it over.
-            let mut r = self.record.clone();
-            r.expires = Utc::now() - Duration::seconds(1);
-            r.released = true;
-            serde_json::to_vec(&r)
-                .map_err(|e| crate::error::Error::Other(e.to_string()))
-                .and_then(|b| {
-                    self.store
-                        .put_conditional(&self.key, &b, &Condition::Match(etag))
-                        .map(|_| ())
-                })
-        } else {
-            self.store.delete(&self.key)
-        };
-        if let Err(e) = released {
+        if let Err(e) = release(self.store, &self.key, self.record.clone(), etag) {
             tracing::warn!("could not release the lease {}: {e}", self.key);
         }
     }

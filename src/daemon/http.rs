@@ -47,7 +47,8 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     let now = Utc::now();
     let mut out = Vec::new();
     for p in &super::policies_now(cfg) {
-        let evidence = evidence(shared, &ctx, &history, p, now)?;
+        let view = stream_view(&ctx, p);
+        let evidence = evidence(shared, &history, p, &view, now)?;
         for r in verdict::judge(&evidence, now).reasons {
             out.push(Problem {
                 policy: p.name.clone(),
@@ -60,28 +61,36 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     Ok(out)
 }
 
-/// What the daemon knows of one database, for the verdict.
-fn evidence(
-    shared: &Shared,
-    ctx: &Context,
-    history: &History,
-    p: &crate::config::Policy,
-    now: chrono::DateTime<Utc>,
-) -> Result<Evidence> {
+/// A streamed policy's state file and its process's last beat, read once
+/// per request (both `None` for a policy that does not stream).
+type StreamView = (Option<StreamState>, Option<chrono::DateTime<Utc>>);
+
+fn stream_view(ctx: &Context, p: &crate::config::Policy) -> StreamView {
     let state = p
         .wal
         .enabled
         .then(|| StreamState::load(&ctx.state().stream_state(&p.name)))
         .flatten();
+    let beat = state
+        .as_ref()
+        .and_then(|st| stream::beat_at(&ctx.state().stream_beat(st.pid)));
+    (state, beat)
+}
+
+/// What the daemon knows of one database, for the verdict.
+fn evidence(
+    shared: &Shared,
+    history: &History,
+    p: &crate::config::Policy,
+    (state, beat): &StreamView,
+    now: chrono::DateTime<Utc>,
+) -> Result<Evidence> {
     let status = shared
         .streamers
         .lock()
         .ok()
         .and_then(|s| s.get(&p.name).cloned());
     let stale = StreamState::stale_after(p.wal.sync_interval);
-    let beat = state
-        .as_ref()
-        .and_then(|st| stream::beat_at(&ctx.state().stream_beat(st.pid)));
     let mut targets = Vec::new();
     for t in &p.targets {
         let mut ok: Option<chrono::DateTime<Utc>> = None;
@@ -127,7 +136,7 @@ fn evidence(
             };
             StreamEvidence {
                 running,
-                lag_seconds: state.as_ref().and_then(|st| st.lag(t, now, stale, beat)),
+                lag_seconds: state.as_ref().and_then(|st| st.lag(t, now, stale, *beat)),
                 error,
                 spool_full: state.as_ref().is_some_and(|st| st.spool_full),
             }
@@ -270,7 +279,8 @@ pub fn metrics(shared: &Shared) -> Result<String> {
     let ts = |t: chrono::DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
     for p in &super::policies_now(cfg) {
         let name = p.name.as_str();
-        let verdict = verdict::judge(&evidence(shared, &ctx, &history, p, now)?, now);
+        let view = stream_view(&ctx, p);
+        let verdict = verdict::judge(&evidence(shared, &history, p, &view, now)?, now);
         protected.get_or_create(&l(&[("policy", name)])).set(
             if verdict.state == verdict::State::Protected {
                 1.0
@@ -335,10 +345,7 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         restarts
             .get_or_create(&l(&[("policy", name)]))
             .inc_by(status.map_or(0, |s| s.restarts));
-        let st = StreamState::load(&ctx.state().stream_state(name));
-        let beat = st
-            .as_ref()
-            .and_then(|s| stream::beat_at(&ctx.state().stream_beat(s.pid)));
+        let (st, beat) = view;
         let stale = StreamState::stale_after(p.wal.sync_interval);
         for t in &p.targets {
             let labels = l(&[("policy", name), ("target", t)]);

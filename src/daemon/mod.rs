@@ -49,11 +49,6 @@ pub struct Job {
     pub next: DateTime<Utc>,
 }
 
-/// How long a schedule's runs are apart, measured at `now`.
-pub fn period(spec: &CronSpec, now: DateTime<Utc>) -> Option<chrono::Duration> {
-    spec.period(now)
-}
-
 /// The newest committed backup of a kind on a target of a policy, as the
 /// repository holds it (see [`jobs`]).
 pub type Stored<'a> = dyn Fn(&Policy, &str, JobKind) -> Option<DateTime<Utc>> + 'a;
@@ -85,7 +80,7 @@ pub fn jobs(
             let Some(mut next) = spec.next_after(now) else {
                 continue;
             };
-            if let Some(per) = period(spec, now) {
+            if let Some(per) = spec.period(now) {
                 // Never ran here, or not within its period: due now. Jobs
                 // due together queue in this order, full, diff, verify, so a
                 // drill runs on the backup taken just before it. A fleet
