@@ -326,6 +326,8 @@ pub struct Stream {
     policy: Policy,
     /// The file SQLite opens (links resolved): its `-wal` is the one read.
     db: PathBuf,
+    /// `db`'s `-wal`, named once: a step does not resolve links again.
+    wal_path: PathBuf,
     /// The path as configured, when it is a link: a link that comes to
     /// point at another file ends the generation.
     link: Option<PathBuf>,
@@ -460,6 +462,7 @@ impl Stream {
         let mut st = Stream {
             policy: policy.clone(),
             db: db.to_path_buf(),
+            wal_path: pin::wal_path(db),
             link,
             keys,
             new_sealing: None,
@@ -577,8 +580,9 @@ impl Stream {
             // path may name the new file's log already), sealed, and a final
             // mark says how far it was watched, so its window reaches the
             // swap instead of its last segment.
-            if self.wal_file.is_some() && matches!(self.consume(), Ok(None)) {
-                tracing::debug!(policy = %self.policy.name, "read the replaced file's last commits");
+            if self.wal_file.is_some() {
+                // A failure only means nothing more can be read of it.
+                let _ = self.consume();
             }
             self.seal()?;
             self.seal_as(true)?;
@@ -852,7 +856,7 @@ impl Stream {
 
     /// The `-wal` file, reopened when it was replaced (deleted and recreated).
     fn wal(&mut self) -> Result<Option<&File>> {
-        let p = pin::wal_path(&self.db);
+        let p = self.wal_path.clone();
         let ino = match std::fs::metadata(&p) {
             Ok(m) => m.ino(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -888,7 +892,7 @@ impl Stream {
     /// about `max_frames` frames wait: the caller holds the write lock and
     /// must not keep the application waiting for a large copy.
     fn consume_at_most(&mut self, max_frames: u64) -> Result<(Option<Next>, bool)> {
-        let p = pin::wal_path(&self.db);
+        let p = self.wal_path.clone();
         let read = |e| Error::io(format!("cannot read {}", p.display()), e);
         let looked = Utc::now();
         // A log without a header holds no commit: with nothing copied yet
@@ -984,7 +988,7 @@ impl Stream {
         let w = &mut open.writer;
         wal::read_frames(f, h, t.first, t.last, |pgno, page| w.frame(pgno, page)).map_err(|e| {
             Error::io(
-                format!("copying frames from {}", pin::wal_path(&self.db).display()),
+                format!("copying frames from {}", self.wal_path.display()),
                 e,
             )
         })?;

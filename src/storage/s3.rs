@@ -323,6 +323,17 @@ impl Inner {
         }
     }
 
+    /// A key as the store lists it, relative to the target's prefix (the
+    /// inverse of [`Self::full_key`] for keys listed under it).
+    fn relative<'k>(&self, full: &'k str) -> Option<&'k str> {
+        let strip = if self.prefix.is_empty() {
+            0
+        } else {
+            self.prefix.len() + 1
+        };
+        full.get(strip..)
+    }
+
     /// Sends a request, and once more when the store refused the key
     /// files' credentials: the files are read again first, a second
     /// later, so a rotation caught between the store and the files (or
@@ -892,11 +903,6 @@ impl Storage for S3Storage {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
         let inner = &self.inner;
         let full_prefix = inner.full_key(prefix);
-        let strip = if inner.prefix.is_empty() {
-            0
-        } else {
-            inner.prefix.len() + 1
-        };
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -914,7 +920,9 @@ impl Storage for S3Storage {
                 .map_err(|e| inner.err("list", prefix, &e))?;
             for o in page.contents() {
                 let Some(k) = o.key() else { continue };
-                let Some(rel) = k.get(strip..) else { continue };
+                let Some(rel) = inner.relative(k) else {
+                    continue;
+                };
                 let modified = o
                     .last_modified()
                     .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
@@ -937,11 +945,6 @@ impl Storage for S3Storage {
     fn hidden(&self, prefix: &str) -> Result<Vec<String>> {
         let inner = &self.inner;
         let full_prefix = inner.full_key(prefix);
-        let strip = if inner.prefix.is_empty() {
-            0
-        } else {
-            inner.prefix.len() + 1
-        };
         let mut marked = std::collections::BTreeSet::new();
         let mut versioned = std::collections::BTreeSet::new();
         let mut key_marker: Option<String> = None;
@@ -972,13 +975,13 @@ impl Storage for S3Storage {
             };
             for m in page.delete_markers() {
                 if m.is_latest().unwrap_or(false)
-                    && let Some(rel) = m.key().and_then(|k| k.get(strip..))
+                    && let Some(rel) = m.key().and_then(|k| inner.relative(k))
                 {
                     marked.insert(rel.to_string());
                 }
             }
             for v in page.versions() {
-                if let Some(rel) = v.key().and_then(|k| k.get(strip..)) {
+                if let Some(rel) = v.key().and_then(|k| inner.relative(k)) {
                     versioned.insert(rel.to_string());
                 }
             }
