@@ -5,23 +5,11 @@
 mod common;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{Env, dump, make_db};
 
 const POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nfull = \"0 0 * * * *\"\n[retention]\nfull = 1\n";
-
-fn wait_log(path: &std::path::Path, needle: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        if text.contains(needle) {
-            return;
-        }
-        assert!(Instant::now() < deadline, "no {needle:?} in: {text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn labels(env: &Env) -> Vec<String> {
     let j = env.dr(&["info", "--json"]).json();
@@ -42,7 +30,7 @@ fn a_new_hosts_first_start_takes_one_base_and_expires_nothing_from_before() {
     // Host A: a scheduled-style full, then a stream with commits.
     let full = env.full_backup("backup-local");
     let mut dr = common::spawn_replicate(&env);
-    wait_log(&env.path("replicate.log"), "generation base committed", 30);
+    common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
     {
         let c = rusqlite::Connection::open(&env.db).expect("open");
         for i in 0..40 {
@@ -81,7 +69,7 @@ fn a_new_hosts_first_start_takes_one_base_and_expires_nothing_from_before() {
         + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
     std::fs::write(env.config(), cfg).expect("cfg");
     let daemon = common::start_daemon(&env, &[]);
-    wait_log(&env.path("daemon.log"), "generation base committed", 30);
+    common::wait_for_log(&env.path("daemon.log"), "generation base committed", 30);
     std::thread::sleep(Duration::from_millis(3000));
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
     drop(daemon);

@@ -64,16 +64,8 @@ fn policies_of(r: &common::Run) -> Vec<String> {
         .collect()
 }
 
-fn wait_for(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            log(env)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+fn wait_for(env: &Env, what: &str, secs: u64, f: impl FnMut() -> bool) {
+    common::wait_until(what, secs, f, || log(env));
 }
 
 fn has_base(env: &Env, name: &str) -> bool {

@@ -37,16 +37,8 @@ fn log(env: &Env) -> String {
     std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default()
 }
 
-fn wait_for(env: &Env, what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out waiting for {what}: {}",
-            log(env)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+fn wait_for(env: &Env, what: &str, secs: u64, f: impl FnMut() -> bool) {
+    common::wait_until(what, secs, f, || log(env));
 }
 
 /// The verdict `dr info --json` gives database `name`.
@@ -74,17 +66,34 @@ fn daemon_log(env: &Env) -> String {
     std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default()
 }
 
+/// Polls `/healthz` until it answers 503 with a body `settled` accepts,
+/// and returns that body.
+fn unhealthy_body(env: &Env, port: u16, secs: u64, settled: impl Fn(&str) -> bool) -> String {
+    let mut body = String::new();
+    common::wait_until(
+        "/healthz 503 with the expected problems",
+        secs,
+        || match common::http_get(port, "/healthz") {
+            Some((503, b)) if settled(&b) => {
+                body = b;
+                true
+            }
+            _ => false,
+        },
+        || {
+            format!(
+                "{:?}\n{}",
+                common::http_get(port, "/healthz"),
+                daemon_log(env)
+            )
+        },
+    );
+    body
+}
+
 /// Waits until the daemon's log holds `needle`.
 fn wait_daemon_log(env: &Env, needle: &str, secs: u64) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !daemon_log(env).contains(needle) {
-        assert!(
-            Instant::now() < deadline,
-            "no {needle:?} in the daemon's log: {}",
-            daemon_log(env)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    common::wait_for_log(&env.path("daemon.log"), needle, secs);
 }
 
 /// Commits `n` rows, one transaction each, through `path`.
@@ -579,22 +588,9 @@ fn healthz_and_info_give_the_same_verdict_from_the_same_function() {
         &[],
     );
     // Wait until the daemon ran both: the history has a success and a failure.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        if let Some((503, b)) = common::http_get(port, "/healthz")
-            && b.contains("\"lost\"")
-            && !b.contains("\"app\"")
-        {
-            break b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "healthz never settled: {:?}\n{}",
-            common::http_get(port, "/healthz"),
-            daemon_log(&env)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let body = unhealthy_body(&env, port, 30, |b| {
+        b.contains("\"lost\"") && !b.contains("\"app\"")
+    });
     let health: serde_json::Value = serde_json::from_str(&body).expect("json");
     let r = env.dr(&["info", "--json"]);
     assert_eq!(r.code, 1, "{}", r.stderr);
@@ -806,21 +802,7 @@ fn a_failed_drill_turns_healthz_503_naming_verify_failed() {
     );
     std::fs::write(env.config(), cfg).expect("cfg");
     let (daemon, port) = daemon_with_listen(&env, "", &[]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let body = loop {
-        if let Some((503, b)) = common::http_get(port, "/healthz")
-            && b.contains("verify_failed")
-        {
-            break b;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no verify_failed: {:?}\n{}",
-            common::http_get(port, "/healthz"),
-            daemon_log(&env)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let body = unhealthy_body(&env, port, 30, |b| b.contains("verify_failed"));
     let j: serde_json::Value = serde_json::from_str(&body).expect("json");
     let p = &j["problems"][0];
     assert_eq!(p["policy"], "app", "{body}");

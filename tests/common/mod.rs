@@ -441,3 +441,33 @@ pub fn http_sink() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     });
     (port, seen)
 }
+
+/// Polls `cond` every 100 ms until it holds; after `secs` the test fails,
+/// naming what it waited for and what `context` says it last saw.
+pub fn wait_until(
+    what: &str,
+    secs: u64,
+    mut cond: impl FnMut() -> bool,
+    context: impl Fn() -> String,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {}",
+            context()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Waits until the log file at `path` holds `needle`.
+pub fn wait_for_log(path: &Path, needle: &str, secs: u64) {
+    let text = || std::fs::read_to_string(path).unwrap_or_default();
+    wait_until(
+        &format!("{needle:?}"),
+        secs,
+        || text().contains(needle),
+        text,
+    );
+}
