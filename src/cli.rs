@@ -1148,9 +1148,22 @@ fn parse_since(s: &str) -> Result<chrono::DateTime<Utc>> {
 
 fn healthcheck(config: &Path, timeout: u64) -> Result<()> {
     let cfg = config::load(config)?;
+    // Port 0: the system picked one, which the running daemon recorded.
+    let listen = if cfg.daemon_listen.ends_with(":0") {
+        let file = crate::state_dir::StateDir::new(&cfg.state_dir).daemon_listen();
+        std::fs::read_to_string(&file)
+            .map(|a| a.trim().to_string())
+            .map_err(|e| {
+                Error::Other(format!(
+                    "daemon.listen asks for port 0 and {} (where the running daemon names the port it bound) cannot be read: {e}: is the daemon running?",
+                    file.display()
+                ))
+            })?
+    } else {
+        cfg.daemon_listen.clone()
+    };
     // A daemon listening on every address answers on loopback too.
-    let listen = cfg
-        .daemon_listen
+    let listen = listen
         .replace("0.0.0.0:", "127.0.0.1:")
         .replace("[::]:", "[::1]:");
     let url = format!("http://{listen}/healthz");

@@ -36,6 +36,12 @@ impl StateDir {
         self.root.join("tmp")
     }
 
+    /// `daemon.listen`: the address the running daemon bound (its
+    /// `listen` may ask for port 0), read by `dr healthcheck`.
+    pub fn daemon_listen(&self) -> PathBuf {
+        self.root.join("daemon.listen")
+    }
+
     /// `history.db`: the daemon's runs and the CLI's.
     pub fn history_db(&self) -> PathBuf {
         self.root.join("history.db")

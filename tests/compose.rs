@@ -173,7 +173,10 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
     // dr's configuration from the compose directory, with this host's paths.
     let etc = t.join("etc-dr");
     std::fs::create_dir_all(etc.join("policies")).expect("etc");
-    let port = common::s3::free_port();
+    // The port the compose file publishes, here one held for this test
+    // until the daemon binds it (`dr healthcheck` reads it from the config).
+    let mut held = common::HeldPort::new();
+    let port = held.port;
     let state = t.join("state");
     give_to_postgres(&state);
     let host = |s: &str| {
@@ -216,15 +219,18 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
     assert_eq!(j["restart_needed"], false, "{j}");
 
     // dr's entrypoint (`dr --config /etc/dr/dr.toml daemon`) and healthcheck.
-    let mut daemon = Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("daemon")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(t.join("daemon.log")).expect("log"))
-        .spawn()
-        .expect("daemon");
+    let mut daemon = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&cfg)
+            .arg("daemon")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(t.join("daemon.log")).expect("log")),
+    )
+    .expect("daemon");
+    common::wait_listening(&mut daemon, port, "dr daemon", 60, "see daemon.log");
+    held.release();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let h = dr(&["healthcheck"]);

@@ -7,10 +7,6 @@ use std::time::{Duration, Instant};
 
 use common::Env;
 
-fn start(env: &Env) -> common::Proc {
-    common::start_daemon(env, &[])
-}
-
 fn get(port: u16, path: &str) -> Option<(u16, String)> {
     common::http_get(port, path)
 }
@@ -89,14 +85,13 @@ fn sigterm_exits_zero_quickly(mut child: common::Proc) {
 fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     let env = Env::new("[schedule]\nfull = \"*/20 * * * * *\"\ndiff = \"*/2 * * * * *\"\n");
     common::make_db(&env.db, true, 200, 500);
-    let port = common::s3::free_port();
     let (ping_port, pings) = ping_server();
     let cfg_text = std::fs::read_to_string(env.config()).expect("cfg")
         + &format!(
-            "[daemon]\nlisten = \"127.0.0.1:{port}\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/ping\"\nwebhook_url = \"http://127.0.0.1:{ping_port}/hook\"\n"
+            "[daemon]\nlisten = \"127.0.0.1:0\"\n[notify]\nping_url = \"http://127.0.0.1:{ping_port}/ping\"\nwebhook_url = \"http://127.0.0.1:{ping_port}/hook\"\n"
         );
     std::fs::write(env.config(), &cfg_text).expect("cfg");
-    let daemon = start(&env);
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "two backups", 20, || backups(&env) >= 2);
     wait_in(&env, "/healthz 200", 10, || {
         get(port, "/healthz").is_some_and(|(c, _)| c == 200)
@@ -204,14 +199,13 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
     let _ = Command::new("kill")
         .args(["-HUP", &daemon.id().to_string()])
         .status();
-    std::thread::sleep(Duration::from_secs(1));
+    // The reload was read (and refused) before the config is mended.
+    common::wait_for_log(&env.path("daemon.log"), "keeping the running one", 10);
     let before = backups(&env);
     std::fs::write(env.config(), &cfg_text).expect("fix");
     wait_in(&env, "backups to go on after a bad reload", 10, || {
         backups(&env) > before
     });
-    let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
-    assert!(log.contains("keeping the running one"), "{log}");
     // A good reload too; both are in the audit log.
     let _ = Command::new("kill")
         .args(["-HUP", &daemon.id().to_string()])
@@ -248,18 +242,17 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
 fn a_run_missed_while_the_daemon_was_down_runs_at_start_up() {
     let env = Env::new("[schedule]\nfull = \"*/15 * * * * *\"\n");
     common::make_db(&env.db, true, 50, 500);
-    let port = common::s3::free_port();
     let cfg_text = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(env.config(), &cfg_text).expect("cfg");
-    let mut daemon = start(&env);
+    let (mut daemon, _) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "the first full", 20, || backups(&env) >= 1);
     daemon.kill().expect("kill -9");
     let _ = daemon.wait();
     let n = backups(&env);
     // Down for longer than the schedule's period: the run it missed is due.
     std::thread::sleep(Duration::from_secs(17));
-    let daemon = start(&env);
+    let (daemon, _) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "the missed full at start-up", 4, || backups(&env) > n);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert!(log.contains("catching up a missed run"), "{log}");
@@ -315,16 +308,15 @@ fn jobs_due_together_for_three_minutes_are_queued_and_every_one_runs() {
     );
     common::make_db(&env.db, true, 3000, 1000);
     with_identity(&env);
-    let port = common::s3::free_port();
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(env.config(), cfg).expect("cfg");
     let secs: u64 = std::env::var("DR_SCHEDULE_SOAK_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(180);
     let started = Instant::now();
-    let daemon = start(&env);
+    let (daemon, _) = common::start_daemon_listening(&env, &[]);
     std::thread::sleep(Duration::from_secs(secs));
     sigterm_exits_zero_quickly(daemon);
     let ran = started.elapsed().as_secs();
@@ -475,11 +467,10 @@ fn each_policy_pings_its_own_monitors_from_the_daemon_and_from_the_command_line(
     let runs: i64 = history_counts(&env).iter().map(|(_, n, _)| n).sum();
     assert_eq!(runs, 2, "{:?}", history_counts(&env));
     pings.lock().expect("lock").clear();
-    let port = common::s3::free_port();
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(env.config(), cfg).expect("cfg");
-    let daemon = start(&env);
+    let (daemon, _) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "daemon pings of both policies", 20, || {
         let s = pings.lock().expect("lock");
         s.iter().any(|l| l.starts_with("POST /app "))
@@ -514,11 +505,10 @@ fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
         "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nverify = \"0 4 * * *\"\n",
     );
     common::make_db(&env.db, true, 50, 100);
-    let port = common::s3::free_port();
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(env.config(), cfg).expect("cfg");
-    let daemon = start(&env);
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "metrics", 10, || {
         get(port, "/metrics").is_some_and(|(c, _)| c == 200)
     });
@@ -569,17 +559,16 @@ fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about()
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )
     .expect("chmod");
-    let port = common::s3::free_port();
     let base = std::fs::read_to_string(env.config()).expect("cfg");
     std::fs::write(
         env.config(),
         format!(
-            "{base}[daemon]\nlisten = \"127.0.0.1:{port}\"\ntoken_file = \"{}\"\n",
+            "{base}[daemon]\nlisten = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
             token_file.display()
         ),
     )
     .expect("cfg");
-    let daemon = start(&env);
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "the endpoint", 20, || get(port, "/healthz").is_some());
     // No token, a wrong one: 401, and nothing of the metrics.
     let (code, body) = get(port, "/metrics").expect("answer");
@@ -625,13 +614,12 @@ fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about()
     );
 
     // Listening beyond loopback without a token: the daemon says so.
-    let port = common::s3::free_port();
     std::fs::write(
         env.config(),
-        format!("{base}[daemon]\nlisten = \"0.0.0.0:{port}\"\n"),
+        format!("{base}[daemon]\nlisten = \"0.0.0.0:0\"\n"),
     )
     .expect("cfg");
-    let daemon = start(&env);
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
     wait_in(&env, "the endpoint", 20, || get(port, "/healthz").is_some());
     sigterm_exits_zero_quickly(daemon);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");

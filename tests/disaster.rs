@@ -64,13 +64,15 @@ fn a_new_hosts_first_start_takes_one_base_and_expires_nothing_from_before() {
 
     // Its first daemon start: one new base for the new WAL generation, no
     // "missed" full on top of it, and nothing from before expired.
-    let port = common::s3::free_port();
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(env.config(), cfg).expect("cfg");
-    let daemon = common::start_daemon(&env, &[]);
+    let (daemon, _) = common::start_daemon_listening(&env, &[]);
+    // Both decisions are made once these are logged: the stream's new base
+    // is committed, and the schedule was set (a missed run would be
+    // announced just before it).
     common::wait_for_log(&env.path("daemon.log"), "generation base committed", 30);
-    std::thread::sleep(Duration::from_millis(3000));
+    common::wait_for_log(&env.path("daemon.log"), "scheduled", 30);
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
     drop(daemon);
     assert!(!log.contains("catching up a missed run"), "{log}");

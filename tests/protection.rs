@@ -52,14 +52,14 @@ fn verdict_of(info: &serde_json::Value, name: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("{name} not listed: {info}"))
 }
 
-/// Adds `[daemon] listen` on a free port (and `extra` TOML) to the config,
-/// starts `dr daemon`, and returns it with the port.
+/// Adds `[daemon] listen` on a port the daemon picks (and `extra` TOML) to
+/// the config, starts `dr daemon`, and returns it with the port it bound.
 fn daemon_with_listen(env: &Env, extra: &str, args: &[&str]) -> (Reaped, u16) {
-    let port = common::s3::free_port();
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n{extra}");
+        + &format!("[daemon]\nlisten = \"127.0.0.1:0\"\n{extra}");
     std::fs::write(env.config(), cfg).expect("cfg");
-    (Reaped(common::start_daemon(env, args)), port)
+    let (daemon, port) = common::start_daemon_listening(env, args);
+    (Reaped(daemon), port)
 }
 
 fn daemon_log(env: &Env) -> String {

@@ -266,15 +266,16 @@ fn two_dr_processes_with_different_state_dirs_never_share_a_local_target() {
     let mut refused = 0;
     for _ in 0..8 {
         let spawn = |cfg: &std::path::Path| {
-            Command::new(common::dr_bin())
-                .arg("--config")
-                .arg(cfg)
-                .args(["backup-local", "app", "--type", "full"])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .expect("dr")
+            common::Proc::spawn(
+                Command::new(common::dr_bin())
+                    .arg("--config")
+                    .arg(cfg)
+                    .args(["backup-local", "app", "--type", "full"])
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::piped()),
+            )
+            .expect("dr")
         };
         let a = spawn(&env.config());
         let b = spawn(&other);
@@ -417,15 +418,16 @@ fn an_orphan_diff_left_by_an_interrupted_expire_is_expired() {
 /// Starts a restore or verify and kills it with SIGKILL once its plaintext
 /// temporary exists in `dir` (a name starting with `prefix`).
 fn kill_once_temp_exists(env: &Env, args: &[&str], dir: &std::path::Path, prefix: &str) {
-    let mut child = Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dr");
+    let mut child = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("dr");
     let deadline = Instant::now() + Duration::from_secs(30);
     let found = loop {
         let has = std::fs::read_dir(dir).is_ok_and(|rd| {
@@ -554,12 +556,14 @@ fn restore_force_never_replaces_devices_links_or_a_database_in_use_and_keeps_own
     );
     assert_eq!(dump(&owned), dump(&env.db));
     // A database another process has open is not replaced under it.
-    let holder = Command::new("python3")
+    let holder = common::Proc::spawn(
+Command::new("python3")
         .arg("-c")
         .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1]); c.execute('select count(*) from t').fetchall(); print('ready', flush=True); time.sleep(60)")
         .arg(&owned)
         .stdout(Stdio::piped())
-        .spawn()
+        ,
+)
         .expect("python3");
     let mut holder = holder;
     let mut line = String::new();
@@ -601,12 +605,14 @@ fn the_page_index_cache_is_private() {
 fn a_locked_source_is_waited_for_out_loud() {
     let env = Env::new("");
     make_db(&env.db, false, 100, 200);
-    let mut holder = Command::new("python3")
+    let mut holder = common::Proc::spawn(
+Command::new("python3")
         .arg("-c")
         .arg("import sqlite3,sys,time; c=sqlite3.connect(sys.argv[1], isolation_level=None); c.execute('BEGIN EXCLUSIVE'); print('locked', flush=True); time.sleep(2.5); c.execute('COMMIT')")
         .arg(&env.db)
         .stdout(Stdio::piped())
-        .spawn()
+        ,
+)
         .expect("python3");
     let mut line = String::new();
     use std::io::BufRead;

@@ -580,3 +580,40 @@ fn a_delete_marker_over_the_newest_backup_is_seen_and_removing_it_restores_it() 
     restore_s3(&env, "r.db").ok();
     assert_eq!(dump(&env.path("r.db")), want);
 }
+
+#[test]
+fn a_multipart_upload_no_run_recorded_is_aborted_once_past_the_grace() {
+    // A run killed between the store opening its upload and dr recording
+    // it (or a lost host's) leaves an upload only a listing finds; its
+    // parts are billed until it is aborted.
+    let moto = common::s3::Moto::start();
+    moto.lock_tool(&["create", "upbucket"]);
+    let env = env_at(
+        &moto.endpoint(),
+        "[\"s3\"]",
+        "[retention]\nincomplete_grace = \"3s\"\n",
+        SECRET_KEY,
+        "upbucket",
+    );
+    make_db(&env.db, true, 20, 300);
+    env.full_backup("backup-s3");
+    let key = "prod/app/backup/20261206-010203F/data.zst.age";
+    moto.lock_tool(&["open-upload", "upbucket", key]);
+    // Another policy's upload under the same bucket is not this one's to abort.
+    let other = "prod/other/backup/20261206-010203F/data.zst.age";
+    moto.lock_tool(&["open-upload", "upbucket", other]);
+    let uploads = || moto.lock_tool(&["uploads", "upbucket", "prod/"]);
+    // (Within the grace an upload may be a live run's and is kept; moto
+    // reports every upload as started in 2010, so that half is not seen
+    // here.)
+    std::thread::sleep(std::time::Duration::from_millis(3100));
+    let r = env.dr(&["expire", "app", "--log-level", "info"]).ok();
+    assert_eq!(uploads(), other, "only app's stale upload is aborted");
+    assert!(
+        r.stderr.contains(
+            "aborted the abandoned multipart upload of app/backup/20261206-010203F/data.zst.age"
+        ),
+        "{}",
+        r.stderr
+    );
+}

@@ -131,15 +131,16 @@ fn replicate_through_faults_ships_every_commit_in_order() {
     );
     make_db(&env.db, true, 50, 500);
     let writer = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py");
-    let mut dr = std::process::Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .arg("replicate")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(env.path("replicate.log")).expect("log"))
-        .spawn()
-        .expect("dr replicate");
+    let mut dr = common::Proc::spawn(
+        std::process::Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .arg("replicate")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(env.path("replicate.log")).expect("log")),
+    )
+    .expect("dr replicate");
     let st = std::process::Command::new("python3")
         .arg(&writer)
         .args(["write"])
@@ -231,15 +232,16 @@ fn the_s3_server_dying_mid_restore_is_a_network_failure_naming_the_target() {
     env.dr(&["backup-s3", "app"]).ok();
     proxy.slow_large_bodies(true);
     let to = env.path("r.db");
-    let child = std::process::Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["restore-s3", "app", "--identity", &env.key_arg(), "--to"])
-        .arg(&to)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn dr");
+    let child = common::Proc::spawn(
+        std::process::Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["restore-s3", "app", "--identity", &env.key_arg(), "--to"])
+            .arg(&to)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("spawn dr");
     // Parts trickle at about 2.5 MiB/s: once the restore's temporary file
     // holds pages, the download is under way; then the server dies.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);

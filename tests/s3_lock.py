@@ -8,6 +8,9 @@
   python3 s3_lock.py mark BUCKET PREFIX     a plain DeleteObject (no version) of
                                             each key under PREFIX: delete markers
   python3 s3_lock.py unmark BUCKET PREFIX   removes the delete markers under PREFIX
+  python3 s3_lock.py open-upload BUCKET KEY starts a multipart upload with one part
+                                            and leaves it open, as a killed run does
+  python3 s3_lock.py uploads BUCKET PREFIX  prints the open multipart uploads' keys
 
 Endpoint and credentials come from S3_ENDPOINT, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (the same keys dr uses).
@@ -54,6 +57,15 @@ def main():
         for m in out.get("DeleteMarkers", []):
             s3.delete_object(Bucket=bucket, Key=m["Key"], VersionId=m["VersionId"])
             print(m["Key"])
+    elif cmd == "open-upload":
+        up = s3.create_multipart_upload(Bucket=bucket, Key=sys.argv[3])
+        s3.upload_part(Bucket=bucket, Key=sys.argv[3], UploadId=up["UploadId"],
+                       PartNumber=1, Body=b"x" * (5 * 1024 * 1024))
+        print(up["UploadId"])
+    elif cmd == "uploads":
+        out = s3.list_multipart_uploads(Bucket=bucket, Prefix=sys.argv[3])
+        for u in out.get("Uploads", []):
+            print(u["Key"])
     else:
         sys.exit(f"unknown command {cmd}")
 

@@ -484,14 +484,15 @@ fn a_diff_works_from_a_new_host_with_a_key_and_falls_back_to_full_without() {
 fn a_backup_killed_mid_write_never_looks_complete_and_is_cleaned_up() {
     let env = Env::new("[retention]\nincomplete_grace = \"1s\"\n");
     make_db(&env.db, true, 60_000, 2000); // ~120 MiB: long enough to catch mid-write
-    let mut child = Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["backup-local", "app"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
+    let mut child = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["backup-local", "app"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )
+    .expect("spawn");
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     loop {
         // The data object being written (not the lease's own temporary).

@@ -366,7 +366,10 @@ fn a_policy_without_wal_is_refused_and_at_outside_the_window_names_it() {
 
 #[test]
 fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
-    let port = common::s3::free_port();
+    // Nothing listens on the target's port until the end; it is held so
+    // that no other test's server takes it meanwhile.
+    let held = common::HeldPort::new();
+    let port = held.port;
     // A spool of under a segment is refused: this one holds a few.
     let env = Env::new(
         &WAL_POLICY
@@ -404,7 +407,7 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
 
     // The server comes up; the next run ships the spool, in order, and goes on.
     let dir = tempfile::tempdir().expect("tmp");
-    let _server = S3Server::start_on(&dir.path().join("s3"), "walbucket", port);
+    let _server = S3Server::start_on(&dir.path().join("s3"), "walbucket", held);
     let dr = replicate(&env);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -584,18 +587,23 @@ fn verify_reads_every_wal_segment_and_names_a_corrupt_one() {
     );
 }
 
-/// Starts `dr daemon` in the background, logging to daemon.log.
+/// Starts `dr daemon` in the background, logging to daemon.log, once its
+/// config listens on a port of the system's choosing ([`with_listen`]).
 fn daemon(env: &Env) -> common::Proc {
-    common::start_daemon(env, &["--log-level", "debug"])
+    daemon_on_port(env).0
 }
 
-/// A daemon listening on a free port; the port.
-fn with_listen(env: &Env) -> u16 {
-    let port = common::s3::free_port();
+/// [`daemon`], with the port it bound.
+fn daemon_on_port(env: &Env) -> (common::Proc, u16) {
+    common::start_daemon_listening(env, &["--log-level", "debug"])
+}
+
+/// Lets the daemon listen on a free port it picks itself (tests run side
+/// by side; the default port would be shared).
+fn with_listen(env: &Env) {
     let text = std::fs::read_to_string(env.config()).expect("cfg")
-        + &format!("[daemon]\nlisten = \"127.0.0.1:{port}\"\n");
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
     std::fs::write(env.config(), text).expect("cfg");
-    port
 }
 
 fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
@@ -700,8 +708,8 @@ fn the_generation_continues_across_sighup_and_a_daemon_restart_under_a_live_writ
 fn a_failing_streamer_is_reported_restarted_by_itself_and_its_lag_grows() {
     let env = Env::new(WAL_POLICY);
     common::make_db(&env.db, true, 50, 500);
-    let port = with_listen(&env);
-    let d = daemon(&env);
+    with_listen(&env);
+    let (d, port) = daemon_on_port(&env);
     wait_streaming(&env);
     write(&env, 2, 20, 1000, 500, &[]);
     wait_until("healthy", 10, &env, || {

@@ -108,6 +108,9 @@ pub fn jobs(
                     next = now;
                 }
             }
+            // Said once per job at start and reload: when a backup runs
+            // next is the first thing an operator asks of a scheduler.
+            tracing::info!(policy = %p.name, job = kind.word(), next = %next.to_rfc3339_opts(chrono::SecondsFormat::Secs, true), "scheduled");
             out.push(Job {
                 policy: p.name.clone(),
                 kind,
@@ -264,7 +267,18 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         None => {}
     }
     let server = http::serve(&listen, shared.clone())?;
-    tracing::info!(listen = %listen, "dr daemon started: /healthz and /metrics");
+    // The address bound, not the one asked for: with port 0 the system
+    // picks a free port, and this line is where a supervisor learns it.
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .map_or(listen.clone(), |a| a.to_string());
+    tracing::info!(listen = %bound, "dr daemon started: /healthz and /metrics");
+    let listen_file = ctx.state().daemon_listen();
+    if let Err(e) = std::fs::write(&listen_file, format!("{bound}\n")) {
+        // Only `dr healthcheck` with port 0 needs it: said, not fatal.
+        tracing::warn!(file = %listen_file.display(), error = %e, "cannot record the address bound");
+    }
     let streamers = ops::replicate::Engine::start(
         &ctx,
         ops::replicate::streamed(&ctx),
@@ -367,6 +381,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     }
     abandon(&shared);
     server.unblock();
+    let _ = std::fs::remove_file(&listen_file);
     if let Some(h) = shipper.take() {
         let _ = h.join();
     }

@@ -40,7 +40,9 @@ pub fn expire_locked(
         policy: &policy.name,
     };
     if !dry_run {
-        store.clean_abandoned(&format!("{}/", policy.name))?;
+        let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)
+            .unwrap_or(chrono::Duration::hours(1));
+        store.clean_abandoned(&format!("{}/", policy.name), now - grace)?;
     }
     let dirs = repo.dirs()?;
     let committed = repo.committed_of(&dirs);

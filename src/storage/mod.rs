@@ -100,10 +100,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn delete(&self, key: &str) -> Result<()>;
 
     /// Cleans up writes under `prefix` that a crashed or cut-off run left
-    /// behind on the backend (S3: multipart uploads never completed). The
-    /// caller holds the policy's lock. Returns how many were cleaned.
-    fn clean_abandoned(&self, prefix: &str) -> Result<usize> {
-        let _ = prefix;
+    /// behind on the backend (S3: multipart uploads never completed): the
+    /// ones this host recorded, and any the store lists that were started
+    /// before `older_than` (a run killed before it could record its
+    /// upload, or one on a lost host). The caller holds the policy's lock.
+    /// Returns how many were cleaned.
+    fn clean_abandoned(
+        &self,
+        prefix: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize> {
+        let _ = (prefix, older_than);
         Ok(0)
     }
 

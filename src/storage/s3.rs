@@ -17,9 +17,12 @@ use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use chrono::{DateTime, Utc};
 
+mod abandoned;
+
 use super::{ObjectMeta, ObjectWriter, Storage};
 use crate::error::{Error, Result, transport_error};
 use crate::secret::{FileStamp, stamp};
+use abandoned::{journal_add, journal_remove};
 
 /// Size of one multipart part: big enough for throughput, small enough that
 /// `MAX_IN_FLIGHT` of them stay well inside the memory budget.
@@ -431,9 +434,10 @@ impl Inner {
     }
 }
 
-/// Whether a store answered that it cannot list object versions, or that
-/// these credentials may not: not a failure of the command.
-fn versions_unavailable<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
+/// Whether a store answered that it cannot do a listing beyond objects
+/// (versions, multipart uploads), or that these credentials may not: not a
+/// failure of the command.
+fn listing_unavailable<E: ProvideErrorMetadata, R>(e: &SdkError<E, R>) -> bool {
     matches!(
         e.as_service_error().and_then(|s| s.code()),
         Some("NotImplemented" | "AccessDenied" | "MethodNotAllowed" | "NotSupported")
@@ -681,23 +685,6 @@ impl Read for S3Reader {
     }
 }
 
-fn journal_file(dir: &Path, key: &str, upload_id: &str) -> PathBuf {
-    let h = <sha2::Sha256 as sha2::Digest>::digest(format!("{key}\n{upload_id}").as_bytes());
-    dir.join(format!("{}.upload", hex::encode(&h[..16])))
-}
-
-fn journal_add(dir: &Path, key: &str, upload_id: &str) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    std::fs::write(
-        journal_file(dir, key, upload_id),
-        format!("{key}\n{upload_id}\n"),
-    )
-}
-
-fn journal_remove(dir: &Path, key: &str, upload_id: &str) {
-    let _ = std::fs::remove_file(journal_file(dir, key, upload_id));
-}
-
 impl Storage for S3Storage {
     fn shared(&self) -> bool {
         true
@@ -783,45 +770,13 @@ impl Storage for S3Storage {
         }
     }
 
-    fn clean_abandoned(&self, prefix: &str) -> Result<usize> {
-        let inner = &self.inner;
-        let Ok(entries) = std::fs::read_dir(&inner.journal) else {
-            return Ok(0);
-        };
-        let mut cleaned = 0;
-        for e in entries.flatten() {
-            let Ok(text) = std::fs::read_to_string(e.path()) else {
-                continue;
-            };
-            let mut lines = text.lines();
-            let (Some(key), Some(id)) = (lines.next(), lines.next()) else {
-                continue;
-            };
-            if !key.starts_with(prefix) {
-                continue;
-            }
-            let res = self.rt.block_on(inner.abort_upload(key, id));
-            match res {
-                Ok(_) => {}
-                Err(err)
-                    if err
-                        .as_service_error()
-                        .is_some_and(|s| s.is_no_such_upload()) => {}
-                // A run killed between completing an upload and forgetting
-                // it leaves a record of an upload some stores then refuse
-                // to abort (AccessDenied rather than NoSuchUpload). Nothing
-                // committed depends on it: say so, keep the record for the
-                // next expire, and go on.
-                Err(err) => {
-                    let e = inner.err("abort the abandoned upload of", key, &err);
-                    tracing::warn!(target = %inner.name, "{e} (tried again at the next expire; a lifecycle rule AbortIncompleteMultipartUpload cleans such uploads on the store's side)");
-                    continue;
-                }
-            }
-            let _ = std::fs::remove_file(e.path());
-            tracing::info!(target = %inner.name, "aborted the abandoned multipart upload of {key}");
-            cleaned += 1;
-        }
+    fn clean_abandoned(
+        &self,
+        prefix: &str,
+        older_than: chrono::DateTime<chrono::Utc>,
+    ) -> Result<usize> {
+        let mut cleaned = self.abort_recorded(prefix);
+        cleaned += self.abort_listed(prefix, older_than)?;
         Ok(cleaned)
     }
 
@@ -964,7 +919,7 @@ impl Storage for S3Storage {
                 // A store without versions (s3s-fs, some S3-compatible
                 // servers) or credentials without s3:ListBucketVersions:
                 // nothing can be hidden that dr could see. Said once.
-                Err(e) if versions_unavailable(&e) => {
+                Err(e) if listing_unavailable(&e) => {
                     static SAID: std::sync::Once = std::sync::Once::new();
                     SAID.call_once(|| {
                         tracing::info!(target = %inner.name, "cannot list object versions here ({}): backups hidden by delete markers are not looked for", e.as_service_error().and_then(|s| s.code()).unwrap_or("refused"));

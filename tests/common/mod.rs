@@ -25,15 +25,29 @@ impl Proc {
     /// SIGKILL to the whole group, then reaps the leader.
     pub fn kill_group(&mut self) {
         if let Some(mut c) = self.0.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", c.id())])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status();
+            kill_group_of(c.id());
             let _ = c.kill();
             let _ = c.wait();
         }
     }
+
+    /// Waits for the leader and collects its output; whatever it left in
+    /// its group is killed then.
+    pub fn wait_with_output(mut self) -> std::io::Result<Output> {
+        let child = self.0.take().expect("process already stopped");
+        let pgid = child.id();
+        let out = child.wait_with_output();
+        kill_group_of(pgid);
+        out
+    }
+}
+
+fn kill_group_of(pgid: u32) {
+    let _ = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
 }
 
 impl std::ops::Deref for Proc {
@@ -368,6 +382,156 @@ pub fn start_daemon(env: &Env, args: &[&str]) -> Proc {
             ),
     )
     .expect("start dr daemon")
+}
+
+/// Starts `dr daemon` (whose config says `listen = "127.0.0.1:0"`) and
+/// returns it with the port it bound, read from its own start-up line: no
+/// port is picked by the test and released for another to take.
+pub fn start_daemon_listening(env: &Env, args: &[&str]) -> (Proc, u16) {
+    const STARTED: &str = "dr daemon started";
+    let log = env.path("daemon.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let before = read().matches(STARTED).count();
+    let mut daemon = start_daemon(env, args);
+    let mut port = 0;
+    wait_until(
+        "the daemon's start-up line naming its port",
+        30,
+        || {
+            let text = read();
+            if let Some(line) = text.lines().filter(|l| l.contains(STARTED)).nth(before) {
+                port = line
+                    .split("listen=")
+                    .nth(1)
+                    .and_then(|a| a.split_whitespace().next())
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| {
+                        p.trim_end_matches(|c: char| !c.is_ascii_digit())
+                            .parse()
+                            .ok()
+                    })
+                    .unwrap_or(0);
+            }
+            assert!(
+                !matches!(daemon.try_wait(), Ok(Some(_))),
+                "dr daemon exited at start-up: {}",
+                read()
+            );
+            port != 0
+        },
+        read,
+    );
+    (daemon, port)
+}
+
+/// A loopback TCP port held for a server a test is about to start: bound
+/// with SO_REUSEADDR and not listening, so a connection to it is refused
+/// (as to a server that is down), no other bind takes it, and the server
+/// (which binds with SO_REUSEADDR, as s3s-fs, moto and nginx do) can.
+/// Dropped, or [`HeldPort::release`]d, once the server listens.
+pub struct HeldPort {
+    pub port: u16,
+    hold: Option<socket2::Socket>,
+}
+
+impl HeldPort {
+    pub fn new() -> HeldPort {
+        HeldPort::at(0)
+    }
+
+    /// Holds `port` itself (0: any), as a restarted server's old port.
+    pub fn at(port: u16) -> HeldPort {
+        use socket2::{Domain, Socket, Type};
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).expect("socket");
+        s.set_reuse_address(true).expect("SO_REUSEADDR");
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        s.bind(&addr.into())
+            .unwrap_or_else(|e| panic!("cannot hold loopback port {port}: {e}"));
+        let port = s
+            .local_addr()
+            .ok()
+            .and_then(|a| a.as_socket())
+            .map(|a| a.port())
+            .expect("bound port");
+        HeldPort {
+            port,
+            hold: Some(s),
+        }
+    }
+
+    pub fn release(&mut self) {
+        self.hold = None;
+    }
+}
+
+impl Default for HeldPort {
+    fn default() -> Self {
+        HeldPort::new()
+    }
+}
+
+/// Whether a process of process group `pgid` listens on TCP `port`: the
+/// server a test started, not whatever else answers there.
+pub fn group_listens(port: u16, pgid: u32) -> bool {
+    let mut inodes = std::collections::HashSet::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        for line in std::fs::read_to_string(table)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let listening = f.get(3) == Some(&"0A");
+            let on_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok())
+                == Some(port);
+            if let (true, Some(i)) = (listening && on_port, f.get(9)) {
+                inodes.insert(format!("socket:[{i}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    procs.flatten().any(|p| {
+        let stat = std::fs::read_to_string(p.path().join("stat")).unwrap_or_default();
+        // pid (comm) state ppid pgrp …: the comm may hold spaces.
+        let group = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().nth(2))
+            .and_then(|g| g.parse::<u32>().ok());
+        group == Some(pgid)
+            && std::fs::read_dir(p.path().join("fd")).is_ok_and(|fds| {
+                fds.flatten().any(|fd| {
+                    std::fs::read_link(fd.path())
+                        .is_ok_and(|l| inodes.contains(&l.to_string_lossy().into_owned()))
+                })
+            })
+    })
+}
+
+/// Waits until `server` (a [`Proc`], leader of its group) listens on
+/// `port`, failing with `what` and `hint` if it exits or takes longer than
+/// `secs`: readiness is this server bound and listening, not an answer.
+pub fn wait_listening(server: &mut Proc, port: u16, what: &str, secs: u64, hint: &str) {
+    let pgid = server.id();
+    wait_until(
+        &format!("{what} to listen on port {port}"),
+        secs,
+        || {
+            if let Ok(Some(st)) = server.try_wait() {
+                panic!("{what} exited before listening on port {port} ({st}): {hint}");
+            }
+            group_listens(port, pgid)
+        },
+        || hint.to_string(),
+    );
 }
 
 /// A plain HTTP GET on loopback: (status, body), or `None` when nothing answers.

@@ -64,7 +64,9 @@ impl PgCluster {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let port = super::s3::free_port();
+        // No TCP (listen_addresses = ''): the port only names the socket
+        // file in this cluster's own directory.
+        let port = super::HeldPort::new().port;
         let conf = format!(
             "port = {port}\nlisten_addresses = ''\nunix_socket_directories = '{}'\nfsync = off\n",
             sock.display()
@@ -149,7 +151,8 @@ pub fn sql_at(sock: &Path, port: u16, sql: &str) -> String {
 
 /// Starts a restored data directory on a new port and waits out recovery.
 pub fn start_restored(data: &Path, sock: &Path, log: &Path) -> u16 {
-    let port = super::s3::free_port();
+    // Unix socket only, in `sock`: the port names the socket file.
+    let port = super::HeldPort::new().port;
     let out = as_postgres(&[
         "pg_ctl",
         "-D",

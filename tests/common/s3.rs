@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 pub const ACCESS_KEY: &str = "dr-test-access";
 pub const SECRET_KEY: &str = "dr-test-secret-key-0123456789";
@@ -37,42 +36,28 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .ok_or(())
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 impl S3Server {
     /// Starts a server with bucket `bucket` created.
     pub fn start(root: &Path, bucket: &str) -> S3Server {
+        S3Server::start_on(root, bucket, super::HeldPort::new())
+    }
+
+    /// Starts a server on a port a test held from the start (one it
+    /// pointed dr at while nothing listened there).
+    pub fn start_on(root: &Path, bucket: &str, held: super::HeldPort) -> S3Server {
         std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
         let mut s = S3Server {
             root: root.to_path_buf(),
-            port: free_port(),
+            port: held.port,
             child: None,
             keys: (ACCESS_KEY.into(), SECRET_KEY.into()),
         };
-        s.spawn();
+        s.spawn(held);
         s
     }
 
-    /// Starts a server on a given port (one a test pointed dr at while it was down).
-    pub fn start_on(root: &Path, bucket: &str, port: u16) -> S3Server {
-        std::fs::create_dir_all(root.join(bucket)).expect("bucket dir");
-        let mut s = S3Server {
-            root: root.to_path_buf(),
-            port,
-            child: None,
-            keys: (ACCESS_KEY.into(), SECRET_KEY.into()),
-        };
-        s.spawn();
-        s
-    }
-
-    fn spawn(&mut self) {
-        let child = super::Proc::spawn(
+    fn spawn(&mut self, mut held: super::HeldPort) {
+        let mut child = super::Proc::spawn(
             Command::new(s3s_fs())
                 .args(["--host", "127.0.0.1", "--port", &self.port.to_string()])
                 .args(["--access-key", &self.keys.0, "--secret-key", &self.keys.1])
@@ -81,12 +66,15 @@ impl S3Server {
                 .stderr(Stdio::null()),
         )
         .expect("start s3s-fs (run scripts/install-test-deps)");
+        super::wait_listening(
+            &mut child,
+            self.port,
+            "s3s-fs",
+            10,
+            "run scripts/install-test-deps",
+        );
+        held.release();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "s3s-fs did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -100,9 +88,12 @@ impl S3Server {
         }
     }
 
+    /// Kills the server and starts it again on the same port, held in
+    /// between so that no other test's server takes it.
     pub fn restart(&mut self) {
         self.kill();
-        self.spawn();
+        let held = super::HeldPort::at(self.port);
+        self.spawn(held);
     }
 
     /// Restarts the server accepting only a new key pair: the old one is
@@ -178,7 +169,8 @@ impl TlsProxy {
     /// 127.0.0.1:`upstream`.
     pub fn start_with(dir: &Path, upstream: u16, cert: &Path, key: &Path, ca: &Path) -> TlsProxy {
         std::fs::create_dir_all(dir).expect("mkdir");
-        let port = free_port();
+        let mut held = super::HeldPort::new();
+        let port = held.port;
         let d = dir.display();
         let conf = format!(
             "daemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 128; }}\n\
@@ -193,7 +185,7 @@ impl TlsProxy {
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).expect("conf");
         // Its own process group: the workers go with the master.
-        let child = super::Proc::spawn(
+        let mut child = super::Proc::spawn(
             Command::new("nginx")
                 .arg("-c")
                 .arg(&conf_path)
@@ -203,14 +195,8 @@ impl TlsProxy {
                 .stderr(Stdio::null()),
         )
         .expect("nginx (scripts/install-test-deps installs nginx-light)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nginx did not start: see {d}/error.log"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        super::wait_listening(&mut child, port, "nginx", 10, &format!("see {d}/error.log"));
+        held.release();
         TlsProxy {
             port,
             ca: ca.to_path_buf(),
@@ -256,22 +242,23 @@ pub struct Moto {
 
 impl Moto {
     pub fn start() -> Moto {
-        let port = free_port();
-        let child = super::Proc::spawn(
+        let mut held = super::HeldPort::new();
+        let port = held.port;
+        let mut child = super::Proc::spawn(
             Command::new("python3")
                 .args(["-m", "moto.server", "-p", &port.to_string()])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null()),
         )
         .expect("python3 -m moto.server (run scripts/install-test-deps)");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "moto's server did not start: run scripts/install-test-deps"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        super::wait_listening(
+            &mut child,
+            port,
+            "moto's server",
+            30,
+            "run scripts/install-test-deps",
+        );
+        held.release();
         Moto { port, child }
     }
 
