@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402  (helpers: timed runs, database generation, setup)
+import bench_common as bench  # noqa: E402  (helpers: timed runs, database generation, setup)
 
 BASE = os.environ.get("BENCH_BASELINE")
 if not BASE:

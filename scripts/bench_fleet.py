@@ -290,52 +290,75 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
     }
 
 
-def ratio(a, b):
-    return f"{a / b:.2f}" if b else ("0" if a == 0 else "inf")
+def cell(xs, fmt):
+    """Median (min–max) of `runs` values."""
+    m = fmt.format(statistics.median(xs))
+    return m if len(xs) < 2 else f"{m} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
 
 
-def s3_rows(dr, work, ls_bin):
+def ratio(ours, theirs):
+    """The median of the per-run ratios dr / Litestream, with their spread."""
+    rs = [a / b for a, b in zip(ours, theirs) if b]
+    if not rs:
+        return "0" if not any(ours) else "inf"
+    return cell(rs, "{:.2f}")
+
+
+def side_by_side(runs, n, tool_run):
+    """`tool_run(tool)` `runs` times for each tool, alternating which goes
+    first; {tool: [(idle, busy), ...]}."""
+    res = {"litestream": [], "dr": []}
+    for i in range(runs):
+        order = ("litestream", "dr") if i % 2 == 0 else ("dr", "litestream")
+        for tool in order:
+            print(f"fleet: {tool}, {n} databases, run {i + 1} of {runs} ...", file=sys.stderr)
+            res[tool].append(tool_run(tool))
+    return res
+
+
+def rows_of(res, label, measures):
+    """One row per (name, phase, key, fmt) in `measures`."""
+    out = []
+    for name, phase, key, fmt in measures:
+        ls = [r[phase][key] for r in res["litestream"]]
+        dr = [r[phase][key] for r in res["dr"]]
+        out.append((f"{label} {name}", cell(ls, fmt), cell(dr, fmt), ratio(dr, ls)))
+    return out
+
+
+def s3_rows(dr, work, ls_bin, runs):
     """Idle requests to an S3 server (s3s-fs), per database and hour."""
     out = []
     for n in [int(x) for x in os.environ.get("BENCH_FLEET_S3", "100").split()]:
         s3 = S3(work)
         try:
-            res = {}
-            for tool in ("litestream", "dr"):
-                print(f"fleet: {tool}, {n} databases, S3 target ...", file=sys.stderr)
-                res[tool] = run_tool(tool, dr, work, n, ls_bin, s3)
+            res = side_by_side(runs, n, lambda tool: run_tool(tool, dr, work, n, ls_bin, s3))
         finally:
             s3.stop()
-        (li, lb), (di, db_) = res["litestream"], res["dr"]
-        out += [
-            (f"N={n}, S3 target: idle requests (objects written, read, listed) per db per hour", f"{li['requests_per_db_hour']:.1f}",
-             f"{di['requests_per_db_hour']:.1f}", ratio(di["requests_per_db_hour"], li["requests_per_db_hour"])),
-            (f"N={n}, S3 target: idle CPU (% of a core)", f"{li['cpu']:.2f}", f"{di['cpu']:.2f}", ratio(di["cpu"], li["cpu"])),
-            (f"N={n}, S3 target: busy lag p99 (s)", f"{lb['p99']:.2f}", f"{db_['p99']:.2f}", ratio(db_["p99"], lb["p99"])),
-        ]
+        out += rows_of(res, f"N={n}, S3 target:", [
+            ("idle requests (objects written, read, listed) per db per hour", 0, "requests_per_db_hour", "{:.1f}"),
+            ("idle CPU (% of a core)", 0, "cpu", "{:.2f}"),
+            ("busy lag p99 (s)", 1, "p99", "{:.2f}"),
+        ])
     return out
 
 
-def rows(dr, work):
+def rows(dr, work, runs=None):
+    runs = runs or int(os.environ.get("BENCH_RUNS", "3"))
     ls_bin = litestream_bin(work)
     out = []
     for n in [int(x) for x in os.environ.get("BENCH_FLEET", "100 1000").split()]:
-        res = {}
-        for tool in ("litestream", "dr"):
-            print(f"fleet: {tool}, {n} databases ...", file=sys.stderr)
-            res[tool] = run_tool(tool, dr, work, n, ls_bin)
-        (li, lb), (di, db_) = res["litestream"], res["dr"]
-        out += [
-            (f"N={n} idle CPU (% of a core)", f"{li['cpu']:.2f}", f"{di['cpu']:.2f}", ratio(di["cpu"], li["cpu"])),
-            (f"N={n} idle RSS (MiB)", f"{li['rss']:.0f}", f"{di['rss']:.0f}", ratio(di["rss"], li["rss"])),
-            (f"N={n} idle threads", str(li["threads"]), str(di["threads"]), ratio(di["threads"], li["threads"])),
-            (f"N={n} busy CPU, {n // 10} dbs x 20 tx/s (% of a core)", f"{lb['cpu']:.1f}", f"{db_['cpu']:.1f}",
-             ratio(db_["cpu"], lb["cpu"])),
-            (f"N={n} busy lag p50 (s)", f"{lb['p50']:.2f}", f"{db_['p50']:.2f}", ratio(db_["p50"], lb["p50"])),
-            (f"N={n} busy lag p99 (s)", f"{lb['p99']:.2f}", f"{db_['p99']:.2f}", ratio(db_["p99"], lb["p99"])),
-        ]
+        res = side_by_side(runs, n, lambda tool: run_tool(tool, dr, work, n, ls_bin))
+        out += rows_of(res, f"N={n}", [
+            ("idle CPU (% of a core)", 0, "cpu", "{:.2f}"),
+            ("idle RSS (MiB)", 0, "rss", "{:.0f}"),
+            ("idle threads", 0, "threads", "{:.0f}"),
+            (f"busy CPU, {n // 10} dbs x 20 tx/s (% of a core)", 1, "cpu", "{:.1f}"),
+            ("busy lag p50 (s)", 1, "p50", "{:.2f}"),
+            ("busy lag p99 (s)", 1, "p99", "{:.2f}"),
+        ])
     if os.environ.get("BENCH_FLEET_S3", "100").strip():
-        out += s3_rows(dr, work, ls_bin)
+        out += s3_rows(dr, work, ls_bin, int(os.environ.get("BENCH_FLEET_S3_RUNS", str(runs))))
     return out
 
 
@@ -343,6 +366,7 @@ def table(dr, work):
     """(title, head, rows) of the fleet comparison, for bench.write_table."""
     rs = rows(dr, work)
     head = ("case", f"Litestream {LITESTREAM_VERSION}", "dr", "dr / Litestream")
-    title = (f"Fleet, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}: one process streams every database "
-             "to a local target (dr: sync_interval 1s, age; Litestream: defaults).")
+    title = (f"Fleet, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, `BENCH_ONLY=fleet scripts/bench`: "
+             "one process streams every database to a local target (dr: sync_interval 1s, age; Litestream: "
+             "defaults); median of the runs (min–max), the tools alternating which goes first.")
     return title, head, rs

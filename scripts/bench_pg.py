@@ -5,9 +5,12 @@ against the same pgBackRest commands run by hand with dr's generated config.
 import json
 import os
 import shutil
-import statistics
 import subprocess
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import spread  # noqa: E402
 
 SCALE = int(os.environ.get("BENCH_PG_SCALE", "50"))
 
@@ -83,10 +86,10 @@ def rows(dr, work, runs):
                 res[f"{who} diff"].append(timed(cmd + ["--type", "diff"] if who == "dr" else cmd + ["--type=diff"]))
         out = []
         for kind in ("full", "diff"):
-            h = statistics.median(res[f"hand {kind}"])
-            dd = statistics.median(res[f"dr {kind}"])
+            h, dd = res[f"hand {kind}"], res[f"dr {kind}"]
+            overhead = [(b / a - 1) * 100 for a, b in zip(h, dd)]
             out.append((f"PostgreSQL {kind} backup, pgbench scale {SCALE} (pgBackRest by hand vs through dr)",
-                        f"{h:.2f} s", f"{dd:.2f} s", f"{(dd / h - 1) * 100:+.1f}% overhead", "< 5%", "-", "-"))
+                        spread(h), spread(dd), spread(overhead, "{:+.1f}", "% overhead"), "< 5%", "-", "-"))
         return out
     finally:
         subprocess.run(["runuser", "-u", "postgres", "--", "pg_ctl", "-D", data, "-m", "fast", "stop"], capture_output=True)

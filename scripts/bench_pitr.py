@@ -25,7 +25,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench  # noqa: E402
+import bench_common as bench  # noqa: E402
 from bench_fleet import LITESTREAM_VERSION, litestream_bin  # noqa: E402
 
 GIB = float(os.environ.get("BENCH_PITR_GIB", "1"))
@@ -102,6 +102,7 @@ def run_dr(dr, base, src, seconds):
         if time.time() > deadline or p.poll() is not None:
             raise SystemExit(f"dr took no base backup: see {log.name}")
         time.sleep(0.2)
+    settle(os.path.join(d, "backups"), p, log.name)
     out = os.path.join(base, "dr.restored.db")
     n, w, rss, ok = burst_then_restore(
         p, db, seconds, out,
@@ -133,7 +134,7 @@ def run_litestream(ls, base, src, seconds):
         if time.time() > deadline or p.poll() is not None:
             raise SystemExit(f"Litestream wrote no snapshot: see {log.name}")
         time.sleep(0.2)
-    time.sleep(2)
+    settle(replica, p, log.name)
     out = os.path.join(base, "ls.restored.db")
     n, w, rss, ok = burst_then_restore(
         p, db, seconds, out, f"rm -f '{out}' && '{ls}' restore -o '{out}' 'file://{replica}'")
@@ -145,6 +146,20 @@ def run_litestream(ls, base, src, seconds):
             if os.path.exists(f):
                 os.remove(f)
     return w, rss, ok, n, stored
+
+
+def settle(root, p, log):
+    """Ready, the same way for both tools: what `root` holds has not
+    changed for 2 s (the first full copy is written, not only begun)."""
+    deadline = time.time() + 300
+    last, since = -1, time.time()
+    while time.time() - since < 2:
+        size = dir_size(root)
+        if size != last:
+            last, since = size, time.time()
+        if time.time() > deadline or p.poll() is not None:
+            raise SystemExit(f"the first copy never settled: see {log}")
+        time.sleep(0.2)
 
 
 def glob_any(pattern):
@@ -162,7 +177,8 @@ def dir_size(root):
     return total
 
 
-def rows(dr, work):
+def rows(dr, work, runs=bench.RUNS):
+    """Each burst `runs` times, the tools alternating which goes first."""
     ls = litestream_bin(work)
     base = os.path.join(work, "pitr")
     os.makedirs(base, exist_ok=True)
@@ -170,18 +186,31 @@ def rows(dr, work):
     bench.make_db(src, GIB)
     out = []
     for seconds in BURSTS:
-        lw, lrss, lok, ln, lstored = run_litestream(ls, base, src, seconds)
-        dw, drss, dok, dn, dstored, diffs = run_dr(dr, base, src, seconds)
-        if not (lok and dok):
-            raise SystemExit(f"a restore differs from its source (Litestream ok={lok}, dr ok={dok})")
-        print(f"burst {seconds}s: Litestream {lw:.2f}s ({ln} tx), dr {dw:.2f}s ({dn} tx, {diffs} diffs)",
-              file=sys.stderr)
+        res = {"ls": [], "dr": []}
+        diffs = []
+        for i in range(runs):
+            order = ("ls", "dr") if i % 2 == 0 else ("dr", "ls")
+            for tool in order:
+                if tool == "ls":
+                    w, rss, ok, n, stored = run_litestream(ls, base, src, seconds)
+                else:
+                    w, rss, ok, n, stored, d = run_dr(dr, base, src, seconds)
+                    diffs.append(d)
+                if not ok:
+                    raise SystemExit(f"a {tool} restore differs from its source after a {seconds} s burst")
+                res[tool].append((w, rss, stored))
+                print(f"burst {seconds}s run {i + 1}: {tool} {w:.2f}s ({n} tx)", file=sys.stderr)
+
+        def col(k, j):
+            return [x[j] for x in res[k]]
         out.append((f"restore of the newest state after a {seconds} s burst ({RATE} tx/s x {ROWS_PER_TX} random rows)",
-                    f"{lw:.2f} s", f"{dw:.2f} s", f"{dw / lw:.2f}x", "<= 0.50x",
-                    f"{lrss:.0f} MiB", f"{drss:.0f} MiB"))
-        out.append((f"stored after the {seconds} s burst (dr: {diffs} diffs taken by diff_after)",
-                    f"{lstored / 1048576:.0f} MiB", f"{dstored / 1048576:.0f} MiB",
-                    f"{dstored / max(lstored, 1):.2f}x", "-", "-", "-"))
+                    bench.spread(col("ls", 0)), bench.spread(col("dr", 0)), bench.ratio(col("dr", 0), col("ls", 0)),
+                    "<= 0.50x", bench.spread(col("ls", 1), "{:.0f}", " MiB"),
+                    bench.spread(col("dr", 1), "{:.0f}", " MiB")))
+        out.append((f"stored after the {seconds} s burst (dr: {min(diffs)}–{max(diffs)} diffs taken by diff_after)",
+                    bench.spread([x / 1048576 for x in col("ls", 2)], "{:.0f}", " MiB"),
+                    bench.spread([x / 1048576 for x in col("dr", 2)], "{:.0f}", " MiB"),
+                    bench.ratio(col("dr", 2), col("ls", 2)), "-", "-", "-"))
     return out
 
 

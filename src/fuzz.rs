@@ -117,6 +117,65 @@ pub fn segment(data: &[u8]) {
     }
 }
 
+/// A WAL segment *body* with its closing hash recomputed (as anyone who
+/// can write to the target and holds the public recipient could: age
+/// encrypts, it does not authenticate the writer), replayed over a
+/// one-page base as a restore would. What the hash would stop is applied:
+/// a replay that succeeds leaves a file of whole pages, the size the last
+/// applied commit declared, never empty.
+pub fn segment_body(data: &[u8], scratch: &Path) {
+    use sha2::Digest;
+    if data.len() < 24 {
+        return;
+    }
+    let mut seg = data.to_vec();
+    seg.extend_from_slice(&0u32.to_le_bytes());
+    let sum = sha2::Sha256::digest(&seg);
+    seg.extend_from_slice(&sum);
+    let Ok(mut r) = SegmentReader::new(&seg[..]) else {
+        return;
+    };
+    // The frames it holds, from its own framing: its name would say so.
+    let (first, page_size) = (r.first_seq, r.page_size);
+    let mut frames = 0u64;
+    for _ in 0..=seg.len() {
+        match r.next_txn() {
+            Ok(Some(t)) => frames += u64::from(t.nframes),
+            Ok(None) => break,
+            Err(_) => return,
+        }
+    }
+    let (Some(last), Some(first_minus)) = ((first + frames).checked_sub(1), first.checked_sub(1))
+    else {
+        return;
+    };
+    let path = scratch.join("fuzz-replay.db");
+    let Ok(file) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&path)
+    else {
+        return;
+    };
+    if file.set_len(u64::from(page_size)).is_err() {
+        return;
+    }
+    let mut rep =
+        crate::sqlite::apply::Replayer::new(&file, &path, "base", page_size, 1, first_minus, None);
+    if rep.segment(&seg[..], "fuzz", first, last).is_ok() && rep.finish().is_ok() {
+        let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+        assert!(len > 0, "a replay never leaves an empty database");
+        assert_eq!(len % u64::from(page_size), 0, "whole pages only");
+        assert!(
+            len <= u64::from(page_size) * u64::from(u32::MAX),
+            "within SQLite's page count"
+        );
+    }
+    let _ = std::fs::remove_file(&path);
+}
+
 /// A page stream (backup data) and a page-hash index.
 pub fn pages(data: &[u8]) {
     if let Ok(mut r) = PageReader::new(data) {

@@ -709,6 +709,167 @@ fn a_reload_that_changes_nothing_a_stream_uses_leaves_it_running() {
 }
 
 #[test]
+fn a_reload_that_adds_a_target_and_a_wal_policy_takes_both_up() {
+    let env = Env::new("[schedule]\nfull = \"*/2 * * * * *\"\n");
+    make_db(&env.db, true, 20, 200);
+    let (daemon, _) = daemon_with_listen(&env, "", &[]);
+    common::wait_until(
+        "a scheduled backup",
+        30,
+        || {
+            env.dr(&["info", "--json"]).json()["policies"][0]["targets"][0]["backups"]
+                .as_array()
+                .is_some_and(|b| !b.is_empty())
+        },
+        || daemon_log(&env),
+    );
+    // A second target for app, and a new policy that streams its WAL.
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    std::fs::write(
+        env.config(),
+        format!("{cfg}[targets.second]\nkind = \"local\"\npath = \"second\"\n"),
+    )
+    .expect("cfg");
+    let policy = env.path("policies/app.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        text.replace("targets = [\"local\"]", "targets = [\"local\", \"second\"]"),
+    )
+    .expect("policy");
+    let streamed = env.path("stream.db");
+    make_db(&streamed, true, 20, 200);
+    env.write_policy("stream", "stream.db", WAL);
+    let _ = Command::new("kill")
+        .args(["-HUP", &daemon.0.id().to_string()])
+        .status();
+    wait_daemon_log(&env, "configuration reloaded", 10);
+    wait_daemon_log(&env, "generation base committed", 30);
+    common::wait_until(
+        "app's backup on the new target",
+        30,
+        || {
+            env.dr(&["info", "--json", "--target", "second"]).json()["policies"]
+                .as_array()
+                .is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p["name"] == "app"
+                            && p["targets"][0]["backups"]
+                                .as_array()
+                                .is_some_and(|b| !b.is_empty())
+                    })
+                })
+        },
+        || daemon_log(&env),
+    );
+    commit_rows(&streamed, 1000, 20);
+    let want = common::dump(&streamed);
+    assert_eq!(daemon.stop(), 0, "{}", daemon_log(&env));
+    // The new policy's every commit restores, and app from its new target.
+    let to = env.path("stream-restored.db").display().to_string();
+    env.dr(&[
+        "restore-local",
+        "stream",
+        "--to",
+        &to,
+        "--identity",
+        &env.key_arg(),
+    ])
+    .ok();
+    assert_eq!(common::dump(&env.path("stream-restored.db")), want);
+    let to = env.path("app-second.db").display().to_string();
+    env.dr(&[
+        "restore-local",
+        "app",
+        "--target",
+        "second",
+        "--to",
+        &to,
+        "--identity",
+        &env.key_arg(),
+    ])
+    .ok();
+    assert_eq!(
+        common::dump(&env.path("app-second.db")),
+        common::dump(&env.db)
+    );
+}
+
+/// The generations under the policy's WAL directory.
+fn generation_count(env: &Env) -> usize {
+    std::fs::read_dir(backups_dir_wal(env, "app"))
+        .map(|d| d.flatten().filter(|e| e.path().is_dir()).count())
+        .unwrap_or(0)
+}
+
+#[test]
+fn continuity_broken_while_dr_is_stopped_starts_a_new_generation_never_a_splice() {
+    let env = Env::new(WAL);
+    make_db(&env.db, true, 20, 300);
+    let now = || chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    let mut instants: Vec<(String, Vec<String>)> = Vec::new();
+    let stream_round = |env: &Env, from: i64, instants: &mut Vec<(String, Vec<String>)>| {
+        // Each run logs afresh to replicate.log.
+        let dr = Reaped(common::spawn_replicate(env));
+        wait_for(env, "the stream's base", 30, || {
+            log(env).contains("generation base committed")
+                || log(env).contains("continuing the generation")
+        });
+        commit_rows(&env.db, from, 30);
+        // An instant the stream watched: later writes stay out of it.
+        std::thread::sleep(Duration::from_millis(1200));
+        instants.push((now(), dump(&env.db)));
+        std::thread::sleep(Duration::from_millis(200));
+        let out = log(env);
+        assert_eq!(dr.stop(), 0, "{out}");
+    };
+    stream_round(&env, 0, &mut instants);
+    assert_eq!(generation_count(&env), 1);
+
+    // Offline: commits dr never saw, then the WAL restarts and is cut
+    // short (journal_size_limit) under a new salt.
+    {
+        let c = rusqlite::Connection::open(&env.db).expect("open");
+        c.execute_batch("PRAGMA journal_size_limit = 0;")
+            .expect("limit");
+        commit_rows(&env.db, 2000, 40);
+        c.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()))
+            .expect("checkpoint");
+    }
+    commit_rows(&env.db, 3000, 5);
+    stream_round(&env, 4000, &mut instants);
+    assert_eq!(generation_count(&env), 2, "{}", log(&env));
+
+    // Offline: the file is replaced by another database (a restore by
+    // hand, a copy from elsewhere).
+    let other = env.path("other.db");
+    make_db(&other, true, 7, 100);
+    for side in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{side}", env.db.display()));
+    }
+    std::fs::rename(&other, &env.db).expect("replace");
+    stream_round(&env, 5000, &mut instants);
+    assert_eq!(generation_count(&env), 3, "{}", log(&env));
+
+    // Every watched instant restores exactly what the database held then:
+    // frames of one generation never applied to another's base.
+    for (i, (at, want)) in instants.iter().enumerate() {
+        let r = env.restore(&format!("at{i}.db"), &["--at", at]);
+        assert_eq!(r.code, 0, "{at}: {}", r.stderr);
+        assert_eq!(
+            &dump(&env.path(&format!("at{i}.db"))),
+            want,
+            "instant {i} at {at}"
+        );
+    }
+    let r = env.restore("newest.db", &[]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&env.path("newest.db")), dump(&env.db));
+    env.dr(&["verify", "app", "--identity", &env.key_arg()])
+        .ok();
+}
+
+#[test]
 fn a_fleet_whose_directory_is_a_link_streams_every_database_through_it() {
     let env = Env::new("");
     std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");

@@ -175,14 +175,15 @@ fn the_server_dying_mid_upload_fails_cleanly_and_the_next_run_succeeds() {
         "backups",
     );
     make_db(&env.db, true, 30_000, 2000); // ~60 MiB, incompressible: several parts
-    let mut child = std::process::Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["backup-s3", "app"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = common::Proc::spawn(
+        std::process::Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["backup-s3", "app"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("spawn");
     // Kill the server once parts are being uploaded.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while !std::fs::read_dir(root.path())
@@ -496,15 +497,16 @@ fn a_key_refused_mid_rotation_is_read_again_and_the_request_tried_once_more() {
     // been refused: the retry must read them again.
     let (new_id, new_secret) = ("dr-mid-rotation", "dr-mid-rotation-secret-24680");
     server.rotate(new_id, new_secret);
-    let mut child = std::process::Command::new(common::dr_bin())
-        .arg("--config")
-        .arg(env.config())
-        .args(["backup-s3", "app"])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("dr");
+    let mut child = common::Proc::spawn(
+        std::process::Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["backup-s3", "app"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("dr");
     let stderr = child.stderr.take().expect("stderr");
     let files = [
         (env.path("s3.key_id"), new_id),
@@ -615,5 +617,60 @@ fn a_multipart_upload_no_run_recorded_is_aborted_once_past_the_grace() {
         ),
         "{}",
         r.stderr
+    );
+}
+
+#[test]
+fn a_lease_replaced_during_a_backup_stops_its_commit() {
+    // Another host took the policy over (an operator cleared the lease, a
+    // clock ran ahead) while this backup uploaded: it must not commit.
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let env = s3_env(&server, "", SECRET_KEY, "backups");
+    make_db(&env.db, true, 30_000, 2000); // ~60 MiB, incompressible: several parts
+    let lease = root.path().join("backups/prod/app/lease");
+    let child = common::Proc::spawn(
+        std::process::Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["backup-s3", "app", "--type", "full"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("spawn");
+    let uploading = || {
+        std::fs::read_dir(root.path())
+            .map(|d| {
+                d.flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(".upload"))
+            })
+            .unwrap_or(false)
+    };
+    common::wait_until(
+        "the backup's lease and its first upload",
+        60,
+        || lease.exists() && uploading(),
+        || format!("lease {}", lease.exists()),
+    );
+    std::fs::write(
+        &lease,
+        "{\"holder\": \"otherhost pid 77\", \"command\": \"backup\", \"token\": \"theirs\", \"acquired\": \"2026-01-01T00:00:00Z\", \"expires\": \"2999-01-01T00:00:00Z\"}",
+    )
+    .expect("replace the lease");
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{stderr}");
+    assert!(stderr.contains("otherhost pid 77"), "{stderr}");
+    // Nothing committed: no manifest on the target, nothing to restore.
+    let manifests: Vec<_> = common::files_under(&root.path().join("backups"))
+        .into_iter()
+        .filter(|k| k.contains("/backup/") && k.ends_with("manifest.json"))
+        .collect();
+    assert!(manifests.is_empty(), "{manifests:?}");
+    assert!(
+        std::fs::read_to_string(&lease)
+            .expect("lease")
+            .contains("theirs"),
+        "the other host's lease is left alone"
     );
 }

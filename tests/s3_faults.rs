@@ -280,3 +280,55 @@ fn the_s3_server_dying_mid_restore_is_a_network_failure_naming_the_target() {
         .collect();
     assert!(leftovers.is_empty(), "no plaintext left: {leftovers:?}");
 }
+
+#[test]
+fn credentials_that_cannot_delete_work_append_only_and_fail_a_plain_expire_loudly() {
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "backups");
+    let proxy = FaultProxy::start(server.port, common::faults::seed(), 0);
+    // Write-only credentials, as for a ransomware-proof target.
+    proxy.deny_deletes(true);
+    let env = faulty_env(&proxy, "[retention]\nfull = 1\n");
+    make_db(&env.db, true, 50, 300);
+    let plain = std::fs::read_to_string(env.config()).expect("cfg");
+    std::fs::write(env.config(), format!("{plain}append_only = true\n")).expect("cfg");
+    let mut labels = Vec::new();
+    for _ in 0..2 {
+        labels.push(env.full_backup("backup-s3"));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    // append_only: every backup and its expire succeed without a delete;
+    // the older full is kept and says why.
+    let exp = env.dr(&["expire", "app", "--json"]).ok().json();
+    assert!(
+        exp.as_array()
+            .is_some_and(|a| a.iter().any(|e| e["label"] == labels[0].as_str()
+                && e["removed"] == false
+                && e["reason"]
+                    .as_str()
+                    .is_some_and(|r| r.contains("append_only")))),
+        "{exp}"
+    );
+
+    // The same credentials without append_only: expire cannot delete, and
+    // says so with exit 1 naming the target and the refusal; nothing is
+    // lost, every backup still restores.
+    std::fs::write(env.config(), &plain).expect("cfg");
+    let r = env.dr(&["expire", "app"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("target 's3'") && r.stderr.contains("AccessDenied"),
+        "{}",
+        r.stderr
+    );
+    let info = env.dr(&["info", "--json"]).ok().json();
+    let listed: Vec<&str> = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .filter_map(|b| b["label"].as_str())
+        .collect();
+    assert_eq!(listed, labels, "{info}");
+    let key = env.key_arg();
+    env.dr(&["verify", "app", "--identity", &key]).ok();
+}

@@ -221,6 +221,13 @@ impl<'f> Replayer<'f> {
         let ps = self.page_size;
         let mut at = first - 1;
         while let Some(t) = r.next_txn().map_err(|e| read_error(object, e))? {
+            // A database has at least one page: a commit that says none
+            // would restore an empty file that passes every check.
+            if t.db_pages == 0 {
+                return Err(bad(format!(
+                    "a transaction after frame {at} commits a database of 0 pages"
+                )));
+            }
             let first = at + 1;
             at += u64::from(t.nframes);
             let apply = !self.stopped && at > self.seq;
@@ -235,7 +242,10 @@ impl<'f> Replayer<'f> {
             }
             for _ in 0..t.nframes {
                 let (pgno, page) = r.next_frame().map_err(|e| read_error(object, e))?;
-                if apply && !self.stopped {
+                // Pages past the size the transaction commits are cut off
+                // at its commit: not written (as SQLite's checkpoint skips
+                // them), which also bounds where a frame can write.
+                if apply && !self.stopped && pgno <= t.db_pages {
                     self.file
                         .write_all_at(page, (u64::from(pgno) - 1) * ps)
                         .map_err(write_err)?;
@@ -262,5 +272,48 @@ impl<'f> Replayer<'f> {
         self.file
             .set_len(self.db_pages * self.page_size)
             .map_err(|e| write_error(self.path, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sqlite::segment::SegmentWriter;
+
+    fn replay(seg: &[u8], frames: u64) -> (Result<()>, u64, Vec<u8>) {
+        let dir = tempfile::tempdir().expect("test");
+        let path = dir.path().join("r.db");
+        std::fs::write(&path, [9u8; 512]).expect("test");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .expect("test");
+        let mut r = Replayer::new(&file, &path, "base", 512, 1, 0, None);
+        let res = r.segment(seg, "seg", 1, frames).and_then(|()| r.finish());
+        let bytes = std::fs::read(&path).expect("test");
+        (res, bytes.len() as u64, bytes)
+    }
+
+    #[test]
+    fn a_commit_of_no_pages_is_refused_and_pages_past_the_commit_are_not_written() {
+        let mut w = SegmentWriter::new(Vec::new(), 512, 1).expect("test");
+        w.txn(1, 0, 1_000).expect("test");
+        w.frame(1, &[1u8; 512]).expect("test");
+        let (res, _, _) = replay(&w.finish().expect("test"), 1);
+        assert!(
+            matches!(res, Err(Error::Integrity { .. })),
+            "an empty database from a valid-looking segment: {res:?}"
+        );
+
+        // Page 5 of a commit that leaves 2 pages: cut off, as in SQLite.
+        let mut w = SegmentWriter::new(Vec::new(), 512, 1).expect("test");
+        w.txn(2, 2, 1_000).expect("test");
+        w.frame(2, &[2u8; 512]).expect("test");
+        w.frame(5, &[5u8; 512]).expect("test");
+        let (res, len, bytes) = replay(&w.finish().expect("test"), 2);
+        assert!(res.is_ok(), "{res:?}");
+        assert_eq!(len, 1024);
+        assert_eq!((bytes[0], bytes[512]), (9, 2));
     }
 }

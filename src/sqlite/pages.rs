@@ -322,9 +322,15 @@ impl<R: Read> IndexReader<R> {
         if &hdr[..8] != INDEX_MAGIC {
             return Err(bad("not a dr page index"));
         }
+        let page_size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+            return Err(bad(format!(
+                "page index has page size {page_size}, not a SQLite page size"
+            )));
+        }
         Ok(IndexReader {
             input,
-            page_size: u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]),
+            page_size,
             count: u32::from_le_bytes([hdr[12], hdr[13], hdr[14], hdr[15]]),
             read: 0,
         })

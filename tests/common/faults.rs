@@ -59,6 +59,9 @@ pub struct FaultProxy {
     /// When set, every response body over 1 MiB trickles (about 2.5 MiB/s),
     /// so a test can act while a download is under way.
     slow_large: Arc<AtomicBool>,
+    /// When set, every delete (DeleteObject, DeleteObjects) is refused
+    /// with 403 AccessDenied, as for credentials without s3:DeleteObject.
+    deny_deletes: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     injected: Arc<Mutex<BTreeMap<Fault, u64>>>,
 }
@@ -75,9 +78,11 @@ impl FaultProxy {
         let rng = Arc::new(Mutex::new(Rng::new(seed)));
         let cut_large = Arc::new(AtomicBool::new(false));
         let slow_large = Arc::new(AtomicBool::new(false));
+        let deny_deletes = Arc::new(AtomicBool::new(false));
         {
             let (rate, stop, injected) = (rate.clone(), stop.clone(), injected.clone());
             let (cut_large, slow_large) = (cut_large.clone(), slow_large.clone());
+            let deny_deletes = deny_deletes.clone();
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -105,6 +110,7 @@ impl FaultProxy {
                             let large = Large {
                                 cut: cut_large.load(Ordering::Relaxed),
                                 slow: slow_large.load(Ordering::Relaxed),
+                                deny_deletes: deny_deletes.load(Ordering::Relaxed),
                             };
                             std::thread::spawn(move || {
                                 let _ = serve(client, upstream, pick, large, &injected);
@@ -120,9 +126,15 @@ impl FaultProxy {
             rate,
             cut_large,
             slow_large,
+            deny_deletes,
             stop,
             injected,
         }
+    }
+
+    /// Refuses every delete from now on (AccessDenied), or no longer.
+    pub fn deny_deletes(&self, on: bool) {
+        self.deny_deletes.store(on, Ordering::Relaxed);
     }
 
     /// Makes every response body over 1 MiB trickle.
@@ -231,11 +243,12 @@ fn error_reply(status: &str, code: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-/// What happens to response bodies over 1 MiB.
+/// What happens to response bodies over 1 MiB, and to deletes.
 #[derive(Clone, Copy)]
 struct Large {
     cut: bool,
     slow: bool,
+    deny_deletes: bool,
 }
 
 fn serve(
@@ -262,6 +275,13 @@ fn serve(
         r.read_exact(&mut b)?;
         b
     };
+    let request = head.first().map(String::as_str).unwrap_or("");
+    if large.deny_deletes
+        && (request.starts_with("DELETE ")
+            || (request.starts_with("POST ") && request.contains("?delete")))
+    {
+        return out.write_all(&error_reply("403 Forbidden", "AccessDenied"));
+    }
     let count = |f: Fault| *injected.lock().expect("stats").entry(f).or_insert(0) += 1;
     let mut truncate = None;
     match fault {
