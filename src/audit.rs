@@ -141,7 +141,7 @@ pub fn record_checked(mut entry: Entry) -> Result<()> {
     entry.command = COMMAND.read().map(|c| c.clone()).unwrap_or_default();
     append(&dir, &entry).map_err(|e| {
         Error::Other(format!(
-            "the audit log could not be written, so the {} is not recorded: {e}; make state_dir/{FILE} a writable regular file",
+            "the audit log could not be written, so its '{}' entry is not recorded: {e}; make state_dir/{FILE} a writable regular file",
             entry.action
         ))
     })?;

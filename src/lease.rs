@@ -183,7 +183,11 @@ impl<'s> Lease<'s> {
     }
 
     /// Extends the lease and proves it is still held; call before committing.
+    /// It is read first: a store that ignores `If-Match` (s3s-fs, Garage)
+    /// would otherwise let the renewal overwrite another writer's lease
+    /// and the read-back after it find this one.
     pub fn renew(&mut self) -> Result<()> {
+        self.confirm()?;
         self.record.expires = Utc::now() + Duration::minutes(TTL_MINUTES);
         let body =
             serde_json::to_vec_pretty(&self.record).map_err(|e| Error::Other(e.to_string()))?;

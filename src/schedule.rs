@@ -80,8 +80,7 @@ impl CronSpec {
 
     /// The first time this schedule fires strictly after `t`.
     pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = t.with_timezone(&self.zone);
-        let next = |s: &cron::Schedule| s.after(&local).next().map(|d| d.with_timezone(&Utc));
+        let next = |s: &cron::Schedule| self.next_in_zone(s, t);
         match (
             next(&self.schedule),
             self.or_weekday.as_ref().and_then(next),
@@ -90,6 +89,47 @@ impl CronSpec {
             (a, b) => a.or(b),
         }
     }
+
+    /// The next run of `s` after `t` in the zone. A wall-clock time that
+    /// a spring-forward change skips (02:30 on the night 02:00 becomes
+    /// 03:00) runs at the change, as cron(8) does, instead of not at all
+    /// that day; a time a fall-back change repeats runs once.
+    fn next_in_zone(&self, s: &cron::Schedule, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        use chrono::{LocalResult, TimeZone};
+        let local = t.with_timezone(&self.zone);
+        let real = s.after(&local).next().map(|d| d.with_timezone(&Utc));
+        // The schedule read on the wall clock, where no hour is skipped:
+        // a time before `real` that the zone cannot show is one the
+        // change skipped.
+        let wall = Utc.from_utc_datetime(&local.naive_local());
+        for w in s.after(&wall).take(10_000) {
+            let naive = w.naive_utc();
+            let mapped = match self.zone.from_local_datetime(&naive) {
+                LocalResult::Single(d) | LocalResult::Ambiguous(d, _) => d.with_timezone(&Utc),
+                LocalResult::None => match gap_end(self.zone, naive) {
+                    Some(at) if at > t => return Some(real.map_or(at, |r| r.min(at))),
+                    _ => continue,
+                },
+            };
+            if real.is_none_or(|r| mapped >= r) {
+                break;
+            }
+        }
+        real
+    }
+}
+
+/// The first wall-clock minute after `naive` (a time `zone` skips) that
+/// exists: the moment the clock jumped to, give or take the seconds of
+/// `naive` (gaps are at most a few hours).
+fn gap_end(zone: chrono_tz::Tz, naive: chrono::NaiveDateTime) -> Option<DateTime<Utc>> {
+    use chrono::{LocalResult, TimeZone};
+    (1..=6 * 60).find_map(|m| {
+        match zone.from_local_datetime(&(naive + chrono::Duration::minutes(m))) {
+            LocalResult::Single(d) | LocalResult::Ambiguous(d, _) => Some(d.with_timezone(&Utc)),
+            LocalResult::None => None,
+        }
+    })
 }
 
 fn translate_dow(field: &str) -> Result<String, String> {
@@ -187,6 +227,44 @@ mod zone_tests {
         assert_eq!(
             berlin.next_after(t).map(|d| d.to_rfc3339()).as_deref(),
             Some("2026-01-10T02:00:00+00:00")
+        );
+    }
+
+    /// Every run of a daily 02:30 Berlin job from `from` for `days` days.
+    fn runs(expr: &str, from: &str, days: i64) -> Vec<String> {
+        let spec = CronSpec::parse(expr)
+            .expect("parse")
+            .in_zone(chrono_tz::Europe::Berlin);
+        let mut t = DateTime::parse_from_rfc3339(from)
+            .expect("t")
+            .with_timezone(&Utc);
+        let end = t + chrono::Duration::days(days);
+        let mut out = Vec::new();
+        while let Some(n) = spec.next_after(t).filter(|n| *n < end) {
+            out.push(n.to_rfc3339());
+            t = n;
+        }
+        out
+    }
+
+    #[test]
+    fn a_daily_job_in_the_hour_a_dst_change_skips_or_repeats_runs_once_each_day() {
+        // Spring forward, 2026-03-29: 02:00 CET jumps to 03:00 CEST, so
+        // 02:30 does not exist that day. The job still runs that day.
+        let spring = runs("30 2 * * *", "2026-03-27T12:00:00Z", 4);
+        let days: Vec<&str> = spring.iter().map(|r| &r[..10]).collect();
+        assert_eq!(
+            days,
+            ["2026-03-28", "2026-03-29", "2026-03-30", "2026-03-31"],
+            "{spring:?}"
+        );
+        // Fall back, 2026-10-25: 02:30 happens twice; the job runs once.
+        let fall = runs("30 2 * * *", "2026-10-23T12:00:00Z", 4);
+        let days: Vec<&str> = fall.iter().map(|r| &r[..10]).collect();
+        assert_eq!(
+            days,
+            ["2026-10-24", "2026-10-25", "2026-10-26", "2026-10-27"],
+            "{fall:?}"
         );
     }
 }

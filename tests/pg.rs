@@ -113,8 +113,10 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
         "--at",
         &at,
     ]);
-    // The only backup left is newer than the instant: pgBackRest must say so.
-    assert_ne!(r.code, 0, "{}", r.stdout);
+    // The only backup left is newer than the instant: not found (5),
+    // naming the oldest instant that can be reached.
+    assert_eq!(r.code, 5, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("the oldest ends at"), "{}", r.stderr);
     std::fs::remove_dir_all(&to).ok();
     give_to_postgres(&to);
     std::thread::sleep(Duration::from_millis(2100));

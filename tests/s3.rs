@@ -646,12 +646,15 @@ fn a_lease_replaced_during_a_backup_stops_its_commit() {
             })
             .unwrap_or(false)
     };
-    common::wait_until(
-        "the backup's lease and its first upload",
-        60,
-        || lease.exists() && uploading(),
-        || format!("lease {}", lease.exists()),
-    );
+    // Polled closely: the upload takes about a second.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !(lease.exists() && uploading()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no lease and upload seen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     std::fs::write(
         &lease,
         "{\"holder\": \"otherhost pid 77\", \"command\": \"backup\", \"token\": \"theirs\", \"acquired\": \"2026-01-01T00:00:00Z\", \"expires\": \"2999-01-01T00:00:00Z\"}",

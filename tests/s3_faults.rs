@@ -317,7 +317,9 @@ fn credentials_that_cannot_delete_work_append_only_and_fail_a_plain_expire_loudl
     let r = env.dr(&["expire", "app"]);
     assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
     assert!(
-        r.stderr.contains("target 's3'") && r.stderr.contains("AccessDenied"),
+        r.stderr.contains("target 's3'")
+            && r.stderr.contains("may not delete")
+            && r.stderr.contains("append_only = true"),
         "{}",
         r.stderr
     );

@@ -340,7 +340,7 @@ fn a_database_not_in_wal_mode_is_a_clear_error() {
     let env = Env::new(WAL_POLICY);
     common::make_db(&env.db, false, 10, 100);
     let r = env.dr(&["replicate"]);
-    assert_ne!(r.code, 0);
+    assert_eq!(r.code, 1, "{}", r.stderr);
     assert!(r.stderr.contains("not WAL"), "{}", r.stderr);
     assert!(r.stderr.contains("journal_mode=WAL"), "{}", r.stderr);
     assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
@@ -405,7 +405,10 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     );
     let code = stop(dr);
     let log = std::fs::read_to_string(env.path("replicate.log")).expect("log");
-    assert_ne!(code, 0, "unshipped segments must fail the run: {log}");
+    assert_eq!(
+        code, 1,
+        "unshipped segments fail the run (target: 1): {log}"
+    );
     assert!(log.contains("spool is full"), "{log}");
     assert!(log.contains("left unshipped"), "{log}");
 
@@ -1206,4 +1209,57 @@ fn expire_after_a_passphrase_rotation_keeps_every_instant_the_new_generation_res
     let r = restore();
     assert_eq!(r.code, 0, "after expire: {}", r.stderr);
     assert_eq!(digest(&env.path("at.db")), want);
+}
+
+#[test]
+fn a_full_spool_under_the_daemon_turns_healthz_503_and_fills_the_spool_gauge() {
+    // The S3 target's port is held: nothing answers there until the end.
+    let held = common::HeldPort::new();
+    let env = Env::new(
+        &WAL_POLICY
+            .replace("[wal]\n", "[wal]\nspool_max = \"200KiB\"\n")
+            .replace("segment_max = \"256KiB\"", "segment_max = \"64KiB\""),
+    );
+    add_s3(&env, &format!("http://127.0.0.1:{}", held.port));
+    common::make_db(&env.db, true, 50, 1000);
+    with_listen(&env);
+    let (d, port) = daemon_on_port(&env);
+    wait_streaming(&env);
+    write(&env, 4, 30, 1200, 4000, &[]);
+    let mut body = String::new();
+    wait_until(
+        "/healthz 503 naming spool_full",
+        30,
+        &env,
+        || match http_get(port, "/healthz") {
+            Some((503, b)) if b.contains("spool_full") => {
+                body = b;
+                true
+            }
+            _ => false,
+        },
+    );
+    let health: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert!(
+        health["problems"]
+            .as_array()
+            .expect("problems")
+            .iter()
+            .any(|p| p["problem"] == "spool_full" && p["policy"] == "app"),
+        "{body}"
+    );
+    // The gauges the alert DrWalSpoolFilling divides: at the limit.
+    let (_, m) = http_get(port, "/metrics").expect("metrics");
+    let value = |name: &str| {
+        m.lines()
+            .find(|l| l.starts_with(name) && l.contains("policy=\"app\""))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no {name} in {m}"))
+    };
+    assert!(
+        value("dr_wal_spool_bytes") / value("dr_wal_spool_max_bytes") > 0.5,
+        "{m}"
+    );
+    let _ = stop(d);
 }

@@ -249,6 +249,34 @@ pub fn restore(
     let to = opts.to.as_path();
     let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
+    // An instant before every backup cannot be reached: said as not
+    // found (exit 5) naming the oldest reachable instant, before anything
+    // is written, rather than as pgBackRest's failure.
+    if let Some(at) = opts.at {
+        let oldest = backups(&rb, repo)?
+            .into_iter()
+            .filter(|b| !b.error)
+            .map(|b| b.stop)
+            .min();
+        match oldest {
+            Some(stop) if stop > at => {
+                return Err(Error::NotFound(format!(
+                    "no backup of policy '{}' on target '{}' ends before {}: the oldest ends at {}; choose --at at or after it",
+                    policy.name,
+                    target.name,
+                    at.to_rfc3339(),
+                    stop.to_rfc3339()
+                )));
+            }
+            None => {
+                return Err(Error::NotFound(format!(
+                    "policy '{}' has no backup on target '{}' yet",
+                    policy.name, target.name
+                )));
+            }
+            Some(_) => {}
+        }
+    }
     let in_place = to == pg.data_dir;
     let empty = std::fs::read_dir(to)
         .map(|mut d| d.next().is_none())

@@ -1342,6 +1342,7 @@ fn streamer_backup(
     let t = ctx.cfg().target(target)?;
     let _lock = super::source::lock(ctx, policy, t, "backup", Duration::from_secs(600))?;
     crate::audit::writable()?;
+    let started = chrono::Utc::now();
     let r = super::backup::backup(
         ctx,
         policy,
@@ -1351,6 +1352,10 @@ fn streamer_backup(
         &Silent,
         Some(super::backup::ByStreamer { state, trigger }),
     );
+    // And recorded in the run history as any other: a policy's base
+    // backup is a restore point the verdict counts from the moment it is
+    // committed, not only once WAL after it has been shipped.
+    record_run(ctx, policy, target, kind, started, &r);
     // The streamer's own backups are audited as any other, with why.
     let r = super::source::audit(
         policy,
@@ -1361,6 +1366,36 @@ fn streamer_backup(
         Some(format!("by the WAL streamer ({trigger})")),
     )?;
     Ok(r.label)
+}
+
+/// Records a streamer backup in the history; a history that cannot be
+/// written is logged, the backup stands.
+fn record_run(
+    ctx: &Context,
+    policy: &Policy,
+    target: &str,
+    kind: repo::BackupType,
+    started: chrono::DateTime<chrono::Utc>,
+    r: &Result<super::report::BackupReport>,
+) {
+    let run = crate::history::Run {
+        policy: policy.name.clone(),
+        target: target.to_string(),
+        kind: match kind {
+            repo::BackupType::Full => "full",
+            repo::BackupType::Diff => "diff",
+        }
+        .to_string(),
+        started,
+        finished: chrono::Utc::now(),
+        ok: r.is_ok(),
+        error: r.as_ref().err().map(ToString::to_string),
+        label: r.as_ref().ok().map(|b| b.label.clone()),
+        size: r.as_ref().map_or(0, |b| b.stored_size),
+    };
+    if let Err(e) = crate::history::History::open(ctx.state().root()).and_then(|h| h.record(&run)) {
+        tracing::warn!(policy = %policy.name, target, "the streamer's backup is not in the run history: {e}");
+    }
 }
 
 /// inotify on the directories that hold streamed databases: one watch per

@@ -401,6 +401,10 @@ impl Inner {
             _ if refused(e) => {
                 "the server refused the credentials: check access_key_id_file and secret_access_key_file".to_string()
             }
+            "AccessDenied" if action == "delete" => format!(
+                "access denied: the credentials may not delete objects in bucket '{}' (write-only credentials: set append_only = true on target '{}', and dr never deletes)",
+                self.bucket, self.name
+            ),
             "AccessDenied" => format!(
                 "access denied: the credentials may not {action} objects in bucket '{}'",
                 self.bucket

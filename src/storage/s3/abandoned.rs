@@ -99,7 +99,7 @@ impl S3Storage {
                 Err(e) if listing_unavailable(&e) => {
                     static SAID: std::sync::Once = std::sync::Once::new();
                     SAID.call_once(|| {
-                        tracing::info!(target = %inner.name, "cannot list multipart uploads here ({}): uploads a killed run left before recording them are not looked for; a lifecycle rule AbortIncompleteMultipartUpload cleans them on the store's side", e.as_service_error().and_then(|s| s.code()).unwrap_or("refused"));
+                        tracing::debug!(target = %inner.name, "cannot list multipart uploads here ({}): uploads a killed run left before recording them are not looked for; a lifecycle rule AbortIncompleteMultipartUpload cleans them on the store's side", e.as_service_error().and_then(|s| s.code()).unwrap_or("refused"));
                     });
                     return Ok(0);
                 }
