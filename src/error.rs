@@ -64,6 +64,11 @@ pub enum Error {
     #[error("{0}")]
     VerifyFailed(String),
 
+    /// A backup was written by a newer dr, in a format this one cannot
+    /// read: not damage, and not restorable until dr is upgraded.
+    #[error("{0}")]
+    Newer(String),
+
     /// A local file operation outside storage failed.
     #[error("{context}: {source}")]
     Io {
@@ -110,6 +115,7 @@ impl Error {
             Error::NotFound(_) => 5,
             Error::Refused(_) => 6,
             Error::Incomplete(_) => 7,
+            Error::Newer(_) => 8,
             Error::Storage { .. } | Error::Source { .. } | Error::Io { .. } | Error::Other(_) => 1,
             Error::Usage(_) => 64,
             Error::Child(status) => *status,
@@ -123,12 +129,14 @@ impl Error {
 }
 
 /// How bad an exit code is, for [`Error::Several`]: damage found (3) first,
-/// then a restore that cannot give all it was asked (7), a configuration or
-/// secret that stops everything (2), any other failure (1), a busy lock
-/// (4, retrying helps), a refusal (6), and something not found (5).
+/// then a backup only a newer dr reads (8), a restore that cannot give all
+/// it was asked (7), a configuration or secret that stops everything (2),
+/// any other failure (1), a busy lock (4, retrying helps), a refusal (6),
+/// and something not found (5).
 pub fn severity(code: i32) -> u8 {
     match code {
-        3 => 7,
+        3 => 8,
+        8 => 7,
         7 => 6,
         2 => 5,
         1 => 4,

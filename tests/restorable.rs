@@ -49,7 +49,9 @@ fn fake_newer_full(env: &Env, full: &str, edit: impl Fn(String, &str) -> String)
     fake
 }
 
-fn damaged_newer_full_keeps_the_good_chain(edit: impl Fn(String, &str) -> String) {
+/// A bad newer full (`edit` makes it so) never costs the good chain;
+/// `info` exits `info_code` naming it (3: damage; 8: a newer dr's).
+fn damaged_newer_full_keeps_the_good_chain(info_code: i32, edit: impl Fn(String, &str) -> String) {
     let env = Env::new("[retention]\nfull = 1\ndiff = 1\n");
     make_db(&env.db, true, 300, 400);
     let full = backup_json(&env, &["--type", "full"]);
@@ -69,9 +71,9 @@ fn damaged_newer_full_keeps_the_good_chain(edit: impl Fn(String, &str) -> String
     let r = env.restore("r.db", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(dump(&env.path("r.db")), dump(&env.db));
-    // info and expire name it; expire leaves it; info exits 3.
+    // info and expire name it; expire leaves it.
     let info = env.dr(&["info"]);
-    assert_eq!(info.code, 3, "{}", info.stderr);
+    assert_eq!(info.code, info_code, "{}", info.stderr);
     assert!(info.stderr.contains(&fake), "{}", info.stderr);
     let exp = env.dr(&["expire", "app", "--json"]).ok();
     assert!(!exp.stdout.contains(&fake), "{}", exp.stdout);
@@ -80,15 +82,17 @@ fn damaged_newer_full_keeps_the_good_chain(edit: impl Fn(String, &str) -> String
 
 #[test]
 fn a_newer_full_with_a_rotten_manifest_never_costs_the_good_chain() {
-    damaged_newer_full_keeps_the_good_chain(|t, _| {
+    damaged_newer_full_keeps_the_good_chain(3, |t, _| {
         t.replacen("\"page_count\": ", "\"page_count\": 9", 1)
     });
 }
 
 #[test]
 fn a_newer_full_from_a_newer_dr_never_costs_the_good_chain() {
-    // A valid envelope around format 2: re-hashed, so only the format differs.
-    damaged_newer_full_keeps_the_good_chain(|t, fake| {
+    // A valid envelope around format 2: re-hashed, so only the format
+    // differs. Not damage: its own exit code, and the message says to
+    // upgrade.
+    damaged_newer_full_keeps_the_good_chain(8, |t, fake| {
         use sha2::Digest;
         let body_start = t[1..].find('{').expect("body") + 1;
         let body_end = t.rfind(",\n\"sha256\"").expect("sum");
@@ -104,6 +108,51 @@ fn a_newer_full_from_a_newer_dr_never_costs_the_good_chain() {
         let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
         format!("{{\"manifest\": {body},\n\"sha256\": \"{sum}\"}}\n")
     });
+}
+
+#[test]
+fn a_backup_only_a_newer_dr_reads_says_so_in_info_json_and_restore() {
+    let env = Env::new("");
+    make_db(&env.db, true, 50, 200);
+    let full = env.full_backup("backup-local");
+    let newer = fake_newer_full(&env, &full, |t, fake| {
+        use sha2::Digest;
+        let body_start = t[1..].find('{').expect("body") + 1;
+        let body_end = t.rfind(",\n\"sha256\"").expect("sum");
+        let body = t[body_start..body_end]
+            .replace("\"format\": 1", "\"format\": 3")
+            .replace(&full, fake);
+        let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
+        format!("{{\"manifest\": {body},\n\"sha256\": \"{sum}\"}}\n")
+    });
+    let r = env.dr(&["info", "--json"]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    let j = r.json();
+    let b = j["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .find(|b| b["label"] == newer.as_str())
+        .cloned()
+        .expect("listed");
+    assert_eq!(b["newer_format"], true, "{b}");
+    assert!(
+        b["error"].as_str().is_some_and(|e| e.contains("format 3")
+            && e.contains("upgrade dr")),
+        "{b}"
+    );
+    assert!(
+        j["policies"][0]["verdict"]["reasons"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .any(|r| r["reason"] == "newer_format"),
+        "{j}"
+    );
+    // Asked for by name, the restore says the same, with its own code.
+    let r = env.restore("n.db", &["--backup", &newer]);
+    assert_eq!(r.code, 8, "{}", r.stderr);
+    assert!(r.stderr.contains("upgrade dr"), "{}", r.stderr);
 }
 
 #[test]

@@ -146,6 +146,7 @@ fn evidence(
             unreachable: None,
             newest_restorable: [ok, shipped].into_iter().flatten().max(),
             damaged: Vec::new(),
+            newer: Vec::new(),
             hidden: Vec::new(),
             failing,
             verify_failed,

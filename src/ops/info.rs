@@ -107,14 +107,17 @@ fn source_info(p: &Policy) -> SourceInfo {
 impl Info {
     /// What `dr info` must not exit 0 over: any database at risk, each
     /// reason named once. Damage (a damaged backup, a WAL gap, a backup
-    /// hidden by delete markers) is exit 3; any other risk exit 1. Listed
-    /// after the output, which still shows everything that could be read.
+    /// hidden by delete markers) is exit 3; a backup only a newer dr reads
+    /// exit 8; any other risk exit 1. Listed after the output, which still
+    /// shows everything that could be read.
     pub fn problems(&self) -> Option<Error> {
         let mut all = Vec::new();
         let mut damaged = false;
+        let mut newer = false;
         for p in &self.policies {
             for r in &p.verdict.reasons {
                 damaged |= matches!(r.reason, Reason::Damaged | Reason::HiddenByDeleteMarker);
+                newer |= r.reason == Reason::NewerFormat;
                 let at = r
                     .target
                     .as_ref()
@@ -140,6 +143,8 @@ impl Info {
         );
         Some(if damaged {
             Error::VerifyFailed(text)
+        } else if newer {
+            Error::Newer(text)
         } else {
             Error::Other(text)
         })
@@ -184,11 +189,14 @@ fn target_evidence(t: &TargetInfo) -> TargetEvidence {
         .iter()
         .filter(|r| r.kind == "verify")
         .find_map(|r| r.error.clone());
-    let mut damaged: Vec<String> = t
-        .backups
-        .iter()
-        .filter_map(|b| b.error.as_ref().map(|e| format!("backup {}: {e}", b.label)))
-        .collect();
+    let named = |newer: bool| {
+        t.backups
+            .iter()
+            .filter(|b| b.newer_format == newer)
+            .filter_map(|b| b.error.as_ref().map(|e| format!("backup {}: {e}", b.label)))
+            .collect::<Vec<String>>()
+    };
+    let mut damaged = named(false);
     damaged.extend(
         t.wal
             .iter()
@@ -201,6 +209,7 @@ fn target_evidence(t: &TargetInfo) -> TargetEvidence {
         unreachable: t.error.clone(),
         newest_restorable: t.covered.map(|c| c.end),
         damaged,
+        newer: named(true),
         hidden: t.hidden.clone(),
         failing,
         verify_failed,

@@ -9,7 +9,7 @@ use super::PolicyRepo;
 use super::report::BackupKind;
 use crate::config::{PgSource, Policy, Target};
 use crate::context::Context;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::repo::{self, BackupType};
 use crate::sqlite::stream::{self, StreamState};
 
@@ -95,6 +95,10 @@ pub struct BackupInfo {
     /// Set when the manifest is damaged; the backup cannot be restored.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The manifest was written by a newer dr (`error` says which format):
+    /// not damage; an upgraded dr restores it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub newer_format: bool,
     /// PostgreSQL: the first and last WAL segment the backup needs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_start: Option<String>,
@@ -140,6 +144,7 @@ pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -
             error: b
                 .error
                 .then(|| "pgBackRest reports errors in this backup".to_string()),
+            newer_format: false,
             archive_start: b.archive_start,
             archive_stop: b.archive_stop,
             trigger: None,
@@ -216,6 +221,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                     size: m.plain_size(),
                     stored_size: m.stored_size(),
                     error: None,
+                    newer_format: false,
                     archive_start: None,
                     archive_stop: None,
                     trigger: m.trigger.clone(),
@@ -231,6 +237,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                 timestamp_stop: c.dir.label.time(),
                 size: 0,
                 stored_size: 0,
+                newer_format: matches!(e, Error::Newer(_)),
                 error: Some(e.to_string()),
                 archive_start: None,
                 archive_stop: None,

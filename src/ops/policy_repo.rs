@@ -88,9 +88,10 @@ impl PolicyRepo<'_> {
     pub fn manifest(&self, label: &Label) -> Result<Manifest> {
         let key = repo::object_key(self.policy, label, repo::MANIFEST);
         let bytes = self.storage.get_bytes(&key)?;
-        let m = Manifest::from_bytes(&bytes).map_err(|reason| Error::Integrity {
-            object: format!("target '{}': {key}", self.storage.target()),
-            reason,
+        let object = format!("target '{}': {key}", self.storage.target());
+        let m = Manifest::from_bytes(&bytes).map_err(|e| match e {
+            crate::repo::ManifestError::Newer(_) => Error::Newer(format!("{object}: {e}")),
+            crate::repo::ManifestError::Invalid(reason) => Error::Integrity { object, reason },
         })?;
         if &m.label != label {
             return Err(Error::Integrity {

@@ -55,6 +55,8 @@ pub enum Reason {
     Damaged,
     /// A committed backup's objects are hidden by S3 delete markers.
     HiddenByDeleteMarker,
+    /// A backup was written by a newer dr: this one cannot restore it.
+    NewerFormat,
 }
 
 impl Reason {
@@ -74,6 +76,7 @@ impl Reason {
             Reason::TargetUnreachable => "target_unreachable",
             Reason::Damaged => "damaged",
             Reason::HiddenByDeleteMarker => "hidden_by_delete_marker",
+            Reason::NewerFormat => "newer_format",
         }
     }
 }
@@ -161,6 +164,8 @@ pub struct TargetEvidence {
     pub newest_restorable: Option<DateTime<Utc>>,
     /// Damaged backups, WAL gaps, hidden objects: each named.
     pub damaged: Vec<String>,
+    /// Backups only a newer dr reads: each named.
+    pub newer: Vec<String>,
     pub hidden: Vec<String>,
     /// The newest backup run failed after the last success: its error.
     pub failing: Option<String>,
@@ -220,6 +225,9 @@ pub fn judge(e: &Evidence, now: DateTime<Utc>) -> Verdict {
         }
         for d in &t.damaged {
             risk(Reason::Damaged, d.clone());
+        }
+        for d in &t.newer {
+            risk(Reason::NewerFormat, d.clone());
         }
         for h in &t.hidden {
             risk(Reason::HiddenByDeleteMarker, h.clone());

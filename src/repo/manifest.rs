@@ -135,7 +135,7 @@ impl Manifest {
     }
 
     /// Parses and checks an envelope; the error says what is wrong.
-    pub fn from_bytes(bytes: &[u8]) -> Result<Self, String> {
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ManifestError> {
         #[derive(Deserialize)]
         struct Envelope<'a> {
             #[serde(borrow)]
@@ -143,23 +143,48 @@ impl Manifest {
             sha256: String,
         }
         let env: Envelope<'_> =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a dr manifest: {e}"))?;
+            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(format!("not a dr manifest: {e}")))?;
         let sum = hex::encode(Sha256::digest(env.manifest.get().as_bytes()));
         if sum != env.sha256 {
-            return Err(format!(
+            return Err(ManifestError::Invalid(format!(
                 "manifest checksum mismatch (computed {sum}, recorded {}): the manifest was modified or damaged",
                 env.sha256
-            ));
+            )));
+        }
+        // The format first: a newer dr may have changed every other field.
+        #[derive(Deserialize)]
+        struct Version {
+            format: u32,
+        }
+        if let Ok(v) = serde_json::from_str::<Version>(env.manifest.get())
+            && v.format > FORMAT_VERSION
+        {
+            return Err(ManifestError::Newer(v.format));
         }
         let m: Manifest = serde_json::from_str(env.manifest.get())
-            .map_err(|e| format!("manifest is unreadable: {e}"))?;
-        if m.format > FORMAT_VERSION {
-            return Err(format!(
-                "manifest format {} is newer than this dr understands ({FORMAT_VERSION}): upgrade dr",
-                m.format
-            ));
-        }
+            .map_err(|e| ManifestError::Invalid(format!("manifest is unreadable: {e}")))?;
         Ok(m)
+    }
+}
+
+/// Why a manifest cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ManifestError {
+    /// Written by a newer dr, in this manifest format.
+    Newer(u32),
+    /// Not a valid manifest (damaged, modified, not dr's): why.
+    Invalid(String),
+}
+
+impl std::fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ManifestError::Newer(n) => write!(
+                f,
+                "written by a newer dr (manifest format {n}; this dr reads formats up to {FORMAT_VERSION}): upgrade dr to restore it"
+            ),
+            ManifestError::Invalid(why) => f.write_str(why),
+        }
     }
 }
 
@@ -201,7 +226,7 @@ pub(crate) mod tests {
         let edited = text.replace("\"page_count\": 10", "\"page_count\": 11");
         assert_ne!(edited, text);
         let err = Manifest::from_bytes(edited.as_bytes()).expect_err("edited");
-        assert!(err.contains("checksum mismatch"), "{err}");
+        assert!(err.to_string().contains("checksum mismatch"), "{err}");
         assert!(Manifest::from_bytes(&text.as_bytes()[..text.len() / 2]).is_err());
     }
 

@@ -12,7 +12,7 @@ pub mod wal;
 
 pub use catalog::{BackupDir, group_backups};
 pub use label::{BackupType, Label};
-pub use manifest::Manifest;
+pub use manifest::{Manifest, ManifestError};
 
 /// One object in a target's listing: what every plan in this module reads.
 #[derive(Debug, Clone, PartialEq, Eq)]
