@@ -403,6 +403,50 @@ fn the_systemd_unit_is_hardened_and_does_not_restart_a_bad_config() {
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
     // What the README promises (deploy/dr.service).
     assert!(level <= 2.8, "exposure {level}:\n{report}");
+
+    // `systemd-analyze verify` on the unit as the install steps in its
+    // header leave it: dr where ExecStart says (here: this build), its
+    // manual page where man finds it.
+    let dir = tempfile::tempdir().expect("tmp");
+    let man1 = dir.path().join("man/man1");
+    std::fs::create_dir_all(&man1).expect("man dir");
+    let page = std::process::Command::new(common::dr_bin())
+        .arg("man")
+        .output()
+        .expect("dr man");
+    assert!(page.status.success(), "dr man");
+    std::fs::write(man1.join("dr.1"), &page.stdout).expect("dr.1");
+    let installed = dir.path().join("dr.service");
+    std::fs::write(
+        &installed,
+        text.replace(
+            "/usr/local/bin/dr",
+            &std::fs::canonicalize(common::dr_bin())
+                .expect("dr")
+                .display()
+                .to_string(),
+        ),
+    )
+    .expect("unit");
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&installed)
+        .env("MANPATH", dir.path().join("man"))
+        .output()
+        .expect("systemd-analyze verify");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !said.contains("dr.service"),
+        "systemd-analyze verify: {said}"
+    );
+    assert!(
+        text.contains("StateDirectoryMode=0711"),
+        "archive_command passes through state_dir"
+    );
 }
 
 #[test]

@@ -137,8 +137,9 @@ fn a_backup_only_a_newer_dr_reads_says_so_in_info_json_and_restore() {
         .expect("listed");
     assert_eq!(b["newer_format"], true, "{b}");
     assert!(
-        b["error"].as_str().is_some_and(|e| e.contains("format 3")
-            && e.contains("upgrade dr")),
+        b["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("format 3") && e.contains("upgrade dr")),
         "{b}"
     );
     assert!(

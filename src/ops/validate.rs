@@ -248,6 +248,32 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
                         ),
                     );
                 }
+                // archive_command runs as the cluster's user and reads
+                // pgBackRest's config under state_dir: a mode that stops it
+                // stops archiving, silently until the next backup.
+                if let Some((u, g)) = pg
+                    .run_as
+                    .as_deref()
+                    .and_then(|user| crate::pg::run::user_ids(user).ok())
+                    && let Some(why) = crate::pg::run::blocked_for(
+                        // `pg/` itself dr opens to the user (0711).
+                        &crate::state_dir::StateDir::new(&cfg.state_dir)
+                            .root()
+                            .join("pg"),
+                        u,
+                        g,
+                    )
+                {
+                    f.error(
+                        &p.file,
+                        "run_as",
+                        format!(
+                            "policy '{}': PostgreSQL's archive_command runs as '{}' and reads pgBackRest's config under state_dir, but {why}: let it pass through (chmod o+x, or under the shipped systemd unit StateDirectoryMode=0711)",
+                            p.name,
+                            pg.run_as.as_deref().unwrap_or_default()
+                        ),
+                    );
+                }
                 if !cluster_answers(pg) {
                     f.warning(
                         &p.file,

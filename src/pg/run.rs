@@ -37,7 +37,7 @@ pub fn find_bin() -> Result<PathBuf> {
 }
 
 /// (uid, gid) of an OS user, from /etc/passwd.
-fn user_ids(user: &str) -> Result<(u32, u32)> {
+pub(crate) fn user_ids(user: &str) -> Result<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd")
         .map_err(|e| Error::io("cannot read /etc/passwd", e))?;
     passwd
@@ -59,6 +59,36 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
+}
+
+/// Why the user `uid`/`gid` cannot reach `path` (a directory on the way it
+/// may not pass through), or `None`. Directories that do not exist yet are
+/// not judged (dr creates them).
+pub fn blocked_for(path: &Path, uid: u32, gid: u32) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if uid == 0 {
+        return None;
+    }
+    let mut dirs: Vec<&Path> = path.ancestors().skip(1).collect();
+    dirs.reverse();
+    dirs.into_iter().find_map(|d| {
+        let m = std::fs::metadata(d).ok()?;
+        let bit = if m.uid() == uid {
+            0o100
+        } else if m.gid() == gid {
+            0o010
+        } else {
+            0o001
+        };
+        (m.mode() & bit == 0).then(|| {
+            format!(
+                "{} (mode {:o}, owner uid {}) does not let it pass",
+                d.display(),
+                m.mode() & 0o7777,
+                m.uid()
+            )
+        })
+    })
 }
 
 /// Makes a directory owned by the user pgBackRest runs as.
@@ -134,6 +164,21 @@ pub fn prepare(
     let state = state.pg(&policy.name);
     for d in ["", "lock", "log", "spool"] {
         own_dir(&state.join(d), ids)?;
+    }
+    if let (Some((u, g)), Some(user)) = (ids, &rb.run_as) {
+        // `pg/` holds only the policies' own directories (each the
+        // cluster user's, 0700): the cluster user may pass through it.
+        if let Some(pg_dir) = state.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(pg_dir, std::fs::Permissions::from_mode(0o711));
+        }
+        if let Some(why) = blocked_for(&rb.conf, u, g) {
+            return Err(Error::Other(format!(
+                "policy '{}': PostgreSQL's archive_command runs as '{user}' and reads {}, but {why}: let '{user}' pass through it (chmod o+x, or under the shipped systemd unit StateDirectoryMode=0711)",
+                policy.name,
+                rb.conf.display()
+            )));
+        }
     }
     let cipher_pass = match &pg.cipher_pass_file {
         Some(p) => Some(crate::secret::read_secret(p)?.expose_secret().to_string()),

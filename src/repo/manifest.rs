@@ -142,8 +142,8 @@ impl Manifest {
             manifest: &'a RawValue,
             sha256: String,
         }
-        let env: Envelope<'_> =
-            serde_json::from_slice(bytes).map_err(|e| ManifestError::Invalid(format!("not a dr manifest: {e}")))?;
+        let env: Envelope<'_> = serde_json::from_slice(bytes)
+            .map_err(|e| ManifestError::Invalid(format!("not a dr manifest: {e}")))?;
         let sum = hex::encode(Sha256::digest(env.manifest.get().as_bytes()));
         if sum != env.sha256 {
             return Err(ManifestError::Invalid(format!(
