@@ -495,8 +495,40 @@ fn setup_changes_postgresql_only_once_the_repository_works_and_bounds_the_rpo() 
         before,
         "PostgreSQL was changed before the repository worked"
     );
-    // The repository usable: setup goes through and bounds the RPO.
+    // The repository usable, but state_dir closed to the cluster's user
+    // (root's 0700, as StateDirectory= used to make it): archive_command
+    // could not read pgBackRest's config. validate says so, and setup
+    // refuses before changing PostgreSQL.
     std::fs::remove_file(env.path("backups/main-pg")).expect("unblock");
+    use std::os::unix::fs::PermissionsExt;
+    let state = env.path("state");
+    std::fs::create_dir_all(&state).expect("state");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+    let v = env.dr(&["config", "validate"]);
+    assert_eq!(v.code, 2, "{}{}", v.stdout, v.stderr);
+    assert!(
+        v.stderr.contains("archive_command runs as 'postgres'")
+            && v.stderr.contains("StateDirectoryMode=0711"),
+        "{}",
+        v.stderr
+    );
+    let r = env.dr(&["pg", "setup", "main-pg"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("let 'postgres' pass through"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(
+        (
+            cluster.sql("SHOW archive_command"),
+            cluster.sql("SHOW archive_timeout")
+        ),
+        before,
+        "PostgreSQL was changed though archiving could not work"
+    );
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    // Now setup goes through and bounds the RPO.
     setup(&env, &cluster);
     assert_eq!(cluster.sql("SHOW archive_timeout"), "30s");
     // Zero would leave the open segment unarchived without bound.
