@@ -415,6 +415,35 @@ fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_not
     let text = env.dr(&["info"]).ok().stdout;
     assert!(text.contains("incr"), "{text}");
 
+    // A new host: the same config with an empty state_dir, the cluster
+    // stopped. info reads the repository as it is, writing nothing.
+    let new_host = env.path("dr-new-host.toml");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg");
+    std::fs::write(
+        &new_host,
+        cfg.replace("state_dir = \"state\"", "state_dir = \"state-new-host\"")
+            .replace("policies = \"policies\"", &format!("policies = \"{}\"", env.path("policies").display())),
+    )
+    .expect("cfg");
+    cluster.pg_ctl("stop");
+    let r = common::Run::from(
+        std::process::Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&new_host)
+            .args(["info", "--json"])
+            .output()
+            .expect("dr info"),
+    );
+    let listed = r.json()["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .map_or(0, Vec::len);
+    assert_eq!(listed, 3, "{}{}", r.stdout, r.stderr);
+    assert!(
+        !env.path("state-new-host/pg").exists(),
+        "info wrote a pgBackRest config on the new host"
+    );
+    cluster.pg_ctl("start");
+
     // Verify and expire with no policy named include PostgreSQL policies.
     let v = env.dr(&["verify"]).ok();
     assert!(v.stdout.contains("ok    main-pg on local"), "{}", v.stdout);

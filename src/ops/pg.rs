@@ -231,7 +231,7 @@ pub fn list(
     pg: &PgSource,
     target: &Target,
 ) -> Result<Vec<PgBackup>> {
-    let rb = run::locate(ctx.state(), policy, pg)?;
+    let rb = run::read_only(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
     backups(&rb, repo)
 }

@@ -74,6 +74,22 @@ pub fn endpoint(url: &str) -> Result<(String, u16), String> {
 }
 
 /// The text of `pgbackrest.conf`.
+/// A rendered configuration as `PGBACKREST_*` variables (every option of
+/// every section: `repo1-s3-key` becomes `PGBACKREST_REPO1_S3_KEY`), for a
+/// run that writes no file. Secrets stay out of the command line.
+pub fn as_env(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.starts_with('['))
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| {
+            (
+                format!("PGBACKREST_{}", k.trim().to_uppercase().replace('-', "_")),
+                v.trim().to_string(),
+            )
+        })
+        .collect()
+}
+
 pub fn render(c: &PgConf) -> String {
     let mut s = String::new();
     let st = c.state.display();

@@ -17,6 +17,10 @@ use crate::state_dir::StateDir;
 pub struct PgBackRest {
     pub bin: PathBuf,
     pub conf: PathBuf,
+    /// Options given as `PGBACKREST_*` variables instead of a file (a
+    /// read on a host where `dr pg setup` never ran): `conf` is then
+    /// /dev/null.
+    pub env: Vec<(String, String)>,
     pub stanza: String,
     pub run_as: Option<String>,
     /// Target names in repository order: `repo` N is `targets[N - 1]`.
@@ -59,6 +63,110 @@ fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)
+}
+
+/// The policy's pgBackRest settings from dr's config, secrets read from
+/// their files. `create`: make the local repositories' directories (a
+/// read makes nothing).
+fn conf_of(
+    cfg: &Config,
+    state: &Path,
+    policy: &Policy,
+    pg: &PgSource,
+    ids: Option<(u32, u32)>,
+    create: bool,
+) -> Result<PgConf> {
+    let cipher_pass = match &pg.cipher_pass_file {
+        Some(p) => Some(crate::secret::read_secret(p)?.expose_secret().to_string()),
+        None if policy.encrypted => {
+            return Err(Error::Config(vec![crate::error::Diagnostic {
+                file: policy.file.clone(),
+                line: None,
+                message: format!(
+                    "policy '{}': PostgreSQL backups are encrypted by pgBackRest: set [source] cipher_pass_file (a file with a long random passphrase, mode 0600), or encryption = \"none\"",
+                    policy.name
+                ),
+            }]));
+        }
+        None => None,
+    };
+    let mut repos = Vec::new();
+    for name in &policy.targets {
+        let t = cfg.target(name)?;
+        repos.push(match &t.kind {
+            TargetKind::Local { path } => {
+                let p = path.join(&policy.name).join("pgbackrest");
+                if create {
+                    own_dir(&p, ids)?;
+                }
+                Repo::Posix { path: p }
+            }
+            TargetKind::S3(s) => {
+                let (host, port) =
+                    conf::endpoint(s.endpoint.as_deref().unwrap_or("https://s3.amazonaws.com"))
+                        .map_err(|e| Error::Other(format!("target '{name}': {e}")))?;
+                let prefix = s.prefix.trim_matches('/');
+                Repo::S3(S3Repo {
+                    host,
+                    port,
+                    bucket: s.bucket.clone(),
+                    region: s.region.clone().unwrap_or_else(|| "us-east-1".into()),
+                    path: if prefix.is_empty() {
+                        format!("/{}/pgbackrest", policy.name)
+                    } else {
+                        format!("/{prefix}/{}/pgbackrest", policy.name)
+                    },
+                    path_style: s.path_style,
+                    key: secret(
+                        &s.access_key_id_file,
+                        "AWS_ACCESS_KEY_ID",
+                        "access_key_id",
+                        name,
+                    )?,
+                    key_secret: secret(
+                        &s.secret_access_key_file,
+                        "AWS_SECRET_ACCESS_KEY",
+                        "secret_access_key",
+                        name,
+                    )?,
+                    ca_file: s.ca_file.clone(),
+                })
+            }
+        });
+    }
+    Ok(PgConf {
+        stanza: pg.stanza.clone(),
+        data_dir: pg.data_dir.clone(),
+        port: pg.port,
+        socket_dir: pg.socket_dir.clone(),
+        user: pg.user.clone(),
+        repos,
+        retention_full: policy.retention.full,
+        retention_diff: policy.retention.diff,
+        cipher_pass,
+        compress_level: policy.compression_level,
+        state: state.to_path_buf(),
+    })
+}
+
+/// The policy's pgBackRest for a read (`dr info`): the configuration
+/// `dr pg setup` wrote, or, on a host where it never ran (a new host after
+/// a disaster, before any cluster exists), the same settings passed as
+/// `PGBACKREST_*` variables. Nothing is written either way.
+pub fn read_only(cfg: &Config, state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
+    let mut rb = plan(state, policy, pg)?;
+    if rb.conf.is_file() {
+        return Ok(rb);
+    }
+    let text = conf::render(&conf_of(cfg, &state.pg(&policy.name), policy, pg, None, false)?);
+    rb.env = conf::as_env(&text);
+    // Nothing of this host's: no log file, no config file.
+    rb.env.push(("PGBACKREST_LOG_LEVEL_FILE".into(), "off".into()));
+    rb.conf = PathBuf::from("/dev/null");
+    // Read as dr's own user: the repository is read, nothing is created
+    // that the cluster's user would need to own.
+    rb.run_as = None;
+    Ok(rb)
 }
 
 /// Why the user `uid`/`gid` cannot reach `path` (a directory on the way it
@@ -113,22 +221,6 @@ fn secret(path: &Option<PathBuf>, env: &str, what: &str, target: &str) -> Result
     }
 }
 
-/// The policy's pgBackRest as it is set up on this host, without writing
-/// anything: what a read such as `dr info` runs. A missing configuration
-/// file means `dr pg setup` (or a backup) has not run here yet.
-pub fn locate(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
-    let rb = plan(state, policy, pg)?;
-    if !rb.conf.is_file() {
-        return Err(Error::NotFound(format!(
-            "policy '{}': pgBackRest is not set up on this host ({} does not exist): run `dr pg setup {}`",
-            policy.name,
-            rb.conf.display(),
-            policy.name
-        )));
-    }
-    Ok(rb)
-}
-
 fn plan(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
     let run_as = match &pg.run_as {
         Some(u) if is_root() => {
@@ -140,6 +232,7 @@ fn plan(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> 
     Ok(PgBackRest {
         bin: find_bin()?,
         conf: state.pg(&policy.name).join("pgbackrest.conf"),
+        env: Vec::new(),
         stanza: pg.stanza.clone(),
         run_as,
         targets: policy.targets.clone(),
@@ -180,75 +273,7 @@ pub fn prepare(
             )));
         }
     }
-    let cipher_pass = match &pg.cipher_pass_file {
-        Some(p) => Some(crate::secret::read_secret(p)?.expose_secret().to_string()),
-        None if policy.encrypted => {
-            return Err(Error::Config(vec![crate::error::Diagnostic {
-                file: policy.file.clone(),
-                line: None,
-                message: format!(
-                    "policy '{}': PostgreSQL backups are encrypted by pgBackRest: set [source] cipher_pass_file (a file with a long random passphrase, mode 0600), or encryption = \"none\"",
-                    policy.name
-                ),
-            }]));
-        }
-        None => None,
-    };
-    let mut repos = Vec::new();
-    for name in &policy.targets {
-        let t = cfg.target(name)?;
-        repos.push(match &t.kind {
-            TargetKind::Local { path } => {
-                let p = path.join(&policy.name).join("pgbackrest");
-                own_dir(&p, ids)?;
-                Repo::Posix { path: p }
-            }
-            TargetKind::S3(s) => {
-                let (host, port) =
-                    conf::endpoint(s.endpoint.as_deref().unwrap_or("https://s3.amazonaws.com"))
-                        .map_err(|e| Error::Other(format!("target '{name}': {e}")))?;
-                let prefix = s.prefix.trim_matches('/');
-                Repo::S3(S3Repo {
-                    host,
-                    port,
-                    bucket: s.bucket.clone(),
-                    region: s.region.clone().unwrap_or_else(|| "us-east-1".into()),
-                    path: if prefix.is_empty() {
-                        format!("/{}/pgbackrest", policy.name)
-                    } else {
-                        format!("/{prefix}/{}/pgbackrest", policy.name)
-                    },
-                    path_style: s.path_style,
-                    key: secret(
-                        &s.access_key_id_file,
-                        "AWS_ACCESS_KEY_ID",
-                        "access_key_id",
-                        name,
-                    )?,
-                    key_secret: secret(
-                        &s.secret_access_key_file,
-                        "AWS_SECRET_ACCESS_KEY",
-                        "secret_access_key",
-                        name,
-                    )?,
-                    ca_file: s.ca_file.clone(),
-                })
-            }
-        });
-    }
-    let text = conf::render(&PgConf {
-        stanza: pg.stanza.clone(),
-        data_dir: pg.data_dir.clone(),
-        port: pg.port,
-        socket_dir: pg.socket_dir.clone(),
-        user: pg.user.clone(),
-        repos,
-        retention_full: policy.retention.full,
-        retention_diff: policy.retention.diff,
-        cipher_pass,
-        compress_level: policy.compression_level,
-        state: state.clone(),
-    });
+    let text = conf::render(&conf_of(cfg, &state, policy, pg, ids, true)?);
     let path = rb.conf.clone();
     let tmp = state.join(".pgbackrest.conf.tmp");
     let werr = |e| Error::io(format!("cannot write {}", tmp.display()), e);
@@ -302,6 +327,7 @@ impl PgBackRest {
         c.arg(format!("--config={}", self.conf.display()))
             .arg(format!("--stanza={}", self.stanza))
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         c
     }
