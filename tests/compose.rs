@@ -82,7 +82,34 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
 
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
-    // Secrets, as scripts/compose-secrets writes them (twice: idempotent).
+    // Published on loopback only; the healthcheck waits out a first full.
+    assert!(text.contains("\"127.0.0.1:9187:9187\""), "the port is loopback");
+    assert!(text.contains("start_period: 30m"), "start_period covers a first full");
+    // Secrets, as scripts/compose-secrets writes them (twice: idempotent),
+    // on a host without dr: age-keygen makes the key pair.
+    let no_dr = std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !Path::new(d).join("dr").exists())
+        .collect::<Vec<_>>()
+        .join(":");
+    let bare = t.join("bare");
+    for _ in 0..2 {
+        run(
+            Command::new(root().join("scripts/compose-secrets"))
+                .arg(&bare)
+                .env("PATH", &no_dr),
+            "scripts/compose-secrets without dr",
+        );
+    }
+    let bare_key = std::fs::read_to_string(bare.join("deploy/secrets/backup.key")).expect("key");
+    let bare_recipient =
+        std::fs::read_to_string(bare.join("deploy/secrets/backup_recipient")).expect("recipient");
+    assert!(
+        bare_recipient.starts_with("age1")
+            && bare_key.to_lowercase().contains(&format!("public key: {}", bare_recipient.trim())),
+        "{bare_recipient}"
+    );
     for _ in 0..2 {
         run(
             Command::new(root().join("scripts/compose-secrets"))
