@@ -168,7 +168,7 @@ def main():
              "Pipeline: sqlite3 .backup + zstd -3 -T0 + age -r + sync; restore: age -d | zstd -d. "
              "Peak RSS of a pipeline: its processes summed.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
     open(os.path.join(WORK, "results.md"), "w").write(text)
     print(text)
@@ -298,10 +298,10 @@ def s3_rows(db):
         def col(k, i):
             return [x[i] for x in res[k]]
         return [
-            ("S3 upload: .backup | zstd | age | aws s3 cp - vs dr backup-s3",
+            ("S3 upload: sqlite3 .backup, zstd, age into aws s3 cp - vs dr backup-s3",
              spread(col("up_aws", 0)), spread(col("up_dr", 0)), ratio(col("up_dr", 0), col("up_aws", 0)), "<= 1.00x",
              spread(col("up_aws", 1), "{:.0f}", " MiB"), spread(col("up_dr", 1), "{:.0f}", " MiB") + " (< 150)"),
-            ("S3 download: aws s3 cp - | age -d | zstd -d vs dr restore-s3 (+ checks)",
+            ("S3 download: aws s3 cp - into age -d, zstd -d vs dr restore-s3 (+ checks)",
              spread(col("down_aws", 0)), spread(col("down_dr", 0)), ratio(col("down_dr", 0), col("down_aws", 0)),
              "<= 1.00x", spread(col("down_aws", 1), "{:.0f}", " MiB"),
              spread(col("down_dr", 1), "{:.0f}", " MiB") + " (< 150)"),

@@ -67,7 +67,8 @@ def write_table(name, title, head, rows):
     """A markdown table (under `title`, if any) on stdout and in WORK/name."""
     lines = ([title, ""] if title else []) + [
         "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    # A cell may not hold a bare "|": it would end the cell.
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
     text = "\n".join(lines) + "\n"
     open(os.path.join(WORK, name), "w").write(text)
     print(text)

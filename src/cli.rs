@@ -38,7 +38,7 @@ reach: the message names the newest instant that --at can restore),
 severe (3, 7, 2, 1, 4, 6, 5). Under --json an error is a JSON object on
 stdout: {\"error\": \"...\", \"exit_code\": N}.";
 
-/// dr: backups and disaster recovery for SQLite and PostgreSQL.
+/// Backups and disaster recovery for SQLite and PostgreSQL.
 ///
 /// Every archive is compressed (zstd), encrypted (age) and checked (sha256),
 /// and written to local volumes or S3-compatible storage.
@@ -230,8 +230,9 @@ pub enum Command {
         action: PgAction,
     },
     /// Which keys the stored backups need, for key rotation: add the new
-    /// recipient to [encryption], SIGHUP the daemon, and retire the old
-    /// identity once `dr keys status` says no backup needs it.
+    /// recipient to recipients_file (read again on change, no signal
+    /// needed; inline recipients in dr.toml take a SIGHUP), and retire the
+    /// old identity once `dr keys status` says no backup needs it.
     Keys {
         #[command(subcommand)]
         action: KeysAction,

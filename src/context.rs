@@ -173,7 +173,16 @@ impl Context {
             Some(f) => format!("encrypting to {fps} (from {})", f.display()),
             None => format!("encrypting to {fps}"),
         };
-        crate::audit::record(crate::audit::Entry::new("key_loaded").detail(detail.clone()));
+        // On the record when the keys differ from the last ones recorded
+        // on this host, not at every command that loads them (`dr audit`
+        // ships the log encrypted, and would add a line each time).
+        let seen = self.inner.state.keys_seen();
+        if std::fs::read_to_string(&seen).ok().as_deref() != Some(fps.as_str()) {
+            crate::audit::record(crate::audit::Entry::new("key_loaded").detail(detail.clone()));
+            if let Err(e) = std::fs::write(&seen, &fps) {
+                tracing::debug!("cannot write {}: {e}", seen.display());
+            }
+        }
         if let Some((_, old)) = &keys.loaded
             && old.fingerprints() != s.fingerprints()
         {

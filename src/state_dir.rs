@@ -42,6 +42,12 @@ impl StateDir {
         self.root.join("daemon.listen")
     }
 
+    /// `keys.seen`: the fingerprints the audit log last recorded as
+    /// `key_loaded` on this host.
+    pub fn keys_seen(&self) -> PathBuf {
+        self.root.join("keys.seen")
+    }
+
     /// `history.db`: the daemon's runs and the CLI's.
     pub fn history_db(&self) -> PathBuf {
         self.root.join("history.db")

@@ -83,8 +83,14 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
     let tmp = tempfile::tempdir().expect("tmp");
     let t = tmp.path();
     // Published on loopback only; the healthcheck waits out a first full.
-    assert!(text.contains("\"127.0.0.1:9187:9187\""), "the port is loopback");
-    assert!(text.contains("start_period: 30m"), "start_period covers a first full");
+    assert!(
+        text.contains("\"127.0.0.1:9187:9187\""),
+        "the port is loopback"
+    );
+    assert!(
+        text.contains("start_period: 30m"),
+        "start_period covers a first full"
+    );
     // Secrets, as scripts/compose-secrets writes them (twice: idempotent),
     // on a host without dr: age-keygen makes the key pair.
     let no_dr = std::env::var("PATH")
@@ -107,7 +113,9 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
         std::fs::read_to_string(bare.join("deploy/secrets/backup_recipient")).expect("recipient");
     assert!(
         bare_recipient.starts_with("age1")
-            && bare_key.to_lowercase().contains(&format!("public key: {}", bare_recipient.trim())),
+            && bare_key
+                .to_lowercase()
+                .contains(&format!("public key: {}", bare_recipient.trim())),
         "{bare_recipient}"
     );
     for _ in 0..2 {

@@ -422,7 +422,10 @@ fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_not
     std::fs::write(
         &new_host,
         cfg.replace("state_dir = \"state\"", "state_dir = \"state-new-host\"")
-            .replace("policies = \"policies\"", &format!("policies = \"{}\"", env.path("policies").display())),
+            .replace(
+                "policies = \"policies\"",
+                &format!("policies = \"{}\"", env.path("policies").display()),
+            ),
     )
     .expect("cfg");
     cluster.pg_ctl("stop");

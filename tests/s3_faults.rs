@@ -94,7 +94,10 @@ fn backup_restore_verify_and_expire_under_injected_faults_never_break_what_is_co
             "no {f:?} injected: {seen:?}"
         );
     }
-    assert!(ok >= 3, "retries carry most backups through: {ok}");
+    assert!(
+        ok >= 7,
+        "retries (5 per request) carry most backups through 20% faults: {ok} of 10"
+    );
     // The network heals: everything committed is intact and restorable.
     proxy.set_rate(0);
     let info = env.dr(&["info", "--json"]);

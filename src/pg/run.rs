@@ -153,15 +153,28 @@ fn conf_of(
 /// `dr pg setup` wrote, or, on a host where it never ran (a new host after
 /// a disaster, before any cluster exists), the same settings passed as
 /// `PGBACKREST_*` variables. Nothing is written either way.
-pub fn read_only(cfg: &Config, state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
+pub fn read_only(
+    cfg: &Config,
+    state: &StateDir,
+    policy: &Policy,
+    pg: &PgSource,
+) -> Result<PgBackRest> {
     let mut rb = plan(state, policy, pg)?;
     if rb.conf.is_file() {
         return Ok(rb);
     }
-    let text = conf::render(&conf_of(cfg, &state.pg(&policy.name), policy, pg, None, false)?);
+    let text = conf::render(&conf_of(
+        cfg,
+        &state.pg(&policy.name),
+        policy,
+        pg,
+        None,
+        false,
+    )?);
     rb.env = conf::as_env(&text);
     // Nothing of this host's: no log file, no config file.
-    rb.env.push(("PGBACKREST_LOG_LEVEL_FILE".into(), "off".into()));
+    rb.env
+        .push(("PGBACKREST_LOG_LEVEL_FILE".into(), "off".into()));
     rb.conf = PathBuf::from("/dev/null");
     // Read as dr's own user: the repository is read, nothing is created
     // that the cluster's user would need to own.

@@ -139,7 +139,17 @@ async fn build_client(
     };
     let mut loader = aws_config::defaults(BehaviorVersion::latest());
     if let Some(ep) = &cfg.endpoint {
-        if ep.starts_with("http://") {
+        // Said once per target and process: a command connects to a
+        // target more than once (a backup, then its expire).
+        static WARNED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let first = WARNED.lock().is_ok_and(|mut w| {
+            let new = !w.contains(&name.to_string());
+            if new {
+                w.push(name.to_string());
+            }
+            new
+        });
+        if ep.starts_with("http://") && first {
             tracing::warn!(
                 target = %name,
                 "target '{name}' talks to {ep} over plain http: object names, sizes and request signatures cross the network in the clear (and the contents of any policy with encryption = \"none\"); use https (with `ca_file` for a private CA)"
