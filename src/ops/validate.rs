@@ -209,6 +209,18 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
                         path.display()
                     ),
                 ),
+                // Missing, it may be what is about to be restored (a new
+                // host after a disaster): said, not refused. Backups fail,
+                // loudly, until it exists.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && path.parent().is_some_and(Path::is_dir) => f.warning(
+                    &p.file,
+                    "path",
+                    format!(
+                        "policy '{}': the database {} does not exist (yet): backups fail until it does; on a new host, restore it first (README: Disaster recovery), or correct the path",
+                        p.name,
+                        path.display()
+                    ),
+                ),
                 Err(e) => f.error(
                     &p.file,
                     "path",
