@@ -383,6 +383,42 @@ enum Access {
 /// Checks the request's bearer token against `[daemon] token_file`, read
 /// now (a rotated token counts at once). No token configured: all is open,
 /// and the daemon warned at start when that reaches past loopback.
+/// Whether the scraper accepts OpenMetrics (Prometheus says so first).
+fn wants_openmetrics(req: &tiny_http::Request) -> bool {
+    req.headers()
+        .iter()
+        .filter(|h| h.field.equiv("Accept"))
+        .any(|h| h.value.as_str().contains("application/openmetrics-text"))
+}
+
+/// OpenMetrics as the classic Prometheus text format: a counter's family
+/// is named with its `_total` samples (OpenMetrics names it without), and
+/// there is no `# EOF`. What `promtool check metrics` and curl read.
+pub fn classic_text(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(open.len());
+    for line in open.lines() {
+        // The classic format has neither.
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
 fn access(shared: &Shared, req: &tiny_http::Request) -> Access {
     let file = match shared.ctx.read() {
         Ok(ctx) => ctx.cfg().daemon_token_file.clone(),
@@ -473,10 +509,17 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
                     "text/plain",
                 ),
                 ("/metrics", Access::Granted) => match metrics(&shared) {
-                    Ok(m) => (
+                    // Prometheus asks for OpenMetrics; anything else (curl,
+                    // promtool, older scrapers) gets the classic text format.
+                    Ok(m) if wants_openmetrics(&req) => (
                         200,
                         m,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    ),
+                    Ok(m) => (
+                        200,
+                        classic_text(&m),
+                        "text/plain; version=0.0.4; charset=utf-8",
                     ),
                     Err(e) => (500, e.to_string(), "text/plain"),
                 },
