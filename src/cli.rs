@@ -1274,26 +1274,36 @@ fn replicate(config: &Path, names: &[String], exec: Option<&str>, json: bool) ->
     // The streamers are done (the application exited, a signal came, or a
     // streamer failed): the application stops too, and its status is ours.
     let app_status = app.map(App::finish).transpose()?;
-    let mut first_err = None;
+    // Each failure was logged by the streamer as it happened; the command
+    // says them once more, together, as its error (and exit code).
+    let mut failed: Vec<(String, Error)> = Vec::new();
     let mut reports = Vec::new();
     for (name, r) in results {
         match r {
             Ok(r) => {
                 if r.unshipped > 0 {
-                    tracing::error!(policy = %name, "{} WAL segment(s) could not be shipped and stay in the spool; they ship when dr replicate runs again", r.unshipped);
-                    first_err.get_or_insert(Error::Other(format!(
-                        "policy '{name}': {} WAL segment(s) left unshipped in the spool",
-                        r.unshipped
-                    )));
+                    failed.push((
+                        format!("policy '{name}'"),
+                        Error::Other(format!(
+                            "{} WAL segment(s) left unshipped in the spool; they ship when dr replicate runs again",
+                            r.unshipped
+                        )),
+                    ));
                 }
                 reports.push(r);
             }
-            Err(e) => {
-                tracing::error!(policy = %name, "{e}");
-                first_err.get_or_insert(e);
-            }
+            Err(e) => failed.push((format!("policy '{name}'"), e)),
         }
     }
+    // One failure keeps its own type (and exit code), named.
+    let first_err = match failed.len() {
+        0 => None,
+        1 => failed.pop().map(|(who, e)| match e {
+            Error::Other(m) => Error::Other(format!("{who}: {m}")),
+            e => e,
+        }),
+        _ => Some(Error::Several(failed)),
+    };
     if json {
         print_json(&reports)?;
     } else {

@@ -577,7 +577,10 @@ fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
         m.contains("dr_verify_last_success_timestamp_seconds{policy=\"app\",target=\"local\"} 0"),
         "a drill that never ran is a 0 series: {m}"
     );
-    assert!(!m.contains("# EOF"), "the classic format has no EOF marker: {m}");
+    assert!(
+        !m.contains("# EOF"),
+        "the classic format has no EOF marker: {m}"
+    );
 }
 
 #[test]
