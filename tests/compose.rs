@@ -30,15 +30,6 @@ fn run(cmd: &mut Command, what: &str) -> String {
     text
 }
 
-fn path_with_dr() -> String {
-    let bin = Path::new(common::dr_bin()).parent().expect("bin dir");
-    format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    )
-}
-
 #[test]
 fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
     let compose = root().join("docker-compose.yml");
@@ -122,7 +113,7 @@ fn the_compose_file_is_valid_and_every_command_it_runs_works_on_this_host() {
         run(
             Command::new(root().join("scripts/compose-secrets"))
                 .arg(t)
-                .env("PATH", path_with_dr()),
+                .env("PATH", common::path_with_dr()),
             "scripts/compose-secrets",
         );
     }

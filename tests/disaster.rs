@@ -99,14 +99,7 @@ fn a_new_hosts_first_start_takes_one_base_and_expires_nothing_from_before() {
 /// wiped; the configuration, the identity and the bucket kept).
 #[test]
 fn the_readme_disaster_runbook_restores_the_newest_state_and_an_instant_from_s3() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let block = readme
-        .split("<!-- disaster-test")
-        .nth(1)
-        .and_then(|s| s.split("```sh\n").nth(1))
-        .and_then(|s| s.split("```").next())
-        .expect("the disaster-test block");
+    let block = common::readme_block("disaster-test");
     let root = tempfile::tempdir().expect("tmp");
     let server = common::s3::S3Server::start(root.path(), "bucket");
     let env = common::s3::env_at(
@@ -158,15 +151,7 @@ fn the_readme_disaster_runbook_restores_the_newest_state_and_an_instant_from_s3(
     }
 
     // Host B: the runbook's commands, as written.
-    let bin = std::path::Path::new(common::dr_bin())
-        .parent()
-        .expect("bin dir")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = common::path_with_dr();
     let mut said = String::new();
     for line in block.lines().filter(|l| !l.trim().is_empty()) {
         let out = Command::new("bash")

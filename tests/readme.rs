@@ -5,24 +5,9 @@ mod common;
 
 #[test]
 fn the_readme_first_backup_runs_as_written() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
-        .expect("README.md");
-    let block = readme
-        .split("<!-- readme-test")
-        .nth(1)
-        .and_then(|s| s.split("```sh\n").nth(1))
-        .and_then(|s| s.split("```").next())
-        .expect("the readme-test block");
+    let block = common::readme_block("readme-test");
     let dir = tempfile::tempdir().expect("tmp");
-    let bin = std::path::Path::new(common::dr_bin())
-        .parent()
-        .expect("bin dir")
-        .to_path_buf();
-    let path = format!(
-        "{}:{}",
-        bin.display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
+    let path = common::path_with_dr();
     let mut out_all = String::new();
     let mut selected = None;
     for line in block.lines().filter(|l| !l.trim().is_empty()) {

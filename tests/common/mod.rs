@@ -534,6 +534,30 @@ pub fn wait_listening(server: &mut Proc, port: u16, what: &str, secs: u64, hint:
     );
 }
 
+/// The `sh` block of README.md that follows `<!-- MARKER`: commands a
+/// test runs as written.
+pub fn readme_block(marker: &str) -> String {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    readme
+        .split(&format!("<!-- {marker}"))
+        .nth(1)
+        .and_then(|s| s.split("```sh\n").nth(1))
+        .and_then(|s| s.split("```").next())
+        .unwrap_or_else(|| panic!("README.md has no {marker} block"))
+        .to_string()
+}
+
+/// PATH with the `dr` under test first.
+pub fn path_with_dr() -> String {
+    let bin = Path::new(dr_bin()).parent().expect("bin dir");
+    format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
 /// A plain HTTP GET on loopback: (status, body), or `None` when nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     http_get_with(port, path, "")
