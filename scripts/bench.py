@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import DR, RUNS, WORK, make_db, ratio, setup, sh, spread, timed, write_table  # noqa: E402
+from bench_common import DR, RUNS, WORK, alternate, make_db, ratio, setup, sh, spread, timed, write_table  # noqa: E402
 
 GIB = float(os.environ.get("BENCH_GIB", "1"))
 RSS_GIB = float(os.environ.get("BENCH_RSS_GIB", "4"))
@@ -85,13 +85,10 @@ def main():
                    f" | age -d -i '{key}' | zstd -q -d -c | tee >(openssl dgst -sha256 >/dev/null) > '{out1}'"
                    f" && sqlite3 'file:{out1}?immutable=1' 'PRAGMA integrity_check' | grep -qx ok"
                    f" && sync '{out1}'")
-        steps = [("pr", f"rm -f '{out1}' && age -d -i '{key}' '{arch}' | zstd -q -d -c > '{out1}'"),
-                 ("pc", checked),
-                 ("dres", f"rm -f '{out2}' && '{DR}' -c '{cfg}' restore-local bench --to '{out2}' --identity '{key}' --force")]
-        if i % 2:
-            steps.reverse()
-        for k, cmd in steps:
-            res[k].append(timed(cmd)[:2])
+        alternate(i, [("pr", f"rm -f '{out1}' && age -d -i '{key}' '{arch}' | zstd -q -d -c > '{out1}'"),
+                      ("pc", checked),
+                      ("dres", f"rm -f '{out2}' && '{DR}' -c '{cfg}' restore-local bench --to '{out2}' "
+                               f"--identity '{key}' --force")], res)
         # A diff after ~1% of pages changed (rows are ~10 to a page: one
         # page in a hundred), on top of this run's full.
         sh(f"sqlite3 '{db}' 'UPDATE t SET n = n + 1 WHERE (id / 10) % 100 = {i};' >/dev/null")
@@ -199,19 +196,12 @@ def restic_rows(db, cfg, key):
             sh("restic init --repository-version 2 -q")
             if os.path.exists(snap):
                 os.remove(snap)
-            steps = [("restic_b", f"sqlite3 '{db}' '.backup {snap}' && restic backup -q --compression auto '{snap}'"),
-                     ("dr_b", f"'{DR}' -c '{cfg}' backup-local bench --type full")]
-            if i % 2:
-                steps.reverse()
-            for k, cmd in steps:
-                res[k].append(timed(cmd)[:2])
+            alternate(i, [("restic_b", f"sqlite3 '{db}' '.backup {snap}' && restic backup -q --compression auto '{snap}'"),
+                          ("dr_b", f"'{DR}' -c '{cfg}' backup-local bench --type full")], res)
         for i in range(RUNS):
-            steps = [("restic", f"rm -rf '{out_dir}' && restic restore -q latest --target '{out_dir}'"),
-                     ("dr", f"rm -f '{out2}' && '{DR}' -c '{cfg}' restore-local bench --to '{out2}' --identity '{key}' --force")]
-            if i % 2:
-                steps.reverse()
-            for k, cmd in steps:
-                res[k].append(timed(cmd)[:2])
+            alternate(i, [("restic", f"rm -rf '{out_dir}' && restic restore -q latest --target '{out_dir}'"),
+                          ("dr", f"rm -f '{out2}' && '{DR}' -c '{cfg}' restore-local bench --to '{out2}' "
+                                 f"--identity '{key}' --force")], res)
     finally:
         for k in env:
             if k.startswith("RESTIC_"):
@@ -283,14 +273,10 @@ def s3_rows(db):
                f" | age -d -i '{key}' | zstd -q -d -c > '{out_aws}' && sync '{out_aws}'")
         res = {"up_aws": [], "up_dr": [], "down_aws": [], "down_dr": []}
         for i in range(RUNS):
-            ups = [("up_aws", put), ("up_dr", f"'{DR}' -c '{cfg}' backup-s3 bench --type full")]
-            downs = [("down_aws", get),
-                     ("down_dr", f"rm -f '{out_dr}' && '{DR}' -c '{cfg}' restore-s3 bench --to '{out_dr}' --identity '{key}'")]
-            if i % 2:
-                ups.reverse()
-                downs.reverse()
-            for k, cmd in ups + downs:
-                res[k].append(timed(cmd)[:2])
+            alternate(i, [("up_aws", put), ("up_dr", f"'{DR}' -c '{cfg}' backup-s3 bench --type full")], res)
+            alternate(i, [("down_aws", get),
+                          ("down_dr", f"rm -f '{out_dr}' && '{DR}' -c '{cfg}' restore-s3 bench --to '{out_dr}' "
+                                      f"--identity '{key}'")], res)
         for p in (out_aws, out_dr, tmp):
             if os.path.exists(p):
                 os.remove(p)

@@ -146,3 +146,11 @@ def ratio(ours, theirs):
     """Median ratio and the spread of the per-run ratios (runs paired by index)."""
     rs = [a / b for a, b in zip(ours, theirs) if b > 0]
     return spread(rs, "{:.2f}", "x")
+
+
+def alternate(run, steps, res):
+    """Times each (key, command) of `steps` into `res[key]` as (seconds,
+    MiB), in the given order on even runs and reversed on odd ones, so no
+    side always runs with a warmer cache."""
+    for k, cmd in (steps if run % 2 == 0 else list(reversed(steps))):
+        res[k].append(timed(cmd)[:2])
