@@ -468,6 +468,7 @@ struct Bar(ProgressBar);
 impl Progress for Bar {
     fn set_total(&self, bytes: u64) {
         self.0.set_length(bytes);
+        self.0.set_position(0);
     }
     fn advance(&self, bytes: u64) {
         self.0.inc(bytes);

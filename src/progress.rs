@@ -8,7 +8,8 @@ use std::io::Read;
 
 /// Progress of one piece of work measured in bytes.
 pub trait Progress: Send + Sync {
-    /// The total is known (or changed).
+    /// A stretch of work of `bytes` starts: the count starts again from 0
+    /// (a verify reads a backup back, then restores it in a drill).
     fn set_total(&self, bytes: u64);
     /// `bytes` more are done.
     fn advance(&self, bytes: u64);

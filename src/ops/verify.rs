@@ -200,6 +200,7 @@ fn read_back(
     unsealing: Option<&crate::keys::Unsealing>,
     progress: &dyn Progress,
 ) -> Result<()> {
+    progress.set_total(m.objects.values().map(|o| o.plain_size).sum());
     for (name, digest) in &m.objects {
         let key = repo::object_key(repo.policy, &m.label, name);
         let object = format!("target '{}': {key}", repo.storage.target());
