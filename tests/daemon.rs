@@ -165,6 +165,8 @@ fn schedules_run_health_follows_the_target_and_signals_are_handled() {
             && body(fail).contains("local"),
         "{fail}"
     );
+    // The target named once, not "target 'local': target 'local' (...)".
+    assert_eq!(body(fail).matches("target 'local'").count(), 1, "{fail}");
     let events: Vec<serde_json::Value> = seen
         .iter()
         .filter(|l| l.starts_with("POST /hook "))

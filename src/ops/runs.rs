@@ -131,9 +131,18 @@ impl<'c> RunLog<'c> {
                         .strip_prefix(name)
                         .is_some_and(|r| r.starts_with('/'))
             })
-            .map(|f| match f.policy.split_once('/') {
-                Some((_, db)) => format!("database '{db}' on target '{}': {}", f.target, f.error),
-                None => format!("target '{}': {}", f.target, f.error),
+            .map(|f| {
+                // A storage error names its target already: said once.
+                let error = f.error.to_string();
+                let said = error.starts_with(&format!("target '{}'", f.target));
+                match (f.policy.split_once('/'), said) {
+                    (Some((_, db)), true) => format!("database '{db}': {error}"),
+                    (Some((_, db)), false) => {
+                        format!("database '{db}' on target '{}': {error}", f.target)
+                    }
+                    (None, true) => error,
+                    (None, false) => format!("target '{}': {error}", f.target),
+                }
             })
             .collect();
         let failure = (!mine.is_empty()).then(|| mine.join("\n"));
