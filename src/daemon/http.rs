@@ -380,9 +380,6 @@ enum Access {
     Broken,
 }
 
-/// Checks the request's bearer token against `[daemon] token_file`, read
-/// now (a rotated token counts at once). No token configured: all is open,
-/// and the daemon warned at start when that reaches past loopback.
 /// Whether the scraper accepts OpenMetrics (Prometheus says so first).
 fn wants_openmetrics(req: &tiny_http::Request) -> bool {
     req.headers()
@@ -419,6 +416,9 @@ pub fn classic_text(open: &str) -> String {
     out
 }
 
+/// Checks the request's bearer token against `[daemon] token_file`, read
+/// now (a rotated token counts at once). No token configured: all is open,
+/// and the daemon warned at start when that reaches past loopback.
 fn access(shared: &Shared, req: &tiny_http::Request) -> Access {
     let file = match shared.ctx.read() {
         Ok(ctx) => ctx.cfg().daemon_token_file.clone(),

@@ -39,9 +39,11 @@ pub fn expire_locked(
         storage: store,
         policy: &policy.name,
     };
+    // How long an unfinished write may be a live run's: interrupted
+    // backups and abandoned multipart uploads older than this go.
+    let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)
+        .unwrap_or(chrono::Duration::hours(1));
     if !dry_run {
-        let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)
-            .unwrap_or(chrono::Duration::hours(1));
         store.clean_abandoned(&format!("{}/", policy.name), now - grace)?;
     }
     let dirs = repo.dirs()?;
@@ -67,8 +69,6 @@ pub fn expire_locked(
     ) {
         doomed.push((r.label, r.reason));
     }
-    let grace = chrono::Duration::from_std(policy.retention.incomplete_grace)
-        .unwrap_or(chrono::Duration::hours(1));
     for d in dirs.iter().filter(|d| !d.has_manifest) {
         if now - d.modified >= grace {
             doomed.push((

@@ -73,7 +73,6 @@ pub fn endpoint(url: &str) -> Result<(String, u16), String> {
     }
 }
 
-/// The text of `pgbackrest.conf`.
 /// A rendered configuration as `PGBACKREST_*` variables (every option of
 /// every section: `repo1-s3-key` becomes `PGBACKREST_REPO1_S3_KEY`), for a
 /// run that writes no file. Secrets stay out of the command line.
@@ -90,6 +89,7 @@ pub fn as_env(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The text of `pgbackrest.conf`.
 pub fn render(c: &PgConf) -> String {
     let mut s = String::new();
     let st = c.state.display();
