@@ -23,6 +23,30 @@ pub struct Run {
     pub size: u64,
 }
 
+impl Run {
+    /// A run of `kind` on `target` that started at `started` and ends now:
+    /// `outcome` is its label and stored size, or why it failed.
+    pub fn ended(
+        policy: &str,
+        target: &str,
+        kind: &str,
+        started: DateTime<Utc>,
+        outcome: std::result::Result<(&str, u64), String>,
+    ) -> Run {
+        Run {
+            policy: policy.to_string(),
+            target: target.to_string(),
+            kind: kind.to_string(),
+            started,
+            finished: Utc::now(),
+            ok: outcome.is_ok(),
+            label: outcome.as_ref().ok().map(|(l, _)| l.to_string()),
+            size: outcome.as_ref().map_or(0, |(_, s)| *s),
+            error: outcome.err(),
+        }
+    }
+}
+
 /// The history database.
 #[derive(Debug)]
 pub struct History {

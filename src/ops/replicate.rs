@@ -1378,21 +1378,15 @@ fn record_run(
     started: chrono::DateTime<chrono::Utc>,
     r: &Result<super::report::BackupReport>,
 ) {
-    let run = crate::history::Run {
-        policy: policy.name.clone(),
-        target: target.to_string(),
-        kind: match kind {
-            repo::BackupType::Full => "full",
-            repo::BackupType::Diff => "diff",
-        }
-        .to_string(),
+    let run = crate::history::Run::ended(
+        &policy.name,
+        target,
+        kind.word(),
         started,
-        finished: chrono::Utc::now(),
-        ok: r.is_ok(),
-        error: r.as_ref().err().map(ToString::to_string),
-        label: r.as_ref().ok().map(|b| b.label.clone()),
-        size: r.as_ref().map_or(0, |b| b.stored_size),
-    };
+        r.as_ref()
+            .map(|b| (b.label.as_str(), b.stored_size))
+            .map_err(ToString::to_string),
+    );
     if let Err(e) = crate::history::History::open(ctx.state().root()).and_then(|h| h.record(&run)) {
         tracing::warn!(policy = %policy.name, target, "the streamer's backup is not in the run history: {e}");
     }

@@ -72,17 +72,16 @@ impl<'c> RunLog<'c> {
         started: DateTime<Utc>,
         result: &Result<(String, u64)>,
     ) {
-        let run = Run {
-            policy: policy.name.clone(),
-            target: target.name.clone(),
-            kind: job.into(),
+        let run = Run::ended(
+            &policy.name,
+            &target.name,
+            job,
             started,
-            finished: Utc::now(),
-            ok: result.is_ok(),
-            error: result.as_ref().err().map(|e| e.to_string()),
-            label: result.as_ref().ok().map(|(l, _)| l.clone()),
-            size: result.as_ref().map(|(_, s)| *s).unwrap_or(0),
-        };
+            result
+                .as_ref()
+                .map(|(l, s)| (l.as_str(), *s))
+                .map_err(ToString::to_string),
+        );
         if let Some(h) = &self.history
             && let Err(e) = h.record(&run)
         {
