@@ -65,6 +65,105 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
+/// Makes a directory owned by the user pgBackRest runs as.
+fn own_dir(dir: &Path, ids: Option<(u32, u32)>) -> Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    if let Some((u, g)) = ids {
+        std::os::unix::fs::chown(dir, Some(u), Some(g))
+            .map_err(|e| Error::io(format!("cannot chown {}", dir.display()), e))?;
+    }
+    Ok(())
+}
+
+fn secret(path: &Option<PathBuf>, env: &str, what: &str, target: &str) -> Result<String> {
+    match path {
+        Some(p) => Ok(crate::secret::read_secret(p)?.expose_secret().trim().to_string()),
+        None => std::env::var(env).map_err(|_| {
+            Error::Other(format!(
+                "target '{target}': pgBackRest needs the {what}: set {what}_file in the target, or {env}"
+            ))
+        }),
+    }
+}
+
+fn plan(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
+    let run_as = match &pg.run_as {
+        Some(u) if is_root() => {
+            user_ids(u)?;
+            Some(u.clone())
+        }
+        _ => None,
+    };
+    Ok(PgBackRest {
+        bin: find_bin()?,
+        conf: state.pg(&policy.name).join("pgbackrest.conf"),
+        env: Vec::new(),
+        stanza: pg.stanza.clone(),
+        run_as,
+        targets: policy.targets.clone(),
+    })
+}
+
+/// Writes the policy's pgBackRest configuration (mode 0600, owned by
+/// `run_as`) and the directories it names, fresh from dr's config: what
+/// every command that changes the repository runs first, so pgBackRest
+/// always works with the retention and targets configured now.
+pub fn prepare(
+    cfg: &Config,
+    state: &StateDir,
+    policy: &Policy,
+    pg: &PgSource,
+) -> Result<PgBackRest> {
+    let rb = plan(state, policy, pg)?;
+    let ids = match &rb.run_as {
+        Some(u) => Some(user_ids(u)?),
+        None => None,
+    };
+    let state = state.pg(&policy.name);
+    for d in ["", "lock", "log", "spool"] {
+        own_dir(&state.join(d), ids)?;
+    }
+    if let (Some((u, g)), Some(user)) = (ids, &rb.run_as) {
+        // `pg/` holds only the policies' own directories (each the
+        // cluster user's, 0700): the cluster user may pass through it.
+        if let Some(pg_dir) = state.parent() {
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(pg_dir, std::fs::Permissions::from_mode(0o711));
+        }
+        if let Some(why) = blocked_for(&rb.conf, u, g) {
+            return Err(Error::Other(format!(
+                "policy '{}': PostgreSQL's archive_command runs as '{user}' and reads {}, but {why}: let '{user}' pass through it (chmod o+x, or under the shipped systemd unit StateDirectoryMode=0711)",
+                policy.name,
+                rb.conf.display()
+            )));
+        }
+    }
+    let text = conf::render(&conf_of(cfg, &state, policy, pg, ids, true)?);
+    let path = rb.conf.clone();
+    let tmp = state.join(".pgbackrest.conf.tmp");
+    let werr = |e| Error::io(format!("cannot write {}", tmp.display()), e);
+    {
+        use std::io::Write;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(werr)?;
+        f.write_all(text.as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(werr)?;
+    }
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(werr)?;
+    if let Some((u, g)) = ids {
+        std::os::unix::fs::chown(&tmp, Some(u), Some(g)).map_err(werr)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(werr)?;
+    Ok(rb)
+}
+
 /// The policy's pgBackRest settings from dr's config, secrets read from
 /// their files. `create`: make the local repositories' directories (a
 /// read makes nothing).
@@ -210,105 +309,6 @@ pub fn blocked_for(path: &Path, uid: u32, gid: u32) -> Option<String> {
             )
         })
     })
-}
-
-/// Makes a directory owned by the user pgBackRest runs as.
-fn own_dir(dir: &Path, ids: Option<(u32, u32)>) -> Result<()> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
-    if let Some((u, g)) = ids {
-        std::os::unix::fs::chown(dir, Some(u), Some(g))
-            .map_err(|e| Error::io(format!("cannot chown {}", dir.display()), e))?;
-    }
-    Ok(())
-}
-
-fn secret(path: &Option<PathBuf>, env: &str, what: &str, target: &str) -> Result<String> {
-    match path {
-        Some(p) => Ok(crate::secret::read_secret(p)?.expose_secret().trim().to_string()),
-        None => std::env::var(env).map_err(|_| {
-            Error::Other(format!(
-                "target '{target}': pgBackRest needs the {what}: set {what}_file in the target, or {env}"
-            ))
-        }),
-    }
-}
-
-fn plan(state: &StateDir, policy: &Policy, pg: &PgSource) -> Result<PgBackRest> {
-    let run_as = match &pg.run_as {
-        Some(u) if is_root() => {
-            user_ids(u)?;
-            Some(u.clone())
-        }
-        _ => None,
-    };
-    Ok(PgBackRest {
-        bin: find_bin()?,
-        conf: state.pg(&policy.name).join("pgbackrest.conf"),
-        env: Vec::new(),
-        stanza: pg.stanza.clone(),
-        run_as,
-        targets: policy.targets.clone(),
-    })
-}
-
-/// Writes the policy's pgBackRest configuration (mode 0600, owned by
-/// `run_as`) and the directories it names, fresh from dr's config: what
-/// every command that changes the repository runs first, so pgBackRest
-/// always works with the retention and targets configured now.
-pub fn prepare(
-    cfg: &Config,
-    state: &StateDir,
-    policy: &Policy,
-    pg: &PgSource,
-) -> Result<PgBackRest> {
-    let rb = plan(state, policy, pg)?;
-    let ids = match &rb.run_as {
-        Some(u) => Some(user_ids(u)?),
-        None => None,
-    };
-    let state = state.pg(&policy.name);
-    for d in ["", "lock", "log", "spool"] {
-        own_dir(&state.join(d), ids)?;
-    }
-    if let (Some((u, g)), Some(user)) = (ids, &rb.run_as) {
-        // `pg/` holds only the policies' own directories (each the
-        // cluster user's, 0700): the cluster user may pass through it.
-        if let Some(pg_dir) = state.parent() {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = std::fs::set_permissions(pg_dir, std::fs::Permissions::from_mode(0o711));
-        }
-        if let Some(why) = blocked_for(&rb.conf, u, g) {
-            return Err(Error::Other(format!(
-                "policy '{}': PostgreSQL's archive_command runs as '{user}' and reads {}, but {why}: let '{user}' pass through it (chmod o+x, or under the shipped systemd unit StateDirectoryMode=0711)",
-                policy.name,
-                rb.conf.display()
-            )));
-        }
-    }
-    let text = conf::render(&conf_of(cfg, &state, policy, pg, ids, true)?);
-    let path = rb.conf.clone();
-    let tmp = state.join(".pgbackrest.conf.tmp");
-    let werr = |e| Error::io(format!("cannot write {}", tmp.display()), e);
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(werr)?;
-        f.write_all(text.as_bytes())
-            .and_then(|_| f.sync_all())
-            .map_err(werr)?;
-    }
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(werr)?;
-    if let Some((u, g)) = ids {
-        std::os::unix::fs::chown(&tmp, Some(u), Some(g)).map_err(werr)?;
-    }
-    std::fs::rename(&tmp, &path).map_err(werr)?;
-    Ok(rb)
 }
 
 impl PgBackRest {
