@@ -82,14 +82,7 @@ fn labels(env: &Env, target: &str) -> Vec<String> {
         );
     }
     assert!(matches!(r.code, 0 | 1), "info after a kill: {}", r.stderr);
-    let mut l: Vec<String> = r.json()["policies"][0]["targets"][0]["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["label"].as_str().expect("label").to_string())
-        .collect();
-    l.sort();
-    l
+    common::labels_in(&r.json())
 }
 
 /// Every listed backup verifies; returns the newest label. `info` (exit 0)

@@ -12,15 +12,7 @@ use common::{Env, dump, make_db};
 const POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nfull = \"0 0 * * * *\"\n[retention]\nfull = 1\n";
 
 fn labels(env: &Env) -> Vec<String> {
-    let j = env.dr(&["info", "--json"]).json();
-    let mut l: Vec<String> = j["policies"][0]["targets"][0]["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["label"].as_str().expect("label").to_string())
-        .collect();
-    l.sort();
-    l
+    common::labels_in(&env.dr(&["info", "--json"]).json())
 }
 
 #[test]

@@ -11,13 +11,7 @@ use std::time::{Duration, Instant};
 use common::{Env, dump, make_db};
 
 fn labels(env: &Env) -> Vec<String> {
-    let r = env.dr(&["info", "--json"]);
-    r.json()["policies"][0]["targets"][0]["backups"]
-        .as_array()
-        .expect("backups")
-        .iter()
-        .map(|b| b["label"].as_str().expect("label").to_string())
-        .collect()
+    common::labels_in(&env.dr(&["info", "--json"]).json())
 }
 
 fn backup_json(env: &Env, extra: &[&str]) -> serde_json::Value {

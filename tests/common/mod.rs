@@ -534,6 +534,19 @@ pub fn wait_listening(server: &mut Proc, port: u16, what: &str, secs: u64, hint:
     );
 }
 
+/// The backup labels `dr info --json` lists for the first policy's first
+/// target, oldest first (labels sort by time).
+pub fn labels_in(info: &serde_json::Value) -> Vec<String> {
+    let mut l: Vec<String> = info["policies"][0]["targets"][0]["backups"]
+        .as_array()
+        .expect("backups")
+        .iter()
+        .map(|b| b["label"].as_str().expect("label").to_string())
+        .collect();
+    l.sort();
+    l
+}
+
 /// The `sh` block of README.md that follows `<!-- MARKER`: commands a
 /// test runs as written.
 pub fn readme_block(marker: &str) -> String {
