@@ -94,7 +94,7 @@ def _group_rss_kib(pgid):
     return total
 
 
-def timed(cmd, env=None):
+def timed(cmd):
     """Runs `cmd` (bash) in a process group of its own after a `sync`;
     returns (wall seconds, peak RSS MiB, stdout). The peak is the larger of
     the group's summed RSS, sampled every 10 ms (a pipeline's processes
@@ -104,7 +104,7 @@ def timed(cmd, env=None):
     out = tempfile.TemporaryFile()
     t0 = time.monotonic()
     p = subprocess.Popen(["bash", "-c", cmd], stdout=out, stderr=subprocess.PIPE,
-                         start_new_session=True, env=env)
+                         start_new_session=True)
     peak = [0]
     done = threading.Event()
 

@@ -24,11 +24,12 @@ import glob
 import os
 import shutil
 import sqlite3
-import statistics
 import subprocess
 import sys
 import threading
 import time
+
+from bench_common import spread
 
 LITESTREAM_VERSION = "0.5.17"
 
@@ -290,18 +291,12 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
     }
 
 
-def cell(xs, fmt):
-    """Median (min–max) of `runs` values."""
-    m = fmt.format(statistics.median(xs))
-    return m if len(xs) < 2 else f"{m} ({fmt.format(min(xs))}–{fmt.format(max(xs))})"
-
-
 def ratio(ours, theirs):
     """The median of the per-run ratios dr / Litestream, with their spread."""
     rs = [a / b for a, b in zip(ours, theirs) if b]
     if not rs:
         return "0" if not any(ours) else "inf"
-    return cell(rs, "{:.2f}")
+    return spread(rs, "{:.2f}", "")
 
 
 def side_by_side(runs, n, tool_run):
@@ -322,7 +317,7 @@ def rows_of(res, label, measures):
     for name, phase, key, fmt in measures:
         ls = [r[phase][key] for r in res["litestream"]]
         dr = [r[phase][key] for r in res["dr"]]
-        out.append((f"{label} {name}", cell(ls, fmt), cell(dr, fmt), ratio(dr, ls)))
+        out.append((f"{label} {name}", spread(ls, fmt, ""), spread(dr, fmt, ""), ratio(dr, ls)))
     return out
 
 
