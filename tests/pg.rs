@@ -7,41 +7,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::Env;
-use common::pg::{PgCluster, give_to_postgres, sql_at, start_restored, stop, wait_out_recovery};
-
-/// An env whose only policy is a postgres one for `cluster`.
-fn pg_env(cluster: &PgCluster, extra: &str) -> Env {
-    let env = Env::new("");
-    std::fs::remove_file(env.path("policies/app.toml")).expect("rm");
-    let pass = env.path("cipher.pass");
-    std::fs::write(&pass, "a-long-random-test-passphrase-0123456789\n").expect("pass");
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
-    std::fs::write(
-        env.path("policies/main-pg.toml"),
-        format!(
-            "name = \"main-pg\"\ntargets = [\"local\"]\n[source]\nkind = \"postgres\"\nstanza = \"main\"\ndata_dir = \"{}\"\nsocket_dir = \"{}\"\nport = {}\nuser = \"postgres\"\nrun_as = \"postgres\"\ncipher_pass_file = \"{}\"\n{extra}",
-            cluster.data.display(),
-            cluster.sock.display(),
-            cluster.port,
-            pass.display()
-        ),
-    )
-    .expect("policy");
-    // The repository and state live where the postgres user can reach them.
-    let root = env.dir.path();
-    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    env
-}
-
-fn setup(env: &Env, cluster: &PgCluster) {
-    let mut r = env.dr(&["pg", "setup", "main-pg", "--json"]).ok();
-    if r.json()["restart_needed"] == true {
-        cluster.pg_ctl("restart");
-        r = env.dr(&["pg", "setup", "main-pg", "--json"]).ok();
-    }
-    assert_eq!(r.json()["checked"], true, "{}\n{}", r.stdout, r.stderr);
-}
+use common::pg::{
+    PgCluster, give_to_postgres, pg_env, setup, sql_at, start_restored, stop, wait_out_recovery,
+};
 
 #[test]
 fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() {
@@ -322,6 +290,28 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopp
         before,
         "the restored cluster archived into the repository"
     );
+    // And it is not protected until declared: info, /healthz and the
+    // metrics say that its commits reach no repository.
+    let r = env.dr(&["info", "main-pg"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("archive_failing") && r.stderr.contains("dr pg setup main-pg"),
+        "{}",
+        r.stderr
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
+    let (code, body) = common::http_get(port, "/healthz").expect("healthz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("\"archive_failing\""), "{body}");
+    let (_, metrics) = common::http_get(port, "/metrics").expect("metrics");
+    assert!(
+        metrics.contains("dr_protected{policy=\"main-pg\"} 0")
+            && metrics.contains("dr_pg_archive_last_success_timestamp_seconds{policy=\"main-pg\"}"),
+        "{metrics}"
+    );
     // Declared the new primary (`dr pg setup`): its next WAL is archived,
     // on its new timeline.
     setup(&env, &cluster);
@@ -335,6 +325,11 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopp
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    let r = env.dr(&["info", "main-pg"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let (code, body) = common::http_get(port, "/healthz").expect("healthz");
+    assert_eq!(code, 200, "{body}");
+    drop(daemon);
 }
 
 #[test]

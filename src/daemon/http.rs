@@ -13,6 +13,7 @@ use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::history::History;
 use crate::ops::verdict::{self, Evidence, Promise, StreamEvidence, TargetEvidence};
+use crate::pg::archiver::Archiver;
 use crate::sqlite::stream::{self, StreamState};
 
 /// One thing that makes the daemon unhealthy.
@@ -48,7 +49,8 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     let mut out = Vec::new();
     for p in &super::policies_now(cfg) {
         let view = stream_view(&ctx, p);
-        let evidence = evidence(shared, &history, p, &view, now)?;
+        let archiver = archiver_of(p);
+        let evidence = evidence(shared, &history, p, &view, archiver.as_ref(), now)?;
         for r in verdict::judge(&evidence, now).reasons {
             out.push(Problem {
                 policy: p.name.clone(),
@@ -77,12 +79,21 @@ fn stream_view(ctx: &Context, p: &crate::config::Policy) -> StreamView {
     (state, beat)
 }
 
+/// A PostgreSQL policy's archiver, when its cluster answers.
+fn archiver_of(p: &crate::config::Policy) -> Option<Archiver> {
+    match &p.source {
+        crate::config::Source::Postgres(pg) => crate::pg::archiver::status(pg),
+        crate::config::Source::Sqlite { .. } => None,
+    }
+}
+
 /// What the daemon knows of one database, for the verdict.
 fn evidence(
     shared: &Shared,
     history: &History,
     p: &crate::config::Policy,
     (state, beat): &StreamView,
+    archiver: Option<&Archiver>,
     now: chrono::DateTime<Utc>,
 ) -> Result<Evidence> {
     let status = shared
@@ -141,10 +152,15 @@ fn evidence(
                 spool_full: state.as_ref().is_some_and(|st| st.spool_full),
             }
         });
+        // PostgreSQL: WAL archived after a backup extends what a restore
+        // reaches (archive-push stores each segment in every repository).
+        let archived = archiver
+            .and_then(|a| a.last_archived)
+            .filter(|a| ok.is_some_and(|o| *a >= o));
         targets.push(TargetEvidence {
             target: t.clone(),
             unreachable: None,
-            newest_restorable: [ok, shipped].into_iter().flatten().max(),
+            newest_restorable: [ok, shipped, archived].into_iter().flatten().max(),
             damaged: Vec::new(),
             newer: Vec::new(),
             hidden: Vec::new(),
@@ -153,9 +169,17 @@ fn evidence(
             stream,
         });
     }
+    let source = match (&p.source, archiver) {
+        (crate::config::Source::Postgres(pg), Some(a)) => a
+            .risk(&p.name, &pg.stanza)
+            .map(|why| (verdict::Reason::ArchiveFailing, why))
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    };
     Ok(Evidence {
         promise: Promise::of(p, now),
-        source: Vec::new(),
+        source,
         retired: false,
         targets,
     })
@@ -266,6 +290,16 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         "dr_protected",
         "1 while the database is protected, 0 while it is at risk (the verdict of dr info and /healthz)",
     );
+    let archived = gauge(
+        &mut reg,
+        "dr_pg_archive_last_success_timestamp_seconds",
+        "PostgreSQL: when the archiver last stored a WAL segment (pg_stat_archiver; 0: never, or the cluster does not answer)",
+    );
+    let archive_failed = gauge(
+        &mut reg,
+        "dr_pg_archive_last_failure_timestamp_seconds",
+        "PostgreSQL: when archiving a WAL segment last failed (pg_stat_archiver; 0: never)",
+    );
     let streamers = shared
         .streamers
         .lock()
@@ -281,7 +315,21 @@ pub fn metrics(shared: &Shared) -> Result<String> {
     for p in &super::policies_now(cfg) {
         let name = p.name.as_str();
         let view = stream_view(&ctx, p);
-        let verdict = verdict::judge(&evidence(shared, &history, p, &view, now)?, now);
+        let archiver = archiver_of(p);
+        let verdict = verdict::judge(
+            &evidence(shared, &history, p, &view, archiver.as_ref(), now)?,
+            now,
+        );
+        if matches!(p.source, crate::config::Source::Postgres(_)) {
+            let labels = l(&[("policy", name)]);
+            let a = archiver.as_ref();
+            archived
+                .get_or_create(&labels)
+                .set(a.and_then(|a| a.last_archived).map_or(0.0, ts));
+            archive_failed
+                .get_or_create(&labels)
+                .set(a.and_then(|a| a.last_failed).map_or(0.0, ts));
+        }
         protected.get_or_create(&l(&[("policy", name)])).set(
             if verdict.state == verdict::State::Protected {
                 1.0

@@ -73,6 +73,10 @@ pub struct TargetInfo {
     /// The policy's `retention.window`, when it asks for one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub window_asked: Option<String>,
+    /// PostgreSQL: the newest WAL segment archived on this target and when
+    /// it was stored (a point-in-time restore reaches that far).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<super::pg::ArchivedWal>,
 }
 
 /// A scheduled job as the daemon ran it.
@@ -156,8 +160,9 @@ impl Info {
 /// repository). Reads only the file's header: nothing is opened through
 /// SQLite.
 fn source_evidence(p: &Policy) -> (Vec<(Reason, String)>, bool) {
-    let config::Source::Sqlite { path } = &p.source else {
-        return (Vec::new(), false);
+    let path = match &p.source {
+        config::Source::Sqlite { path } => path,
+        config::Source::Postgres(pg) => return (pg_evidence(p, pg), false),
     };
     let found = std::fs::metadata(path).and_then(|_| verdict::not_streamable(path));
     match found {
@@ -174,6 +179,16 @@ fn source_evidence(p: &Policy) -> (Vec<(Reason, String)>, bool) {
         Ok(Some(why)) if p.wal.enabled => (vec![(Reason::CannotStream, why)], false),
         Ok(_) => (Vec::new(), false),
     }
+}
+
+/// What is wrong with a PostgreSQL cluster's archiving, when the cluster
+/// answers on this host (a host without it has no commits to lose).
+pub fn pg_evidence(p: &Policy, pg: &config::PgSource) -> Vec<(Reason, String)> {
+    crate::pg::archiver::status(pg)
+        .and_then(|a| a.risk(&p.name, &pg.stanza))
+        .map(|why| (Reason::ArchiveFailing, why))
+        .into_iter()
+        .collect()
 }
 
 /// The evidence `dr info` has of one target: what it holds, the runs
@@ -271,7 +286,7 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
         let mut targets = Vec::new();
         for t in filter.select(ctx.cfg(), p)? {
             let l = source.list(ctx, t);
-            let covered = covered(&l.backups, l.wal.as_ref());
+            let covered = covered(&l.backups, l.wal.as_ref(), l.archive.as_ref());
             targets.push(TargetInfo {
                 name: t.name.clone(),
                 kind: t.kind.word().into(),
@@ -290,6 +305,7 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
                 wal: l.wal,
                 error: l.error,
                 hidden: l.hidden,
+                archive: l.archive,
             });
         }
         let now = Utc::now();
@@ -310,18 +326,28 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
     Ok(out)
 }
 
-/// What a target covers: the instants of its restorable backups and its
-/// WAL windows, from the oldest to the newest.
-fn covered(backups: &[BackupInfo], wal: Option<&WalInfo>) -> Option<crate::repo::wal::Window> {
-    let instants = backups
-        .iter()
-        .filter(|b| b.error.is_none())
+/// What a target covers: the instants of its restorable backups, its WAL
+/// windows and (PostgreSQL) its newest archived WAL, oldest to newest.
+/// PostgreSQL's archive reaches a commit only from a backup on: without
+/// one, archived WAL restores nothing.
+fn covered(
+    backups: &[BackupInfo],
+    wal: Option<&WalInfo>,
+    archive: Option<&super::pg::ArchivedWal>,
+) -> Option<crate::repo::wal::Window> {
+    let restorable = backups.iter().filter(|b| b.error.is_none());
+    let newest_stop = restorable.clone().map(|b| b.timestamp_stop).max();
+    let archived = archive
+        .and_then(|a| a.stored)
+        .filter(|t| newest_stop.is_some_and(|s| *t >= s));
+    let instants = restorable
         .map(|b| b.timestamp_start)
         .chain(
             wal.into_iter()
                 .flat_map(|w| &w.windows)
                 .flat_map(|w| [w.start, w.end]),
-        );
+        )
+        .chain(archived);
     let (mut lo, mut hi) = (None::<DateTime<Utc>>, None::<DateTime<Utc>>);
     for t in instants {
         lo = Some(lo.map_or(t, |l| l.min(t)));
@@ -438,6 +464,17 @@ pub fn render(info: &Info) -> String {
             }
             if let Some(w) = &t.wal {
                 render_wal(&mut s, w);
+            }
+            if let Some(a) = &t.archive {
+                let _ = writeln!(
+                    s,
+                    "    WAL archived up to segment {}{}",
+                    a.segment,
+                    a.stored.map_or(String::new(), |t| format!(
+                        ", stored {} UTC",
+                        t.format("%Y-%m-%d %H:%M:%S")
+                    ))
+                );
             }
             if let Some(c) = &t.covered {
                 let _ = writeln!(

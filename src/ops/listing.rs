@@ -23,6 +23,8 @@ pub struct Listing {
     pub error: Option<String>,
     /// Backups hidden by S3 delete markers, each with what is hidden.
     pub hidden: Vec<String>,
+    /// PostgreSQL: the newest WAL segment pgBackRest archived here.
+    pub archive: Option<super::pg::ArchivedWal>,
 }
 
 /// The WAL of a policy on one target.
@@ -125,7 +127,8 @@ pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -
             return l;
         }
     };
-    for b in list {
+    l.archive = list.newest_wal;
+    for b in list.backups {
         let kind = match super::pg::kind_of(&b) {
             Ok(k) => k,
             Err(e) => {

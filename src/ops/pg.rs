@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::report::{BackupKind, BackupReport, Expired, RestoreReport, Verified};
@@ -31,45 +32,34 @@ pub struct SetupReport {
     pub todo: Vec<String>,
 }
 
-/// Runs SQL through `psql` as the cluster's OS user; `None` when it cannot connect.
-fn psql(pg: &PgSource, rb: &PgBackRest, sql: &str) -> Result<Option<String>> {
-    let mut c = match &rb.run_as {
-        Some(u) => {
-            let mut c = Command::new("runuser");
-            c.args(["-u", u, "--", "psql"]);
-            c
+/// Runs SQL through `psql` as the cluster's OS user; `None` when it
+/// cannot connect (logged).
+fn psql(pg: &PgSource, sql: &str) -> Option<String> {
+    crate::pg::psql::query(pg, sql)
+        .inspect_err(|e| tracing::warn!("psql: {e}"))
+        .ok()
+}
+
+/// Waits while the cluster replays WAL: a restored cluster takes writes
+/// (ALTER SYSTEM, pgBackRest's check) only once its recovery has ended.
+/// A cluster that cannot be reached is left to the caller to report.
+fn wait_out_recovery(pg: &PgSource) -> Result<()> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(600);
+    let mut said = false;
+    while crate::pg::psql::query(pg, "SELECT pg_is_in_recovery()").is_ok_and(|r| r == "t") {
+        if !said {
+            tracing::info!(stanza = %pg.stanza, "PostgreSQL is still in recovery (replaying WAL): waiting for it to end");
+            said = true;
         }
-        None => Command::new("psql"),
-    };
-    if let Some(s) = &pg.socket_dir {
-        c.arg("-h").arg(s);
+        if Instant::now() > deadline {
+            return Err(Error::Other(format!(
+                "PostgreSQL (stanza '{}') stayed in recovery for 10 minutes: a standby must be promoted (pg_ctl promote) before `dr pg setup` declares it the primary",
+                pg.stanza
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
     }
-    c.args([
-        "-p",
-        &pg.port.to_string(),
-        "-U",
-        &pg.user,
-        "-d",
-        "postgres",
-        "-XAtq",
-        "-v",
-        "ON_ERROR_STOP=1",
-        "-c",
-        sql,
-    ]);
-    match c.output() {
-        Ok(o) if o.status.success() => {
-            Ok(Some(String::from_utf8_lossy(&o.stdout).trim().to_string()))
-        }
-        Ok(o) => {
-            tracing::warn!("psql: {}", String::from_utf8_lossy(&o.stderr).trim());
-            Ok(None)
-        }
-        Err(e) => {
-            tracing::warn!("cannot run psql: {e}");
-            Ok(None)
-        }
-    }
+    Ok(())
 }
 
 /// Writes the pgBackRest config, turns archiving on, creates the stanza and checks.
@@ -90,11 +80,11 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
         checked: false,
         todo: Vec::new(),
     };
+    wait_out_recovery(pg)?;
     let current = psql(
         pg,
-        &rb,
-        "SELECT current_setting('archive_mode') || ' ' || current_setting('wal_level') || ' ' || current_setting('archive_command')",
-    )?;
+        "SELECT current_setting('archive_mode') || '|' || current_setting('wal_level') || '|' || current_setting('archive_timeout') || '|' || current_setting('archive_command')",
+    );
     // The repository first: PostgreSQL is changed only once pgBackRest has
     // shown it can write there (a wrong bucket or key leaves the cluster
     // as it was, not archiving into nowhere).
@@ -102,6 +92,10 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
         rb.run("stanza-create", &["stanza-create"])?;
     }
     let timeout = format!("{}s", pg.archive_timeout.as_secs().max(1));
+    // What to put back if the final check fails (the settings a reload
+    // applies; the others only change on a restart, before which no check
+    // runs).
+    let undo: Vec<String>;
     match current {
         None => {
             report.todo.push(format!(
@@ -110,10 +104,22 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
             return Ok(report);
         }
         Some(now) => {
-            let mut parts = now.splitn(3, ' ');
+            let mut parts = now.splitn(4, '|');
             let mode = parts.next().unwrap_or("");
             let level = parts.next().unwrap_or("");
+            let was_timeout = parts.next().unwrap_or("");
             let cmd = parts.next().unwrap_or("");
+            undo = vec![
+                format!(
+                    "ALTER SYSTEM SET archive_command = '{}'",
+                    cmd.replace('\'', "''")
+                ),
+                format!(
+                    "ALTER SYSTEM SET archive_timeout = '{}'",
+                    was_timeout.replace('\'', "''")
+                ),
+                "SELECT pg_reload_conf()".to_string(),
+            ];
             let quoted = archive_command.replace('\'', "''");
             let mut ok = true;
             // ALTER SYSTEM cannot share a transaction: one statement each.
@@ -126,7 +132,7 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
                 format!("ALTER SYSTEM SET archive_timeout = '{timeout}'"),
                 "SELECT pg_reload_conf()".to_string(),
             ] {
-                ok = ok && psql(pg, &rb, &sql)?.is_some();
+                ok = ok && psql(pg, &sql).is_some();
             }
             if !ok {
                 report.todo.push(format!(
@@ -147,7 +153,19 @@ pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRepor
         );
         return Ok(report);
     }
-    rb.run("check", &["check"])?;
+    if let Err(e) = rb.run("check", &["check"]) {
+        // Archiving that does not work would fill pg_wal: the cluster goes
+        // back to what it archived with before.
+        let restored = undo.iter().all(|sql| psql(pg, sql).is_some());
+        return Err(Error::Other(format!(
+            "{e}; {}",
+            if restored {
+                "PostgreSQL's archive_command and archive_timeout were put back as they were"
+            } else {
+                "putting PostgreSQL's archive_command back failed too: check it by hand"
+            }
+        )));
+    }
     report.checked = true;
     Ok(report)
 }
@@ -223,17 +241,62 @@ pub fn backup(
     })
 }
 
-/// One target's PostgreSQL backups, for `dr info`. Read-only: it uses the
-/// pgBackRest configuration that setup or the last backup wrote.
-pub fn list(
-    ctx: &Context,
-    policy: &Policy,
-    pg: &PgSource,
-    target: &Target,
-) -> Result<Vec<PgBackup>> {
+/// What one target holds of a PostgreSQL policy.
+pub struct PgListing {
+    pub backups: Vec<PgBackup>,
+    /// The newest WAL segment in the repository and when it was stored:
+    /// how far a point-in-time restore from this target reaches.
+    pub newest_wal: Option<ArchivedWal>,
+}
+
+/// The newest archived WAL segment of a repository.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ArchivedWal {
+    pub segment: String,
+    /// When the repository stored it (`None` when it gives no time).
+    pub stored: Option<DateTime<Utc>>,
+}
+
+/// One target's PostgreSQL backups and newest archived WAL, for `dr info`.
+/// Read-only: it uses the pgBackRest configuration that setup or the last
+/// backup wrote, or the same settings passed in the environment.
+pub fn list(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -> Result<PgListing> {
     let rb = run::read_only(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
-    backups(&rb, repo)
+    let out = rb.run("info", &["info", "--output=json"])?;
+    let json = String::from_utf8_lossy(&out.stdout);
+    let backups = info::parse(&json, &rb.stanza)
+        .map_err(Error::Other)?
+        .into_iter()
+        .filter(|b| b.repo as usize == repo)
+        .collect();
+    let newest = info::newest_wal(&json, &rb.stanza)
+        .map_err(Error::Other)?
+        .into_iter()
+        .find(|w| w.repo as usize == repo);
+    // When the repository stored that segment: its object's time, read
+    // with dr's own storage client (one listing of one name). pgBackRest
+    // keeps the repository under `<policy>/pgbackrest` on the target.
+    let newest_wal = match newest {
+        None => None,
+        Some(w) => {
+            let key = format!("{}/pgbackrest/{}/{}", policy.name, w.dir, w.segment);
+            let stored = ctx
+                .storage(target)?
+                .list(&key)?
+                .into_iter()
+                .map(|o| o.modified)
+                .max();
+            Some(ArchivedWal {
+                segment: w.segment,
+                stored,
+            })
+        }
+    };
+    Ok(PgListing {
+        backups,
+        newest_wal,
+    })
 }
 
 /// Restores into an empty directory (or, with `force`, in place over a

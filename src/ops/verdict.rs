@@ -57,6 +57,9 @@ pub enum Reason {
     HiddenByDeleteMarker,
     /// A backup was written by a newer dr: this one cannot restore it.
     NewerFormat,
+    /// PostgreSQL does not get its WAL into the repository (archiving
+    /// off, pointed elsewhere, or failing since its last success).
+    ArchiveFailing,
 }
 
 impl Reason {
@@ -77,6 +80,7 @@ impl Reason {
             Reason::Damaged => "damaged",
             Reason::HiddenByDeleteMarker => "hidden_by_delete_marker",
             Reason::NewerFormat => "newer_format",
+            Reason::ArchiveFailing => "archive_failing",
         }
     }
 }

@@ -38,6 +38,58 @@ struct Stanza {
     name: String,
     #[serde(default)]
     backup: Vec<Backup>,
+    #[serde(default)]
+    archive: Vec<ArchiveRange>,
+}
+
+/// One repository's WAL archive of one database system, as `info` lists it.
+#[derive(Debug, Deserialize)]
+struct ArchiveRange {
+    /// The archive id (`15-1`): the directory under `archive/<stanza>`.
+    id: String,
+    max: Option<String>,
+    #[serde(default)]
+    database: Option<Database>,
+}
+
+/// Where the newest WAL segment of one repository is: enough to find its
+/// object, and when the repository stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewestWal {
+    pub repo: u32,
+    /// `archive/<stanza>/<id>/<first 16 hex digits>`: the directory holding it.
+    pub dir: String,
+    /// The segment's name (24 hex digits).
+    pub segment: String,
+}
+
+/// The newest archived WAL segment of each repository of `stanza` (the
+/// newest archive id of each), from `info --output=json`.
+pub fn newest_wal(json: &str, stanza: &str) -> Result<Vec<NewestWal>, String> {
+    let stanzas: Vec<Stanza> = serde_json::from_str(json)
+        .map_err(|e| format!("pgbackrest info printed JSON dr cannot read: {e}"))?;
+    let Some(s) = stanzas.into_iter().find(|s| s.name == stanza) else {
+        return Ok(Vec::new());
+    };
+    let mut out: Vec<NewestWal> = Vec::new();
+    for a in s.archive {
+        let Some(max) = a.max.filter(|m| m.len() == 24) else {
+            continue;
+        };
+        let repo = a.database.and_then(|d| d.repo_key).unwrap_or(1);
+        let w = NewestWal {
+            repo,
+            dir: format!("archive/{stanza}/{}/{}", a.id, &max[..16]),
+            segment: max,
+        };
+        // A newer timeline or segment sorts later (fixed-width hex).
+        match out.iter_mut().find(|o| o.repo == repo) {
+            Some(o) if o.segment < w.segment => *o = w,
+            Some(_) => {}
+            None => out.push(w),
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Deserialize)]
@@ -151,5 +203,19 @@ mod tests {
         assert_eq!(b[0].delta, 38_000_000);
         assert!(parse(SAMPLE, "other").expect("parse").is_empty());
         assert!(parse("not json", "main").is_err());
+    }
+
+    #[test]
+    fn finds_the_newest_segment_of_each_repository() {
+        let json = r#"[{"name":"main","backup":[],"archive":[
+          {"database":{"id":1,"repo-key":1},"id":"15-1","max":"000000010000000000000007","min":"000000010000000000000001"},
+          {"database":{"id":1,"repo-key":2},"id":"15-1","max":"000000010000000000000005","min":"000000010000000000000001"},
+          {"database":{"id":1,"repo-key":1},"id":"15-1","max":"000000020000000100000002","min":"000000020000000100000001"}]}]"#;
+        let w = newest_wal(json, "main").expect("parse");
+        assert_eq!(w.len(), 2);
+        assert_eq!(w[0].segment, "000000020000000100000002");
+        assert_eq!(w[0].dir, "archive/main/15-1/0000000200000001");
+        assert_eq!(w[1].repo, 2);
+        assert!(newest_wal("[]", "main").expect("parse").is_empty());
     }
 }

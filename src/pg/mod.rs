@@ -5,6 +5,8 @@
 //! This is the pure part (rendering and parsing); running pgBackRest as
 //! the cluster's OS user comes with the commands that use it.
 
+pub mod archiver;
 pub mod conf;
 pub mod info;
+pub mod psql;
 pub mod run;

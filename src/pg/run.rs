@@ -59,7 +59,7 @@ pub(crate) fn user_ids(user: &str) -> Result<(u32, u32)> {
         })
 }
 
-fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     std::fs::metadata("/proc/self")
         .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
         .unwrap_or(false)

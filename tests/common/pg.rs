@@ -205,3 +205,37 @@ impl Drop for PgCluster {
         stop(&self.data);
     }
 }
+
+/// An env whose only policy is a postgres one for `cluster`.
+pub fn pg_env(cluster: &PgCluster, extra: &str) -> super::Env {
+    let env = super::Env::new("");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm");
+    let pass = env.path("cipher.pass");
+    std::fs::write(&pass, "a-long-random-test-passphrase-0123456789\n").expect("pass");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    std::fs::write(
+        env.path("policies/main-pg.toml"),
+        format!(
+            "name = \"main-pg\"\ntargets = [\"local\"]\n[source]\nkind = \"postgres\"\nstanza = \"main\"\ndata_dir = \"{}\"\nsocket_dir = \"{}\"\nport = {}\nuser = \"postgres\"\nrun_as = \"postgres\"\ncipher_pass_file = \"{}\"\n{extra}",
+            cluster.data.display(),
+            cluster.sock.display(),
+            cluster.port,
+            pass.display()
+        ),
+    )
+    .expect("policy");
+    // The repository and state live where the postgres user can reach them.
+    let root = env.dir.path();
+    std::fs::set_permissions(root, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    env
+}
+
+pub fn setup(env: &super::Env, cluster: &PgCluster) {
+    let mut r = env.dr(&["pg", "setup", "main-pg", "--json"]).ok();
+    if r.json()["restart_needed"] == true {
+        cluster.pg_ctl("restart");
+        r = env.dr(&["pg", "setup", "main-pg", "--json"]).ok();
+    }
+    assert_eq!(r.json()["checked"], true, "{}\n{}", r.stdout, r.stderr);
+}
