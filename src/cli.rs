@@ -304,6 +304,14 @@ pub enum Command {
         /// age identity file that can decrypt the backups (or [encryption] identity_file).
         #[arg(long, env = "DR_IDENTITY")]
         identity: Option<PathBuf>,
+        /// On a host that keeps no key (production, when the identity lives
+        /// elsewhere): check every stored object's size and sha256 against
+        /// its manifest, every diff's full and the WAL's continuity, and
+        /// report the newest restore drill the host with the key recorded
+        /// on the target. No restore drill runs here. `dr daemon` does this
+        /// for a scheduled verify when no key is configured.
+        #[arg(long, conflicts_with_all = ["identity", "backup", "restore_all", "sample"])]
+        without_key: bool,
         /// Print the results as JSON (failures as objects with their exit code).
         #[arg(long)]
         json: bool,
@@ -603,7 +611,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 }))?;
                 return result;
             }
-            for f in findings.iter().filter(|f| f.severity == "warning") {
+            for f in findings.iter().filter(|f| f.severity != "error") {
                 eprintln!("{f}");
             }
             result?;
@@ -731,6 +739,7 @@ fn run_command(cli: Cli) -> Result<()> {
             sample,
             target,
             identity,
+            without_key,
             json,
         } => {
             let ctx = Context::load(&cli.config)?;
@@ -739,26 +748,41 @@ fn run_command(cli: Cli) -> Result<()> {
                 identity: identity.clone(),
                 restore_all: *restore_all,
                 sample: *sample,
+                without_key: *without_key,
             };
+            let job = if *without_key { "check" } else { "verify" };
             let policies =
                 ops::members::select(&ctx, policy.as_deref(), db.as_deref(), Scope::Stored)?;
             let pairs = fanout::pairs(ctx.cfg(), &policies, &filter(None, target.as_ref()))?;
             let log = RunLog::open(&ctx);
-            let out = fanout::each(&pairs, "verify", |p, t| {
-                log.start(p, "verify");
+            let out = fanout::each(&pairs, job, |p, t| {
+                log.start(p, job);
                 let started = chrono::Utc::now();
-                let pb = progress(*json, &format!("verify {}/{}", p.name, t.name));
+                let pb = progress(*json, &format!("{job} {}/{}", p.name, t.name));
                 let v = Source::of(p).verify(&ctx, t, &opts, &pb);
                 drop(pb);
                 let recorded = v.as_ref().map(|v| (v.label.clone(), 0));
                 log.record(
                     p,
                     t,
-                    "verify",
+                    job,
                     started,
                     &recorded.map_err(|e| Error::Other(e.to_string())),
                 );
+                if let Ok(v) = &v {
+                    for d in v
+                        .drills
+                        .iter()
+                        .flat_map(|d| [&d.passed, &d.failed])
+                        .flatten()
+                    {
+                        log.import_drill(d);
+                    }
+                }
                 match &v {
+                    Ok(v) if v.without_key && !*json => {
+                        println!("{}", ops::report::render_checked(v));
+                    }
                     Ok(v) if !*json => println!(
                         "ok    {} on {}: {} ({:.1}s){}",
                         v.policy,
@@ -778,7 +802,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 }
                 v
             });
-            log.finish_all(pairs.iter().map(|(p, _)| *p), "verify", &out.failures);
+            log.finish_all(pairs.iter().map(|(p, _)| *p), job, &out.failures);
             finish(out, *json)
         }
         Command::Expire {

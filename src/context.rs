@@ -198,6 +198,15 @@ impl Context {
     /// The identities that open `policy`'s archives: `identity`, else the
     /// configured identity file or passphrase. An encrypted policy with
     /// none is a secret error that says what to pass.
+    /// Whether this host is set up to decrypt `policy`'s backups (an
+    /// identity or a passphrase file is configured, or nothing is
+    /// encrypted). A host without: production keeping the key elsewhere,
+    /// where a scheduled verify checks what it can without the key.
+    pub fn holds_key(&self, policy: &Policy) -> bool {
+        let enc = &self.inner.cfg.encryption;
+        !policy.encrypted || enc.identity_file.is_some() || enc.passphrase_file.is_some()
+    }
+
     pub fn unsealing(&self, policy: &Policy, identity: Option<&Path>) -> Result<Option<Unsealing>> {
         let u = keys::unsealing(&self.inner.cfg.encryption, identity)?;
         if u.is_none() && policy.encrypted {

@@ -134,6 +134,50 @@ impl History {
         Ok(())
     }
 
+    /// Records `r` unless a run of the same job on the same target that
+    /// finished at the same instant is recorded already (a drill read
+    /// from the target again). Whether it was new.
+    pub fn record_once(&self, r: &Run) -> Result<bool> {
+        let seen: i64 = self
+            .conn
+            .query_row(
+                "SELECT count(*) FROM runs WHERE policy = ?1 AND target = ?2 AND kind = ?3 AND finished = ?4",
+                params![r.policy, r.target, r.kind, r.finished.to_rfc3339()],
+                |row| row.get(0),
+            )
+            .map_err(db_err)?;
+        if seen > 0 {
+            return Ok(false);
+        }
+        self.record(r)?;
+        Ok(true)
+    }
+
+    /// When the first successful run of any of `kinds` on a target finished.
+    pub fn first_success(
+        &self,
+        policy: &str,
+        target: &str,
+        kinds: &[&str],
+    ) -> Result<Option<DateTime<Utc>>> {
+        let mut first: Option<DateTime<Utc>> = None;
+        for kind in kinds {
+            let t: Option<String> = self
+                .conn
+                .query_row(
+                    "SELECT min(finished) FROM runs WHERE policy = ?1 AND target = ?2 AND kind = ?3 AND ok = 1",
+                    params![policy, target, kind],
+                    |row| row.get(0),
+                )
+                .map_err(db_err)?;
+            if let Some(t) = t.and_then(|t| DateTime::parse_from_rfc3339(&t).ok()) {
+                let t = t.with_timezone(&Utc);
+                first = Some(first.map_or(t, |f| f.min(t)));
+            }
+        }
+        Ok(first)
+    }
+
     /// The newest run of a job on a target that succeeded (`ok`) or failed.
     pub fn last(&self, policy: &str, target: &str, kind: &str, ok: bool) -> Result<Option<Run>> {
         self.conn

@@ -72,7 +72,8 @@ pub fn init(dir: &Path, db: &Path, target: &Path, name: &str) -> Result<Initiali
              \n\
              [encryption]\n\
              recipients_file = \"backup.pub\"   # public key: this host can encrypt, not decrypt\n\
-             # identity_file = \"backup.key\"   # needed on this host only for verify and restores\n\
+             # identity_file = \"backup.key\"   # decrypts: keep it off this host; restores and restore drills\n\
+             #   run where it is (README \"Drills where the key lives\"); verify here checks without it\n\
              \n\
              [targets.local]\n\
              kind = \"local\"\n\

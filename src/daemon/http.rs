@@ -120,10 +120,23 @@ fn evidence(
             .filter(|b| ok.is_none_or(|o| b.finished > o))
             .map(|b| b.error.unwrap_or_default());
         let verified = history.last(&p.name, t, "verify", true)?;
+        let checked = history.last(&p.name, t, "check", true)?;
+        // A drill that failed after the last that passed; on a host without
+        // the key, a check of the stored objects that failed after the last
+        // that passed.
         let verify_failed = history
             .last(&p.name, t, "verify", false)?
             .filter(|b| verified.as_ref().is_none_or(|o| b.finished > o.finished))
-            .map(|b| b.error.unwrap_or_default());
+            .map(|b| b.error.unwrap_or_default())
+            .or(history
+                .last(&p.name, t, "check", false)?
+                .filter(|b| checked.as_ref().is_none_or(|o| b.finished > o.finished))
+                .map(|b| {
+                    format!(
+                        "the check of the stored objects (without the key) failed: {}",
+                        b.error.unwrap_or_default()
+                    )
+                }));
         let shipped = state
             .as_ref()
             .and_then(|st| st.targets.get(t))
@@ -166,6 +179,8 @@ fn evidence(
             hidden: Vec::new(),
             failing,
             verify_failed,
+            drill_passed: verified.as_ref().map(|r| r.finished),
+            since: history.first_success(&p.name, t, &["full", "diff"])?,
             stream,
         });
     }

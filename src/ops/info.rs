@@ -77,6 +77,10 @@ pub struct TargetInfo {
     /// it was stored (a point-in-time restore reaches that far).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive: Option<super::pg::ArchivedWal>,
+    /// SQLite policies with `[schedule] verify`: the newest restore drills
+    /// recorded on the target (by whichever host has the key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drills: Option<crate::repo::drill::Drills>,
 }
 
 /// A scheduled job as the daemon ran it.
@@ -204,6 +208,30 @@ fn target_evidence(t: &TargetInfo) -> TargetEvidence {
         .iter()
         .filter(|r| r.kind == "verify")
         .find_map(|r| r.error.clone());
+    // Drills: this host's, and those the host with the key recorded on
+    // the target; a recorded failure counts when no pass came after it.
+    let here = t
+        .runs
+        .iter()
+        .filter(|r| r.kind == "verify")
+        .filter_map(|r| r.last_success)
+        .max();
+    let recorded = t.drills.as_ref();
+    let drill_passed = here.max(recorded.and_then(|d| d.passed.as_ref()).map(|d| d.finished));
+    let verify_failed = verify_failed.or_else(|| {
+        recorded
+            .and_then(|d| d.failed.as_ref())
+            .filter(|f| drill_passed.is_none_or(|p| f.finished > p))
+            .map(|f| {
+                format!(
+                    "the restore drill on host {} at {} failed: {}",
+                    f.host,
+                    f.finished
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    f.error.as_deref().unwrap_or("?")
+                )
+            })
+    });
     let named = |newer: bool| {
         t.backups
             .iter()
@@ -228,6 +256,8 @@ fn target_evidence(t: &TargetInfo) -> TargetEvidence {
         hidden: t.hidden.clone(),
         failing,
         verify_failed,
+        drill_passed,
+        since: t.covered.map(|c| c.start),
         stream: t
             .wal
             .as_ref()
@@ -306,6 +336,7 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
                 error: l.error,
                 hidden: l.hidden,
                 archive: l.archive,
+                drills: drills_of(ctx, p, t),
             });
         }
         let now = Utc::now();
@@ -324,6 +355,22 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
         });
     }
     Ok(out)
+}
+
+/// The drills recorded on `target` for a SQLite policy that schedules
+/// them (one listing); `None` when it schedules none or they cannot be read.
+fn drills_of(
+    ctx: &Context,
+    p: &Policy,
+    target: &config::Target,
+) -> Option<crate::repo::drill::Drills> {
+    if p.schedule.verify.is_none() || !matches!(p.source, config::Source::Sqlite { .. }) {
+        return None;
+    }
+    ctx.storage(target)
+        .and_then(|s| crate::repo::drill::newest(s.as_ref(), &p.name))
+        .inspect_err(|e| tracing::warn!(policy = %p.name, target = %target.name, "cannot read the drills recorded on the target: {e}"))
+        .ok()
 }
 
 /// What a target covers: the instants of its restorable backups, its WAL
@@ -488,6 +535,26 @@ pub fn render(info: &Info) -> String {
                     t.window_asked.as_ref().map_or(String::new(), |w| format!(
                         ", retention.window asks for {w}"
                     ))
+                );
+            }
+            if let Some(d) = &t.drills {
+                let at = |r: &crate::repo::drill::DrillRecord| {
+                    format!(
+                        "{} UTC on host {} ({})",
+                        r.finished.format("%Y-%m-%d %H:%M:%S"),
+                        r.host,
+                        r.label
+                    )
+                };
+                let _ = writeln!(
+                    s,
+                    "    restore drills recorded: {}{}",
+                    d.passed
+                        .as_ref()
+                        .map_or("none passed".to_string(), |p| format!("passed {}", at(p))),
+                    d.failed
+                        .as_ref()
+                        .map_or(String::new(), |f| format!("; FAILED since: {}", at(f)))
                 );
             }
             for r in &t.runs {

@@ -15,6 +15,7 @@ pub mod report;
 pub mod restore;
 pub mod runs;
 pub mod source;
+pub mod stored_check;
 pub mod validate;
 pub mod verdict;
 pub mod verify;

@@ -455,6 +455,8 @@ pub fn verify(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) ->
         backups_read: None,
         segments_read: None,
         restored: Vec::new(),
+        without_key: false,
+        drills: None,
     })
 }
 

@@ -134,6 +134,14 @@ pub struct Verified {
     /// SQLite: the backups restored to a scratch file and checked.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub restored: Vec<String>,
+    /// Checked without the key (`--without-key`): stored bytes, chains
+    /// and WAL continuity; no restore drill ran here.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub without_key: bool,
+    /// Without the key: the newest drills recorded on the target by the
+    /// host that has it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drills: Option<crate::repo::drill::Drills>,
 }
 
 /// One backup expire removed (or would remove, with `--dry-run`).
@@ -144,4 +152,41 @@ pub struct Expired {
     pub label: String,
     pub reason: String,
     pub removed: bool,
+}
+
+/// One line for a check without the key: what was proven here, and the
+/// newest drill the host with the key recorded on the target.
+pub fn render_checked(v: &Verified) -> String {
+    let drill = match v.drills.as_ref().and_then(|d| d.passed.as_ref()) {
+        Some(d) => format!(
+            "newest restore drill passed {} on host {} ({})",
+            d.finished
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            d.host,
+            d.label
+        ),
+        None => "no restore drill recorded on the target: run `dr verify` where the key is".into(),
+    };
+    let failed = v
+        .drills
+        .as_ref()
+        .and_then(|d| d.failed.as_ref())
+        .map_or(String::new(), |d| {
+            format!(
+                "; the drill on host {} at {} FAILED: {}",
+                d.host,
+                d.finished
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                d.error.as_deref().unwrap_or("?")
+            )
+        });
+    format!(
+        "checked {} on {}: {} ({:.1}s): {} backup(s)' stored bytes and {} WAL segment(s) intact, without the key (no restore drill here); {drill}{failed}",
+        v.policy,
+        v.target,
+        v.label,
+        v.seconds,
+        v.backups_read.unwrap_or(0),
+        v.segments_read.unwrap_or(0),
+    )
 }

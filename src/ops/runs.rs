@@ -101,6 +101,34 @@ impl<'c> RunLog<'c> {
         );
     }
 
+    /// Takes a drill that ran on another host (read from the target) into
+    /// this host's history as a `verify` run, once: `/healthz`, the
+    /// metrics and `dr info` then count it as this host's own drills.
+    pub fn import_drill(&self, r: &crate::repo::drill::DrillRecord) {
+        let Some(h) = &self.history else { return };
+        let run = Run {
+            policy: r.policy.clone(),
+            target: r.target.clone(),
+            kind: "verify".into(),
+            started: r.finished - chrono::Duration::milliseconds((r.seconds * 1000.0) as i64),
+            finished: r.finished,
+            ok: r.ok,
+            error: r
+                .error
+                .as_ref()
+                .map(|e| format!("the drill on host {} failed: {e}", r.host)),
+            label: Some(r.label.clone()),
+            size: 0,
+        };
+        match h.record_once(&run) {
+            Ok(true) => {
+                tracing::info!(policy = %r.policy, target = %r.target, host = %r.host, ok = r.ok, "a restore drill recorded on the target by another host")
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!("{e}"),
+        }
+    }
+
     /// Reports how `job` went on `policy` over all its targets: success
     /// only when none of `failures` is this policy's.
     /// Ends a run over `policies` (members of one fleet count as their

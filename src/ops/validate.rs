@@ -17,7 +17,8 @@ use crate::keys;
 pub struct Finding {
     pub file: PathBuf,
     pub line: Option<usize>,
-    /// `error` (the config cannot back up) or `warning`.
+    /// `error` (the config cannot back up), `warning`, or `note` (how
+    /// this host will work, as the operator may not expect).
     pub severity: &'static str,
     pub message: String,
 }
@@ -84,6 +85,14 @@ impl Findings {
             message,
         });
     }
+    fn note(&mut self, file: &Path, key: &str, message: String) {
+        self.0.push(Finding {
+            file: file.to_path_buf(),
+            line: line_of(file, None, key),
+            severity: "note",
+            message,
+        });
+    }
 }
 
 /// Checks every file and path `cfg` refers to.
@@ -105,6 +114,25 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
         && let Err(e) = keys::read_identity_file(id)
     {
         f.error(main, "identity_file", e.to_string());
+    }
+    // Production without the key (as the README advises): a scheduled
+    // verify checks without it; the drill is the key holder's to run.
+    if enc.identity_file.is_none() && enc.passphrase_file.is_none() {
+        for p in cfg
+            .policies
+            .iter()
+            .filter(|p| p.encrypted && p.schedule.verify.is_some())
+            .filter(|p| matches!(p.source, crate::config::Source::Sqlite { .. }))
+        {
+            f.note(
+                &p.file,
+                "verify",
+                format!(
+                    "policy '{}': this host keeps no key, so its scheduled verify checks the stored objects without it; the restore drill runs where the key is (`dr verify` there, README \"Drills where the key lives\"), and this host reports drill_overdue if none passed within the verify schedule's period",
+                    p.name
+                ),
+            );
+        }
     }
     if let Some(token) = &cfg.daemon_token_file
         && let Err(e) = crate::secret::read_secret(token)

@@ -57,6 +57,8 @@ pub enum Reason {
     HiddenByDeleteMarker,
     /// A backup was written by a newer dr: this one cannot restore it.
     NewerFormat,
+    /// No restore drill passed within what the verify schedule promises.
+    DrillOverdue,
     /// PostgreSQL does not get its WAL into the repository (archiving
     /// off, pointed elsewhere, or failing since its last success).
     ArchiveFailing,
@@ -80,6 +82,7 @@ impl Reason {
             Reason::Damaged => "damaged",
             Reason::HiddenByDeleteMarker => "hidden_by_delete_marker",
             Reason::NewerFormat => "newer_format",
+            Reason::DrillOverdue => "drill_overdue",
             Reason::ArchiveFailing => "archive_failing",
         }
     }
@@ -118,6 +121,9 @@ pub struct Promise {
     pub backups_within: Option<Duration>,
     /// WAL streaming: how far a live streamer may trail.
     pub stream_within: Option<Duration>,
+    /// `[schedule] verify`: the newest passed restore drill may be at most
+    /// this old (twice the schedule's period plus a minute), wherever it ran.
+    pub drill_within: Option<Duration>,
 }
 
 impl Promise {
@@ -130,6 +136,13 @@ impl Promise {
             .min()
             .and_then(|d| d.to_std().ok());
         Promise {
+            drill_within: policy
+                .schedule
+                .verify
+                .as_ref()
+                .and_then(|s| s.period(now))
+                .and_then(|d| d.to_std().ok())
+                .map(|p| p * 2 + Duration::from_secs(60)),
             backups_within: shortest.map(|p| p * 2 + Duration::from_secs(60)),
             stream_within: policy
                 .wal
@@ -174,6 +187,12 @@ pub struct TargetEvidence {
     /// The newest backup run failed after the last success: its error.
     pub failing: Option<String>,
     pub verify_failed: Option<String>,
+    /// The newest restore drill that passed, on this host or recorded on
+    /// the target by the host with the key.
+    pub drill_passed: Option<DateTime<Utc>>,
+    /// The oldest restorable instant: a drill is owed only once the
+    /// target has held backups for the drill period.
+    pub since: Option<DateTime<Utc>>,
     /// The streamer on this host, when one ever ran here.
     pub stream: Option<StreamEvidence>,
 }
@@ -241,6 +260,26 @@ pub fn judge(e: &Evidence, now: DateTime<Utc>) -> Verdict {
         }
         if let Some(f) = &t.verify_failed {
             risk(Reason::VerifyFailed, f.clone());
+        }
+        if let Some(within) = e.promise.drill_within.filter(|_| !e.retired) {
+            let limit = within.as_secs_f64();
+            let owed = t.since.is_some_and(|s| age(s) > limit);
+            let fresh = t.drill_passed.is_some_and(|d| age(d) <= limit);
+            if owed && !fresh {
+                risk(
+                    Reason::DrillOverdue,
+                    match t.drill_passed {
+                        Some(d) => format!(
+                            "the newest restore drill that passed, {}, is {:.0} s old (the verify schedule promises one within {limit:.0} s)",
+                            d.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                            age(d)
+                        ),
+                        None => format!(
+                            "no restore drill has passed on this target (the verify schedule promises one within {limit:.0} s): run `dr verify` where the key is"
+                        ),
+                    },
+                );
+            }
         }
         if t.unreachable.is_some() {
             continue;
@@ -381,6 +420,7 @@ mod tests {
     const HOURLY: Promise = Promise {
         backups_within: Some(Duration::from_secs(2 * 3600 + 60)),
         stream_within: None,
+        drill_within: None,
     };
 
     fn reasons(v: &Verdict) -> Vec<Reason> {
@@ -405,6 +445,7 @@ mod tests {
         let promise = Promise {
             backups_within: None,
             stream_within: Some(Duration::from_secs(8)),
+            drill_within: None,
         };
         let old = n - chrono::Duration::hours(1);
         let mut t = target(Some(old));
@@ -433,6 +474,37 @@ mod tests {
             judge(&evidence(promise, vec![t]), n).state,
             State::Protected
         );
+    }
+
+    #[test]
+    fn a_drill_is_owed_once_backups_are_older_than_the_drill_period() {
+        let n = now();
+        let daily = Promise {
+            drill_within: Some(Duration::from_secs(2 * 86400 + 60)),
+            ..HOURLY
+        };
+        let mut t = target(Some(n));
+        // A new deployment: backups for an hour, no drill yet: not owed.
+        t.since = Some(n - chrono::Duration::hours(1));
+        assert_eq!(
+            judge(&evidence(daily, vec![t.clone()]), n).state,
+            State::Protected
+        );
+        // Backups for three days and never a drill: overdue.
+        t.since = Some(n - chrono::Duration::days(3));
+        let v = judge(&evidence(daily, vec![t.clone()]), n);
+        assert_eq!(reasons(&v), vec![Reason::DrillOverdue]);
+        assert!(v.reasons[0].detail.contains("no restore drill"), "{v:?}");
+        // A drill that passed (here or on the drill host) within the period.
+        t.drill_passed = Some(n - chrono::Duration::hours(20));
+        assert_eq!(
+            judge(&evidence(daily, vec![t.clone()]), n).state,
+            State::Protected
+        );
+        // One that passed too long ago.
+        t.drill_passed = Some(n - chrono::Duration::hours(60));
+        let v = judge(&evidence(daily, vec![t]), n);
+        assert_eq!(reasons(&v), vec![Reason::DrillOverdue]);
     }
 
     #[test]

@@ -26,6 +26,9 @@ pub struct VerifyOptions {
     /// chosen at random, instead of all of them (the newest chain is
     /// always restored).
     pub sample: Option<f64>,
+    /// No key on this host: check what can be checked without it
+    /// (`ops::stored_check`) instead of a restore drill.
+    pub without_key: bool,
 }
 
 /// Verifies `policy` on `target`: every committed backup and every WAL
@@ -36,7 +39,59 @@ pub struct VerifyOptions {
 /// fails is an error: exit 3 for what is missing or damaged, 1 when the
 /// target could not be read (the network), 2 when no key can open the
 /// backups.
+///
+/// The outcome of a drill of the newest state (not of one `--backup`) is
+/// written to the target (`repo::drill`), so that hosts without the key
+/// know when a drill last passed.
 pub fn verify(
+    ctx: &Context,
+    policy: &Policy,
+    target: &Target,
+    opts: &VerifyOptions,
+    progress: &dyn Progress,
+) -> Result<Verified> {
+    if opts.without_key {
+        return super::stored_check::check(ctx, policy, target, progress);
+    }
+    let result = drill_repository(ctx, policy, target, opts, progress);
+    // A drill that could not run (no key: 2; the target unreachable: 1)
+    // has no outcome to record.
+    let concluded = result
+        .as_ref()
+        .map_or_else(|e| e.exit_code() == 3, |_| true);
+    if opts.label.is_none() && concluded {
+        let r = repo::drill::DrillRecord {
+            format: repo::drill::FORMAT,
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            host: crate::lock::hostname(),
+            ok: result.is_ok(),
+            label: result.as_ref().map(|v| v.label.clone()).unwrap_or_default(),
+            finished: chrono::Utc::now(),
+            seconds: result.as_ref().map_or(0.0, |v| v.seconds),
+            restored: result
+                .as_ref()
+                .map(|v| v.restored.clone())
+                .unwrap_or_default(),
+            error: result.as_ref().err().map(ToString::to_string),
+            dr_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let written = ctx
+            .storage(target)
+            .and_then(|s| repo::drill::write(s.as_ref(), &r));
+        if let Err(e) = written {
+            tracing::warn!(
+                policy = %policy.name,
+                target = %target.name,
+                "the drill's outcome could not be written to the target, so hosts without the key will not see it: {e}"
+            );
+        }
+    }
+    result
+}
+
+/// The drill itself (see [`verify`]).
+fn drill_repository(
     ctx: &Context,
     policy: &Policy,
     target: &Target,
@@ -49,7 +104,17 @@ pub fn verify(
         storage: store.as_ref(),
         policy: &policy.name,
     };
-    let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
+    let unsealing = ctx
+        .unsealing(policy, opts.identity.as_deref())
+        .map_err(|e| match e {
+            Error::Secret { path, reason } => Error::Secret {
+                path,
+                reason: format!(
+                    "{reason}; a host that keeps no key checks its backups with `dr verify --without-key` (the restore drill runs where the key is)"
+                ),
+            },
+            e => e,
+        })?;
     // A backup a delete marker hides is a backup the drill cannot see: it
     // fails, naming it, rather than pass on an older one (`pick` without a
     // label checks this itself).
@@ -167,6 +232,8 @@ pub fn verify(
             backups_read: Some(backups),
             segments_read: Some(segments),
             restored,
+            without_key: false,
+            drills: None,
         }),
         1 => Err(problems.remove(0).1),
         _ => Err(Error::Several(problems)),
@@ -174,7 +241,7 @@ pub fn verify(
 }
 
 /// What a drill found wrong, each named.
-type Problems = Vec<(String, Error)>;
+pub(super) type Problems = Vec<(String, Error)>;
 
 /// Whether a sample of `percent` takes the next object (always, without a
 /// sample): each object is drawn on its own.
@@ -185,7 +252,7 @@ fn sample_keeps(percent: Option<f64>) -> bool {
 /// What a drill that fails means: damage or absence is a failed
 /// verification (exit 3); a target that cannot be read (1) or a key that is
 /// missing (2) keeps its own code, since the backup itself may be fine.
-fn as_drill_failure(e: Error) -> Error {
+pub(super) fn as_drill_failure(e: Error) -> Error {
     match e.exit_code() {
         1..=3 => e,
         _ => Error::VerifyFailed(e.to_string()),
@@ -266,29 +333,7 @@ fn check_wal(
     encrypted: bool,
     sampled: &dyn Fn() -> bool,
 ) -> Result<(usize, Problems)> {
-    let mut problems: Vec<(String, Error)> = repo::wal::gaps(segs)
-        .iter()
-        .map(|g| {
-            (
-                "WAL".to_string(),
-                Error::VerifyFailed(format!("gap in {g}")),
-            )
-        })
-        .collect();
-    for pair in segs.windows(2) {
-        let (a, b) = (&pair[0], &pair[1]);
-        if a.generation == b.generation && b.first <= a.last {
-            problems.push((
-                format!("WAL segment {}", b.key),
-                Error::VerifyFailed(format!(
-                    "overlaps {}: frames {}-{} are in both (a segment stored under a name it does not have)",
-                    a.key,
-                    b.first,
-                    a.last.min(b.last)
-                )),
-            ));
-        }
-    }
+    let mut problems = name_problems(segs);
     // The page size each generation's backups were taken with.
     let mut page_sizes = std::collections::HashMap::new();
     for m in committed.iter().filter_map(|c| c.manifest.as_ref().ok()) {
@@ -314,6 +359,35 @@ fn check_wal(
         }
     }
     Ok((read, problems))
+}
+
+/// What the segments' names alone show wrong: gaps, and overlaps between
+/// consecutive segments of a generation (checked with or without the key).
+pub(super) fn name_problems(segs: &[repo::wal::Segment]) -> Problems {
+    let mut problems: Vec<(String, Error)> = repo::wal::gaps(segs)
+        .iter()
+        .map(|g| {
+            (
+                "WAL".to_string(),
+                Error::VerifyFailed(format!("gap in {g}")),
+            )
+        })
+        .collect();
+    for pair in segs.windows(2) {
+        let (a, b) = (&pair[0], &pair[1]);
+        if a.generation == b.generation && b.first <= a.last {
+            problems.push((
+                format!("WAL segment {}", b.key),
+                Error::VerifyFailed(format!(
+                    "overlaps {}: frames {}-{} are in both (a segment stored under a name it does not have)",
+                    a.key,
+                    b.first,
+                    a.last.min(b.last)
+                )),
+            ));
+        }
+    }
+    problems
 }
 
 /// Reads one segment to its end (its hash is checked there) and checks it

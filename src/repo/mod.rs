@@ -5,6 +5,7 @@
 //! `<policy>/backup/<label>/{manifest.json,data.zst.age,pages.zst.age}`.
 
 pub mod catalog;
+pub mod drill;
 pub mod label;
 pub mod manifest;
 pub mod retention;

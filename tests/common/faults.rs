@@ -62,6 +62,10 @@ pub struct FaultProxy {
     /// When set, every delete (DeleteObject, DeleteObjects) is refused
     /// with 403 AccessDenied, as for credentials without s3:DeleteObject.
     deny_deletes: Arc<AtomicBool>,
+    /// When set, every write (PUT, POST, DELETE) is refused with 403
+    /// AccessDenied except under a `drills/` prefix: a drill host's
+    /// credentials, read-only but for where it records its drills.
+    read_only: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     injected: Arc<Mutex<BTreeMap<Fault, u64>>>,
 }
@@ -79,10 +83,11 @@ impl FaultProxy {
         let cut_large = Arc::new(AtomicBool::new(false));
         let slow_large = Arc::new(AtomicBool::new(false));
         let deny_deletes = Arc::new(AtomicBool::new(false));
+        let read_only = Arc::new(AtomicBool::new(false));
         {
             let (rate, stop, injected) = (rate.clone(), stop.clone(), injected.clone());
             let (cut_large, slow_large) = (cut_large.clone(), slow_large.clone());
-            let deny_deletes = deny_deletes.clone();
+            let (deny_deletes, read_only) = (deny_deletes.clone(), read_only.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     match listener.accept() {
@@ -111,6 +116,7 @@ impl FaultProxy {
                                 cut: cut_large.load(Ordering::Relaxed),
                                 slow: slow_large.load(Ordering::Relaxed),
                                 deny_deletes: deny_deletes.load(Ordering::Relaxed),
+                                read_only: read_only.load(Ordering::Relaxed),
                             };
                             std::thread::spawn(move || {
                                 let _ = serve(client, upstream, pick, large, &injected);
@@ -127,9 +133,15 @@ impl FaultProxy {
             cut_large,
             slow_large,
             deny_deletes,
+            read_only,
             stop,
             injected,
         }
+    }
+
+    /// Refuses every write but to `drills/` from now on, or no longer.
+    pub fn read_only(&self, on: bool) {
+        self.read_only.store(on, Ordering::Relaxed);
     }
 
     /// Refuses every delete from now on (AccessDenied), or no longer.
@@ -249,6 +261,7 @@ struct Large {
     cut: bool,
     slow: bool,
     deny_deletes: bool,
+    read_only: bool,
 }
 
 fn serve(
@@ -279,6 +292,13 @@ fn serve(
     if large.deny_deletes
         && (request.starts_with("DELETE ")
             || (request.starts_with("POST ") && request.contains("?delete")))
+    {
+        return out.write_all(&error_reply("403 Forbidden", "AccessDenied"));
+    }
+    if large.read_only
+        && !request.starts_with("GET ")
+        && !request.starts_with("HEAD ")
+        && !request.contains("/drills/")
     {
         return out.write_all(&error_reply("403 Forbidden", "AccessDenied"));
     }

@@ -561,6 +561,13 @@ pub fn readme_block(marker: &str) -> String {
         .to_string()
 }
 
+/// This host's name, as dr records it (drills, leases).
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
 /// PATH with the `dr` under test first.
 pub fn path_with_dr() -> String {
     let bin = Path::new(dr_bin()).parent().expect("bin dir");
