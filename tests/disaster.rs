@@ -374,3 +374,32 @@ fn postgres_host_loss_restores_within_archive_timeout_and_the_new_primary_archiv
     let r = env.dr(&["info", "main-pg"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
 }
+
+/// A fleet's first start on a new host counts each database's backups in
+/// the repository, as a single database's does: no "missed" full of every
+/// database of the fleet on top of what the old host took.
+#[test]
+fn a_fleets_first_start_on_a_new_host_takes_no_missed_full() {
+    let env = Env::new("");
+    std::fs::create_dir_all(env.path("fleet")).expect("fleet");
+    for db in ["alice", "bob"] {
+        make_db(&env.path(&format!("fleet/{db}.db")), true, 20, 100);
+    }
+    env.write_policy(
+        "tenants",
+        "fleet/*.db",
+        "[schedule]\nfull = \"0 0 * * * *\"\n",
+    );
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm app");
+    env.dr(&["backup-local", "tenants", "--type", "full"]).ok();
+    // The host is lost; the new one has the repository and the config.
+    std::fs::remove_dir_all(env.path("state")).expect("wipe state");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let (mut daemon, _) = common::start_daemon_listening(&env, &[]);
+    common::wait_for_log(&env.path("daemon.log"), "scheduled", 30);
+    daemon.kill_group();
+    let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
+    assert!(!log.contains("catching up a missed run"), "{log}");
+}

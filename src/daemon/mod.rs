@@ -86,27 +86,27 @@ pub fn jobs(
                 // drill runs on the backup taken just before it. A fleet
                 // missed its run when any of its databases did.
                 let mut missed = false;
-                for name in run_names(p) {
+                for member in ops::members::on_disk(p).unwrap_or_default() {
+                    let name = &member.name;
                     let mut newest: Option<DateTime<Utc>> = None;
                     for t in &p.targets {
                         // A verify ran when either the drill or, on a host
                         // without the key, the check did.
                         let ran = match kind {
                             JobKind::Verify => [
-                                history.last(&name, t, "verify", true)?,
-                                history.last(&name, t, "check", true)?,
+                                history.last(name, t, "verify", true)?,
+                                history.last(name, t, "check", true)?,
                             ]
                             .into_iter()
                             .flatten()
                             .max_by_key(|r| r.finished),
-                            _ => history.last(&name, t, kind.word(), true)?,
+                            _ => history.last(name, t, kind.word(), true)?,
                         };
                         let seen = match ran {
                             Some(r) => Some(r.finished),
-                            // Never ran here: what the repository holds.
-                            None if kind != JobKind::Verify && p.fleet.is_none() => {
-                                stored(p, t, kind)
-                            }
+                            // Never ran here: what the repository holds (for
+                            // a fleet, each database's own backups).
+                            None if kind != JobKind::Verify => stored(&member, t, kind),
                             None => None,
                         };
                         if let Some(s) = seen {
@@ -151,16 +151,6 @@ fn newest_stored(
         .filter(|b| kind != JobKind::Full || b.kind == ops::report::BackupKind::Full)
         .map(|b| b.timestamp_start)
         .max()
-}
-
-/// The names a policy's runs are recorded under: its own, or for a fleet,
-/// each of its databases on disk now.
-pub fn run_names(p: &Policy) -> Vec<String> {
-    ops::members::on_disk(p)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|m| m.name)
-        .collect()
 }
 
 /// Every policy of `cfg` as it runs now: fleets as their databases on disk.
