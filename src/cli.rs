@@ -224,6 +224,38 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A warm standby of a SQLite policy with [wal]: restore the newest
+    /// state into --to (the policy's own path by default, so a standby host
+    /// runs the primary's policy file and fails over in place), then apply
+    /// each WAL segment as the target receives it, one source transaction
+    /// at a time, until Ctrl-C or SIGTERM. Applications may open the copy
+    /// read-only meanwhile: they see a committed state of the source. A new
+    /// generation on the source (a restart after a gap, a VACUUM) is
+    /// followed by re-basing; a gap stops with exit 7.
+    Follow {
+        policy: String,
+        /// One database of a fleet policy.
+        #[arg(long, value_name = "NAME")]
+        db: Option<String>,
+        /// Where the copy is kept (default: the policy's database path).
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Follow this target (default: the policy's first).
+        #[arg(long)]
+        target: Option<String>,
+        /// age identity file that can decrypt the backups (or [encryption] identity_file).
+        #[arg(long, env = "DR_IDENTITY")]
+        identity: Option<PathBuf>,
+        /// Replace an existing file at --to with the newest state first.
+        #[arg(long)]
+        force: bool,
+        /// How often to look for new segments.
+        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
+        poll: Duration,
+        /// Print the final report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// PostgreSQL policies: pgBackRest set-up.
     Pg {
         #[command(subcommand)]
@@ -705,6 +737,58 @@ fn run_command(cli: Cli) -> Result<()> {
                     unread.len()
                 )))
             }
+        }
+        Command::Follow {
+            policy,
+            db,
+            to,
+            target,
+            identity,
+            force,
+            poll,
+            json,
+        } => {
+            let ctx = Context::load(&cli.config)?;
+            let p = &ops::members::one(&ctx, policy, db.as_deref())?;
+            let t = match target {
+                Some(name) => ctx.cfg().target(name)?,
+                None => ctx
+                    .cfg()
+                    .target(p.targets.first().map_or("", String::as_str))?,
+            };
+            let to = match (to, &p.source) {
+                (Some(to), _) => to.clone(),
+                (None, config::Source::Sqlite { path }) => path.clone(),
+                (None, config::Source::Postgres(_)) => {
+                    return Err(Error::Refused(format!(
+                        "policy '{}' is a PostgreSQL policy: dr follow takes SQLite policies",
+                        p.name
+                    )));
+                }
+            };
+            let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+            let opts = ops::follow::FollowOptions {
+                to,
+                identity: identity.clone(),
+                force: *force,
+                poll: *poll,
+            };
+            let r = ops::follow::follow(&ctx, p, t, &opts, &stop)?;
+            if *json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "stopped following {} from {}: {} at frame {} of generation {} ({} transactions applied, {} re-base(s))",
+                    r.policy,
+                    r.target,
+                    r.to.display(),
+                    r.frame,
+                    r.generation,
+                    r.transactions,
+                    r.rebased
+                );
+            }
+            Ok(())
         }
         Command::RestoreLocal(a) => restore(&cli.config, a, "local"),
         Command::RestoreS3(a) => restore(&cli.config, a, "s3"),

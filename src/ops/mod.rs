@@ -4,6 +4,7 @@ pub mod audit_log;
 pub mod backup;
 pub mod expire;
 pub mod fanout;
+pub mod follow;
 pub mod info;
 pub mod keys;
 pub mod listing;

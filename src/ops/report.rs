@@ -110,6 +110,8 @@ pub struct RestoreReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct Replayed {
     pub generation: String,
+    /// The last WAL frame of the generation applied.
+    pub frame: u64,
     pub segments: usize,
     pub transactions: u64,
     /// Commit time of the last transaction applied (as dr saw it commit).

@@ -382,6 +382,7 @@ pub fn replay_wal(
     replay.finish()?;
     Ok(Replayed {
         generation: plan.base.generation.clone(),
+        frame: replay.seq(),
         segments: replay.segments,
         transactions: replay.transactions,
         last_commit: replay.last_commit,

@@ -184,6 +184,11 @@ impl<'f> Replayer<'f> {
         }
     }
 
+    /// The last frame applied (every frame up to it is in the file).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
     /// Whether the instant was passed: later segments are not needed.
     pub fn done(&self) -> bool {
         self.stopped

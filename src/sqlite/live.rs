@@ -1,0 +1,177 @@
+//! WAL applied to a database that readers have open (`dr follow`). Each
+//! transaction of the source becomes one SQLite transaction of page writes
+//! through `sqlite_dbpage`, so SQLite's own locking gives every reader a
+//! committed state of the source (the one before or the one after),
+//! never a half-applied segment, and the copy's own WAL keeps it crash-safe.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono::{DateTime, TimeZone, Utc};
+use rusqlite::{Connection, params};
+
+use super::segment::SegmentReader;
+use crate::codec::read_error;
+use crate::error::{Error, Result};
+
+/// A live copy and the WAL frame it is at.
+pub struct LiveCopy {
+    conn: Connection,
+    path: PathBuf,
+    page_size: u32,
+    /// Every frame of the generation up to here is applied.
+    pub seq: u64,
+    /// Commit time of the last transaction applied.
+    pub last_commit: Option<DateTime<Utc>>,
+}
+
+impl std::fmt::Debug for LiveCopy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LiveCopy({}, frame {})", self.path.display(), self.seq)
+    }
+}
+
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> Error + '_ {
+    move |e| Error::Other(format!("the copy at {}: {e}", path.display()))
+}
+
+impl LiveCopy {
+    /// Opens the copy at `path`, which holds every frame up to `seq`.
+    pub fn open(path: &Path, seq: u64) -> Result<LiveCopy> {
+        let err = db_err(path);
+        let conn = Connection::open(path).map_err(&err)?;
+        // Readers hold their snapshot briefly; a write waits for them.
+        conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
+        let page_size: u32 = conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .map_err(&err)?;
+        Ok(LiveCopy {
+            conn,
+            path: path.to_path_buf(),
+            page_size,
+            seq,
+            last_commit: None,
+        })
+    }
+
+    /// Applies the transactions of one segment (`object`, named as holding
+    /// frames `first` to `last`) that are past `seq`. Returns how many.
+    pub fn segment(
+        &mut self,
+        input: impl Read,
+        object: &str,
+        first: u64,
+        last: u64,
+    ) -> Result<u64> {
+        let bad = |reason: String| Error::Integrity {
+            object: object.to_string(),
+            reason,
+        };
+        let path = self.path.clone();
+        let err = db_err(&path);
+        let mut r = SegmentReader::new(input).map_err(|e| read_error(object, e))?;
+        if r.first_seq != first {
+            return Err(bad(format!(
+                "starts at frame {} but its name says {first}",
+                r.first_seq
+            )));
+        }
+        if r.page_size != self.page_size {
+            return Err(bad(format!(
+                "page size {} differs from the copy's {}",
+                r.page_size, self.page_size
+            )));
+        }
+        let mut at = first - 1;
+        let mut applied = 0;
+        while let Some(t) = r.next_txn().map_err(|e| read_error(object, e))? {
+            if t.db_pages == 0 {
+                return Err(bad(format!(
+                    "a transaction after frame {at} commits a database of 0 pages"
+                )));
+            }
+            let start = at + 1;
+            at += u64::from(t.nframes);
+            let apply = at > self.seq;
+            if apply && start <= self.seq {
+                return Err(bad(format!(
+                    "a transaction spans frame {}, where the copy is",
+                    self.seq
+                )));
+            }
+            let tx = if apply {
+                Some(self.conn.unchecked_transaction().map_err(&err)?)
+            } else {
+                None
+            };
+            for _ in 0..t.nframes {
+                let (pgno, page) = r.next_frame().map_err(|e| read_error(object, e))?;
+                if let Some(tx) = &tx
+                    && pgno <= t.db_pages
+                {
+                    tx.execute(
+                        "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)",
+                        params![pgno, page],
+                    )
+                    .map_err(&err)?;
+                }
+            }
+            if let Some(tx) = tx {
+                truncate(&tx, t.db_pages).map_err(&err)?;
+                tx.commit().map_err(&err)?;
+                self.seq = at;
+                self.last_commit = Utc.timestamp_millis_opt(t.commit_ms).single();
+                applied += 1;
+            }
+        }
+        if at != last {
+            return Err(bad(format!("ends at frame {at} but its name says {last}")));
+        }
+        Ok(applied)
+    }
+
+    /// Replaces the whole content with the database in `file` (the base
+    /// of a new generation), in one transaction, and sets the frame.
+    pub fn replace_all(&mut self, file: &Path, seq: u64) -> Result<()> {
+        let path = self.path.clone();
+        let err = db_err(&path);
+        let mut f = std::fs::File::open(file)
+            .map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
+        let mut page = vec![0u8; self.page_size as usize];
+        let tx = self.conn.unchecked_transaction().map_err(&err)?;
+        let mut pgno: u32 = 0;
+        loop {
+            match f.read_exact(&mut page) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+                Err(e) => return Err(Error::io(format!("cannot read {}", file.display()), e)),
+            }
+            pgno += 1;
+            tx.execute(
+                "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)",
+                params![pgno, page],
+            )
+            .map_err(&err)?;
+        }
+        if pgno == 0 {
+            return Err(Error::Other(format!("{} holds no page", file.display())));
+        }
+        truncate(&tx, pgno).map_err(&err)?;
+        tx.commit().map_err(&err)?;
+        self.seq = seq;
+        Ok(())
+    }
+}
+
+/// Cuts the copy to `pages` pages inside `tx`, when it is longer.
+fn truncate(tx: &rusqlite::Transaction<'_>, pages: u32) -> rusqlite::Result<()> {
+    let now: u32 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+    if now > pages {
+        tx.execute(
+            "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+            params![pages + 1],
+        )?;
+    }
+    Ok(())
+}
