@@ -256,6 +256,22 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Fail over to this host: stop the policy's `dr follow`, leave its copy
+    /// at the policy's path as the live database, and write a promotion
+    /// record to every target. Returns as soon as the application may
+    /// write; the next `dr replicate` (or the daemon) takes the base of a
+    /// new WAL generation in the same repository, so point-in-time restore
+    /// spans the failover. From then on any other host (the old primary
+    /// coming back) is refused when it streams, backs up or expires.
+    Promote {
+        policy: String,
+        /// One database of a fleet policy.
+        #[arg(long, value_name = "NAME")]
+        db: Option<String>,
+        /// Print what was done as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// PostgreSQL policies: pgBackRest set-up.
     Pg {
         #[command(subcommand)]
@@ -786,6 +802,33 @@ fn run_command(cli: Cli) -> Result<()> {
                     r.generation,
                     r.transactions,
                     r.rebased
+                );
+            }
+            Ok(())
+        }
+        Command::Promote { policy, db, json } => {
+            let ctx = Context::load(&cli.config)?;
+            let p = &ops::members::one(&ctx, policy, db.as_deref())?;
+            let config::Source::Sqlite { path } = &p.source else {
+                return Err(Error::Refused(format!(
+                    "policy '{}' is a PostgreSQL policy: dr promote takes SQLite policies",
+                    p.name
+                )));
+            };
+            let r = ops::promotion::promote(&ctx, p, path)?;
+            if *json {
+                print_json(&r)?;
+            } else {
+                println!(
+                    "promoted: {} ({}) is the primary of policy '{}'; {} is the live database, the application may write to it now{}. Recorded on {}: any other host is refused when it streams or backs up this policy. Start `dr replicate` or the daemon here: it takes the base of a new WAL generation.",
+                    r.host,
+                    r.host_id,
+                    r.policy,
+                    r.path.display(),
+                    r.follower_stopped.map_or(String::new(), |pid| format!(
+                        " (the follower, pid {pid}, stopped)"
+                    )),
+                    r.targets.join(", ")
                 );
             }
             Ok(())

@@ -48,6 +48,18 @@ impl StateDir {
         self.root.join("keys.seen")
     }
 
+    /// `host.id`: this state_dir's identity in promotion records (a new
+    /// host after a disaster is a new identity, as it should be).
+    pub fn host_id(&self) -> PathBuf {
+        self.root.join("host.id")
+    }
+
+    /// `follow/<policy>.pid`: the running `dr follow` of a policy, which
+    /// `dr promote` stops.
+    pub fn follow_pid(&self, policy: &str) -> PathBuf {
+        self.root.join("follow").join(format!("{policy}.pid"))
+    }
+
     /// `history.db`: the daemon's runs and the CLI's.
     pub fn history_db(&self) -> PathBuf {
         self.root.join("history.db")

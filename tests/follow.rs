@@ -202,3 +202,193 @@ fn a_gap_stops_the_follower_with_exit_7_at_a_committed_state() {
     );
     assert_eq!(count(&copy).map(|n| n as usize), Ok(got.len()));
 }
+
+/// `dr info --json` of `config`: the newest instant its first target's WAL
+/// windows reach.
+fn window_end(config: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>> {
+    let out = Command::new(common::dr_bin())
+        .arg("--config")
+        .arg(config)
+        .args(["info", "--json"])
+        .output()
+        .ok()?;
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    j["policies"][0]["targets"][0]["wal"]["windows"]
+        .as_array()?
+        .last()?["end"]
+        .as_str()
+        .and_then(|e| chrono::DateTime::parse_from_rfc3339(e).ok())
+        .map(|e| e.with_timezone(&chrono::Utc))
+}
+
+fn dr_at(config: &std::path::Path, args: &[&str]) -> common::Run {
+    common::Run::from(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("dr"),
+    )
+}
+
+/// Failover: the standby is promoted while the primary is gone; it
+/// streams a new generation into the same repository, so point-in-time
+/// restore spans the failover; the old primary coming back with its old
+/// state_dir is refused (no stream, no backup), though no process of the
+/// new primary holds a lease then.
+#[test]
+fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
+    let env = Env::new(POLICY);
+    make_db(&env.db, true, 30, 300);
+    // Host B: the same configuration, its own state_dir, the copy at its
+    // policy's path.
+    std::fs::create_dir_all(env.path("policies-b")).expect("dir");
+    std::fs::write(
+        env.path("policies-b/app.toml"),
+        std::fs::read_to_string(env.path("policies/app.toml"))
+            .expect("policy")
+            .replace("app.db", "standby.db"),
+    )
+    .expect("policy b");
+    let b = env.path("b.toml");
+    std::fs::write(
+        &b,
+        std::fs::read_to_string(env.config())
+            .expect("cfg")
+            .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
+            .replace("policies = \"policies\"", "policies = \"policies-b\""),
+    )
+    .expect("b.toml");
+    let standby = env.path("standby.db");
+
+    let mut primary = common::spawn_replicate(&env);
+    common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
+    let flog = env.path("follow.log");
+    let mut follower = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&b)
+            .args([
+                "follow",
+                "app",
+                "--poll",
+                "200ms",
+                "--identity",
+                &env.key_arg(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&flog).expect("log")),
+    )
+    .expect("dr follow");
+    common::wait_for_log(&flog, "following", 30);
+    insert(&env, 40, 5);
+    // An instant is as the streamer saw the commits: a moment after them.
+    std::thread::sleep(Duration::from_millis(500));
+    let t1 = chrono::Utc::now();
+    let state1 = dump(&env.db);
+    common::wait_until(
+        "the standby to catch up",
+        60,
+        || dump(&standby) == state1 && window_end(&env.config()).is_some_and(|e| e >= t1),
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+
+    // The primary is lost; B is promoted.
+    primary.kill_group();
+    let r = dr_at(&b, &["promote", "app"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stdout.contains("promoted") && r.stdout.contains("stopped"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        follower.wait().expect("wait").success(),
+        "the follower stopped cleanly"
+    );
+    assert_eq!(
+        dump(&standby),
+        state1,
+        "the promoted copy is the primary's last state"
+    );
+
+    // B streams a new generation into the same repository.
+    let blog = env.path("replicate-b.log");
+    let _b_stream = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&b)
+            .args(["replicate"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&blog).expect("log")),
+    )
+    .expect("replicate b");
+    common::wait_for_log(&blog, "generation base committed", 30);
+    {
+        let c = rusqlite::Connection::open(&standby).expect("open");
+        for _ in 0..20 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+                .expect("insert");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t2 = chrono::Utc::now();
+    let state2 = dump(&standby);
+    common::wait_until(
+        "B's commits shipped",
+        60,
+        || window_end(&b).is_some_and(|e| e >= t2),
+        || std::fs::read_to_string(&blog).unwrap_or_default(),
+    );
+
+    // The old primary comes back with its old state_dir: refused.
+    let r = env.dr(&["backup-local", "app"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("was promoted on host"), "{}", r.stderr);
+    let back = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args(["replicate"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(env.path("replicate-back.log")).expect("log")),
+    )
+    .expect("replicate a");
+    let out = back.wait_with_output().expect("wait");
+    let text = std::fs::read_to_string(env.path("replicate-back.log")).unwrap_or_default();
+    assert_eq!(out.status.code(), Some(6), "{text}");
+    assert!(text.contains("was promoted on host"), "{text}");
+
+    // Point-in-time restore spans the failover.
+    for (i, (at, want)) in [(t1, &state1), (t2, &state2)].into_iter().enumerate() {
+        let to = env.path(&format!("pit{i}.db"));
+        let at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let r = dr_at(
+            &b,
+            &[
+                "restore-local",
+                "app",
+                "--to",
+                &to.display().to_string(),
+                "--at",
+                &at,
+                "--identity",
+                &env.key_arg(),
+            ],
+        );
+        assert_eq!(r.code, 0, "{at}: {}", r.stderr);
+        let got = dump(&to);
+        assert!(
+            &got == want,
+            "{at}: {} rows restored, {} wanted:\n{}",
+            got.len(),
+            want.len(),
+            r.stdout
+        );
+    }
+}

@@ -57,6 +57,8 @@ pub fn backup(
     let stream = by_streamer.map(|b| b.state);
     let started = Instant::now();
     let store = ctx.storage(target)?;
+    // A host another one was promoted over writes nothing.
+    super::promotion::fence(ctx, policy, store.as_ref())?;
     let sealing = ctx.sealing(policy)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),

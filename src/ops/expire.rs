@@ -21,6 +21,7 @@ pub fn expire(
     let _lease = if dry_run {
         None
     } else {
+        super::promotion::fence(ctx, policy, store.as_ref())?;
         crate::lease::Lease::acquire(store.as_ref(), &policy.name, "expire")?
     };
     expire_locked(ctx, policy, target, store.as_ref(), dry_run, Utc::now())

@@ -100,6 +100,7 @@ pub fn follow(
         }
     };
     let mut copy = LiveCopy::open(&opts.to, frame)?;
+    let pid = PidFile::write(ctx.state().follow_pid(&policy.name))?;
     tracing::info!(policy = %policy.name, target = %target.name, to = %opts.to.display(), generation = %generation, frame, "following");
     let prefix = repo::wal::wal_prefix(&policy.name);
     let (mut transactions, mut rebased, mut quiet) = (0u64, 0u64, 0u32);
@@ -179,6 +180,11 @@ pub fn follow(
             std::thread::sleep(Duration::from_millis(50).min(opts.poll));
         }
     }
+    // Where the copy stands, for the promotion record.
+    let _ = std::fs::write(
+        pid.0.with_extension("at"),
+        format!("generation {generation} frame {}\n", copy.seq),
+    );
     Ok(Followed {
         policy: policy.name.clone(),
         target: target.name.clone(),
@@ -210,4 +216,26 @@ fn newer_base(repo: &PolicyRepo<'_>, current: &str) -> Result<Option<repo::wal::
         .filter_map(super::wal_base)
         .filter(|b| b.generation == newest)
         .max_by_key(|b| b.seq))
+}
+
+/// `state_dir/follow/<policy>.pid` while a follower runs: how `dr promote`
+/// finds it. Removed when the follower ends, however it ends.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn write(path: PathBuf) -> Result<PidFile> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+        }
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        Ok(PidFile(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -11,6 +11,7 @@ pub mod listing;
 pub mod members;
 pub mod pg;
 pub mod policy_repo;
+pub mod promotion;
 pub mod replicate;
 pub mod report;
 pub mod restore;

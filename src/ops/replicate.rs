@@ -975,6 +975,13 @@ impl Inner {
                     retry_at: BTreeMap::new(),
                 });
             }
+            // Every (re)start of the stream: a host another was promoted
+            // over streams nothing (the promotion record is the fence).
+            if let Some(sh) = shipping.as_ref() {
+                for store in &sh.stores {
+                    super::promotion::fence(ctx, policy, store.as_ref())?;
+                }
+            }
         }
         std::fs::create_dir_all(&m.spool.dir).map_err(|e| {
             Error::io(

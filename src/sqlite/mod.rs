@@ -17,6 +17,24 @@ use std::path::Path;
 
 use crate::error::{Error, Result};
 
+/// Runs `PRAGMA quick_check` on a live database (one that may have a
+/// `-wal` beside it: a copy `dr follow` kept), read-only.
+pub fn quick_check(path: &Path) -> Result<()> {
+    let conn =
+        rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| Error::Other(format!("cannot open {}: {e}", path.display())))?;
+    let found: String = conn
+        .query_row("PRAGMA quick_check", [], |r| r.get(0))
+        .map_err(|e| Error::Other(format!("{}: quick_check: {e}", path.display())))?;
+    if found != "ok" {
+        return Err(Error::Integrity {
+            object: path.display().to_string(),
+            reason: format!("quick_check: {found}"),
+        });
+    }
+    Ok(())
+}
+
 /// Runs `PRAGMA integrity_check` on a restored file (nothing else may have it
 /// open) and fails with SQLite's own findings.
 pub fn integrity_check(path: &Path) -> Result<()> {

@@ -1,0 +1,192 @@
+//! Failover and fencing. `dr promote` declares this host the primary of a
+//! policy by writing a promotion record to every target; from then on the
+//! newest record names the only host that may write the policy's backups
+//! and WAL. Another host (the old primary coming back with its old
+//! state_dir) is fenced: its streamer, backups and expire refuse, loudly,
+//! instead of forking the history. The record is the fence, not a lease:
+//! it holds while no process of the new primary runs.
+//!
+//! `<policy>/promotion/<YYYYMMDDTHHMMSS.mmmZ>-<host id>.json`; names sort
+//! by time. A repository without any record fences nobody.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::config::Policy;
+use crate::context::Context;
+use crate::error::{Error, Result};
+use crate::storage::Storage;
+
+/// One promotion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Promotion {
+    pub format: u32,
+    pub policy: String,
+    /// The promoted host's state_dir identity (`state_dir/host.id`).
+    pub host_id: String,
+    pub host: String,
+    pub at: DateTime<Utc>,
+    /// Where the copy was when it was promoted (generation and frame
+    /// followed), when it was a follower.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    pub dr_version: String,
+}
+
+fn prefix(policy: &str) -> String {
+    format!("{policy}/promotion/")
+}
+
+/// This state_dir's identity, made on first use.
+pub fn host_id(ctx: &Context) -> Result<String> {
+    let path = ctx.state().host_id();
+    if let Ok(id) = std::fs::read_to_string(&path) {
+        let id = id.trim().to_string();
+        if !id.is_empty() {
+            return Ok(id);
+        }
+    }
+    let id = format!("{:016x}", fastrand::u64(..));
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
+    }
+    std::fs::write(&path, format!("{id}\n"))
+        .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+    Ok(id)
+}
+
+/// The newest promotion of `policy` on a target.
+pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> {
+    let mut keys: Vec<String> = storage
+        .list(&prefix(policy))?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.ends_with(".json"))
+        .collect();
+    keys.sort();
+    for k in keys.iter().rev() {
+        let bytes = storage.get_bytes(k)?;
+        match serde_json::from_slice::<Promotion>(&bytes) {
+            Ok(p) if p.policy == policy => return Ok(Some(p)),
+            _ => {
+                tracing::warn!(target = %storage.target(), key = %k, "not a promotion record dr reads: skipped")
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Refuses when a promotion record names another host as the primary of
+/// `policy`: what this host would write forks the history.
+pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()> {
+    let Some(p) = newest(storage, &policy.name)? else {
+        return Ok(());
+    };
+    if p.host_id == host_id(ctx)? {
+        return Ok(());
+    }
+    Err(Error::Refused(format!(
+        "policy '{}' was promoted on host {} at {}: that host is the primary now, and this one may no longer write target '{}' (its WAL and backups would fork the history). Stop the application here. To make this host the primary again, follow the new primary (`dr follow`) and `dr promote` here; on a new host after a disaster, `dr promote {}` once the database is restored",
+        policy.name,
+        p.host,
+        p.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        storage.target(),
+        policy.name
+    )))
+}
+
+/// What `dr promote` did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Promoted {
+    pub policy: String,
+    pub path: PathBuf,
+    pub host: String,
+    pub host_id: String,
+    pub at: DateTime<Utc>,
+    /// The pid of the follower stopped, when one ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub follower_stopped: Option<u32>,
+    pub targets: Vec<String>,
+}
+
+/// Promotes this host: stops the policy's `dr follow`, checks the copy at
+/// `path`, and writes the promotion record to every target.
+pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> {
+    let stopped = stop_follower(ctx, &policy.name)?;
+    if !path.is_file() {
+        return Err(Error::NotFound(format!(
+            "policy '{}': there is no database at {} to promote (restore it, or follow the primary there first)",
+            policy.name,
+            path.display()
+        )));
+    }
+    crate::sqlite::quick_check(path)?;
+    let from = std::fs::read_to_string(ctx.state().follow_pid(&policy.name).with_extension("at"))
+        .ok()
+        .map(|s| s.trim().to_string());
+    let record = Promotion {
+        format: 1,
+        policy: policy.name.clone(),
+        host_id: host_id(ctx)?,
+        host: crate::lock::hostname(),
+        at: Utc::now(),
+        from,
+        dr_version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    let key = format!(
+        "{}{}-{}.json",
+        prefix(&policy.name),
+        record.at.format("%Y%m%dT%H%M%S%.3fZ"),
+        record.host_id
+    );
+    let bytes = serde_json::to_vec_pretty(&record)
+        .map_err(|e| Error::Other(format!("cannot encode the promotion record: {e}")))?;
+    let mut targets = Vec::new();
+    for t in crate::ops::TargetFilter::All.select(ctx.cfg(), policy)? {
+        ctx.storage(t)?.put_bytes(&key, &bytes)?;
+        targets.push(t.name.clone());
+    }
+    Ok(Promoted {
+        policy: policy.name.clone(),
+        path: path.to_path_buf(),
+        host: record.host,
+        host_id: record.host_id,
+        at: record.at,
+        follower_stopped: stopped,
+        targets,
+    })
+}
+
+/// Stops the running `dr follow` of `policy` (SIGTERM, then waits for it
+/// to exit, at most a minute): the copy is then at a committed state and
+/// nothing else writes it.
+fn stop_follower(ctx: &Context, policy: &str) -> Result<Option<u32>> {
+    let pidfile = ctx.state().follow_pid(policy);
+    let Ok(text) = std::fs::read_to_string(&pidfile) else {
+        return Ok(None);
+    };
+    let Ok(pid) = text.trim().parse::<u32>() else {
+        return Ok(None);
+    };
+    let alive = || Path::new(&format!("/proc/{pid}")).exists() && pidfile.exists();
+    if !alive() {
+        return Ok(None);
+    }
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alive() {
+        if Instant::now() > deadline {
+            return Err(Error::Other(format!(
+                "the follower of policy '{policy}' (pid {pid}) did not stop within a minute: stop it, then promote again"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Some(pid))
+}
