@@ -233,6 +233,7 @@ pub enum Command {
     /// generation on the source (a restart after a gap, a VACUUM) is
     /// followed by re-basing; a gap stops with exit 7.
     Follow {
+        /// The policy to follow (a SQLite policy with [wal] enabled).
         policy: String,
         /// One database of a fleet policy.
         #[arg(long, value_name = "NAME")]
@@ -264,6 +265,7 @@ pub enum Command {
     /// spans the failover. From then on any other host (the old primary
     /// coming back) is refused when it streams, backs up or expires.
     Promote {
+        /// The policy whose copy on this host becomes the primary.
         policy: String,
         /// One database of a fleet policy.
         #[arg(long, value_name = "NAME")]

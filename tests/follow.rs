@@ -123,6 +123,36 @@ fn a_follower_stays_readable_and_consistent_catches_up_and_rebases_on_a_new_gene
     assert!(status.success(), "{text}");
     let out = std::fs::read_to_string(env.path("follow.out")).unwrap_or_default();
     assert!(out.contains("stopped following app"), "{out}");
+
+    // Restarted over its copy, it continues where it stopped: no restore.
+    let log2 = env.path("follow2.log");
+    let _follower = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(env.config())
+            .args([
+                "follow",
+                "app",
+                "--poll",
+                "200ms",
+                "--identity",
+                &env.key_arg(),
+                "--to",
+            ])
+            .arg(&copy)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log2).expect("log")),
+    )
+    .expect("dr follow again");
+    common::wait_for_log(&log2, "continuing the copy where it stopped", 30);
+    insert(&env, 10, 0);
+    common::wait_until(
+        "the restarted follower to apply new commits",
+        60,
+        || dump(&copy) == dump(&env.db),
+        || std::fs::read_to_string(&log2).unwrap_or_default(),
+    );
 }
 
 /// A segment missing on the target: the follower stops at the last

@@ -61,12 +61,29 @@ pub fn follow(
     stop: &AtomicBool,
 ) -> Result<Followed> {
     let started = Instant::now();
-    let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
-    let store = ctx.storage(target)?;
-    let repo = PolicyRepo {
-        storage: store.as_ref(),
-        policy: &policy.name,
-    };
+    let state_path = ctx.state().follow_pid(&policy.name).with_extension("json");
+    // A follower restarted over its own copy continues where it stopped
+    // (a standby's restart does not restore the whole database again).
+    if !opts.force
+        && let Some(st) = Position::load(&state_path)
+        && st.to == opts.to
+        && st.target == target.name
+        && opts.to.is_file()
+    {
+        crate::sqlite::quick_check(&opts.to)?;
+        tracing::info!(policy = %policy.name, to = %opts.to.display(), generation = %st.generation, frame = st.frame, "continuing the copy where it stopped");
+        return run(
+            ctx,
+            policy,
+            target,
+            opts,
+            stop,
+            st.generation,
+            st.frame,
+            &state_path,
+            started,
+        );
+    }
     let first = restore(
         ctx,
         policy,
@@ -80,7 +97,7 @@ pub fn follow(
         },
         &Silent,
     )?;
-    let (mut generation, frame) = match &first.wal {
+    let (generation, frame) = match &first.wal {
         Some(w) => (w.generation.clone(), w.frame),
         None => {
             let label: Label = first
@@ -89,6 +106,11 @@ pub fn follow(
                 .unwrap_or_default()
                 .parse()
                 .map_err(Error::NotFound)?;
+            let store = ctx.storage(target)?;
+            let repo = PolicyRepo {
+                storage: store.as_ref(),
+                policy: &policy.name,
+            };
             let chain = repo.chain(&label)?;
             let pos = chain.last().and_then(|m| m.wal.clone()).ok_or_else(|| {
                 Error::Refused(format!(
@@ -99,8 +121,71 @@ pub fn follow(
             (pos.generation, pos.frame)
         }
     };
+    run(
+        ctx,
+        policy,
+        target,
+        opts,
+        stop,
+        generation,
+        frame,
+        &state_path,
+        started,
+    )
+}
+
+/// Where a follower's copy stands: `state_dir/follow/<policy>.json`,
+/// written after every batch applied.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+struct Position {
+    to: PathBuf,
+    target: String,
+    generation: String,
+    frame: u64,
+}
+
+impl Position {
+    fn load(path: &std::path::Path) -> Option<Position> {
+        serde_json::from_slice(&std::fs::read(path).ok()?).ok()
+    }
+
+    fn save(&self, path: &std::path::Path) {
+        let text = serde_json::to_vec(self).unwrap_or_default();
+        let tmp = path.with_extension("json.tmp");
+        if let Err(e) = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::warn!(file = %path.display(), "cannot record where the copy stands (a restart will restore again): {e}");
+        }
+    }
+}
+
+/// The follow loop from `generation`/`frame` on.
+#[allow(clippy::too_many_arguments)]
+fn run(
+    ctx: &Context,
+    policy: &Policy,
+    target: &Target,
+    opts: &FollowOptions,
+    stop: &AtomicBool,
+    mut generation: String,
+    frame: u64,
+    state_path: &std::path::Path,
+    started: Instant,
+) -> Result<Followed> {
+    let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
+    let store = ctx.storage(target)?;
+    let repo = PolicyRepo {
+        storage: store.as_ref(),
+        policy: &policy.name,
+    };
     let mut copy = LiveCopy::open(&opts.to, frame)?;
     let pid = PidFile::write(ctx.state().follow_pid(&policy.name))?;
+    let position = |generation: &str, frame: u64| Position {
+        to: opts.to.clone(),
+        target: target.name.clone(),
+        generation: generation.to_string(),
+        frame,
+    };
+    position(&generation, copy.seq).save(state_path);
     tracing::info!(policy = %policy.name, target = %target.name, to = %opts.to.display(), generation = %generation, frame, "following");
     let prefix = repo::wal::wal_prefix(&policy.name);
     let (mut transactions, mut rebased, mut quiet) = (0u64, 0u64, 0u32);
@@ -135,6 +220,7 @@ pub fn follow(
             )?;
         }
         if applied > 0 {
+            position(&generation, copy.seq).save(state_path);
             transactions += applied;
             quiet = 0;
             let lag = copy
@@ -171,6 +257,7 @@ pub fn follow(
                 copy.replace_all(tmp.path(), base.seq)?;
                 tracing::info!(policy = %policy.name, from = %generation, generation = %base.generation, base = %base.label, "the source started a new generation: re-based on its base backup");
                 generation = base.generation;
+                position(&generation, copy.seq).save(state_path);
                 rebased += 1;
                 continue;
             }
@@ -180,11 +267,8 @@ pub fn follow(
             std::thread::sleep(Duration::from_millis(50).min(opts.poll));
         }
     }
-    // Where the copy stands, for the promotion record.
-    let _ = std::fs::write(
-        pid.0.with_extension("at"),
-        format!("generation {generation} frame {}\n", copy.seq),
-    );
+    position(&generation, copy.seq).save(state_path);
+    drop(pid);
     Ok(Followed {
         policy: policy.name.clone(),
         target: target.name.clone(),

@@ -125,9 +125,16 @@ pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> 
         )));
     }
     crate::sqlite::quick_check(path)?;
-    let from = std::fs::read_to_string(ctx.state().follow_pid(&policy.name).with_extension("at"))
+    let from = std::fs::read(ctx.state().follow_pid(&policy.name).with_extension("json"))
         .ok()
-        .map(|s| s.trim().to_string());
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .map(|v| {
+            format!(
+                "generation {} frame {}",
+                v["generation"].as_str().unwrap_or("?"),
+                v["frame"]
+            )
+        });
     let record = Promotion {
         format: 1,
         policy: policy.name.clone(),
