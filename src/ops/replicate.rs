@@ -334,6 +334,9 @@ enum Capture {
 struct Shipping {
     stores: Vec<Arc<dyn Storage>>,
     retry_at: BTreeMap<String, (Instant, Duration)>,
+    /// Targets whose promotion records could not be read yet (down when
+    /// the stream started): checked before the first segment goes there.
+    unfenced: std::collections::BTreeSet<String>,
 }
 
 /// One streamed database.
@@ -970,16 +973,28 @@ impl Inner {
                     .into_iter()
                     .map(|t| ctx.storage(t))
                     .collect::<Result<Vec<_>>>()?;
+                let unfenced = stores.iter().map(|s| s.target().to_string()).collect();
                 *shipping = Some(Shipping {
                     stores,
                     retry_at: BTreeMap::new(),
+                    unfenced,
                 });
             }
             // Every (re)start of the stream: a host another was promoted
-            // over streams nothing (the promotion record is the fence).
-            if let Some(sh) = shipping.as_ref() {
+            // over streams nothing (the promotion record is the fence). A
+            // target that cannot be read now does not stop the stream (the
+            // spool is for that); it is checked before its first segment.
+            if let Some(sh) = shipping.as_mut() {
                 for store in &sh.stores {
-                    super::promotion::fence(ctx, policy, store.as_ref())?;
+                    match super::promotion::fence(ctx, policy, store.as_ref()) {
+                        Ok(()) => {
+                            sh.unfenced.remove(store.target());
+                        }
+                        Err(e @ Error::Refused(_)) => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(policy = %policy.name, target = %store.target(), "cannot read the promotion records yet ({e}): checked again before the first segment is shipped there")
+                        }
+                    }
                 }
             }
         }
@@ -1029,7 +1044,33 @@ impl Inner {
                 continue;
             }
             let mut cur = lock(&m.state).targets.get(&t).cloned().unwrap_or_default();
-            let pending: Vec<&Spooled> = segs.iter().filter(|s| !s.shipped_to(&cur)).collect();
+            let mut pending: Vec<&Spooled> = segs.iter().filter(|s| !s.shipped_to(&cur)).collect();
+            if !pending.is_empty() && sh.unfenced.contains(&t) {
+                match super::promotion::fence(&m.ctx, policy, store.as_ref()) {
+                    Ok(()) => {
+                        sh.unfenced.remove(&t);
+                    }
+                    Err(e) => {
+                        // Fenced (or still unreadable): nothing goes there;
+                        // the error shows in the stream's state and status.
+                        tracing::error!(policy = %policy.name, target = %t, "{e}");
+                        cur.error = Some(e.to_string());
+                        pending.clear();
+                        let backoff = match e {
+                            Error::Refused(_) => MAX_SHIP_BACKOFF,
+                            _ => sh
+                                .retry_at
+                                .get(&t)
+                                .map_or(Duration::from_millis(500), |(_, b)| {
+                                    (*b * 2).min(MAX_SHIP_BACKOFF)
+                                }),
+                        };
+                        let at = Instant::now() + backoff;
+                        sh.retry_at.insert(t.clone(), (at, backoff));
+                        retry = Some(retry.map_or(at, |r| r.min(at)));
+                    }
+                }
+            }
             let put = |path: &Path, key: &str| {
                 File::open(path)
                     .map_err(|e| Error::io(format!("cannot read spooled {}", path.display()), e))
