@@ -777,13 +777,36 @@ fn run_command(cli: Cli) -> Result<()> {
             let to = match (to, &p.source) {
                 (Some(to), _) => to.clone(),
                 (None, config::Source::Sqlite { path }) => path.clone(),
-                (None, config::Source::Postgres(_)) => {
-                    return Err(Error::Refused(format!(
-                        "policy '{}' is a PostgreSQL policy: dr follow takes SQLite policies",
-                        p.name
-                    )));
-                }
+                (None, config::Source::Postgres(pg)) => pg.data_dir.clone(),
             };
+            // PostgreSQL follows by itself: a standby data directory whose
+            // restore_command fetches each archived segment.
+            if let config::Source::Postgres(pg) = &p.source {
+                let opts = ops::restore::RestoreOptions {
+                    to,
+                    backup: None,
+                    identity: None,
+                    force: *force,
+                    at: None,
+                    standby: true,
+                };
+                let r = ops::pg::restore(&ctx, p, pg, t, &opts)?;
+                if *json {
+                    print_json(&r)?;
+                } else {
+                    println!(
+                        "standby of {} from {} in {} ({:.1}s)",
+                        r.policy,
+                        r.target,
+                        r.to.display(),
+                        r.seconds
+                    );
+                    if let Some(next) = &r.next_step {
+                        println!("{next}");
+                    }
+                }
+                return Ok(());
+            }
             let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
             let opts = ops::follow::FollowOptions {
                 to,
@@ -811,11 +834,26 @@ fn run_command(cli: Cli) -> Result<()> {
         Command::Promote { policy, db, json } => {
             let ctx = Context::load(&cli.config)?;
             let p = &ops::members::one(&ctx, policy, db.as_deref())?;
-            let config::Source::Sqlite { path } = &p.source else {
-                return Err(Error::Refused(format!(
-                    "policy '{}' is a PostgreSQL policy: dr promote takes SQLite policies",
-                    p.name
-                )));
+            let path = match &p.source {
+                config::Source::Sqlite { path } => path,
+                config::Source::Postgres(pg) => {
+                    let r = ops::pg::promote(&ctx, p, pg)?;
+                    if *json {
+                        print_json(&r)?;
+                    } else {
+                        println!(
+                            "promoted: the standby at {} is the primary of policy '{}'; {}",
+                            pg.data_dir.display(),
+                            p.name,
+                            if r.checked {
+                                "it archives into the stanza on its new timeline (pgBackRest's check passed)".to_string()
+                            } else {
+                                r.todo.join("; ")
+                            }
+                        );
+                    }
+                    return Ok(());
+                }
             };
             let r = ops::promotion::promote(&ctx, p, path)?;
             if *json {
@@ -1101,6 +1139,7 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         identity: a.identity.clone(),
         force: a.force,
         at: a.at,
+        standby: false,
     };
     let pb = progress(a.json, &format!("restore {} <- {}", p.name, t.name));
     let r = Source::of(p).restore(&ctx, t, &opts, &pb);

@@ -187,6 +187,7 @@ pub fn run(dir: &Path) -> Result<()> {
             identity: Some(dir.join("keys/demo.key")),
             force: false,
             at: None,
+            standby: false,
         },
         &hidden,
     )?;

@@ -114,6 +114,43 @@ fn a_follower_stays_readable_and_consistent_catches_up_and_rebases_on_a_new_gene
     assert!(reads > 10, "the reader read {reads} times");
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(text.contains("re-based"), "{text}");
+    // A DELETE and a VACUUM on the source (every page rewritten, the file
+    // shorter): the copy follows, shrinks with it, and a reader polling it
+    // meanwhile always finds a consistent database.
+    let done = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (done, copy) = (done.clone(), copy.clone());
+        std::thread::spawn(move || {
+            while !done.load(Ordering::Relaxed) {
+                count(&copy)?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Ok::<(), String>(())
+        })
+    };
+    {
+        let c = rusqlite::Connection::open(&env.db).expect("open");
+        c.execute("DELETE FROM t WHERE id % 2 = 0", [])
+            .expect("delete");
+        c.execute_batch("VACUUM").expect("vacuum");
+    }
+    insert(&env, 5, 0);
+    caught_up("the copy to follow a VACUUM");
+    let pages = |p: &std::path::Path| -> i64 {
+        rusqlite::Connection::open_with_flags(p, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .and_then(|c| c.query_row("PRAGMA page_count", [], |r| r.get(0)))
+            .expect("page_count")
+    };
+    assert_eq!(
+        pages(&copy),
+        pages(&env.db),
+        "the copy shrank with the source"
+    );
+    done.store(true, Ordering::Relaxed);
+    reader
+        .join()
+        .expect("reader")
+        .expect("every read consistent");
 
     // SIGTERM: the follower stops, saying where the copy is.
     let _ = Command::new("kill")

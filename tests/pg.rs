@@ -566,3 +566,128 @@ fn setup_changes_postgresql_only_once_the_repository_works_and_bounds_the_rpo() 
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(r.stderr.contains("archive_timeout"), "{}", r.stderr);
 }
+
+/// A PostgreSQL standby through pgBackRest (issue 24): `dr follow` builds
+/// a standby data directory on "host B" that replays the archive as
+/// segments arrive; the primary is lost; `dr promote` promotes it and
+/// declares it the primary: every row archived before the loss is there,
+/// it takes writes, and its new timeline is archived into the same stanza.
+#[test]
+fn a_standby_replays_the_archive_and_promotes_exact_to_the_last_archived_segment() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let cluster = PgCluster::start(&dir.path().join("pg"));
+    let env = pg_env(&cluster, "archive_timeout = \"1s\"\n");
+    setup(&env, &cluster);
+    cluster.sql("CREATE TABLE marks(id int primary key)");
+    cluster.sql("INSERT INTO marks SELECT generate_series(1, 100)");
+    env.dr(&["backup-local", "main-pg", "--type", "full"]).ok();
+
+    // Host B: its own state_dir and its own cluster (data directory and
+    // port), the same stanza and repository.
+    let standby = dir.path().join("standby");
+    give_to_postgres(&standby);
+    let data = standby.join("data");
+    let port = common::HeldPort::new().port;
+    std::fs::create_dir_all(env.path("policies-b")).expect("dir");
+    std::fs::write(
+        env.path("policies-b/main-pg.toml"),
+        std::fs::read_to_string(env.path("policies/main-pg.toml"))
+            .expect("policy")
+            .replace(
+                &cluster.data.display().to_string(),
+                &data.display().to_string(),
+            )
+            .replace(
+                &format!("port = {}", cluster.port),
+                &format!("port = {port}"),
+            ),
+    )
+    .expect("policy b");
+    let b = env.path("b.toml");
+    std::fs::write(
+        &b,
+        std::fs::read_to_string(env.config())
+            .expect("cfg")
+            .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
+            .replace("policies = \"policies\"", "policies = \"policies-b\""),
+    )
+    .expect("b.toml");
+    let dr_b = |args: &[&str]| {
+        common::Run::from(
+            std::process::Command::new(common::dr_bin())
+                .arg("--config")
+                .arg(&b)
+                .args(args)
+                .output()
+                .expect("dr"),
+        )
+    };
+    let r = dr_b(&["follow", "main-pg"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("standby"), "{}", r.stdout);
+    assert!(data.join("standby.signal").exists(), "no standby.signal");
+    let log = standby.join("pg.log");
+    let started = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "pg_ctl", "-D"])
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "60", "-o"])
+        .arg(format!("-p {port} -k {}", cluster.sock.display()))
+        .arg("start")
+        .output()
+        .expect("pg_ctl");
+    assert!(
+        started.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&started.stderr),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    struct Stop(std::path::PathBuf);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            stop(&self.0);
+        }
+    }
+    let _stop = Stop(data.clone());
+    assert_eq!(
+        sql_at(&cluster.sock, port, "SELECT pg_is_in_recovery()"),
+        "t"
+    );
+
+    // The primary commits more; the standby replays it from the archive.
+    cluster.sql("INSERT INTO marks SELECT generate_series(101, 200)");
+    cluster.sql("SELECT pg_switch_wal()");
+    common::wait_until(
+        "the standby to replay the archived rows",
+        90,
+        || sql_at(&cluster.sock, port, "SELECT count(*) FROM marks") == "200",
+        || std::fs::read_to_string(&log).unwrap_or_default(),
+    );
+    // The primary is lost.
+    stop(&cluster.data);
+
+    let r = dr_b(&["promote", "main-pg"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("new timeline"), "{}", r.stdout);
+    assert_eq!(
+        sql_at(&cluster.sock, port, "SELECT pg_is_in_recovery()"),
+        "f"
+    );
+    assert_eq!(
+        sql_at(&cluster.sock, port, "SELECT count(*) FROM marks"),
+        "200"
+    );
+    sql_at(&cluster.sock, port, "INSERT INTO marks VALUES (201)");
+    sql_at(&cluster.sock, port, "SELECT pg_switch_wal()");
+    common::wait_until(
+        "the promoted standby's new timeline in the stanza",
+        60,
+        || {
+            dr_b(&["info", "--json"]).json()["policies"][0]["targets"][0]["archive"]["segment"]
+                .as_str()
+                .is_some_and(|s| s > "00000001FFFFFFFFFFFFFFFF")
+        },
+        || dr_b(&["info", "--json"]).stdout,
+    );
+}

@@ -94,6 +94,7 @@ pub fn follow(
             identity: opts.identity.clone(),
             force: opts.force,
             at: None,
+            standby: false,
         },
         &Silent,
     )?;

@@ -372,8 +372,14 @@ pub fn restore(
     // No restore archives into the repository it came from, not even one
     // at the policy's own path: it may be a drill, or the wrong instant.
     // `dr pg setup POLICY` declares it the new primary (archiving on, on
-    // its new timeline).
-    args.push("--archive-mode=off".into());
+    // its new timeline). A standby keeps archive_mode as it was: it does
+    // not archive while it replays, and once `dr promote` ends its recovery
+    // it archives its new timeline with no restart.
+    if opts.standby {
+        args.push("--type=standby".into());
+    } else {
+        args.push("--archive-mode=off".into());
+    }
     if !empty {
         args.push("--delta".into());
     }
@@ -403,7 +409,13 @@ pub fn restore(
         to: to.to_path_buf(),
         bytes: None,
         seconds: started.elapsed().as_secs_f64(),
-        next_step: Some(if in_place {
+        next_step: Some(if opts.standby {
+            format!(
+                "start it with: runuser -u {user} -- pg_ctl -D {} start: a standby, read-only, replaying the archive as segments arrive (restore_command runs pgBackRest's archive-get). `dr promote {}` makes it the primary",
+                to.display(),
+                policy.name
+            )
+        } else if in_place {
             format!(
                 "start it with: runuser -u {user} -- pg_ctl -D {} start (it replays WAL to the target, then promotes; it does not archive). Once it is the primary you keep, run `dr pg setup {}` to turn archiving on into the repository",
                 to.display(),
@@ -416,6 +428,50 @@ pub fn restore(
             )
         }),
     })
+}
+
+/// Promotes the policy's standby (`pg_ctl promote` as the cluster's
+/// user), then declares it the primary as `dr pg setup` does: archiving
+/// into the same stanza, on its new timeline.
+pub fn promote(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupReport> {
+    match crate::pg::psql::query(pg, "SELECT pg_is_in_recovery()") {
+        Ok(r) if r == "t" => {}
+        Ok(_) => {
+            tracing::info!(policy = %policy.name, "PostgreSQL is not in recovery: already a primary; declaring it");
+            return setup(ctx, policy, pg);
+        }
+        Err(e) => {
+            return Err(Error::Other(format!(
+                "policy '{}': the standby at {} does not answer on port {} ({e}): start it first",
+                policy.name,
+                pg.data_dir.display(),
+                pg.port
+            )));
+        }
+    }
+    let mut c = match pg.run_as.as_ref().filter(|_| run::is_root()) {
+        Some(u) => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", u, "--", "pg_ctl"]);
+            c
+        }
+        None => Command::new("pg_ctl"),
+    };
+    let out = c
+        .arg("promote")
+        .arg("-D")
+        .arg(&pg.data_dir)
+        .args(["-w", "-t", "120"])
+        .output()
+        .map_err(|e| Error::io("cannot run pg_ctl".to_string(), e))?;
+    if !out.status.success() {
+        return Err(Error::Other(format!(
+            "pg_ctl promote of {} failed: {}",
+            pg.data_dir.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    setup(ctx, policy, pg)
 }
 
 /// Runs pgBackRest's verify on one repository. Failure is its exit status

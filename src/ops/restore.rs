@@ -33,6 +33,9 @@ pub struct RestoreOptions {
     pub force: bool,
     /// Restore the state as of this instant (WAL replay); the newest state when absent.
     pub at: Option<DateTime<Utc>>,
+    /// PostgreSQL: a standby that keeps replaying the archive (`dr follow`)
+    /// until `dr promote`, instead of a cluster that promotes at the end.
+    pub standby: bool,
 }
 
 /// Picks the backup to restore: the named label, or the newest committed one.
