@@ -39,6 +39,11 @@ def main():
         import bench_pitr
         write_table("results-pitr.md", *bench_pitr.table(DR, WORK))
         return
+    if os.environ.get("BENCH_ONLY") == "standby":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_standby
+        write_table("results-standby.md", *bench_standby.table(DR, WORK))
+        return
     if os.environ.get("BENCH_ONLY") == "pg":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_pg

@@ -937,14 +937,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     &recorded.map_err(|e| Error::Other(e.to_string())),
                 );
                 if let Ok(v) = &v {
-                    for d in v
-                        .drills
-                        .iter()
-                        .flat_map(|d| [&d.passed, &d.failed])
-                        .flatten()
-                    {
-                        log.import_drill(d);
-                    }
+                    log.import_drills(v);
                 }
                 match &v {
                     Ok(v) if v.without_key && !*json => {

@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use common::pg::{PgCluster, give_to_postgres, pg_env, setup};
+use common::pg::{PgCluster, setup};
 use common::{Env, dump, make_db};
 
 const POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nfull = \"0 0 * * * *\"\n[retention]\nfull = 1\n";
@@ -269,30 +269,9 @@ fn run_runbook(block: &str, dir: &std::path::Path, vars: &[(&str, String)]) -> S
 fn postgres_host_loss_restores_within_archive_timeout_and_the_new_primary_archives() {
     let block = common::readme_block("disaster-pg-test");
     let dir = tempfile::tempdir().expect("tmp");
-    let server = common::s3::S3Server::start(&dir.path().join("s3"), "pgbucket");
-    let proxy = common::s3::TlsProxy::start(&dir.path().join("tls"), server.port);
     let cluster = PgCluster::start(&dir.path().join("pg"));
-    let env = pg_env(&cluster, "archive_timeout = \"2s\"\n");
-    let toml = common::s3::target_toml(
-        env.dir.path(),
-        "s3",
-        &proxy.endpoint(),
-        "pgbucket",
-        common::s3::SECRET_KEY,
-    ) + &format!(
-        "region = \"us-east-1\"\nca_file = \"{}\"\n",
-        proxy.ca.display()
-    );
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let policy = env.path("policies/main-pg.toml");
-    let text = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(
-        &policy,
-        text.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
-    )
-    .expect("policy");
-    give_to_postgres(&dir.path().join("tls"));
+    let (_server, _proxy, env) =
+        common::pg::pg_env_on_s3(dir.path(), &cluster, "archive_timeout = \"2s\"\n");
     setup(&env, &cluster);
     cluster.sql(
         "CREATE TABLE w(id bigint PRIMARY KEY, at timestamptz NOT NULL DEFAULT clock_timestamp())",

@@ -25,17 +25,6 @@ fn drill_host(env: &Env, endpoint: &str, prod_endpoint: &str) -> std::path::Path
     path
 }
 
-fn dr_at(config: &std::path::Path, args: &[&str]) -> common::Run {
-    common::Run::from(
-        std::process::Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .output()
-            .expect("dr"),
-    )
-}
-
 #[test]
 fn production_checks_without_the_key_and_reports_the_drills_of_the_host_that_has_it() {
     let root = tempfile::tempdir().expect("tmp");
@@ -72,11 +61,11 @@ fn production_checks_without_the_key_and_reports_the_drills_of_the_host_that_has
     // The drill host: the identity, credentials that only read (and
     // record drills). Its drill passes and is recorded on the target.
     let drill = drill_host(&env, &readonly.endpoint(), &server.endpoint());
-    let r = dr_at(&drill, &["verify", "app"]);
+    let r = common::dr_with(&drill, &["verify", "app"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(!r.stderr.contains("could not be written"), "{}", r.stderr);
     // A backup through those credentials is refused: they are read-only.
-    assert_ne!(dr_at(&drill, &["backup-s3", "app"]).code, 0);
+    assert_ne!(common::dr_with(&drill, &["backup-s3", "app"]).code, 0);
 
     // Production sees the drill: in dr info, in its check, and (once its
     // daemon's scheduled check ran) in /healthz and the metrics.
@@ -131,7 +120,7 @@ fn production_checks_without_the_key_and_reports_the_drills_of_the_host_that_has
         "{}",
         r.stdout
     );
-    assert_eq!(dr_at(&drill, &["verify", "app"]).code, 3);
+    assert_eq!(common::dr_with(&drill, &["verify", "app"]).code, 3);
     let r = env.dr(&["info", "app"]);
     assert_ne!(r.code, 0);
     assert!(

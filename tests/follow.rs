@@ -34,15 +34,19 @@ fn count(path: &std::path::Path) -> Result<i64, String> {
         .map_err(|e| e.to_string())
 }
 
-#[test]
-fn a_follower_stays_readable_and_consistent_catches_up_and_rebases_on_a_new_generation() {
-    let env = Env::new(POLICY);
-    make_db(&env.db, true, 50, 300);
-    let mut streamer = common::spawn_replicate(&env);
-    common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
-    let copy = env.path("standby.db");
-    let log = env.path("follow.log");
-    let mut follower = common::Proc::spawn(
+/// `dr follow app --to COPY` every 200 ms, its log in `log` (and its
+/// final report in `out`, when given).
+fn spawn_follower(
+    env: &Env,
+    copy: &std::path::Path,
+    log: &std::path::Path,
+    out: Option<std::path::PathBuf>,
+) -> common::Proc {
+    let stdout = match out {
+        Some(p) => Stdio::from(std::fs::File::create(p).expect("out")),
+        None => Stdio::null(),
+    };
+    common::Proc::spawn(
         Command::new(common::dr_bin())
             .arg("--config")
             .arg(env.config())
@@ -55,12 +59,23 @@ fn a_follower_stays_readable_and_consistent_catches_up_and_rebases_on_a_new_gene
                 &env.key_arg(),
                 "--to",
             ])
-            .arg(&copy)
+            .arg(copy)
             .stdin(Stdio::null())
-            .stdout(std::fs::File::create(env.path("follow.out")).expect("out"))
-            .stderr(std::fs::File::create(&log).expect("log")),
+            .stdout(stdout)
+            .stderr(std::fs::File::create(log).expect("log")),
     )
-    .expect("dr follow");
+    .expect("dr follow")
+}
+
+#[test]
+fn a_follower_stays_readable_and_consistent_catches_up_and_rebases_on_a_new_generation() {
+    let env = Env::new(POLICY);
+    make_db(&env.db, true, 50, 300);
+    let mut streamer = common::spawn_replicate(&env);
+    common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
+    let copy = env.path("standby.db");
+    let log = env.path("follow.log");
+    let mut follower = spawn_follower(&env, &copy, &log, Some(env.path("follow.out")));
     common::wait_for_log(&log, "following", 30);
 
     // A reader polls the copy throughout: every read is a consistent,
@@ -163,25 +178,7 @@ fn a_follower_stays_readable_and_consistent_catches_up_and_rebases_on_a_new_gene
 
     // Restarted over its copy, it continues where it stopped: no restore.
     let log2 = env.path("follow2.log");
-    let _follower = common::Proc::spawn(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(env.config())
-            .args([
-                "follow",
-                "app",
-                "--poll",
-                "200ms",
-                "--identity",
-                &env.key_arg(),
-                "--to",
-            ])
-            .arg(&copy)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log2).expect("log")),
-    )
-    .expect("dr follow again");
+    let _follower = spawn_follower(&env, &copy, &log2, None);
     common::wait_for_log(&log2, "continuing the copy where it stopped", 30);
     insert(&env, 10, 0);
     common::wait_until(
@@ -203,25 +200,7 @@ fn a_gap_stops_the_follower_with_exit_7_at_a_committed_state() {
     common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
     let copy = env.path("standby.db");
     let log = env.path("follow.log");
-    let mut follower = common::Proc::spawn(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(env.config())
-            .args([
-                "follow",
-                "app",
-                "--poll",
-                "200ms",
-                "--identity",
-                &env.key_arg(),
-                "--to",
-            ])
-            .arg(&copy)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log")),
-    )
-    .expect("dr follow");
+    let mut follower = spawn_follower(&env, &copy, &log, None);
     common::wait_for_log(&log, "following", 30);
     let held = dump(&env.db);
     // Paused, the follower misses three shipped segments; the middle one
@@ -288,18 +267,6 @@ fn window_end(config: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>>
         .map(|e| e.with_timezone(&chrono::Utc))
 }
 
-fn dr_at(config: &std::path::Path, args: &[&str]) -> common::Run {
-    common::Run::from(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(config)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("dr"),
-    )
-}
-
 /// Failover: the standby is promoted while the primary is gone; it
 /// streams a new generation into the same repository, so point-in-time
 /// restore spans the failover; the old primary coming back with its old
@@ -311,23 +278,7 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
     make_db(&env.db, true, 30, 300);
     // Host B: the same configuration, its own state_dir, the copy at its
     // policy's path.
-    std::fs::create_dir_all(env.path("policies-b")).expect("dir");
-    std::fs::write(
-        env.path("policies-b/app.toml"),
-        std::fs::read_to_string(env.path("policies/app.toml"))
-            .expect("policy")
-            .replace("app.db", "standby.db"),
-    )
-    .expect("policy b");
-    let b = env.path("b.toml");
-    std::fs::write(
-        &b,
-        std::fs::read_to_string(env.config())
-            .expect("cfg")
-            .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
-            .replace("policies = \"policies\"", "policies = \"policies-b\""),
-    )
-    .expect("b.toml");
+    let b = common::second_host(&env, "app", |p| p.replace("app.db", "standby.db"));
     let standby = env.path("standby.db");
 
     let mut primary = common::spawn_replicate(&env);
@@ -365,7 +316,7 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
 
     // The primary is lost; B is promoted.
     primary.kill_group();
-    let r = dr_at(&b, &["promote", "app"]);
+    let r = common::dr_with(&b, &["promote", "app"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(
         r.stdout.contains("promoted") && r.stdout.contains("stopped"),
@@ -435,7 +386,7 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
     for (i, (at, want)) in [(t1, &state1), (t2, &state2)].into_iter().enumerate() {
         let to = env.path(&format!("pit{i}.db"));
         let at = at.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-        let r = dr_at(
+        let r = common::dr_with(
             &b,
             &[
                 "restore-local",

@@ -156,31 +156,8 @@ fn pgbackrest_absent_from_path_says_how_to_install_it() {
 #[test]
 fn backup_and_point_in_time_restore_through_an_s3_target_behind_tls() {
     let dir = tempfile::tempdir().expect("tmp");
-    let server = common::s3::S3Server::start(&dir.path().join("s3"), "pgbucket");
-    let proxy = common::s3::TlsProxy::start(&dir.path().join("tls"), server.port);
     let cluster = PgCluster::start(&dir.path().join("pg"));
-    let env = pg_env(&cluster, "");
-    let toml = common::s3::target_toml(
-        env.dir.path(),
-        "s3",
-        &proxy.endpoint(),
-        "pgbucket",
-        common::s3::SECRET_KEY,
-    ) + &format!(
-        "region = \"us-east-1\"\nca_file = \"{}\"\n",
-        proxy.ca.display()
-    );
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let policy = env.path("policies/main-pg.toml");
-    let text = std::fs::read_to_string(&policy).expect("policy");
-    std::fs::write(
-        &policy,
-        text.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
-    )
-    .expect("policy");
-    // pgBackRest reads the CA file as the postgres user.
-    give_to_postgres(&dir.path().join("tls"));
+    let (_server, _proxy, env) = common::pg::pg_env_on_s3(dir.path(), &cluster, "");
 
     setup(&env, &cluster);
     cluster.sql("CREATE TABLE marks(id int primary key)");
@@ -588,40 +565,17 @@ fn a_standby_replays_the_archive_and_promotes_exact_to_the_last_archived_segment
     give_to_postgres(&standby);
     let data = standby.join("data");
     let port = common::HeldPort::new().port;
-    std::fs::create_dir_all(env.path("policies-b")).expect("dir");
-    std::fs::write(
-        env.path("policies-b/main-pg.toml"),
-        std::fs::read_to_string(env.path("policies/main-pg.toml"))
-            .expect("policy")
-            .replace(
-                &cluster.data.display().to_string(),
-                &data.display().to_string(),
-            )
-            .replace(
-                &format!("port = {}", cluster.port),
-                &format!("port = {port}"),
-            ),
-    )
-    .expect("policy b");
-    let b = env.path("b.toml");
-    std::fs::write(
-        &b,
-        std::fs::read_to_string(env.config())
-            .expect("cfg")
-            .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
-            .replace("policies = \"policies\"", "policies = \"policies-b\""),
-    )
-    .expect("b.toml");
-    let dr_b = |args: &[&str]| {
-        common::Run::from(
-            std::process::Command::new(common::dr_bin())
-                .arg("--config")
-                .arg(&b)
-                .args(args)
-                .output()
-                .expect("dr"),
+    let b = common::second_host(&env, "main-pg", |p| {
+        p.replace(
+            &cluster.data.display().to_string(),
+            &data.display().to_string(),
         )
-    };
+        .replace(
+            &format!("port = {}", cluster.port),
+            &format!("port = {port}"),
+        )
+    });
+    let dr_b = |args: &[&str]| common::dr_with(&b, args);
     let r = dr_b(&["follow", "main-pg"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("standby"), "{}", r.stdout);

@@ -239,14 +239,7 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
                     ..Default::default()
                 };
                 source.verify(ctx, t, &opts, &Silent).map(|v| {
-                    for d in v
-                        .drills
-                        .iter()
-                        .flat_map(|d| [&d.passed, &d.failed])
-                        .flatten()
-                    {
-                        log.import_drill(d);
-                    }
+                    log.import_drills(&v);
                     (v.label, 0)
                 })
             }

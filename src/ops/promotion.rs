@@ -61,15 +61,8 @@ pub fn host_id(ctx: &Context) -> Result<String> {
 
 /// The newest promotion of `policy` on a target.
 pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> {
-    let mut keys: Vec<String> = storage
-        .list(&prefix(policy))?
-        .into_iter()
-        .map(|o| o.key)
-        .filter(|k| k.ends_with(".json"))
-        .collect();
-    keys.sort();
-    for k in keys.iter().rev() {
-        let bytes = storage.get_bytes(k)?;
+    for k in crate::repo::records_newest_first(storage, &prefix(policy))? {
+        let bytes = storage.get_bytes(&k)?;
         match serde_json::from_slice::<Promotion>(&bytes) {
             Ok(p) if p.policy == policy => return Ok(Some(p)),
             _ => {

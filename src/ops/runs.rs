@@ -101,10 +101,23 @@ impl<'c> RunLog<'c> {
         );
     }
 
+    /// Takes the drills a check without the key read from the target
+    /// (the newest passed, and a failure after it) into the history.
+    pub fn import_drills(&self, v: &super::report::Verified) {
+        for d in v
+            .drills
+            .iter()
+            .flat_map(|d| [&d.passed, &d.failed])
+            .flatten()
+        {
+            self.import_drill(d);
+        }
+    }
+
     /// Takes a drill that ran on another host (read from the target) into
     /// this host's history as a `verify` run, once: `/healthz`, the
     /// metrics and `dr info` then count it as this host's own drills.
-    pub fn import_drill(&self, r: &crate::repo::drill::DrillRecord) {
+    fn import_drill(&self, r: &crate::repo::drill::DrillRecord) {
         let Some(h) = &self.history else { return };
         let run = Run {
             policy: r.policy.clone(),

@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::PolicyRepo;
 use super::report::Verified;
 use super::restore::pick;
-use super::verify::{Problems, as_drill_failure, name_problems};
+use super::verify::{Problems, as_drill_failure, manifest_failure, name_problems};
 use crate::codec::{ObjectDigest, read_error};
 use crate::config::{Policy, Target};
 use crate::context::Context;
@@ -44,15 +44,8 @@ pub fn check(
         let label = &c.dir.label;
         let m = match &c.manifest {
             Ok(m) => m,
-            Err(e) if e.exit_code() == 1 => {
-                problems.push((format!("backup {label}"), Error::Other(e.to_string())));
-                continue;
-            }
             Err(e) => {
-                problems.push((
-                    format!("backup {label}"),
-                    Error::VerifyFailed(e.to_string()),
-                ));
+                problems.push((format!("backup {label}"), manifest_failure(e)));
                 continue;
             }
         };

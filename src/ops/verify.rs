@@ -142,15 +142,7 @@ fn drill_repository(
             continue;
         }
         match &c.manifest {
-            // A manifest the network cut off is not a damaged backup: the
-            // target could not be read (exit 1), as for any other read.
-            Err(e) if e.exit_code() == 1 => {
-                note(format!("backup {label}"), Err(Error::Other(e.to_string())))
-            }
-            Err(e) => note(
-                format!("backup {label}"),
-                Err(Error::VerifyFailed(e.to_string())),
-            ),
+            Err(e) => note(format!("backup {label}"), Err(manifest_failure(e))),
             Ok(m) => {
                 backups += 1;
                 note(
@@ -242,6 +234,17 @@ fn drill_repository(
 
 /// What a drill found wrong, each named.
 pub(super) type Problems = Vec<(String, Error)>;
+
+/// What a manifest that could not be read means for a check: a manifest
+/// the network cut off is not a damaged backup, the target could not be
+/// read (exit 1), as for any other read; anything else is damage (3).
+pub(super) fn manifest_failure(e: &Error) -> Error {
+    if e.exit_code() == 1 {
+        Error::Other(e.to_string())
+    } else {
+        Error::VerifyFailed(e.to_string())
+    }
+}
 
 /// Whether a sample of `percent` takes the next object (always, without a
 /// sample): each object is drawn on its own.

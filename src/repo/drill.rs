@@ -86,15 +86,9 @@ const READ_AT_MOST: usize = 32;
 /// Reads the newest drills of `policy` on a target: one listing and the
 /// records from the newest back to the first that passed.
 pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Drills> {
-    let mut keys: Vec<String> = storage
-        .list(&prefix(policy))?
-        .into_iter()
-        .map(|o| o.key)
-        .filter(|k| k.ends_with(".json"))
-        .collect();
-    keys.sort();
+    let keys = super::records_newest_first(storage, &prefix(policy))?;
     let mut out = Drills::default();
-    for k in keys.iter().rev().take(READ_AT_MOST) {
+    for k in keys.iter().take(READ_AT_MOST) {
         let bytes = storage.get_bytes(k)?;
         let Ok(r) = serde_json::from_slice::<DrillRecord>(&bytes) else {
             tracing::warn!(target = %storage.target(), key = %k, "not a drill record dr reads: skipped");

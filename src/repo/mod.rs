@@ -40,3 +40,20 @@ pub const MANIFEST: &str = "manifest.json";
 pub const DATA: &str = "data.zst.age";
 /// Page-hash index of a full, used to compute later diffs.
 pub const PAGES: &str = "pages.zst.age";
+
+/// The keys of the JSON records under `prefix` (drills, promotions), newest
+/// first: their names start with the time they were written.
+pub fn records_newest_first(
+    storage: &dyn crate::storage::Storage,
+    prefix: &str,
+) -> crate::error::Result<Vec<String>> {
+    let mut keys: Vec<String> = storage
+        .list(prefix)?
+        .into_iter()
+        .map(|o| o.key)
+        .filter(|k| k.ends_with(".json"))
+        .collect();
+    keys.sort();
+    keys.reverse();
+    Ok(keys)
+}

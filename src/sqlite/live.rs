@@ -1,8 +1,9 @@
 //! WAL applied to a database that readers have open (`dr follow`). Each
-//! transaction of the source becomes one SQLite transaction of page writes
-//! through `sqlite_dbpage`, so SQLite's own locking gives every reader a
-//! committed state of the source (the one before or the one after),
-//! never a half-applied segment, and the copy's own WAL keeps it crash-safe.
+//! segment of the source (whole transactions, ending at a commit) becomes
+//! one SQLite transaction of page writes through `sqlite_dbpage`, so
+//! SQLite's own locking gives every reader a committed state of the source
+//! (the one before the segment or the one after it), never a half-applied
+//! segment, and the copy's own WAL keeps it crash-safe.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -43,6 +44,11 @@ impl LiveCopy {
         let conn = Connection::open(path).map_err(&err)?;
         // Readers hold their snapshot briefly; a write waits for them.
         conn.busy_timeout(Duration::from_secs(30)).map_err(&err)?;
+        // WAL mode with synchronous=NORMAL: a power cut may take the last
+        // segments applied, never consistency; the follower applies them
+        // again from its recorded position.
+        conn.execute_batch("PRAGMA synchronous=NORMAL")
+            .map_err(&err)?;
         let page_size: u32 = conn
             .query_row("PRAGMA page_size", [], |r| r.get(0))
             .map_err(&err)?;
@@ -85,6 +91,11 @@ impl LiveCopy {
         }
         let mut at = first - 1;
         let mut applied = 0;
+        let mut last_commit = None;
+        // One SQLite transaction per segment: its end is a committed state
+        // of the source as much as each transaction's end is, and one
+        // commit (one fsync) a segment instead of one per transaction.
+        let tx = self.conn.unchecked_transaction().map_err(&err)?;
         while let Some(t) = r.next_txn().map_err(|e| read_error(object, e))? {
             if t.db_pages == 0 {
                 return Err(bad(format!(
@@ -100,16 +111,9 @@ impl LiveCopy {
                     self.seq
                 )));
             }
-            let tx = if apply {
-                Some(self.conn.unchecked_transaction().map_err(&err)?)
-            } else {
-                None
-            };
             for _ in 0..t.nframes {
                 let (pgno, page) = r.next_frame().map_err(|e| read_error(object, e))?;
-                if let Some(tx) = &tx
-                    && pgno <= t.db_pages
-                {
+                if apply && pgno <= t.db_pages {
                     tx.execute(
                         "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)",
                         params![pgno, page],
@@ -117,16 +121,20 @@ impl LiveCopy {
                     .map_err(&err)?;
                 }
             }
-            if let Some(tx) = tx {
+            if apply {
                 truncate(&tx, t.db_pages).map_err(&err)?;
-                tx.commit().map_err(&err)?;
-                self.seq = at;
-                self.last_commit = Utc.timestamp_millis_opt(t.commit_ms).single();
+                last_commit = Utc.timestamp_millis_opt(t.commit_ms).single();
                 applied += 1;
             }
         }
         if at != last {
             return Err(bad(format!("ends at frame {at} but its name says {last}")));
+        }
+        // Dropped without a commit (an error above): nothing of it is seen.
+        tx.commit().map_err(&err)?;
+        if applied > 0 {
+            self.seq = at;
+            self.last_commit = last_commit;
         }
         Ok(applied)
     }

@@ -561,6 +561,41 @@ pub fn readme_block(marker: &str) -> String {
         .to_string()
 }
 
+/// Host B beside `env`: `b.toml`, with its own state_dir (`state-b`) and
+/// policy directory (`policies-b/`: `env`'s policy `name`, passed through
+/// `edit`), the same targets and keys. Returns b.toml's path.
+pub fn second_host(env: &Env, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    std::fs::create_dir_all(env.path("policies-b")).expect("dir");
+    std::fs::write(
+        env.path(&format!("policies-b/{name}.toml")),
+        edit(std::fs::read_to_string(env.path(&format!("policies/{name}.toml"))).expect("policy")),
+    )
+    .expect("policy b");
+    let b = env.path("b.toml");
+    std::fs::write(
+        &b,
+        std::fs::read_to_string(env.config())
+            .expect("cfg")
+            .replace("state_dir = \"state\"", "state_dir = \"state-b\"")
+            .replace("policies = \"policies\"", "policies = \"policies-b\""),
+    )
+    .expect("b.toml");
+    b
+}
+
+/// Runs dr with another configuration than an `Env`'s own.
+pub fn dr_with(config: &Path, args: &[&str]) -> Run {
+    Run::from(
+        Command::new(dr_bin())
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run dr"),
+    )
+}
+
 /// This host's name, as dr records it (drills, leases).
 pub fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

@@ -239,3 +239,38 @@ pub fn setup(env: &super::Env, cluster: &PgCluster) {
     }
     assert_eq!(r.json()["checked"], true, "{}\n{}", r.stdout, r.stderr);
 }
+
+/// A PostgreSQL policy whose only target is S3 (s3s-fs behind an nginx
+/// TLS proxy with a private CA, bucket `pgbucket`), for `cluster`: the
+/// servers (stopped on drop) and the env. Everything lives under `dir`.
+pub fn pg_env_on_s3(
+    dir: &Path,
+    cluster: &PgCluster,
+    extra: &str,
+) -> (super::s3::S3Server, super::s3::TlsProxy, super::Env) {
+    let server = super::s3::S3Server::start(&dir.join("s3"), "pgbucket");
+    let proxy = super::s3::TlsProxy::start(&dir.join("tls"), server.port);
+    let env = pg_env(cluster, extra);
+    let toml = super::s3::target_toml(
+        env.dir.path(),
+        "s3",
+        &proxy.endpoint(),
+        "pgbucket",
+        super::s3::SECRET_KEY,
+    ) + &format!(
+        "region = \"us-east-1\"\nca_file = \"{}\"\n",
+        proxy.ca.display()
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg") + &toml;
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let policy = env.path("policies/main-pg.toml");
+    let text = std::fs::read_to_string(&policy).expect("policy");
+    std::fs::write(
+        &policy,
+        text.replace("targets = [\"local\"]", "targets = [\"s3\"]"),
+    )
+    .expect("policy");
+    // pgBackRest reads the CA file as the postgres user.
+    give_to_postgres(&dir.join("tls"));
+    (server, proxy, env)
+}
