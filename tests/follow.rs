@@ -34,11 +34,12 @@ fn count(path: &std::path::Path) -> Result<i64, String> {
         .map_err(|e| e.to_string())
 }
 
-/// `dr follow app --to COPY` every 200 ms, its log in `log` (and its
-/// final report in `out`, when given).
-fn spawn_follower(
+/// `dr follow app` with `config`, every 200 ms, into `to` (the policy's
+/// path when `None`); its log in `log`, its final report in `out`.
+fn follow_with(
+    config: &std::path::Path,
     env: &Env,
-    copy: &std::path::Path,
+    to: Option<&std::path::Path>,
     log: &std::path::Path,
     out: Option<std::path::PathBuf>,
 ) -> common::Proc {
@@ -46,25 +47,34 @@ fn spawn_follower(
         Some(p) => Stdio::from(std::fs::File::create(p).expect("out")),
         None => Stdio::null(),
     };
+    let mut cmd = Command::new(common::dr_bin());
+    cmd.arg("--config").arg(config).args([
+        "follow",
+        "app",
+        "--poll",
+        "200ms",
+        "--identity",
+        &env.key_arg(),
+    ]);
+    if let Some(to) = to {
+        cmd.arg("--to").arg(to);
+    }
     common::Proc::spawn(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(env.config())
-            .args([
-                "follow",
-                "app",
-                "--poll",
-                "200ms",
-                "--identity",
-                &env.key_arg(),
-                "--to",
-            ])
-            .arg(copy)
-            .stdin(Stdio::null())
+        cmd.stdin(Stdio::null())
             .stdout(stdout)
             .stderr(std::fs::File::create(log).expect("log")),
     )
     .expect("dr follow")
+}
+
+/// `dr follow app --to COPY` with `env`'s own configuration.
+fn spawn_follower(
+    env: &Env,
+    copy: &std::path::Path,
+    log: &std::path::Path,
+    out: Option<std::path::PathBuf>,
+) -> common::Proc {
+    follow_with(&env.config(), env, Some(copy), log, out)
 }
 
 #[test]
@@ -284,23 +294,7 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
     let mut primary = common::spawn_replicate(&env);
     common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
     let flog = env.path("follow.log");
-    let mut follower = common::Proc::spawn(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(&b)
-            .args([
-                "follow",
-                "app",
-                "--poll",
-                "200ms",
-                "--identity",
-                &env.key_arg(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&flog).expect("log")),
-    )
-    .expect("dr follow");
+    let mut follower = follow_with(&b, &env, None, &flog, None);
     common::wait_for_log(&flog, "following", 30);
     insert(&env, 40, 5);
     // An instant is as the streamer saw the commits: a moment after them.
