@@ -190,7 +190,15 @@ fn run(
     tracing::info!(policy = %policy.name, target = %target.name, to = %opts.to.display(), generation = %generation, frame, "following");
     let prefix = repo::wal::wal_prefix(&policy.name);
     let (mut transactions, mut rebased, mut quiet) = (0u64, 0u64, 0u32);
+    // Watched before each listing, so that a segment landing while the
+    // listing runs still ends the wait that follows.
+    let mut watch: Option<(String, Option<Arrivals>)> = None;
     while !stop.load(Ordering::Relaxed) {
+        if watch.as_ref().is_none_or(|(g, _)| *g != generation) {
+            let arrivals =
+                local_dir(target, &prefix, &generation).and_then(|d| Arrivals::watch(&d));
+            watch = Some((generation.clone(), arrivals));
+        }
         let listing = store.list(&format!("{prefix}{generation}/"))?;
         let mut segs: Vec<repo::wal::Segment> = repo::wal::segments(&prefix, &listing)
             .into_iter()
@@ -265,7 +273,13 @@ fn run(
         }
         let until = Instant::now() + opts.poll;
         while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(50).min(opts.poll));
+            std::thread::sleep(Duration::from_millis(20).min(opts.poll));
+            // A local target says when a segment lands: no waiting out the poll.
+            if let Some((_, Some(a))) = watch.as_mut()
+                && a.any()
+            {
+                break;
+            }
         }
     }
     position(&generation, copy.seq).save(state_path);
@@ -322,5 +336,45 @@ impl PidFile {
 impl Drop for PidFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Where a local target keeps a generation's segments (`None` for S3,
+/// which is polled).
+fn local_dir(target: &Target, prefix: &str, generation: &str) -> Option<PathBuf> {
+    match &target.kind {
+        crate::config::TargetKind::Local { path } => Some(path.join(prefix).join(generation)),
+        crate::config::TargetKind::S3(_) => None,
+    }
+}
+
+/// Segments landing in a local target's directory (inotify: a segment is
+/// renamed into place whole), read without blocking.
+struct Arrivals {
+    ino: inotify::Inotify,
+    buf: Vec<u8>,
+}
+
+impl Arrivals {
+    /// `None` when the directory cannot be watched: the poll still runs.
+    fn watch(dir: &std::path::Path) -> Option<Arrivals> {
+        let ino = inotify::Inotify::init().ok()?;
+        ino.watches()
+            .add(
+                dir,
+                inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
+            )
+            .ok()?;
+        Some(Arrivals {
+            ino,
+            buf: vec![0u8; 4096],
+        })
+    }
+
+    fn any(&mut self) -> bool {
+        self.ino
+            .read_events(&mut self.buf)
+            .map(|mut e| e.next().is_some())
+            .unwrap_or(false)
     }
 }
