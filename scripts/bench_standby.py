@@ -14,6 +14,7 @@ every 50 ms.
   for Litestream, killing its follower) and the first write accepted on
   the copy: the time from the kill to that write.
 """
+import atexit
 import os
 import shutil
 import signal
@@ -30,6 +31,25 @@ from bench_wal import WRITER, pct
 MIB = int(os.environ.get("BENCH_STANDBY_MIB", "1024"))
 SECONDS = float(os.environ.get("BENCH_STANDBY_SECONDS", "30"))
 RATE = float(os.environ.get("BENCH_STANDBY_RATE", "200"))
+
+
+# Every process the bench starts: killed when it exits, however it exits
+# (a timed-out wait included), so no streamer outlives a failed run.
+_started = []
+
+
+def launch(cmd, **kw):
+    p = subprocess.Popen(cmd, **kw)
+    _started.append(p)
+    return p
+
+
+@atexit.register
+def _stop_all():
+    for p in _started:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
 
 
 def cpu_seconds(pid):
@@ -121,11 +141,11 @@ def run_dr(dr, d, db):
     pol = 'name = "app"\ntargets = ["local"]\n[source]\nkind = "sqlite"\npath = "{}"\n[wal]\nenabled = true\nsync_interval = "1s"\n'
     open(os.path.join(d, "policies", "app.toml"), "w").write(pol.format(db))
     open(os.path.join(d, "policies-b", "app.toml"), "w").write(pol.format(copy))
-    src = subprocess.Popen([dr, "-c", os.path.join(d, "dr.toml"), "replicate"],
+    src = launch([dr, "-c", os.path.join(d, "dr.toml"), "replicate"],
                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "replicate.log"), "w"))
     wait_for(lambda: "generation base committed" in open(os.path.join(d, "replicate.log")).read(), "dr's base")
     t = time.time()
-    fol = subprocess.Popen([dr, "-c", os.path.join(d, "b.toml"), "follow", "app", "--identity", key],
+    fol = launch([dr, "-c", os.path.join(d, "b.toml"), "follow", "app", "--identity", key],
                            stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "follow.log"), "w"))
     wait_for(lambda: "following" in open(os.path.join(d, "follow.log")).read() and has_w(copy), "dr follow")
     ready = time.time() - t
@@ -141,7 +161,7 @@ def run_litestream(ls, d, db):
     cfg = os.path.join(d, "litestream.yml")
     target = os.path.join(d, "replica")
     open(cfg, "w").write(f"dbs:\n  - path: {db}\n    replica:\n      url: file://{target}\n      sync-interval: 1s\n")
-    src = subprocess.Popen([ls, "replicate", "-config", cfg], stdout=subprocess.DEVNULL,
+    src = launch([ls, "replicate", "-config", cfg], stdout=subprocess.DEVNULL,
                            stderr=open(os.path.join(d, "replicate.log"), "w"))
     # Its snapshot is the level-9 LTX file; a restore before it exits.
     snap = os.path.join(target, "ltx", "9")
@@ -153,7 +173,7 @@ def run_litestream(ls, d, db):
     def follower_up():
         nonlocal fol
         if fol is None or fol.poll() is not None:
-            fol = subprocess.Popen([ls, "restore", "-f", "-follow-interval", "1s", "-o", copy, f"file://{target}"],
+            fol = launch([ls, "restore", "-f", "-follow-interval", "1s", "-o", copy, f"file://{target}"],
                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(d, "follow.log"), "a"))
         return has_w(copy)
     wait_for(follower_up, "litestream restore -f", 600)
@@ -215,7 +235,9 @@ def table(dr, work):
     def ratio(key):
         a = [r[key] for r in res["dr"]]
         b = [r[key] for r in res["litestream"]]
-        return spread([x / y for x, y in zip(a, b) if y], "{:.2f}", "x")
+        xs = [x / y for x, y in zip(a, b) if y]
+        # Litestream at 0 (no CPU measured in a short run): no ratio.
+        return spread(xs, "{:.2f}", "x") if xs else "-"
 
     seen = sum(r["seen"] for r in res["dr"]), sum(r["commits"] for r in res["dr"])
     rows.append((f"lag commit -> visible on the copy, p50 ({seen[0]} of {seen[1]} dr commits seen)",
