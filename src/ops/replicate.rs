@@ -1050,24 +1050,21 @@ impl Inner {
                     Ok(()) => {
                         sh.unfenced.remove(&t);
                     }
-                    Err(e) => {
-                        // Fenced (or still unreadable): nothing goes there;
-                        // the error shows in the stream's state and status.
+                    Err(e @ Error::Refused(_)) => {
+                        // Fenced: nothing goes there; the error shows in the
+                        // stream's state and status.
                         tracing::error!(policy = %policy.name, target = %t, "{e}");
                         cur.error = Some(e.to_string());
                         pending.clear();
-                        let backoff = match e {
-                            Error::Refused(_) => MAX_SHIP_BACKOFF,
-                            _ => sh
-                                .retry_at
-                                .get(&t)
-                                .map_or(Duration::from_millis(500), |(_, b)| {
-                                    (*b * 2).min(MAX_SHIP_BACKOFF)
-                                }),
-                        };
-                        let at = Instant::now() + backoff;
-                        sh.retry_at.insert(t.clone(), (at, backoff));
+                        let at = Instant::now() + MAX_SHIP_BACKOFF;
+                        sh.retry_at.insert(t.clone(), (at, MAX_SHIP_BACKOFF));
                         retry = Some(retry.map_or(at, |r| r.min(at)));
+                    }
+                    // Still unreadable: the segments go as before (a flaky
+                    // listing must not hold the WAL back); the records are
+                    // read again on the next pass.
+                    Err(e) => {
+                        tracing::debug!(policy = %policy.name, target = %t, "promotion records not read yet: {e}");
                     }
                 }
             }
