@@ -1360,15 +1360,41 @@ fn base_one(
     if has {
         return Ok(());
     }
-    let label = streamer_backup(
-        ctx,
-        policy,
-        db,
-        state,
-        target,
-        repo::BackupType::Full,
-        "generation",
-    )?;
+    // The WAL can restart (new salts) between the stream's start and the
+    // snapshot's pin, as an application opens the database: the backup is
+    // then committed without a position in this generation, and is no base
+    // of it. Taken again once the stream has seen the restart (it does
+    // within a capture step), a few times, before the pass's own retry.
+    let mut attempt = 0;
+    let label = loop {
+        attempt += 1;
+        let label = streamer_backup(
+            ctx,
+            policy,
+            db,
+            state,
+            target,
+            repo::BackupType::Full,
+            "generation",
+        )?;
+        let based = repo.committed()?.into_iter().any(|c| {
+            c.dir.label.to_string() == label
+                && c.manifest
+                    .as_ref()
+                    .is_ok_and(|m| m.wal.as_ref().is_some_and(|w| w.generation == generation))
+        });
+        if based {
+            break label;
+        }
+        let why = format!(
+            "backup {label} was committed without a position in generation {generation} (the WAL restarted while it was taken), so it is no base of it"
+        );
+        if attempt == 3 {
+            return Err(Error::Other(why));
+        }
+        tracing::warn!(policy = %policy.name, target = %target, "{why}: taking it again");
+        std::thread::sleep(Duration::from_millis(500));
+    };
     tracing::info!(policy = %policy.name, target = %target, %label, generation, "generation base committed");
     Ok(())
 }
