@@ -57,8 +57,12 @@ pub fn backup(
     let stream = by_streamer.map(|b| b.state);
     let started = Instant::now();
     let store = ctx.storage(target)?;
-    // A host another one was promoted over writes nothing.
-    super::promotion::fence(ctx, policy, store.as_ref())?;
+    // A host another one was promoted over writes nothing. The streamer's
+    // own backups are fenced where its stream starts (`replicate::open`):
+    // not checked again here, on the way to the snapshot's pin.
+    if stream.is_none() {
+        super::promotion::fence(ctx, policy, store.as_ref())?;
+    }
     let sealing = ctx.sealing(policy)?;
     let repo = PolicyRepo {
         storage: store.as_ref(),

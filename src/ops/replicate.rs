@@ -1364,11 +1364,12 @@ fn base_one(
     // snapshot's pin, as an application opens the database: the backup is
     // then committed without a position in this generation, and is no base
     // of it. Taken again once the stream has seen the restart (it does
-    // within a capture step), a few times, before the pass's own retry.
+    // within a capture step), up to three attempts in all, before the
+    // pass's own retry.
     let mut attempt = 0;
     let label = loop {
         attempt += 1;
-        let label = streamer_backup(
+        let label = match streamer_backup(
             ctx,
             policy,
             db,
@@ -1376,7 +1377,18 @@ fn base_one(
             target,
             repo::BackupType::Full,
             "generation",
-        )?;
+        ) {
+            Ok(label) => label,
+            // Taking it again after a backup without a position: a failure
+            // now (a network error) is tried again as soon, not in the
+            // pass's 10 s, while the attempts last.
+            Err(e) if attempt > 1 && attempt < 3 => {
+                tracing::warn!(policy = %policy.name, target = %target, "{e}: taking it again");
+                std::thread::sleep(Duration::from_millis(500));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let based = repo.committed()?.into_iter().any(|c| {
             c.dir.label.to_string() == label
                 && c.manifest
