@@ -250,9 +250,16 @@ pub enum Command {
         /// Replace an existing file at --to with the newest state first.
         #[arg(long)]
         force: bool,
-        /// How often to look for new segments.
-        #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = humantime::parse_duration)]
-        poll: Duration,
+        /// How often to look for new segments while they arrive (default:
+        /// the policy's [follow] poll, else 1s).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        poll: Option<Duration>,
+        /// The longest wait between looks while the source is quiet: the
+        /// wait doubles from --poll up to this, so an idle follower of S3
+        /// costs a few requests a minute (default: [follow] idle_poll, else
+        /// 15s; a local target also wakes the follower when a segment lands).
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        idle_poll: Option<Duration>,
         /// Print the final report as JSON.
         #[arg(long)]
         json: bool,
@@ -764,18 +771,25 @@ fn run_command(cli: Cli) -> Result<()> {
             identity,
             force,
             poll,
+            idle_poll,
             json,
         } => {
             let ctx = Context::load(&cli.config)?;
             let p = &ops::members::one(&ctx, policy, db.as_deref())?;
-            let t = match target {
-                Some(name) => ctx.cfg().target(name)?,
-                None => ctx
+            let t = match (target, &p.follow) {
+                (Some(name), _) => ctx.cfg().target(name)?,
+                (None, Some(f)) => ctx.cfg().target(&f.target)?,
+                (None, None) => ctx
                     .cfg()
                     .target(p.targets.first().map_or("", String::as_str))?,
             };
             let to = match (to, &p.source) {
                 (Some(to), _) => to.clone(),
+                (None, _) if p.follow.as_ref().is_some_and(|f| f.to.is_some()) => p
+                    .follow
+                    .as_ref()
+                    .and_then(|f| f.to.clone())
+                    .unwrap_or_default(),
                 (None, config::Source::Sqlite { path }) => path.clone(),
                 (None, config::Source::Postgres(pg)) => pg.data_dir.clone(),
             };
@@ -808,13 +822,21 @@ fn run_command(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+            let poll = poll
+                .or(p.follow.as_ref().map(|f| f.poll))
+                .unwrap_or(Duration::from_secs(1));
             let opts = ops::follow::FollowOptions {
                 to,
                 identity: identity.clone(),
                 force: *force,
-                poll: *poll,
+                poll,
+                idle_poll: idle_poll
+                    .or(p.follow.as_ref().map(|f| f.idle_poll))
+                    .unwrap_or(config::follow::IDLE_POLL)
+                    .max(poll),
+                by_daemon: false,
             };
-            let r = ops::follow::follow(&ctx, p, t, &opts, &stop)?;
+            let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;
             if *json {
                 print_json(&r)?;
             } else {

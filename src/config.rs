@@ -15,6 +15,9 @@ use crate::error::{Error, Result};
 use crate::fleet::{Fleet, Member};
 use crate::schedule::CronSpec;
 
+pub mod follow;
+pub use follow::Follow;
+
 pub use crate::error::Diagnostic;
 
 // ---------------------------------------------------------------- raw files
@@ -95,6 +98,7 @@ struct RawPolicy {
     #[serde(default)]
     compression: RawCompression,
     encryption: Option<Spanned<String>>,
+    follow: Option<follow::RawFollow>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,6 +211,9 @@ pub struct Policy {
     pub fleet: Option<Fleet>,
     /// Set on a member: which fleet policy and database it is.
     pub member: Option<Member>,
+    /// `[follow]`: this host keeps a standby of the policy (see
+    /// `config/follow.rs`).
+    pub follow: Option<Follow>,
 }
 
 impl Policy {
@@ -217,6 +224,7 @@ impl Policy {
             name: crate::fleet::member_name(&self.name, db),
             source: Source::Sqlite { path },
             fleet: None,
+            follow: None,
             member: Some(Member {
                 policy: self.name.clone(),
                 db: db.to_string(),
@@ -1279,6 +1287,22 @@ fn check_policy(
     };
     let source = source?;
     let notify = rp.notify.as_ref().map(|n| notify_of(n, d));
+    let follow = match &rp.follow {
+        Some(raw) => {
+            let f = follow::resolve(
+                &name,
+                raw,
+                &policy_targets,
+                matches!(source, Source::Sqlite { .. }) && fleet.is_none(),
+                wal.enabled,
+                resolve,
+                d,
+            );
+            ok &= f.is_some();
+            f
+        }
+        None => None,
+    };
     ok.then(|| Policy {
         name,
         file: file.to_path_buf(),
@@ -1292,6 +1316,7 @@ fn check_policy(
         notify,
         fleet,
         member: None,
+        follow,
     })
 }
 

@@ -404,3 +404,159 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
         );
     }
 }
+
+/// The metric line `name{labels} value` of a /metrics body, as a number.
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() {
+    let env = Env::new(POLICY);
+    make_db(&env.db, true, 30, 300);
+    // Host B: the primary's policy with [follow], and the key.
+    let b = common::second_host(&env, "app", |p| {
+        format!(
+            "{}\n[follow]\npoll = \"200ms\"\nidle_poll = \"1s\"\nmax_lag = \"4s\"\n",
+            p.replace("app.db", "standby.db")
+        )
+    });
+    let text = std::fs::read_to_string(&b).expect("b.toml");
+    std::fs::write(
+        &b,
+        text.replace(
+            "[encryption]\n",
+            "[encryption]\nidentity_file = \"backup.key\"\n",
+        ) + "[daemon]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("b.toml");
+    let standby = env.path("standby.db");
+    let blog = env.path("daemon-b.log");
+    let read_blog = || std::fs::read_to_string(&blog).unwrap_or_default();
+
+    let mut primary = common::spawn_replicate(&env);
+    common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
+    let (_daemon, port) = common::start_daemon_listening_with(&b, &blog, &[]);
+    common::wait_for_log(&blog, "following", 30);
+    insert(&env, 40, 5);
+    let state1 = dump(&env.db);
+    common::wait_until(
+        "the daemon's standby to catch up",
+        60,
+        || dump(&standby) == state1,
+        read_blog,
+    );
+    let healthy = || {
+        let m = common::http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        common::http_get(port, "/healthz").is_some_and(|(code, _)| code == 200)
+            && metric(&m, "dr_follow_up{policy=\"app\",target=\"local\"}") == Some(1.0)
+            && metric(&m, "dr_follow_lag_seconds{policy=\"app\",target=\"local\"}")
+                .is_some_and(|l| l < 4.0)
+    };
+    common::wait_until("healthz 200 and the follower up", 30, healthy, read_blog);
+    let m = common::http_get(port, "/metrics").expect("metrics").1;
+    assert!(
+        metric(
+            &m,
+            "dr_follow_transactions_total{policy=\"app\",target=\"local\"}"
+        )
+        .is_some_and(|n| n >= 40.0),
+        "{m}"
+    );
+    assert!(
+        !m.contains("dr_wal_streamer_up{policy=\"app\"}")
+            && !m.contains("dr_backup_last_success_timestamp_seconds{policy=\"app\""),
+        "a standby reports its follower, not a stream or backups it does not run: {m}"
+    );
+    assert!(
+        !read_blog().contains("generation base"),
+        "the standby streamed its copy: {}",
+        read_blog()
+    );
+    // Another follower of the same copy is refused.
+    let r = common::dr_with(&b, &["follow", "app"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("another follower"), "{}", r.stderr);
+
+    // The primary is lost, and a damaged segment lands where the next one
+    // goes: the follower stops on it, says so, and is restarted.
+    primary.kill_group();
+    let pos: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(env.path("state-b/follow/app.json")).expect("position"),
+    )
+    .expect("json");
+    let generation = pos["generation"].as_str().expect("generation").to_string();
+    let frame = pos["frame"].as_u64().expect("frame");
+    let t = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
+    let bad = env.path(&format!(
+        "backups/app/wal/{generation}/{:016}-{:016}_{t}_{t}.zst.age",
+        frame + 1,
+        frame + 3
+    ));
+    std::fs::write(&bad, b"not a segment").expect("bad segment");
+    common::wait_until(
+        "healthz 503 naming follower_down, and dr_follow_up 0",
+        30,
+        || {
+            let m = common::http_get(port, "/metrics")
+                .map(|(_, b)| b)
+                .unwrap_or_default();
+            common::http_get(port, "/healthz")
+                .is_some_and(|(code, body)| code == 503 && body.contains("follower_down"))
+                && metric(&m, "dr_follow_up{policy=\"app\",target=\"local\"}") == Some(0.0)
+        },
+        read_blog,
+    );
+    assert!(
+        read_blog().contains("the follower stopped"),
+        "{}",
+        read_blog()
+    );
+    std::fs::remove_file(&bad).expect("remove");
+    common::wait_until("the follower back", 90, healthy, read_blog);
+    assert_eq!(
+        dump(&standby),
+        state1,
+        "the copy is the primary's last state"
+    );
+
+    // B is promoted while its daemon runs: the daemon stops following and
+    // streams a new generation of the same policy from the copy.
+    let r = common::dr_with(&b, &["promote", "app"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    common::wait_for_log(&blog, "generation base committed", 60);
+    {
+        let c = rusqlite::Connection::open(&standby).expect("open");
+        for _ in 0..20 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+                .expect("insert");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t2 = chrono::Utc::now();
+    let state2 = dump(&standby);
+    common::wait_until(
+        "B's commits shipped",
+        60,
+        || window_end(&b).is_some_and(|e| e >= t2),
+        read_blog,
+    );
+    let to = env.path("after.db");
+    let r = common::dr_with(
+        &b,
+        &["restore-local", "app", "--to", &to.display().to_string()],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(dump(&to), state2, "the new primary's commits restore");
+    let m = common::http_get(port, "/metrics").expect("metrics").1;
+    assert!(
+        metric(&m, "dr_wal_streamer_up{policy=\"app\"}") == Some(1.0)
+            && !m.contains("dr_follow_up{"),
+        "{m}"
+    );
+}

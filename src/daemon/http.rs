@@ -96,6 +96,25 @@ fn evidence(
     archiver: Option<&Archiver>,
     now: chrono::DateTime<Utc>,
 ) -> Result<Evidence> {
+    // A standby's verdict is its follower's: the primary answers for the
+    // backups and the stream.
+    if let Some(f) = shared
+        .followers
+        .lock()
+        .ok()
+        .and_then(|f| f.get(&p.name).cloned())
+    {
+        return Ok(Evidence {
+            promise: Promise {
+                backups_within: None,
+                stream_within: None,
+                drill_within: None,
+            },
+            source: super::followers::risks(&p.name, &f, now),
+            retired: false,
+            targets: Vec::new(),
+        });
+    }
     let status = shared
         .streamers
         .lock()
@@ -315,8 +334,43 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         "dr_pg_archive_last_failure_timestamp_seconds",
         "PostgreSQL: when archiving a WAL segment last failed (pg_stat_archiver; 0: never)",
     );
+    let follow_up = gauge(
+        &mut reg,
+        "dr_follow_up",
+        "1 while this host's standby of the policy follows its target, 0 while it is down ([follow])",
+    );
+    let follow_lag = gauge(
+        &mut reg,
+        "dr_follow_lag_seconds",
+        "Time since the standby was last known to hold everything its target has",
+    );
+    let follow_source = gauge(
+        &mut reg,
+        "dr_follow_source_timestamp_seconds",
+        "The newest instant the standby holds every commit of the primary until (heartbeats included; 0: not known yet)",
+    );
+    let follow_commit = gauge(
+        &mut reg,
+        "dr_follow_last_commit_timestamp_seconds",
+        "When the newest transaction the standby applied was committed on the primary (0: none applied yet)",
+    );
+    let follow_applied = counter(
+        &mut reg,
+        "dr_follow_transactions",
+        "Transactions the standby applied since its follower started",
+    );
+    let follow_restarts = counter(
+        &mut reg,
+        "dr_follow_restarts",
+        "Times the standby's follower stopped on an error and was restarted",
+    );
     let streamers = shared
         .streamers
+        .lock()
+        .map(|s| s.clone())
+        .unwrap_or_default();
+    let followers = shared
+        .followers
         .lock()
         .map(|s| s.clone())
         .unwrap_or_default();
@@ -352,6 +406,35 @@ pub fn metrics(shared: &Shared) -> Result<String> {
                 0.0
             },
         );
+        // A standby reports its follower, not backups it does not take.
+        if let Some(f) = followers.get(name) {
+            let labels = l(&[("policy", name), ("target", &f.target)]);
+            follow_up
+                .get_or_create(&labels)
+                .set(if f.running && f.error.is_none() {
+                    1.0
+                } else {
+                    0.0
+                });
+            follow_lag.get_or_create(&labels).set(
+                f.pass
+                    .as_ref()
+                    .map_or((now - f.since).num_milliseconds() as f64 / 1000.0, |p| {
+                        (now - p.checked).num_milliseconds() as f64 / 1000.0
+                    }),
+            );
+            follow_source
+                .get_or_create(&labels)
+                .set(f.pass.as_ref().and_then(|p| p.source_until).map_or(0.0, ts));
+            follow_commit
+                .get_or_create(&labels)
+                .set(f.pass.as_ref().and_then(|p| p.last_commit).map_or(0.0, ts));
+            follow_applied
+                .get_or_create(&labels)
+                .inc_by(f.pass.as_ref().map_or(0, |p| p.transactions));
+            follow_restarts.get_or_create(&labels).inc_by(f.restarts);
+            continue;
+        }
         let mut failed = 0;
         for t in &p.targets {
             for kind in ["full", "diff"] {

@@ -2,6 +2,7 @@
 //! HTTP endpoint saying whether backups are fresh. It calls the same ops as
 //! the CLI and has no backup logic of its own.
 
+pub mod followers;
 pub mod http;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -172,6 +173,8 @@ pub struct Shared {
     pub running: Mutex<HashMap<String, JobKind>>,
     /// The WAL streamers, as their supervisor sees them.
     pub streamers: ops::replicate::Statuses,
+    /// The standbys this host keeps (`[follow]`), by policy.
+    pub followers: followers::FollowStatuses,
 }
 
 /// Runs one job on every target of its policy (one failing target does not
@@ -281,6 +284,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         ctx: RwLock::new(ctx.clone()),
         running: Mutex::new(HashMap::new()),
         streamers: Arc::new(Mutex::new(Default::default())),
+        followers: Arc::new(Mutex::new(Default::default())),
     });
     let listen = ctx.cfg().daemon_listen.clone();
     match &ctx.cfg().daemon_token_file {
@@ -308,13 +312,19 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         // Only `dr healthcheck` with port 0 needs it: said, not fatal.
         tracing::warn!(file = %listen_file.display(), error = %e, "cannot record the address bound");
     }
+    // A policy this host follows is the primary's to stream and back up:
+    // the streamers and the schedule see the others only.
+    let standby = followers::standby(&ctx);
+    let primary = followers::primary_view(&ctx, &standby);
+    let mut following = followers::Followers::new(shared.followers.clone());
+    following.apply(&ctx, &standby);
     let streamers = ops::replicate::Engine::start(
-        &ctx,
-        ops::replicate::streamed(&ctx),
+        &primary,
+        ops::replicate::streamed(&primary),
         ops::replicate::Mode::Supervised,
         shared.streamers.clone(),
     );
-    let mut sched = Scheduler::new(jobs(ctx.cfg(), &history, Utc::now(), &|p, t, k| {
+    let mut sched = Scheduler::new(jobs(primary.cfg(), &history, Utc::now(), &|p, t, k| {
         newest_stored(&ctx, p, t, k)
     })?);
     let mut workers: Vec<std::thread::JoinHandle<()>> = Vec::new();
@@ -337,21 +347,36 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
                 notify_verdicts(&shared, &at_risk)
             }));
         }
-        if hup.swap(false, Ordering::SeqCst) {
+        // A promotion here makes this host a policy's primary: taken up as
+        // a reload would (the config is read again, and the records).
+        let promoted = following.released();
+        if promoted {
+            tracing::info!("promoted here: the streamers and the schedule take the policy up");
+        }
+        if hup.swap(false, Ordering::SeqCst) || promoted {
             match config::load(config_path) {
                 Ok(new) => {
-                    tracing::info!("configuration reloaded");
+                    if !promoted {
+                        tracing::info!("configuration reloaded");
+                    }
                     let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
                     let new = Context::new(new);
-                    let fresh = jobs(new.cfg(), &history, Utc::now(), &|p, t, k| {
+                    let standby = followers::standby(&new);
+                    let primary = followers::primary_view(&new, &standby);
+                    let fresh = jobs(primary.cfg(), &history, Utc::now(), &|p, t, k| {
                         newest_stored(&new, p, t, k)
                     })?;
                     sched.replace(fresh, &running, Utc::now());
                     crate::audit::record(
-                        crate::audit::Entry::new("config_reload")
-                            .detail(config_path.display().to_string()),
+                        crate::audit::Entry::new(if promoted {
+                            "promotion_taken_up"
+                        } else {
+                            "config_reload"
+                        })
+                        .detail(config_path.display().to_string()),
                     );
-                    streamers.apply(&new);
+                    following.apply(&new, &standby);
+                    streamers.apply(&primary);
                     if let Ok(mut c) = shared.ctx.write() {
                         *c = new;
                     }
@@ -401,6 +426,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     tracing::info!("stopping: no new runs; shipping committed WAL");
+    following.stop();
     streamers.stop();
     // An in-flight backup gets a few seconds; one cut off has no manifest
     // and does not exist for restore (expire removes it later).

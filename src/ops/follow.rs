@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::PolicyRepo;
@@ -31,8 +31,15 @@ pub struct FollowOptions {
     pub identity: Option<PathBuf>,
     /// Replace an existing file at `to` with the newest state first.
     pub force: bool,
-    /// How often the target is asked for new segments.
+    /// How often the target is asked while segments arrive.
     pub poll: Duration,
+    /// The longest wait while the source is quiet: the wait doubles from
+    /// `poll` up to this (a local target also wakes the follower when a
+    /// segment lands).
+    pub idle_poll: Duration,
+    /// Run by the daemon: `dr promote` stops it through the stop file, not
+    /// a signal (which would stop the whole daemon).
+    pub by_daemon: bool,
 }
 
 /// Where a follower stopped.
@@ -46,44 +53,82 @@ pub struct Followed {
     pub transactions: u64,
     pub rebased: u64,
     pub seconds: f64,
+    /// Stopped because `dr promote` asked: the copy is the primary now.
+    pub released: bool,
 }
 
-/// How many quiet polls pass between looks for a newer generation (a
-/// listing of every segment of the policy, so not on every poll).
-const GENERATION_EVERY: u32 = 10;
+/// What a follower knows after each look at the target: what `/metrics`,
+/// `/healthz` and the verdict report of a daemon's follower.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    /// When the listing that the copy now holds everything of was asked.
+    pub checked: DateTime<Utc>,
+    /// The newest instant the copy is known to hold every commit of (the
+    /// streamer's `until` of the segments applied, heartbeats included).
+    pub source_until: Option<DateTime<Utc>>,
+    /// Commit time of the newest transaction applied.
+    pub last_commit: Option<DateTime<Utc>>,
+    /// Transactions applied since the follower started.
+    pub transactions: u64,
+}
 
-/// Follows `policy` from `target` into `opts.to` until `stop`.
+/// Follows `policy` from `target` into `opts.to` until `stop` (or until
+/// `dr promote` asks); `report` hears every look at the target.
 pub fn follow(
     ctx: &Context,
     policy: &Policy,
     target: &Target,
     opts: &FollowOptions,
     stop: &AtomicBool,
+    report: &dyn Fn(&Pass),
 ) -> Result<Followed> {
     let started = Instant::now();
     let state_path = ctx.state().follow_pid(&policy.name).with_extension("json");
     // A follower restarted over its own copy continues where it stopped
     // (a standby's restart does not restore the whole database again).
-    if !opts.force
-        && let Some(st) = Position::load(&state_path)
-        && st.to == opts.to
-        && st.target == target.name
-        && opts.to.is_file()
-    {
-        crate::sqlite::quick_check(&opts.to)?;
-        tracing::info!(policy = %policy.name, to = %opts.to.display(), generation = %st.generation, frame = st.frame, "continuing the copy where it stopped");
-        return run(
-            ctx,
-            policy,
-            target,
-            opts,
-            stop,
-            st.generation,
-            st.frame,
-            &state_path,
-            started,
-        );
-    }
+    let (generation, frame) = match Position::load(&state_path) {
+        Some(st)
+            if !opts.force && st.to == opts.to && st.target == target.name && opts.to.is_file() =>
+        {
+            crate::sqlite::quick_check(&opts.to)?;
+            tracing::info!(policy = %policy.name, to = %opts.to.display(), generation = %st.generation, frame = st.frame, "continuing the copy where it stopped");
+            (st.generation, st.frame)
+        }
+        _ => first_copy(ctx, policy, target, opts)?,
+    };
+    let mut f = Follower {
+        ctx,
+        policy,
+        target,
+        opts,
+        state_path,
+        generation,
+        transactions: 0,
+        rebased: 0,
+        source_until: None,
+    };
+    let released = f.run(frame, stop, report)?;
+    Ok(Followed {
+        policy: policy.name.clone(),
+        target: target.name.clone(),
+        to: opts.to.clone(),
+        generation: f.generation.clone(),
+        frame: Position::load(&f.state_path).map_or(frame, |p| p.frame),
+        transactions: f.transactions,
+        rebased: f.rebased,
+        seconds: started.elapsed().as_secs_f64(),
+        released,
+    })
+}
+
+/// Restores the newest state into `opts.to`: the generation and frame the
+/// copy then stands at.
+fn first_copy(
+    ctx: &Context,
+    policy: &Policy,
+    target: &Target,
+    opts: &FollowOptions,
+) -> Result<(String, u64)> {
     let first = restore(
         ctx,
         policy,
@@ -98,41 +143,28 @@ pub fn follow(
         },
         &Silent,
     )?;
-    let (generation, frame) = match &first.wal {
-        Some(w) => (w.generation.clone(), w.frame),
-        None => {
-            let label: Label = first
-                .label
-                .as_deref()
-                .unwrap_or_default()
-                .parse()
-                .map_err(Error::NotFound)?;
-            let store = ctx.storage(target)?;
-            let repo = PolicyRepo {
-                storage: store.as_ref(),
-                policy: &policy.name,
-            };
-            let chain = repo.chain(&label)?;
-            let pos = chain.last().and_then(|m| m.wal.clone()).ok_or_else(|| {
-                Error::Refused(format!(
-                    "policy '{}': backup {label} has no WAL position: only a policy with [wal] enabled can be followed",
-                    policy.name
-                ))
-            })?;
-            (pos.generation, pos.frame)
-        }
+    if let Some(w) = &first.wal {
+        return Ok((w.generation.clone(), w.frame));
+    }
+    let label: Label = first
+        .label
+        .as_deref()
+        .unwrap_or_default()
+        .parse()
+        .map_err(Error::NotFound)?;
+    let store = ctx.storage(target)?;
+    let repo = PolicyRepo {
+        storage: store.as_ref(),
+        policy: &policy.name,
     };
-    run(
-        ctx,
-        policy,
-        target,
-        opts,
-        stop,
-        generation,
-        frame,
-        &state_path,
-        started,
-    )
+    let chain = repo.chain(&label)?;
+    let pos = chain.last().and_then(|m| m.wal.clone()).ok_or_else(|| {
+        Error::Refused(format!(
+            "policy '{}': backup {label} has no WAL position: only a policy with [wal] enabled can be followed",
+            policy.name
+        ))
+    })?;
+    Ok((pos.generation, pos.frame))
 }
 
 /// Where a follower's copy stands: `state_dir/follow/<policy>.json`,
@@ -159,178 +191,241 @@ impl Position {
     }
 }
 
-/// The follow loop from `generation`/`frame` on.
-#[allow(clippy::too_many_arguments)]
-fn run(
-    ctx: &Context,
-    policy: &Policy,
-    target: &Target,
-    opts: &FollowOptions,
-    stop: &AtomicBool,
-    mut generation: String,
-    frame: u64,
-    state_path: &std::path::Path,
-    started: Instant,
-) -> Result<Followed> {
-    let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
-    let store = ctx.storage(target)?;
-    let repo = PolicyRepo {
-        storage: store.as_ref(),
-        policy: &policy.name,
-    };
-    let mut copy = LiveCopy::open(&opts.to, frame)?;
-    let pid = PidFile::write(ctx.state().follow_pid(&policy.name))?;
-    let position = |generation: &str, frame: u64| Position {
-        to: opts.to.clone(),
-        target: target.name.clone(),
-        generation: generation.to_string(),
-        frame,
-    };
-    position(&generation, copy.seq).save(state_path);
-    tracing::info!(policy = %policy.name, target = %target.name, to = %opts.to.display(), generation = %generation, frame, "following");
-    let prefix = repo::wal::wal_prefix(&policy.name);
-    let (mut transactions, mut rebased, mut quiet) = (0u64, 0u64, 0u32);
-    // Watched before each listing, so that a segment landing while the
-    // listing runs still ends the wait that follows.
-    let mut watch: Option<(String, Option<Arrivals>)> = None;
-    while !stop.load(Ordering::Relaxed) {
-        if watch.as_ref().is_none_or(|(g, _)| *g != generation) {
-            let arrivals =
-                local_dir(target, &prefix, &generation).and_then(|d| Arrivals::watch(&d));
-            watch = Some((generation.clone(), arrivals));
-        }
-        let listing = store.list(&format!("{prefix}{generation}/"))?;
-        let mut segs: Vec<repo::wal::Segment> = repo::wal::segments(&prefix, &listing)
-            .into_iter()
-            .filter(|s| s.generation == generation && s.last > copy.seq)
-            .collect();
-        segs.sort_by_key(|s| s.first);
-        let mut applied = 0;
-        for s in &segs {
-            if s.first > copy.seq + 1 {
-                return Err(Error::Incomplete(format!(
-                    "policy '{}' on target '{}': generation {generation} has a gap (frames {}..{} are missing), so the copy at {} stops at frame {}, a committed state of the source: restore again, or promote it as it is",
-                    policy.name,
-                    target.name,
-                    copy.seq + 1,
-                    s.first - 1,
-                    opts.to.display(),
-                    copy.seq
-                )));
-            }
-            let object = format!("target '{}': {}", target.name, s.key);
-            let raw = store.open(&s.key)?;
-            let dec = Decoder::self_checked(raw, &object, unsealing.as_ref(), policy.encrypted)?;
-            applied += copy.segment(
-                std::io::BufReader::with_capacity(1 << 20, dec),
-                &object,
-                s.first,
-                s.last,
-            )?;
-        }
-        if applied > 0 {
-            position(&generation, copy.seq).save(state_path);
-            transactions += applied;
-            quiet = 0;
-            let lag = copy
-                .last_commit
-                .map(|c| (Utc::now() - c).num_milliseconds() as f64 / 1000.0);
-            tracing::info!(policy = %policy.name, frame = copy.seq, transactions = applied, lag_seconds = lag.unwrap_or(0.0), "applied");
-        } else {
-            quiet += 1;
-            if quiet.is_multiple_of(GENERATION_EVERY)
-                && let Some(base) = newer_base(&repo, &generation)?
-            {
-                let chain = repo.chain(&base.label.parse().map_err(Error::NotFound)?)?;
-                let scratch = ctx.state().tmp();
-                std::fs::create_dir_all(&scratch)
-                    .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
-                let tmp = tempfile::Builder::new()
-                    .prefix(&crate::scratch::prefix_for("follow."))
-                    .tempfile_in(&scratch)
-                    .map_err(|e| {
-                        Error::io(
-                            format!("cannot create a scratch file in {}", scratch.display()),
-                            e,
-                        )
-                    })?;
-                materialize(
-                    &repo,
-                    &chain,
-                    unsealing.as_ref(),
-                    tmp.as_file(),
-                    tmp.path(),
-                    &Silent,
-                )?;
-                crate::sqlite::integrity_check(tmp.path())?;
-                copy.replace_all(tmp.path(), base.seq)?;
-                tracing::info!(policy = %policy.name, from = %generation, generation = %base.generation, base = %base.label, "the source started a new generation: re-based on its base backup");
-                generation = base.generation;
-                position(&generation, copy.seq).save(state_path);
-                rebased += 1;
-                continue;
-            }
-        }
-        let until = Instant::now() + opts.poll;
-        while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-            std::thread::sleep(Duration::from_millis(20).min(opts.poll));
-            // A local target says when a segment lands: no waiting out the poll.
-            if let Some((_, Some(a))) = watch.as_mut()
-                && a.any()
-            {
-                break;
-            }
-        }
-    }
-    position(&generation, copy.seq).save(state_path);
-    drop(pid);
-    Ok(Followed {
-        policy: policy.name.clone(),
-        target: target.name.clone(),
-        to: opts.to.clone(),
-        generation,
-        frame: copy.seq,
-        transactions,
-        rebased,
-        seconds: started.elapsed().as_secs_f64(),
-    })
+/// One follower's loop and what it has done.
+struct Follower<'a> {
+    ctx: &'a Context,
+    policy: &'a Policy,
+    target: &'a Target,
+    opts: &'a FollowOptions,
+    state_path: PathBuf,
+    generation: String,
+    transactions: u64,
+    rebased: u64,
+    source_until: Option<DateTime<Utc>>,
 }
 
-/// The newest base backup of a generation newer than `current`, if the
-/// source started one.
+impl Follower<'_> {
+    fn save(&self, frame: u64) {
+        Position {
+            to: self.opts.to.clone(),
+            target: self.target.name.clone(),
+            generation: self.generation.clone(),
+            frame,
+        }
+        .save(&self.state_path);
+    }
+
+    /// Follows from `frame` until `stop` or the stop file; `Ok(true)` when
+    /// `dr promote` asked.
+    fn run(&mut self, frame: u64, stop: &AtomicBool, report: &dyn Fn(&Pass)) -> Result<bool> {
+        let (ctx, policy, target, opts) = (self.ctx, self.policy, self.target, self.opts);
+        let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
+        let store = ctx.storage(target)?;
+        let repo = PolicyRepo {
+            storage: store.as_ref(),
+            policy: &policy.name,
+        };
+        let mut copy = LiveCopy::open(&opts.to, frame)?;
+        let pidfile = ctx.state().follow_pid(&policy.name);
+        let stop_file = pidfile.with_extension("stop");
+        let pid = PidFile::write(pidfile, opts.by_daemon)?;
+        self.save(copy.seq);
+        tracing::info!(policy = %policy.name, target = %target.name, to = %opts.to.display(), generation = %self.generation, frame, "following");
+        let prefix = repo::wal::wal_prefix(&policy.name);
+        // Each look asks only for what sorts after the newest segment the
+        // copy holds: one request on S3, whatever the generation's length.
+        let mut after = format!("{prefix}{}/", self.generation);
+        let mut wait = opts.poll;
+        // Watched before each listing, so that a segment landing while the
+        // listing runs still ends the wait that follows.
+        let mut watch: Option<(String, Option<Arrivals>)> = None;
+        let released = loop {
+            if stop.load(Ordering::Relaxed) {
+                break false;
+            }
+            if stop_file.exists() {
+                break true;
+            }
+            if watch.as_ref().is_none_or(|(g, _)| *g != self.generation) {
+                let arrivals =
+                    local_dir(target, &prefix, &self.generation).and_then(|d| Arrivals::watch(&d));
+                watch = Some((self.generation.clone(), arrivals));
+            }
+            let checked = Utc::now();
+            let listing = store.list_after(&prefix, &after)?;
+            let all = repo::wal::segments(&prefix, &listing);
+            let newer = all.iter().any(|s| s.generation > self.generation);
+            let mut segs: Vec<&repo::wal::Segment> = all
+                .iter()
+                .filter(|s| s.generation == self.generation)
+                .collect();
+            segs.sort_by_key(|s| (s.first, s.last));
+            let mut applied = 0;
+            for s in segs {
+                if s.last > copy.seq {
+                    if s.first > copy.seq + 1 {
+                        return Err(Error::Incomplete(format!(
+                            "policy '{}' on target '{}': generation {} has a gap (frames {}..{} are missing), so the copy at {} stops at frame {}, a committed state of the source: restore again, or promote it as it is",
+                            policy.name,
+                            target.name,
+                            self.generation,
+                            copy.seq + 1,
+                            s.first - 1,
+                            opts.to.display(),
+                            copy.seq
+                        )));
+                    }
+                    let object = format!("target '{}': {}", target.name, s.key);
+                    let raw = store.open(&s.key)?;
+                    let dec =
+                        Decoder::self_checked(raw, &object, unsealing.as_ref(), policy.encrypted)?;
+                    applied += copy.segment(
+                        std::io::BufReader::with_capacity(1 << 20, dec),
+                        &object,
+                        s.first,
+                        s.last,
+                    )?;
+                }
+                // Applied, or held already (a heartbeat, a blind mark).
+                after = after.max(s.key.clone());
+                self.source_until = self.source_until.max(Some(s.until));
+            }
+            if applied > 0 {
+                self.save(copy.seq);
+                self.transactions += applied;
+                wait = opts.poll;
+                let lag = copy
+                    .last_commit
+                    .map(|c| (Utc::now() - c).num_milliseconds() as f64 / 1000.0);
+                tracing::debug!(policy = %policy.name, frame = copy.seq, transactions = applied, lag_seconds = lag.unwrap_or(0.0), "applied");
+            } else if newer {
+                if let Some(base) = newer_base(&repo, &self.generation)? {
+                    self.rebase(&repo, unsealing.as_ref(), &mut copy, &base)?;
+                    after = format!("{prefix}{}/", self.generation);
+                    wait = opts.poll;
+                    continue;
+                }
+                // The new generation's base is not committed yet.
+                wait = opts.poll;
+            } else {
+                wait = (wait * 2).min(opts.idle_poll);
+            }
+            report(&Pass {
+                checked,
+                source_until: self.source_until,
+                last_commit: copy.last_commit,
+                transactions: self.transactions,
+            });
+            let until = Instant::now() + wait;
+            let mut tick = 0u32;
+            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(20).min(wait));
+                tick += 1;
+                // A local target says when a segment lands: no waiting out the poll.
+                if let Some((_, Some(a))) = watch.as_mut()
+                    && a.any()
+                {
+                    break;
+                }
+                if tick.is_multiple_of(5) && stop_file.exists() {
+                    break;
+                }
+            }
+        };
+        self.save(copy.seq);
+        drop(pid);
+        if released {
+            tracing::info!(policy = %policy.name, to = %opts.to.display(), frame = copy.seq, "stopped following: `dr promote` made this copy the primary");
+        }
+        Ok(released)
+    }
+
+    /// The source started a new generation: the copy becomes its base.
+    fn rebase(
+        &mut self,
+        repo: &PolicyRepo<'_>,
+        unsealing: Option<&crate::keys::Unsealing>,
+        copy: &mut LiveCopy,
+        base: &repo::wal::Base,
+    ) -> Result<()> {
+        let ctx = self.ctx;
+        let chain = repo.chain(&base.label.parse().map_err(Error::NotFound)?)?;
+        let scratch = ctx.state().tmp();
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| Error::io(format!("cannot create {}", scratch.display()), e))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(&crate::scratch::prefix_for("follow."))
+            .tempfile_in(&scratch)
+            .map_err(|e| {
+                Error::io(
+                    format!("cannot create a scratch file in {}", scratch.display()),
+                    e,
+                )
+            })?;
+        materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), &Silent)?;
+        crate::sqlite::integrity_check(tmp.path())?;
+        copy.replace_all(tmp.path(), base.seq)?;
+        tracing::info!(policy = %self.policy.name, from = %self.generation, generation = %base.generation, base = %base.label, "the source started a new generation: re-based on its base backup");
+        self.generation = base.generation.clone();
+        self.source_until = None;
+        self.save(copy.seq);
+        self.rebased += 1;
+        Ok(())
+    }
+}
+
+/// The newest base backup of the newest generation that has one (the
+/// caller saw segments of a generation newer than the copy's).
 fn newer_base(repo: &PolicyRepo<'_>, current: &str) -> Result<Option<repo::wal::Base>> {
-    let prefix = repo::wal::wal_prefix(repo.policy);
-    let newest = repo::wal::segments(&prefix, &repo.storage.list(&prefix)?)
-        .into_iter()
-        .map(|s| s.generation)
-        .filter(|g| g.as_str() > current)
-        .max();
-    let Some(newest) = newest else {
-        return Ok(None);
-    };
     Ok(repo
         .committed()?
         .iter()
         .filter_map(|c| c.manifest.as_ref().ok())
         .filter_map(super::wal_base)
-        .filter(|b| b.generation == newest)
-        .max_by_key(|b| b.seq))
+        .filter(|b| b.generation.as_str() > current)
+        .max_by(|a, b| (&a.generation, a.seq).cmp(&(&b.generation, b.seq))))
 }
 
 /// `state_dir/follow/<policy>.pid` while a follower runs: how `dr promote`
 /// finds it. Removed when the follower ends, however it ends.
+/// The daemon's followers say so (`<pid> daemon`): `dr promote` then asks
+/// through the stop file only.
 struct PidFile(PathBuf);
 
 impl PidFile {
-    fn write(path: PathBuf) -> Result<PidFile> {
+    fn write(path: PathBuf, by_daemon: bool) -> Result<PidFile> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
-        std::fs::write(&path, format!("{}\n", std::process::id()))
+        if let Some(other) = running_follower(&path) {
+            return Err(Error::Refused(format!(
+                "another follower (pid {other}) keeps this copy already (its pid file: {}): stop it first; two would write the same file",
+                path.display()
+            )));
+        }
+        let who = if by_daemon { " daemon" } else { "" };
+        std::fs::write(&path, format!("{}{who}\n", std::process::id()))
             .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
         Ok(PidFile(path))
     }
+}
+
+/// The pid of the live follower a pid file names (`None`: no file, or its
+/// process is gone).
+pub fn running_follower(pidfile: &std::path::Path) -> Option<u32> {
+    follower_of(pidfile).map(|(pid, _)| pid)
+}
+
+/// The pid a follower's pid file names, with whether it is a daemon's,
+/// while that process lives.
+pub fn follower_of(pidfile: &std::path::Path) -> Option<(u32, bool)> {
+    let text = std::fs::read_to_string(pidfile).ok()?;
+    let mut words = text.split_whitespace();
+    let pid: u32 = words.next()?.parse().ok()?;
+    let daemon = words.next() == Some("daemon");
+    let alive = pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists();
+    alive.then_some((pid, daemon))
 }
 
 impl Drop for PidFile {

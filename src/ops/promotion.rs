@@ -75,13 +75,29 @@ pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> 
 
 /// Refuses when a promotion record names another host as the primary of
 /// `policy`: what this host would write forks the history.
+///
+/// A host whose policy says `[follow]` is a standby: it writes nothing
+/// either until `dr promote` names it (its copy streamed or backed up
+/// would fork the primary's history just the same).
 pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()> {
-    let Some(p) = newest(storage, &policy.name)? else {
-        return Ok(());
-    };
-    if p.host_id == host_id(ctx)? {
+    let newest = newest(storage, &policy.name)?;
+    if newest
+        .as_ref()
+        .is_some_and(|p| p.host_id == host_id(ctx).unwrap_or_default())
+    {
         return Ok(());
     }
+    if policy.follow.is_some() {
+        return Err(Error::Refused(format!(
+            "policy '{}' says [follow]: this host keeps a standby of it, and the primary writes its backups and WAL to target '{}'. `dr promote {}` makes this host the primary",
+            policy.name,
+            storage.target(),
+            policy.name
+        )));
+    }
+    let Some(p) = newest else {
+        return Ok(());
+    };
     Err(Error::Refused(format!(
         "policy '{}' was promoted on host {} at {}: that host is the primary now, and this one may no longer write target '{}' (its WAL and backups would fork the history). Stop the application here. To make this host the primary again, follow the new primary (`dr follow`) and `dr promote` here; on a new host after a disaster, `dr promote {}` once the database is restored",
         policy.name,
@@ -180,32 +196,49 @@ fn opens(path: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Stops the running `dr follow` of `policy` (SIGTERM, then waits for it
-/// to exit, at most a minute): the copy is then at a committed state and
-/// nothing else writes it.
+/// Stops the running follower of `policy`, `dr follow`'s or the daemon's:
+/// asks through the stop file (and a `dr follow` also with SIGTERM), then
+/// waits for it to exit, at most a minute. The copy is then at a
+/// committed state and nothing else writes it.
 fn stop_follower(ctx: &Context, policy: &str) -> Result<Option<u32>> {
     let pidfile = ctx.state().follow_pid(policy);
-    let Ok(text) = std::fs::read_to_string(&pidfile) else {
+    let Some((pid, daemon)) = crate::ops::follow::follower_of(&pidfile) else {
         return Ok(None);
     };
-    let Ok(pid) = text.trim().parse::<u32>() else {
-        return Ok(None);
-    };
-    let alive = || Path::new(&format!("/proc/{pid}")).exists() && pidfile.exists();
-    if !alive() {
-        return Ok(None);
+    let stop_file = pidfile.with_extension("stop");
+    let _asked = StopFile::write(&stop_file)?;
+    if !daemon {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status();
     }
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while alive() {
+    while crate::ops::follow::follower_of(&pidfile).is_some() {
         if Instant::now() > deadline {
             return Err(Error::Other(format!(
                 "the follower of policy '{policy}' (pid {pid}) did not stop within a minute: stop it, then promote again"
             )));
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
     Ok(Some(pid))
+}
+
+/// `state_dir/follow/<policy>.stop` while `dr promote` waits for the
+/// follower to stop; removed however the wait ends, so that no later
+/// follower stops on it.
+struct StopFile(PathBuf);
+
+impl StopFile {
+    fn write(path: &Path) -> Result<StopFile> {
+        std::fs::write(path, b"promote\n")
+            .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
+        Ok(StopFile(path.to_path_buf()))
+    }
+}
+
+impl Drop for StopFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

@@ -62,6 +62,11 @@ pub enum Reason {
     /// PostgreSQL does not get its WAL into the repository (archiving
     /// off, pointed elsewhere, or failing since its last success).
     ArchiveFailing,
+    /// This host's standby (`[follow]`) stopped on an error.
+    FollowerDown,
+    /// This host's standby has not been known complete for longer than
+    /// `follow.max_lag`, or the primary sends it nothing.
+    FollowerBehind,
 }
 
 impl Reason {
@@ -84,6 +89,8 @@ impl Reason {
             Reason::NewerFormat => "newer_format",
             Reason::DrillOverdue => "drill_overdue",
             Reason::ArchiveFailing => "archive_failing",
+            Reason::FollowerDown => "follower_down",
+            Reason::FollowerBehind => "follower_behind",
         }
     }
 }

@@ -26,6 +26,66 @@ pub struct LocalStorage {
 }
 
 impl LocalStorage {
+    /// Lists `prefix`, only what sorts after `after` when given: the
+    /// directories wholly before it are not read, and the entries before it
+    /// are not stat'ed.
+    fn list_from(&self, prefix: &str, after: Option<&str>) -> Result<Vec<ObjectMeta>> {
+        let mut out = Vec::new();
+        // Start from the deepest directory the prefix names.
+        let dir_part = match prefix.rfind('/') {
+            Some(i) => &prefix[..i],
+            None => "",
+        };
+        let start = if dir_part.is_empty() {
+            self.root.clone()
+        } else {
+            self.root.join(dir_part)
+        };
+        let mut stack = vec![start];
+        while let Some(dir) = stack.pop() {
+            let entries = match std::fs::read_dir(&dir) {
+                Ok(e) => e,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(self.err("list", prefix, &e)),
+            };
+            for entry in entries {
+                let entry = entry.map_err(|e| self.err("list", prefix, &e))?;
+                let path = entry.path();
+                let Ok(rel) = path.strip_prefix(&self.root) else {
+                    continue;
+                };
+                let key = rel.to_string_lossy().replace('\\', "/");
+                let is_dir = entry
+                    .file_type()
+                    .map_err(|e| self.err("list", prefix, &e))?
+                    .is_dir();
+                if is_dir {
+                    // Every key inside sorts before `<dir>0` ('/' < '0'):
+                    // a directory wholly before `after` is not read.
+                    if after.is_none_or(|a| format!("{key}0").as_str() > a) {
+                        stack.push(path);
+                    }
+                    continue;
+                }
+                if !key.starts_with(prefix) || after.is_some_and(|a| key.as_str() <= a) {
+                    continue;
+                }
+                let meta = entry.metadata().map_err(|e| self.err("list", prefix, &e))?;
+                let modified: DateTime<Utc> = meta
+                    .modified()
+                    .map(DateTime::from)
+                    .unwrap_or_else(|_| Utc::now());
+                out.push(ObjectMeta {
+                    key,
+                    size: meta.len(),
+                    modified,
+                });
+            }
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// A target named `name` rooted at `root` (created on first write).
     pub fn new(name: &str, root: &Path) -> Self {
         LocalStorage {
@@ -165,52 +225,11 @@ impl Storage for LocalStorage {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let mut out = Vec::new();
-        // Start from the deepest directory the prefix names.
-        let dir_part = match prefix.rfind('/') {
-            Some(i) => &prefix[..i],
-            None => "",
-        };
-        let start = if dir_part.is_empty() {
-            self.root.clone()
-        } else {
-            self.root.join(dir_part)
-        };
-        let mut stack = vec![start];
-        while let Some(dir) = stack.pop() {
-            let entries = match std::fs::read_dir(&dir) {
-                Ok(e) => e,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(self.err("list", prefix, &e)),
-            };
-            for entry in entries {
-                let entry = entry.map_err(|e| self.err("list", prefix, &e))?;
-                let path = entry.path();
-                let meta = entry.metadata().map_err(|e| self.err("list", prefix, &e))?;
-                if meta.is_dir() {
-                    stack.push(path);
-                    continue;
-                }
-                let Ok(rel) = path.strip_prefix(&self.root) else {
-                    continue;
-                };
-                let key = rel.to_string_lossy().replace('\\', "/");
-                if !key.starts_with(prefix) {
-                    continue;
-                }
-                let modified: DateTime<Utc> = meta
-                    .modified()
-                    .map(DateTime::from)
-                    .unwrap_or_else(|_| Utc::now());
-                out.push(ObjectMeta {
-                    key,
-                    size: meta.len(),
-                    modified,
-                });
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        self.list_from(prefix, None)
+    }
+
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>> {
+        self.list_from(prefix, Some(after))
     }
 
     /// A volume can be mounted by several hosts (NFS) or written by two dr

@@ -99,6 +99,15 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     /// Removes an object; removing a missing object is not an error.
     fn delete(&self, key: &str) -> Result<()>;
 
+    /// Every object under `prefix` whose key sorts after `after`, sorted:
+    /// what a follower asks on every poll, so that its cost does not grow
+    /// with what it has already seen (S3: one request with `StartAfter`).
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>> {
+        let mut all = self.list(prefix)?;
+        all.retain(|o| o.key.as_str() > after);
+        Ok(all)
+    }
+
     /// Cleans up writes under `prefix` that a crashed or cut-off run left
     /// behind on the backend (S3: multipart uploads never completed): the
     /// ones this host recorded, and any the store lists that were started

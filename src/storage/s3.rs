@@ -102,6 +102,55 @@ pub struct S3Storage {
 }
 
 impl S3Storage {
+    /// Lists `prefix`, from after `after` when given (`StartAfter`, and
+    /// filtered again here for a store that ignores it).
+    fn list_from(&self, prefix: &str, after: Option<&str>) -> Result<Vec<ObjectMeta>> {
+        let inner = &self.inner;
+        let full_prefix = inner.full_key(prefix);
+        let start_after = after.map(|a| inner.full_key(a));
+        let mut out = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .rt
+                .block_on(inner.send(|| {
+                    inner
+                        .client
+                        .list_objects_v2()
+                        .bucket(&inner.bucket)
+                        .prefix(&full_prefix)
+                        .set_start_after(start_after.clone())
+                        .set_continuation_token(token.clone())
+                        .send()
+                }))
+                .map_err(|e| inner.err("list", prefix, &e))?;
+            for o in page.contents() {
+                let Some(k) = o.key() else { continue };
+                let Some(rel) = inner.relative(k) else {
+                    continue;
+                };
+                let modified = o
+                    .last_modified()
+                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
+                    .unwrap_or_else(Utc::now);
+                out.push(ObjectMeta {
+                    key: rel.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified,
+                });
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        if let Some(a) = after {
+            out.retain(|o| o.key.as_str() > a);
+        }
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
     /// Connects to the target described by `cfg` (no request is made
     /// yet), on `rt`, which every target of the process shares.
     pub fn connect(
@@ -870,45 +919,11 @@ impl Storage for S3Storage {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
-        let inner = &self.inner;
-        let full_prefix = inner.full_key(prefix);
-        let mut out = Vec::new();
-        let mut token: Option<String> = None;
-        loop {
-            let page = self
-                .rt
-                .block_on(inner.send(|| {
-                    inner
-                        .client
-                        .list_objects_v2()
-                        .bucket(&inner.bucket)
-                        .prefix(&full_prefix)
-                        .set_continuation_token(token.clone())
-                        .send()
-                }))
-                .map_err(|e| inner.err("list", prefix, &e))?;
-            for o in page.contents() {
-                let Some(k) = o.key() else { continue };
-                let Some(rel) = inner.relative(k) else {
-                    continue;
-                };
-                let modified = o
-                    .last_modified()
-                    .and_then(|t| DateTime::<Utc>::from_timestamp(t.secs(), t.subsec_nanos()))
-                    .unwrap_or_else(Utc::now);
-                out.push(ObjectMeta {
-                    key: rel.to_string(),
-                    size: o.size().unwrap_or(0).max(0) as u64,
-                    modified,
-                });
-            }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated().unwrap_or(false) => token = Some(t.to_string()),
-                _ => break,
-            }
-        }
-        out.sort_by(|a, b| a.key.cmp(&b.key));
-        Ok(out)
+        self.list_from(prefix, None)
+    }
+
+    fn list_after(&self, prefix: &str, after: &str) -> Result<Vec<ObjectMeta>> {
+        self.list_from(prefix, Some(after))
     }
 
     fn hidden(&self, prefix: &str) -> Result<Vec<String>> {

@@ -365,10 +365,15 @@ impl Drop for Mount {
 /// Starts `dr daemon` for `env` in the background, appending its log to
 /// `daemon.log` in the env.
 pub fn start_daemon(env: &Env, args: &[&str]) -> Proc {
+    start_daemon_with(&env.config(), &env.path("daemon.log"), args)
+}
+
+/// Starts `dr daemon` with `config`, appending its log to `log`.
+pub fn start_daemon_with(config: &Path, log: &Path, args: &[&str]) -> Proc {
     Proc::spawn(
         Command::new(dr_bin())
             .arg("--config")
-            .arg(env.config())
+            .arg(config)
             .arg("daemon")
             .args(args)
             .stdin(Stdio::null())
@@ -377,7 +382,7 @@ pub fn start_daemon(env: &Env, args: &[&str]) -> Proc {
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
-                    .open(env.path("daemon.log"))
+                    .open(log)
                     .expect("log"),
             ),
     )
@@ -388,11 +393,15 @@ pub fn start_daemon(env: &Env, args: &[&str]) -> Proc {
 /// returns it with the port it bound, read from its own start-up line: no
 /// port is picked by the test and released for another to take.
 pub fn start_daemon_listening(env: &Env, args: &[&str]) -> (Proc, u16) {
+    start_daemon_listening_with(&env.config(), &env.path("daemon.log"), args)
+}
+
+/// [`start_daemon_listening`] with `config`, its log appended to `log`.
+pub fn start_daemon_listening_with(config: &Path, log: &Path, args: &[&str]) -> (Proc, u16) {
     const STARTED: &str = "dr daemon started";
-    let log = env.path("daemon.log");
-    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
     let before = read().matches(STARTED).count();
-    let mut daemon = start_daemon(env, args);
+    let mut daemon = start_daemon_with(config, log, args);
     let mut port = 0;
     wait_until(
         "the daemon's start-up line naming its port",

@@ -1,0 +1,139 @@
+//! `[follow]` in a policy: this host keeps a warm standby of the policy
+//! (`dr follow` run by the daemon) instead of backing it up. The section
+//! is what makes a standby's configuration differ from the primary's; once
+//! `dr promote` names this host the primary, the daemon streams and backs
+//! the policy up as any primary's would, and the section is left alone.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+
+use super::FileDiags;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawFollow {
+    target: Option<Spanned<String>>,
+    to: Option<Spanned<String>>,
+    poll: Option<Spanned<String>>,
+    idle_poll: Option<Spanned<String>>,
+    max_lag: Option<Spanned<String>>,
+}
+
+/// How this host follows a policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Follow {
+    /// The target followed (default: the policy's first).
+    pub target: String,
+    /// Where the copy is kept (default: the policy's own path, so that a
+    /// promotion fails over in place).
+    pub to: Option<PathBuf>,
+    /// How often the target is asked while segments arrive.
+    pub poll: Duration,
+    /// The longest wait between two looks while the source is quiet: the
+    /// wait doubles from `poll` up to this, so an idle follower of an S3
+    /// target costs a few requests a minute; the first commit after a
+    /// quiet spell is seen at most this late.
+    pub idle_poll: Duration,
+    /// A copy not known complete for longer than this is reported as
+    /// behind (`follower_behind`).
+    pub max_lag: Duration,
+}
+
+/// Defaults: looks every second, every 15 s when idle, behind after a minute.
+pub const IDLE_POLL: Duration = Duration::from_secs(15);
+pub const MAX_LAG: Duration = Duration::from_secs(60);
+
+fn duration(
+    d: &mut FileDiags<'_>,
+    field: &str,
+    raw: &Option<Spanned<String>>,
+    default: Duration,
+    ok: &mut bool,
+) -> Duration {
+    let Some(s) = raw else { return default };
+    match humantime::parse_duration(s.get_ref()) {
+        Ok(v) if !v.is_zero() => v,
+        Ok(_) => {
+            d.at(s.span(), format!("follow.{field} must be more than zero"));
+            *ok = false;
+            default
+        }
+        Err(e) => {
+            d.at(
+                s.span(),
+                format!("follow.{field}: {e} (write e.g. \"1s\" or \"500ms\")"),
+            );
+            *ok = false;
+            default
+        }
+    }
+}
+
+/// The resolved `[follow]` of policy `name`, whose targets are `targets`;
+/// `streams` and `kind` say what its source is (only a single SQLite
+/// database with `[wal]` can be followed).
+pub(super) fn resolve(
+    name: &str,
+    raw: &RawFollow,
+    targets: &[String],
+    sqlite_file: bool,
+    streams: bool,
+    resolve: &dyn Fn(&str) -> PathBuf,
+    d: &mut FileDiags<'_>,
+) -> Option<Follow> {
+    let mut ok = true;
+    if !sqlite_file {
+        d.whole(format!(
+            "policy '{name}': [follow] keeps a standby of one SQLite database; a fleet's databases are followed one at a time with `dr follow {name} --db NAME`, and a PostgreSQL standby follows by itself (`dr follow {name}` makes one)"
+        ));
+        ok = false;
+    }
+    if !streams {
+        d.whole(format!(
+            "policy '{name}': [follow] needs [wal] enabled = true (the standby applies the WAL the primary streams)"
+        ));
+        ok = false;
+    }
+    let target = match &raw.target {
+        Some(t) if !targets.contains(t.get_ref()) => {
+            d.at(
+                t.span(),
+                format!(
+                    "follow.target '{}' is not a target of policy '{name}': use one of {}",
+                    t.get_ref(),
+                    targets.join(", ")
+                ),
+            );
+            ok = false;
+            String::new()
+        }
+        Some(t) => t.get_ref().clone(),
+        None => targets.first().cloned().unwrap_or_default(),
+    };
+    let poll = duration(d, "poll", &raw.poll, Duration::from_secs(1), &mut ok);
+    let idle_poll = duration(d, "idle_poll", &raw.idle_poll, IDLE_POLL, &mut ok).max(poll);
+    let max_lag = duration(d, "max_lag", &raw.max_lag, MAX_LAG, &mut ok);
+    if max_lag < idle_poll
+        && let Some(s) = &raw.max_lag
+    {
+        d.at(
+            s.span(),
+            format!(
+                "follow.max_lag ({}) is shorter than follow.idle_poll ({}): a quiet source would look behind; raise max_lag or lower idle_poll",
+                s.get_ref(),
+                humantime::format_duration(idle_poll)
+            ),
+        );
+        ok = false;
+    }
+    ok.then(|| Follow {
+        target,
+        to: raw.to.as_ref().map(|t| resolve(t.get_ref())),
+        poll,
+        idle_poll,
+        max_lag,
+    })
+}
