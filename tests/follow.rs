@@ -560,3 +560,86 @@ fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() 
         "{m}"
     );
 }
+
+/// A follower of an S3 target catches up through one listing a look
+/// (`StartAfter` the newest segment it holds), and a quiet source costs a
+/// look every `--idle-poll`, not every `--poll`.
+#[test]
+fn a_follower_of_s3_catches_up_and_idles_on_a_few_requests() {
+    use common::faults::FaultProxy;
+    use common::s3::{S3Server, SECRET_KEY};
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "bucket");
+    let counted = FaultProxy::start(server.port, 1, 0);
+    let env = common::s3::env_at(&server.endpoint(), "[\"s3\"]", POLICY, SECRET_KEY, "bucket");
+    make_db(&env.db, true, 30, 300);
+    let _primary = common::spawn_replicate(&env);
+    common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
+    // Host B reads the bucket through a proxy that counts its requests.
+    let b = common::second_host(&env, "app", |p| p.replace("app.db", "standby.db"));
+    let text = std::fs::read_to_string(&b).expect("b.toml");
+    std::fs::write(&b, text.replace(&server.endpoint(), &counted.endpoint())).expect("b.toml");
+    let standby = env.path("standby.db");
+    let flog = env.path("follow.log");
+    let _follower = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&b)
+            .args([
+                "follow",
+                "app",
+                "--poll",
+                "200ms",
+                "--idle-poll",
+                "4s",
+                "--identity",
+                &env.key_arg(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&flog).expect("log")),
+    )
+    .expect("dr follow");
+    common::wait_for_log(&flog, "following", 30);
+    insert(&env, 40, 5);
+    let state = dump(&env.db);
+    common::wait_until(
+        "the standby to catch up from S3",
+        60,
+        || dump(&standby) == state,
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+
+    // Quiet: at most one look every 4 s once the wait has grown (a fixed
+    // 200 ms poll would make 80 in this time).
+    let before = counted.requests().len();
+    std::thread::sleep(Duration::from_secs(16));
+    let quiet: Vec<String> = counted.requests()[before..].to_vec();
+    assert!(
+        quiet.len() <= 16 / 4 + 6,
+        "{} requests while the source was quiet for 16 s: {quiet:#?}",
+        quiet.len()
+    );
+    assert!(
+        quiet.iter().all(|r| r.starts_with("GET ")
+            && r.contains("list-type=2")
+            && r.contains("start-after=")),
+        "every look is one listing after the newest segment held: {quiet:#?}"
+    );
+
+    // The first commit after the quiet spell is seen within the idle wait.
+    insert(&env, 1, 0);
+    let state = dump(&env.db);
+    let t = std::time::Instant::now();
+    common::wait_until(
+        "the commit after the quiet spell",
+        30,
+        || dump(&standby) == state,
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(4 + 3),
+        "seen after {:?}",
+        t.elapsed()
+    );
+}

@@ -68,6 +68,8 @@ pub struct FaultProxy {
     read_only: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     injected: Arc<Mutex<BTreeMap<Fault, u64>>>,
+    /// Every request line proxied ("GET /bucket/key?query HTTP/1.1").
+    requests: Arc<Mutex<Vec<String>>>,
 }
 
 impl FaultProxy {
@@ -84,8 +86,10 @@ impl FaultProxy {
         let slow_large = Arc::new(AtomicBool::new(false));
         let deny_deletes = Arc::new(AtomicBool::new(false));
         let read_only = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
         {
             let (rate, stop, injected) = (rate.clone(), stop.clone(), injected.clone());
+            let requests = requests.clone();
             let (cut_large, slow_large) = (cut_large.clone(), slow_large.clone());
             let (deny_deletes, read_only) = (deny_deletes.clone(), read_only.clone());
             std::thread::spawn(move || {
@@ -111,7 +115,7 @@ impl FaultProxy {
                                     None
                                 }
                             };
-                            let injected = injected.clone();
+                            let (injected, requests) = (injected.clone(), requests.clone());
                             let large = Large {
                                 cut: cut_large.load(Ordering::Relaxed),
                                 slow: slow_large.load(Ordering::Relaxed),
@@ -119,7 +123,7 @@ impl FaultProxy {
                                 read_only: read_only.load(Ordering::Relaxed),
                             };
                             std::thread::spawn(move || {
-                                let _ = serve(client, upstream, pick, large, &injected);
+                                let _ = serve(client, upstream, pick, large, &injected, &requests);
                             });
                         }
                         Err(_) => std::thread::sleep(Duration::from_millis(2)),
@@ -136,7 +140,13 @@ impl FaultProxy {
             read_only,
             stop,
             injected,
+            requests,
         }
+    }
+
+    /// The request lines proxied so far.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("requests").clone()
     }
 
     /// Refuses every write but to `drills/` from now on, or no longer.
@@ -270,6 +280,7 @@ fn serve(
     fault: Option<(Fault, u64)>,
     large: Large,
     injected: &Mutex<BTreeMap<Fault, u64>>,
+    requests: &Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
     client.set_read_timeout(Some(Duration::from_secs(120)))?;
     let mut out = client.try_clone()?;
@@ -289,6 +300,7 @@ fn serve(
         b
     };
     let request = head.first().map(String::as_str).unwrap_or("");
+    requests.lock().expect("requests").push(request.to_string());
     if large.deny_deletes
         && (request.starts_with("DELETE ")
             || (request.starts_with("POST ") && request.contains("?delete")))
