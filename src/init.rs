@@ -101,7 +101,12 @@ pub fn init(dir: &Path, db: &Path, target: &Path, name: &str) -> Result<Initiali
              diff = 7\n\
              \n\
              # [wal]                 # continuous WAL streaming, point-in-time restore\n\
-             # enabled = true\n",
+             # enabled = true\n\
+             \n\
+             # On a standby host only (its copy of this file): the daemon keeps a\n\
+             # copy seconds behind instead of backing up; `dr promote` fails over.\n\
+             # [follow]\n\
+             # max_lag = \"1m\"\n",
             abs(db).display()
         ),
     )?;

@@ -134,6 +134,24 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
             );
         }
     }
+    // A standby decrypts every segment it applies: without the key the
+    // daemon's follower could only fail.
+    if enc.identity_file.is_none() && enc.passphrase_file.is_none() {
+        for p in cfg
+            .policies
+            .iter()
+            .filter(|p| p.encrypted && p.follow.is_some())
+        {
+            f.error(
+                &p.file,
+                "follow",
+                format!(
+                    "policy '{}' says [follow], and the standby decrypts what it applies: set [encryption] identity_file (or passphrase_file) in dr.toml on this host",
+                    p.name
+                ),
+            );
+        }
+    }
     if let Some(token) = &cfg.daemon_token_file
         && let Err(e) = crate::secret::read_secret(token)
     {
