@@ -316,19 +316,22 @@ impl Follower<'_> {
                 last_commit: copy.last_commit,
                 transactions: self.transactions,
             });
+            // Asleep until the wait is out, a segment lands on a local
+            // target (inotify), or a stop is asked (looked at every 100 ms).
             let until = Instant::now() + wait;
-            let mut tick = 0u32;
-            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(20).min(wait));
-                tick += 1;
-                // A local target says when a segment lands: no waiting out the poll.
-                if let Some((_, Some(a))) = watch.as_mut()
-                    && a.any()
-                {
+            while !stop.load(Ordering::Relaxed) && !stop_file.exists() {
+                let left = until.saturating_duration_since(Instant::now());
+                if left.is_zero() {
                     break;
                 }
-                if tick.is_multiple_of(5) && stop_file.exists() {
-                    break;
+                let slice = left.min(Duration::from_millis(100));
+                match watch.as_mut() {
+                    Some((_, Some(a))) => {
+                        if a.wait(slice) {
+                            break;
+                        }
+                    }
+                    _ => std::thread::sleep(slice),
                 }
             }
         };
@@ -444,32 +447,69 @@ fn local_dir(target: &Target, prefix: &str, generation: &str) -> Option<PathBuf>
 }
 
 /// Segments landing in a local target's directory (inotify: a segment is
-/// renamed into place whole), read without blocking.
+/// renamed into place whole). A thread blocks on the inotify descriptor
+/// and says each batch of events on a channel, so the follower sleeps
+/// until one comes instead of waking to look.
 struct Arrivals {
-    ino: inotify::Inotify,
-    buf: Vec<u8>,
+    rx: std::sync::mpsc::Receiver<()>,
+    watches: inotify::Watches,
+    wd: inotify::WatchDescriptor,
+    done: std::sync::Arc<AtomicBool>,
 }
 
 impl Arrivals {
     /// `None` when the directory cannot be watched: the poll still runs.
     fn watch(dir: &std::path::Path) -> Option<Arrivals> {
-        let ino = inotify::Inotify::init().ok()?;
-        ino.watches()
+        let mut ino = inotify::Inotify::init().ok()?;
+        let watches = ino.watches();
+        let wd = watches
+            .clone()
             .add(
                 dir,
                 inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
             )
             .ok()?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let stop = done.clone();
+        std::thread::Builder::new()
+            .name("follow-inotify".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while !stop.load(Ordering::Relaxed) {
+                    match ino.read_events_blocking(&mut buf) {
+                        Ok(_) => {
+                            if tx.send(()).is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+            })
+            .ok()?;
         Some(Arrivals {
-            ino,
-            buf: vec![0u8; 4096],
+            rx,
+            watches,
+            wd,
+            done,
         })
     }
 
-    fn any(&mut self) -> bool {
-        self.ino
-            .read_events(&mut self.buf)
-            .map(|mut e| e.next().is_some())
-            .unwrap_or(false)
+    /// Whether a segment landed within `timeout`.
+    fn wait(&mut self, timeout: Duration) -> bool {
+        let got = self.rx.recv_timeout(timeout).is_ok();
+        // One wake for a batch of events.
+        while self.rx.try_recv().is_ok() {}
+        got
+    }
+}
+
+impl Drop for Arrivals {
+    /// Removing the watch queues `IN_IGNORED`, which wakes the thread to
+    /// see that it is done.
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        let _ = self.watches.remove(self.wd.clone());
     }
 }
