@@ -246,7 +246,12 @@ impl Follower<'_> {
             if stop_file.exists() {
                 break true;
             }
-            if watch.as_ref().is_none_or(|(g, _)| *g != self.generation) {
+            // A generation's directory appears with its first segment: until
+            // then its parent is watched, and the watch is made again on
+            // each look.
+            if watch.as_ref().is_none_or(|(g, a)| {
+                *g != self.generation || a.as_ref().is_none_or(|a| !a.complete)
+            }) {
                 let arrivals =
                     local_dir(target, &prefix, &self.generation).and_then(|d| Arrivals::watch(&d));
                 watch = Some((self.generation.clone(), arrivals));
@@ -453,22 +458,31 @@ fn local_dir(target: &Target, prefix: &str, generation: &str) -> Option<PathBuf>
 struct Arrivals {
     rx: std::sync::mpsc::Receiver<()>,
     watches: inotify::Watches,
-    wd: inotify::WatchDescriptor,
+    wds: Vec<inotify::WatchDescriptor>,
     done: std::sync::Arc<AtomicBool>,
+    /// The generation's own directory is watched (not only its parent).
+    complete: bool,
 }
 
 impl Arrivals {
-    /// `None` when the directory cannot be watched: the poll still runs.
+    /// Watches `dir`, and its parent for `dir` (or a newer generation's)
+    /// being created. `None` when neither can be watched: the poll still
+    /// runs.
     fn watch(dir: &std::path::Path) -> Option<Arrivals> {
         let mut ino = inotify::Inotify::init().ok()?;
         let watches = ino.watches();
-        let wd = watches
-            .clone()
-            .add(
-                dir,
-                inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
-            )
-            .ok()?;
+        let mask = inotify::WatchMask::MOVED_TO
+            | inotify::WatchMask::CLOSE_WRITE
+            | inotify::WatchMask::CREATE;
+        let own = watches.clone().add(dir, mask).ok();
+        let parent = dir
+            .parent()
+            .and_then(|p| watches.clone().add(p, inotify::WatchMask::CREATE).ok());
+        let complete = own.is_some();
+        let wds: Vec<_> = own.into_iter().chain(parent).collect();
+        if wds.is_empty() {
+            return None;
+        }
         let (tx, rx) = std::sync::mpsc::channel();
         let done = std::sync::Arc::new(AtomicBool::new(false));
         let stop = done.clone();
@@ -491,8 +505,9 @@ impl Arrivals {
         Some(Arrivals {
             rx,
             watches,
-            wd,
+            wds,
             done,
+            complete,
         })
     }
 
@@ -506,10 +521,12 @@ impl Arrivals {
 }
 
 impl Drop for Arrivals {
-    /// Removing the watch queues `IN_IGNORED`, which wakes the thread to
+    /// Removing the watches queues `IN_IGNORED`, which wakes the thread to
     /// see that it is done.
     fn drop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
-        let _ = self.watches.remove(self.wd.clone());
+        for wd in self.wds.drain(..) {
+            let _ = self.watches.remove(wd);
+        }
     }
 }
