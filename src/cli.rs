@@ -231,14 +231,19 @@ pub enum Command {
     /// at a time, until Ctrl-C or SIGTERM. Applications may open the copy
     /// read-only meanwhile: they see a committed state of the source. A new
     /// generation on the source (a restart after a gap, a VACUUM) is
-    /// followed by re-basing; a gap stops with exit 7.
+    /// followed by re-basing; a gap stops with exit 7. A fleet policy
+    /// without --db follows every database the target holds, in one
+    /// process, into --to as a directory (default: the fleet's own); one
+    /// that stops on an error is named, the others go on, and the command
+    /// then exits 1.
     Follow {
         /// The policy to follow (a SQLite policy with [wal] enabled).
         policy: String,
         /// One database of a fleet policy.
         #[arg(long, value_name = "NAME")]
         db: Option<String>,
-        /// Where the copy is kept (default: the policy's database path).
+        /// Where the copy is kept (default: the policy's database path; for
+        /// a whole fleet, the directory of the copies).
         #[arg(long)]
         to: Option<PathBuf>,
         /// Follow this target (default: the policy's first).
@@ -775,6 +780,59 @@ fn run_command(cli: Cli) -> Result<()> {
             json,
         } => {
             let ctx = Context::load(&cli.config)?;
+            // A fleet without --db: every database it has on the target, in
+            // one process, into one directory.
+            if db.is_none()
+                && !policy.contains('/')
+                && let Some(f) = &ctx.cfg().policy(policy)?.fleet
+            {
+                let p = ctx.cfg().policy(policy)?;
+                let t = match target {
+                    Some(name) => ctx.cfg().target(name)?,
+                    None => ctx
+                        .cfg()
+                        .target(p.targets.first().map_or("", String::as_str))?,
+                };
+                let poll = poll.unwrap_or(Duration::from_secs(1));
+                let opts = ops::follow::FollowOptions {
+                    to: to.clone().unwrap_or_else(|| f.dir.clone()),
+                    identity: identity.clone(),
+                    force: *force,
+                    poll,
+                    idle_poll: idle_poll.unwrap_or(config::follow::IDLE_POLL).max(poll),
+                    shared_process: true,
+                };
+                let stop =
+                    flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+                let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
+                if *json {
+                    print_json(&r)?;
+                } else {
+                    for f in &r.followed {
+                        println!(
+                            "stopped following {}: {} at frame {} of generation {} ({} transactions applied)",
+                            f.policy,
+                            f.to.display(),
+                            f.frame,
+                            f.generation,
+                            f.transactions
+                        );
+                    }
+                }
+                if !r.failed.is_empty() {
+                    return Err(Error::Other(format!(
+                        "{} database(s) of policy '{}' stopped following on an error: {}",
+                        r.failed.len(),
+                        r.policy,
+                        r.failed
+                            .iter()
+                            .map(|(n, e)| format!("{n}: {e}"))
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    )));
+                }
+                return Ok(());
+            }
             let p = &ops::members::one(&ctx, policy, db.as_deref())?;
             let t = match (target, &p.follow) {
                 (Some(name), _) => ctx.cfg().target(name)?,
@@ -834,7 +892,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     .or(p.follow.as_ref().map(|f| f.idle_poll))
                     .unwrap_or(config::follow::IDLE_POLL)
                     .max(poll),
-                by_daemon: false,
+                shared_process: false,
             };
             let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;
             if *json {

@@ -303,3 +303,86 @@ fn idle_databases_cost_a_fixed_set_of_threads_and_write_nothing() {
         .status();
     assert_eq!(child.wait().expect("wait").code(), Some(0), "{}", log(&env));
 }
+
+/// `dr follow FLEET`: one process follows every database of the fleet into
+/// the standby's fleet directory, a database the primary gains later
+/// included; `dr promote FLEET --db NAME` stops that database's follower
+/// only, and the others keep following.
+#[test]
+fn one_process_follows_a_whole_fleet_and_promote_takes_one_database() {
+    let env = fleet_env();
+    let names = ["alice", "bob", "my db"];
+    for n in names {
+        make_db(&env.path(&format!("tenants/{n}.db")), true, 20, 200);
+    }
+    let _primary = replicate(&env);
+    wait_for(&env, "every base", 60, || {
+        ["tenants/alice", "tenants/bob", "tenants/my%20db"]
+            .iter()
+            .all(|n| has_base(&env, n))
+    });
+    // Host B: the same fleet policy over its own directory of copies.
+    std::fs::create_dir_all(env.path("copies")).expect("copies");
+    let b = common::second_host(&env, "tenants", |p| p.replace("tenants/*.db", "copies/*.db"));
+    let flog = env.path("follow.log");
+    let mut follower = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&b)
+            .args(["follow", "tenants", "--poll", "200ms", "--identity", &env.key_arg()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&flog).expect("log")),
+    )
+    .expect("dr follow");
+    let insert = |n: &str, rows: usize| {
+        let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
+        for _ in 0..rows {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(200))", [])
+                .expect("insert");
+        }
+    };
+    let caught_up = |n: &str| {
+        let copy = env.path(&format!("copies/{n}.db"));
+        copy.exists() && dump(&copy) == dump(&env.path(&format!("tenants/{n}.db")))
+    };
+    for n in names {
+        insert(n, 10);
+    }
+    common::wait_until(
+        "every copy to catch up",
+        60,
+        || names.iter().all(|n| caught_up(n)),
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+
+    // alice fails over to B; bob and "my db" go on following.
+    let alice = dump(&env.path("tenants/alice.db"));
+    let r = common::dr_with(&b, &["promote", "tenants", "--db", "alice"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(
+        matches!(follower.try_wait(), Ok(None)),
+        "the fleet's follower goes on"
+    );
+    insert("bob", 10);
+    insert("my db", 10);
+    insert("alice", 10);
+    common::wait_until(
+        "bob and my db to catch up after alice's promotion",
+        60,
+        || caught_up("bob") && caught_up("my db"),
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        dump(&env.path("copies/alice.db")),
+        alice,
+        "the promoted copy no longer follows the old primary"
+    );
+    let text = std::fs::read_to_string(&flog).unwrap_or_default();
+    assert!(
+        text.contains("stopped following: `dr promote` made this copy the primary"),
+        "{text}"
+    );
+    follower.kill_group();
+}

@@ -87,7 +87,7 @@ pub(super) fn resolve(
     let mut ok = true;
     if !sqlite_file {
         d.whole(format!(
-            "policy '{name}': [follow] keeps a standby of one SQLite database; a fleet's databases are followed one at a time with `dr follow {name} --db NAME`, and a PostgreSQL standby follows by itself (`dr follow {name}` makes one)"
+            "policy '{name}': [follow] keeps a standby of one SQLite database; a fleet is followed whole by `dr follow {name}` (a service of its own), and a PostgreSQL standby follows by itself (`dr follow {name}` makes one)"
         ));
         ok = false;
     }

@@ -190,7 +190,7 @@ fn supervise(
         force: false,
         poll: follow.poll,
         idle_poll: follow.idle_poll,
-        by_daemon: true,
+        shared_process: true,
     };
     let set = |f: &dyn Fn(&mut FollowStatus)| {
         let mut all = lock(statuses);

@@ -37,9 +37,10 @@ pub struct FollowOptions {
     /// `poll` up to this (a local target also wakes the follower when a
     /// segment lands).
     pub idle_poll: Duration,
-    /// Run by the daemon: `dr promote` stops it through the stop file, not
-    /// a signal (which would stop the whole daemon).
-    pub by_daemon: bool,
+    /// Run beside other followers in one process (the daemon's, a fleet's):
+    /// `dr promote` stops it through the stop file, not a signal (which
+    /// would stop them all).
+    pub shared_process: bool,
 }
 
 /// Where a follower stopped.
@@ -228,7 +229,7 @@ impl Follower<'_> {
         let mut copy = LiveCopy::open(&opts.to, frame)?;
         let pidfile = ctx.state().follow_pid(&policy.name);
         let stop_file = pidfile.with_extension("stop");
-        let pid = PidFile::write(pidfile, opts.by_daemon)?;
+        let pid = PidFile::write(pidfile, opts.shared_process)?;
         self.save(copy.seq);
         tracing::info!(policy = %policy.name, target = %target.name, to = %opts.to.display(), generation = %self.generation, frame, "following");
         let prefix = repo::wal::wal_prefix(&policy.name);
@@ -396,12 +397,12 @@ fn newer_base(repo: &PolicyRepo<'_>, current: &str) -> Result<Option<repo::wal::
 
 /// `state_dir/follow/<policy>.pid` while a follower runs: how `dr promote`
 /// finds it. Removed when the follower ends, however it ends.
-/// The daemon's followers say so (`<pid> daemon`): `dr promote` then asks
-/// through the stop file only.
+/// A follower in a shared process says so (`<pid> shared`): `dr promote`
+/// then asks through the stop file only.
 struct PidFile(PathBuf);
 
 impl PidFile {
-    fn write(path: PathBuf, by_daemon: bool) -> Result<PidFile> {
+    fn write(path: PathBuf, shared: bool) -> Result<PidFile> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
@@ -412,7 +413,7 @@ impl PidFile {
                 path.display()
             )));
         }
-        let who = if by_daemon { " daemon" } else { "" };
+        let who = if shared { " shared" } else { "" };
         std::fs::write(&path, format!("{}{who}\n", std::process::id()))
             .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
         Ok(PidFile(path))
@@ -425,15 +426,15 @@ pub fn running_follower(pidfile: &std::path::Path) -> Option<u32> {
     follower_of(pidfile).map(|(pid, _)| pid)
 }
 
-/// The pid a follower's pid file names, with whether it is a daemon's,
-/// while that process lives.
+/// The pid a follower's pid file names, with whether that process runs
+/// other followers too, while it lives.
 pub fn follower_of(pidfile: &std::path::Path) -> Option<(u32, bool)> {
     let text = std::fs::read_to_string(pidfile).ok()?;
     let mut words = text.split_whitespace();
     let pid: u32 = words.next()?.parse().ok()?;
-    let daemon = words.next() == Some("daemon");
+    let shared = words.next() == Some("shared");
     let alive = pid != std::process::id() && std::path::Path::new(&format!("/proc/{pid}")).exists();
-    alive.then_some((pid, daemon))
+    alive.then_some((pid, shared))
 }
 
 impl Drop for PidFile {
@@ -465,8 +466,8 @@ struct Arrivals {
 }
 
 impl Arrivals {
-    /// Watches `dir`, and its parent for `dir` (or a newer generation's)
-    /// being created. `None` when neither can be watched: the poll still
+    /// Watches `dir`, and its parent (or, while that is missing too, the
+    /// nearest ancestor) for `dir` or a newer generation's being created. `None` when neither can be watched: the poll still
     /// runs.
     fn watch(dir: &std::path::Path) -> Option<Arrivals> {
         let mut ino = inotify::Inotify::init().ok()?;
@@ -475,9 +476,13 @@ impl Arrivals {
             | inotify::WatchMask::CLOSE_WRITE
             | inotify::WatchMask::CREATE;
         let own = watches.clone().add(dir, mask).ok();
+        // The nearest directory that exists: a fresh generation's first
+        // segment creates the policy's `wal/` too.
         let parent = dir
-            .parent()
-            .and_then(|p| watches.clone().add(p, inotify::WatchMask::CREATE).ok());
+            .ancestors()
+            .skip(1)
+            .take(3)
+            .find_map(|p| watches.clone().add(p, inotify::WatchMask::CREATE).ok());
         let complete = own.is_some();
         let wds: Vec<_> = own.into_iter().chain(parent).collect();
         if wds.is_empty() {

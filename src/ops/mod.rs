@@ -5,6 +5,7 @@ pub mod backup;
 pub mod expire;
 pub mod fanout;
 pub mod follow;
+pub mod follow_fleet;
 pub mod info;
 pub mod keys;
 pub mod listing;

@@ -197,17 +197,18 @@ fn opens(path: &Path) -> Result<()> {
 }
 
 /// Stops the running follower of `policy`, `dr follow`'s or the daemon's:
-/// asks through the stop file (and a `dr follow` also with SIGTERM), then
+/// asks through the stop file (and a follower alone in its process also
+/// with SIGTERM), then
 /// waits for it to exit, at most a minute. The copy is then at a
 /// committed state and nothing else writes it.
 fn stop_follower(ctx: &Context, policy: &str) -> Result<Option<u32>> {
     let pidfile = ctx.state().follow_pid(policy);
-    let Some((pid, daemon)) = crate::ops::follow::follower_of(&pidfile) else {
+    let Some((pid, shared)) = crate::ops::follow::follower_of(&pidfile) else {
         return Ok(None);
     };
     let stop_file = pidfile.with_extension("stop");
     let _asked = StopFile::write(&stop_file)?;
-    if !daemon {
+    if !shared {
         let _ = std::process::Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
