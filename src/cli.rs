@@ -802,8 +802,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     idle_poll: idle_poll.unwrap_or(config::follow::IDLE_POLL).max(poll),
                     shared_process: true,
                 };
-                let stop =
-                    flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
+                let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
                 let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
                 if *json {
                     print_json(&r)?;

@@ -299,6 +299,53 @@ impl Read for ReadAhead {
     }
 }
 
+/// One stage of a decoder: on a thread of its own (large objects, where
+/// the stages' CPU work overlaps), or inline on the reader's (a follower's
+/// small segments, where starting two threads per object costs more than
+/// it saves).
+enum Stage {
+    Ahead(ReadAhead),
+    Inline {
+        inner: Box<dyn Read + Send>,
+        finish: Option<Box<dyn FnOnce() -> io::Result<()> + Send>>,
+    },
+}
+
+impl Stage {
+    fn new<R: Read + Send + 'static>(
+        threaded: bool,
+        inner: R,
+        finish: impl FnOnce() -> io::Result<()> + Send + 'static,
+    ) -> Stage {
+        if threaded {
+            Stage::Ahead(ReadAhead::spawn(inner, finish))
+        } else {
+            Stage::Inline {
+                inner: Box::new(inner),
+                finish: Some(Box::new(finish)),
+            }
+        }
+    }
+}
+
+impl Read for Stage {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stage::Ahead(r) => r.read(buf),
+            Stage::Inline { inner, finish } => {
+                let n = inner.read(buf)?;
+                if n == 0
+                    && !buf.is_empty()
+                    && let Some(f) = finish.take()
+                {
+                    f()?;
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
 /// The error a decoder's `read` returns when the object is not what its manifest says.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -310,7 +357,7 @@ pub struct Mismatch(pub String);
 /// hash or size differs from the manifest, so a consumer that reads to the
 /// end has verified everything it used.
 pub struct Decoder<R: Read> {
-    inner: ReadAhead,
+    inner: Stage,
     /// `None` for objects that carry their own checksum (WAL segments).
     expected: Option<ObjectDigest>,
     stored: Arc<Mutex<RawTally<R>>>,
@@ -336,7 +383,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
         unsealing: Option<&Unsealing>,
         encrypted: bool,
     ) -> Result<Self> {
-        Self::open(input, object, Some(expected), unsealing, encrypted)
+        Self::open(input, object, Some(expected), unsealing, encrypted, true)
     }
 
     /// Opens an object that has no manifest digest and checks itself (a WAL
@@ -348,7 +395,19 @@ impl<R: Read + Send + 'static> Decoder<R> {
         unsealing: Option<&Unsealing>,
         encrypted: bool,
     ) -> Result<Self> {
-        Self::open(input, object, None, unsealing, encrypted)
+        Self::open(input, object, None, unsealing, encrypted, true)
+    }
+
+    /// [`Decoder::self_checked`] on the calling thread alone: for a
+    /// follower applying one small segment a second, where two threads
+    /// started per segment cost more CPU than the overlap saves.
+    pub fn self_checked_inline(
+        input: R,
+        object: &str,
+        unsealing: Option<&Unsealing>,
+        encrypted: bool,
+    ) -> Result<Self> {
+        Self::open(input, object, None, unsealing, encrypted, false)
     }
 
     fn open(
@@ -357,6 +416,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
         expected: Option<&ObjectDigest>,
         unsealing: Option<&Unsealing>,
         encrypted: bool,
+        threaded: bool,
     ) -> Result<Self> {
         let stored = Arc::new(Mutex::new(RawTally {
             inner: input,
@@ -389,7 +449,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
         // read + hash + decrypt, decompress, then plaintext hashing and the
         // consumer's own work (page writes) on the calling thread.
         let raw = stored.clone();
-        let decrypted = ReadAhead::spawn(opened, move || {
+        let decrypted = Stage::new(threaded, opened, move || {
             // Drain anything after the age payload so the stored hash covers every byte.
             let mut raw = raw.lock().map_err(|_| poisoned())?;
             let mut sink = [0u8; 8192];
@@ -406,7 +466,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
             hash: Sha256::new(),
             count: 0,
         }));
-        let inner = ReadAhead::spawn(TallyReader { raw: plain.clone() }, || Ok(()));
+        let inner = Stage::new(threaded, TallyReader { raw: plain.clone() }, || Ok(()));
         Ok(Decoder {
             inner,
             expected: expected.cloned(),
@@ -540,6 +600,35 @@ mod tests {
         dec.read_to_end(&mut out)
             .map_err(|e| read_error("obj", e))?;
         Ok(out)
+    }
+
+    /// The inline decoder (a follower's) reads what the threaded one does,
+    /// and drains the stored bytes after the age payload into the tally.
+    #[test]
+    fn the_inline_decoder_reads_and_tallies_what_the_threaded_one_does() {
+        let data: Vec<u8> = (0..100_000u32)
+            .flat_map(|i| (i % 97).to_le_bytes())
+            .collect();
+        let (s, u) = keys();
+        let (_, stored) = encode(&data, &s);
+        let read = |inline: bool| {
+            let input = std::io::Cursor::new(stored.clone());
+            let mut dec = if inline {
+                Decoder::self_checked_inline(input, "obj", Some(&u), true)
+            } else {
+                Decoder::self_checked(input, "obj", Some(&u), true)
+            }
+            .expect("open");
+            let mut out = Vec::new();
+            dec.read_to_end(&mut out).expect("read");
+            let count = dec.stored.lock().map(|r| r.count).unwrap_or(0);
+            (out, count)
+        };
+        let (inline, inline_count) = read(true);
+        let (threaded, threaded_count) = read(false);
+        assert!(inline == data && threaded == data);
+        assert_eq!(inline_count, stored.len() as u64);
+        assert_eq!(threaded_count, stored.len() as u64);
     }
 
     #[test]

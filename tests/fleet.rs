@@ -323,13 +323,22 @@ fn one_process_follows_a_whole_fleet_and_promote_takes_one_database() {
     });
     // Host B: the same fleet policy over its own directory of copies.
     std::fs::create_dir_all(env.path("copies")).expect("copies");
-    let b = common::second_host(&env, "tenants", |p| p.replace("tenants/*.db", "copies/*.db"));
+    let b = common::second_host(&env, "tenants", |p| {
+        p.replace("tenants/*.db", "copies/*.db")
+    });
     let flog = env.path("follow.log");
     let mut follower = common::Proc::spawn(
         Command::new(common::dr_bin())
             .arg("--config")
             .arg(&b)
-            .args(["follow", "tenants", "--poll", "200ms", "--identity", &env.key_arg()])
+            .args([
+                "follow",
+                "tenants",
+                "--poll",
+                "200ms",
+                "--identity",
+                &env.key_arg(),
+            ])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&flog).expect("log")),

@@ -283,8 +283,12 @@ impl Follower<'_> {
                     }
                     let object = format!("target '{}': {}", target.name, s.key);
                     let raw = store.open(&s.key)?;
-                    let dec =
-                        Decoder::self_checked(raw, &object, unsealing.as_ref(), policy.encrypted)?;
+                    let dec = Decoder::self_checked_inline(
+                        raw,
+                        &object,
+                        unsealing.as_ref(),
+                        policy.encrypted,
+                    )?;
                     applied += copy.segment(
                         std::io::BufReader::with_capacity(1 << 20, dec),
                         &object,

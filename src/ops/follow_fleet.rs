@@ -45,14 +45,16 @@ fn stored_members(
         return Ok(Vec::new());
     };
     let listing = ctx.storage(target)?.list(&format!("{}/", fleet.name))?;
-    Ok(crate::fleet::names_in_keys(&fleet.name, listing.iter().map(|o| o.key.as_str()))
-        .into_iter()
-        .map(|n| {
-            let source = f.path_of(&n);
-            let copy = dir.join(source.file_name().unwrap_or_default());
-            (fleet.member_policy(&n, source), copy)
-        })
-        .collect())
+    Ok(
+        crate::fleet::names_in_keys(&fleet.name, listing.iter().map(|o| o.key.as_str()))
+            .into_iter()
+            .map(|n| {
+                let source = f.path_of(&n);
+                let copy = dir.join(source.file_name().unwrap_or_default());
+                (fleet.member_policy(&n, source), copy)
+            })
+            .collect(),
+    )
 }
 
 /// Follows every database of `fleet` on `target` into `opts.to` (a
