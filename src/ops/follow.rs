@@ -168,6 +168,10 @@ fn first_copy(
     Ok((pos.generation, pos.frame))
 }
 
+/// How long after a seal a segment is taken to be on the target (upload
+/// and listing): when a busy follower looks next.
+const LANDING: Duration = Duration::from_millis(250);
+
 /// Where a follower's copy stands: `state_dir/follow/<policy>.json`,
 /// written after every batch applied.
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
@@ -303,7 +307,7 @@ impl Follower<'_> {
             if applied > 0 {
                 self.save(copy.seq);
                 self.transactions += applied;
-                wait = opts.poll;
+                wait = self.next_look(opts.poll);
                 let lag = copy
                     .last_commit
                     .map(|c| (Utc::now() - c).num_milliseconds() as f64 / 1000.0);
@@ -351,6 +355,24 @@ impl Follower<'_> {
             tracing::info!(policy = %policy.name, to = %opts.to.display(), frame = copy.seq, "stopped following: `dr promote` made this copy the primary");
         }
         Ok(released)
+    }
+
+    /// While segments arrive, the next look: when the next one should have
+    /// landed (the streamer seals every `sync_interval`, and the newest
+    /// segment says when it was sealed), a little after, and never later
+    /// than `poll`. A poll out of step with the seals waits half a poll on
+    /// average for nothing.
+    fn next_look(&self, poll: Duration) -> Duration {
+        let Some(until) = self.source_until else {
+            return poll;
+        };
+        let expected = until
+            + chrono::Duration::from_std(self.policy.wal.sync_interval + LANDING)
+                .unwrap_or_default();
+        (expected - Utc::now())
+            .to_std()
+            .unwrap_or_default()
+            .clamp(Duration::from_millis(50), poll)
     }
 
     /// The source started a new generation: the copy becomes its base.
