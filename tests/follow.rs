@@ -277,6 +277,32 @@ fn window_end(config: &std::path::Path) -> Option<chrono::DateTime<chrono::Utc>>
         .map(|e| e.with_timezone(&chrono::Utc))
 }
 
+/// Twenty commits on the promoted copy, and the instant after them once
+/// host B (`b`, its log `log`) has shipped them: (instant, state then).
+fn write_on_the_new_primary(
+    standby: &std::path::Path,
+    b: &std::path::Path,
+    log: &std::path::Path,
+) -> (chrono::DateTime<chrono::Utc>, Vec<String>) {
+    {
+        let c = rusqlite::Connection::open(standby).expect("open");
+        for _ in 0..20 {
+            c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+                .expect("insert");
+        }
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let t = chrono::Utc::now();
+    let state = dump(standby);
+    common::wait_until(
+        "B's commits shipped",
+        60,
+        || window_end(b).is_some_and(|e| e >= t),
+        || std::fs::read_to_string(log).unwrap_or_default(),
+    );
+    (t, state)
+}
+
 /// Failover: the standby is promoted while the primary is gone; it
 /// streams a new generation into the same repository, so point-in-time
 /// restore spans the failover; the old primary coming back with its old
@@ -340,22 +366,7 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
     )
     .expect("replicate b");
     common::wait_for_log(&blog, "generation base committed", 30);
-    {
-        let c = rusqlite::Connection::open(&standby).expect("open");
-        for _ in 0..20 {
-            c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
-                .expect("insert");
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let t2 = chrono::Utc::now();
-    let state2 = dump(&standby);
-    common::wait_until(
-        "B's commits shipped",
-        60,
-        || window_end(&b).is_some_and(|e| e >= t2),
-        || std::fs::read_to_string(&blog).unwrap_or_default(),
-    );
+    let (t2, state2) = write_on_the_new_primary(&standby, &b, &blog);
 
     // The old primary comes back with its old state_dir: refused.
     let r = env.dr(&["backup-local", "app"]);
@@ -530,22 +541,7 @@ fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() 
     let r = common::dr_with(&b, &["promote", "app"]);
     assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
     common::wait_for_log(&blog, "generation base committed", 60);
-    {
-        let c = rusqlite::Connection::open(&standby).expect("open");
-        for _ in 0..20 {
-            c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
-                .expect("insert");
-        }
-    }
-    std::thread::sleep(Duration::from_millis(500));
-    let t2 = chrono::Utc::now();
-    let state2 = dump(&standby);
-    common::wait_until(
-        "B's commits shipped",
-        60,
-        || window_end(&b).is_some_and(|e| e >= t2),
-        read_blog,
-    );
+    let (_, state2) = write_on_the_new_primary(&standby, &b, &blog);
     let to = env.path("after.db");
     let r = common::dr_with(
         &b,
