@@ -164,12 +164,17 @@ struct RawTally<R> {
     inner: R,
     hash: Sha256,
     count: u64,
+    /// Off for an object that checks itself (no manifest digest to
+    /// compare): hashing it would be work no one reads.
+    hashing: bool,
 }
 
 impl<R: Read> RawTally<R> {
     fn read_tallied(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.hash.update(&buf[..n]);
+        if self.hashing {
+            self.hash.update(&buf[..n]);
+        }
         self.count += n as u64;
         Ok(n)
     }
@@ -422,6 +427,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
             inner: input,
             hash: Sha256::new(),
             count: 0,
+            hashing: expected.is_some(),
         }));
         let tallied = TallyReader {
             raw: stored.clone(),
@@ -465,6 +471,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
             inner: Box::new(zstd) as Box<dyn Read + Send>,
             hash: Sha256::new(),
             count: 0,
+            hashing: expected.is_some(),
         }));
         let inner = Stage::new(threaded, TallyReader { raw: plain.clone() }, || Ok(()));
         Ok(Decoder {
