@@ -416,7 +416,9 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let dir = tempfile::tempdir().expect("tmp");
     let _server = S3Server::start_on(&dir.path().join("s3"), "walbucket", held);
     let dr = replicate(&env);
-    let deadline = Instant::now() + Duration::from_secs(60);
+    // Longer than one S3 read timeout (60 s) and its retry: a request the
+    // server just started let stall is retried, not a failure here.
+    let deadline = Instant::now() + Duration::from_secs(150);
     loop {
         let j = env.dr(&["info", "--json", "--target", "s3"]).json();
         let st = &j["policies"][0]["targets"][0]["wal"]["stream"];
