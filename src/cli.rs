@@ -787,19 +787,16 @@ fn run_command(cli: Cli) -> Result<()> {
                 && let Some(f) = &ctx.cfg().policy(policy)?.fleet
             {
                 let p = ctx.cfg().policy(policy)?;
-                let t = match target {
-                    Some(name) => ctx.cfg().target(name)?,
-                    None => ctx
-                        .cfg()
-                        .target(p.targets.first().map_or("", String::as_str))?,
-                };
-                let poll = poll.unwrap_or(Duration::from_secs(1));
+                let t = ctx
+                    .cfg()
+                    .target(target.as_deref().unwrap_or(p.follow_target()))?;
+                let (poll, idle_poll) = p.follow_waits(*poll, *idle_poll);
                 let opts = ops::follow::FollowOptions {
                     to: to.clone().unwrap_or_else(|| f.dir.clone()),
                     identity: identity.clone(),
                     force: *force,
                     poll,
-                    idle_poll: idle_poll.unwrap_or(config::follow::IDLE_POLL).max(poll),
+                    idle_poll,
                     shared_process: true,
                 };
                 let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
@@ -833,23 +830,10 @@ fn run_command(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let p = &ops::members::one(&ctx, policy, db.as_deref())?;
-            let t = match (target, &p.follow) {
-                (Some(name), _) => ctx.cfg().target(name)?,
-                (None, Some(f)) => ctx.cfg().target(&f.target)?,
-                (None, None) => ctx
-                    .cfg()
-                    .target(p.targets.first().map_or("", String::as_str))?,
-            };
-            let to = match (to, &p.source) {
-                (Some(to), _) => to.clone(),
-                (None, _) if p.follow.as_ref().is_some_and(|f| f.to.is_some()) => p
-                    .follow
-                    .as_ref()
-                    .and_then(|f| f.to.clone())
-                    .unwrap_or_default(),
-                (None, config::Source::Sqlite { path }) => path.clone(),
-                (None, config::Source::Postgres(pg)) => pg.data_dir.clone(),
-            };
+            let t = ctx
+                .cfg()
+                .target(target.as_deref().unwrap_or(p.follow_target()))?;
+            let to = to.clone().unwrap_or_else(|| p.copy_path());
             // PostgreSQL follows by itself: a standby data directory whose
             // restore_command fetches each archived segment.
             if let config::Source::Postgres(pg) = &p.source {
@@ -879,18 +863,13 @@ fn run_command(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
-            let poll = poll
-                .or(p.follow.as_ref().map(|f| f.poll))
-                .unwrap_or(Duration::from_secs(1));
+            let (poll, idle_poll) = p.follow_waits(*poll, *idle_poll);
             let opts = ops::follow::FollowOptions {
                 to,
                 identity: identity.clone(),
                 force: *force,
                 poll,
-                idle_poll: idle_poll
-                    .or(p.follow.as_ref().map(|f| f.idle_poll))
-                    .unwrap_or(config::follow::IDLE_POLL)
-                    .max(poll),
+                idle_poll,
                 shared_process: false,
             };
             let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;

@@ -43,6 +43,7 @@ pub struct Follow {
 }
 
 /// Defaults: looks every second, every 15 s when idle, behind after a minute.
+pub const POLL: Duration = Duration::from_secs(1);
 pub const IDLE_POLL: Duration = Duration::from_secs(15);
 pub const MAX_LAG: Duration = Duration::from_secs(60);
 
@@ -113,7 +114,7 @@ pub(super) fn resolve(
         Some(t) => t.get_ref().clone(),
         None => targets.first().cloned().unwrap_or_default(),
     };
-    let poll = duration(d, "poll", &raw.poll, Duration::from_secs(1), &mut ok);
+    let poll = duration(d, "poll", &raw.poll, POLL, &mut ok);
     let idle_poll = duration(d, "idle_poll", &raw.idle_poll, IDLE_POLL, &mut ok).max(poll);
     let max_lag = duration(d, "max_lag", &raw.max_lag, MAX_LAG, &mut ok);
     if max_lag < idle_poll
@@ -136,4 +137,44 @@ pub(super) fn resolve(
         idle_poll,
         max_lag,
     })
+}
+
+impl super::Policy {
+    /// The target this host follows: `[follow] target`, else the first.
+    pub fn follow_target(&self) -> &str {
+        self.follow.as_ref().map_or_else(
+            || self.targets.first().map_or("", String::as_str),
+            |f| f.target.as_str(),
+        )
+    }
+
+    /// Where this host keeps its copy: `[follow] to`, else the database's
+    /// own place (a promotion then fails over in place).
+    pub fn copy_path(&self) -> PathBuf {
+        match (
+            self.follow.as_ref().and_then(|f| f.to.clone()),
+            &self.source,
+        ) {
+            (Some(to), _) => to,
+            (None, super::Source::Sqlite { path }) => path.clone(),
+            (None, super::Source::Postgres(pg)) => pg.data_dir.clone(),
+        }
+    }
+
+    /// How often this host looks while segments arrive, and the longest
+    /// wait while the source is quiet: what is asked (`--poll`,
+    /// `--idle-poll`), else `[follow]`, else the defaults.
+    pub fn follow_waits(
+        &self,
+        poll: Option<Duration>,
+        idle_poll: Option<Duration>,
+    ) -> (Duration, Duration) {
+        let poll = poll
+            .or(self.follow.as_ref().map(|f| f.poll))
+            .unwrap_or(POLL);
+        let idle = idle_poll
+            .or(self.follow.as_ref().map(|f| f.idle_poll))
+            .unwrap_or(IDLE_POLL);
+        (poll, idle.max(poll))
+    }
 }

@@ -21,7 +21,7 @@ use crate::ops::verdict::{HEARTBEAT, Reason};
 /// One follower as `/healthz` and `/metrics` see it.
 #[derive(Debug, Clone)]
 pub struct FollowStatus {
-    pub target: String,
+    /// The policy's `[follow]`: the target followed, and `max_lag`.
     pub follow: Follow,
     pub running: bool,
     /// When it last started.
@@ -180,16 +180,13 @@ fn supervise(
     let Some(follow) = policy.follow.clone() else {
         return;
     };
-    let to = follow.to.clone().unwrap_or_else(|| match &policy.source {
-        crate::config::Source::Sqlite { path } => path.clone(),
-        crate::config::Source::Postgres(pg) => pg.data_dir.clone(),
-    });
+    let (poll, idle_poll) = policy.follow_waits(None, None);
     let opts = FollowOptions {
-        to,
+        to: policy.copy_path(),
         identity: None,
         force: false,
-        poll: follow.poll,
-        idle_poll: follow.idle_poll,
+        poll,
+        idle_poll,
         shared_process: true,
     };
     let set = |f: &dyn Fn(&mut FollowStatus)| {
@@ -197,7 +194,6 @@ fn supervise(
         let st = all
             .entry(policy.name.clone())
             .or_insert_with(|| FollowStatus {
-                target: follow.target.clone(),
                 follow: follow.clone(),
                 running: false,
                 since: Utc::now(),
@@ -255,7 +251,7 @@ pub fn risks(policy: &str, s: &FollowStatus, now: DateTime<Utc>) -> Vec<(Reason,
             Reason::FollowerDown,
             format!(
                 "the follower of target '{}' stopped ({} restart(s), retrying): {e}",
-                s.target, s.restarts
+                s.follow.target, s.restarts
             ),
         ));
         return out;
@@ -265,7 +261,7 @@ pub fn risks(policy: &str, s: &FollowStatus, now: DateTime<Utc>) -> Vec<(Reason,
             Reason::FollowerBehind,
             format!(
                 "the follower of target '{}' has not finished its first copy after {:.0} s (follow.max_lag is {max:.0} s)",
-                s.target,
+                s.follow.target,
                 secs(s.since)
             ),
         )),
@@ -274,7 +270,7 @@ pub fn risks(policy: &str, s: &FollowStatus, now: DateTime<Utc>) -> Vec<(Reason,
             Reason::FollowerBehind,
             format!(
                 "the copy was last known to hold everything on target '{}' {:.0} s ago (follow.max_lag is {max:.0} s)",
-                s.target,
+                s.follow.target,
                 secs(p.checked)
             ),
         )),
@@ -288,7 +284,7 @@ pub fn risks(policy: &str, s: &FollowStatus, now: DateTime<Utc>) -> Vec<(Reason,
                     Reason::FollowerBehind,
                     format!(
                         "target '{}' has received nothing from the primary since {} ({:.0} s; a streaming primary sends at least every {} s): if the primary is gone, `dr promote {policy}` here makes this copy the primary",
-                        s.target,
+                        s.follow.target,
                         u.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                         secs(u),
                         HEARTBEAT.as_secs()
@@ -306,7 +302,6 @@ mod tests {
 
     fn status(now: DateTime<Utc>) -> FollowStatus {
         FollowStatus {
-            target: "s3".into(),
             follow: Follow {
                 target: "s3".into(),
                 to: None,

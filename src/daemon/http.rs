@@ -408,7 +408,7 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         );
         // A standby reports its follower, not backups it does not take.
         if let Some(f) = followers.get(name) {
-            let labels = l(&[("policy", name), ("target", &f.target)]);
+            let labels = l(&[("policy", name), ("target", &f.follow.target)]);
             follow_up
                 .get_or_create(&labels)
                 .set(if f.running && f.error.is_none() {

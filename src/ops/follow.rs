@@ -104,17 +104,18 @@ pub fn follow(
         opts,
         state_path,
         generation,
+        frame,
         transactions: 0,
         rebased: 0,
         source_until: None,
     };
-    let released = f.run(frame, stop, report)?;
+    let released = f.run(stop, report)?;
     Ok(Followed {
         policy: policy.name.clone(),
         target: target.name.clone(),
         to: opts.to.clone(),
         generation: f.generation.clone(),
-        frame: Position::load(&f.state_path).map_or(frame, |p| p.frame),
+        frame: f.frame,
         transactions: f.transactions,
         rebased: f.rebased,
         seconds: started.elapsed().as_secs_f64(),
@@ -204,13 +205,17 @@ struct Follower<'a> {
     opts: &'a FollowOptions,
     state_path: PathBuf,
     generation: String,
+    /// Every frame of the generation up to here is in the copy.
+    frame: u64,
     transactions: u64,
     rebased: u64,
     source_until: Option<DateTime<Utc>>,
 }
 
 impl Follower<'_> {
-    fn save(&self, frame: u64) {
+    /// The copy stands at `frame`: said in memory and in the position file.
+    fn save(&mut self, frame: u64) {
+        self.frame = frame;
         Position {
             to: self.opts.to.clone(),
             target: self.target.name.clone(),
@@ -220,9 +225,10 @@ impl Follower<'_> {
         .save(&self.state_path);
     }
 
-    /// Follows from `frame` until `stop` or the stop file; `Ok(true)` when
-    /// `dr promote` asked.
-    fn run(&mut self, frame: u64, stop: &AtomicBool, report: &dyn Fn(&Pass)) -> Result<bool> {
+    /// Follows from `self.frame` until `stop` or the stop file; `Ok(true)`
+    /// when `dr promote` asked.
+    fn run(&mut self, stop: &AtomicBool, report: &dyn Fn(&Pass)) -> Result<bool> {
+        let frame = self.frame;
         let (ctx, policy, target, opts) = (self.ctx, self.policy, self.target, self.opts);
         let unsealing = ctx.unsealing(policy, opts.identity.as_deref())?;
         let store = ctx.storage(target)?;
@@ -252,14 +258,19 @@ impl Follower<'_> {
                 break true;
             }
             // A generation's directory appears with its first segment: until
-            // then its parent is watched, and the watch is made again on
-            // each look.
-            if watch.as_ref().is_none_or(|(g, a)| {
-                *g != self.generation || a.as_ref().is_none_or(|a| !a.complete)
-            }) {
-                let arrivals =
-                    local_dir(target, &prefix, &self.generation).and_then(|d| Arrivals::watch(&d));
-                watch = Some((self.generation.clone(), arrivals));
+            // then an ancestor is watched, and each look tries to add the
+            // directory itself to the same watch.
+            let dir = local_dir(target, &prefix, &self.generation);
+            if watch.as_ref().is_none_or(|(g, _)| *g != self.generation) {
+                watch = Some((
+                    self.generation.clone(),
+                    dir.as_deref().and_then(Arrivals::watch),
+                ));
+            } else if let (Some((_, arrivals)), Some(d)) = (watch.as_mut(), dir.as_deref()) {
+                match arrivals {
+                    Some(a) => a.complete_with(d),
+                    None => *arrivals = Arrivals::watch(d),
+                }
             }
             let checked = Utc::now();
             let listing = store.list_after(&prefix, &after)?;
@@ -433,7 +444,7 @@ impl PidFile {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;
         }
-        if let Some(other) = running_follower(&path) {
+        if let Some((other, _)) = follower_of(&path) {
             return Err(Error::Refused(format!(
                 "another follower (pid {other}) keeps this copy already (its pid file: {}): stop it first; two would write the same file",
                 path.display()
@@ -444,12 +455,6 @@ impl PidFile {
             .map_err(|e| Error::io(format!("cannot write {}", path.display()), e))?;
         Ok(PidFile(path))
     }
-}
-
-/// The pid of the live follower a pid file names (`None`: no file, or its
-/// process is gone).
-pub fn running_follower(pidfile: &std::path::Path) -> Option<u32> {
-    follower_of(pidfile).map(|(pid, _)| pid)
 }
 
 /// The pid a follower's pid file names, with whether that process runs
@@ -492,16 +497,18 @@ struct Arrivals {
 }
 
 impl Arrivals {
+    /// What is watched in a generation's own directory.
+    const ARRIVED: inotify::WatchMask = inotify::WatchMask::MOVED_TO
+        .union(inotify::WatchMask::CLOSE_WRITE)
+        .union(inotify::WatchMask::CREATE);
+
     /// Watches `dir`, and its parent (or, while that is missing too, the
-    /// nearest ancestor) for `dir` or a newer generation's being created. `None` when neither can be watched: the poll still
-    /// runs.
+    /// nearest ancestor) for `dir` or a newer generation's being created.
+    /// `None` when neither can be watched: the poll still runs.
     fn watch(dir: &std::path::Path) -> Option<Arrivals> {
         let mut ino = inotify::Inotify::init().ok()?;
         let watches = ino.watches();
-        let mask = inotify::WatchMask::MOVED_TO
-            | inotify::WatchMask::CLOSE_WRITE
-            | inotify::WatchMask::CREATE;
-        let own = watches.clone().add(dir, mask).ok();
+        let own = watches.clone().add(dir, Self::ARRIVED).ok();
         // The nearest directory that exists: a fresh generation's first
         // segment creates the policy's `wal/` too.
         let parent = dir
@@ -540,6 +547,17 @@ impl Arrivals {
             done,
             complete,
         })
+    }
+
+    /// Adds `dir` itself once it exists (a watch made while it was
+    /// missing watches an ancestor only).
+    fn complete_with(&mut self, dir: &std::path::Path) {
+        if !self.complete
+            && let Ok(wd) = self.watches.add(dir, Self::ARRIVED)
+        {
+            self.wds.push(wd);
+            self.complete = true;
+        }
     }
 
     /// Whether a segment landed within `timeout`.

@@ -81,9 +81,8 @@ pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> 
 /// would fork the primary's history just the same).
 pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()> {
     let newest = newest(storage, &policy.name)?;
-    if newest
-        .as_ref()
-        .is_some_and(|p| p.host_id == host_id(ctx).unwrap_or_default())
+    if let Some(p) = &newest
+        && p.host_id == host_id(ctx)?
     {
         return Ok(());
     }
@@ -198,9 +197,8 @@ fn opens(path: &Path) -> Result<()> {
 
 /// Stops the running follower of `policy`, `dr follow`'s or the daemon's:
 /// asks through the stop file (and a follower alone in its process also
-/// with SIGTERM), then
-/// waits for it to exit, at most a minute. The copy is then at a
-/// committed state and nothing else writes it.
+/// with SIGTERM), then waits for it to exit, at most a minute. The copy is
+/// then at a committed state and nothing else writes it.
 fn stop_follower(ctx: &Context, policy: &str) -> Result<Option<u32>> {
     let pidfile = ctx.state().follow_pid(policy);
     let Some((pid, shared)) = crate::ops::follow::follower_of(&pidfile) else {
