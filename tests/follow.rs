@@ -416,6 +416,20 @@ fn promote_fails_over_keeps_the_history_and_fences_the_old_primary() {
     }
 }
 
+/// Forty commits on the primary, then the wait for the copy at `standby`
+/// to equal it (the follower's log, `log`, said on a timeout): the state.
+fn write_and_catch_up(env: &Env, standby: &std::path::Path, log: &std::path::Path) -> Vec<String> {
+    insert(env, 40, 5);
+    let state = dump(&env.db);
+    common::wait_until(
+        "the standby to catch up",
+        60,
+        || dump(standby) == state,
+        || std::fs::read_to_string(log).unwrap_or_default(),
+    );
+    state
+}
+
 /// The metric line `name{labels} value` of a /metrics body, as a number.
 fn metric(body: &str, series: &str) -> Option<f64> {
     body.lines()
@@ -452,14 +466,7 @@ fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() 
     common::wait_for_log(&env.path("replicate.log"), "generation base committed", 30);
     let (_daemon, port) = common::start_daemon_listening_with(&b, &blog, &[]);
     common::wait_for_log(&blog, "following", 30);
-    insert(&env, 40, 5);
-    let state1 = dump(&env.db);
-    common::wait_until(
-        "the daemon's standby to catch up",
-        60,
-        || dump(&standby) == state1,
-        read_blog,
-    );
+    let state1 = write_and_catch_up(&env, &standby, &blog);
     let healthy = || {
         let m = common::http_get(port, "/metrics")
             .map(|(_, b)| b)
@@ -597,14 +604,7 @@ fn a_follower_of_s3_catches_up_and_idles_on_a_few_requests() {
     )
     .expect("dr follow");
     common::wait_for_log(&flog, "following", 30);
-    insert(&env, 40, 5);
-    let state = dump(&env.db);
-    common::wait_until(
-        "the standby to catch up from S3",
-        60,
-        || dump(&standby) == state,
-        || std::fs::read_to_string(&flog).unwrap_or_default(),
-    );
+    write_and_catch_up(&env, &standby, &flog);
 
     // Quiet: at most one look every 4 s once the wait has grown (a fixed
     // 200 ms poll would make 80 in this time).
