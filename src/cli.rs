@@ -457,6 +457,28 @@ pub enum PgAction {
         #[arg(long)]
         json: bool,
     },
+    /// What PostgreSQL's archive_command runs (`dr pg setup` writes the
+    /// line): hands segment WAL to pgBackRest's archive-push unless a
+    /// promotion record names another host than HOST_ID, in which case
+    /// the segment is refused (exit 6) and stays in pg_wal. Reads only
+    /// pgBackRest's config, which the cluster's user can read.
+    #[command(hide = true)]
+    ArchivePush {
+        policy: String,
+        /// The segment (`%p`).
+        wal: PathBuf,
+        /// The host this cluster was declared the primary on.
+        #[arg(long)]
+        host_id: String,
+        /// The pgBackRest binary.
+        #[arg(long)]
+        pgbackrest: PathBuf,
+        /// pgBackRest's config for the policy (under state_dir).
+        #[arg(long)]
+        pgbackrest_config: PathBuf,
+        #[arg(long)]
+        stanza: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -706,6 +728,24 @@ fn run_command(cli: Cli) -> Result<()> {
                 .map_err(|e| Error::io("cannot write the manual page", e))
         }
         Command::Pg {
+            action:
+                PgAction::ArchivePush {
+                    policy,
+                    wal,
+                    host_id,
+                    pgbackrest,
+                    pgbackrest_config,
+                    stanza,
+                },
+        } => ops::archive_fence::archive_push(&ops::archive_fence::ArchivePush {
+            policy: policy.clone(),
+            host_id: host_id.clone(),
+            pgbackrest: pgbackrest.clone(),
+            config: pgbackrest_config.clone(),
+            stanza: stanza.clone(),
+            wal: wal.clone(),
+        }),
+        Command::Pg {
             action: PgAction::Setup { policy, json },
         } => {
             let ctx = Context::load(&cli.config)?;
@@ -900,7 +940,7 @@ fn run_command(cli: Cli) -> Result<()> {
                         print_json(&r)?;
                     } else {
                         println!(
-                            "promoted: the standby at {} is the primary of policy '{}'; {}",
+                            "promoted: the cluster at {} is the primary of policy '{}'; {}",
                             pg.data_dir.display(),
                             p.name,
                             if r.checked {

@@ -325,7 +325,10 @@ fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_not
         .expect("dr pg setup");
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let cmd = j["archive_command"].as_str().expect("archive_command");
-    assert!(cmd.contains("--config=/"), "{cmd}");
+    assert!(
+        cmd.starts_with('/') && cmd.contains("--pgbackrest-config=/"),
+        "{cmd}"
+    );
     assert_eq!(j["checked"], true, "{j}");
     cluster.pgbench(&["-i", "-s", "1", "-q"]);
     let first = env
@@ -644,4 +647,57 @@ fn a_standby_replays_the_archive_and_promotes_exact_to_the_last_archived_segment
         },
         || dr_b(&["info", "--json"]).stdout,
     );
+
+    // The old primary comes back with its data directory, its state_dir
+    // and its archive_command: it takes writes (dr cannot stop that), but
+    // none of its WAL reaches the repository, and it says so.
+    let old_timeline = || old_timeline_segments(&env.path("backups/main-pg/pgbackrest/archive"));
+    let archived = old_timeline();
+    assert!(!archived.is_empty(), "no segment of timeline 1 archived");
+    cluster.pg_ctl("start");
+    cluster.sql("INSERT INTO marks VALUES (999)");
+    cluster.sql("SELECT pg_switch_wal()");
+    common::wait_until(
+        "the old primary's archiver to be refused",
+        60,
+        || cluster.sql("SELECT failed_count FROM pg_stat_archiver") != "0",
+        || std::fs::read_to_string(&cluster.log).unwrap_or_default(),
+    );
+    let log = std::fs::read_to_string(&cluster.log).unwrap_or_default();
+    assert!(
+        log.contains("was promoted") && log.contains("stays in pg_wal"),
+        "{log}"
+    );
+    assert_eq!(
+        old_timeline(),
+        archived,
+        "the old primary archived after the promotion"
+    );
+    let r = env.dr(&["info", "main-pg"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("archive_failing"), "{}", r.stdout);
+    let r = env.dr(&["backup-local", "main-pg"]);
+    assert_eq!(r.code, 6, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("was promoted on host"), "{}", r.stderr);
+    let r = env.dr(&["pg", "setup", "main-pg"]);
+    assert_eq!(r.code, 6, "{}{}", r.stdout, r.stderr);
+    assert_eq!(old_timeline(), archived);
+}
+
+/// Names of the timeline-1 WAL segments under a stanza's archive.
+fn old_timeline_segments(archive: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut dirs = vec![archive.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if e.path().is_dir() {
+                dirs.push(e.path());
+            } else if name.starts_with("00000001") && name.contains('-') {
+                out.push(name);
+            }
+        }
+    }
+    out.sort();
+    out
 }

@@ -1,5 +1,6 @@
 //! The use cases. The CLI and the daemon call these and nothing else.
 
+pub mod archive_fence;
 pub mod audit_log;
 pub mod backup;
 pub mod expire;

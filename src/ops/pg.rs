@@ -64,12 +64,20 @@ fn wait_out_recovery(pg: &PgSource) -> Result<()> {
 
 /// Writes the pgBackRest config, turns archiving on, creates the stanza and checks.
 pub fn setup(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupReport> {
+    // Another host promoted over this one: declaring this cluster the
+    // primary again is `dr promote`'s to do, never a re-run of setup (a
+    // configuration tool runs setup on every host).
+    for t in crate::ops::TargetFilter::All.select(ctx.cfg(), policy)? {
+        crate::ops::promotion::fence(ctx, policy, ctx.storage(t)?.as_ref())?;
+    }
     let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
-    let archive_command = format!(
-        "{} --config={} --stanza={} archive-push %p",
-        rb.bin.display(),
-        rb.conf.display(),
-        rb.stanza
+    let dr = std::env::current_exe()
+        .map_err(|e| Error::io("cannot find dr's own binary for archive_command", e))?;
+    let archive_command = crate::ops::archive_fence::ArchivePush::command_line(
+        &dr,
+        &policy.name,
+        &crate::ops::promotion::host_id(ctx)?,
+        &rb,
     );
     let mut report = SetupReport {
         policy: policy.name.clone(),
@@ -201,6 +209,7 @@ pub fn backup(
     kind: Option<BackupType>,
 ) -> Result<BackupReport> {
     let started = Instant::now();
+    crate::ops::promotion::fence(ctx, policy, ctx.storage(target)?.as_ref())?;
     let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
     let before: Vec<String> = backups(&rb, repo)?.into_iter().map(|b| b.label).collect();
@@ -417,7 +426,7 @@ pub fn restore(
             )
         } else if in_place {
             format!(
-                "start it with: runuser -u {user} -- pg_ctl -D {} start (it replays WAL to the target, then promotes; it does not archive). Once it is the primary you keep, run `dr pg setup {}` to turn archiving on into the repository",
+                "start it with: runuser -u {user} -- pg_ctl -D {} start (it replays WAL to the target, then promotes; it does not archive). Once it is the primary you keep, run `dr promote {}`: it records this host as the primary (the old one is fenced) and turns archiving on into the repository",
                 to.display(),
                 policy.name
             )
@@ -435,10 +444,17 @@ pub fn restore(
 /// into the same stanza, on its new timeline.
 pub fn promote(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupReport> {
     match crate::pg::psql::query(pg, "SELECT pg_is_in_recovery()") {
+        // A restored cluster (no standby.signal) replays to its target and
+        // promotes itself: promoting it now would cut its recovery short of
+        // WAL the archive holds. `declare` waits it out (in setup).
+        Ok(r) if r == "t" && !pg.data_dir.join("standby.signal").exists() => {
+            tracing::info!(policy = %policy.name, "PostgreSQL is recovering to its restore target: waiting for it to end, then declaring it");
+            return declare(ctx, policy, pg);
+        }
         Ok(r) if r == "t" => {}
         Ok(_) => {
             tracing::info!(policy = %policy.name, "PostgreSQL is not in recovery: already a primary; declaring it");
-            return setup(ctx, policy, pg);
+            return declare(ctx, policy, pg);
         }
         Err(e) => {
             return Err(Error::Other(format!(
@@ -471,6 +487,15 @@ pub fn promote(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupRep
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    declare(ctx, policy, pg)
+}
+
+/// Records this host as the primary (the fence: the old primary's
+/// archive_command, backups and expire are refused from now on), then
+/// sets archiving up for it.
+fn declare(ctx: &Context, policy: &Policy, pg: &PgSource) -> Result<SetupReport> {
+    wait_out_recovery(pg)?;
+    crate::ops::promotion::record(ctx, policy, None)?;
     setup(ctx, policy, pg)
 }
 
@@ -565,6 +590,9 @@ pub fn expire(
     target: &Target,
     dry_run: bool,
 ) -> Result<Vec<Expired>> {
+    if !dry_run {
+        crate::ops::promotion::fence(ctx, policy, ctx.storage(target)?.as_ref())?;
+    }
     let rb = run::prepare(ctx.cfg(), ctx.state(), policy, pg)?;
     let repo = rb.repo_of(&target.name)?;
     let before = backups(&rb, repo)?;

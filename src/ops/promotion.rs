@@ -36,9 +36,23 @@ pub struct Promotion {
     pub dr_version: String,
 }
 
-fn prefix(policy: &str) -> String {
-    format!("{policy}/promotion/")
+fn prefix(policy: &Policy) -> String {
+    format!("{}/promotion/", policy.name)
 }
+
+/// A PostgreSQL policy's newest record again under one fixed name in
+/// pgBackRest's repository, [`CURRENT`]: the cluster's archive_command
+/// reads it with one GET through pgBackRest (`repo-get`), which neither
+/// lists outside its repository nor lists a path on every S3 store (a
+/// HEAD of a "directory" is an error on some). The dated records stay the
+/// history dr reads.
+fn current_key(policy: &Policy) -> Option<String> {
+    matches!(policy.source, crate::config::Source::Postgres(_))
+        .then(|| format!("{}/pgbackrest/{CURRENT}", policy.name))
+}
+
+/// [`current_key`] relative to pgBackRest's repository path.
+pub const CURRENT: &str = "primary.json";
 
 /// This state_dir's identity, made on first use.
 pub fn host_id(ctx: &Context) -> Result<String> {
@@ -60,11 +74,11 @@ pub fn host_id(ctx: &Context) -> Result<String> {
 }
 
 /// The newest promotion of `policy` on a target.
-pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> {
+pub fn newest(storage: &dyn Storage, policy: &Policy) -> Result<Option<Promotion>> {
     for k in crate::repo::records_newest_first(storage, &prefix(policy))? {
         let bytes = storage.get_bytes(&k)?;
         match serde_json::from_slice::<Promotion>(&bytes) {
-            Ok(p) if p.policy == policy => return Ok(Some(p)),
+            Ok(p) if p.policy == policy.name => return Ok(Some(p)),
             _ => {
                 tracing::warn!(target = %storage.target(), key = %k, "not a promotion record dr reads: skipped")
             }
@@ -80,7 +94,7 @@ pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> 
 /// either until `dr promote` names it (its copy streamed or backed up
 /// would fork the primary's history just the same).
 pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()> {
-    let newest = newest(storage, &policy.name)?;
+    let newest = newest(storage, policy)?;
     if let Some(p) = &newest
         && p.host_id == host_id(ctx)?
     {
@@ -147,6 +161,25 @@ pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> 
                 v["frame"]
             )
         });
+    let (record, targets) = record(ctx, policy, from)?;
+    Ok(Promoted {
+        policy: policy.name.clone(),
+        path: path.to_path_buf(),
+        host: record.host,
+        host_id: record.host_id,
+        at: record.at,
+        follower_stopped: stopped,
+        targets,
+    })
+}
+
+/// Writes a promotion record naming this host to every target of
+/// `policy`; returns it and the targets written.
+pub fn record(
+    ctx: &Context,
+    policy: &Policy,
+    from: Option<String>,
+) -> Result<(Promotion, Vec<String>)> {
     let record = Promotion {
         format: 1,
         policy: policy.name.clone(),
@@ -158,7 +191,7 @@ pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> 
     };
     let key = format!(
         "{}{}-{}.json",
-        prefix(&policy.name),
+        prefix(policy),
         record.at.format("%Y%m%dT%H%M%S%.3fZ"),
         record.host_id
     );
@@ -166,18 +199,14 @@ pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> 
         .map_err(|e| Error::Other(format!("cannot encode the promotion record: {e}")))?;
     let mut targets = Vec::new();
     for t in crate::ops::TargetFilter::All.select(ctx.cfg(), policy)? {
-        ctx.storage(t)?.put_bytes(&key, &bytes)?;
+        let storage = ctx.storage(t)?;
+        storage.put_bytes(&key, &bytes)?;
+        if let Some(current) = current_key(policy) {
+            storage.put_bytes(&current, &bytes)?;
+        }
         targets.push(t.name.clone());
     }
-    Ok(Promoted {
-        policy: policy.name.clone(),
-        path: path.to_path_buf(),
-        host: record.host,
-        host_id: record.host_id,
-        at: record.at,
-        follower_stopped: stopped,
-        targets,
-    })
+    Ok((record, targets))
 }
 
 /// The copy is a SQLite database whose schema reads.

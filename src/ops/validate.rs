@@ -332,6 +332,27 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
                         ),
                     );
                 }
+                // ... and runs dr itself first (`dr pg archive-push`, the
+                // fence): a dr under a home the user cannot enter archives
+                // nothing either.
+                if let Some((u, g)) = pg
+                    .run_as
+                    .as_deref()
+                    .and_then(|user| crate::pg::run::user_ids(user).ok())
+                    && let Ok(exe) = std::env::current_exe()
+                    && let Some(why) = crate::pg::run::blocked_for(&exe, u, g)
+                {
+                    f.error(
+                        &p.file,
+                        "run_as",
+                        format!(
+                            "policy '{}': PostgreSQL's archive_command runs this dr ({}) as '{}', but {why}: install dr where every user can run it (/usr/local/bin)",
+                            p.name,
+                            exe.display(),
+                            pg.run_as.as_deref().unwrap_or_default()
+                        ),
+                    );
+                }
                 if !cluster_answers(pg) {
                     f.warning(
                         &p.file,

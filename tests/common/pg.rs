@@ -9,7 +9,7 @@ pub struct PgCluster {
     pub data: PathBuf,
     pub sock: PathBuf,
     pub port: u16,
-    log: PathBuf,
+    pub log: PathBuf,
 }
 
 fn as_postgres(args: &[&str]) -> std::process::Output {
