@@ -249,7 +249,8 @@ impl Follower<'_> {
         let mut wait = opts.poll;
         // Watched before each listing, so that a segment landing while the
         // listing runs still ends the wait that follows.
-        let mut watch: Option<(String, Option<Arrivals>)> = None;
+        let mut arrivals = Arrivals::new(&stop_file);
+        let mut watching: Option<String> = None;
         let released = loop {
             if stop.load(Ordering::Relaxed) {
                 break false;
@@ -260,16 +261,15 @@ impl Follower<'_> {
             // A generation's directory appears with its first segment: until
             // then an ancestor is watched, and each look tries to add the
             // directory itself to the same watch.
-            let dir = local_dir(target, &prefix, &self.generation);
-            if watch.as_ref().is_none_or(|(g, _)| *g != self.generation) {
-                watch = Some((
-                    self.generation.clone(),
-                    dir.as_deref().and_then(Arrivals::watch),
-                ));
-            } else if let (Some((_, arrivals)), Some(d)) = (watch.as_mut(), dir.as_deref()) {
-                match arrivals {
-                    Some(a) => a.complete_with(d),
-                    None => *arrivals = Arrivals::watch(d),
+            if let (Some(a), Some(d)) = (
+                arrivals.as_mut(),
+                local_dir(target, &prefix, &self.generation),
+            ) {
+                if watching.as_deref() == Some(self.generation.as_str()) {
+                    a.complete_with(&d);
+                } else {
+                    a.watch_generation(&d);
+                    watching = Some(self.generation.clone());
                 }
             }
             let checked = Utc::now();
@@ -342,21 +342,27 @@ impl Follower<'_> {
                 transactions: self.transactions,
             });
             // Asleep until the wait is out, a segment lands on a local
-            // target (inotify), or a stop is asked (looked at every 100 ms).
+            // target or `dr promote` asks (inotify), or a signal's stop is
+            // seen (looked at every second; every 100 ms without inotify,
+            // which also looks for the stop file).
             let until = Instant::now() + wait;
-            while !stop.load(Ordering::Relaxed) && !stop_file.exists() {
+            while !stop.load(Ordering::Relaxed) {
                 let left = until.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     break;
                 }
-                let slice = left.min(Duration::from_millis(100));
-                match watch.as_mut() {
-                    Some((_, Some(a))) => {
-                        if a.wait(slice) {
+                match arrivals.as_mut() {
+                    Some(a) => {
+                        if a.wait(left.min(Duration::from_secs(1))) {
                             break;
                         }
                     }
-                    _ => std::thread::sleep(slice),
+                    None => {
+                        std::thread::sleep(left.min(Duration::from_millis(100)));
+                        if stop_file.exists() {
+                            break;
+                        }
+                    }
                 }
             }
         };
@@ -483,59 +489,62 @@ fn local_dir(target: &Target, prefix: &str, generation: &str) -> Option<PathBuf>
     }
 }
 
-/// Segments landing in a local target's directory (inotify: a segment is
-/// renamed into place whole). A thread blocks on the inotify descriptor
-/// and says each batch of events on a channel, so the follower sleeps
-/// until one comes instead of waking to look.
+/// What wakes a sleeping follower: a segment landing in a local target's
+/// directory (a segment is renamed into place whole), and `dr promote`'s
+/// stop file. A thread blocks on the inotify descriptor and says each
+/// batch of events that matter on a channel, so the follower sleeps until
+/// one comes instead of waking to look; dr's own temporary files (three
+/// events per segment written) and the follower's position file wake
+/// nobody.
 struct Arrivals {
     rx: std::sync::mpsc::Receiver<()>,
     watches: inotify::Watches,
-    wds: Vec<inotify::WatchDescriptor>,
+    /// The stop file's directory.
+    stop_wd: inotify::WatchDescriptor,
+    /// The generation's directory or, while it is missing, an ancestor.
+    generation: Vec<inotify::WatchDescriptor>,
     done: std::sync::Arc<AtomicBool>,
-    /// The generation's own directory is watched (not only its parent).
+    /// The generation's own directory is watched (not only an ancestor).
     complete: bool,
 }
 
 impl Arrivals {
     /// What is watched in a generation's own directory.
-    const ARRIVED: inotify::WatchMask = inotify::WatchMask::MOVED_TO
-        .union(inotify::WatchMask::CLOSE_WRITE)
-        .union(inotify::WatchMask::CREATE);
+    const ARRIVED: inotify::WatchMask =
+        inotify::WatchMask::MOVED_TO.union(inotify::WatchMask::CLOSE_WRITE);
 
-    /// Watches `dir`, and its parent (or, while that is missing too, the
-    /// nearest ancestor) for `dir` or a newer generation's being created.
-    /// `None` when neither can be watched: the poll still runs.
-    fn watch(dir: &std::path::Path) -> Option<Arrivals> {
+    /// Watches for `stop_file`; `None` when inotify cannot (the follower
+    /// then looks every 100 ms and polls).
+    fn new(stop_file: &std::path::Path) -> Option<Arrivals> {
         let mut ino = inotify::Inotify::init().ok()?;
         let watches = ino.watches();
-        let own = watches.clone().add(dir, Self::ARRIVED).ok();
-        // The nearest directory that exists: a fresh generation's first
-        // segment creates the policy's `wal/` too.
-        let parent = dir
-            .ancestors()
-            .skip(1)
-            .take(3)
-            .find_map(|p| watches.clone().add(p, inotify::WatchMask::CREATE).ok());
-        let complete = own.is_some();
-        let wds: Vec<_> = own.into_iter().chain(parent).collect();
-        if wds.is_empty() {
-            return None;
-        }
+        let stop_name = stop_file.file_name()?.to_os_string();
+        let stop_wd = watches
+            .clone()
+            .add(
+                stop_file.parent()?,
+                inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+            )
+            .ok()?;
         let (tx, rx) = std::sync::mpsc::channel();
         let done = std::sync::Arc::new(AtomicBool::new(false));
         let stop = done.clone();
+        let stop_dir = stop_wd.clone();
         std::thread::Builder::new()
             .name("follow-inotify".into())
             .spawn(move || {
                 let mut buf = vec![0u8; 4096];
                 while !stop.load(Ordering::Relaxed) {
-                    match ino.read_events_blocking(&mut buf) {
-                        Ok(_) => {
-                            if tx.send(()).is_err() {
-                                break;
-                            }
-                        }
-                        Err(_) => break,
+                    let Ok(events) = ino.read_events_blocking(&mut buf) else {
+                        break;
+                    };
+                    let wake = events.into_iter().any(|e| match e.name {
+                        Some(n) if e.wd == stop_dir => n == stop_name,
+                        Some(n) => !crate::storage::local::is_temp(&n.to_string_lossy()),
+                        None => e.wd != stop_dir,
+                    });
+                    if wake && tx.send(()).is_err() {
+                        break;
                     }
                 }
             })
@@ -543,10 +552,30 @@ impl Arrivals {
         Some(Arrivals {
             rx,
             watches,
-            wds,
+            stop_wd,
+            generation: Vec::new(),
             done,
-            complete,
+            complete: false,
         })
+    }
+
+    /// Watches a generation's directory `dir` instead of the one before,
+    /// and its parent (or, while that is missing too, the nearest
+    /// ancestor) for `dir` or a newer generation's being created.
+    fn watch_generation(&mut self, dir: &std::path::Path) {
+        for wd in self.generation.drain(..) {
+            let _ = self.watches.remove(wd);
+        }
+        let own = self.watches.add(dir, Self::ARRIVED).ok();
+        // The nearest directory that exists: a fresh generation's first
+        // segment creates the policy's `wal/` too.
+        let parent = dir
+            .ancestors()
+            .skip(1)
+            .take(3)
+            .find_map(|p| self.watches.add(p, inotify::WatchMask::CREATE).ok());
+        self.complete = own.is_some();
+        self.generation.extend(own.into_iter().chain(parent));
     }
 
     /// Adds `dir` itself once it exists (a watch made while it was
@@ -555,12 +584,12 @@ impl Arrivals {
         if !self.complete
             && let Ok(wd) = self.watches.add(dir, Self::ARRIVED)
         {
-            self.wds.push(wd);
+            self.generation.push(wd);
             self.complete = true;
         }
     }
 
-    /// Whether a segment landed within `timeout`.
+    /// Whether something arrived within `timeout`.
     fn wait(&mut self, timeout: Duration) -> bool {
         let got = self.rx.recv_timeout(timeout).is_ok();
         // One wake for a batch of events.
@@ -574,8 +603,9 @@ impl Drop for Arrivals {
     /// see that it is done.
     fn drop(&mut self) {
         self.done.store(true, Ordering::Relaxed);
-        for wd in self.wds.drain(..) {
+        for wd in self.generation.drain(..) {
             let _ = self.watches.remove(wd);
         }
+        let _ = self.watches.remove(self.stop_wd.clone());
     }
 }

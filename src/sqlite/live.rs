@@ -5,6 +5,7 @@
 //! (the one before the segment or the one after it), never a half-applied
 //! segment, and the copy's own WAL keeps it crash-safe.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,10 +93,19 @@ impl LiveCopy {
         let mut at = first - 1;
         let mut applied = 0;
         let mut last_commit = None;
+        let mut final_pages = None;
         // One SQLite transaction per segment: its end is a committed state
         // of the source as much as each transaction's end is, and one
         // commit (one fsync) a segment instead of one per transaction.
+        // Within it only the last version of each page is written.
         let tx = self.conn.unchecked_transaction().map_err(&err)?;
+        let mut pages = Pending {
+            held: BTreeMap::new(),
+            size: tx
+                .query_row("PRAGMA page_count", [], |r| r.get(0))
+                .map_err(&err)?,
+            page_size: self.page_size as usize,
+        };
         while let Some(t) = r.next_txn().map_err(|e| read_error(object, e))? {
             if t.db_pages == 0 {
                 return Err(bad(format!(
@@ -114,21 +124,22 @@ impl LiveCopy {
             for _ in 0..t.nframes {
                 let (pgno, page) = r.next_frame().map_err(|e| read_error(object, e))?;
                 if apply && pgno <= t.db_pages {
-                    tx.execute(
-                        "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)",
-                        params![pgno, page],
-                    )
-                    .map_err(&err)?;
+                    pages.hold(&tx, pgno, page).map_err(&err)?;
                 }
             }
             if apply {
-                truncate(&tx, t.db_pages).map_err(&err)?;
+                pages.cut(&tx, t.db_pages).map_err(&err)?;
+                final_pages = Some(t.db_pages);
                 last_commit = Utc.timestamp_millis_opt(t.commit_ms).single();
                 applied += 1;
             }
         }
         if at != last {
             return Err(bad(format!("ends at frame {at} but its name says {last}")));
+        }
+        pages.write(&tx).map_err(&err)?;
+        if let Some(n) = final_pages {
+            truncate(&tx, n).map_err(&err)?;
         }
         // Dropped without a commit (an error above): nothing of it is seen.
         tx.commit().map_err(&err)?;
@@ -148,6 +159,9 @@ impl LiveCopy {
             .map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
         let mut page = vec![0u8; self.page_size as usize];
         let tx = self.conn.unchecked_transaction().map_err(&err)?;
+        let mut insert = tx
+            .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
+            .map_err(&err)?;
         let mut pgno: u32 = 0;
         loop {
             match f.read_exact(&mut page) {
@@ -156,18 +170,76 @@ impl LiveCopy {
                 Err(e) => return Err(Error::io(format!("cannot read {}", file.display()), e)),
             }
             pgno += 1;
-            tx.execute(
-                "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)",
-                params![pgno, page],
-            )
-            .map_err(&err)?;
+            insert.execute(params![pgno, page]).map_err(&err)?;
         }
+        drop(insert);
         if pgno == 0 {
             return Err(Error::Other(format!("{} holds no page", file.display())));
         }
         truncate(&tx, pgno).map_err(&err)?;
         tx.commit().map_err(&err)?;
         self.seq = seq;
+        Ok(())
+    }
+}
+
+/// The pages of a segment not written yet, newest version of each: a
+/// segment of many small transactions rewrites the same few pages again
+/// and again (200 transactions a second touch a handful of pages), and in
+/// one SQLite transaction only the last version is ever seen. Bounded:
+/// past [`Pending::MAX_BYTES`] the pages held are written and the segment
+/// goes on.
+struct Pending {
+    held: BTreeMap<u32, Vec<u8>>,
+    /// The copy's length in pages as written so far in the transaction.
+    size: u32,
+    page_size: usize,
+}
+
+impl Pending {
+    const MAX_BYTES: usize = 64 << 20;
+
+    fn hold(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        pgno: u32,
+        page: &[u8],
+    ) -> rusqlite::Result<()> {
+        match self.held.entry(pgno) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut().copy_from_slice(page),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert(page.to_vec());
+                if self.held.len() * self.page_size > Self::MAX_BYTES {
+                    self.write(tx)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A transaction ended with the database `pages` long: what lies
+    /// beyond is gone, held or written (as applying each transaction in
+    /// turn would have it).
+    fn cut(&mut self, tx: &rusqlite::Transaction<'_>, pages: u32) -> rusqlite::Result<()> {
+        self.held.split_off(&pages.saturating_add(1));
+        if pages < self.size {
+            tx.execute(
+                "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+                params![pages + 1],
+            )?;
+            self.size = pages;
+        }
+        Ok(())
+    }
+
+    /// Writes the pages held, in page order.
+    fn write(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        let mut insert =
+            tx.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+        for (pgno, page) in std::mem::take(&mut self.held) {
+            insert.execute(params![pgno, page])?;
+            self.size = self.size.max(pgno);
+        }
         Ok(())
     }
 }

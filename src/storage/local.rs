@@ -18,6 +18,12 @@ use crate::error::{Error, Result};
 /// is cleaned up with it.
 const TMP_MARK: &str = ".dr-tmp.";
 
+/// Whether a file name is one of dr's writes not yet renamed into place
+/// (a watcher of the directory passes over its events).
+pub fn is_temp(name: &str) -> bool {
+    name.contains(TMP_MARK)
+}
+
 /// A target rooted at a directory.
 #[derive(Debug, Clone)]
 pub struct LocalStorage {
