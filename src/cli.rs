@@ -464,6 +464,7 @@ pub enum PgAction {
     /// pgBackRest's config, which the cluster's user can read.
     #[command(hide = true)]
     ArchivePush {
+        /// The PostgreSQL policy whose cluster archives.
         policy: String,
         /// The segment (`%p`).
         wal: PathBuf,
@@ -476,6 +477,7 @@ pub enum PgAction {
         /// pgBackRest's config for the policy (under state_dir).
         #[arg(long)]
         pgbackrest_config: PathBuf,
+        /// The policy's pgBackRest stanza.
         #[arg(long)]
         stanza: String,
     },

@@ -195,7 +195,7 @@ impl<R: Read> Read for TallyReader<R> {
 }
 
 enum Opened<R: Read> {
-    Age(age::stream::StreamReader<TallyReader<R>>),
+    Age(age::stream::StreamReader<BufReader<TallyReader<R>>>),
     Plain(TallyReader<R>),
 }
 
@@ -439,7 +439,10 @@ impl<R: Read + Send + 'static> Decoder<R> {
                     reason: "it is encrypted and no identity was given: pass --identity FILE (or set [encryption] identity_file)".into(),
                 });
             };
-            let dec = age::Decryptor::new(tallied).map_err(|e| decrypt_error(object, e, keys))?;
+            // Buffered: age parses its header a byte at a time, which on a
+            // file is a syscall a byte (about 200 for each object).
+            let dec = age::Decryptor::new_buffered(BufReader::with_capacity(64 * 1024, tallied))
+                .map_err(|e| decrypt_error(object, e, keys))?;
             let reader = dec
                 .decrypt(
                     keys.identities
