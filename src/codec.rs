@@ -465,11 +465,12 @@ impl<R: Read + Send + 'static> Decoder<R> {
             while raw.read_tallied(&mut sink)? > 0 {}
             Ok(())
         });
-        let zstd = zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(
-            256 * 1024,
-            decrypted,
-        ))
-        .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
+        // A buffer is zeroed on its first fill: a small object read inline
+        // (a follower's segment a second) pays for all of it each time.
+        let buffer = if threaded { 256 * 1024 } else { 64 * 1024 };
+        let zstd =
+            zstd::stream::read::Decoder::with_buffer(BufReader::with_capacity(buffer, decrypted))
+                .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
         let plain = Arc::new(Mutex::new(RawTally {
             inner: Box::new(zstd) as Box<dyn Read + Send>,
             hash: Sha256::new(),

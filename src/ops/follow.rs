@@ -305,10 +305,11 @@ impl Follower<'_> {
                         policy.encrypted,
                     )?;
                     applied += copy.segment(
-                        std::io::BufReader::with_capacity(1 << 20, dec),
+                        std::io::BufReader::with_capacity(64 * 1024, dec),
                         &object,
                         s.first,
                         s.last,
+                        policy.encrypted,
                     )?;
                 }
                 // Applied, or held already (a heartbeat, a blind mark).

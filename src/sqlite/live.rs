@@ -64,12 +64,15 @@ impl LiveCopy {
 
     /// Applies the transactions of one segment (`object`, named as holding
     /// frames `first` to `last`) that are past `seq`. Returns how many.
+    /// `sealed`: it was read out of age, which authenticated it
+    /// ([`SegmentReader::sealed`]).
     pub fn segment(
         &mut self,
         input: impl Read,
         object: &str,
         first: u64,
         last: u64,
+        sealed: bool,
     ) -> Result<u64> {
         let bad = |reason: String| Error::Integrity {
             object: object.to_string(),
@@ -77,7 +80,12 @@ impl LiveCopy {
         };
         let path = self.path.clone();
         let err = db_err(&path);
-        let mut r = SegmentReader::new(input).map_err(|e| read_error(object, e))?;
+        let r = if sealed {
+            SegmentReader::sealed(input)
+        } else {
+            SegmentReader::new(input)
+        };
+        let mut r = r.map_err(|e| read_error(object, e))?;
         if r.first_seq != first {
             return Err(bad(format!(
                 "starts at frame {} but its name says {first}",
