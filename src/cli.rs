@@ -840,6 +840,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     poll,
                     idle_poll,
                     shared_process: true,
+                    fleet_member: true,
                 };
                 let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
                 let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
@@ -913,6 +914,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 poll,
                 idle_poll,
                 shared_process: false,
+                fleet_member: false,
             };
             let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;
             if *json {

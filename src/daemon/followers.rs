@@ -188,6 +188,7 @@ fn supervise(
         poll,
         idle_poll,
         shared_process: true,
+        fleet_member: false,
     };
     let set = |f: &dyn Fn(&mut FollowStatus)| {
         let mut all = lock(statuses);

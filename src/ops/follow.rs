@@ -41,6 +41,11 @@ pub struct FollowOptions {
     /// `dr promote` stops it through the stop file, not a signal (which
     /// would stop them all).
     pub shared_process: bool,
+    /// One of a fleet's many followers: on S3 it makes no inotify instance
+    /// for the stop file alone (instances are a per-user limit, 128 by
+    /// default, shared with every other program of the user), and looks
+    /// for the stop file every 100 ms instead.
+    pub fleet_member: bool,
 }
 
 /// Where a follower stopped.
@@ -249,7 +254,12 @@ impl Follower<'_> {
         let mut wait = opts.poll;
         // Watched before each listing, so that a segment landing while the
         // listing runs still ends the wait that follows.
-        let mut arrivals = Arrivals::new(&stop_file);
+        let local = local_dir(target, &prefix, &self.generation).is_some();
+        let mut arrivals = if local || !opts.fleet_member {
+            Arrivals::new(&stop_file)
+        } else {
+            None
+        };
         let mut watching: Option<String> = None;
         let released = loop {
             if stop.load(Ordering::Relaxed) {

@@ -90,6 +90,7 @@ pub fn follow_fleet(
                         let opts = FollowOptions {
                             to: copy,
                             shared_process: true,
+                            fleet_member: true,
                             ..opts.clone()
                         };
                         let name = m.name.clone();
