@@ -504,12 +504,46 @@ fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() 
     // The primary is lost, and a damaged segment lands where the next one
     // goes: the follower stops on it, says so, and is restarted.
     primary.kill_group();
-    let pos: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(env.path("state-b/follow/app.json")).expect("position"),
-    )
-    .expect("json");
-    let generation = pos["generation"].as_str().expect("generation").to_string();
-    let frame = pos["frame"].as_u64().expect("frame");
+    // Where the copy stands once it holds every segment the primary
+    // shipped before it died (a segment landing just before the kill is
+    // applied after it): the damaged one must be the next.
+    let position = || -> (String, u64) {
+        let pos: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(env.path("state-b/follow/app.json")).unwrap_or_default(),
+        )
+        .unwrap_or_default();
+        (
+            pos["generation"].as_str().unwrap_or_default().to_string(),
+            pos["frame"].as_u64().unwrap_or_default(),
+        )
+    };
+    let shipped = |generation: &str| -> u64 {
+        std::fs::read_dir(env.path(&format!("backups/app/wal/{generation}")))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.split('_')
+                    .next()?
+                    .split_once('-')?
+                    .1
+                    .parse::<u64>()
+                    .ok()
+            })
+            .max()
+            .unwrap_or_default()
+    };
+    common::wait_until(
+        "the copy to hold every segment shipped before the kill",
+        30,
+        || {
+            let (generation, frame) = position();
+            !generation.is_empty() && frame == shipped(&generation)
+        },
+        read_blog,
+    );
+    let (generation, frame) = position();
     let t = chrono::Utc::now().format("%Y%m%dT%H%M%S%.3fZ");
     let bad = env.path(&format!(
         "backups/app/wal/{generation}/{:016}-{:016}_{t}_{t}.zst.age",
