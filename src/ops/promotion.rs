@@ -135,10 +135,9 @@ pub struct Promoted {
     pub targets: Vec<String>,
 }
 
-/// Promotes this host: stops the policy's `dr follow`, checks the copy at
-/// `path`, and writes the promotion record to every target.
+/// Promotes this host: checks the copy at `path`, writes the promotion
+/// record to every target, and stops the policy's `dr follow`.
 pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> {
-    let stopped = stop_follower(ctx, &policy.name)?;
     if !path.is_file() {
         return Err(Error::NotFound(format!(
             "policy '{}': there is no database at {} to promote (restore it, or follow the primary there first)",
@@ -161,7 +160,11 @@ pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> 
                 v["frame"]
             )
         });
+    // The record before the follower stops: a daemon whose follower is
+    // released reads the records at once to take the policy up, and
+    // without this one it would start following again.
     let (record, targets) = record(ctx, policy, from)?;
+    let stopped = stop_follower(ctx, &policy.name)?;
     Ok(Promoted {
         policy: policy.name.clone(),
         path: path.to_path_buf(),
