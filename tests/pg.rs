@@ -686,18 +686,9 @@ fn a_standby_replays_the_archive_and_promotes_exact_to_the_last_archived_segment
 
 /// Names of the timeline-1 WAL segments under a stanza's archive.
 fn old_timeline_segments(archive: &std::path::Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut dirs = vec![archive.to_path_buf()];
-    while let Some(d) = dirs.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            if e.path().is_dir() {
-                dirs.push(e.path());
-            } else if name.starts_with("00000001") && name.contains('-') {
-                out.push(name);
-            }
-        }
-    }
-    out.sort();
-    out
+    common::files_under(archive)
+        .into_iter()
+        .filter_map(|f| f.rsplit('/').next().map(str::to_string))
+        .filter(|name| name.starts_with("00000001") && name.contains('-'))
+        .collect()
 }

@@ -51,7 +51,7 @@ pub fn standby(ctx: &Context) -> BTreeSet<String> {
             .cfg()
             .target(&f.target)
             .and_then(|t| ctx.storage(t))
-            .and_then(|s| crate::ops::promotion::newest(s.as_ref(), p))
+            .and_then(|s| crate::ops::promotion::newest(s.as_ref(), &p.name))
             .ok()
             .flatten()
             .is_some_and(|r| crate::ops::promotion::host_id(ctx).is_ok_and(|id| id == r.host_id));

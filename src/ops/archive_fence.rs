@@ -3,15 +3,16 @@
 //! primary's WAL reaches the repository without dr: PostgreSQL runs
 //! `archive_command` itself, and runs it at once when the old primary's
 //! host comes back. `dr pg setup` therefore makes archive_command
-//! `dr pg archive-push`, which lists the policy's promotion records
-//! through pgBackRest (its config is what the cluster's user can read;
-//! dr.toml and its secret files need not be) and hands the segment to
-//! pgBackRest's `archive-push` only while no record names another host.
+//! `dr pg archive-push`, which reads the policy's newest promotion record
+//! (`primary.json`) through pgBackRest (its config is what the cluster's
+//! user can read; dr.toml and its secret files need not be) and hands the
+//! segment to pgBackRest's `archive-push` only while that record names no
+//! other host.
 //!
 //! A refused segment stays in pg_wal: PostgreSQL keeps it and retries, its
 //! archiver counts the failure, and dr's verdict on that host says
 //! `archive_failing` (the log line below is in PostgreSQL's log). The
-//! records are read on every segment, one listing: a returning primary is
+//! record is read on every segment, one GET: a returning primary is
 //! refused from its first segment, with no cache to go stale.
 
 use std::io::Read;
@@ -127,27 +128,8 @@ fn promoted_elsewhere(a: &ArchivePush) -> Result<Option<Promotion>> {
         .spawn()
         .map_err(|e| Error::io(format!("cannot run {}", a.pgbackrest.display()), e))?;
     // Both pipes are read on threads, so a full one never stalls the wait.
-    let drain = |pipe: Option<Box<dyn Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut bytes = Vec::new();
-            if let Some(mut p) = pipe {
-                let _ = p.read_to_end(&mut bytes);
-            }
-            bytes
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn Read + Send>),
-    );
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
     let deadline = Instant::now() + READ_DEADLINE;
     let status = loop {
         match child.try_wait() {
@@ -179,4 +161,15 @@ fn promoted_elsewhere(a: &ArchivePush) -> Result<Option<Promotion>> {
     let p: Promotion = serde_json::from_slice(&stdout)
         .map_err(|e| failed(format!("not a promotion record dr reads: {e}")))?;
     Ok((p.host_id != a.host_id).then_some(p))
+}
+
+/// Reads a child's pipe to its end on a thread of its own.
+fn drain<R: Read + Send + 'static>(pipe: Option<R>) -> std::thread::JoinHandle<Vec<u8>> {
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        if let Some(mut p) = pipe {
+            let _ = p.read_to_end(&mut bytes);
+        }
+        bytes
+    })
 }

@@ -260,7 +260,6 @@ impl Follower<'_> {
         } else {
             None
         };
-        let mut watching: Option<String> = None;
         let released = loop {
             if stop.load(Ordering::Relaxed) {
                 break false;
@@ -275,12 +274,7 @@ impl Follower<'_> {
                 arrivals.as_mut(),
                 local_dir(target, &prefix, &self.generation),
             ) {
-                if watching.as_deref() == Some(self.generation.as_str()) {
-                    a.complete_with(&d);
-                } else {
-                    a.watch_generation(&d);
-                    watching = Some(self.generation.clone());
-                }
+                a.watch_generation(d);
             }
             let checked = Utc::now();
             let listing = store.list_after(&prefix, &after)?;
@@ -520,7 +514,10 @@ struct Arrivals {
     watches: inotify::Watches,
     /// The stop file's directory.
     stop_wd: inotify::WatchDescriptor,
-    /// The generation's directory or, while it is missing, an ancestor.
+    /// The generation's directory followed, once it is asked for.
+    dir: Option<PathBuf>,
+    /// The watches for [`Arrivals::dir`]: its own, and its parent's or,
+    /// while that is missing too, the nearest ancestor's.
     generation: Vec<inotify::WatchDescriptor>,
     done: std::sync::Arc<AtomicBool>,
     /// The generation's own directory is watched (not only an ancestor).
@@ -533,7 +530,7 @@ impl Arrivals {
         inotify::WatchMask::MOVED_TO.union(inotify::WatchMask::CLOSE_WRITE);
 
     /// Watches for `stop_file`; `None` when inotify cannot (the follower
-    /// then looks every 100 ms and polls).
+    /// then looks for the stop file itself, and polls).
     fn new(stop_file: &std::path::Path) -> Option<Arrivals> {
         let mut ino = inotify::Inotify::init().ok()?;
         let watches = ino.watches();
@@ -572,6 +569,7 @@ impl Arrivals {
             rx,
             watches,
             stop_wd,
+            dir: None,
             generation: Vec::new(),
             done,
             complete: false,
@@ -580,12 +578,22 @@ impl Arrivals {
 
     /// Watches a generation's directory `dir` instead of the one before,
     /// and its parent (or, while that is missing too, the nearest
-    /// ancestor) for `dir` or a newer generation's being created.
-    fn watch_generation(&mut self, dir: &std::path::Path) {
+    /// ancestor) for `dir` or a newer generation's being created. Asked
+    /// again for the same `dir`, adds `dir` itself once it exists.
+    fn watch_generation(&mut self, dir: PathBuf) {
+        if self.dir.as_ref() == Some(&dir) {
+            if !self.complete
+                && let Ok(wd) = self.watches.add(&dir, Self::ARRIVED)
+            {
+                self.generation.push(wd);
+                self.complete = true;
+            }
+            return;
+        }
         for wd in self.generation.drain(..) {
             let _ = self.watches.remove(wd);
         }
-        let own = self.watches.add(dir, Self::ARRIVED).ok();
+        let own = self.watches.add(&dir, Self::ARRIVED).ok();
         // The nearest directory that exists: a fresh generation's first
         // segment creates the policy's `wal/` too.
         let parent = dir
@@ -595,17 +603,7 @@ impl Arrivals {
             .find_map(|p| self.watches.add(p, inotify::WatchMask::CREATE).ok());
         self.complete = own.is_some();
         self.generation.extend(own.into_iter().chain(parent));
-    }
-
-    /// Adds `dir` itself once it exists (a watch made while it was
-    /// missing watches an ancestor only).
-    fn complete_with(&mut self, dir: &std::path::Path) {
-        if !self.complete
-            && let Ok(wd) = self.watches.add(dir, Self::ARRIVED)
-        {
-            self.generation.push(wd);
-            self.complete = true;
-        }
+        self.dir = Some(dir);
     }
 
     /// Whether something arrived within `timeout`.

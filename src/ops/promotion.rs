@@ -36,8 +36,8 @@ pub struct Promotion {
     pub dr_version: String,
 }
 
-fn prefix(policy: &Policy) -> String {
-    format!("{}/promotion/", policy.name)
+fn prefix(policy: &str) -> String {
+    format!("{policy}/promotion/")
 }
 
 /// A PostgreSQL policy's newest record again under one fixed name in
@@ -74,11 +74,11 @@ pub fn host_id(ctx: &Context) -> Result<String> {
 }
 
 /// The newest promotion of `policy` on a target.
-pub fn newest(storage: &dyn Storage, policy: &Policy) -> Result<Option<Promotion>> {
+pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> {
     for k in crate::repo::records_newest_first(storage, &prefix(policy))? {
         let bytes = storage.get_bytes(&k)?;
         match serde_json::from_slice::<Promotion>(&bytes) {
-            Ok(p) if p.policy == policy.name => return Ok(Some(p)),
+            Ok(p) if p.policy == policy => return Ok(Some(p)),
             _ => {
                 tracing::warn!(target = %storage.target(), key = %k, "not a promotion record dr reads: skipped")
             }
@@ -94,7 +94,7 @@ pub fn newest(storage: &dyn Storage, policy: &Policy) -> Result<Option<Promotion
 /// either until `dr promote` names it (its copy streamed or backed up
 /// would fork the primary's history just the same).
 pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()> {
-    let newest = newest(storage, policy)?;
+    let newest = newest(storage, &policy.name)?;
     if let Some(p) = &newest
         && p.host_id == host_id(ctx)?
     {
@@ -194,7 +194,7 @@ pub fn record(
     };
     let key = format!(
         "{}{}-{}.json",
-        prefix(policy),
+        prefix(&policy.name),
         record.at.format("%Y%m%dT%H%M%S%.3fZ"),
         record.host_id
     );

@@ -306,52 +306,40 @@ pub fn check(cfg: &Config) -> Vec<Finding> {
                         ),
                     );
                 }
-                // archive_command runs as the cluster's user and reads
-                // pgBackRest's config under state_dir: a mode that stops it
-                // stops archiving, silently until the next backup.
-                if let Some((u, g)) = pg
-                    .run_as
-                    .as_deref()
-                    .and_then(|user| crate::pg::run::user_ids(user).ok())
-                    && let Some(why) = crate::pg::run::blocked_for(
-                        // `pg/` itself dr opens to the user (0711).
-                        &crate::state_dir::StateDir::new(&cfg.state_dir)
-                            .root()
-                            .join("pg"),
-                        u,
-                        g,
-                    )
+                // archive_command runs as the cluster's user: it runs dr
+                // itself (`dr pg archive-push`, the fence), which reads
+                // pgBackRest's config under state_dir. A mode that stops
+                // either stops archiving, silently until the next backup.
+                if let Some(user) = pg.run_as.as_deref()
+                    && let Ok((u, g)) = crate::pg::run::user_ids(user)
                 {
-                    f.error(
-                        &p.file,
-                        "run_as",
-                        format!(
-                            "policy '{}': PostgreSQL's archive_command runs as '{}' and reads pgBackRest's config under state_dir, but {why}: let it pass through (chmod o+x, or under the shipped systemd unit StateDirectoryMode=0711)",
-                            p.name,
-                            pg.run_as.as_deref().unwrap_or_default()
-                        ),
-                    );
-                }
-                // ... and runs dr itself first (`dr pg archive-push`, the
-                // fence): a dr under a home the user cannot enter archives
-                // nothing either.
-                if let Some((u, g)) = pg
-                    .run_as
-                    .as_deref()
-                    .and_then(|user| crate::pg::run::user_ids(user).ok())
-                    && let Ok(exe) = std::env::current_exe()
-                    && let Some(why) = crate::pg::run::blocked_for(&exe, u, g)
-                {
-                    f.error(
-                        &p.file,
-                        "run_as",
-                        format!(
-                            "policy '{}': PostgreSQL's archive_command runs this dr ({}) as '{}', but {why}: install dr where every user can run it (/usr/local/bin)",
-                            p.name,
-                            exe.display(),
-                            pg.run_as.as_deref().unwrap_or_default()
-                        ),
-                    );
+                    // `pg/` itself dr opens to the user (0711).
+                    let pg_dir = crate::state_dir::StateDir::new(&cfg.state_dir)
+                        .root()
+                        .join("pg");
+                    if let Some(why) = crate::pg::run::blocked_for(&pg_dir, u, g) {
+                        f.error(
+                            &p.file,
+                            "run_as",
+                            format!(
+                                "policy '{}': PostgreSQL's archive_command runs as '{user}' and reads pgBackRest's config under state_dir, but {why}: let it pass through (chmod o+x, or under the shipped systemd unit StateDirectoryMode=0711)",
+                                p.name
+                            ),
+                        );
+                    }
+                    if let Ok(exe) = std::env::current_exe()
+                        && let Some(why) = crate::pg::run::blocked_for(&exe, u, g)
+                    {
+                        f.error(
+                            &p.file,
+                            "run_as",
+                            format!(
+                                "policy '{}': PostgreSQL's archive_command runs this dr ({}) as '{user}', but {why}: install dr where every user can run it (/usr/local/bin)",
+                                p.name,
+                                exe.display()
+                            ),
+                        );
+                    }
                 }
                 if !cluster_answers(pg) {
                     f.warning(

@@ -167,9 +167,7 @@ impl LiveCopy {
             .map_err(|e| Error::io(format!("cannot read {}", file.display()), e))?;
         let mut page = vec![0u8; self.page_size as usize];
         let tx = self.conn.unchecked_transaction().map_err(&err)?;
-        let mut insert = tx
-            .prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")
-            .map_err(&err)?;
+        let mut insert = tx.prepare_cached(PUT_PAGE).map_err(&err)?;
         let mut pgno: u32 = 0;
         loop {
             match f.read_exact(&mut page) {
@@ -231,10 +229,7 @@ impl Pending {
     fn cut(&mut self, tx: &rusqlite::Transaction<'_>, pages: u32) -> rusqlite::Result<()> {
         self.held.split_off(&pages.saturating_add(1));
         if pages < self.size {
-            tx.execute(
-                "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
-                params![pages + 1],
-            )?;
+            cut_at(tx, pages)?;
             self.size = pages;
         }
         Ok(())
@@ -242,8 +237,7 @@ impl Pending {
 
     /// Writes the pages held, in page order.
     fn write(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
-        let mut insert =
-            tx.prepare_cached("INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)")?;
+        let mut insert = tx.prepare_cached(PUT_PAGE)?;
         for (pgno, page) in std::mem::take(&mut self.held) {
             insert.execute(params![pgno, page])?;
             self.size = self.size.max(pgno);
@@ -252,14 +246,24 @@ impl Pending {
     }
 }
 
+/// Writes page `?1` with content `?2`.
+const PUT_PAGE: &str = "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, ?2)";
+
 /// Cuts the copy to `pages` pages inside `tx`, when it is longer.
 fn truncate(tx: &rusqlite::Transaction<'_>, pages: u32) -> rusqlite::Result<()> {
     let now: u32 = tx.query_row("PRAGMA page_count", [], |r| r.get(0))?;
     if now > pages {
-        tx.execute(
-            "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
-            params![pages + 1],
-        )?;
+        cut_at(tx, pages)?;
     }
+    Ok(())
+}
+
+/// Cuts the copy to `pages` pages inside `tx` (SQLite truncates when a
+/// NULL page is written past the end).
+fn cut_at(tx: &rusqlite::Transaction<'_>, pages: u32) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO sqlite_dbpage(pgno, data) VALUES (?1, NULL)",
+        params![pages + 1],
+    )?;
     Ok(())
 }
