@@ -840,7 +840,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     poll,
                     idle_poll,
                     shared_process: true,
-                    fleet_member: true,
+                    bell: None,
                 };
                 let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
                 let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
@@ -914,7 +914,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 poll,
                 idle_poll,
                 shared_process: false,
-                fleet_member: false,
+                bell: None,
             };
             let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;
             if *json {

@@ -395,3 +395,125 @@ fn one_process_follows_a_whole_fleet_and_promote_takes_one_database() {
     );
     follower.kill_group();
 }
+
+/// An idle fleet followed from S3 costs one conditional read of the
+/// fleet's activity record a look, not a listing per database: the
+/// follower of a database is woken when the record names it, and only
+/// that database's WAL is listed.
+#[test]
+fn a_followed_fleet_on_s3_idles_on_its_activity_record_and_lists_only_what_changed() {
+    use common::faults::FaultProxy;
+    use common::s3::{S3Server, SECRET_KEY};
+    let root = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(root.path(), "bucket");
+    let counted = FaultProxy::start(server.port, 1, 0);
+    let env = common::s3::env_at(&server.endpoint(), "[\"s3\"]", "", SECRET_KEY, "bucket");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");
+    std::fs::create_dir_all(env.path("tenants")).expect("tenants dir");
+    env.write_policy("tenants", "tenants/*.db", FLEET);
+    let p = env.path("policies/tenants.toml");
+    let text = std::fs::read_to_string(&p).expect("policy");
+    std::fs::write(&p, text.replace("[\"local\"]", "[\"s3\"]")).expect("policy");
+    let names = ["t0", "t1", "t2", "t3", "t4", "t5"];
+    for n in names {
+        make_db(&env.path(&format!("tenants/{n}.db")), true, 10, 100);
+    }
+    let _primary = replicate(&env);
+    wait_for(&env, "every base", 60, || {
+        names
+            .iter()
+            .all(|n| has_base(&env, &format!("tenants/{n}")))
+    });
+    std::fs::create_dir_all(env.path("copies")).expect("copies");
+    let b = common::second_host(&env, "tenants", |p| {
+        p.replace("tenants/*.db", "copies/*.db")
+    });
+    let text = std::fs::read_to_string(&b).expect("b.toml");
+    std::fs::write(&b, text.replace(&server.endpoint(), &counted.endpoint())).expect("b.toml");
+    let flog = env.path("follow.log");
+    let _follower = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(&b)
+            .args([
+                "follow",
+                "tenants",
+                "--poll",
+                "200ms",
+                "--idle-poll",
+                "4s",
+                "--identity",
+                &env.key_arg(),
+            ])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&flog).expect("log")),
+    )
+    .expect("dr follow");
+    let insert = |n: &str| {
+        let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
+        c.execute("INSERT INTO t(v) VALUES (randomblob(200))", [])
+            .expect("insert");
+    };
+    let caught_up = |n: &str| {
+        let copy = env.path(&format!("copies/{n}.db"));
+        copy.exists() && dump(&copy) == dump(&env.path(&format!("tenants/{n}.db")))
+    };
+    for n in names {
+        insert(n);
+    }
+    common::wait_until(
+        "every copy to catch up",
+        60,
+        || names.iter().all(|n| caught_up(n)),
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+    // The streams' idle marks land a sync_interval after the last commit.
+    std::thread::sleep(Duration::from_secs(4));
+
+    // Quiet: one read of the record every 4 s once the wait has grown, for
+    // the whole fleet (six databases polling on their own would make six
+    // listings each time).
+    let before = counted.requests().len();
+    std::thread::sleep(Duration::from_secs(16));
+    let quiet: Vec<String> = counted.requests()[before..].to_vec();
+    assert!(
+        quiet.len() <= 16 / 4 + 3,
+        "{} requests while the fleet was quiet for 16 s: {quiet:#?}",
+        quiet.len()
+    );
+    assert!(
+        quiet
+            .iter()
+            .all(|r| r.starts_with("GET ") && r.contains("activity.json")),
+        "an idle fleet costs reads of its activity record only: {quiet:#?}\n{}",
+        std::fs::read_to_string(&flog).unwrap_or_default()
+    );
+
+    // One commit to t3: seen within the idle wait, and only t3's WAL is
+    // listed for it.
+    let before = counted.requests().len();
+    insert("t3");
+    let t = Instant::now();
+    common::wait_until(
+        "t3's commit after the quiet spell",
+        30,
+        || caught_up("t3"),
+        || std::fs::read_to_string(&flog).unwrap_or_default(),
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(4 + 3),
+        "seen after {:?}",
+        t.elapsed()
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    let listings: Vec<String> = counted.requests()[before..]
+        .iter()
+        .filter(|r| r.contains("list-type=2"))
+        .cloned()
+        .collect();
+    assert!(
+        !listings.is_empty() && listings.iter().all(|r| r.contains("t3")),
+        "only the database that changed is listed: {listings:#?}"
+    );
+}

@@ -188,7 +188,7 @@ fn supervise(
         poll,
         idle_poll,
         shared_process: true,
-        fleet_member: false,
+        bell: None,
     };
     let set = |f: &dyn Fn(&mut FollowStatus)| {
         let mut all = lock(statuses);

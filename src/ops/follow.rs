@@ -41,12 +41,20 @@ pub struct FollowOptions {
     /// `dr promote` stops it through the stop file, not a signal (which
     /// would stop them all).
     pub shared_process: bool,
-    /// One of a fleet's many followers: on S3 it makes no inotify instance
-    /// for the stop file alone (instances are a per-user limit, 128 by
-    /// default, shared with every other program of the user), and looks
-    /// for the stop file every second instead.
-    pub fleet_member: bool,
+    /// One of a fleet's many followers: its coordinator rings this when
+    /// the fleet's activity record names the database, when `dr promote`
+    /// asks for it and when the process stops. It makes no inotify
+    /// instance (a per-user limit, 128 by default, shared with every other
+    /// program of the user) and, while the coordinator reads the record,
+    /// looks at the target on its own only every [`GOVERNED_LOOK`] when
+    /// idle.
+    pub bell: Option<std::sync::Arc<super::bell::Bell>>,
 }
+
+/// How often an idle follower of a fleet whose activity record is read
+/// looks at the target on its own: in case a change escaped the record (a
+/// write of it failed on the primary).
+pub const GOVERNED_LOOK: Duration = Duration::from_secs(600);
 
 /// Where a follower stopped.
 #[derive(Debug, Clone, Serialize)]
@@ -254,11 +262,9 @@ impl Follower<'_> {
         let mut wait = opts.poll;
         // Watched before each listing, so that a segment landing while the
         // listing runs still ends the wait that follows.
-        let local = local_dir(target, &prefix, &self.generation).is_some();
-        let mut arrivals = if local || !opts.fleet_member {
-            Arrivals::new(&stop_file)
-        } else {
-            None
+        let mut arrivals = match opts.bell {
+            None => Arrivals::new(&stop_file),
+            Some(_) => None,
         };
         let released = loop {
             if stop.load(Ordering::Relaxed) {
@@ -337,6 +343,9 @@ impl Follower<'_> {
                 }
                 // The new generation's base is not committed yet.
                 wait = opts.poll;
+            } else if opts.bell.as_ref().is_some_and(|b| b.governed()) {
+                // Rung when the activity record names the database.
+                wait = GOVERNED_LOOK;
             } else {
                 wait = (wait * 2).min(opts.idle_poll);
             }
@@ -356,22 +365,20 @@ impl Follower<'_> {
                 if left.is_zero() {
                     break;
                 }
-                match arrivals.as_mut() {
-                    Some(a) => {
+                match (opts.bell.as_ref(), arrivals.as_mut()) {
+                    // The coordinator rings on a stop too.
+                    (Some(b), _) => {
+                        if b.wait(left) {
+                            break;
+                        }
+                    }
+                    (None, Some(a)) => {
                         if a.wait(left.min(Duration::from_secs(1))) {
                             break;
                         }
                     }
-                    None => {
-                        // A fleet's many followers look once a second: a
-                        // promotion waits at most that long, and an idle
-                        // fleet of 1,000 is not 10,000 wake-ups a second.
-                        let slice = if opts.fleet_member {
-                            Duration::from_secs(1)
-                        } else {
-                            Duration::from_millis(100)
-                        };
-                        std::thread::sleep(left.min(slice));
+                    (None, None) => {
+                        std::thread::sleep(left.min(Duration::from_millis(100)));
                         if stop_file.exists() {
                             break;
                         }

@@ -1,27 +1,50 @@
 //! `dr follow FLEET`: every database of a fleet policy followed in one
-//! process, each by its own follower (`ops::follow`) into one directory.
-//! A database the target gains later is picked up at the next look at the
-//! fleet's listing; one whose follower stops on an error is named and the
-//! others go on. `dr promote FLEET --db NAME` stops one of them (through
-//! its stop file: the process runs the others).
+//! process, each by its own follower (`ops::follow`) into one directory,
+//! under one coordinator.
+//!
+//! The coordinator reads the fleet's activity record (`repo::activity`,
+//! written by the fleet's streamer) with a conditional GET, at `poll` while
+//! it changes and backing off to `idle_poll`, and rings the follower of
+//! each database it names (`ops::bell`): an idle fleet of 1,000 costs a few
+//! requests a minute, not a listing per database. A database the record
+//! names that is not followed yet (new on the primary) is followed at once.
+//! Against a primary whose dr writes no record, each follower polls on its
+//! own as a single database's does, and the fleet's listing is read every
+//! [`RESCAN`] for new databases.
+//!
+//! The coordinator also watches the followers' stop files (one inotify
+//! instance for the whole fleet; a local target's record too), so that
+//! `dr promote FLEET --db NAME` stops that database's follower at once and
+//! the others go on. One whose follower stops on an error is named and the
+//! others go on.
 
-use std::collections::BTreeMap;
-use std::path::Path;
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::bell::Bell;
 use super::follow::{FollowOptions, Followed, follow};
-use crate::config::{Policy, Target};
+use crate::config::{Policy, Target, TargetKind};
 use crate::context::Context;
 use crate::error::{Error, Result};
+use crate::repo::activity::{self, Activity, Since};
+use crate::storage::{Fetched, Storage};
 
-/// How often the fleet's listing on the target is read for new databases:
-/// a listing of every object of the fleet, so not on every look.
+/// How often the fleet's listing on the target is read for new databases
+/// when the primary writes no activity record: a listing of every object
+/// of the fleet, so not on every look.
 const RESCAN: Duration = Duration::from_secs(300);
+/// The same while the record is read (it names new databases itself).
+const GOVERNED_RESCAN: Duration = Duration::from_secs(3600);
+/// The coordinator's longest sleep: how late a signal's stop is seen.
+const TICK: Duration = Duration::from_secs(1);
 
 /// What a fleet's followers did.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -33,28 +56,11 @@ pub struct FleetFollowed {
     pub failed: Vec<(String, String)>,
 }
 
-/// The fleet's databases `target` holds, each with the place of its copy
-/// in `dir` (the file name its source has).
-fn stored_members(
-    ctx: &Context,
-    fleet: &Policy,
-    target: &Target,
-    dir: &Path,
-) -> Result<Vec<(Policy, std::path::PathBuf)>> {
-    let Some(f) = &fleet.fleet else {
-        return Ok(Vec::new());
-    };
-    let listing = ctx.storage(target)?.list(&format!("{}/", fleet.name))?;
-    Ok(
-        crate::fleet::names_in_keys(&fleet.name, listing.iter().map(|o| o.key.as_str()))
-            .into_iter()
-            .map(|n| {
-                let source = f.path_of(&n);
-                let copy = dir.join(source.file_name().unwrap_or_default());
-                (fleet.member_policy(&n, source), copy)
-            })
-            .collect(),
-    )
+/// One database's follower.
+struct Running {
+    handle: JoinHandle<Result<Followed>>,
+    bell: Arc<Bell>,
+    stop_file: PathBuf,
 }
 
 /// Follows every database of `fleet` on `target` into `opts.to` (a
@@ -68,73 +74,395 @@ pub fn follow_fleet(
 ) -> Result<FleetFollowed> {
     std::fs::create_dir_all(&opts.to)
         .map_err(|e| Error::io(format!("cannot create {}", opts.to.display()), e))?;
-    let mut out = FleetFollowed {
-        policy: fleet.name.clone(),
-        target: target.name.clone(),
-        ..Default::default()
+    let stop_dir = ctx
+        .state()
+        .follow_pid(&crate::fleet::member_name(&fleet.name, "db"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    std::fs::create_dir_all(&stop_dir)
+        .map_err(|e| Error::io(format!("cannot create {}", stop_dir.display()), e))?;
+    let mut c = Coordinator {
+        ctx,
+        fleet,
+        target,
+        opts,
+        stop,
+        store: ctx.storage(target)?,
+        running: BTreeMap::new(),
+        ended: BTreeSet::new(),
+        out: FleetFollowed {
+            policy: fleet.name.clone(),
+            target: target.name.clone(),
+            ..Default::default()
+        },
+        governed: false,
+        last: None,
+        etag: None,
+        rescan_now: false,
     };
-    let mut running: BTreeMap<String, JoinHandle<Result<Followed>>> = BTreeMap::new();
-    let mut ended: std::collections::BTreeSet<String> = Default::default();
+    let record_dir = match &target.kind {
+        TargetKind::Local { path } => Some(path.join(&fleet.name)),
+        TargetKind::S3(_) => None,
+    };
+    let mut watch = FleetWatch::new(&stop_dir, record_dir.as_deref());
+    // The record first, so that followers start governed and an idle
+    // fleet never polls database by database.
+    let mut wait = opts.poll;
+    let mut next_look = Instant::now();
     let mut next_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        if Instant::now() >= next_scan {
-            next_scan = Instant::now() + RESCAN;
-            match stored_members(ctx, fleet, target, &opts.to) {
-                Ok(members) => {
-                    for (m, copy) in members {
-                        if running.contains_key(&m.name) || ended.contains(&m.name) {
-                            continue;
-                        }
-                        tracing::info!(policy = %m.name, to = %copy.display(), "following a database of the fleet");
-                        let (ctx, target, stop) = (ctx.clone(), target.clone(), stop.clone());
-                        let opts = FollowOptions {
-                            to: copy,
-                            shared_process: true,
-                            fleet_member: true,
-                            ..opts.clone()
-                        };
-                        let name = m.name.clone();
-                        let handle = std::thread::Builder::new()
-                            .name(format!("follow {name}"))
-                            .spawn(move || follow(&ctx, &m, &target, &opts, &stop, &|_| {}))
-                            .map_err(|e| Error::Other(format!("cannot start a follower: {e}")))?;
-                        running.insert(name, handle);
-                    }
-                }
+        if Instant::now() >= next_look {
+            wait = match c.look() {
+                Ok(true) => opts.poll,
+                Ok(false) if c.governed => (wait * 2).min(opts.idle_poll),
+                Ok(false) => opts.idle_poll,
                 Err(e) => {
-                    tracing::error!(policy = %fleet.name, target = %target.name, "cannot list the fleet's databases (trying again in {} s): {e}", RESCAN.as_secs());
+                    tracing::warn!(policy = %fleet.name, target = %target.name, "cannot read the fleet's activity record (each database is looked at within {} min regardless): {e}", super::follow::GOVERNED_LOOK.as_secs() / 60);
+                    opts.idle_poll
+                }
+            };
+            if c.rescan_now {
+                next_scan = Instant::now();
+            }
+            next_look = Instant::now() + wait;
+        }
+        if Instant::now() >= next_scan {
+            c.rescan_now = false;
+            next_scan = Instant::now() + if c.governed { GOVERNED_RESCAN } else { RESCAN };
+            if let Err(e) = c.scan() {
+                tracing::error!(policy = %fleet.name, target = %target.name, "cannot list the fleet's databases (trying again in {} s): {e}", RESCAN.as_secs());
+            }
+        }
+        c.collect_finished();
+        let nap = next_look
+            .saturating_duration_since(Instant::now())
+            .min(TICK);
+        match watch.as_mut() {
+            Some(w) => {
+                if let Some(seen) = w.wait(nap) {
+                    if seen.record {
+                        next_look = Instant::now();
+                    }
+                    c.ring_stopped(|f| {
+                        seen.stops
+                            .iter()
+                            .any(|n| Some(n.as_os_str()) == f.file_name())
+                    });
+                }
+                if let Some(d) = &record_dir {
+                    w.watch_record(d);
                 }
             }
-        }
-        let finished: Vec<String> = running
-            .iter()
-            .filter(|(_, h)| h.is_finished())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in finished {
-            if let Some(h) = running.remove(&name) {
-                collect(&mut out, &name, h);
-                ended.insert(name);
+            None => {
+                std::thread::sleep(nap);
+                c.ring_stopped(|f| f.exists());
             }
         }
-        std::thread::sleep(Duration::from_millis(200));
     }
-    for (name, h) in std::mem::take(&mut running) {
-        collect(&mut out, &name, h);
+    for r in c.running.values() {
+        r.bell.ring();
     }
-    Ok(out)
+    for (db, r) in std::mem::take(&mut c.running) {
+        c.collect(&db, r.handle);
+    }
+    Ok(c.out)
 }
 
-/// One follower's end, in `out` (an error is said when it happens).
-fn collect(out: &mut FleetFollowed, name: &str, h: JoinHandle<Result<Followed>>) {
-    match h.join() {
-        Ok(Ok(f)) => out.followed.push(f),
-        Ok(Err(e)) => {
-            tracing::error!(policy = %name, "stopped following: {e}");
-            out.failed.push((name.to_string(), e.to_string()));
+/// The coordinator's state.
+struct Coordinator<'a> {
+    ctx: &'a Context,
+    fleet: &'a Policy,
+    target: &'a Target,
+    opts: &'a FollowOptions,
+    stop: &'a Arc<AtomicBool>,
+    store: Arc<dyn Storage>,
+    /// By database name.
+    running: BTreeMap<String, Running>,
+    /// Databases not followed again: promoted, or stopped on an error.
+    ended: BTreeSet<String>,
+    out: FleetFollowed,
+    /// The activity record is read: idle followers wait for their bell.
+    governed: bool,
+    /// The record's epoch and write last read.
+    last: Option<(String, u64)>,
+    etag: Option<String>,
+    rescan_now: bool,
+}
+
+impl Coordinator<'_> {
+    /// One read of the activity record: whether it changed.
+    fn look(&mut self) -> Result<bool> {
+        let key = activity::key(&self.fleet.name);
+        let record = match self.store.get_if_changed(&key, self.etag.as_deref())? {
+            Fetched::Unchanged => return Ok(false),
+            Fetched::Absent => None,
+            Fetched::Changed(bytes, etag) => {
+                self.etag = Some(etag);
+                let a = Activity::parse(&bytes);
+                if a.is_none() {
+                    tracing::warn!(policy = %self.fleet.name, target = %self.target.name, "{key} is not an activity record this dr reads: each database is looked at on its own");
+                }
+                a
+            }
+        };
+        let Some(a) = record else {
+            self.etag = None;
+            self.last = None;
+            self.set_governed(false);
+            return Ok(false);
+        };
+        let since = a.since(self.last.as_ref().map(|(e, s)| (e.as_str(), *s)));
+        self.last = Some((a.epoch.clone(), a.seq));
+        self.set_governed(true);
+        match since {
+            Since::Changed(dbs) => {
+                for db in dbs {
+                    match self.running.get(&db) {
+                        Some(r) => r.bell.ring(),
+                        None => self.start(&db)?,
+                    }
+                }
+            }
+            Since::Everything => {
+                for r in self.running.values() {
+                    r.bell.ring();
+                }
+                self.rescan_now = true;
+            }
         }
-        Err(_) => out
-            .failed
-            .push((name.to_string(), "the follower panicked".into())),
+        Ok(true)
+    }
+
+    fn set_governed(&mut self, on: bool) {
+        if self.governed != on {
+            tracing::info!(policy = %self.fleet.name, target = %self.target.name, "{}", if on {
+                "the fleet's activity record says which databases changed: idle databases are not looked at one by one"
+            } else {
+                "the fleet has no activity record (a primary of an older dr): each database is looked at on its own"
+            });
+            self.governed = on;
+            for r in self.running.values() {
+                r.bell.govern(on);
+            }
+        }
+    }
+
+    /// Starts a follower for every database the target holds.
+    fn scan(&mut self) -> Result<()> {
+        let listing = self.store.list(&format!("{}/", self.fleet.name))?;
+        for db in
+            crate::fleet::names_in_keys(&self.fleet.name, listing.iter().map(|o| o.key.as_str()))
+        {
+            self.start(&db)?;
+        }
+        Ok(())
+    }
+
+    /// Follows database `db` into the fleet's directory of copies (under
+    /// the file name its source has), unless it is followed or ended.
+    fn start(&mut self, db: &str) -> Result<()> {
+        let Some(f) = &self.fleet.fleet else {
+            return Ok(());
+        };
+        if self.running.contains_key(db) || self.ended.contains(db) {
+            return Ok(());
+        }
+        let source = f.path_of(db);
+        let copy = self.opts.to.join(source.file_name().unwrap_or_default());
+        let m = self.fleet.member_policy(db, source);
+        tracing::info!(policy = %m.name, to = %copy.display(), "following a database of the fleet");
+        let bell = Arc::new(Bell::default());
+        bell.govern(self.governed);
+        let stop_file = self.ctx.state().follow_pid(&m.name).with_extension("stop");
+        let (ctx, target, stop) = (self.ctx.clone(), self.target.clone(), self.stop.clone());
+        let opts = FollowOptions {
+            to: copy,
+            shared_process: true,
+            bell: Some(bell.clone()),
+            ..self.opts.clone()
+        };
+        let handle = std::thread::Builder::new()
+            .name(format!("follow {}", m.name))
+            .spawn(move || follow(&ctx, &m, &target, &opts, &stop, &|_| {}))
+            .map_err(|e| Error::Other(format!("cannot start a follower: {e}")))?;
+        self.running.insert(
+            db.to_string(),
+            Running {
+                handle,
+                bell,
+                stop_file,
+            },
+        );
+        Ok(())
+    }
+
+    /// Rings the followers whose stop file `asked` says `dr promote` wrote.
+    fn ring_stopped(&self, asked: impl Fn(&Path) -> bool) {
+        for r in self.running.values() {
+            if asked(&r.stop_file) {
+                r.bell.ring();
+            }
+        }
+    }
+
+    fn collect_finished(&mut self) {
+        let finished: Vec<String> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.handle.is_finished())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for db in finished {
+            if let Some(r) = self.running.remove(&db) {
+                self.collect(&db, r.handle);
+            }
+        }
+    }
+
+    /// One follower's end, in `out` (an error is said when it happens). A
+    /// database with nothing to restore yet (its first base is still being
+    /// taken) is followed again when the record or the listing names it.
+    fn collect(&mut self, db: &str, h: JoinHandle<Result<Followed>>) {
+        let name = crate::fleet::member_name(&self.fleet.name, db);
+        match h.join() {
+            Ok(Ok(f)) => {
+                self.out.followed.push(f);
+                self.ended.insert(db.to_string());
+            }
+            Ok(Err(Error::NotFound(e))) if !self.stop.load(Ordering::Relaxed) => {
+                tracing::info!(policy = %name, "not followed yet: {e}; followed once the target holds its first backup");
+            }
+            Ok(Err(e)) => {
+                tracing::error!(policy = %name, "stopped following: {e}");
+                self.out.failed.push((name, e.to_string()));
+                self.ended.insert(db.to_string());
+            }
+            Err(_) => {
+                self.out.failed.push((name, "the follower panicked".into()));
+                self.ended.insert(db.to_string());
+            }
+        }
+    }
+}
+
+/// What the coordinator's inotify instance saw.
+#[derive(Debug, Default)]
+struct Seen {
+    /// Stop files written (their names).
+    stops: Vec<OsString>,
+    /// The local target's activity record was replaced.
+    record: bool,
+}
+
+/// One inotify instance for the whole fleet: the followers' stop files,
+/// and a local target's activity record (written by a rename).
+struct FleetWatch {
+    rx: Receiver<(bool, OsString)>,
+    watches: inotify::Watches,
+    record_wd: Option<inotify::WatchDescriptor>,
+    done: Arc<AtomicBool>,
+    wds: Vec<inotify::WatchDescriptor>,
+}
+
+impl FleetWatch {
+    /// `None` when inotify cannot: the coordinator then looks for stop
+    /// files every [`TICK`].
+    fn new(stop_dir: &Path, record_dir: Option<&Path>) -> Option<FleetWatch> {
+        let mut ino = inotify::Inotify::init().ok()?;
+        let watches = ino.watches();
+        let stop_wd = watches
+            .clone()
+            .add(
+                stop_dir,
+                inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
+            )
+            .ok()?;
+        let stop_wd_kept = stop_wd.clone();
+        let (tx, rx) = channel();
+        let done = Arc::new(AtomicBool::new(false));
+        let stopped = done.clone();
+        let record_name = OsString::from(
+            activity::key("f")
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+        );
+        std::thread::Builder::new()
+            .name("follow-fleet-inotify".into())
+            .spawn(move || {
+                let mut buf = vec![0u8; 4096];
+                while !stopped.load(Ordering::Relaxed) {
+                    let Ok(events) = ino.read_events_blocking(&mut buf) else {
+                        break;
+                    };
+                    for e in events {
+                        let Some(n) = e.name else { continue };
+                        // Two watches: the stop files', and the record's.
+                        let sent = if e.wd == stop_wd {
+                            tx.send((false, n.to_os_string()))
+                        } else if n == record_name {
+                            tx.send((true, n.to_os_string()))
+                        } else {
+                            Ok(())
+                        };
+                        if sent.is_err() {
+                            return;
+                        }
+                    }
+                }
+            })
+            .ok()?;
+        let mut w = FleetWatch {
+            rx,
+            watches,
+            record_wd: None,
+            done,
+            wds: vec![stop_wd_kept],
+        };
+        if let Some(d) = record_dir {
+            w.watch_record(d);
+        }
+        Some(w)
+    }
+
+    /// Watches the local target's record directory once it exists (the
+    /// primary creates it with its first database).
+    fn watch_record(&mut self, dir: &Path) {
+        if self.record_wd.is_some() {
+            return;
+        }
+        if let Ok(wd) = self.watches.add(
+            dir,
+            inotify::WatchMask::MOVED_TO | inotify::WatchMask::CLOSE_WRITE,
+        ) {
+            self.wds.push(wd.clone());
+            self.record_wd = Some(wd);
+        }
+    }
+
+    /// What was seen within `timeout`, `None` for nothing.
+    fn wait(&mut self, timeout: Duration) -> Option<Seen> {
+        let first = self.rx.recv_timeout(timeout).ok()?;
+        let mut seen = Seen::default();
+        for (record, name) in std::iter::once(first).chain(self.rx.try_iter()) {
+            if record {
+                seen.record = true;
+            } else {
+                seen.stops.push(name);
+            }
+        }
+        Some(seen)
+    }
+}
+
+impl Drop for FleetWatch {
+    /// Removing a watch queues `IN_IGNORED`, which wakes the thread.
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+        for wd in self.wds.drain(..) {
+            let _ = self.watches.remove(wd);
+        }
     }
 }

@@ -4,6 +4,7 @@
 //! Layout per target and policy (the contract is docs/repository-format.md):
 //! `<policy>/backup/<label>/{manifest.json,data.zst.age,pages.zst.age}`.
 
+pub mod activity;
 pub mod catalog;
 pub mod drill;
 pub mod label;

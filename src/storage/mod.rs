@@ -53,6 +53,16 @@ pub enum Condition {
     Match(String),
 }
 
+/// A small object read only when it changed (`Storage::get_if_changed`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fetched {
+    Absent,
+    /// Its ETag is still the one the reader had.
+    Unchanged,
+    /// Its bytes and ETag.
+    Changed(Vec<u8>, String),
+}
+
 /// What a target does not let dr delete, so that a host that is taken
 /// over cannot erase its backups with dr's credentials.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,6 +149,17 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn get_with_etag(&self, key: &str) -> Result<Option<(Vec<u8>, String)>> {
         let _ = key;
         Ok(None)
+    }
+
+    /// A small object unless its ETag is still `etag`: what a fleet's
+    /// standby asks of the fleet's activity record on every look (S3:
+    /// `If-None-Match`, answered `304` without a body).
+    fn get_if_changed(&self, key: &str, etag: Option<&str>) -> Result<Fetched> {
+        Ok(match self.get_with_etag(key)? {
+            None => Fetched::Absent,
+            Some((_, e)) if Some(e.as_str()) == etag => Fetched::Unchanged,
+            Some((bytes, e)) => Fetched::Changed(bytes, e),
+        })
     }
 
     /// Keys under `prefix` whose newest version is a delete marker while an

@@ -833,6 +833,46 @@ impl Storage for S3Storage {
         }
     }
 
+    /// `If-None-Match`: an unchanged object is a `304` without a body (a
+    /// store that ignores the header sends the object, compared here).
+    fn get_if_changed(&self, key: &str, etag: Option<&str>) -> Result<super::Fetched> {
+        let inner = &self.inner;
+        let res = self.rt.block_on(async {
+            let out = inner
+                .send(|| {
+                    inner
+                        .client
+                        .get_object()
+                        .bucket(&inner.bucket)
+                        .key(inner.full_key(key))
+                        .set_if_none_match(etag.map(str::to_string))
+                        .send()
+                })
+                .await?;
+            let tag = out.e_tag().unwrap_or_default().to_string();
+            let body = out.body.collect().await.map(|b| b.into_bytes().to_vec());
+            Ok::<_, SdkError<aws_sdk_s3::operation::get_object::GetObjectError, _>>((body, tag))
+        });
+        match res {
+            Ok((Ok(_), tag)) if Some(tag.as_str()) == etag => Ok(super::Fetched::Unchanged),
+            Ok((Ok(body), tag)) => Ok(super::Fetched::Changed(body, tag)),
+            Ok((Err(e), _)) => Err(Error::Storage {
+                target: inner.name.clone(),
+                location: inner.location(),
+                action: "read",
+                key: key.to_string(),
+                reason: e.to_string(),
+            }),
+            Err(e) if e.raw_response().is_some_and(|r| r.status().as_u16() == 304) => {
+                Ok(super::Fetched::Unchanged)
+            }
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                Ok(super::Fetched::Absent)
+            }
+            Err(e) => Err(inner.err("read", key, &e)),
+        }
+    }
+
     fn clean_abandoned(
         &self,
         prefix: &str,

@@ -16,9 +16,19 @@ impl Inner {
         }
         let mut still = Vec::new();
         for t in &missing {
-            if let Err(e) = base_one(&m.ctx, &m.policy, &m.db, &m.state, t, &generation) {
-                tracing::error!(policy = %m.policy.name, target = %t, generation = %generation, "full backup for the new generation failed: {e} (retrying in {} s)", BASE_RETRY.as_secs());
-                still.push(t.clone());
+            match base_one(&m.ctx, &m.policy, &m.db, &m.state, t, &generation) {
+                Ok(()) => {
+                    // A fleet's standby waiting for this base hears of it.
+                    if let Some(f) = &m.policy.member
+                        && let Ok(store) = m.ctx.cfg().target(t).and_then(|t| m.ctx.storage(t))
+                    {
+                        self.activities.note(store.as_ref(), &f.policy, &f.db);
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(policy = %m.policy.name, target = %t, generation = %generation, "full backup for the new generation failed: {e} (retrying in {} s)", BASE_RETRY.as_secs());
+                    still.push(t.clone());
+                }
             }
         }
         let mut base = lock(&m.base);

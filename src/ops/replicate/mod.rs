@@ -67,6 +67,7 @@ const WATCH_BATCH: Duration = Duration::from_millis(10);
 const CAPTURE_WORKERS: usize = 2;
 const IO_WORKERS: usize = 4;
 
+mod activity;
 mod bases;
 mod capture;
 mod pool;
@@ -75,6 +76,7 @@ mod shipping;
 mod timers;
 mod watcher;
 
+use activity::Activities;
 use capture::Capture;
 use pool::{Job, Pool};
 use shipping::Shipping;
@@ -157,6 +159,7 @@ impl Engine {
             rescan: AtomicBool::new(true),
             results: Mutex::new(Vec::new()),
             watcher,
+            activities: Activities::default(),
         });
         let mut workers = Vec::new();
         for _ in 0..CAPTURE_WORKERS {
@@ -323,6 +326,8 @@ struct Inner {
     rescan: AtomicBool,
     results: Mutex<Vec<(String, Result<StreamReport>)>>,
     watcher: Option<Watcher>,
+    /// Each fleet's activity record, for its standbys.
+    activities: Activities,
 }
 
 impl Inner {

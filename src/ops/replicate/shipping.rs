@@ -68,6 +68,7 @@ impl Inner {
                         w.commit()
                     })
             };
+            let mut landed = false;
             for s in pending {
                 let key = rwal::segment_key(&policy.name, &s.generation, &s.name);
                 // The keys record first: no segment is stored without it.
@@ -86,6 +87,7 @@ impl Inner {
                         cur.seq = s.last;
                         cur.until = Some(s.until);
                         cur.error = None;
+                        landed = true;
                         if sh.retry_at.remove(&t).is_some() {
                             tracing::info!(policy = %policy.name, target = %t, "target takes WAL segments again; catching up");
                         }
@@ -105,6 +107,9 @@ impl Inner {
                         break;
                     }
                 }
+            }
+            if landed && let Some(f) = &policy.member {
+                self.activities.note(store.as_ref(), &f.policy, &f.db);
             }
             cur.pending_since = segs
                 .iter()
