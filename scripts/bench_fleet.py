@@ -9,7 +9,11 @@ For each N (BENCH_FLEET, default "100 1000") and each tool:
   default 30 s), and the files written to the local target during the
   window. With an S3 target (s3s-fs, BENCH_FLEET_S3, default N=100) every
   request the server answers during a 310 s window (one dr heartbeat
-  period) gives requests per idle database per hour.
+  period) gives requests per idle database per hour. Then (dr only;
+  BENCH_FLEET_FOLLOW=0 skips it) a standby follows the idle fleet with
+  `dr follow tenants` through an S3 server of its own over the same
+  directory: time until every copy exists, and its requests, CPU, RSS and
+  threads over BENCH_FLEET_FOLLOW_WINDOW (default 60 s).
 - busy: 10% of the databases commit 20 small transactions a second each
   for 20 s. A commit's lag is the time from its commit until the first
   file written to its database's replica with an mtime at or after it
@@ -139,17 +143,20 @@ def pct(xs, p):
 class S3:
     """s3s-fs on loopback, logging every request it serves."""
 
-    def __init__(self, work):
+    def __init__(self, work, root=None, log="fleet-s3.log"):
+        """A server of its own over `root` (another server's directory) when
+        given: its log then holds only its own clients' requests."""
         import socket
-        self.root = os.path.join(work, "fleet-s3")
-        if os.path.exists(self.root):
-            shutil.rmtree(self.root)
-        os.makedirs(self.root)
+        self.root = root or os.path.join(work, "fleet-s3")
+        if root is None:
+            if os.path.exists(self.root):
+                shutil.rmtree(self.root)
+            os.makedirs(self.root)
         with socket.socket() as so:
             so.bind(("127.0.0.1", 0))
             self.port = so.getsockname()[1]
         self.ak, self.sk = "fleet-access", "fleet-secret-key-0123456789"
-        self.log = os.path.join(work, "fleet-s3.log")
+        self.log = os.path.join(work, log)
         s3fs = shutil.which("s3s-fs") or os.path.expanduser("~/.cargo/bin/s3s-fs")
         env = dict(os.environ, RUST_LOG="s3s::service=debug", NO_COLOR="1")
         self.proc = subprocess.Popen([s3fs, "--host", "127.0.0.1", "--port", str(self.port),
@@ -267,6 +274,13 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
         "objects_per_db_hour": written / n * 3600 / elapsed,
         "requests_per_db_hour": (s3.requests(r0, s3.mark()) / n * 3600 / elapsed) if s3 else None,
     }
+    if s3 and tool == "dr" and os.environ.get("BENCH_FLEET_FOLLOW", "1") != "0":
+        try:
+            idle.update(follow_idle(dr, work, base, n, s3))
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     busy_dbs = dbs[: max(1, n // 10)]
     before = files(target)
     c0, _, _ = proc_stats(proc.pid)
@@ -289,6 +303,61 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
         "p99": pct(ls, 99),
         "commits": sum(len(v) for v in commits.values()),
     }
+
+
+def follow_idle(dr, work, base, n, s3):
+    """A standby host follows the idle fleet: `dr follow tenants` (defaults:
+    poll 1 s, idle_poll 15 s) through an S3 server of its own over the same
+    directory, so that its log counts the follower's requests alone. How
+    long until every copy exists, then its requests, CPU, RSS and threads
+    over BENCH_FLEET_FOLLOW_WINDOW (default 60 s) of the fleet's quiet."""
+    s3b = S3(work, root=s3.root, log="fleet-s3-follow.log")
+    copies = os.path.join(base, "copies")
+    os.makedirs(copies, exist_ok=True)
+    os.makedirs(os.path.join(base, "policies-b"), exist_ok=True)
+    cfg = open(os.path.join(base, "dr.toml")).read()
+    cfg = cfg.replace('state_dir = "state"', 'state_dir = "state-b"').replace(
+        f"127.0.0.1:{s3.port}", f"127.0.0.1:{s3b.port}")
+    cfg = cfg.replace("[encryption]", 'policies = "policies-b"\n[encryption]', 1)
+    open(os.path.join(base, "dr-b.toml"), "w").write(cfg)
+    pol = open(os.path.join(base, "policies", "tenants.toml")).read()
+    open(os.path.join(base, "policies-b", "tenants.toml"), "w").write(
+        pol.replace(os.path.join(base, "tenants"), copies))
+    log = open(os.path.join(base, "follow.log"), "w")
+    t = time.time()
+    proc = subprocess.Popen([dr, "--config", os.path.join(base, "dr-b.toml"), "follow", "tenants",
+                             "--identity", os.path.join(base, "bench.key")],
+                            stdout=log, stderr=log, cwd=base)
+    try:
+        while len(glob.glob(os.path.join(copies, "*.db"))) < n:
+            if proc.poll() is not None or time.time() - t > 600:
+                raise RuntimeError(f"dr follow did not copy the fleet: see {log.name}")
+            time.sleep(0.2)
+        ready = time.time() - t
+        time.sleep(20)  # every follower through its first looks
+        window = float(os.environ.get("BENCH_FLEET_FOLLOW_WINDOW", 60))
+        c0, _, _ = proc_stats(proc.pid)
+        r0 = s3b.mark()
+        t0 = time.time()
+        time.sleep(window)
+        c1, rss, threads = proc_stats(proc.pid)
+        elapsed = time.time() - t0
+        return {
+            "follow_ready": ready,
+            "follow_requests_per_db_hour": s3b.requests(r0, s3b.mark()) / n * 3600 / elapsed,
+            "follow_requests_per_hour": s3b.requests(r0, s3b.mark()) * 3600 / elapsed,
+            "follow_cpu": 100 * (c1 - c0) / elapsed,
+            "follow_rss": rss,
+            "follow_threads": threads,
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        s3b.stop()
 
 
 def ratio(ours, theirs):
@@ -335,6 +404,20 @@ def s3_rows(dr, work, ls_bin, runs):
             ("idle CPU (% of a core)", 0, "cpu", "{:.2f}"),
             ("busy lag p99 (s)", 1, "p99", "{:.2f}"),
         ])
+        if res["dr"] and "follow_ready" in res["dr"][0][0]:
+            # dr only: Litestream 0.5.17 follows one database a process
+            # (`restore -f`); its idle cost per database is the standby
+            # table's idle row.
+            for name, key, fmt in (
+                ("dr follow of the idle fleet: every copy made (s)", "follow_ready", "{:.1f}"),
+                ("dr follow of the idle fleet: requests per hour, whole fleet", "follow_requests_per_hour", "{:.0f}"),
+                ("dr follow of the idle fleet: requests per db per hour", "follow_requests_per_db_hour", "{:.2f}"),
+                ("dr follow of the idle fleet: CPU (% of a core)", "follow_cpu", "{:.2f}"),
+                ("dr follow of the idle fleet: RSS (MiB)", "follow_rss", "{:.0f}"),
+                ("dr follow of the idle fleet: threads", "follow_threads", "{:.0f}"),
+            ):
+                out.append((f"N={n}, S3 target: {name}", "(one `restore -f` a database)",
+                            spread([r[0][key] for r in res["dr"]], fmt, ""), ""))
     return out
 
 

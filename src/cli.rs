@@ -161,9 +161,26 @@ pub struct RestoreArgs {
     /// Restore from this target (by name) when the policy has several of the kind.
     #[arg(long)]
     pub target: Option<String>,
+    /// SQLite: how the restored database is proven healthy before it
+    /// replaces anything. Every page written is compared with the backup's
+    /// page hashes whatever this says. auto: `PRAGMA quick_check` when the
+    /// newest drill of this backup on the target passed (`dr verify` ran
+    /// the full `integrity_check` on it), else the full `integrity_check`
+    /// (always after a WAL replay: a state no drill checked). full:
+    /// `integrity_check` always. quick: `quick_check` only.
+    #[arg(long, value_enum, default_value_t = CheckArg::Auto)]
+    pub check: CheckArg,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `--check` of a restore (see `ops::proof::Check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CheckArg {
+    Auto,
+    Quick,
+    Full,
 }
 
 #[derive(Debug, Subcommand)]
@@ -841,6 +858,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     idle_poll,
                     shared_process: true,
                     bell: None,
+                    gate: None,
                 };
                 let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
                 let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
@@ -887,6 +905,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     force: *force,
                     at: None,
                     standby: true,
+                    check: ops::proof::Check::Auto,
                 };
                 let r = ops::pg::restore(&ctx, p, pg, t, &opts)?;
                 if *json {
@@ -915,6 +934,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 idle_poll,
                 shared_process: false,
                 bell: None,
+                gate: None,
             };
             let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;
             if *json {
@@ -1235,6 +1255,11 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         force: a.force,
         at: a.at,
         standby: false,
+        check: match a.check {
+            CheckArg::Auto => ops::proof::Check::Auto,
+            CheckArg::Quick => ops::proof::Check::Quick,
+            CheckArg::Full => ops::proof::Check::Full,
+        },
     };
     let pb = progress(a.json, &format!("restore {} <- {}", p.name, t.name));
     let r = Source::of(p).restore(&ctx, t, &opts, &pb);
@@ -1267,9 +1292,22 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
         ),
         None => String::new(),
     };
-    let checked = match r.bytes {
-        Some(b) => format!(" ({}, integrity_check ok)", ops::human_bytes(b)),
-        None => String::new(),
+    let checked = match (r.bytes, &r.proof) {
+        (Some(b), Some(p)) => format!(
+            " ({}; {} pages read back equal to the backup's; {} ok{})",
+            ops::human_bytes(b),
+            p.pages_identical,
+            p.check,
+            p.drill.as_ref().map_or(String::new(), |d| format!(
+                ", integrity_check by the drill of {} on {} (newest backup drilled: {})",
+                d.finished
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                d.host,
+                d.label
+            ))
+        ),
+        (Some(b), None) => format!(" ({})", ops::human_bytes(b)),
+        _ => String::new(),
     };
     println!(
         "restored {} {what}{wal} from {} into {}{checked} in {:.1}s",

@@ -188,6 +188,7 @@ pub fn run(dir: &Path) -> Result<()> {
             force: false,
             at: None,
             standby: false,
+            check: ops::proof::Check::Auto,
         },
         &hidden,
     )?;

@@ -189,6 +189,7 @@ fn supervise(
         idle_poll,
         shared_process: true,
         bell: None,
+        gate: None,
     };
     let set = |f: &dyn Fn(&mut FollowStatus)| {
         let mut all = lock(statuses);

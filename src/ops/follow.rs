@@ -49,6 +49,9 @@ pub struct FollowOptions {
     /// looks at the target on its own only every [`GOVERNED_LOOK`] when
     /// idle.
     pub bell: Option<std::sync::Arc<super::bell::Bell>>,
+    /// A fleet's followers make their first copy through this, a few at a
+    /// time.
+    pub gate: Option<std::sync::Arc<super::bell::Gate>>,
 }
 
 /// How often an idle follower of a fleet whose activity record is read
@@ -108,7 +111,10 @@ pub fn follow(
             tracing::info!(policy = %policy.name, to = %opts.to.display(), generation = %st.generation, frame = st.frame, "continuing the copy where it stopped");
             (st.generation, st.frame)
         }
-        _ => first_copy(ctx, policy, target, opts)?,
+        _ => {
+            let _entered = opts.gate.as_ref().map(|g| g.enter());
+            first_copy(ctx, policy, target, opts)?
+        }
     };
     let mut f = Follower {
         ctx,
@@ -155,6 +161,7 @@ fn first_copy(
             force: opts.force,
             at: None,
             standby: false,
+            check: super::proof::Check::Auto,
         },
         &Silent,
     )?;
@@ -434,7 +441,9 @@ impl Follower<'_> {
                     e,
                 )
             })?;
-        materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), &Silent)?;
+        let (_, written) =
+            materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), &Silent)?;
+        super::proof::identity(repo, &chain, unsealing, &written, tmp.as_file())?;
         crate::sqlite::integrity_check(tmp.path())?;
         copy.replace_all(tmp.path(), base.seq)?;
         tracing::info!(policy = %self.policy.name, from = %self.generation, generation = %base.generation, base = %base.label, "the source started a new generation: re-based on its base backup");

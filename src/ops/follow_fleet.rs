@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::bell::Bell;
+use super::bell::{Bell, Gate};
 use super::follow::{FollowOptions, Followed, follow};
 use crate::config::{Policy, Target, TargetKind};
 use crate::context::Context;
@@ -45,6 +45,12 @@ const RESCAN: Duration = Duration::from_secs(300);
 const GOVERNED_RESCAN: Duration = Duration::from_secs(3600);
 /// The coordinator's longest sleep: how late a signal's stop is seen.
 const TICK: Duration = Duration::from_secs(1);
+/// First copies made at once (each a whole restore).
+const FIRST_COPIES: usize = 4;
+/// A follower that stopped because the target could not be read starts
+/// again after this, doubling to [`MAX_RETRY`].
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(60);
 
 /// What a fleet's followers did.
 #[derive(Debug, Clone, Serialize, Default)]
@@ -100,6 +106,8 @@ pub fn follow_fleet(
         last: None,
         etag: None,
         rescan_now: false,
+        gate: Arc::new(Gate::new(FIRST_COPIES)),
+        retry: BTreeMap::new(),
     };
     let record_dir = match &target.kind {
         TargetKind::Local { path } => Some(path.join(&fleet.name)),
@@ -135,6 +143,7 @@ pub fn follow_fleet(
             }
         }
         c.collect_finished();
+        c.retry_due();
         let nap = next_look
             .saturating_duration_since(Instant::now())
             .min(TICK);
@@ -188,6 +197,11 @@ struct Coordinator<'a> {
     last: Option<(String, u64)>,
     etag: Option<String>,
     rescan_now: bool,
+    /// First copies a few at a time.
+    gate: Arc<Gate>,
+    /// Followers that stopped because the target could not be read: when
+    /// each starts again, and the wait after that.
+    retry: BTreeMap<String, (Instant, Duration)>,
 }
 
 impl Coordinator<'_> {
@@ -280,6 +294,7 @@ impl Coordinator<'_> {
             to: copy,
             shared_process: true,
             bell: Some(bell.clone()),
+            gate: Some(self.gate.clone()),
             ..self.opts.clone()
         };
         let handle = std::thread::Builder::new()
@@ -302,6 +317,22 @@ impl Coordinator<'_> {
         for r in self.running.values() {
             if asked(&r.stop_file) {
                 r.bell.ring();
+            }
+        }
+    }
+
+    /// Starts again the followers whose retry is due.
+    fn retry_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .retry
+            .iter()
+            .filter(|(db, (at, _))| *at <= now && !self.running.contains_key(*db))
+            .map(|(db, _)| db.clone())
+            .collect();
+        for db in due {
+            if let Err(e) = self.start(&db) {
+                tracing::error!(policy = %self.fleet.name, db, "{e}");
             }
         }
     }
@@ -332,6 +363,17 @@ impl Coordinator<'_> {
             }
             Ok(Err(Error::NotFound(e))) if !self.stop.load(Ordering::Relaxed) => {
                 tracing::info!(policy = %name, "not followed yet: {e}; followed once the target holds its first backup");
+            }
+            // The target could not be read (exit 1): not the database's
+            // fault; it starts again, as the daemon's followers do.
+            Ok(Err(e)) if e.exit_code() == 1 && !self.stop.load(Ordering::Relaxed) => {
+                let wait = self
+                    .retry
+                    .get(db)
+                    .map_or(FIRST_RETRY, |(_, w)| (*w * 2).min(MAX_RETRY));
+                tracing::warn!(policy = %name, "the follower stopped: {e}; starting it again in {} s", wait.as_secs());
+                self.retry
+                    .insert(db.to_string(), (Instant::now() + wait, wait));
             }
             Ok(Err(e)) => {
                 tracing::error!(policy = %name, "stopped following: {e}");

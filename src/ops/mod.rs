@@ -15,6 +15,7 @@ pub mod members;
 pub mod pg;
 pub mod policy_repo;
 pub mod promotion;
+pub mod proof;
 pub mod replicate;
 pub mod report;
 pub mod restore;

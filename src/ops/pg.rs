@@ -418,6 +418,7 @@ pub fn restore(
         to: to.to_path_buf(),
         bytes: None,
         seconds: started.elapsed().as_secs_f64(),
+        proof: None,
         next_step: Some(if opts.standby {
             format!(
                 "start it with: runuser -u {user} -- pg_ctl -D {} start: a standby, read-only, replaying the archive as segments arrive (restore_command runs pgBackRest's archive-get). `dr promote {}` makes it the primary",

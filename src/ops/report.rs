@@ -104,6 +104,9 @@ pub struct RestoreReport {
     /// What the user must do next (PostgreSQL: start the cluster).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub next_step: Option<String>,
+    /// SQLite: what the restore proved before it replaced anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proof: Option<super::proof::Proof>,
 }
 
 /// The WAL part of a point-in-time restore.

@@ -1,9 +1,12 @@
 //! Restoring a SQLite backup into a file, atomically.
 //!
 //! Pages are written into a temporary file next to the destination, the
-//! stream's hashes are checked, SQLite's `integrity_check` runs on the
-//! result, and only then is it fsynced and renamed over the destination. Any
-//! failure before the rename leaves the destination exactly as it was.
+//! stream's hashes are checked, every page written is read back and
+//! compared with the backup's page hashes, WAL is replayed when asked,
+//! SQLite checks the result (`proof`: `integrity_check`, or `quick_check`
+//! when a drill already ran `integrity_check` on the same backup), and only
+//! then is it fsynced and renamed over the destination. Any failure before
+//! the rename leaves the destination exactly as it was.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -12,6 +15,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use super::PolicyRepo;
+use super::proof::{self, Check, Proof, Written};
 use super::report::{Replayed, RestoreReport};
 use crate::codec::Decoder;
 use crate::config::{Policy, Target};
@@ -20,7 +24,7 @@ use crate::error::{Error, Result, io_reason};
 use crate::keys::Unsealing;
 use crate::progress::{Counted, Progress};
 use crate::repo::{self, Label, Manifest, wal::Replay};
-use crate::sqlite::{self, apply};
+use crate::sqlite::apply;
 
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
@@ -36,6 +40,8 @@ pub struct RestoreOptions {
     /// PostgreSQL: a standby that keeps replaying the archive (`dr follow`)
     /// until `dr promote`, instead of a cluster that promotes at the end.
     pub standby: bool,
+    /// SQLite: how the restored database is proven healthy (`proof`).
+    pub check: Check,
 }
 
 /// Picks the backup to restore: the named label, or the newest committed one.
@@ -147,7 +153,7 @@ pub fn restore(
     if let Some(meta) = &replaced {
         keep_owner_and_mode(tmp.as_file(), meta, to)?;
     }
-    let bytes = materialize(
+    let (bytes, written) = materialize(
         &repo,
         &chain,
         unsealing.as_ref(),
@@ -155,6 +161,9 @@ pub fn restore(
         tmp.path(),
         progress,
     )?;
+    // Before any WAL changes a page: the file is the backup, page by page.
+    let pages_identical =
+        proof::identity(&repo, &chain, unsealing.as_ref(), &written, tmp.as_file())?;
     let wal = match &replay {
         Some(plan) => Some(replay_wal(
             &repo,
@@ -171,12 +180,13 @@ pub fn restore(
         seconds = started.elapsed().as_secs_f64(),
         "pages written, hashes verified"
     );
-    // fsync (I/O wait) and integrity_check (CPU) overlap; both must pass before the rename.
+    let (check, drill) = proof::health(&repo, &label, replay.is_some(), opts.check);
+    // fsync (I/O wait) and the check (CPU) overlap; both must pass before the rename.
     let syncing = tmp
         .as_file()
         .try_clone()
         .map(|f| std::thread::spawn(move || f.sync_all()));
-    let checked = sqlite::integrity_check(tmp.path());
+    let checked = proof::run_check(tmp.path(), check);
     let synced = match syncing {
         Ok(handle) => handle
             .join()
@@ -187,7 +197,8 @@ pub fn restore(
     synced.map_err(|e| Error::io(format!("cannot fsync {}", tmp.path().display()), e))?;
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
-        "integrity_check ok, fsynced"
+        check,
+        "checked, fsynced"
     );
     replace(tmp, to)?;
     Ok(RestoreReport {
@@ -201,6 +212,11 @@ pub fn restore(
         bytes: Some(bytes),
         seconds: started.elapsed().as_secs_f64(),
         next_step: None,
+        proof: Some(Proof {
+            pages_identical,
+            check,
+            drill,
+        }),
     })
 }
 
@@ -393,7 +409,8 @@ pub fn replay_wal(
 }
 
 /// Writes the pages of `chain` (a full, then optionally a diff) into `file`.
-/// Returns the size of the database written.
+/// Returns the size of the database written, and the hashes of the pages
+/// the diffs wrote (for `proof::identity`).
 pub fn materialize(
     repo: &PolicyRepo<'_>,
     chain: &[Manifest],
@@ -401,7 +418,7 @@ pub fn materialize(
     file: &File,
     path: &Path,
     progress: &dyn Progress,
-) -> Result<u64> {
+) -> Result<(u64, Written)> {
     let Some(last) = chain.last() else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
@@ -410,7 +427,8 @@ pub fn materialize(
         .filter_map(|m| m.objects.get(repo::DATA).map(|o| o.plain_size))
         .sum();
     progress.set_total(total);
-    for m in chain {
+    let mut written = Written::new();
+    for (i, m) in chain.iter().enumerate() {
         let Some(expected) = m.objects.get(repo::DATA) else {
             return Err(Error::Integrity {
                 object: format!("backup {}", m.label),
@@ -431,12 +449,27 @@ pub fn materialize(
         let raw = repo.storage.open(&key)?;
         let dec = Decoder::new(raw, &object, expected, unsealing, m.encrypted())?;
         let counted = std::io::BufReader::with_capacity(1 << 20, Counted::new(dec, progress));
-        apply::apply_pages(counted, &object, m.page_size, m.page_count, file, path)?;
+        // The full's pages are compared with its page index; a diff's,
+        // with their hashes taken here.
+        let mut seen = |pgno: u32, page: &[u8]| {
+            if i > 0 {
+                written.insert(pgno, crate::sqlite::pages::page_hash(page));
+            }
+        };
+        apply::apply_pages(
+            counted,
+            &object,
+            m.page_size,
+            m.page_count,
+            file,
+            path,
+            &mut seen,
+        )?;
     }
     let size = last.page_count * u64::from(last.page_size);
     file.set_len(size)
         .map_err(|e| apply::write_error(path, e))?;
-    Ok(size)
+    Ok((size, written))
 }
 
 fn sidecars(path: &Path) -> [PathBuf; 3] {

@@ -301,8 +301,9 @@ fn scratch_file(ctx: &Context) -> Result<tempfile::NamedTempFile> {
         })
 }
 
-/// Restores the chain of `label` to a scratch file, replays `wal` onto it
-/// when given, and runs `integrity_check`.
+/// Restores the chain of `label` to a scratch file, compares its pages
+/// with the backup's page hashes, replays `wal` onto it when given, and
+/// runs `integrity_check`.
 fn drill(
     ctx: &Context,
     repo: &PolicyRepo<'_>,
@@ -313,7 +314,8 @@ fn drill(
 ) -> Result<()> {
     let chain = repo.chain(label)?;
     let tmp = scratch_file(ctx)?;
-    materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
+    let (_, written) = materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
+    super::proof::identity(repo, &chain, unsealing, &written, tmp.as_file())?;
     if let Some(plan) = wal {
         replay_wal(repo, plan, &chain, unsealing, tmp.as_file(), tmp.path())?;
     }

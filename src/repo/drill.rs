@@ -108,6 +108,36 @@ pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Drills> {
     Ok(out)
 }
 
+/// The newest drill record of `policy` on a target that concerns backup
+/// `label`: one that restored it (and passed), or one that failed on it
+/// or failed without naming its backup.
+/// One listing, then the records from the newest back, at most
+/// [`READ_AT_MOST`] of them.
+pub fn about(storage: &dyn Storage, policy: &str, label: &str) -> Result<Option<DrillRecord>> {
+    let keys = super::records_newest_first(storage, &prefix(policy))?;
+    for k in keys.iter().take(READ_AT_MOST) {
+        let bytes = storage.get_bytes(k)?;
+        let Ok(r) = serde_json::from_slice::<DrillRecord>(&bytes) else {
+            continue;
+        };
+        if r.format > FORMAT || r.policy != policy {
+            continue;
+        }
+        let restored = r.restored.iter().any(|l| l == label);
+        // A failed drill that does not name its backup may have failed on
+        // this one: nothing older is relied on.
+        let concerns = if r.ok {
+            restored
+        } else {
+            r.label.is_empty() || r.label == label || restored
+        };
+        if concerns {
+            return Ok(Some(r));
+        }
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

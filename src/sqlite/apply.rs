@@ -28,7 +28,9 @@ pub fn write_error(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// Writes every page of the stream `pages` (the object `object`, which the
-/// manifest says has `page_size` and `page_count`) into `file` at `path`.
+/// manifest says has `page_size` and `page_count`) into `file` at `path`;
+/// `seen` hears each page written (a diff's pages are hashed for the
+/// restore's proof of identity).
 pub fn apply_pages(
     pages: impl Read,
     object: &str,
@@ -36,6 +38,7 @@ pub fn apply_pages(
     page_count: u64,
     file: &File,
     path: &Path,
+    seen: &mut dyn FnMut(u32, &[u8]),
 ) -> Result<()> {
     let write_err = |e| write_error(path, e);
     let mut pages = PageReader::new(pages).map_err(|e| read_error(object, e))?;
@@ -48,6 +51,7 @@ pub fn apply_pages(
     let ps = u64::from(pages.page_size);
     let mut out = Coalesce::new(file);
     while let Some((pgno, data)) = pages.next_page().map_err(|e| read_error(object, e))? {
+        seen(pgno, data);
         out.put((u64::from(pgno) - 1) * ps, data)
             .map_err(write_err)?;
     }
