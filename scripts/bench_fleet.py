@@ -330,7 +330,9 @@ def follow_idle(dr, work, base, n, s3):
                             stdout=log, stderr=log, cwd=base)
     try:
         while len(glob.glob(os.path.join(copies, "*.db"))) < n:
-            if proc.poll() is not None or time.time() - t > 600:
+            # s3s-fs answers a prefix listing by walking the whole bucket,
+            # so at 1,000 databases each of a first copy's listings is slow.
+            if proc.poll() is not None or time.time() - t > 1800:
                 raise RuntimeError(f"dr follow did not copy the fleet: see {log.name}")
             time.sleep(0.2)
         ready = time.time() - t

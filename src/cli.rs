@@ -1119,7 +1119,11 @@ fn run_command(cli: Cli) -> Result<()> {
                 for e in &all {
                     println!(
                         "{} {} {} on {}: {}",
-                        if e.removed { "removed" } else { "would remove" },
+                        match (e.removed, e.kept) {
+                            (true, _) => "removed",
+                            (false, true) => "keeps",
+                            (false, false) => "would remove",
+                        },
                         e.policy,
                         e.label,
                         e.target,

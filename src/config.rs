@@ -126,6 +126,10 @@ struct RawSchedule {
 struct RawRetention {
     full: Option<Spanned<u32>>,
     diff: Option<Spanned<u32>>,
+    keep_daily: Option<Spanned<u32>>,
+    keep_weekly: Option<Spanned<u32>>,
+    keep_monthly: Option<Spanned<u32>>,
+    keep_yearly: Option<Spanned<u32>>,
     incomplete_grace: Option<Spanned<String>>,
     window: Option<Spanned<String>>,
 }
@@ -289,6 +293,9 @@ pub struct Retention {
     pub incomplete_grace: Duration,
     /// Every instant this far back stays restorable, whatever the counts say.
     pub window: Option<Duration>,
+    /// `keep_daily` … `keep_yearly`, in the daemon's time zone: with any
+    /// of them, retention keeps what any rule keeps (`repo::retention::plan_calendar`).
+    pub calendar: crate::repo::calendar::Calendar,
 }
 
 impl Default for Retention {
@@ -298,6 +305,7 @@ impl Default for Retention {
             diff: None,
             incomplete_grace: Duration::from_secs(3600),
             window: None,
+            calendar: Default::default(),
         }
     }
 }
@@ -591,6 +599,7 @@ pub fn load(path: &Path) -> Result<Config> {
                     ] {
                         *spec = spec.take().map(|s| s.in_zone(zone));
                     }
+                    p.retention.calendar.zone = zone;
                     policies.push(p);
                 }
             }
@@ -1114,6 +1123,35 @@ fn check_policy(
             ok = false;
         }
         retention.diff = r.diff.as_ref().map(|d| *d.get_ref());
+        for (key, raw, slot) in [
+            ("keep_daily", &r.keep_daily, &mut retention.calendar.daily),
+            (
+                "keep_weekly",
+                &r.keep_weekly,
+                &mut retention.calendar.weekly,
+            ),
+            (
+                "keep_monthly",
+                &r.keep_monthly,
+                &mut retention.calendar.monthly,
+            ),
+            (
+                "keep_yearly",
+                &r.keep_yearly,
+                &mut retention.calendar.yearly,
+            ),
+        ] {
+            if let Some(v) = raw {
+                if *v.get_ref() == 0 {
+                    d.at(
+                        v.span(),
+                        format!("retention.{key} must be at least 1 (how many periods keep their newest backup): remove the key for no such rule"),
+                    );
+                    ok = false;
+                }
+                *slot = Some(*v.get_ref());
+            }
+        }
         if let Some(g) = &r.incomplete_grace {
             match humantime::parse_duration(g.get_ref()) {
                 Ok(v) if v > MAX_GRACE => {
@@ -1286,6 +1324,24 @@ fn check_policy(
         }
     };
     let source = source?;
+    if matches!(source, Source::Postgres(_))
+        && let Some(r) = &rp.retention
+        && let Some(k) = [
+            &r.keep_daily,
+            &r.keep_weekly,
+            &r.keep_monthly,
+            &r.keep_yearly,
+        ]
+        .into_iter()
+        .flatten()
+        .next()
+    {
+        d.at(
+            k.span(),
+            "retention.keep_daily/weekly/monthly/yearly apply to SQLite policies: pgBackRest keeps by count (retention.full, retention.diff); remove the key".into(),
+        );
+        ok = false;
+    }
     let notify = rp.notify.as_ref().map(|n| notify_of(n, d));
     let follow = match &rp.follow {
         Some(raw) => {

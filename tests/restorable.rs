@@ -279,6 +279,21 @@ fn retention_diff_zero_and_other_settings_that_lose_data_are_config_errors() {
     let r = env.dr(&["config", "validate"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("incomplete_grace"), "{}", r.stderr);
+    env.write_policy(
+        "app",
+        "app.db",
+        "[retention]
+keep_weekly = 0
+",
+    );
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2);
+    assert!(
+        r.stderr
+            .contains("retention.keep_weekly must be at least 1"),
+        "{}",
+        r.stderr
+    );
     env.write_policy("app", "app.db", "[schedule]\nfull = \"0 0 31 2 *\"\n");
     let r = env.dr(&["config", "validate"]);
     assert_eq!(r.code, 2);
@@ -671,4 +686,141 @@ Command::new("python3")
         "the wait is said: {}",
         r.stderr
     );
+}
+
+/// Calendar retention on a real repository: one real full backup, cloned
+/// under labels spread over five weeks (its manifest rewritten to say so),
+/// then `keep_daily = 3` and `keep_weekly = 3`: `expire --dry-run` names
+/// the rule that keeps each backup, `expire` removes exactly the others,
+/// and the oldest backup kept still restores exactly.
+#[test]
+fn calendar_retention_keeps_the_newest_of_each_day_and_week_and_says_which_rule() {
+    let env = Env::new("[retention]\nkeep_daily = 3\nkeep_weekly = 3\n");
+    make_db(&env.db, false, 50, 200);
+    env.dr(&["backup-local", "app", "--type", "full"]).ok();
+    let root = env.path("backups/app/backup");
+    let real = std::fs::read_dir(&root)
+        .expect("backups")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .next()
+        .expect("one backup");
+    let manifest =
+        std::fs::read_to_string(root.join(&real).join("manifest.json")).expect("manifest");
+    // Days of November and December 2026 (UTC), newest last; each listed
+    // Monday starts an ISO week (2 Nov: week 45 … 30 Nov: week 49), and 27
+    // Nov is the Friday of week 48.
+    let at = [
+        (11, 2, 1),
+        (11, 9, 1),
+        (11, 16, 1),
+        (11, 23, 1),
+        (11, 27, 1),
+        (11, 30, 1),
+        (12, 2, 1),
+        (12, 2, 13),
+        (12, 3, 1),
+        (12, 4, 1),
+        (12, 4, 13),
+    ];
+    let mut labels = Vec::new();
+    for (m, d, h) in at {
+        let label = format!("2026{m:02}{d:02}-{h:02}0000F");
+        let ts = format!("2026-{m:02}-{d:02}T{h:02}:00:00Z");
+        let dir = root.join(&label);
+        std::fs::create_dir_all(&dir).expect("dir");
+        for e in std::fs::read_dir(root.join(&real))
+            .expect("objects")
+            .flatten()
+        {
+            if e.file_name() != "manifest.json" {
+                std::fs::copy(e.path(), dir.join(e.file_name())).expect("copy");
+            }
+        }
+        // The manifest's envelope: the body, and the SHA-256 of its text.
+        let v: serde_json::Value = serde_json::from_str(&manifest).expect("json");
+        let mut body = v["manifest"].clone();
+        body["label"] = label.clone().into();
+        body["timestamp_start"] = ts.clone().into();
+        body["timestamp_stop"] = ts.into();
+        let text = body.to_string();
+        let sum = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(text.as_bytes()));
+        std::fs::write(
+            dir.join("manifest.json"),
+            format!("{{\"manifest\": {text},\n\"sha256\": \"{sum}\"}}\n"),
+        )
+        .expect("manifest");
+        labels.push(label);
+    }
+    // The real backup is the newest (taken today): gone with it, the
+    // clones are the whole history.
+    std::fs::remove_dir_all(root.join(&real)).expect("rm real");
+    let r = env.dr(&["expire", "app", "--dry-run", "--json"]).ok();
+    let items = r.json();
+    let rows = items.as_array().expect("array");
+    let kept: std::collections::BTreeMap<String, String> = rows
+        .iter()
+        .filter(|e| e["kept"] == true)
+        .map(|e| {
+            (
+                e["label"].as_str().unwrap_or_default().to_string(),
+                e["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect();
+    let removed: Vec<String> = rows
+        .iter()
+        .filter(|e| e["kept"] != true)
+        .map(|e| e["label"].as_str().unwrap_or_default().to_string())
+        .collect();
+    // Days: 4 Dec (13:00), 3 Dec, 2 Dec (13:00). Weeks: 49 (4 Dec 13:00),
+    // 48 (27 Nov, newer than 23 Nov), 47 (16 Nov).
+    let want_kept = [&labels[2], &labels[4], &labels[7], &labels[8], &labels[10]];
+    assert_eq!(
+        kept.keys().collect::<Vec<_>>(),
+        want_kept.to_vec(),
+        "{items:#}"
+    );
+    assert!(
+        kept[&labels[10]].contains("keep_daily = 3: the newest of 2026-12-04"),
+        "{}",
+        kept[&labels[10]]
+    );
+    assert!(kept[&labels[10]].contains("keep_weekly = 3: the newest of 2026-W49"));
+    assert!(kept[&labels[10]].contains("the newest restorable backup"));
+    assert_eq!(kept[&labels[2]], "keep_weekly = 3: the newest of 2026-W47");
+    assert_eq!(removed.len(), labels.len() - want_kept.len(), "{items:#}");
+    let text = env.dr(&["expire", "app", "--dry-run"]).ok().stdout;
+    assert!(
+        text.contains(&format!(
+            "keeps app {} on local: keep_weekly = 3",
+            labels[4]
+        )),
+        "{text}"
+    );
+
+    env.dr(&["expire", "app"]).ok();
+    let mut left: Vec<String> = std::fs::read_dir(&root)
+        .expect("backups")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(
+        left,
+        want_kept.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    );
+    let to = env.path("oldest.db").display().to_string();
+    env.dr(&[
+        "restore-local",
+        "app",
+        "--backup",
+        &labels[2],
+        "--to",
+        &to,
+        "--identity",
+        &env.key_arg(),
+    ])
+    .ok();
+    assert_eq!(common::dump(&env.path("oldest.db")), common::dump(&env.db));
 }

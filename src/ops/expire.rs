@@ -62,13 +62,25 @@ pub fn expire_locked(
         .window
         .and_then(|w| chrono::Duration::from_std(w).ok())
         .map(|w| now - w);
-    for r in retention::plan(
-        &candidates,
-        policy.retention.full,
-        policy.retention.diff,
-        window_start,
-    ) {
-        doomed.push((r.label, r.reason));
+    let r = &policy.retention;
+    if r.calendar.any() {
+        let (removals, kept) =
+            retention::plan_calendar(&candidates, r.full, r.diff, window_start, &r.calendar);
+        doomed.extend(removals.into_iter().map(|r| (r.label, r.reason)));
+        if dry_run {
+            out.extend(kept.into_iter().rev().map(|(label, whys)| Expired {
+                policy: policy.name.clone(),
+                target: target.name.clone(),
+                label: label.to_string(),
+                reason: whys.join("; "),
+                removed: false,
+                kept: true,
+            }));
+        }
+    } else {
+        for r in retention::plan(&candidates, r.full, r.diff, window_start) {
+            doomed.push((r.label, r.reason));
+        }
     }
     for d in dirs.iter().filter(|d| !d.has_manifest) {
         if now - d.modified >= grace {
@@ -98,6 +110,7 @@ pub fn expire_locked(
                 label: label.to_string(),
                 reason: format!("{reason}; kept: {}", held_why(protection, until)),
                 removed: false,
+                kept: false,
             });
             continue;
         }
@@ -122,6 +135,7 @@ pub fn expire_locked(
             label: label.to_string(),
             reason,
             removed: !dry_run,
+            kept: false,
         });
     }
     out.extend(expire_wal(
@@ -202,6 +216,7 @@ fn expire_wal(
                 label,
                 reason: format!("{}; kept: {}", r.reason, held_why(protection, until)),
                 removed: false,
+                kept: false,
             });
             continue;
         }
@@ -218,6 +233,7 @@ fn expire_wal(
             label,
             reason: r.reason,
             removed: !dry_run,
+            kept: false,
         });
     }
     Ok(out)

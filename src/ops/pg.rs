@@ -639,6 +639,7 @@ pub fn expire(
                 label: b.label.clone(),
                 reason: reason.clone(),
                 removed: !dry_run,
+                kept: false,
             }
         })
         .collect())

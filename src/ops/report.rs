@@ -157,6 +157,10 @@ pub struct Expired {
     pub label: String,
     pub reason: String,
     pub removed: bool,
+    /// `--dry-run` with calendar rules: a backup that stays, and `reason`
+    /// says which rules keep it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub kept: bool,
 }
 
 /// One line for a check without the key: what was proven here, and the

@@ -5,6 +5,7 @@
 //! `<policy>/backup/<label>/{manifest.json,data.zst.age,pages.zst.age}`.
 
 pub mod activity;
+pub mod calendar;
 pub mod catalog;
 pub mod drill;
 pub mod label;

@@ -7,6 +7,9 @@
 //! here (it stays for the user to inspect and remove on purpose). The
 //! newest restorable chain is never removed, whatever the counts say.
 //!
+//! Calendar rules (`keep_daily` …, `repo::calendar`) switch to keeping:
+//! see [`plan_calendar`].
+//!
 //! `window` (pgBackRest's time-based retention, Litestream's retention) keeps
 //! whatever a restore to any instant inside it needs, whatever the counts
 //! say: every restorable backup taken inside it, and the newest one taken
@@ -181,10 +184,195 @@ pub fn plan(
     out
 }
 
+/// With calendar rules (`repo::calendar`), retention keeps rather than
+/// counts down, as restic's `forget` does: a backup stays when any rule
+/// keeps it (the newest restorable chain, `window`, the `full` newest
+/// fulls, the `diff` newest diffs, a calendar period's newest), a kept
+/// diff keeps its full, and a base of a WAL generation newer than the
+/// oldest full kept stays; every other restorable backup goes. Damaged
+/// backups are never removed here. Returns the removals, newest first, and
+/// why each kept backup stays (for `expire --dry-run`).
+pub fn plan_calendar(
+    committed: &[Candidate],
+    full: Option<u32>,
+    diff: Option<u32>,
+    window_start: Option<DateTime<Utc>>,
+    calendar: &super::calendar::Calendar,
+) -> (Vec<Removal>, std::collections::BTreeMap<Label, Vec<String>>) {
+    let labels: BTreeSet<&Label> = committed.iter().map(|c| &c.label).collect();
+    let intact = intact_labels(committed);
+    let usable: Vec<&Label> = intact
+        .iter()
+        .copied()
+        .filter(|l| restorable(&intact, l))
+        .collect();
+    let mut kept: std::collections::BTreeMap<Label, Vec<String>> = Default::default();
+    fn keep_in(kept: &mut std::collections::BTreeMap<Label, Vec<String>>, l: &Label, why: String) {
+        if l.kind() == BackupType::Diff {
+            kept.entry(l.full_label())
+                .or_default()
+                .push(format!("the full of {l}, which is kept"));
+        }
+        kept.entry(l.clone()).or_default().push(why);
+    }
+    let mut keep = |l: &Label, why: String| keep_in(&mut kept, l, why);
+    if let Some(n) = newest_restorable(committed) {
+        keep(n, "the newest restorable backup".into());
+    }
+    for l in window_needs(&intact, window_start) {
+        keep(
+            &l,
+            "retention.window: a restore inside the window needs it".into(),
+        );
+    }
+    let uncounted: BTreeSet<&Label> = committed
+        .iter()
+        .filter(|c| !c.counted)
+        .map(|c| &c.label)
+        .collect();
+    let fulls: Vec<&Label> = usable
+        .iter()
+        .copied()
+        .filter(|l| l.kind() == BackupType::Full && !uncounted.contains(l))
+        .collect();
+    if let Some(n) = full {
+        for l in fulls.iter().rev().take(n.max(1) as usize) {
+            keep(l, format!("retention.full = {n}"));
+        }
+    }
+    if let Some(n) = diff {
+        for l in usable
+            .iter()
+            .filter(|l| l.kind() == BackupType::Diff)
+            .rev()
+            .take(n.max(1) as usize)
+        {
+            keep(l, format!("retention.diff = {n}"));
+        }
+    }
+    for (l, whys) in calendar.keeps(&usable) {
+        for why in whys {
+            keep(&l, why);
+        }
+    }
+    let oldest_full = kept
+        .keys()
+        .filter(|l| l.kind() == BackupType::Full)
+        .min()
+        .cloned();
+    for base in usable.iter().filter(|l| uncounted.contains(*l)) {
+        if oldest_full.as_ref().is_some_and(|o| *base > o) {
+            keep_in(
+                &mut kept,
+                base,
+                "base of a WAL generation newer than the oldest full kept".into(),
+            );
+        }
+    }
+    let mut out = Vec::new();
+    let mut removed: BTreeSet<&Label> = BTreeSet::new();
+    for l in usable.iter().filter(|l| l.kind() == BackupType::Full) {
+        if !kept.contains_key(*l) {
+            removed.insert(l);
+            out.push(Removal {
+                label: (*l).clone(),
+                reason: "no retention rule keeps it".into(),
+            });
+        }
+    }
+    for d in labels.iter().filter(|l| l.kind() == BackupType::Diff) {
+        let parent = d.full_label();
+        if kept.contains_key(*d) {
+            continue;
+        }
+        let reason = if !labels.contains(&parent) {
+            format!(
+                "its full {parent} no longer exists (an interrupted expire left it): it cannot be restored"
+            )
+        } else if removed.contains(&parent) {
+            format!("its full {parent} expires")
+        } else if restorable(&intact, d) {
+            "no retention rule keeps it".into()
+        } else {
+            continue;
+        };
+        out.push(Removal {
+            label: (*d).clone(),
+            reason,
+        });
+    }
+    out.sort_by(|a, b| b.label.cmp(&a.label));
+    (out, kept)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn calendar_rules_keep_the_newest_of_each_period_with_what_it_needs() {
+        use crate::repo::calendar::Calendar;
+        let day = |d: u32, h: u32| {
+            Utc.with_ymd_and_hms(2026, 11, d, h, 0, 0)
+                .single()
+                .expect("t")
+        };
+        // A full each day at 01:00, a diff at 13:00, for five days.
+        let mut ls = Vec::new();
+        for d in 1..=5 {
+            let f = Label::full(day(d, 1));
+            ls.push(Label::diff_of(&f, day(d, 13)));
+            ls.push(f);
+        }
+        let refs: Vec<&Label> = ls.iter().collect();
+        let all = intact(&refs);
+        let cal = Calendar {
+            daily: Some(2),
+            ..Calendar::default()
+        };
+        let (removed, kept) = plan_calendar(&all, None, None, None, &cal);
+        // The 5th's diff (the newest: also kept as such) and the 4th's
+        // diff, each with its full; the rest goes, diffs before fulls.
+        let f5 = Label::full(day(5, 1));
+        let d5 = Label::diff_of(&f5, day(5, 13));
+        let f4 = Label::full(day(4, 1));
+        let d4 = Label::diff_of(&f4, day(4, 13));
+        assert_eq!(
+            kept.keys().cloned().collect::<Vec<_>>(),
+            vec![f4.clone(), d4.clone(), f5.clone(), d5.clone()]
+        );
+        assert!(
+            kept[&d4]
+                .iter()
+                .any(|w| w == "keep_daily = 2: the newest of 2026-11-04")
+        );
+        assert!(kept[&f4].iter().any(|w| w.starts_with("the full of")));
+        assert_eq!(removed.len(), 6);
+        assert!(removed.iter().all(|r| r.label.time() < day(4, 0)));
+        // A rule keeps what any rule keeps: full = 3 adds the 3rd's full,
+        // whose diff goes.
+        let (removed, kept) = plan_calendar(&all, Some(3), None, None, &cal);
+        let f3 = Label::full(day(3, 1));
+        assert!(kept[&f3].iter().any(|w| w == "retention.full = 3"));
+        assert!(
+            removed
+                .iter()
+                .any(|r| r.label == Label::diff_of(&f3, day(3, 13)))
+        );
+        assert!(!removed.iter().any(|r| r.label == f3));
+        // A damaged backup is never removed, and a diff of a damaged full
+        // neither.
+        let mut damaged = all.clone();
+        for c in damaged
+            .iter_mut()
+            .filter(|c| c.label == Label::full(day(1, 1)))
+        {
+            c.intact = false;
+        }
+        let (removed, _) = plan_calendar(&damaged, None, None, None, &cal);
+        assert!(!removed.iter().any(|r| r.label.time() < day(2, 0)));
+    }
 
     fn at(h: u32) -> chrono::DateTime<Utc> {
         Utc.with_ymd_and_hms(2026, 11, 1, h, 0, 0)
