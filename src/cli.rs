@@ -859,6 +859,7 @@ fn run_command(cli: Cli) -> Result<()> {
                     shared_process: true,
                     bell: None,
                     gate: None,
+                    looks: None,
                 };
                 let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
                 let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
@@ -935,6 +936,7 @@ fn run_command(cli: Cli) -> Result<()> {
                 shared_process: false,
                 bell: None,
                 gate: None,
+                looks: None,
             };
             let r = ops::follow::follow(&ctx, p, t, &opts, &stop, &|_| {})?;
             if *json {

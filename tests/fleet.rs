@@ -68,6 +68,31 @@ fn wait_for(env: &Env, what: &str, secs: u64, f: impl FnMut() -> bool) {
     common::wait_until(what, secs, f, || log(env));
 }
 
+/// `dr follow tenants` on host B (config `b`), looking every 200 ms while
+/// segments arrive; its log.
+fn follow_fleet(env: &Env, b: &Path, extra: &[&str]) -> (common::Proc, PathBuf) {
+    let flog = env.path("follow.log");
+    let follower = common::Proc::spawn(
+        Command::new(common::dr_bin())
+            .arg("--config")
+            .arg(b)
+            .args([
+                "follow",
+                "tenants",
+                "--poll",
+                "200ms",
+                "--identity",
+                &env.key_arg(),
+            ])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&flog).expect("log")),
+    )
+    .expect("dr follow");
+    (follower, flog)
+}
+
 fn has_base(env: &Env, name: &str) -> bool {
     tenants(env).iter().any(|(n, b)| n == name && *b > 0)
 }
@@ -326,24 +351,7 @@ fn one_process_follows_a_whole_fleet_and_promote_takes_one_database() {
     let b = common::second_host(&env, "tenants", |p| {
         p.replace("tenants/*.db", "copies/*.db")
     });
-    let flog = env.path("follow.log");
-    let mut follower = common::Proc::spawn(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(&b)
-            .args([
-                "follow",
-                "tenants",
-                "--poll",
-                "200ms",
-                "--identity",
-                &env.key_arg(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&flog).expect("log")),
-    )
-    .expect("dr follow");
+    let (mut follower, flog) = follow_fleet(&env, &b, &[]);
     let insert = |n: &str, rows: usize| {
         let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
         for _ in 0..rows {
@@ -430,26 +438,7 @@ fn a_followed_fleet_on_s3_idles_on_its_activity_record_and_lists_only_what_chang
     });
     let text = std::fs::read_to_string(&b).expect("b.toml");
     std::fs::write(&b, text.replace(&server.endpoint(), &counted.endpoint())).expect("b.toml");
-    let flog = env.path("follow.log");
-    let _follower = common::Proc::spawn(
-        Command::new(common::dr_bin())
-            .arg("--config")
-            .arg(&b)
-            .args([
-                "follow",
-                "tenants",
-                "--poll",
-                "200ms",
-                "--idle-poll",
-                "4s",
-                "--identity",
-                &env.key_arg(),
-            ])
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&flog).expect("log")),
-    )
-    .expect("dr follow");
+    let (_follower, flog) = follow_fleet(&env, &b, &["--idle-poll", "4s"]);
     let insert = |n: &str| {
         let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
         c.execute("INSERT INTO t(v) VALUES (randomblob(200))", [])
@@ -474,9 +463,7 @@ fn a_followed_fleet_on_s3_idles_on_its_activity_record_and_lists_only_what_chang
     // Quiet: one read of the record every 4 s once the wait has grown, for
     // the whole fleet (six databases polling on their own would make six
     // listings each time).
-    let before = counted.requests().len();
-    std::thread::sleep(Duration::from_secs(16));
-    let quiet: Vec<String> = counted.requests()[before..].to_vec();
+    let quiet = counted.requests_during(Duration::from_secs(16));
     assert!(
         quiet.len() <= 16 / 4 + 3,
         "{} requests while the fleet was quiet for 16 s: {quiet:#?}",

@@ -642,9 +642,7 @@ fn a_follower_of_s3_catches_up_and_idles_on_a_few_requests() {
 
     // Quiet: at most one look every 4 s once the wait has grown (a fixed
     // 200 ms poll would make 80 in this time).
-    let before = counted.requests().len();
-    std::thread::sleep(Duration::from_secs(16));
-    let quiet: Vec<String> = counted.requests()[before..].to_vec();
+    let quiet = counted.requests_during(Duration::from_secs(16));
     assert!(
         quiet.len() <= 16 / 4 + 6,
         "{} requests while the source was quiet for 16 s: {quiet:#?}",

@@ -190,6 +190,7 @@ fn supervise(
         shared_process: true,
         bell: None,
         gate: None,
+        looks: None,
     };
     let set = |f: &dyn Fn(&mut FollowStatus)| {
         let mut all = lock(statuses);

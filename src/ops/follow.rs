@@ -52,6 +52,10 @@ pub struct FollowOptions {
     /// A fleet's followers make their first copy through this, a few at a
     /// time.
     pub gate: Option<std::sync::Arc<super::bell::Gate>>,
+    /// And look at the target through this, some at a time: a record
+    /// that names every database (a primary's new epoch) must not send a
+    /// thousand listings at once.
+    pub looks: Option<std::sync::Arc<super::bell::Gate>>,
 }
 
 /// How often an idle follower of a fleet whose activity record is read
@@ -290,7 +294,10 @@ impl Follower<'_> {
                 a.watch_generation(d);
             }
             let checked = Utc::now();
-            let listing = store.list_after(&prefix, &after)?;
+            let listing = {
+                let _entered = opts.looks.as_ref().map(|g| g.enter());
+                store.list_after(&prefix, &after)?
+            };
             let all = repo::wal::segments(&prefix, &listing);
             let newer = all.iter().any(|s| s.generation > self.generation);
             let mut segs: Vec<&repo::wal::Segment> = all

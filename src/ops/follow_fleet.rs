@@ -47,6 +47,8 @@ const GOVERNED_RESCAN: Duration = Duration::from_secs(3600);
 const TICK: Duration = Duration::from_secs(1);
 /// First copies made at once (each a whole restore).
 const FIRST_COPIES: usize = 4;
+/// Looks at the target (one listing each) made at once.
+const LOOKS: usize = 16;
 /// A follower that stopped because the target could not be read starts
 /// again after this, doubling to [`MAX_RETRY`].
 const FIRST_RETRY: Duration = Duration::from_secs(1);
@@ -107,6 +109,7 @@ pub fn follow_fleet(
         etag: None,
         rescan_now: false,
         gate: Arc::new(Gate::new(FIRST_COPIES)),
+        looks: Arc::new(Gate::new(LOOKS)),
         retry: BTreeMap::new(),
     };
     let record_dir = match &target.kind {
@@ -199,6 +202,8 @@ struct Coordinator<'a> {
     rescan_now: bool,
     /// First copies a few at a time.
     gate: Arc<Gate>,
+    /// Looks at the target some at a time.
+    looks: Arc<Gate>,
     /// Followers that stopped because the target could not be read: when
     /// each starts again, and the wait after that.
     retry: BTreeMap<String, (Instant, Duration)>,
@@ -226,6 +231,7 @@ impl Coordinator<'_> {
             self.set_governed(false);
             return Ok(false);
         };
+        let first = self.last.is_none();
         let since = a.since(self.last.as_ref().map(|(e, s)| (e.as_str(), *s)));
         self.last = Some((a.epoch.clone(), a.seq));
         self.set_governed(true);
@@ -238,6 +244,8 @@ impl Coordinator<'_> {
                     }
                 }
             }
+            // The first read: every follower looks once as it starts.
+            Since::Everything if first => self.rescan_now = true,
             Since::Everything => {
                 for r in self.running.values() {
                     r.bell.ring();
@@ -295,6 +303,7 @@ impl Coordinator<'_> {
             shared_process: true,
             bell: Some(bell.clone()),
             gate: Some(self.gate.clone()),
+            looks: Some(self.looks.clone()),
             ..self.opts.clone()
         };
         let handle = std::thread::Builder::new()

@@ -803,34 +803,10 @@ impl Storage for S3Storage {
     }
 
     fn get_with_etag(&self, key: &str) -> Result<Option<(Vec<u8>, String)>> {
-        let inner = &self.inner;
-        let res = self.rt.block_on(async {
-            let out = inner
-                .send(|| {
-                    inner
-                        .client
-                        .get_object()
-                        .bucket(&inner.bucket)
-                        .key(inner.full_key(key))
-                        .send()
-                })
-                .await?;
-            let etag = out.e_tag().unwrap_or_default().to_string();
-            let body = out.body.collect().await.map(|b| b.into_bytes().to_vec());
-            Ok::<_, SdkError<aws_sdk_s3::operation::get_object::GetObjectError, _>>((body, etag))
-        });
-        match res {
-            Ok((Ok(body), etag)) => Ok(Some((body, etag))),
-            Ok((Err(e), _)) => Err(Error::Storage {
-                target: inner.name.clone(),
-                location: inner.location(),
-                action: "read",
-                key: key.to_string(),
-                reason: e.to_string(),
-            }),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) => Err(inner.err("read", key, &e)),
-        }
+        Ok(match self.get_if_changed(key, None)? {
+            super::Fetched::Changed(bytes, etag) => Some((bytes, etag)),
+            super::Fetched::Absent | super::Fetched::Unchanged => None,
+        })
     }
 
     /// `If-None-Match`: an unchanged object is a `304` without a body (a

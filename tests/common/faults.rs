@@ -149,6 +149,13 @@ impl FaultProxy {
         self.requests.lock().expect("requests").clone()
     }
 
+    /// The request lines proxied during the next `d` (the caller waits).
+    pub fn requests_during(&self, d: std::time::Duration) -> Vec<String> {
+        let before = self.requests().len();
+        std::thread::sleep(d);
+        self.requests()[before..].to_vec()
+    }
+
     /// Refuses every write but to `drills/` from now on, or no longer.
     pub fn read_only(&self, on: bool) {
         self.read_only.store(on, Ordering::Relaxed);
