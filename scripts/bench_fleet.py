@@ -290,12 +290,7 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
     c1, rss_busy, _ = proc_stats(proc.pid)
     busy_cpu = 100 * (c1 - c0) / (time.time() - t0)
     ls = lags(commits, replica_of, before)
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    stop(proc, log)
     return idle, {
         "cpu": busy_cpu,
         "rss": rss_busy,
@@ -303,6 +298,17 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
         "p99": pct(ls, 99),
         "commits": sum(len(v) for v in commits.values()),
     }
+
+
+def stop(proc, log):
+    """Stops a tool's process (SIGTERM, then SIGKILL after a minute) and
+    closes its log."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
 
 
 def follow_idle(dr, work, base, n, s3):
@@ -353,12 +359,7 @@ def follow_idle(dr, work, base, n, s3):
             "follow_threads": threads,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        stop(proc, log)
         s3b.stop()
 
 

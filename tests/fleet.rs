@@ -93,6 +93,21 @@ fn follow_fleet(env: &Env, b: &Path, extra: &[&str]) -> (common::Proc, PathBuf) 
     (follower, flog)
 }
 
+/// `rows` rows committed to tenant `n`, one transaction each.
+fn insert_rows(env: &Env, n: &str, rows: usize) {
+    let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
+    for _ in 0..rows {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(200))", [])
+            .expect("insert");
+    }
+}
+
+/// Whether host B's copy of tenant `n` holds what the tenant holds.
+fn copy_caught_up(env: &Env, n: &str) -> bool {
+    let copy = env.path(&format!("copies/{n}.db"));
+    copy.exists() && dump(&copy) == dump(&env.path(&format!("tenants/{n}.db")))
+}
+
 fn has_base(env: &Env, name: &str) -> bool {
     tenants(env).iter().any(|(n, b)| n == name && *b > 0)
 }
@@ -352,17 +367,8 @@ fn one_process_follows_a_whole_fleet_and_promote_takes_one_database() {
         p.replace("tenants/*.db", "copies/*.db")
     });
     let (mut follower, flog) = follow_fleet(&env, &b, &[]);
-    let insert = |n: &str, rows: usize| {
-        let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
-        for _ in 0..rows {
-            c.execute("INSERT INTO t(v) VALUES (randomblob(200))", [])
-                .expect("insert");
-        }
-    };
-    let caught_up = |n: &str| {
-        let copy = env.path(&format!("copies/{n}.db"));
-        copy.exists() && dump(&copy) == dump(&env.path(&format!("tenants/{n}.db")))
-    };
+    let insert = |n: &str, rows: usize| insert_rows(&env, n, rows);
+    let caught_up = |n: &str| copy_caught_up(&env, n);
     for n in names {
         insert(n, 10);
     }
@@ -439,15 +445,8 @@ fn a_followed_fleet_on_s3_idles_on_its_activity_record_and_lists_only_what_chang
     let text = std::fs::read_to_string(&b).expect("b.toml");
     std::fs::write(&b, text.replace(&server.endpoint(), &counted.endpoint())).expect("b.toml");
     let (_follower, flog) = follow_fleet(&env, &b, &["--idle-poll", "4s"]);
-    let insert = |n: &str| {
-        let c = rusqlite::Connection::open(env.path(&format!("tenants/{n}.db"))).expect("open");
-        c.execute("INSERT INTO t(v) VALUES (randomblob(200))", [])
-            .expect("insert");
-    };
-    let caught_up = |n: &str| {
-        let copy = env.path(&format!("copies/{n}.db"));
-        copy.exists() && dump(&copy) == dump(&env.path(&format!("tenants/{n}.db")))
-    };
+    let insert = |n: &str| insert_rows(&env, n, 1);
+    let caught_up = |n: &str| copy_caught_up(&env, n);
     for n in names {
         insert(n);
     }
