@@ -148,6 +148,16 @@ def ratio(ours, theirs):
     return spread(rs, "{:.2f}", "x")
 
 
+def stop(proc, timeout=60):
+    """Stops a tool's process: SIGTERM, then SIGKILL after `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def alternate(run, steps, res):
     """Times each (key, command) of `steps` into `res[key]` as (seconds,
     MiB), in the given order on even runs and reversed on odd ones, so no

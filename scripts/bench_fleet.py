@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 
-from bench_common import spread
+from bench_common import spread, stop
 
 LITESTREAM_VERSION = "0.5.17"
 
@@ -290,7 +290,8 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
     c1, rss_busy, _ = proc_stats(proc.pid)
     busy_cpu = 100 * (c1 - c0) / (time.time() - t0)
     ls = lags(commits, replica_of, before)
-    stop(proc, log)
+    stop(proc)
+    log.close()
     return idle, {
         "cpu": busy_cpu,
         "rss": rss_busy,
@@ -298,17 +299,6 @@ def run_tool(tool, dr, work, n, ls_bin, s3=None):
         "p99": pct(ls, 99),
         "commits": sum(len(v) for v in commits.values()),
     }
-
-
-def stop(proc, log):
-    """Stops a tool's process (SIGTERM, then SIGKILL after a minute) and
-    closes its log."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
 
 
 def follow_idle(dr, work, base, n, s3):
@@ -359,7 +349,8 @@ def follow_idle(dr, work, base, n, s3):
             "follow_threads": threads,
         }
     finally:
-        stop(proc, log)
+        stop(proc)
+        log.close()
         s3b.stop()
 
 

@@ -18,7 +18,6 @@ import hashlib
 import os
 import random
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -64,15 +63,6 @@ def write_burst(db, seconds, seed):
     return n
 
 
-def stop(p):
-    p.send_signal(signal.SIGTERM)
-    try:
-        p.wait(timeout=120)
-    except subprocess.TimeoutExpired:
-        p.kill()
-        p.wait()
-
-
 def burst_then_restore(tool, db, seconds, out, restore):
     """The writer's burst while `tool` streams, then the tool stops and
     `restore` (a shell command writing `out`) is timed. Returns the
@@ -80,7 +70,7 @@ def burst_then_restore(tool, db, seconds, out, restore):
     `out` equals the source."""
     n = write_burst(db, seconds, 1)
     time.sleep(3)
-    stop(tool)
+    bench.stop(tool, 120)
     want = table_digest(db)
     w, rss, _ = bench.timed(restore)
     return n, w, rss, table_digest(out) == want
