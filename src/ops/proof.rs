@@ -73,7 +73,9 @@ pub type Written = HashMap<u32, [u8; HASH_LEN]>;
 
 /// Reads back every page of `file`, restored from `chain`, and compares it
 /// with the full's page index and the diffs' `written` pages. Returns how
-/// many pages were compared.
+/// many pages were compared. The index is read as a stream beside the
+/// file, a batch of pages at a time: memory stays the same whatever the
+/// database's size.
 pub fn identity(
     repo: &PolicyRepo<'_>,
     chain: &[Manifest],
@@ -84,131 +86,162 @@ pub fn identity(
     let (Some(full), Some(last)) = (chain.first(), chain.last()) else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
-    let index = full_index(repo, full, unsealing)?;
     let pages = u32::try_from(last.page_count).map_err(|_| Error::Integrity {
         object: format!("backup {}", last.label),
         reason: format!("page count {} is past SQLite's limit", last.page_count),
     })?;
-    let mut expected = Vec::with_capacity(pages as usize);
-    for pgno in 1..=pages {
-        let h = written
+    let mut index = FullIndex::open(repo, full, unsealing)?;
+    let found = compare(file, last.page_size, pages, |pgno| {
+        let indexed = index.next()?;
+        written
             .get(&pgno)
-            .or_else(|| index.get(pgno as usize - 1))
+            .copied()
+            .or(indexed)
             .ok_or_else(|| Error::Integrity {
                 object: format!("backup {}", last.label),
                 reason: format!(
                     "page {pgno} is in neither the full's page index nor a diff of the chain"
                 ),
-            })?;
-        expected.push(*h);
-    }
-    compare(file, last.page_size, &expected)
-        .map_err(|e| Error::io("cannot read the restored file back to compare its pages", e))?
-        .map_or(Ok(u64::from(pages)), |pgno| {
-            Err(Error::Integrity {
-                object: format!("backup {}", last.label),
-                reason: format!(
-                    "page {pgno} of the restored file differs from the backup's record of it (the page index of {}{}): nothing was replaced",
-                    full.label,
-                    if chain.len() > 1 { " and the diff's pages" } else { "" }
-                ),
             })
-        })
-}
-
-/// The full's page index, read whole (16 bytes a page: 4 MiB for 1 GiB)
-/// through the decoder, which checks its digests at its end.
-fn full_index(
-    repo: &PolicyRepo<'_>,
-    full: &Manifest,
-    unsealing: Option<&Unsealing>,
-) -> Result<Vec<[u8; HASH_LEN]>> {
-    let Some(digest) = full.objects.get(repo::PAGES) else {
+    })?;
+    if let Some(pgno) = found {
         return Err(Error::Integrity {
-            object: format!("backup {}", full.label),
-            reason: "its manifest lists no page index".into(),
-        });
-    };
-    let key = repo::object_key(repo.policy, &full.label, repo::PAGES);
-    let object = format!("target '{}': {key}", repo.storage.target());
-    let raw = repo.storage.open(&key)?;
-    let dec = Decoder::new(raw, &object, digest, unsealing, full.encrypted())?;
-    let mut input = std::io::BufReader::with_capacity(1 << 20, dec);
-    let mut idx = IndexReader::new(&mut input).map_err(|e| read_error(&object, e))?;
-    if idx.page_size != full.page_size || u64::from(idx.count) != full.page_count {
-        return Err(Error::Integrity {
-            object,
+            object: format!("backup {}", last.label),
             reason: format!(
-                "the page index is of {} pages of {} bytes, the manifest says {} of {}",
-                idx.count, idx.page_size, full.page_count, full.page_size
+                "page {pgno} of the restored file differs from the backup's record of it (the page index of {}{}): nothing was replaced",
+                full.label,
+                if chain.len() > 1 {
+                    " and the diff's pages"
+                } else {
+                    ""
+                }
             ),
         });
     }
-    let mut out = Vec::with_capacity(idx.count as usize);
-    while let Some(h) = idx.next_hash().map_err(|e| read_error(&object, e))? {
-        out.push(h);
-    }
-    // To its end: the decoder checks the digests on its last read.
-    let mut rest = Vec::new();
-    input
-        .read_to_end(&mut rest)
-        .map_err(|e| read_error(&object, e))?;
-    if !rest.is_empty() {
-        return Err(Error::Integrity {
-            object,
-            reason: format!("{} bytes after the last page hash", rest.len()),
-        });
-    }
-    Ok(out)
+    index.finish()?;
+    Ok(u64::from(pages))
 }
 
-/// The first page (1-based) of `file` whose hash is not `expected`'s, read
-/// on every core in ranges of whole pages.
+/// The full's page index, read in page order through the decoder, which
+/// checks its digests at its end ([`FullIndex::finish`]).
+struct FullIndex {
+    object: String,
+    reader: IndexReader<std::io::BufReader<Decoder<Box<dyn Read + Send>>>>,
+}
+
+impl FullIndex {
+    fn open(repo: &PolicyRepo<'_>, full: &Manifest, unsealing: Option<&Unsealing>) -> Result<Self> {
+        let Some(digest) = full.objects.get(repo::PAGES) else {
+            return Err(Error::Integrity {
+                object: format!("backup {}", full.label),
+                reason: "its manifest lists no page index".into(),
+            });
+        };
+        let key = repo::object_key(repo.policy, &full.label, repo::PAGES);
+        let object = format!("target '{}': {key}", repo.storage.target());
+        let raw = repo.storage.open(&key)?;
+        let dec = Decoder::new(raw, &object, digest, unsealing, full.encrypted())?;
+        let reader = IndexReader::new(std::io::BufReader::with_capacity(1 << 20, dec))
+            .map_err(|e| read_error(&object, e))?;
+        if reader.page_size != full.page_size || u64::from(reader.count) != full.page_count {
+            return Err(Error::Integrity {
+                object,
+                reason: format!(
+                    "the page index is of {} pages of {} bytes, the manifest says {} of {}",
+                    reader.count, reader.page_size, full.page_count, full.page_size
+                ),
+            });
+        }
+        Ok(FullIndex { object, reader })
+    }
+
+    /// The next page's hash, `None` past the full's last page.
+    fn next(&mut self) -> Result<Option<[u8; HASH_LEN]>> {
+        self.reader
+            .next_hash()
+            .map_err(|e| read_error(&self.object, e))
+    }
+
+    /// Reads what is left to its end, so that the decoder checks the
+    /// digests: hashes of pages a diff cut off, then nothing.
+    fn finish(mut self) -> Result<()> {
+        while self.next()?.is_some() {}
+        let mut rest = Vec::new();
+        self.reader
+            .into_inner()
+            .read_to_end(&mut rest)
+            .map_err(|e| read_error(&self.object, e))?;
+        if !rest.is_empty() {
+            return Err(Error::Integrity {
+                object: self.object,
+                reason: format!("{} bytes after the last page hash", rest.len()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The first page (1-based) of the `pages` of `file` whose hash is not
+/// `expected(pgno)`'s: read a batch at a time, each batch hashed on every
+/// core.
 fn compare(
     file: &File,
     page_size: u32,
-    expected: &[[u8; HASH_LEN]],
-) -> std::io::Result<Option<u32>> {
-    const CHUNK_PAGES: usize = 256;
+    pages: u32,
+    mut expected: impl FnMut(u32) -> Result<[u8; HASH_LEN]>,
+) -> Result<Option<u32>> {
+    const BATCH_PAGES: u32 = 4096;
     let ps = page_size as usize;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
         .clamp(1, 8);
-    let per = expected.len().div_ceil(threads).max(1);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = expected
-            .chunks(per)
-            .enumerate()
-            .map(|(i, part)| {
-                s.spawn(move || -> std::io::Result<Option<u32>> {
-                    let first = i * per;
-                    let mut buf = vec![0u8; CHUNK_PAGES * ps];
-                    for (j, hashes) in part.chunks(CHUNK_PAGES).enumerate() {
-                        let at = first + j * CHUNK_PAGES;
-                        let bytes = &mut buf[..hashes.len() * ps];
-                        file.read_exact_at(bytes, (at * ps) as u64)?;
-                        for (k, (page, want)) in bytes.chunks(ps).zip(hashes).enumerate() {
-                            if page_hash(page) != *want {
-                                return Ok(Some((at + k + 1) as u32));
-                            }
-                        }
-                    }
-                    Ok(None)
-                })
-            })
-            .collect();
-        let mut first: Option<u32> = None;
-        for h in handles {
-            let found = h.join().unwrap_or_else(|_| {
-                Err(std::io::Error::other("a page-comparing thread panicked"))
-            })?;
-            first = match (first, found) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+    let mut buf = vec![0u8; BATCH_PAGES as usize * ps];
+    let mut want = Vec::with_capacity(BATCH_PAGES as usize);
+    let mut first = 1u32;
+    while first <= pages {
+        let n = BATCH_PAGES.min(pages - first + 1);
+        want.clear();
+        for pgno in first..first + n {
+            want.push(expected(pgno)?);
         }
-        Ok(first)
-    })
+        let bytes = &mut buf[..n as usize * ps];
+        file.read_exact_at(bytes, u64::from(first - 1) * ps as u64)
+            .map_err(|e| Error::io("cannot read the restored file back to compare its pages", e))?;
+        let per = (n as usize).div_ceil(threads).max(1);
+        let bad = std::thread::scope(|s| {
+            let handles: Vec<_> = bytes
+                .chunks(per * ps)
+                .zip(want.chunks(per))
+                .enumerate()
+                .map(|(i, (part, hashes))| {
+                    s.spawn(move || {
+                        part.chunks(ps)
+                            .zip(hashes)
+                            .position(|(page, h)| page_hash(page) != *h)
+                            .map(|k| i * per + k)
+                    })
+                })
+                .collect();
+            let mut found: Result<Option<usize>> = Ok(None);
+            for h in handles {
+                match h.join() {
+                    Ok(Some(k)) => found = found.map(|f| Some(f.map_or(k, |x| x.min(k)))),
+                    Ok(None) => {}
+                    Err(_) => {
+                        found = Err(Error::Other(
+                            "internal: a page-comparing thread panicked".into(),
+                        ))
+                    }
+                }
+            }
+            found
+        })?;
+        if let Some(k) = bad {
+            return Ok(Some(first + k as u32));
+        }
+        first += n;
+    }
+    Ok(None)
 }
 
 /// Which check the restore of backup `label` runs, and the drill it relies
@@ -259,23 +292,22 @@ mod tests {
     #[test]
     fn a_changed_byte_anywhere_is_named_by_its_page() {
         let ps = 512usize;
-        let pages = 1000;
+        // Past one batch, so that batches and threads both split it.
+        let pages = 5000;
         let mut f = tempfile::tempfile().expect("tmp");
         let data: Vec<u8> = (0..pages * ps).map(|i| (i * 7 % 251) as u8).collect();
         f.write_all(&data).expect("write");
-        let expected: Vec<[u8; HASH_LEN]> = data.chunks(ps).map(page_hash).collect();
-        assert_eq!(compare(&f, ps as u32, &expected).expect("read"), None);
-        for pgno in [1usize, 257, 999, 1000] {
+        let hashes: Vec<[u8; HASH_LEN]> = data.chunks(ps).map(page_hash).collect();
+        let run = |f: &File| compare(f, ps as u32, pages as u32, |p| Ok(hashes[p as usize - 1]));
+        assert_eq!(run(&f).expect("read"), None);
+        for pgno in [1usize, 257, 4096, 4097, 4999, 5000] {
             let at = (pgno - 1) * ps + 100;
             f.write_all_at(&[data[at] ^ 1], at as u64).expect("flip");
-            assert_eq!(
-                compare(&f, ps as u32, &expected).expect("read"),
-                Some(pgno as u32)
-            );
+            assert_eq!(run(&f).expect("read"), Some(pgno as u32));
             f.write_all_at(&[data[at]], at as u64).expect("restore");
         }
         // A file shorter than the backup is an error, not a pass.
         f.set_len(((pages - 1) * ps) as u64).expect("truncate");
-        assert!(compare(&f, ps as u32, &expected).is_err());
+        assert!(run(&f).is_err());
     }
 }

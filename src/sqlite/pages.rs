@@ -336,6 +336,11 @@ impl<R: Read> IndexReader<R> {
         })
     }
 
+    /// What is after the hashes read so far.
+    pub fn into_inner(self) -> R {
+        self.input
+    }
+
     /// The hash of the next page, or `None` past the last indexed page.
     pub fn next_hash(&mut self) -> io::Result<Option<[u8; HASH_LEN]>> {
         if self.read == self.count {
