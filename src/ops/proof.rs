@@ -190,7 +190,7 @@ fn compare(
     pages: u32,
     mut expected: impl FnMut(u32) -> Result<[u8; HASH_LEN]>,
 ) -> Result<Option<u32>> {
-    const BATCH_PAGES: u32 = 4096;
+    const BATCH_PAGES: u32 = 1024;
     let ps = page_size as usize;
     let threads = std::thread::available_parallelism()
         .map_or(1, |n| n.get())
@@ -300,7 +300,7 @@ mod tests {
         let hashes: Vec<[u8; HASH_LEN]> = data.chunks(ps).map(page_hash).collect();
         let run = |f: &File| compare(f, ps as u32, pages as u32, |p| Ok(hashes[p as usize - 1]));
         assert_eq!(run(&f).expect("read"), None);
-        for pgno in [1usize, 257, 4096, 4097, 4999, 5000] {
+        for pgno in [1usize, 257, 1024, 1025, 4999, 5000] {
             let at = (pgno - 1) * ps + 100;
             f.write_all_at(&[data[at] ^ 1], at as u64).expect("flip");
             assert_eq!(run(&f).expect("read"), Some(pgno as u32));
