@@ -433,13 +433,7 @@ impl FleetWatch {
         let (tx, rx) = channel();
         let done = Arc::new(AtomicBool::new(false));
         let stopped = done.clone();
-        let record_name = OsString::from(
-            activity::key("f")
-                .rsplit('/')
-                .next()
-                .unwrap_or_default()
-                .to_string(),
-        );
+        let record_name = OsString::from(activity::NAME);
         std::thread::Builder::new()
             .name("follow-fleet-inotify".into())
             .spawn(move || {

@@ -22,10 +22,13 @@ pub const FORMAT: u32 = 1;
 /// Changes kept: a reader that fell further behind looks at everything.
 pub const KEEP: usize = 1024;
 
-/// Key of a fleet policy's activity record (beside its databases' prefixes,
-/// `<fleet>/<db>/…`, so never taken for a database).
+/// The record's file name, beside the fleet's databases' prefixes
+/// (`<fleet>/<db>/…`), so never taken for a database.
+pub const NAME: &str = "activity.json";
+
+/// Key of a fleet policy's activity record.
 pub fn key(fleet: &str) -> String {
-    format!("{fleet}/activity.json")
+    format!("{fleet}/{NAME}")
 }
 
 /// One database's newest change.
