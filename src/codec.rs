@@ -545,7 +545,12 @@ impl<R: Read + Send + 'static> Read for Decoder<R> {
 }
 
 fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error {
+    // A download cut short while age reads its header is the network
+    // failing, not a damaged object: exit 1, not 3.
     let reason = match e {
+        age::DecryptError::Io(io) if crate::error::transport_cause(&io).is_some() => {
+            return read_error(object, io);
+        }
         age::DecryptError::NoMatchingKeys => format!(
             "none of the identities in {} can open it: this backup was encrypted to another key (its manifest lists the recipient fingerprints)",
             keys.source
@@ -680,6 +685,33 @@ mod tests {
         let mid = bad.len() / 2;
         bad[mid] ^= 0x10;
         assert!(decode(&bad, &d2, None, false).is_err());
+    }
+
+    /// A download cut short inside the age header (the CI run of
+    /// 2026-12-06 hit this under injected faults) is a network failure
+    /// (exit 1), never "the header is damaged" (exit 3).
+    #[test]
+    fn a_transport_failure_inside_the_age_header_is_not_damage() {
+        struct CutShort(Vec<u8>, usize);
+        impl Read for CutShort {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.1 >= 20 {
+                    return Err(crate::error::transport_error("body cut short".into()));
+                }
+                let n = buf.len().min(20 - self.1);
+                buf[..n].copy_from_slice(&self.0[self.1..self.1 + n]);
+                self.1 += n;
+                Ok(n)
+            }
+        }
+        let (s, u) = keys();
+        let (_, stored) = encode(b"hello", &s);
+        let err = match Decoder::self_checked(CutShort(stored, 0), "obj", Some(&u), true) {
+            Ok(_) => panic!("a header cut short was opened"),
+            Err(e) => e,
+        };
+        assert_eq!(err.exit_code(), 1, "{err}");
+        assert!(err.to_string().contains("in transport"), "{err}");
     }
 
     #[test]
