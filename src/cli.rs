@@ -293,10 +293,14 @@ pub enum Command {
     /// new WAL generation in the same repository, so point-in-time restore
     /// spans the failover. From then on any other host (the old primary
     /// coming back) is refused when it streams, backs up or expires.
+    ///
+    /// A fleet without --db fails over whole: every database its pattern
+    /// finds here, and any it gains later, in one record.
     Promote {
         /// The policy whose copy on this host becomes the primary.
         policy: String,
-        /// One database of a fleet policy.
+        /// One database of a fleet policy (one followed by `dr follow
+        /// FLEET` as a service; a fleet with [follow] fails over whole).
         #[arg(long, value_name = "NAME")]
         db: Option<String>,
         /// Print what was done as JSON.
@@ -856,13 +860,15 @@ fn run_command(cli: Cli) -> Result<()> {
                     force: *force,
                     poll,
                     idle_poll,
-                    shared_process: true,
+                    // The coordinator is alone in this process: `dr
+                    // promote FLEET` may stop it with a signal.
+                    shared_process: false,
                     bell: None,
                     gate: None,
                     looks: None,
                 };
                 let stop = flag_on(&[signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])?;
-                let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop)?;
+                let r = ops::follow_fleet::follow_fleet(&ctx, p, t, &opts, &stop, None)?;
                 if *json {
                     print_json(&r)?;
                 } else {
@@ -957,6 +963,27 @@ fn run_command(cli: Cli) -> Result<()> {
         }
         Command::Promote { policy, db, json } => {
             let ctx = Context::load(&cli.config)?;
+            // A fleet without --db: every database of it at once.
+            if db.is_none() && !policy.contains('/') && ctx.cfg().policy(policy)?.fleet.is_some() {
+                let r = ops::promotion::promote_fleet(&ctx, ctx.cfg().policy(policy)?)?;
+                if *json {
+                    print_json(&r)?;
+                } else {
+                    println!(
+                        "promoted: {} ({}) is the primary of fleet '{}'; its {} database(s) in {} are live, the applications may write to them now{}. Recorded on {}: any other host is refused when it streams or backs up a database of this fleet. Start `dr replicate` or the daemon here: it takes the base of a new WAL generation of each.",
+                        r.host,
+                        r.host_id,
+                        r.policy,
+                        r.databases.unwrap_or_default(),
+                        r.path.display(),
+                        r.follower_stopped.map_or(String::new(), |pid| format!(
+                            " (the fleet's follower, pid {pid}, stopped)"
+                        )),
+                        r.targets.join(", ")
+                    );
+                }
+                return Ok(());
+            }
             let p = &ops::members::one(&ctx, policy, db.as_deref())?;
             let path = match &p.source {
                 config::Source::Sqlite { path } => path,

@@ -228,7 +228,9 @@ impl Policy {
             name: crate::fleet::member_name(&self.name, db),
             source: Source::Sqlite { path },
             fleet: None,
-            follow: None,
+            // A standby's member is a standby too: it writes nothing
+            // until the fleet is promoted here (`ops::promotion::fence`).
+            follow: self.follow.clone(),
             member: Some(Member {
                 policy: self.name.clone(),
                 db: db.to_string(),
@@ -1349,7 +1351,11 @@ fn check_policy(
                 &name,
                 raw,
                 &policy_targets,
-                matches!(source, Source::Sqlite { .. }) && fleet.is_none(),
+                match (&source, &fleet) {
+                    (Source::Postgres(_), _) => follow::Followed::Postgres,
+                    (Source::Sqlite { .. }, Some(_)) => follow::Followed::Fleet,
+                    (Source::Sqlite { .. }, None) => follow::Followed::Database,
+                },
                 wal.enabled,
                 resolve,
                 d,

@@ -73,24 +73,49 @@ fn duration(
     }
 }
 
+/// What a policy with `[follow]` backs up.
+pub(super) enum Followed {
+    /// One SQLite database.
+    Database,
+    /// A fleet: every database is followed into the pattern's own
+    /// directory, so that `dr promote` fails the fleet over in place.
+    Fleet,
+    /// PostgreSQL: a standby cluster replays the archive by itself.
+    Postgres,
+}
+
 /// The resolved `[follow]` of policy `name`, whose targets are `targets`;
-/// `streams` and `kind` say what its source is (only a single SQLite
-/// database with `[wal]` can be followed).
+/// `kind` and `streams` say what its source is (SQLite with `[wal]`: a
+/// database or a fleet).
 pub(super) fn resolve(
     name: &str,
     raw: &RawFollow,
     targets: &[String],
-    sqlite_file: bool,
+    kind: Followed,
     streams: bool,
     resolve: &dyn Fn(&str) -> PathBuf,
     d: &mut FileDiags<'_>,
 ) -> Option<Follow> {
     let mut ok = true;
-    if !sqlite_file {
-        d.whole(format!(
-            "policy '{name}': [follow] keeps a standby of one SQLite database; a fleet is followed whole by `dr follow {name}` (a service of its own), and a PostgreSQL standby follows by itself (`dr follow {name}` makes one)"
-        ));
-        ok = false;
+    match kind {
+        Followed::Database => {}
+        Followed::Fleet => {
+            if let Some(to) = &raw.to {
+                d.at(
+                    to.span(),
+                    format!(
+                        "policy '{name}' is a fleet: its standby keeps each copy where the path pattern says, so that `dr promote {name}` fails the fleet over in place; remove follow.to"
+                    ),
+                );
+                ok = false;
+            }
+        }
+        Followed::Postgres => {
+            d.whole(format!(
+                "policy '{name}': [follow] keeps a standby of SQLite databases; a PostgreSQL standby follows by itself (`dr follow {name}` makes one)"
+            ));
+            ok = false;
+        }
     }
     if !streams {
         d.whole(format!(

@@ -1,6 +1,7 @@
 //! The daemon's standbys: a policy with `[follow]` is followed on this host
-//! (`ops::follow`, one thread each) instead of streamed and backed up,
-//! until `dr promote` names this host its primary. A follower that fails is
+//! (`ops::follow`, one thread each; a fleet's by one `ops::follow_fleet`
+//! coordinator, each database reported on its own) instead of streamed and
+//! backed up, until `dr promote` names this host its primary. A follower that fails is
 //! restarted with a backoff and reported meanwhile: `/healthz` and the
 //! verdict say `follower_down` or `follower_behind`, `/metrics` has each
 //! follower's lag, and the verdict watcher sends the alert.
@@ -16,6 +17,7 @@ use chrono::{DateTime, Utc};
 use crate::config::{Follow, Policy};
 use crate::context::Context;
 use crate::ops::follow::{FollowOptions, Pass};
+use crate::ops::follow_fleet::{Event, Report};
 use crate::ops::verdict::{HEARTBEAT, Reason};
 
 /// One follower as `/healthz` and `/metrics` see it.
@@ -33,7 +35,8 @@ pub struct FollowStatus {
     pub pass: Option<Pass>,
 }
 
-/// Every follower of this daemon, by policy.
+/// Every follower of this daemon, by policy (a fleet's, by database:
+/// `fleet/db`).
 pub type FollowStatuses = Arc<Mutex<BTreeMap<String, FollowStatus>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -51,7 +54,7 @@ pub fn standby(ctx: &Context) -> BTreeSet<String> {
             .cfg()
             .target(&f.target)
             .and_then(|t| ctx.storage(t))
-            .and_then(|s| crate::ops::promotion::newest(s.as_ref(), &p.name))
+            .and_then(|s| crate::ops::promotion::governing(s.as_ref(), p))
             .ok()
             .flatten()
             .is_some_and(|r| crate::ops::promotion::host_id(ctx).is_ok_and(|id| id == r.host_id));
@@ -133,7 +136,8 @@ impl Followers {
                 r.stop.store(true, Ordering::SeqCst);
                 let _ = r.handle.join();
             }
-            lock(&self.statuses).remove(&name);
+            let members = format!("{name}/");
+            lock(&self.statuses).retain(|k, _| *k != name && !k.starts_with(&members));
         }
         for (name, p) in wanted {
             if self.running.contains_key(&name) {
@@ -173,13 +177,17 @@ impl Followers {
 fn supervise(
     ctx: &Context,
     policy: &Policy,
-    stop: &AtomicBool,
+    stop: &Arc<AtomicBool>,
     statuses: &FollowStatuses,
     released: &AtomicBool,
 ) {
     let Some(follow) = policy.follow.clone() else {
         return;
     };
+    if let Some(f) = &policy.fleet {
+        let to = f.dir.clone();
+        return supervise_fleet(ctx, policy, follow, to, stop, statuses, released);
+    }
     let (poll, idle_poll) = policy.follow_waits(None, None);
     let opts = FollowOptions {
         to: policy.copy_path(),
@@ -234,6 +242,83 @@ fn supervise(
                     s.restarts += 1;
                     s.error = Some(msg.clone());
                 });
+                let until = std::time::Instant::now() + backoff;
+                while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
+}
+
+/// Runs a fleet's coordinator until `stop`, each database's follower in
+/// `statuses` under its own name; restarts the coordinator after a failure
+/// (a follower that fails is restarted by the coordinator itself).
+fn supervise_fleet(
+    ctx: &Context,
+    fleet: &Policy,
+    follow: Follow,
+    to: std::path::PathBuf,
+    stop: &Arc<AtomicBool>,
+    statuses: &FollowStatuses,
+    released: &AtomicBool,
+) {
+    let (poll, idle_poll) = fleet.follow_waits(None, None);
+    let opts = FollowOptions {
+        to,
+        identity: None,
+        force: false,
+        poll,
+        idle_poll,
+        shared_process: true,
+        bell: None,
+        gate: None,
+        looks: None,
+    };
+    let report: Report = {
+        let (statuses, follow) = (statuses.clone(), follow.clone());
+        Arc::new(move |name: &str, e: Event<'_>| {
+            let mut all = lock(&statuses);
+            let st = all.entry(name.to_string()).or_insert_with(|| FollowStatus {
+                follow: follow.clone(),
+                running: false,
+                since: Utc::now(),
+                restarts: 0,
+                error: None,
+                pass: None,
+            });
+            match e {
+                Event::Started => {
+                    st.running = true;
+                    st.since = Utc::now();
+                }
+                Event::Pass(p) => {
+                    st.pass = Some(p.clone());
+                    st.error = None;
+                }
+                Event::Stopped(None) => st.running = false,
+                Event::Stopped(Some(err)) => {
+                    st.running = false;
+                    st.restarts += 1;
+                    st.error = Some(err.to_string());
+                }
+            }
+        })
+    };
+    let mut backoff = Duration::from_secs(1);
+    while !stop.load(Ordering::SeqCst) {
+        let result = ctx.cfg().target(&follow.target).and_then(|t| {
+            crate::ops::follow_fleet::follow_fleet(ctx, fleet, t, &opts, stop, Some(report.clone()))
+        });
+        match result {
+            Ok(f) if f.released => {
+                released.store(true, Ordering::SeqCst);
+                return;
+            }
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(policy = %fleet.name, target = %follow.target, "the fleet's follower stopped: {e}; restarting in {} s", backoff.as_secs());
                 let until = std::time::Instant::now() + backoff;
                 while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
                     std::thread::sleep(Duration::from_millis(100));

@@ -478,10 +478,10 @@ fn newer_base(repo: &PolicyRepo<'_>, current: &str) -> Result<Option<repo::wal::
 /// finds it. Removed when the follower ends, however it ends.
 /// A follower in a shared process says so (`<pid> shared`): `dr promote`
 /// then asks through the stop file only.
-struct PidFile(PathBuf);
+pub(super) struct PidFile(PathBuf);
 
 impl PidFile {
-    fn write(path: PathBuf, shared: bool) -> Result<PidFile> {
+    pub(super) fn write(path: PathBuf, shared: bool) -> Result<PidFile> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("cannot create {}", dir.display()), e))?;

@@ -15,8 +15,13 @@
 //! The coordinator also watches the followers' stop files (one inotify
 //! instance for the whole fleet; a local target's record too), so that
 //! `dr promote FLEET --db NAME` stops that database's follower at once and
-//! the others go on. One whose follower stops on an error is named and the
-//! others go on.
+//! the others go on, and its own stop file (`state_dir/follow/<fleet>.stop`)
+//! so that `dr promote FLEET` stops the whole fleet's. One whose follower
+//! stops on an error is named and the others go on.
+//!
+//! Run by the daemon (a fleet policy with `[follow]`), each database's
+//! follower is reported through [`Report`]: `/healthz`, `/metrics` and the
+//! verdict see each database's lag, as they do a single database's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
@@ -30,7 +35,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::bell::{Bell, Gate};
-use super::follow::{FollowOptions, Followed, follow};
+use super::follow::{FollowOptions, Followed, Pass, PidFile, follow};
 use crate::config::{Policy, Target, TargetKind};
 use crate::context::Context;
 use crate::error::{Error, Result};
@@ -62,26 +67,54 @@ pub struct FleetFollowed {
     pub followed: Vec<Followed>,
     /// Databases whose follower stopped on an error: (database, error).
     pub failed: Vec<(String, String)>,
+    /// Stopped because `dr promote FLEET` asked: the copies are the
+    /// primary's databases now.
+    pub released: bool,
 }
+
+/// What the coordinator says of one database's follower (by its member
+/// policy name, `fleet/db`).
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// It started (again).
+    Started,
+    /// It looked at the target: where the copy stands.
+    Pass(&'a Pass),
+    /// It stopped: on this error (started again when the target could
+    /// not be read), or, `None`, because it was asked to.
+    Stopped(Option<&'a str>),
+}
+
+/// Hears each follower's [`Event`]s: the daemon's status of each database.
+pub type Report = Arc<dyn Fn(&str, Event<'_>) + Send + Sync>;
 
 /// One database's follower.
 struct Running {
     handle: JoinHandle<Result<Followed>>,
     bell: Arc<Bell>,
     stop_file: PathBuf,
+    started: Instant,
 }
 
 /// Follows every database of `fleet` on `target` into `opts.to` (a
-/// directory) until `stop`.
+/// directory) until `stop`, or until `dr promote FLEET` asks;
+/// `opts.shared_process` says whether other work runs in this process (the
+/// daemon's: `dr promote` then asks through the stop file alone).
 pub fn follow_fleet(
     ctx: &Context,
     fleet: &Policy,
     target: &Target,
     opts: &FollowOptions,
     stop: &Arc<AtomicBool>,
+    report: Option<Report>,
 ) -> Result<FleetFollowed> {
     std::fs::create_dir_all(&opts.to)
         .map_err(|e| Error::io(format!("cannot create {}", opts.to.display()), e))?;
+    let pidfile = ctx.state().follow_pid(&fleet.name);
+    let own_stop = pidfile.with_extension("stop");
+    let _pid = PidFile::write(pidfile, opts.shared_process)?;
+    // The followers stop on this: `stop`, or the fleet's promotion.
+    let members_stop = Arc::new(AtomicBool::new(false));
     let stop_dir = ctx
         .state()
         .follow_pid(&crate::fleet::member_name(&fleet.name, "db"))
@@ -95,7 +128,8 @@ pub fn follow_fleet(
         fleet,
         target,
         opts,
-        stop,
+        stop: &members_stop,
+        report,
         store: ctx.storage(target)?,
         running: BTreeMap::new(),
         ended: BTreeSet::new(),
@@ -116,13 +150,18 @@ pub fn follow_fleet(
         TargetKind::Local { path } => Some(path.join(&fleet.name)),
         TargetKind::S3(_) => None,
     };
-    let mut watch = FleetWatch::new(&stop_dir, record_dir.as_deref());
+    let mut watch = FleetWatch::new(&stop_dir, &own_stop, record_dir.as_deref());
     // The record first, so that followers start governed and an idle
     // fleet never polls database by database.
     let mut wait = opts.poll;
     let mut next_look = Instant::now();
     let mut next_scan = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        if own_stop.exists() {
+            tracing::info!(policy = %fleet.name, "`dr promote {}` made this host the primary of the fleet: its followers stop", fleet.name);
+            c.out.released = true;
+            break;
+        }
         if Instant::now() >= next_look {
             wait = match c.look() {
                 Ok(true) => opts.poll,
@@ -151,6 +190,8 @@ pub fn follow_fleet(
             .saturating_duration_since(Instant::now())
             .min(TICK);
         match watch.as_mut() {
+            // A stop of the fleet's own wakes the wait; `own_stop` is
+            // looked at once at the top of the loop.
             Some(w) => {
                 if let Some(seen) = w.wait(nap) {
                     if seen.record {
@@ -172,11 +213,12 @@ pub fn follow_fleet(
             }
         }
     }
+    members_stop.store(true, Ordering::SeqCst);
     for r in c.running.values() {
         r.bell.ring();
     }
     for (db, r) in std::mem::take(&mut c.running) {
-        c.collect(&db, r.handle);
+        c.collect(&db, r);
     }
     Ok(c.out)
 }
@@ -188,6 +230,7 @@ struct Coordinator<'a> {
     target: &'a Target,
     opts: &'a FollowOptions,
     stop: &'a Arc<AtomicBool>,
+    report: Option<Report>,
     store: Arc<dyn Storage>,
     /// By database name.
     running: BTreeMap<String, Running>,
@@ -306,9 +349,19 @@ impl Coordinator<'_> {
             looks: Some(self.looks.clone()),
             ..self.opts.clone()
         };
+        if let Some(r) = &self.report {
+            r(&m.name, Event::Started);
+        }
+        let report = self.report.clone();
         let handle = std::thread::Builder::new()
             .name(format!("follow {}", m.name))
-            .spawn(move || follow(&ctx, &m, &target, &opts, &stop, &|_| {}))
+            .spawn(move || {
+                follow(&ctx, &m, &target, &opts, &stop, &|pass| {
+                    if let Some(r) = &report {
+                        r(&m.name, Event::Pass(pass));
+                    }
+                })
+            })
             .map_err(|e| Error::Other(format!("cannot start a follower: {e}")))?;
         self.running.insert(
             db.to_string(),
@@ -316,6 +369,7 @@ impl Coordinator<'_> {
                 handle,
                 bell,
                 stop_file,
+                started: Instant::now(),
             },
         );
         Ok(())
@@ -355,7 +409,7 @@ impl Coordinator<'_> {
             .collect();
         for db in finished {
             if let Some(r) = self.running.remove(&db) {
-                self.collect(&db, r.handle);
+                self.collect(&db, r);
             }
         }
     }
@@ -363,9 +417,18 @@ impl Coordinator<'_> {
     /// One follower's end, in `out` (an error is said when it happens). A
     /// database with nothing to restore yet (its first base is still being
     /// taken) is followed again when the record or the listing names it.
-    fn collect(&mut self, db: &str, h: JoinHandle<Result<Followed>>) {
+    fn collect(&mut self, db: &str, r: Running) {
         let name = crate::fleet::member_name(&self.fleet.name, db);
-        match h.join() {
+        let ran = r.started.elapsed();
+        let ended = r.handle.join();
+        if let Some(r) = &self.report {
+            match &ended {
+                Ok(Ok(_)) => r(&name, Event::Stopped(None)),
+                Ok(Err(e)) => r(&name, Event::Stopped(Some(&e.to_string()))),
+                Err(_) => r(&name, Event::Stopped(Some("the follower panicked"))),
+            }
+        }
+        match ended {
             Ok(Ok(f)) => {
                 self.out.followed.push(f);
                 self.ended.insert(db.to_string());
@@ -376,10 +439,12 @@ impl Coordinator<'_> {
             // The target could not be read (exit 1): not the database's
             // fault; it starts again, as the daemon's followers do.
             Ok(Err(e)) if e.exit_code() == 1 && !self.stop.load(Ordering::Relaxed) => {
-                let wait = self
-                    .retry
-                    .get(db)
-                    .map_or(FIRST_RETRY, |(_, w)| (*w * 2).min(MAX_RETRY));
+                // A follower that ran a while since its last restart
+                // failed anew: its wait starts again from the first.
+                let wait = match self.retry.get(db) {
+                    Some((_, w)) if ran < MAX_RETRY => (*w * 2).min(MAX_RETRY),
+                    _ => FIRST_RETRY,
+                };
                 tracing::warn!(policy = %name, "the follower stopped: {e}; starting it again in {} s", wait.as_secs());
                 self.retry
                     .insert(db.to_string(), (Instant::now() + wait, wait));
@@ -419,17 +484,19 @@ struct FleetWatch {
 impl FleetWatch {
     /// `None` when inotify cannot: the coordinator then looks for stop
     /// files every [`TICK`].
-    fn new(stop_dir: &Path, record_dir: Option<&Path>) -> Option<FleetWatch> {
+    fn new(stop_dir: &Path, own_stop: &Path, record_dir: Option<&Path>) -> Option<FleetWatch> {
         let mut ino = inotify::Inotify::init().ok()?;
         let watches = ino.watches();
-        let stop_wd = watches
-            .clone()
-            .add(
-                stop_dir,
-                inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO,
-            )
-            .ok()?;
+        let created = inotify::WatchMask::CREATE | inotify::WatchMask::MOVED_TO;
+        let stop_wd = watches.clone().add(stop_dir, created).ok()?;
         let stop_wd_kept = stop_wd.clone();
+        // The fleet's own stop file, beside the single databases' files.
+        let own_wd = watches
+            .clone()
+            .add(own_stop.parent().unwrap_or(stop_dir), created)
+            .ok()?;
+        let own_name = own_stop.file_name().map(OsString::from).unwrap_or_default();
+        let own_wd_kept = own_wd.clone();
         let (tx, rx) = channel();
         let done = Arc::new(AtomicBool::new(false));
         let stopped = done.clone();
@@ -444,9 +511,12 @@ impl FleetWatch {
                     };
                     for e in events {
                         let Some(n) = e.name else { continue };
-                        // Two watches: the stop files', and the record's.
-                        let sent = if e.wd == stop_wd {
+                        // Three watches: the followers' stop files, the
+                        // fleet's, and the record's.
+                        let sent = if e.wd == stop_wd || (e.wd == own_wd && n == own_name) {
                             tx.send((false, n.to_os_string()))
+                        } else if e.wd == own_wd {
+                            Ok(())
                         } else if n == record_name {
                             tx.send((true, n.to_os_string()))
                         } else {
@@ -464,7 +534,7 @@ impl FleetWatch {
             watches,
             record_wd: None,
             done,
-            wds: vec![stop_wd_kept],
+            wds: vec![stop_wd_kept, own_wd_kept],
         };
         if let Some(d) = record_dir {
             w.watch_record(d);

@@ -40,6 +40,22 @@ fn prefix(policy: &str) -> String {
     format!("{policy}/promotion/")
 }
 
+/// Where `dr promote FLEET` records a fleet's promotions: a segment that no
+/// database's key can be (`fleet::key_name` never starts one with a dot),
+/// beside the members' own `<fleet>/<db>/promotion/`.
+fn fleet_prefix(fleet: &str) -> String {
+    format!("{fleet}/.promotion/")
+}
+
+/// Where `policy`'s own records are.
+fn own_prefix(policy: &Policy) -> String {
+    if policy.fleet.is_some() {
+        fleet_prefix(&policy.name)
+    } else {
+        prefix(&policy.name)
+    }
+}
+
 /// A PostgreSQL policy's newest record again under one fixed name in
 /// pgBackRest's repository, [`CURRENT`]: the cluster's archive_command
 /// reads it with one GET through pgBackRest (`repo-get`), which neither
@@ -73,9 +89,23 @@ pub fn host_id(ctx: &Context) -> Result<String> {
     Ok(id)
 }
 
-/// The newest promotion of `policy` on a target.
-pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> {
-    for k in crate::repo::records_newest_first(storage, &prefix(policy))? {
+/// The newest promotion that governs `policy` on a target: its own, and
+/// for a database of a fleet also the fleet's (`dr promote FLEET` promotes
+/// every database, those the fleet gains later too); the later one wins.
+pub fn governing(storage: &dyn Storage, policy: &Policy) -> Result<Option<Promotion>> {
+    let own = newest_under(storage, &own_prefix(policy), &policy.name)?;
+    let fleet = match &policy.member {
+        Some(m) => newest_under(storage, &fleet_prefix(&m.policy), &m.policy)?,
+        None => None,
+    };
+    Ok(match (own, fleet) {
+        (Some(a), Some(b)) => Some(if b.at > a.at { b } else { a }),
+        (a, b) => a.or(b),
+    })
+}
+
+fn newest_under(storage: &dyn Storage, prefix: &str, policy: &str) -> Result<Option<Promotion>> {
+    for k in crate::repo::records_newest_first(storage, prefix)? {
         let bytes = storage.get_bytes(&k)?;
         match serde_json::from_slice::<Promotion>(&bytes) {
             Ok(p) if p.policy == policy => return Ok(Some(p)),
@@ -94,7 +124,7 @@ pub fn newest(storage: &dyn Storage, policy: &str) -> Result<Option<Promotion>> 
 /// either until `dr promote` names it (its copy streamed or backed up
 /// would fork the primary's history just the same).
 pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()> {
-    let newest = newest(storage, &policy.name)?;
+    let newest = governing(storage, policy)?;
     if let Some(p) = &newest
         && p.host_id == host_id(ctx)?
     {
@@ -105,7 +135,7 @@ pub fn fence(ctx: &Context, policy: &Policy, storage: &dyn Storage) -> Result<()
             "policy '{}' says [follow]: this host keeps a standby of it, and the primary writes its backups and WAL to target '{}'. `dr promote {}` makes this host the primary",
             policy.name,
             storage.target(),
-            policy.name
+            policy.configured_name()
         )));
     }
     let Some(p) = newest else {
@@ -133,11 +163,24 @@ pub struct Promoted {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub follower_stopped: Option<u32>,
     pub targets: Vec<String>,
+    /// A fleet's: how many databases were promoted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub databases: Option<usize>,
 }
 
 /// Promotes this host: checks the copy at `path`, writes the promotion
 /// record to every target, and stops the policy's `dr follow`.
 pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> {
+    if let Some(m) = &policy.member
+        && policy.follow.is_some()
+    {
+        // The daemon here follows the fleet whole, and would not stream
+        // one database promoted alone: a live database nobody protects.
+        return Err(Error::Refused(format!(
+            "policy '{}' follows its fleet whole ([follow]): `dr promote {}` makes this host the primary of every database of it. To fail databases over one at a time, remove [follow] and run `dr follow {}` as a service of its own",
+            policy.name, m.policy, m.policy
+        )));
+    }
     if !path.is_file() {
         return Err(Error::NotFound(format!(
             "policy '{}': there is no database at {} to promote (restore it, or follow the primary there first)",
@@ -173,6 +216,43 @@ pub fn promote(ctx: &Context, policy: &Policy, path: &Path) -> Result<Promoted> 
         at: record.at,
         follower_stopped: stopped,
         targets,
+        databases: None,
+    })
+}
+
+/// Promotes this host for every database of `fleet`: checks that each
+/// copy the pattern finds opens, writes one promotion record for the fleet
+/// to every target (it governs the databases the fleet gains later too),
+/// and stops the fleet's `dr follow` (the daemon's or a service's).
+pub fn promote_fleet(ctx: &Context, fleet: &Policy) -> Result<Promoted> {
+    let Some(f) = &fleet.fleet else {
+        return promote(ctx, fleet, &fleet.copy_path());
+    };
+    let members = crate::ops::members::on_disk(fleet)
+        .map_err(|e| Error::io(format!("cannot list {}", f.display()), e))?;
+    if members.is_empty() {
+        return Err(Error::NotFound(format!(
+            "policy '{}': no database matches {} to promote (follow the primary there first, or restore the fleet)",
+            fleet.name,
+            f.display()
+        )));
+    }
+    for m in &members {
+        if let crate::config::Source::Sqlite { path } = &m.source {
+            opens(path)?;
+        }
+    }
+    let (record, targets) = record(ctx, fleet, None)?;
+    let stopped = stop_follower(ctx, &fleet.name)?;
+    Ok(Promoted {
+        policy: fleet.name.clone(),
+        path: f.dir.clone(),
+        host: record.host,
+        host_id: record.host_id,
+        at: record.at,
+        follower_stopped: stopped,
+        targets,
+        databases: Some(members.len()),
     })
 }
 
@@ -194,7 +274,7 @@ pub fn record(
     };
     let key = format!(
         "{}{}-{}.json",
-        prefix(&policy.name),
+        own_prefix(policy),
         record.at.format("%Y%m%dT%H%M%S%.3fZ"),
         record.host_id
     );
