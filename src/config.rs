@@ -1461,6 +1461,35 @@ mod tests {
         assert!(matches!(&pg.source, Source::Postgres(s) if s.port == 5432));
     }
 
+    /// `[follow]` on a fleet is accepted and passed to each database (a
+    /// standby's member is fenced like its fleet); a fleet's `follow.to`
+    /// is refused with the reason.
+    #[test]
+    fn a_fleet_follows_in_place() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let main = "state_dir = \"s\"\n[targets.local]\nkind = \"local\"\npath = \"b\"\n";
+        let fleet = "name = \"t\"\ntargets = [\"local\"]\nencryption = \"none\"\n[source]\nkind = \"sqlite\"\npath = \"t/*.db\"\n[wal]\nenabled = true\n[follow]\nmax_lag = \"2m\"\n";
+        write(dir.path(), "dr.toml", main);
+        write(dir.path(), "policies/t.toml", fleet);
+        let cfg = load(&dir.path().join("dr.toml")).expect("a fleet may say [follow]");
+        let t = cfg.policy("t").expect("t");
+        let m = t.member_policy("alice", dir.path().join("t/alice.db"));
+        assert_eq!(m.follow, t.follow);
+        assert!(m.follow.is_some());
+        assert_eq!(m.copy_path(), dir.path().join("t/alice.db"));
+
+        write(
+            dir.path(),
+            "policies/t.toml",
+            &format!("{fleet}to = \"elsewhere\"\n"),
+        );
+        let Err(Error::Config(d)) = load(&dir.path().join("dr.toml")) else {
+            panic!("a fleet's follow.to must be refused");
+        };
+        let all: Vec<String> = d.iter().map(|x| x.to_string()).collect();
+        assert!(all.join("\n").contains("remove follow.to"), "{all:?}");
+    }
+
     #[test]
     fn the_repository_example_config_is_valid() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("dr.example.toml");

@@ -503,3 +503,144 @@ fn a_followed_fleet_on_s3_idles_on_its_activity_record_and_lists_only_what_chang
         "only the database that changed is listed: {listings:#?}"
     );
 }
+
+/// The metric line `series value` of a /metrics body, as a number.
+fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The disaster with a fleet: host B's daemon follows every database of
+/// the fleet (`[follow]` on the fleet policy) and reports each one's lag;
+/// one database cannot be promoted alone there (nobody would stream it);
+/// the primary is lost and `dr promote FLEET` fails the whole fleet over:
+/// B's daemon streams each copy as a new generation of the same
+/// repository, and the old primary coming back is fenced for every
+/// database.
+#[test]
+fn a_daemon_follows_a_whole_fleet_and_takes_every_database_over_when_the_fleet_is_promoted() {
+    let env = fleet_env();
+    let names = ["alice", "my db"];
+    for n in names {
+        make_db(&env.path(&format!("tenants/{n}.db")), true, 20, 200);
+    }
+    let mut primary = replicate(&env);
+    wait_for(&env, "every base", 60, || {
+        ["tenants/alice", "tenants/my%20db"]
+            .iter()
+            .all(|n| has_base(&env, n))
+    });
+    // Host B: the fleet's policy over its own directory, with [follow].
+    std::fs::create_dir_all(env.path("copies")).expect("copies");
+    let b = common::second_host(&env, "tenants", |p| {
+        format!(
+            "{}\n[follow]\npoll = \"200ms\"\nidle_poll = \"1s\"\nmax_lag = \"4s\"\n",
+            p.replace("tenants/*.db", "copies/*.db")
+        )
+    });
+    let text = std::fs::read_to_string(&b).expect("b.toml");
+    std::fs::write(
+        &b,
+        text.replace(
+            "[encryption]\n",
+            "[encryption]\nidentity_file = \"backup.key\"\n",
+        ) + "[daemon]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("b.toml");
+    let blog = env.path("daemon-b.log");
+    let read_blog = || std::fs::read_to_string(&blog).unwrap_or_default();
+    let (_daemon, port) = common::start_daemon_listening_with(&b, &blog, &[]);
+    for n in names {
+        insert_rows(&env, n, 10);
+    }
+    common::wait_until(
+        "every copy to catch up",
+        60,
+        || names.iter().all(|n| copy_caught_up(&env, n)),
+        read_blog,
+    );
+    let series = |m: &str, db: &str| format!("{m}{{policy=\"tenants/{db}\",target=\"local\"}}");
+    let healthy = || {
+        let m = common::http_get(port, "/metrics")
+            .map(|(_, b)| b)
+            .unwrap_or_default();
+        common::http_get(port, "/healthz").is_some_and(|(code, _)| code == 200)
+            && ["alice", "my%20db"].iter().all(|db| {
+                metric(&m, &series("dr_follow_up", db)) == Some(1.0)
+                    && metric(&m, &series("dr_follow_lag_seconds", db)).is_some_and(|l| l < 4.0)
+            })
+    };
+    common::wait_until(
+        "healthz 200 and each database's follower up",
+        30,
+        healthy,
+        read_blog,
+    );
+    assert!(
+        !read_blog().contains("generation base"),
+        "the standby streamed its copies: {}",
+        read_blog()
+    );
+    // One database alone is refused: the daemon follows the fleet whole.
+    let r = common::dr_with(&b, &["promote", "tenants", "--db", "alice"]);
+    assert_eq!(r.code, 6, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("`dr promote tenants`"), "{}", r.stderr);
+
+    // The primary is lost; the fleet fails over to B.
+    primary.kill_group();
+    let r = common::dr_with(&b, &["promote", "tenants", "--json"]);
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert_eq!(r.json()["databases"], 2, "{}", r.stdout);
+    common::wait_until(
+        "B streams a new generation of each database",
+        60,
+        || read_blog().matches("generation base committed").count() >= 2,
+        read_blog,
+    );
+    let m = common::http_get(port, "/metrics").expect("metrics").1;
+    assert!(
+        !m.contains("dr_follow_up{")
+            && metric(&m, "dr_wal_streamer_up{policy=\"tenants/alice\"}") == Some(1.0),
+        "{m}"
+    );
+    // B's commits to a copy restore from the same repository.
+    let c = rusqlite::Connection::open(env.path("copies/alice.db")).expect("open");
+    for _ in 0..20 {
+        c.execute("INSERT INTO t(v) VALUES (randomblob(300))", [])
+            .expect("insert");
+    }
+    drop(c);
+    let state = dump(&env.path("copies/alice.db"));
+    let mut tries = 0;
+    common::wait_until(
+        "B's commits to alice restore",
+        60,
+        || {
+            tries += 1;
+            let to = env.path(&format!("after-{tries}.db"));
+            let r = common::dr_with(
+                &b,
+                &[
+                    "restore-local",
+                    "tenants",
+                    "--db",
+                    "alice",
+                    "--to",
+                    &to.display().to_string(),
+                ],
+            );
+            r.code == 0 && dump(&to) == state
+        },
+        read_blog,
+    );
+
+    // The old primary comes back with its old state_dir: every database
+    // of the fleet is refused, loudly.
+    let r = env.dr(&["backup-local", "tenants"]);
+    assert_eq!(r.code, 6, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains("was promoted on host"), "{}", r.stderr);
+    let _back = replicate(&env);
+    common::wait_for_log(&env.path("replicate.log"), "was promoted on host", 30);
+}
