@@ -578,6 +578,15 @@ fn a_daemon_follows_a_whole_fleet_and_takes_every_database_over_when_the_fleet_i
         healthy,
         read_blog,
     );
+    // Quiet for longer than max_lag: each copy stays known complete
+    // through the fleet's activity record, though no follower looks.
+    std::thread::sleep(Duration::from_secs(7));
+    common::wait_until(
+        "healthz 200 and every lag under max_lag while the fleet is quiet",
+        3,
+        healthy,
+        read_blog,
+    );
     assert!(
         !read_blog().contains("generation base"),
         "the standby streamed its copies: {}",

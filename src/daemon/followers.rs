@@ -297,6 +297,12 @@ fn supervise_fleet(
                     st.pass = Some(p.clone());
                     st.error = None;
                 }
+                Event::Heard { checked, until } => {
+                    if let Some(p) = st.pass.as_mut() {
+                        p.checked = p.checked.max(checked);
+                        p.source_until = p.source_until.max(until);
+                    }
+                }
                 Event::Stopped(None) => st.running = false,
                 Event::Stopped(Some(err)) => {
                     st.running = false;

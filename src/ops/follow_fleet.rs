@@ -32,6 +32,7 @@ use std::sync::mpsc::{Receiver, channel};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use super::bell::{Bell, Gate};
@@ -83,6 +84,14 @@ pub enum Event<'a> {
     /// It stopped: on this error (started again when the target could
     /// not be read), or, `None`, because it was asked to.
     Stopped(Option<&'a str>),
+    /// The activity record, read at `checked`, says nothing new of the
+    /// database since the follower's last look (and `until`: the
+    /// primary's newest heartbeat of it): the copy is known complete then
+    /// without a look of its own.
+    Heard {
+        checked: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+    },
 }
 
 /// Hears each follower's [`Event`]s: the daemon's status of each database.
@@ -94,6 +103,25 @@ struct Running {
     bell: Arc<Bell>,
     stop_file: PathBuf,
     started: Instant,
+    /// When it last looked at the target (its newest pass).
+    looked: Arc<std::sync::Mutex<Option<DateTime<Utc>>>>,
+    /// When the coordinator last rang it for a change.
+    rang: Option<DateTime<Utc>>,
+}
+
+impl Running {
+    /// Rung for a change: what the record says of it is not known to
+    /// the copy until its next look.
+    fn ring_for_change(&mut self) {
+        self.rang = Some(Utc::now());
+        self.bell.ring();
+    }
+
+    /// Whether the follower looked since it was last rung for a change.
+    fn caught_up(&self) -> bool {
+        let looked = *self.looked.lock().unwrap_or_else(|p| p.into_inner());
+        looked.is_some_and(|l| self.rang.is_none_or(|r| l >= r))
+    }
 }
 
 /// Follows every database of `fleet` on `target` into `opts.to` (a
@@ -256,8 +284,12 @@ impl Coordinator<'_> {
     /// One read of the activity record: whether it changed.
     fn look(&mut self) -> Result<bool> {
         let key = activity::key(&self.fleet.name);
+        let asked = Utc::now();
         let record = match self.store.get_if_changed(&key, self.etag.as_deref())? {
-            Fetched::Unchanged => return Ok(false),
+            Fetched::Unchanged => {
+                self.heard(asked, &BTreeMap::new());
+                return Ok(false);
+            }
             Fetched::Absent => None,
             Fetched::Changed(bytes, etag) => {
                 self.etag = Some(etag);
@@ -275,28 +307,52 @@ impl Coordinator<'_> {
             return Ok(false);
         };
         let first = self.last.is_none();
-        let since = a.since(self.last.as_ref().map(|(e, s)| (e.as_str(), *s)));
+        let last = self.last.as_ref().map(|(e, s)| (e.as_str(), *s));
+        let since = a.since(last);
+        let beats: BTreeMap<String, DateTime<Utc>> = match (&since, last) {
+            (Since::Changed(_), Some((_, seq))) => a.heard(seq).into_iter().collect(),
+            _ => BTreeMap::new(),
+        };
         self.last = Some((a.epoch.clone(), a.seq));
         self.set_governed(true);
         match since {
             Since::Changed(dbs) => {
-                for db in dbs {
-                    match self.running.get(&db) {
-                        Some(r) => r.bell.ring(),
-                        None => self.start(&db)?,
+                for db in &dbs {
+                    match self.running.get_mut(db) {
+                        Some(r) => r.ring_for_change(),
+                        None => self.start(db)?,
                     }
                 }
+                self.heard(asked, &beats);
             }
             // The first read: every follower looks once as it starts.
             Since::Everything if first => self.rescan_now = true,
             Since::Everything => {
-                for r in self.running.values() {
-                    r.bell.ring();
+                for r in self.running.values_mut() {
+                    r.ring_for_change();
                 }
                 self.rescan_now = true;
             }
         }
         Ok(true)
+    }
+
+    /// The record read at `asked` named no change of the followers not
+    /// rung since: each that has looked since its last ring is known
+    /// complete as of `asked` (and heard the heartbeats in `beats`).
+    fn heard(&self, asked: DateTime<Utc>, beats: &BTreeMap<String, DateTime<Utc>>) {
+        let Some(report) = &self.report else { return };
+        for (db, r) in &self.running {
+            if r.caught_up() {
+                report(
+                    &crate::fleet::member_name(&self.fleet.name, db),
+                    Event::Heard {
+                        checked: asked,
+                        until: beats.get(db).copied(),
+                    },
+                );
+            }
+        }
     }
 
     fn set_governed(&mut self, on: bool) {
@@ -353,10 +409,13 @@ impl Coordinator<'_> {
             r(&m.name, Event::Started);
         }
         let report = self.report.clone();
+        let looked = Arc::new(std::sync::Mutex::new(None));
+        let seen = looked.clone();
         let handle = std::thread::Builder::new()
             .name(format!("follow {}", m.name))
             .spawn(move || {
                 follow(&ctx, &m, &target, &opts, &stop, &|pass| {
+                    *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some(pass.checked);
                     if let Some(r) = &report {
                         r(&m.name, Event::Pass(pass));
                     }
@@ -370,6 +429,8 @@ impl Coordinator<'_> {
                 bell,
                 stop_file,
                 started: Instant::now(),
+                looked,
+                rang: None,
             },
         );
         Ok(())

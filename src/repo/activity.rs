@@ -12,9 +12,17 @@
 //! read: every database changed since is in `recent` when the epoch is the
 //! same and its `seq` is not older than `floor` (the newest write whose
 //! names were dropped); otherwise it must look at every database.
+//!
+//! A change that is only a heartbeat (an empty segment the streamer sends
+//! so that silence means a stopped primary) says so: its entry keeps the
+//! number of the database's last real change (`changed`) and carries the
+//! heartbeat's instant (`until`). A reader then learns that the primary is
+//! alive and the database unchanged without listing its WAL; a reader of
+//! the first version of the record ignores the two fields and looks.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 /// The record's format: a reader of another format looks at every database.
@@ -36,6 +44,37 @@ pub fn key(fleet: &str) -> String {
 pub struct Change {
     pub seq: u64,
     pub db: String,
+    /// The write that named the database's last real change, when the
+    /// newest (`seq`) was a heartbeat only; absent, `seq` was real.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub changed: Option<u64>,
+    /// The newest heartbeat's instant: the primary held nothing newer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Change {
+    fn last_real(&self) -> u64 {
+        self.changed.unwrap_or(self.seq)
+    }
+}
+
+/// What a writer says of one database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Note {
+    /// Something to apply landed (a segment with frames, a base); false
+    /// for heartbeats only.
+    pub changed: bool,
+    /// The newest heartbeat's instant, if one landed.
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Note {
+    /// Both notes at once.
+    pub fn merge(&mut self, other: Note) {
+        self.changed |= other.changed;
+        self.until = self.until.max(other.until);
+    }
 }
 
 /// The record.
@@ -73,15 +112,32 @@ impl Activity {
         }
     }
 
-    /// One write naming `dbs`.
-    pub fn record<'a>(&mut self, dbs: impl IntoIterator<Item = &'a String>) {
+    /// One write naming the databases of `notes`.
+    pub fn record(&mut self, notes: &BTreeMap<String, Note>) {
         self.seq += 1;
-        let named: BTreeSet<&String> = dbs.into_iter().collect();
-        self.recent.retain(|c| !named.contains(&c.db));
-        self.recent.extend(named.into_iter().map(|db| Change {
-            seq: self.seq,
-            db: db.clone(),
-        }));
+        let mut before: BTreeMap<String, Change> = BTreeMap::new();
+        self.recent.retain(|c| {
+            if notes.contains_key(&c.db) {
+                before.insert(c.db.clone(), c.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for (db, note) in notes {
+            let prior = before.get(db);
+            // A heartbeat keeps the last real change's number; a database
+            // not in the record changed last at or before `floor`, which
+            // every reader that may trust the record has read.
+            let changed = (!note.changed).then(|| prior.map_or(self.floor, Change::last_real));
+            let until = note.until.max(prior.and_then(|c| c.until));
+            self.recent.push(Change {
+                seq: self.seq,
+                db: db.clone(),
+                changed,
+                until,
+            });
+        }
         if self.recent.len() > KEEP {
             let dropped = self.recent.len() - KEEP;
             if let Some(c) = self.recent.get(dropped - 1) {
@@ -104,13 +160,23 @@ impl Activity {
                 Since::Changed(
                     self.recent
                         .iter()
-                        .filter(|c| c.seq > seq)
+                        .filter(|c| c.last_real() > seq)
                         .map(|c| c.db.clone())
                         .collect(),
                 )
             }
             _ => Since::Everything,
         }
+    }
+
+    /// The databases whose only news since write `seq` (of this epoch;
+    /// see [`Activity::since`]) is a heartbeat, with its instant.
+    pub fn heard(&self, seq: u64) -> Vec<(String, DateTime<Utc>)> {
+        self.recent
+            .iter()
+            .filter(|c| c.seq > seq && c.last_real() <= seq)
+            .filter_map(|c| c.until.map(|u| (c.db.clone(), u)))
+            .collect()
     }
 
     pub fn to_json(&self) -> Vec<u8> {
@@ -133,8 +199,71 @@ mod tests {
         Since::Changed(v.iter().map(|s| s.to_string()).collect())
     }
 
-    fn dbs(v: &[&str]) -> Vec<String> {
-        v.iter().map(|s| s.to_string()).collect()
+    fn dbs(v: &[&str]) -> BTreeMap<String, Note> {
+        v.iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    Note {
+                        changed: true,
+                        until: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
+    fn beats(v: &[&str], at: DateTime<Utc>) -> BTreeMap<String, Note> {
+        v.iter()
+            .map(|s| {
+                (
+                    s.to_string(),
+                    Note {
+                        changed: false,
+                        until: Some(at),
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// A heartbeat tells a reader the primary lives without making it
+    /// look; a real change before it is never hidden by it, whichever
+    /// write the reader read last.
+    #[test]
+    fn a_heartbeat_is_heard_not_looked_at_and_never_hides_a_change() {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(1_800_000_000 + s, 0).expect("t");
+        let mut a = Activity::new("e".into());
+        a.record(&dbs(&["alice", "bob"])); // 1
+        a.record(&beats(&["alice"], t(300))); // 2
+        // A reader of write 1 saw alice's change: only the heartbeat is news.
+        assert_eq!(a.since(Some(("e", 1))), names(&[]));
+        assert_eq!(a.heard(1), vec![("alice".to_string(), t(300))]);
+        // A reader of write 0 has not seen alice's change yet.
+        assert_eq!(a.since(Some(("e", 0))), names(&["alice", "bob"]));
+        assert!(a.heard(0).is_empty());
+        // A change and a heartbeat in one write: a change.
+        let mut both = dbs(&["bob"]);
+        if let Some(n) = both.get_mut("bob") {
+            n.merge(Note {
+                changed: false,
+                until: Some(t(600)),
+            });
+        }
+        a.record(&both); // 3
+        assert_eq!(a.since(Some(("e", 2))), names(&["bob"]));
+        // A heartbeat of a database the record no longer holds.
+        a.record(&beats(&["carol"], t(900))); // 4
+        assert_eq!(a.since(Some(("e", 3))), names(&[]));
+        assert_eq!(a.heard(3), vec![("carol".to_string(), t(900))]);
+        // The first version of the record (no `changed`): every entry real.
+        let old: Activity = serde_json::from_str(
+            r#"{"format":1,"epoch":"e","seq":2,"floor":0,"recent":[{"seq":2,"db":"x"}]}"#,
+        )
+        .expect("old record");
+        assert_eq!(old.since(Some(("e", 1))), names(&["x"]));
+        let back = Activity::parse(&a.to_json()).expect("parses");
+        assert_eq!(back, a);
     }
 
     #[test]
@@ -161,7 +290,7 @@ mod tests {
     fn a_reader_that_fell_behind_the_kept_changes_looks_at_everything() {
         let mut a = Activity::new("e".into());
         for i in 0..KEEP + 10 {
-            a.record(&[format!("db{i}")]);
+            a.record(&dbs(&[&format!("db{i}")]));
         }
         assert_eq!(a.recent.len(), KEEP);
         assert_eq!(a.floor, 10);

@@ -10,16 +10,14 @@
 //! (and a standby looks at each database at least every
 //! `follow::GOVERNED_LOOK` regardless).
 
-use std::collections::BTreeSet;
-
 use super::*;
-use crate::repo::activity::{self, Activity};
+use crate::repo::activity::{self, Activity, Note};
 
 /// One fleet's record on one target.
 #[derive(Default)]
 struct Slot {
     /// Databases noted and not written yet.
-    pending: BTreeSet<String>,
+    pending: BTreeMap<String, Note>,
     /// A thread is writing (it writes what is pending before it leaves).
     writing: bool,
     /// The record as last written (`None`: not read from the target yet).
@@ -33,15 +31,15 @@ pub(super) struct Activities {
 }
 
 impl Activities {
-    /// Database `db` of fleet `fleet` changed on `store`: the record says
-    /// so before this returns, unless another thread is writing it (which
-    /// then writes this too).
-    pub(super) fn note(&self, store: &dyn Storage, fleet: &str, db: &str) {
+    /// Database `db` of fleet `fleet` changed on `store` (or only sent a
+    /// heartbeat: `note`): the record says so before this returns, unless
+    /// another thread is writing it (which then writes this too).
+    pub(super) fn note(&self, store: &dyn Storage, fleet: &str, db: &str, note: Note) {
         let id = (fleet.to_string(), store.target().to_string());
         {
             let mut slots = lock(&self.slots);
             let slot = slots.entry(id.clone()).or_default();
-            slot.pending.insert(db.to_string());
+            slot.pending.entry(db.to_string()).or_default().merge(note);
             if slot.writing {
                 return;
             }
@@ -74,7 +72,9 @@ impl Activities {
                 Ok(()) => slot.written = Some(record),
                 Err(e) => {
                     tracing::warn!(policy = %fleet, target = %id.1, "cannot write the fleet's activity record (its standbys see these changes within {} min): {e}", crate::ops::follow::GOVERNED_LOOK.as_secs() / 60);
-                    slot.pending.extend(batch);
+                    for (db, n) in batch {
+                        slot.pending.entry(db).or_default().merge(n);
+                    }
                     // Read again before the next write: the failed one may
                     // have landed.
                     slot.written = None;

@@ -22,7 +22,15 @@ impl Inner {
                     if let Some(f) = &m.policy.member
                         && let Ok(store) = m.ctx.cfg().target(t).and_then(|t| m.ctx.storage(t))
                     {
-                        self.activities.note(store.as_ref(), &f.policy, &f.db);
+                        self.activities.note(
+                            store.as_ref(),
+                            &f.policy,
+                            &f.db,
+                            crate::repo::activity::Note {
+                                changed: true,
+                                until: None,
+                            },
+                        );
                     }
                 }
                 Err(e) => {

@@ -68,7 +68,7 @@ impl Inner {
                         w.commit()
                     })
             };
-            let mut landed = false;
+            let mut landed: Option<crate::repo::activity::Note> = None;
             for s in pending {
                 let key = rwal::segment_key(&policy.name, &s.generation, &s.name);
                 // The keys record first: no segment is stored without it.
@@ -87,7 +87,13 @@ impl Inner {
                         cur.seq = s.last;
                         cur.until = Some(s.until);
                         cur.error = None;
-                        landed = true;
+                        // A segment with no frames is a heartbeat.
+                        landed
+                            .get_or_insert_default()
+                            .merge(crate::repo::activity::Note {
+                                changed: s.last >= s.first,
+                                until: (s.last < s.first).then_some(s.until),
+                            });
                         if sh.retry_at.remove(&t).is_some() {
                             tracing::info!(policy = %policy.name, target = %t, "target takes WAL segments again; catching up");
                         }
@@ -108,8 +114,8 @@ impl Inner {
                     }
                 }
             }
-            if landed && let Some(f) = &policy.member {
-                self.activities.note(store.as_ref(), &f.policy, &f.db);
+            if let (Some(note), Some(f)) = (landed, &policy.member) {
+                self.activities.note(store.as_ref(), &f.policy, &f.db, note);
             }
             cur.pending_since = segs
                 .iter()
