@@ -498,8 +498,13 @@ impl Coordinator<'_> {
                 tracing::info!(policy = %name, "not followed yet: {e}; followed once the target holds its first backup");
             }
             // The target could not be read (exit 1): not the database's
-            // fault; it starts again, as the daemon's followers do.
-            Ok(Err(e)) if e.exit_code() == 1 && !self.stop.load(Ordering::Relaxed) => {
+            // fault; it starts again, as the daemon's followers do. Under
+            // the daemon (which reports it meanwhile) every failure does,
+            // as a single database's follower there.
+            Ok(Err(e))
+                if (e.exit_code() == 1 || self.report.is_some())
+                    && !self.stop.load(Ordering::Relaxed) =>
+            {
                 // A follower that ran a while since its last restart
                 // failed anew: its wait starts again from the first.
                 let wait = match self.retry.get(db) {
