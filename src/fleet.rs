@@ -160,14 +160,18 @@ fn plain_byte(b: u8) -> bool {
 /// letters, digits, `-`, `_` and `.` (not first) as they are, so every
 /// repository written before stays valid; any other name percent-encoded
 /// byte by byte (`my db` is `my%20db`, `.hidden` is `%2Ehidden`). A plain
-/// name never holds `%`, so the two forms never meet.
+/// name never holds `%`, so the two forms never meet. The one name the
+/// fleet's own record has (`activity.json`, a file beside the databases'
+/// prefixes) is written with its first byte encoded, so that on a local
+/// target a database of that name is a directory of its own.
 pub fn key_name(db: &str) -> String {
-    if valid_name(db) {
+    let reserved = db == crate::repo::activity::NAME;
+    if valid_name(db) && !reserved {
         return db.to_string();
     }
     let mut out = String::with_capacity(db.len() * 3);
     for (i, b) in db.bytes().enumerate() {
-        if plain_byte(b) && !(i == 0 && b == b'.') {
+        if plain_byte(b) && !(i == 0 && (b == b'.' || reserved)) {
             out.push(b as char);
         } else {
             out.push_str(&format!("%{b:02X}"));
@@ -180,7 +184,7 @@ pub fn key_name(db: &str) -> String {
 /// or `None` when the segment is no such form.
 pub fn name_of_key(key: &str) -> Option<String> {
     if valid_name(key) {
-        return Some(key.to_string());
+        return (key != crate::repo::activity::NAME).then(|| key.to_string());
     }
     let bytes = key.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
@@ -291,13 +295,14 @@ mod tests {
             ("café", "caf%C3%A9"),
             ("100%", "100%25"),
             ("a/b", "a%2Fb"),
+            ("activity.json", "%61ctivity.json"),
         ] {
             assert_eq!(key_name(name), key, "{name}");
             assert_eq!(name_of_key(key).as_deref(), Some(name), "{key}");
         }
         // Not the canonical spelling of any name: refused, so two keys
         // never stand for one database.
-        for key in ["my%2", "%61lice", "a b", "%zz", "", "%2e"] {
+        for key in ["my%2", "%61lice", "a b", "%zz", "", "%2e", "activity.json"] {
             assert_eq!(name_of_key(key), None, "{key}");
         }
     }
