@@ -371,8 +371,12 @@ pub fn risks(policy: &str, s: &FollowStatus, now: DateTime<Utc>) -> Vec<(Reason,
         Some(p) => {
             // A streaming primary sends at least a heartbeat every
             // HEARTBEAT: nothing for longer means it stopped, or is gone.
+            // (A fleet's standby hears it through the activity record,
+            // which groups heartbeats: up to HEARTBEAT_DELAY later.)
             if let Some(u) = p.source_until
-                && secs(u) > (HEARTBEAT + s.follow.max_lag).as_secs_f64()
+                && secs(u)
+                    > (HEARTBEAT + crate::repo::activity::HEARTBEAT_DELAY + s.follow.max_lag)
+                        .as_secs_f64()
             {
                 out.push((
                     Reason::FollowerBehind,
@@ -436,10 +440,11 @@ mod tests {
         }
         assert_eq!(reasons(&stale, now), vec![Reason::FollowerBehind]);
 
-        // The primary sent nothing, not even a heartbeat, for 6 min.
+        // The primary sent nothing, not even a heartbeat, for 6.5 min
+        // (a heartbeat every 5, heard up to 30 s late, max_lag 1).
         let mut starved = ok.clone();
         if let Some(p) = starved.pass.as_mut() {
-            p.source_until = Some(now - chrono::Duration::seconds(361));
+            p.source_until = Some(now - chrono::Duration::seconds(391));
         }
         assert_eq!(reasons(&starved, now), vec![Reason::FollowerBehind]);
 

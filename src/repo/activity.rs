@@ -30,6 +30,11 @@ pub const FORMAT: u32 = 1;
 /// Changes kept: a reader that fell further behind looks at everything.
 pub const KEEP: usize = 1024;
 
+/// The longest a heartbeat waits for the record's next write (the writer
+/// groups heartbeats): a standby's verdict allows it on top of the
+/// heartbeat period.
+pub const HEARTBEAT_DELAY: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The record's file name, beside the fleet's databases' prefixes
 /// (`<fleet>/<db>/…`), so never taken for a database.
 pub const NAME: &str = "activity.json";

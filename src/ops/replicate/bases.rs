@@ -23,7 +23,7 @@ impl Inner {
                         && let Ok(store) = m.ctx.cfg().target(t).and_then(|t| m.ctx.storage(t))
                     {
                         self.activities.note(
-                            store.as_ref(),
+                            &store,
                             &f.policy,
                             &f.db,
                             crate::repo::activity::Note {

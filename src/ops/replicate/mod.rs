@@ -159,7 +159,7 @@ impl Engine {
             rescan: AtomicBool::new(true),
             results: Mutex::new(Vec::new()),
             watcher,
-            activities: Activities::default(),
+            activities: Arc::new(Activities::default()),
         });
         let mut workers = Vec::new();
         for _ in 0..CAPTURE_WORKERS {
@@ -327,7 +327,7 @@ struct Inner {
     results: Mutex<Vec<(String, Result<StreamReport>)>>,
     watcher: Option<Watcher>,
     /// Each fleet's activity record, for its standbys.
-    activities: Activities,
+    activities: Arc<Activities>,
 }
 
 impl Inner {

@@ -115,7 +115,7 @@ impl Inner {
                 }
             }
             if let (Some(note), Some(f)) = (landed, &policy.member) {
-                self.activities.note(store.as_ref(), &f.policy, &f.db, note);
+                self.activities.note(store, &f.policy, &f.db, note);
             }
             cur.pending_since = segs
                 .iter()
