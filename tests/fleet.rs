@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Env, dump, make_db};
+use common::{Env, dump, make_db, metric};
 
 const FLEET: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\n";
 
@@ -504,14 +504,6 @@ fn a_followed_fleet_on_s3_idles_on_its_activity_record_and_lists_only_what_chang
     );
 }
 
-/// The metric line `series value` of a /metrics body, as a number.
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 /// The disaster with a fleet: host B's daemon follows every database of
 /// the fleet (`[follow]` on the fleet policy) and reports each one's lag;
 /// one database cannot be promoted alone there (nobody would stream it);
@@ -534,21 +526,9 @@ fn a_daemon_follows_a_whole_fleet_and_takes_every_database_over_when_the_fleet_i
     });
     // Host B: the fleet's policy over its own directory, with [follow].
     std::fs::create_dir_all(env.path("copies")).expect("copies");
-    let b = common::second_host(&env, "tenants", |p| {
-        format!(
-            "{}\n[follow]\npoll = \"200ms\"\nidle_poll = \"1s\"\nmax_lag = \"4s\"\n",
-            p.replace("tenants/*.db", "copies/*.db")
-        )
+    let b = common::standby_daemon_host(&env, "tenants", |p| {
+        p.replace("tenants/*.db", "copies/*.db")
     });
-    let text = std::fs::read_to_string(&b).expect("b.toml");
-    std::fs::write(
-        &b,
-        text.replace(
-            "[encryption]\n",
-            "[encryption]\nidentity_file = \"backup.key\"\n",
-        ) + "[daemon]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .expect("b.toml");
     let blog = env.path("daemon-b.log");
     let read_blog = || std::fs::read_to_string(&blog).unwrap_or_default();
     let (_daemon, port) = common::start_daemon_listening_with(&b, &blog, &[]);

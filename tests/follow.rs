@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::{Env, dump, make_db};
+use common::{Env, dump, make_db, metric};
 
 const POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\n";
 
@@ -430,34 +430,12 @@ fn write_and_catch_up(env: &Env, standby: &std::path::Path, log: &std::path::Pat
     state
 }
 
-/// The metric line `name{labels} value` of a /metrics body, as a number.
-fn metric(body: &str, series: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(series))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[test]
 fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() {
     let env = Env::new(POLICY);
     make_db(&env.db, true, 30, 300);
     // Host B: the primary's policy with [follow], and the key.
-    let b = common::second_host(&env, "app", |p| {
-        format!(
-            "{}\n[follow]\npoll = \"200ms\"\nidle_poll = \"1s\"\nmax_lag = \"4s\"\n",
-            p.replace("app.db", "standby.db")
-        )
-    });
-    let text = std::fs::read_to_string(&b).expect("b.toml");
-    std::fs::write(
-        &b,
-        text.replace(
-            "[encryption]\n",
-            "[encryption]\nidentity_file = \"backup.key\"\n",
-        ) + "[daemon]\nlisten = \"127.0.0.1:0\"\n",
-    )
-    .expect("b.toml");
+    let b = common::standby_daemon_host(&env, "app", |p| p.replace("app.db", "standby.db"));
     let standby = env.path("standby.db");
     let blog = env.path("daemon-b.log");
     let read_blog = || std::fs::read_to_string(&blog).unwrap_or_default();

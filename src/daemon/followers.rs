@@ -35,6 +35,37 @@ pub struct FollowStatus {
     pub pass: Option<Pass>,
 }
 
+impl FollowStatus {
+    /// A follower not started yet.
+    fn new(follow: &Follow) -> FollowStatus {
+        FollowStatus {
+            follow: follow.clone(),
+            running: false,
+            since: Utc::now(),
+            restarts: 0,
+            error: None,
+            pass: None,
+        }
+    }
+}
+
+/// How the daemon runs a follower of `policy` into `to`: the policy's
+/// waits, its identity from the config, beside other work in one process.
+fn daemon_options(policy: &Policy, to: std::path::PathBuf) -> FollowOptions {
+    let (poll, idle_poll) = policy.follow_waits(None, None);
+    FollowOptions {
+        to,
+        identity: None,
+        force: false,
+        poll,
+        idle_poll,
+        shared_process: true,
+        bell: None,
+        gate: None,
+        looks: None,
+    }
+}
+
 /// Every follower of this daemon, by policy (a fleet's, by database:
 /// `fleet/db`).
 pub type FollowStatuses = Arc<Mutex<BTreeMap<String, FollowStatus>>>;
@@ -188,30 +219,12 @@ fn supervise(
         let to = f.dir.clone();
         return supervise_fleet(ctx, policy, follow, to, stop, statuses, released);
     }
-    let (poll, idle_poll) = policy.follow_waits(None, None);
-    let opts = FollowOptions {
-        to: policy.copy_path(),
-        identity: None,
-        force: false,
-        poll,
-        idle_poll,
-        shared_process: true,
-        bell: None,
-        gate: None,
-        looks: None,
-    };
+    let opts = daemon_options(policy, policy.copy_path());
     let set = |f: &dyn Fn(&mut FollowStatus)| {
         let mut all = lock(statuses);
         let st = all
             .entry(policy.name.clone())
-            .or_insert_with(|| FollowStatus {
-                follow: follow.clone(),
-                running: false,
-                since: Utc::now(),
-                restarts: 0,
-                error: None,
-                pass: None,
-            });
+            .or_insert_with(|| FollowStatus::new(&follow));
         f(st);
     };
     let mut backoff = Duration::from_secs(1);
@@ -264,30 +277,14 @@ fn supervise_fleet(
     statuses: &FollowStatuses,
     released: &AtomicBool,
 ) {
-    let (poll, idle_poll) = fleet.follow_waits(None, None);
-    let opts = FollowOptions {
-        to,
-        identity: None,
-        force: false,
-        poll,
-        idle_poll,
-        shared_process: true,
-        bell: None,
-        gate: None,
-        looks: None,
-    };
+    let opts = daemon_options(fleet, to);
     let report: Report = {
         let (statuses, follow) = (statuses.clone(), follow.clone());
         Arc::new(move |name: &str, e: Event<'_>| {
             let mut all = lock(&statuses);
-            let st = all.entry(name.to_string()).or_insert_with(|| FollowStatus {
-                follow: follow.clone(),
-                running: false,
-                since: Utc::now(),
-                restarts: 0,
-                error: None,
-                pass: None,
-            });
+            let st = all
+                .entry(name.to_string())
+                .or_insert_with(|| FollowStatus::new(&follow));
             match e {
                 Event::Started => {
                     st.running = true;

@@ -592,6 +592,37 @@ pub fn second_host(env: &Env, name: &str, edit: impl Fn(String) -> String) -> Pa
     b
 }
 
+/// Host B's configuration for a daemon that keeps a standby of policy
+/// `name`: [`second_host`] with `edit` applied to the policy and
+/// `[follow]` (fast waits, `max_lag` 4 s) added, the identity, and a
+/// listener on a free port.
+pub fn standby_daemon_host(env: &Env, name: &str, edit: impl Fn(String) -> String) -> PathBuf {
+    let b = second_host(env, name, |p| {
+        format!(
+            "{}\n[follow]\npoll = \"200ms\"\nidle_poll = \"1s\"\nmax_lag = \"4s\"\n",
+            edit(p)
+        )
+    });
+    let text = std::fs::read_to_string(&b).expect("b.toml");
+    std::fs::write(
+        &b,
+        text.replace(
+            "[encryption]\n",
+            "[encryption]\nidentity_file = \"backup.key\"\n",
+        ) + "[daemon]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .expect("b.toml");
+    b
+}
+
+/// The value of the line `series value` of a /metrics body.
+pub fn metric(body: &str, series: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Runs dr with another configuration than an `Env`'s own.
 pub fn dr_with(config: &Path, args: &[&str]) -> Run {
     Run::from(
