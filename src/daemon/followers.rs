@@ -255,14 +255,20 @@ fn supervise(
                     s.restarts += 1;
                     s.error = Some(msg.clone());
                 });
-                let until = std::time::Instant::now() + backoff;
-                while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                wait_to_restart(stop, &mut backoff);
             }
         }
     }
+}
+
+/// Waits `backoff` before a restart (less if `stop` is set meanwhile),
+/// then doubles it, to a minute at most.
+fn wait_to_restart(stop: &AtomicBool, backoff: &mut Duration) {
+    let until = std::time::Instant::now() + *backoff;
+    while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    *backoff = (*backoff * 2).min(Duration::from_secs(60));
 }
 
 /// Runs a fleet's coordinator until `stop`, each database's follower in
@@ -322,11 +328,7 @@ fn supervise_fleet(
             Ok(_) => return,
             Err(e) => {
                 tracing::error!(policy = %fleet.name, target = %follow.target, "the fleet's follower stopped: {e}; restarting in {} s", backoff.as_secs());
-                let until = std::time::Instant::now() + backoff;
-                while std::time::Instant::now() < until && !stop.load(Ordering::SeqCst) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(60));
+                wait_to_restart(stop, &mut backoff);
             }
         }
     }
