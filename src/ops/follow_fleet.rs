@@ -184,8 +184,11 @@ pub fn follow_fleet(
     let mut wait = opts.poll;
     let mut next_look = Instant::now();
     let mut next_scan = Instant::now();
+    // `dr promote FLEET` asked: looked for once here (a stop file written
+    // before the watch began), then seen by the watch, not polled.
+    let mut promoted = own_stop.exists();
     while !stop.load(Ordering::Relaxed) {
-        if own_stop.exists() {
+        if promoted {
             tracing::info!(policy = %fleet.name, "`dr promote {}` made this host the primary of the fleet: its followers stop", fleet.name);
             c.out.released = true;
             break;
@@ -218,13 +221,15 @@ pub fn follow_fleet(
             .saturating_duration_since(Instant::now())
             .min(TICK);
         match watch.as_mut() {
-            // A stop of the fleet's own wakes the wait; `own_stop` is
-            // looked at once at the top of the loop.
             Some(w) => {
                 if let Some(seen) = w.wait(nap) {
                     if seen.record {
                         next_look = Instant::now();
                     }
+                    promoted = seen
+                        .stops
+                        .iter()
+                        .any(|n| Some(n.as_os_str()) == own_stop.file_name());
                     c.ring_stopped(|f| {
                         seen.stops
                             .iter()
@@ -237,6 +242,7 @@ pub fn follow_fleet(
             }
             None => {
                 std::thread::sleep(nap);
+                promoted = own_stop.exists();
                 c.ring_stopped(|f| f.exists());
             }
         }
@@ -482,11 +488,11 @@ impl Coordinator<'_> {
         let name = crate::fleet::member_name(&self.fleet.name, db);
         let ran = r.started.elapsed();
         let ended = r.handle.join();
-        if let Some(r) = &self.report {
+        if let Some(report) = &self.report {
             match &ended {
-                Ok(Ok(_)) => r(&name, Event::Stopped(None)),
-                Ok(Err(e)) => r(&name, Event::Stopped(Some(&e.to_string()))),
-                Err(_) => r(&name, Event::Stopped(Some("the follower panicked"))),
+                Ok(Ok(_)) => report(&name, Event::Stopped(None)),
+                Ok(Err(e)) => report(&name, Event::Stopped(Some(&e.to_string()))),
+                Err(_) => report(&name, Event::Stopped(Some("the follower panicked"))),
             }
         }
         match ended {
