@@ -15,20 +15,59 @@ use sha2::{Digest, Sha256};
 use crate::error::{Error, Result};
 use crate::keys::{Sealing, Unsealing};
 
+pub mod framed;
+
+pub use framed::Framed;
+
 /// Sizes and hashes of one stored object, recorded in its manifest.
+///
+/// Format 1 objects carry sha256 digests; a format 2 data object carries
+/// `framed` (BLAKE3 digests, cheaper and bound frame by frame) instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectDigest {
     pub plain_size: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub plain_sha256: String,
     pub stored_size: u64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub stored_sha256: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub framed: Option<Framed>,
+}
+
+/// A running digest of a byte stream: sha256 (format 1), BLAKE3 (format
+/// 2), or none for objects that check themselves.
+enum Running {
+    Sha(Sha256),
+    Blake(Box<blake3::Hasher>),
+    Off,
+}
+
+impl Running {
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Running::Sha(h) => h.update(b),
+            Running::Blake(h) => {
+                h.update(b);
+            }
+            Running::Off => {}
+        }
+    }
+
+    /// The hex digest; the running state is spent.
+    fn hex(&mut self) -> String {
+        match std::mem::replace(self, Running::Off) {
+            Running::Sha(h) => hex::encode(h.finalize()),
+            Running::Blake(h) => h.finalize().to_hex().to_string(),
+            Running::Off => String::new(),
+        }
+    }
 }
 
 /// A writer that hashes and counts what passes through it.
-#[derive(Debug)]
 struct Tally<W> {
     inner: W,
-    hash: Sha256,
+    hash: Running,
     count: u64,
 }
 
@@ -66,14 +105,29 @@ impl<W: Write> Write for Sealed<W> {
 
 /// Encodes a plaintext stream written into it; `finish` returns the digest.
 pub struct Encoder<W: Write> {
-    zstd: zstd::stream::write::Encoder<'static, Sealed<W>>,
-    hash: Sha256,
-    count: u64,
+    inner: Encoding<W>,
+}
+
+enum Encoding<W: Write> {
+    /// Format 1: one zstd stream (zstd's own worker threads), sha256.
+    Stream {
+        zstd: zstd::stream::write::Encoder<'static, Sealed<W>>,
+        hash: Sha256,
+        count: u64,
+    },
+    /// Format 2: independent frames (`framed`), BLAKE3.
+    Framed {
+        frames: framed::FrameWriter<Sealed<W>>,
+        frame_size: u32,
+    },
 }
 
 impl<W: Write> std::fmt::Debug for Encoder<W> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Encoder({} bytes in)", self.count)
+        match &self.inner {
+            Encoding::Stream { count, .. } => write!(f, "Encoder({count} bytes in)"),
+            Encoding::Framed { frame_size, .. } => write!(f, "Encoder(frames of {frame_size})"),
+        }
     }
 }
 
@@ -85,33 +139,50 @@ fn zstd_workers() -> u32 {
         .max(2)
 }
 
+/// Wraps `out` in age for `sealing` (or not), counting and hashing the
+/// stored bytes.
+fn seal<W: Write>(out: W, sealing: &Sealing, hash: Running) -> Result<Sealed<W>> {
+    let tally = Tally {
+        inner: out,
+        hash,
+        count: 0,
+    };
+    Ok(match sealing {
+        Sealing::None => Sealed::Plain(tally),
+        Sealing::Recipients(rs) => {
+            let enc = age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
+                .map_err(|e| Error::Other(format!("cannot set up age encryption: {e}")))?;
+            Sealed::Age(
+                enc.wrap_output(tally)
+                    .map_err(|e| Error::io("writing the age header", e))?,
+            )
+        }
+        Sealing::Passphrase(p, ..) => {
+            let enc = age::Encryptor::with_user_passphrase(p.clone());
+            Sealed::Age(
+                enc.wrap_output(tally)
+                    .map_err(|e| Error::io("writing the age header", e))?,
+            )
+        }
+    })
+}
+
+/// Ends age (when sealing) and returns the stored bytes' tally.
+fn unseal<W: Write>(sealed: Sealed<W>) -> io::Result<Tally<W>> {
+    let mut tally = match sealed {
+        Sealed::Age(w) => w.finish()?,
+        Sealed::Plain(t) => t,
+    };
+    tally.flush()?;
+    Ok(tally)
+}
+
 impl<W: Write> Encoder<W> {
-    /// Starts an encoded object on `out` at the given zstd level.
+    /// Starts a format 1 object (one zstd stream) on `out`: WAL segments,
+    /// page indexes, audit logs, and data objects of policies that ask
+    /// for format 1.
     pub fn new(out: W, level: i32, sealing: &Sealing) -> Result<Self> {
-        let tally = Tally {
-            inner: out,
-            hash: Sha256::new(),
-            count: 0,
-        };
-        let sealed = match sealing {
-            Sealing::None => Sealed::Plain(tally),
-            Sealing::Recipients(rs) => {
-                let enc =
-                    age::Encryptor::with_recipients(rs.iter().map(|r| r as &dyn age::Recipient))
-                        .map_err(|e| Error::Other(format!("cannot set up age encryption: {e}")))?;
-                Sealed::Age(
-                    enc.wrap_output(tally)
-                        .map_err(|e| Error::io("writing the age header", e))?,
-                )
-            }
-            Sealing::Passphrase(p, ..) => {
-                let enc = age::Encryptor::with_user_passphrase(p.clone());
-                Sealed::Age(
-                    enc.wrap_output(tally)
-                        .map_err(|e| Error::io("writing the age header", e))?,
-                )
-            }
-        };
+        let sealed = seal(out, sealing, Running::Sha(Sha256::new()))?;
         let mut zstd = zstd::stream::write::Encoder::new(sealed, level)
             .map_err(|e| Error::io("starting zstd", e))?;
         zstd.multithread(zstd_workers())
@@ -119,42 +190,82 @@ impl<W: Write> Encoder<W> {
         zstd.include_checksum(false)
             .map_err(|e| Error::io("configuring zstd", e))?;
         Ok(Encoder {
-            zstd,
-            hash: Sha256::new(),
-            count: 0,
+            inner: Encoding::Stream {
+                zstd,
+                hash: Sha256::new(),
+                count: 0,
+            },
+        })
+    }
+
+    /// Starts a format 2 object: independent frames of `frame_size` plain
+    /// bytes, compressed on every core.
+    pub fn framed(out: W, level: i32, sealing: &Sealing, frame_size: u32) -> Result<Self> {
+        let sealed = seal(out, sealing, Running::Blake(Box::default()))?;
+        Ok(Encoder {
+            inner: Encoding::Framed {
+                frames: framed::FrameWriter::new(sealed, level, frame_size),
+                frame_size: frame_size.clamp(framed::MIN_FRAME, framed::MAX_FRAME),
+            },
         })
     }
 
     /// Flushes every layer and returns the digest and the underlying writer.
     pub fn finish(self) -> io::Result<(ObjectDigest, W)> {
-        let sealed = self.zstd.finish()?;
-        let tally = match sealed {
-            Sealed::Age(w) => w.finish()?,
-            Sealed::Plain(t) => t,
-        };
-        let mut tally = tally;
-        tally.flush()?;
-        Ok((
-            ObjectDigest {
-                plain_size: self.count,
-                plain_sha256: hex::encode(self.hash.finalize()),
-                stored_size: tally.count,
-                stored_sha256: hex::encode(tally.hash.finalize()),
-            },
-            tally.inner,
-        ))
+        match self.inner {
+            Encoding::Stream { zstd, hash, count } => {
+                let mut tally = unseal(zstd.finish()?)?;
+                Ok((
+                    ObjectDigest {
+                        plain_size: count,
+                        plain_sha256: hex::encode(hash.finalize()),
+                        stored_size: tally.count,
+                        stored_sha256: tally.hash.hex(),
+                        framed: None,
+                    },
+                    tally.inner,
+                ))
+            }
+            Encoding::Framed { frames, frame_size } => {
+                let (sealed, written) = frames.finish()?;
+                let mut tally = unseal(sealed)?;
+                Ok((
+                    ObjectDigest {
+                        plain_size: written.plain_size,
+                        plain_sha256: String::new(),
+                        stored_size: tally.count,
+                        stored_sha256: String::new(),
+                        framed: Some(Framed {
+                            frame_size,
+                            frames: written.frames,
+                            plain_blake3: written.plain_blake3,
+                            stored_blake3: tally.hash.hex(),
+                        }),
+                    },
+                    tally.inner,
+                ))
+            }
+        }
     }
 }
 
 impl<W: Write> Write for Encoder<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.zstd.write(buf)?;
-        self.hash.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
+        match &mut self.inner {
+            Encoding::Stream { zstd, hash, count } => {
+                let n = zstd.write(buf)?;
+                hash.update(&buf[..n]);
+                *count += n as u64;
+                Ok(n)
+            }
+            Encoding::Framed { frames, .. } => frames.write(buf),
+        }
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.zstd.flush()
+        match &mut self.inner {
+            Encoding::Stream { zstd, .. } => zstd.flush(),
+            Encoding::Framed { frames, .. } => frames.flush(),
+        }
     }
 }
 
@@ -162,19 +273,16 @@ impl<W: Write> Write for Encoder<W> {
 /// check can drain whatever the age and zstd layers left unread.
 struct RawTally<R> {
     inner: R,
-    hash: Sha256,
-    count: u64,
     /// Off for an object that checks itself (no manifest digest to
     /// compare): hashing it would be work no one reads.
-    hashing: bool,
+    hash: Running,
+    count: u64,
 }
 
 impl<R: Read> RawTally<R> {
     fn read_tallied(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
-        if self.hashing {
-            self.hash.update(&buf[..n]);
-        }
+        self.hash.update(&buf[..n]);
         self.count += n as u64;
         Ok(n)
     }
@@ -423,11 +531,16 @@ impl<R: Read + Send + 'static> Decoder<R> {
         encrypted: bool,
         threaded: bool,
     ) -> Result<Self> {
+        let framed = expected.and_then(|e| e.framed.as_ref().map(|f| (e, f)));
+        let stored_hash = match (expected, framed) {
+            (None, _) => Running::Off,
+            (Some(_), None) => Running::Sha(Sha256::new()),
+            (Some(_), Some(_)) => Running::Blake(Box::default()),
+        };
         let stored = Arc::new(Mutex::new(RawTally {
             inner: input,
-            hash: Sha256::new(),
+            hash: stored_hash,
             count: 0,
-            hashing: expected.is_some(),
         }));
         let tallied = TallyReader {
             raw: stored.clone(),
@@ -454,17 +567,49 @@ impl<R: Read + Send + 'static> Decoder<R> {
         } else {
             Opened::Plain(tallied)
         };
+        let drain = |raw: Arc<Mutex<RawTally<R>>>| {
+            move || -> io::Result<()> {
+                // Drain anything after the age payload so the stored hash
+                // covers every byte.
+                let mut raw = raw.lock().map_err(|_| poisoned())?;
+                let mut sink = [0u8; 8192];
+                while raw.read_tallied(&mut sink)? > 0 {}
+                Ok(())
+            }
+        };
+        if let Some((e, f)) = framed {
+            // Format 2: one thread reads and decrypts, every core decodes
+            // and checks frames; the reader checks the digests at its end.
+            let raw = stored.clone();
+            let drained = drain(stored.clone());
+            let finish: framed::Finish = Box::new(move || {
+                drained()?;
+                let mut raw = raw.lock().map_err(|_| poisoned())?;
+                Ok((raw.count, raw.hash.hex()))
+            });
+            let frames = framed::FrameReader::start(
+                Box::new(opened),
+                finish,
+                e.plain_size,
+                e.stored_size,
+                f,
+            );
+            return Ok(Decoder {
+                inner: Stage::new(false, frames, || Ok(())),
+                expected: None,
+                stored,
+                plain: Arc::new(Mutex::new(RawTally {
+                    inner: Box::new(io::empty()),
+                    hash: Running::Off,
+                    count: 0,
+                })),
+                done: false,
+            });
+        }
         // Three stages on three threads, like `age -d | zstd -d | ...`:
         // read + hash + decrypt, decompress, then plaintext hashing and the
         // consumer's own work (page writes) on the calling thread.
-        let raw = stored.clone();
-        let decrypted = Stage::new(threaded, opened, move || {
-            // Drain anything after the age payload so the stored hash covers every byte.
-            let mut raw = raw.lock().map_err(|_| poisoned())?;
-            let mut sink = [0u8; 8192];
-            while raw.read_tallied(&mut sink)? > 0 {}
-            Ok(())
-        });
+        let decrypted = Stage::new(threaded, opened, drain(stored.clone()));
         // A buffer is zeroed on its first fill: a small object read inline
         // (a follower's segment a second) pays for all of it each time.
         let buffer = if threaded { 256 * 1024 } else { 64 * 1024 };
@@ -473,9 +618,11 @@ impl<R: Read + Send + 'static> Decoder<R> {
                 .map_err(|e| Error::io(format!("starting zstd for {object}"), e))?;
         let plain = Arc::new(Mutex::new(RawTally {
             inner: Box::new(zstd) as Box<dyn Read + Send>,
-            hash: Sha256::new(),
+            hash: match expected {
+                Some(_) => Running::Sha(Sha256::new()),
+                None => Running::Off,
+            },
             count: 0,
-            hashing: expected.is_some(),
         }));
         let inner = Stage::new(threaded, TallyReader { raw: plain.clone() }, || Ok(()));
         Ok(Decoder {
@@ -489,11 +636,11 @@ impl<R: Read + Send + 'static> Decoder<R> {
 
     fn check_end(&mut self) -> io::Result<()> {
         let mut raw = self.stored.lock().map_err(|_| poisoned())?;
-        let stored = hex::encode(std::mem::take(&mut raw.hash).finalize());
+        let stored = raw.hash.hex();
         let stored_count = raw.count;
         drop(raw);
         let mut out = self.plain.lock().map_err(|_| poisoned())?;
-        let plain = hex::encode(std::mem::take(&mut out.hash).finalize());
+        let plain = out.hash.hex();
         let plain_count = out.count;
         drop(out);
         let Some(e) = &self.expected else {

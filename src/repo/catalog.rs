@@ -198,6 +198,7 @@ mod tests {
             plain_sha256: String::new(),
             stored_size: n,
             stored_sha256: String::new(),
+            framed: None,
         };
         let mut m = Manifest {
             trigger: None,
