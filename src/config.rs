@@ -147,6 +147,10 @@ struct RawWal {
 #[derive(Debug, Default, Deserialize)]
 struct RawCompression {
     level: Option<Spanned<i32>>,
+    /// Plain bytes per independent frame of a format 2 data object.
+    frame: Option<Spanned<String>>,
+    /// The repository format new backups are written in (1 or 2).
+    format: Option<Spanned<u32>>,
 }
 
 // ---------------------------------------------------------------- resolved
@@ -206,6 +210,11 @@ pub struct Policy {
     pub retention: Retention,
     pub wal: Wal,
     pub compression_level: i32,
+    /// Repository format of new backups: 2 (framed, the default), or 1 for
+    /// repositories an older dr must still restore.
+    pub format: u32,
+    /// Plain bytes per frame of a format 2 data object.
+    pub compression_frame: u32,
     /// False only when the policy says `encryption = "none"`.
     pub encrypted: bool,
     /// The policy's own `[notify]`, replacing the global one.
@@ -1315,6 +1324,27 @@ fn check_policy(
         Some(l) => *l.get_ref(),
         None => 3,
     };
+    let format = match &rp.compression.format {
+        Some(f) if !(1..=crate::repo::manifest::FORMAT_VERSION).contains(f.get_ref()) => {
+            d.at(f.span(), format!("compression.format {} is not a repository format this dr writes: use 2 (the default), or 1 for backups an older dr must restore", f.get_ref()));
+            ok = false;
+            crate::repo::manifest::FORMAT_VERSION
+        }
+        Some(f) => *f.get_ref(),
+        None => crate::repo::manifest::FORMAT_VERSION,
+    };
+    let frame_bounds = u64::from(crate::codec::framed::MIN_FRAME)..=u64::from(crate::codec::framed::MAX_FRAME);
+    let compression_frame = match &rp.compression.frame {
+        None => crate::codec::framed::DEFAULT_FRAME,
+        Some(f) => match parse_size(f.get_ref()) {
+            Some(n) if frame_bounds.contains(&n) => n as u32,
+            _ => {
+                d.at(f.span(), format!("compression.frame '{}' must be a size from 64KiB to 64MiB, e.g. \"4MiB\" (the default)", f.get_ref()));
+                ok = false;
+                crate::codec::framed::DEFAULT_FRAME
+            }
+        },
+    };
     let encrypted = match &rp.encryption {
         None => true,
         Some(e) if e.get_ref() == "age" => true,
@@ -1374,6 +1404,8 @@ fn check_policy(
         retention,
         wal,
         compression_level,
+        format,
+        compression_frame,
         encrypted,
         notify,
         fleet,

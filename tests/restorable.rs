@@ -83,7 +83,7 @@ fn a_newer_full_with_a_rotten_manifest_never_costs_the_good_chain() {
 
 #[test]
 fn a_newer_full_from_a_newer_dr_never_costs_the_good_chain() {
-    // A valid envelope around format 2: re-hashed, so only the format
+    // A valid envelope around format 3: re-hashed, so only the format
     // differs. Not damage: its own exit code, and the message says to
     // upgrade.
     damaged_newer_full_keeps_the_good_chain(8, |t, fake| {
@@ -97,7 +97,7 @@ fn a_newer_full_from_a_newer_dr_never_costs_the_good_chain() {
             .expect("label")
             .to_string();
         let body = t[body_start..body_end]
-            .replace("\"format\": 1", "\"format\": 2")
+            .replace("\"format\": 2", "\"format\": 3")
             .replace(&old, fake);
         let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
         format!("{{\"manifest\": {body},\n\"sha256\": \"{sum}\"}}\n")
@@ -114,7 +114,7 @@ fn a_backup_only_a_newer_dr_reads_says_so_in_info_json_and_restore() {
         let body_start = t[1..].find('{').expect("body") + 1;
         let body_end = t.rfind(",\n\"sha256\"").expect("sum");
         let body = t[body_start..body_end]
-            .replace("\"format\": 1", "\"format\": 3")
+            .replace("\"format\": 2", "\"format\": 3")
             .replace(&full, fake);
         let sum = hex::encode(sha2::Sha256::digest(body.as_bytes()));
         format!("{{\"manifest\": {body},\n\"sha256\": \"{sum}\"}}\n")

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::keys::Sealing;
 use crate::lease::Lease;
 use crate::progress::Progress;
-use crate::repo::{self, BackupType, Label, Manifest, manifest::FORMAT_VERSION};
+use crate::repo::{self, BackupType, Label, Manifest};
 use crate::sqlite::pages::{HASH_LEN, HashAhead};
 use crate::sqlite::stream::StreamState;
 use crate::sqlite::{self, IndexReader, IndexWriter, PageWriter, Snapshot};
@@ -93,7 +93,7 @@ pub fn backup(
     )?;
     drop(conn);
     let manifest = Manifest {
-        format: FORMAT_VERSION,
+        format: policy.format,
         label: label.clone(),
         kind: label.kind(),
         parent: base.index_of.clone(),
@@ -204,7 +204,12 @@ fn choose_base(
     };
     let page_size = sqlite::snapshot::page_size(conn)?;
     let why =
-        match m.diff_base_mismatch(page_size, encryption_word(policy), &sealing.fingerprints()) {
+        match m.diff_base_mismatch(
+            policy.format,
+            page_size,
+            encryption_word(policy),
+            &sealing.fingerprints(),
+        ) {
             Some(why) => why,
             None => match cached_index(ctx, repo, m)? {
                 Ok(path) => {
@@ -283,7 +288,13 @@ fn write_objects(
     let base_page_size = base.as_ref().map(|(_, ps)| *ps);
     let data_key = repo::object_key(&policy.name, label, repo::DATA);
     let out = store.create(&data_key)?;
-    let enc = Encoder::new(out, policy.compression_level, sealing)?;
+    // The data object is the one a format 2 backup cuts into frames; its
+    // page index stays one stream (small, read whole).
+    let enc = if policy.format >= 2 {
+        Encoder::framed(out, policy.compression_level, sealing, policy.compression_frame)?
+    } else {
+        Encoder::new(out, policy.compression_level, sealing)?
+    };
     let io_err = |e: std::io::Error| store_err(store, &data_key, e);
     let mut slot = Some(BufWriter::with_capacity(1 << 20, enc));
     let mut pages: Option<DataWriter> = None;

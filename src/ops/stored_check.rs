@@ -110,7 +110,15 @@ fn stored_bytes(
 ) -> Result<()> {
     let object = format!("target '{}': {key}", repo.storage.target());
     let mut raw = repo.storage.open(key)?;
-    let mut hash = Sha256::new();
+    // Format 2 records BLAKE3 of the stored bytes, format 1 sha256.
+    enum Hash {
+        Sha(Sha256),
+        Blake(Box<blake3::Hasher>),
+    }
+    let mut hash = match &digest.framed {
+        Some(_) => Hash::Blake(Box::default()),
+        None => Hash::Sha(Sha256::new()),
+    };
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -118,7 +126,12 @@ fn stored_bytes(
         if n == 0 {
             break;
         }
-        hash.update(&buf[..n]);
+        match &mut hash {
+            Hash::Sha(h) => h.update(&buf[..n]),
+            Hash::Blake(h) => {
+                h.update(&buf[..n]);
+            }
+        }
         size += n as u64;
         progress.advance(n as u64);
     }
@@ -132,10 +145,15 @@ fn stored_bytes(
             digest.stored_size
         )));
     }
-    if hex::encode(hash.finalize()) != digest.stored_sha256 {
-        return Err(bad(
-            "its stored bytes' sha256 differs from the manifest's: changed since the backup".into(),
-        ));
+    let (found, recorded, name) = match (hash, &digest.framed) {
+        (Hash::Blake(h), Some(f)) => (h.finalize().to_hex().to_string(), &f.stored_blake3, "BLAKE3"),
+        (Hash::Blake(h), None) => (h.finalize().to_hex().to_string(), &digest.stored_sha256, "sha256"),
+        (Hash::Sha(h), _) => (hex::encode(h.finalize()), &digest.stored_sha256, "sha256"),
+    };
+    if &found != recorded {
+        return Err(bad(format!(
+            "its stored bytes' {name} differs from the manifest's: changed since the backup"
+        )));
     }
     Ok(())
 }

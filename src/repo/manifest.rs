@@ -16,8 +16,10 @@ use sha2::{Digest, Sha256};
 use super::label::{BackupType, Label};
 use crate::codec::ObjectDigest;
 
-/// Version of the manifest format this build writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The newest repository format this build reads and writes (it reads
+/// every older one). Format 2 cut the data object into frames
+/// (`codec::framed`); a policy may still write format 1.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Everything needed to restore and check one backup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,14 +87,15 @@ impl Manifest {
     /// `fingerprints` describe the backup about to be taken.
     pub fn diff_base_mismatch(
         &self,
+        format: u32,
         page_size: u32,
         encryption: &str,
         fingerprints: &[String],
     ) -> Option<String> {
         let full = &self.label;
-        if self.format != FORMAT_VERSION {
+        if self.format != format {
             return Some(format!(
-                "full backup {full} is in manifest format {}, this dr writes {FORMAT_VERSION}",
+                "full backup {full} is in repository format {}, the policy writes format {format}: a diff is always in its full's format",
                 self.format
             ));
         }
@@ -234,16 +237,19 @@ pub(crate) mod tests {
     fn diffs_need_the_same_page_size_format_and_keys_as_their_full() {
         let m = sample();
         let keys = vec!["abcd".to_string()];
-        assert_eq!(m.diff_base_mismatch(4096, "age", &keys), None);
-        let e = m.diff_base_mismatch(8192, "age", &keys).expect("page size");
+        assert_eq!(m.diff_base_mismatch(FORMAT_VERSION, 4096, "age", &keys), None);
+        let e = m.diff_base_mismatch(FORMAT_VERSION, 8192, "age", &keys).expect("page size");
         assert!(e.contains("8192") && e.contains("4096"), "{e}");
-        assert!(m.diff_base_mismatch(4096, "none", &[]).is_some());
+        assert!(m.diff_base_mismatch(FORMAT_VERSION, 4096, "none", &[]).is_some());
         let e = m
-            .diff_base_mismatch(4096, "age", &["scrypt:00".to_string()])
+            .diff_base_mismatch(FORMAT_VERSION, 4096, "age", &["scrypt:00".to_string()])
             .expect("keys");
         assert!(e.contains("same keys"), "{e}");
         let mut old = sample();
-        old.format = 0;
-        assert!(old.diff_base_mismatch(4096, "age", &keys).is_some());
+        old.format = 1;
+        let e = old
+            .diff_base_mismatch(2, 4096, "age", &keys)
+            .expect("a format 1 full under a format 2 policy");
+        assert!(e.contains("repository format 1"), "{e}");
     }
 }
