@@ -466,8 +466,8 @@ pub fn render(info: &Info) -> String {
             } else {
                 let _ = writeln!(
                     s,
-                    "    {:<38} {:<5} {:<20} {:<9} {:>10} {:>10}",
-                    "LABEL", "TYPE", "START (UTC)", "DURATION", "SIZE", "STORED"
+                    "    {:<38} {:<5} {:<20} {:<9} {:>10} {:>10} {:>6}",
+                    "LABEL", "TYPE", "START (UTC)", "DURATION", "SIZE", "STORED", "FORMAT"
                 );
             }
             let fulls = t.backups.iter().filter(|b| b.kind == BackupKind::Full);
@@ -681,13 +681,14 @@ fn line(s: &mut String, b: &BackupInfo, indent: &str) {
     let dur = (b.timestamp_stop - b.timestamp_start).num_milliseconds() as f64 / 1000.0;
     let _ = writeln!(
         s,
-        "    {:<38} {:<5} {:<20} {:<9} {:>10} {:>10}",
+        "    {:<38} {:<5} {:<20} {:<9} {:>10} {:>10} {:>6}",
         label,
         b.kind.to_string(),
         b.timestamp_start.format("%Y-%m-%d %H:%M:%S").to_string(),
         format!("{dur:.1}s"),
         human_bytes(b.size),
-        human_bytes(b.stored_size)
+        human_bytes(b.stored_size),
+        b.format.map_or("-".to_string(), |f| f.to_string())
     );
     if let Some(e) = &b.error {
         let _ = writeln!(s, "      damaged: {e}");

@@ -101,6 +101,11 @@ pub struct BackupInfo {
     /// not damage; an upgraded dr restores it.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub newer_format: bool,
+    /// The repository format of a SQLite backup (`docs/repository-format.md`):
+    /// 2 has a framed data object. Absent for PostgreSQL (pgBackRest's
+    /// format) and for a manifest that could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<u32>,
     /// PostgreSQL: the first and last WAL segment the backup needs.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive_start: Option<String>,
@@ -148,6 +153,7 @@ pub fn list_pg(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) -
                 .error
                 .then(|| "pgBackRest reports errors in this backup".to_string()),
             newer_format: false,
+            format: None,
             archive_start: b.archive_start,
             archive_stop: b.archive_stop,
             trigger: None,
@@ -225,6 +231,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                     stored_size: m.stored_size(),
                     error: None,
                     newer_format: false,
+                    format: Some(m.format),
                     archive_start: None,
                     archive_stop: None,
                     trigger: m.trigger.clone(),
@@ -241,6 +248,7 @@ fn collect(ctx: &Context, t: &Target, p: &Policy, ti: &mut Listing) -> Result<()
                 size: 0,
                 stored_size: 0,
                 newer_format: matches!(e, Error::Newer(_)),
+                format: None,
                 error: Some(e.to_string()),
                 archive_start: None,
                 archive_stop: None,
