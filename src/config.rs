@@ -1333,7 +1333,8 @@ fn check_policy(
         Some(f) => *f.get_ref(),
         None => crate::repo::manifest::FORMAT_VERSION,
     };
-    let frame_bounds = u64::from(crate::codec::framed::MIN_FRAME)..=u64::from(crate::codec::framed::MAX_FRAME);
+    let frame_bounds =
+        u64::from(crate::codec::framed::MIN_FRAME)..=u64::from(crate::codec::framed::MAX_FRAME);
     let compression_frame = match &rp.compression.frame {
         None => crate::codec::framed::DEFAULT_FRAME,
         Some(f) => match parse_size(f.get_ref()) {

@@ -203,29 +203,28 @@ fn choose_base(
         return Ok(base);
     };
     let page_size = sqlite::snapshot::page_size(conn)?;
-    let why =
-        match m.diff_base_mismatch(
-            policy.format,
-            page_size,
-            encryption_word(policy),
-            &sealing.fingerprints(),
-        ) {
-            Some(why) => why,
-            None => match cached_index(ctx, repo, m)? {
-                Ok(path) => {
-                    let f = File::open(&path).map_err(|e| {
-                        Error::io(format!("cannot open page index {}", path.display()), e)
-                    })?;
-                    let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
-                        Error::io(format!("cannot read page index {}", path.display()), e)
-                    })?;
-                    base.index_of = Some(m.label.clone());
-                    base.index = Some((idx, m.page_size));
-                    return Ok(base);
-                }
-                Err(why) => why,
-            },
-        };
+    let why = match m.diff_base_mismatch(
+        policy.format,
+        page_size,
+        encryption_word(policy),
+        &sealing.fingerprints(),
+    ) {
+        Some(why) => why,
+        None => match cached_index(ctx, repo, m)? {
+            Ok(path) => {
+                let f = File::open(&path).map_err(|e| {
+                    Error::io(format!("cannot open page index {}", path.display()), e)
+                })?;
+                let idx = IndexReader::new(BufReader::new(f)).map_err(|e| {
+                    Error::io(format!("cannot read page index {}", path.display()), e)
+                })?;
+                base.index_of = Some(m.label.clone());
+                base.index = Some((idx, m.page_size));
+                return Ok(base);
+            }
+            Err(why) => why,
+        },
+    };
     base.note = Some(format!("{why}: taking a full instead"));
     tracing::warn!(policy = %policy.name, target, "{}", base.note.as_deref().unwrap_or(""));
     Ok(base)
@@ -291,7 +290,12 @@ fn write_objects(
     // The data object is the one a format 2 backup cuts into frames; its
     // page index stays one stream (small, read whole).
     let enc = if policy.format >= 2 {
-        Encoder::framed(out, policy.compression_level, sealing, policy.compression_frame)?
+        Encoder::framed(
+            out,
+            policy.compression_level,
+            sealing,
+            policy.compression_frame,
+        )?
     } else {
         Encoder::new(out, policy.compression_level, sealing)?
     };

@@ -105,6 +105,9 @@ pub fn identity(
             })
     })?;
     if let Some(pgno) = found {
+        // Which side is wrong: a damaged page index (its digests are
+        // checked at its end) names itself rather than the restored page.
+        index.finish()?;
         return Err(Error::Integrity {
             object: format!("backup {}", last.label),
             reason: format!(

@@ -146,8 +146,16 @@ fn stored_bytes(
         )));
     }
     let (found, recorded, name) = match (hash, &digest.framed) {
-        (Hash::Blake(h), Some(f)) => (h.finalize().to_hex().to_string(), &f.stored_blake3, "BLAKE3"),
-        (Hash::Blake(h), None) => (h.finalize().to_hex().to_string(), &digest.stored_sha256, "sha256"),
+        (Hash::Blake(h), Some(f)) => (
+            h.finalize().to_hex().to_string(),
+            &f.stored_blake3,
+            "BLAKE3",
+        ),
+        (Hash::Blake(h), None) => (
+            h.finalize().to_hex().to_string(),
+            &digest.stored_sha256,
+            "sha256",
+        ),
         (Hash::Sha(h), _) => (hex::encode(h.finalize()), &digest.stored_sha256, "sha256"),
     };
     if &found != recorded {

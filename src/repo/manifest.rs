@@ -237,10 +237,18 @@ pub(crate) mod tests {
     fn diffs_need_the_same_page_size_format_and_keys_as_their_full() {
         let m = sample();
         let keys = vec!["abcd".to_string()];
-        assert_eq!(m.diff_base_mismatch(FORMAT_VERSION, 4096, "age", &keys), None);
-        let e = m.diff_base_mismatch(FORMAT_VERSION, 8192, "age", &keys).expect("page size");
+        assert_eq!(
+            m.diff_base_mismatch(FORMAT_VERSION, 4096, "age", &keys),
+            None
+        );
+        let e = m
+            .diff_base_mismatch(FORMAT_VERSION, 8192, "age", &keys)
+            .expect("page size");
         assert!(e.contains("8192") && e.contains("4096"), "{e}");
-        assert!(m.diff_base_mismatch(FORMAT_VERSION, 4096, "none", &[]).is_some());
+        assert!(
+            m.diff_base_mismatch(FORMAT_VERSION, 4096, "none", &[])
+                .is_some()
+        );
         let e = m
             .diff_base_mismatch(FORMAT_VERSION, 4096, "age", &["scrypt:00".to_string()])
             .expect("keys");
