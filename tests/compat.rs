@@ -1,13 +1,40 @@
-//! A repository written by an earlier dr (tests/fixtures/repository-v1,
-//! manifest format 1) still lists, verifies and restores with the dr under
-//! test: the compatibility promise, checked on every change.
+//! Repositories written by earlier dr builds (tests/fixtures/repository-v1,
+//! format 1; tests/fixtures/repository-v2, format 2: framed data objects)
+//! still list, verify and restore with the dr under test, byte for byte:
+//! the compatibility promise, checked on every change.
 
 mod common;
 
 use std::path::Path;
 
-const FULL: &str = "20261206-003026F";
-const DIFF: &str = "20261206-003026F_20261206-003028D";
+/// One fixture: its labels, and the sha256 of the files the dr that
+/// wrote it restored (the newest backup, then the full alone).
+struct Fixture {
+    dir: &'static str,
+    format: u64,
+    full: &'static str,
+    diff: &'static str,
+    restored_sha256: &'static str,
+    full_sha256: &'static str,
+}
+
+const V1: Fixture = Fixture {
+    dir: "repository-v1",
+    format: 1,
+    full: "20261206-003026F",
+    diff: "20261206-003026F_20261206-003028D",
+    restored_sha256: "9e6fc9165676e96b9cda540c7a02a1e0548d2c578dc7938f9fdf886a4c318be6",
+    full_sha256: "3cb62052cb6610554a1fe9b56491c60d4a71c98b5075de19c9e5503800ed145c",
+};
+
+const V2: Fixture = Fixture {
+    dir: "repository-v2",
+    format: 2,
+    full: "20261206-213550F",
+    diff: "20261206-213550F_20261206-213551D",
+    restored_sha256: "c3f430336d7e411a3248ce01aefa2b9682c704663317b1d93e574f6e55385baf",
+    full_sha256: "a3007c6638ffc38ecff8ca295b72ba856d477f3a746075df567bfa6993edf2b8",
+};
 
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).expect("mkdir");
@@ -42,7 +69,20 @@ fn rows(db: &Path) -> String {
 
 #[test]
 fn a_repository_written_by_format_1_lists_verifies_and_restores() {
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/repository-v1");
+    assert_eq!(check(&V1), "1|first\n2|second\n3|third\n");
+}
+
+#[test]
+fn a_repository_written_by_format_2_lists_verifies_and_restores() {
+    check(&V2);
+}
+
+/// Lists, verifies and restores `fx`; returns the rows of its full
+/// restored alone.
+fn check(fx: &Fixture) -> String {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fx.dir);
     let dir = tempfile::tempdir().expect("tmp");
     copy_dir(&fixture.join("app"), &dir.path().join("backups/app"));
     // Git keeps no file modes: the identity is made private again.
@@ -82,10 +122,11 @@ fn a_repository_written_by_format_1_lists_verifies_and_restores() {
         .iter()
         .map(|b| {
             assert!(b["error"].is_null(), "{b}");
+            assert_eq!(b["format"], fx.format, "{b}");
             b["label"].as_str().expect("label").to_string()
         })
         .collect();
-    assert_eq!(labels, [FULL, DIFF]);
+    assert_eq!(labels, [fx.full, fx.diff]);
     let v = dr(&["verify", "app"]);
     assert_eq!(v.code, 0, "{}{}", v.stdout, v.stderr);
     let to = dir.path().join("restored.db");
@@ -93,6 +134,7 @@ fn a_repository_written_by_format_1_lists_verifies_and_restores() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     let want = std::fs::read_to_string(fixture.join("expected.txt")).expect("expected");
     assert_eq!(rows(&to), want);
+    assert_eq!(common::sha256_file(&to), fx.restored_sha256);
     let full = dir.path().join("full.db");
     let r = dr(&[
         "restore-local",
@@ -100,8 +142,9 @@ fn a_repository_written_by_format_1_lists_verifies_and_restores() {
         "--to",
         &full.display().to_string(),
         "--backup",
-        FULL,
+        fx.full,
     ]);
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert_eq!(rows(&full), "1|first\n2|second\n3|third\n");
+    assert_eq!(common::sha256_file(&full), fx.full_sha256);
+    rows(&full)
 }
