@@ -131,7 +131,7 @@ fn fuzz(name: &str, salt: u64, n: u64, mut seeds: Vec<Vec<u8>>, target: impl Fn(
 }
 
 /// Objects of a real backup, written unencrypted so the seeds are the plain formats.
-fn real_backup() -> (tempfile::TempDir, Vec<u8>, Vec<u8>, Vec<u8>) {
+fn real_backup() -> (tempfile::TempDir, Vec<u8>, Vec<u8>, Vec<u8>, Vec<u8>) {
     let env = common::Env::new("encryption = \"none\"\n");
     let policy = env.path("policies/app.toml");
     let text = std::fs::read_to_string(&policy).expect("policy");
@@ -154,14 +154,16 @@ fn real_backup() -> (tempfile::TempDir, Vec<u8>, Vec<u8>, Vec<u8>) {
     let read = |n: &str| std::fs::read(base.join(n)).expect("object");
     let unzstd = |b: Vec<u8>| zstd::decode_all(&b[..]).expect("zstd");
     let manifest = read("manifest.json");
-    let data = unzstd(read("data.zst.age"));
+    let framed = read("data.zst.age");
+    // Format 2's frames are one zstd stream still.
+    let data = unzstd(framed.clone());
     let pages = unzstd(read("pages.zst.age"));
-    (env.dir, manifest, data, pages)
+    (env.dir, manifest, data, pages, framed)
 }
 
 #[test]
 fn manifests_and_labels() {
-    let (_dir, manifest, _, _) = real_backup();
+    let (_dir, manifest, _, _, _) = real_backup();
     fuzz(
         "manifest",
         1,
@@ -197,8 +199,9 @@ fn manifests_and_labels() {
 
 #[test]
 fn page_streams_indexes_and_segments() {
-    let (_dir, _, data, pages) = real_backup();
+    let (_dir, _, data, pages, framed) = real_backup();
     fuzz("pages", 3, iters(), vec![data, pages], dr::fuzz::pages);
+    fuzz("frames", 8, iters() / 3, vec![framed], dr::fuzz::frames);
     let mut seg = Vec::new();
     {
         let mut w = dr::sqlite::segment::SegmentWriter::new(&mut seg, 512, 41).expect("w");

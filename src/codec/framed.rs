@@ -502,8 +502,10 @@ fn read_frames(
         let mut hash = [0u8; 32];
         hash.copy_from_slice(&head[24..56]);
         let out = free.recv().map_err(|_| stopped())?;
-        let mut comp = vec![0u8; comp_len];
-        if read_full(&mut input, &mut comp)? < comp_len {
+        // Grown as bytes arrive: a header that claims 64 MiB in a short
+        // object allocates only what is there.
+        let mut comp = Vec::new();
+        if (&mut input).take(comp_len as u64).read_to_end(&mut comp)? < comp_len {
             return Err(mismatch(format!("{}: the object ends inside it", at())));
         }
         let job = DecodeJob {
