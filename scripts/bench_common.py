@@ -25,9 +25,13 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=True, check=True, **kw)
 
 
-def make_db(path, gib):
+def make_db(path, gib, index=False):
+    """A SQLite database of `gib` GiB in one table; with `index`, a secondary
+    index too (what makes integrity_check, which matches every index entry
+    with its row, cost more than quick_check)."""
     marker = path + ".size"
-    if os.path.exists(path) and os.path.exists(marker) and open(marker).read() == str(gib):
+    want = str(gib) + (" index" if index else "")
+    if os.path.exists(path) and os.path.exists(marker) and open(marker).read() == want:
         return
     for p in (path, path + "-wal", path + "-shm"):
         if os.path.exists(p):
@@ -39,9 +43,10 @@ def make_db(path, gib):
         f"sqlite3 '{path}' \"PRAGMA journal_mode=WAL; CREATE TABLE t(id INTEGER PRIMARY KEY, name TEXT, payload TEXT, n INTEGER);"
         f" WITH RECURSIVE s(i) AS (SELECT 1 UNION ALL SELECT i+1 FROM s WHERE i < {rows})"
         " INSERT INTO t SELECT i, 'user-' || (i % 10000), hex(randomblob(150)) || ' status=active region=eu-west-1', i*7 FROM s;"
-        " PRAGMA wal_checkpoint(TRUNCATE);\" >/dev/null"
+        + (" CREATE INDEX t_name ON t(name, n);" if index else "")
+        + " PRAGMA wal_checkpoint(TRUNCATE);\" >/dev/null"
     )
-    open(marker, "w").write(str(gib))
+    open(marker, "w").write(want)
 
 
 def setup(name, db):

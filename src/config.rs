@@ -113,6 +113,9 @@ struct RawSource {
     run_as: Option<String>,
     cipher_pass_file: Option<String>,
     archive_timeout: Option<Spanned<String>>,
+    process_max: Option<Spanned<u32>>,
+    archive_async: Option<bool>,
+    bundle: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -275,6 +278,19 @@ pub struct PgSource {
     /// longest a commit waits in an unfinished WAL segment before it is
     /// archived, so it bounds what a lost host loses (the RPO).
     pub archive_timeout: Duration,
+    /// pgBackRest's `process-max`: processes that compress, encrypt and
+    /// transfer files (backup, restore, asynchronous archiving). Default:
+    /// this host's cores.
+    pub process_max: u32,
+    /// pgBackRest's `archive-async`: `archive_command` returns once the
+    /// segment is in the repository, but a background process pushes the
+    /// segments queued behind it in parallel (`process_max`), so a busy
+    /// cluster's archive keeps up. Default on.
+    pub archive_async: bool,
+    /// pgBackRest's `repo-bundle`: small files of a backup stored
+    /// together, far fewer objects (and S3 requests) for a cluster of many
+    /// small relations. Default on.
+    pub bundle: bool,
 }
 
 impl Source {
@@ -1052,6 +1068,18 @@ fn check_policy(
                     }
                 },
             };
+            let process_max = match &src.process_max {
+                None => std::thread::available_parallelism().map_or(1, |n| n.get()) as u32,
+                Some(n) if (1..=64).contains(n.get_ref()) => *n.get_ref(),
+                Some(n) => {
+                    d.at(
+                        n.span(),
+                        format!("process_max = {} is out of range: use 1 to 64 (the default is this host's cores)", n.get_ref()),
+                    );
+                    ok = false;
+                    1
+                }
+            };
             let data_dir = src.data_dir.as_ref().map(|p| resolve(p));
             if data_dir.is_none() {
                 d.at(
@@ -1069,6 +1097,9 @@ fn check_policy(
                     run_as: src.run_as.clone(),
                     cipher_pass_file: src.cipher_pass_file.as_ref().map(|p| resolve(p)),
                     archive_timeout,
+                    process_max,
+                    archive_async: src.archive_async.unwrap_or(true),
+                    bundle: src.bundle.unwrap_or(true),
                 })
             })
         }

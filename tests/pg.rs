@@ -47,6 +47,25 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
     cluster.sql("SELECT pg_switch_wal()");
     std::thread::sleep(Duration::from_millis(1500));
 
+    // Every core and the asynchronous archive (issue 25): pgBackRest's
+    // config says so, and the segments went through its spool, whose
+    // queue the point-in-time restore below depends on.
+    let conf =
+        std::fs::read_to_string(env.path("state/pg/main-pg/pgbackrest.conf")).expect("conf");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for line in [
+        format!("process-max={cores}"),
+        "archive-async=y".to_string(),
+        "repo1-bundle=y".to_string(),
+    ] {
+        assert!(conf.lines().any(|l| l == line), "{line} missing:\n{conf}");
+    }
+    let spool = env.path("state/pg/main-pg/spool/archive/main/out");
+    let pushed = std::fs::read_dir(&spool)
+        .map(|d| d.flatten().count())
+        .unwrap_or(0);
+    assert!(pushed > 0, "nothing went through the spool {}", spool.display());
+
     // info: both backups on the local target, chain and sizes.
     let info = env.dr(&["info", "--json"]).ok().json();
     let backups = info["policies"][0]["targets"][0]["backups"]

@@ -49,6 +49,9 @@ pub struct PgConf {
     pub compress_level: i32,
     /// `state_dir/pg/<policy>`: lock, log and spool paths go under it.
     pub state: PathBuf,
+    pub process_max: u32,
+    pub archive_async: bool,
+    pub bundle: bool,
 }
 
 /// Splits an S3 endpoint URL into host and port. pgBackRest 2.45 speaks
@@ -105,6 +108,15 @@ pub fn render(c: &PgConf) -> String {
     let _ = writeln!(s, "spool-path={st}/spool");
     let _ = writeln!(s, "log-level-file=info");
     let _ = writeln!(s, "start-fast=y");
+    // Every core compresses and transfers (backup, restore, the async
+    // archive push).
+    let _ = writeln!(s, "process-max={}", c.process_max.max(1));
+    if c.archive_async {
+        // archive_command still returns only once the segment is in every
+        // repository; the segments queued behind it are pushed ahead in
+        // parallel from the spool (spool-path above).
+        let _ = writeln!(s, "archive-async=y");
+    }
     for (i, r) in c.repos.iter().enumerate() {
         let n = i + 1;
         match r {
@@ -128,6 +140,9 @@ pub fn render(c: &PgConf) -> String {
                     let _ = writeln!(s, "repo{n}-storage-ca-file={}", ca.display());
                 }
             }
+        }
+        if c.bundle {
+            let _ = writeln!(s, "repo{n}-bundle=y");
         }
         if let Some(f) = c.retention_full {
             let _ = writeln!(s, "repo{n}-retention-full={f}");
@@ -183,6 +198,9 @@ mod tests {
             cipher_pass: Some("pass".into()),
             compress_level: 3,
             state: "/var/lib/dr/pg/main-pg".into(),
+            process_max: 2,
+            archive_async: true,
+            bundle: true,
         }
     }
 
@@ -197,6 +215,10 @@ mod tests {
             "repo2-storage-port=443",
             "repo2-s3-uri-style=path",
             "repo1-retention-full=2",
+            "process-max=2",
+            "archive-async=y",
+            "repo1-bundle=y",
+            "repo2-bundle=y",
             "repo2-retention-diff=7",
             "repo2-cipher-type=aes-256-cbc",
             "compress-type=zst",

@@ -245,6 +245,9 @@ fn conf_of(
         cipher_pass,
         compress_level: policy.compression_level,
         state: state.to_path_buf(),
+        process_max: pg.process_max,
+        archive_async: pg.archive_async,
+        bundle: pg.bundle,
     })
 }
 
