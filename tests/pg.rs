@@ -50,8 +50,7 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
     // Every core and the asynchronous archive (issue 25): pgBackRest's
     // config says so, and the segments went through its spool, whose
     // queue the point-in-time restore below depends on.
-    let conf =
-        std::fs::read_to_string(env.path("state/pg/main-pg/pgbackrest.conf")).expect("conf");
+    let conf = std::fs::read_to_string(env.path("state/pg/main-pg/pgbackrest.conf")).expect("conf");
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for line in [
         format!("process-max={cores}"),
@@ -64,7 +63,11 @@ fn setup_full_diff_info_expire_and_point_in_time_restore_into_a_new_directory() 
     let pushed = std::fs::read_dir(&spool)
         .map(|d| d.flatten().count())
         .unwrap_or(0);
-    assert!(pushed > 0, "nothing went through the spool {}", spool.display());
+    assert!(
+        pushed > 0,
+        "nothing went through the spool {}",
+        spool.display()
+    );
 
     // info: both backups on the local target, chain and sizes.
     let info = env.dr(&["info", "--json"]).ok().json();
@@ -343,7 +346,9 @@ fn verify_and_expire_include_postgres_expire_runs_pgbackrest_and_info_writes_not
         .output()
         .expect("dr pg setup");
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
-    let cmd = j["archive_command"].as_str().expect("archive_command");
+    let cmd = j["archive_command"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{j} {}", String::from_utf8_lossy(&out.stderr)));
     assert!(
         cmd.starts_with('/') && cmd.contains("--pgbackrest-config=/"),
         "{cmd}"

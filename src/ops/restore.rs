@@ -161,6 +161,13 @@ pub fn restore(
         tmp.path(),
         progress,
     )?;
+    // The pages go to disk while they are read back and checked (CPU);
+    // both must pass before the rename. A WAL replay dirties a few pages
+    // more, synced again below.
+    let syncing = tmp
+        .as_file()
+        .try_clone()
+        .map(|f| std::thread::spawn(move || f.sync_all()));
     // Before any WAL changes a page: the file is the backup, page by page.
     let pages_identical =
         proof::identity(&repo, &chain, unsealing.as_ref(), &written, tmp.as_file())?;
@@ -181,18 +188,17 @@ pub fn restore(
         "pages written, hashes verified"
     );
     let (check, drill) = proof::health(&repo, &label, replay.is_some(), opts.check);
-    // fsync (I/O wait) and the check (CPU) overlap; both must pass before the rename.
-    let syncing = tmp
-        .as_file()
-        .try_clone()
-        .map(|f| std::thread::spawn(move || f.sync_all()));
     let checked = proof::run_check(tmp.path(), check);
     let synced = match syncing {
         Ok(handle) => handle
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("fsync thread panicked"))),
         Err(e) => Err(e),
-    };
+    }
+    .and_then(|()| match &wal {
+        Some(_) => tmp.as_file().sync_all(),
+        None => Ok(()),
+    });
     checked?;
     synced.map_err(|e| Error::io(format!("cannot fsync {}", tmp.path().display()), e))?;
     tracing::debug!(

@@ -350,16 +350,45 @@ impl PgBackRest {
 
     /// Runs a command to completion; a failure carries pgBackRest's own
     /// error lines with what to do.
+    ///
+    /// With `archive-async`, pgBackRest's background push holds the
+    /// stanza's archive lock for as long as it pushes the queue (a few
+    /// seconds on a busy cluster); a command that needs that lock
+    /// (`stanza-create`, `check`) waits for it, up to [`ARCHIVE_LOCK_WAIT`],
+    /// instead of failing.
     pub fn run(&self, what: &str, args: &[&str]) -> Result<Output> {
-        let out = self
-            .command(args)
-            .output()
-            .map_err(|e| Error::io(format!("cannot run {}", self.bin.display()), e))?;
-        if out.status.success() {
-            return Ok(out);
+        let started = std::time::Instant::now();
+        let mut pause = std::time::Duration::from_millis(100);
+        loop {
+            let out = self
+                .command(args)
+                .output()
+                .map_err(|e| Error::io(format!("cannot run {}", self.bin.display()), e))?;
+            if out.status.success() {
+                return Ok(out);
+            }
+            if archive_lock_held(&out) && started.elapsed() < ARCHIVE_LOCK_WAIT {
+                tracing::info!(
+                    stanza = %self.stanza,
+                    "{what}: waiting for pgBackRest's asynchronous archive push to release the stanza's archive lock"
+                );
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(std::time::Duration::from_secs(2));
+                continue;
+            }
+            return Err(Error::Other(explain(what, &self.stanza, &out)));
         }
-        Err(Error::Other(explain(what, &self.stanza, &out)))
     }
+}
+
+/// How long a command waits for the asynchronous archive push's lock.
+pub const ARCHIVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Whether a command failed only because the archive lock was held (by
+/// the asynchronous push, which ends on its own).
+fn archive_lock_held(out: &Output) -> bool {
+    let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    text.contains("unable to acquire lock") && text.contains("-archive.lock")
 }
 
 /// pgBackRest's error, with the advice dr can give for the usual causes.
