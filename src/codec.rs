@@ -111,13 +111,13 @@ pub struct Encoder<W: Write> {
 enum Encoding<W: Write> {
     /// Format 1: one zstd stream (zstd's own worker threads), sha256.
     Stream {
-        zstd: zstd::stream::write::Encoder<'static, Sealed<W>>,
+        zstd: Box<zstd::stream::write::Encoder<'static, Sealed<W>>>,
         hash: Sha256,
         count: u64,
     },
     /// Format 2: independent frames (`framed`), BLAKE3.
     Framed {
-        frames: framed::FrameWriter<Sealed<W>>,
+        frames: Box<framed::FrameWriter<Sealed<W>>>,
         frame_size: u32,
     },
 }
@@ -191,7 +191,7 @@ impl<W: Write> Encoder<W> {
             .map_err(|e| Error::io("configuring zstd", e))?;
         Ok(Encoder {
             inner: Encoding::Stream {
-                zstd,
+                zstd: Box::new(zstd),
                 hash: Sha256::new(),
                 count: 0,
             },
@@ -204,7 +204,7 @@ impl<W: Write> Encoder<W> {
         let sealed = seal(out, sealing, Running::Blake(Box::default()))?;
         Ok(Encoder {
             inner: Encoding::Framed {
-                frames: framed::FrameWriter::new(sealed, level, frame_size),
+                frames: Box::new(framed::FrameWriter::new(sealed, level, frame_size)),
                 frame_size: frame_size.clamp(framed::MIN_FRAME, framed::MAX_FRAME),
             },
         })

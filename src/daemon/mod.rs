@@ -48,6 +48,72 @@ pub struct Job {
     pub kind: JobKind,
     pub spec: CronSpec,
     pub next: DateTime<Utc>,
+    /// What runs one at a time ([`slot_of`]).
+    pub slot: String,
+}
+
+/// The scheduler's unit of "one run at a time": a policy; for a fleet, its
+/// jobs of one kind. A fleet's full, diff and verify run side by side and
+/// each database is held by one job at a time ([`MemberLocks`]), so a
+/// drill of the whole fleet never holds its backups (at 1,000 databases
+/// one fleet verify used to hold every backup for half an hour).
+pub fn slot_of(policy: &Policy, kind: JobKind) -> String {
+    if policy.fleet.is_some() {
+        format!("{}{SLOT_KIND}{}", policy.name, kind.word())
+    } else {
+        policy.name.clone()
+    }
+}
+
+/// Separates a fleet's name from the job kind in its slot: `#` is not a
+/// character of a policy name.
+const SLOT_KIND: char = '#';
+
+/// The policy a slot runs.
+fn policy_of_slot(slot: &str) -> &str {
+    slot.split_once(SLOT_KIND).map_or(slot, |(p, _)| p)
+}
+
+/// The databases of fleets a job holds now: one job at a time per
+/// database, whatever the fleet's other jobs do.
+#[derive(Debug, Default)]
+pub struct MemberLocks {
+    held: Mutex<HashMap<String, JobKind>>,
+    freed: std::sync::Condvar,
+}
+
+/// A database held by a job; released on drop.
+pub struct MemberGuard<'l> {
+    locks: &'l MemberLocks,
+    member: String,
+}
+
+impl MemberLocks {
+    /// Waits until no other job holds `member`, then holds it for `kind`.
+    pub fn hold(&self, member: &str, kind: JobKind) -> MemberGuard<'_> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let mut said = false;
+        while let Some(other) = held.get(member).copied() {
+            if !said {
+                tracing::info!(policy = %member, job = kind.word(), "waits for the {} run of this database", other.word());
+                said = true;
+            }
+            held = self.freed.wait(held).unwrap_or_else(|e| e.into_inner());
+        }
+        held.insert(member.to_string(), kind);
+        MemberGuard {
+            locks: self,
+            member: member.to_string(),
+        }
+    }
+}
+
+impl Drop for MemberGuard<'_> {
+    fn drop(&mut self) {
+        let mut held = self.locks.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.remove(&self.member);
+        self.locks.freed.notify_all();
+    }
 }
 
 /// The newest committed backup of a kind on a target of a policy, as the
@@ -129,6 +195,7 @@ pub fn jobs(
                 kind,
                 spec: spec.clone(),
                 next,
+                slot: slot_of(p, kind),
             });
         }
     }
@@ -169,8 +236,11 @@ pub fn policies_now(cfg: &Config) -> Vec<Policy> {
 pub struct Shared {
     /// The running configuration's context; a reload replaces it.
     pub ctx: RwLock<Context>,
-    /// The job each policy is running now.
+    /// The job each slot ([`slot_of`]: a policy, or a fleet's jobs of one
+    /// kind) is running now.
     pub running: Mutex<HashMap<String, JobKind>>,
+    /// The fleets' databases held by a job now.
+    pub members: MemberLocks,
     /// The WAL streamers, as their supervisor sees them.
     pub streamers: ops::replicate::Statuses,
     /// The standbys this host keeps (`[follow]`), by policy.
@@ -179,7 +249,7 @@ pub struct Shared {
 
 /// Runs one job on every target of its policy (one failing target does not
 /// stop the others) and records and reports each result.
-fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
+fn run_job(ctx: &Context, policy: &Policy, kind: JobKind, members: &MemberLocks) {
     // A fleet's job covers every database it has now (a drill, every one
     // it has backups of).
     let scope = match kind {
@@ -219,7 +289,21 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
     }
     let log = RunLog::open(ctx);
     log.start(policy, kind.word());
-    let out = fanout::each(&pairs, kind.word(), |policy, t| {
+    // A fleet's databases run a few at a time (small databases: the
+    // time of each is mostly waiting on fsync and the network), each held
+    // from the fleet's other jobs while it runs; one history connection
+    // per run, as a connection is not shared between threads.
+    let workers = if policy.fleet.is_some() {
+        FLEET_WORKERS
+    } else {
+        1
+    };
+    let out = fanout::each_concurrent(&pairs, kind.word(), workers, |policy, t| {
+        let log = RunLog::open(ctx);
+        let _held = policy
+            .member
+            .is_some()
+            .then(|| members.hold(&policy.name, kind));
         let source = Source::of(policy);
         let started = Utc::now();
         let result: Result<(String, u64)> = match kind {
@@ -260,6 +344,9 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind) {
     );
 }
 
+/// Databases of one fleet a job runs at once.
+const FLEET_WORKERS: usize = 4;
+
 /// A scheduled verify on a host that keeps no key for a SQLite policy
 /// checks without it (`ops::stored_check`); the drill runs where the key is.
 fn keyless(ctx: &Context, policy: &Policy) -> bool {
@@ -283,6 +370,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
     let shared = Arc::new(Shared {
         ctx: RwLock::new(ctx.clone()),
         running: Mutex::new(HashMap::new()),
+        members: MemberLocks::default(),
         streamers: Arc::new(Mutex::new(Default::default())),
         followers: Arc::new(Mutex::new(Default::default())),
     });
@@ -394,21 +482,21 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
             }
         }
         let running = shared.running.lock().map(|r| r.clone()).unwrap_or_default();
-        for (policy, kind) in sched.due(Utc::now(), &running) {
+        for (slot, kind) in sched.due(Utc::now(), &running) {
             let Some((ctx, policy)) = shared.ctx.read().ok().and_then(|c| {
-                let p = c.cfg().policy(&policy).ok().cloned()?;
+                let p = c.cfg().policy(policy_of_slot(&slot)).ok().cloned()?;
                 Some((c.clone(), p))
             }) else {
                 continue;
             };
             if let Ok(mut r) = shared.running.lock() {
-                r.insert(policy.name.clone(), kind);
+                r.insert(slot.clone(), kind);
             }
             let shared = shared.clone();
             workers.push(std::thread::spawn(move || {
-                run_job(&ctx, &policy, kind);
+                run_job(&ctx, &policy, kind, &shared.members);
                 if let Ok(mut r) = shared.running.lock() {
-                    r.remove(&policy.name);
+                    r.remove(&slot);
                 }
             }));
         }
@@ -457,7 +545,8 @@ fn abandon(shared: &Shared) {
     let Ok(ctx) = shared.ctx.read().map(|c| c.clone()) else {
         return;
     };
-    for (name, kind) in running {
+    for (slot, kind) in running {
+        let name = policy_of_slot(&slot).to_string();
         let Ok(policy) = ctx.cfg().policy(&name).cloned() else {
             continue;
         };
@@ -596,16 +685,16 @@ impl Scheduler {
                 .find(|o| o.policy == j.policy && o.kind == j.kind && o.spec.text == j.spec.text);
             if let Some(old) = same {
                 j.next = old.next;
-            } else if running.get(&j.policy) == Some(&j.kind) && j.next <= now {
+            } else if running.get(&j.slot) == Some(&j.kind) && j.next <= now {
                 j.next = j.spec.next_after(now).unwrap_or(j.next);
             }
         }
         self.jobs = jobs;
     }
 
-    /// The jobs to start now, given what each policy is `running`: every
-    /// job due by `now` joins its policy's queue, and each free policy
-    /// starts the first job of its queue.
+    /// The jobs to start now, by slot ([`slot_of`]), given what each slot
+    /// is `running`: every job due by `now` joins its slot's queue, and
+    /// each free slot starts the first job of its queue.
     pub fn due(
         &mut self,
         now: DateTime<Utc>,
@@ -616,15 +705,15 @@ impl Scheduler {
                 .spec
                 .next_after(now)
                 .unwrap_or(now + chrono::Duration::days(3650));
-            let q = self.queued.entry(job.policy.clone()).or_default();
+            let q = self.queued.entry(job.slot.clone()).or_default();
             if q.contains(&job.kind) {
                 tracing::info!(policy = %job.policy, job = job.kind.word(), "due again while still queued: runs once");
                 continue;
             }
-            let ahead = running.get(&job.policy).or(q.front()).copied();
+            let ahead = running.get(&job.slot).or(q.front()).copied();
             q.push_back(job.kind);
             if let Some(ahead) = ahead {
-                let what = if running.contains_key(&job.policy) {
+                let what = if running.contains_key(&job.slot) {
                     "running"
                 } else {
                     "queued"
@@ -656,6 +745,7 @@ mod tests {
             kind,
             spec: CronSpec::parse(spec).expect("spec"),
             next,
+            slot: policy.into(),
         }
     }
 
@@ -731,5 +821,58 @@ mod tests {
         assert!(s.due(t2, &running).is_empty());
         running.remove("app");
         assert_eq!(s.due(t2, &running), vec![("app".into(), JobKind::Verify)]);
+    }
+
+    /// A fleet's jobs of different kinds run side by side (a drill of
+    /// every database never holds the fleet's backups), its jobs of one
+    /// kind one at a time; each database is held by one job at a time.
+    #[test]
+    fn a_fleets_verify_never_holds_its_full_and_each_database_runs_one_job_at_a_time() {
+        let t0 = DateTime::parse_from_rfc3339("2026-11-25T00:00:00Z")
+            .expect("t")
+            .with_timezone(&Utc);
+        let fleet = |kind: JobKind, spec: &str| Job {
+            slot: format!("tenants{SLOT_KIND}{}", kind.word()),
+            ..job("tenants", kind, spec, t0)
+        };
+        let mut s = Scheduler::new(vec![
+            fleet(JobKind::Verify, "0 0 * * * *"),
+            fleet(JobKind::Full, "*/5 * * * * *"),
+        ]);
+        let mut running = HashMap::new();
+        let due = s.due(t0, &running);
+        assert_eq!(due.len(), 2, "{due:?}");
+        running.insert(format!("tenants{SLOT_KIND}verify"), JobKind::Verify);
+        // The verify runs on; the next full starts anyway.
+        let t1 = t0 + chrono::Duration::seconds(5);
+        assert_eq!(
+            s.due(t1, &running),
+            vec![(format!("tenants{SLOT_KIND}full"), JobKind::Full)]
+        );
+        assert_eq!(
+            policy_of_slot(&format!("tenants{SLOT_KIND}full")),
+            "tenants"
+        );
+        assert_eq!(policy_of_slot("app"), "app");
+
+        let locks = Arc::new(MemberLocks::default());
+        let held = locks.hold("tenants/alice", JobKind::Verify);
+        let (l2, order) = (locks.clone(), Arc::new(Mutex::new(Vec::new())));
+        let o2 = order.clone();
+        let other = std::thread::spawn(move || {
+            let _b = l2.hold("tenants/bob", JobKind::Full);
+            o2.lock().expect("order").push("bob");
+            let _a = l2.hold("tenants/alice", JobKind::Full);
+            o2.lock().expect("order").push("alice");
+        });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(
+            *order.lock().expect("order"),
+            ["bob"],
+            "alice is held by the verify"
+        );
+        drop(held);
+        other.join().expect("join");
+        assert_eq!(*order.lock().expect("order"), ["bob", "alice"]);
     }
 }

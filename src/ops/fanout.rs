@@ -158,6 +158,60 @@ pub fn each<'p, 'c, T>(
     out
 }
 
+/// [`each`] on up to `workers` pairs at once; the outcome lists them in
+/// the pairs' order, as `each` does. One worker runs them in order on the
+/// calling thread.
+pub fn each_concurrent<'p, 'c, T: Send>(
+    pairs: &[(&'p Policy, &'c Target)],
+    what: &str,
+    workers: usize,
+    op: impl Fn(&'p Policy, &'c Target) -> Result<T> + Sync,
+) -> Outcome<T> {
+    if workers <= 1 || pairs.len() <= 1 {
+        return each(pairs, what, op);
+    }
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: std::sync::Mutex<Vec<(usize, Result<T>)>> = std::sync::Mutex::default();
+    std::thread::scope(|s| {
+        for _ in 0..workers.min(pairs.len()) {
+            s.spawn(|| {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let Some((p, t)) = pairs.get(i) else { return };
+                    let r = op(p, t);
+                    if let Err(e) = &r {
+                        tracing::error!(policy = %p.name, target = %t.name, "{what} failed: {e}");
+                    }
+                    results
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .push((i, r));
+                }
+            });
+        }
+    });
+    let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
+    results.sort_by_key(|(i, _)| *i);
+    let mut out = Outcome {
+        done: Vec::new(),
+        failures: Vec::new(),
+    };
+    for (i, r) in results {
+        match r {
+            Ok(v) => out.done.push(v),
+            Err(error) => {
+                let (p, t) = pairs[i];
+                out.failures.push(Failure {
+                    policy: p.name.clone(),
+                    target: t.name.clone(),
+                    error,
+                });
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -237,6 +291,27 @@ mod tests {
                 .any(|o| o.key.ends_with("manifest.json"))
         );
         assert_eq!(out.error().map(|e| e.exit_code()), Some(1));
+    }
+
+    /// Concurrent pairs keep the pairs' order in the outcome, and a
+    /// failing one neither stops nor reorders the others.
+    #[test]
+    fn concurrent_pairs_keep_their_order_and_every_failure() {
+        let (_dir, ctx, a, _b) = setup("full = 2");
+        a.break_it();
+        let cfg = ctx.cfg();
+        let pairs = pairs(cfg, &cfg.policies, &TargetFilter::All).expect("pairs");
+        let opts = BackupOptions {
+            kind: Some(BackupType::Full),
+            lock_wait: Duration::ZERO,
+        };
+        let out = each_concurrent(&pairs, "backup", 4, |p, t| {
+            Source::of(p).backup(&ctx, t, &opts, &Silent)
+        });
+        assert_eq!(out.done.len(), 1);
+        assert_eq!(out.done[0].target, "b");
+        assert_eq!(out.failures.len(), 1);
+        assert_eq!(out.failures[0].target, "a");
     }
 
     #[test]
