@@ -116,6 +116,11 @@ def variant_conf(d, conf, name, drop, add):
             continue
         if line.startswith("repo1-path="):
             line = f"repo1-path={repo}"
+        # Locks, logs and spool of its own: the cluster's asynchronous
+        # archive push holds dr's stanza archive lock now and then.
+        for key in ("lock-path", "log-path", "spool-path"):
+            if line.startswith(key + "="):
+                line = f"{key}={repo}-{key}"
         out.append(line)
         if line == "[global]":
             out += add

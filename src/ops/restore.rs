@@ -161,6 +161,7 @@ pub fn restore(
         tmp.path(),
         progress,
     )?;
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "pages written");
     // The pages go to disk while they are read back and checked (CPU);
     // both must pass before the rename. A WAL replay dirties a few pages
     // more, synced again below.
@@ -168,6 +169,14 @@ pub fn restore(
         .as_file()
         .try_clone()
         .map(|f| std::thread::spawn(move || f.sync_all()));
+    let (check, drill) = proof::health(&repo, &label, replay.is_some(), opts.check);
+    // With no WAL to replay the file is final once written: its SQLite
+    // check runs beside the read-back (one core each, where they used to
+    // take turns).
+    let early = replay.is_none().then(|| {
+        let path = tmp.path().to_path_buf();
+        std::thread::spawn(move || proof::run_check(&path, check))
+    });
     // Before any WAL changes a page: the file is the backup, page by page.
     let pages_identical =
         proof::identity(&repo, &chain, unsealing.as_ref(), &written, tmp.as_file())?;
@@ -187,8 +196,12 @@ pub fn restore(
         seconds = started.elapsed().as_secs_f64(),
         "pages written, hashes verified"
     );
-    let (check, drill) = proof::health(&repo, &label, replay.is_some(), opts.check);
-    let checked = proof::run_check(tmp.path(), check);
+    let checked = match early {
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("internal: the check thread panicked".into()))),
+        None => proof::run_check(tmp.path(), check),
+    };
     let synced = match syncing {
         Ok(handle) => handle
             .join()
