@@ -731,10 +731,11 @@ pub fn read_error(object: &str, e: io::Error) -> Error {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn keys() -> (Sealing, Unsealing) {
+    /// A fresh X25519 identity as sealing and unsealing keys.
+    pub(crate) fn keys() -> (Sealing, Unsealing) {
         let id = age::x25519::Identity::generate();
         (
             Sealing::Recipients(vec![id.to_public()]),

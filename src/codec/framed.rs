@@ -567,19 +567,9 @@ mod tests {
     use std::io::{Read, Write};
 
     use super::*;
+    use crate::codec::tests::keys;
     use crate::codec::{Decoder, Encoder, ObjectDigest, read_error};
     use crate::keys::{Sealing, Unsealing};
-
-    fn keys() -> (Sealing, Unsealing) {
-        let id = age::x25519::Identity::generate();
-        (
-            Sealing::Recipients(vec![id.to_public()]),
-            Unsealing {
-                identities: vec![Box::new(id)],
-                source: "test".into(),
-            },
-        )
-    }
 
     fn data() -> Vec<u8> {
         (0..400_000u32)
