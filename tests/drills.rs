@@ -116,7 +116,7 @@ fn production_checks_without_the_key_and_reports_the_drills_of_the_host_that_has
     let r = env.dr(&["verify", "app", "--without-key"]);
     assert_eq!(r.code, 3, "{}{}", r.stdout, r.stderr);
     assert!(
-        r.stdout.contains("data.zst.age") && r.stdout.contains("sha256"),
+        r.stdout.contains("data.zst.age") && r.stdout.contains("stored bytes' BLAKE3 differs"),
         "{}",
         r.stdout
     );
