@@ -35,16 +35,35 @@ pub struct ObjectDigest {
     pub framed: Option<Framed>,
 }
 
+impl ObjectDigest {
+    /// A running hash of the stored bytes in the algorithm this digest
+    /// records them in: BLAKE3 for a format 2 data object, else sha256.
+    pub(crate) fn stored_hasher(&self) -> Running {
+        match self.framed {
+            Some(_) => Running::Blake(Box::default()),
+            None => Running::Sha(Sha256::new()),
+        }
+    }
+
+    /// The recorded digest of the stored bytes, and its algorithm's name.
+    pub(crate) fn stored_recorded(&self) -> (&str, &'static str) {
+        match &self.framed {
+            Some(f) => (&f.stored_blake3, "BLAKE3"),
+            None => (&self.stored_sha256, "sha256"),
+        }
+    }
+}
+
 /// A running digest of a byte stream: sha256 (format 1), BLAKE3 (format
 /// 2), or none for objects that check themselves.
-enum Running {
+pub(crate) enum Running {
     Sha(Sha256),
     Blake(Box<blake3::Hasher>),
     Off,
 }
 
 impl Running {
-    fn update(&mut self, b: &[u8]) {
+    pub(crate) fn update(&mut self, b: &[u8]) {
         match self {
             Running::Sha(h) => h.update(b),
             Running::Blake(h) => {
@@ -55,7 +74,7 @@ impl Running {
     }
 
     /// The hex digest; the running state is spent.
-    fn hex(&mut self) -> String {
+    pub(crate) fn hex(&mut self) -> String {
         match std::mem::replace(self, Running::Off) {
             Running::Sha(h) => hex::encode(h.finalize()),
             Running::Blake(h) => h.finalize().to_hex().to_string(),
@@ -202,10 +221,11 @@ impl<W: Write> Encoder<W> {
     /// bytes, compressed on every core.
     pub fn framed(out: W, level: i32, sealing: &Sealing, frame_size: u32) -> Result<Self> {
         let sealed = seal(out, sealing, Running::Blake(Box::default()))?;
+        let frame_size = frame_size.clamp(framed::MIN_FRAME, framed::MAX_FRAME);
         Ok(Encoder {
             inner: Encoding::Framed {
                 frames: Box::new(framed::FrameWriter::new(sealed, level, frame_size)),
-                frame_size: frame_size.clamp(framed::MIN_FRAME, framed::MAX_FRAME),
+                frame_size,
             },
         })
     }
@@ -316,6 +336,21 @@ impl<R: Read> Read for Opened<R> {
     }
 }
 
+/// Fills `buf` unless the stream ends first; returns the bytes read (fewer
+/// than `buf.len()` only at the end).
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// Runs a reader on a background thread, handing over chunks through a
 /// small bounded channel: constant memory, and the producer's CPU work
 /// (hashing, decryption) overlaps with the consumer's.
@@ -344,22 +379,14 @@ impl ReadAhead {
             loop {
                 let mut buf = recycled.try_recv().unwrap_or_default();
                 buf.resize(Self::CHUNK, 0);
-                let mut n = 0;
-                let mut eof = false;
-                while n < buf.len() {
-                    match inner.read(&mut buf[n..]) {
-                        Ok(0) => {
-                            eof = true;
-                            break;
-                        }
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
+                let n = match read_full(&mut inner, &mut buf) {
+                    Ok(n) => n,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
                     }
-                }
+                };
+                let eof = n < buf.len();
                 buf.truncate(n);
                 if n > 0 && tx.send(Ok(buf)).is_err() {
                     return;
@@ -471,19 +498,31 @@ pub struct Mismatch(pub String);
 /// end has verified everything it used.
 pub struct Decoder<R: Read> {
     inner: Stage,
+    /// A format 1 stream's end-of-stream checks; `None` for a format 2
+    /// object, whose frame reader checks its own digests.
+    tallies: Option<Tallies<R>>,
+    done: bool,
+}
+
+/// What a format 1 stream is checked against at its end.
+struct Tallies<R> {
     /// `None` for objects that carry their own checksum (WAL segments).
     expected: Option<ObjectDigest>,
     stored: Arc<Mutex<RawTally<R>>>,
     /// The plaintext is hashed on the decompressing thread, which has time
     /// to spare, rather than on the consumer's, which also writes it out.
     plain: Arc<Mutex<RawTally<Box<dyn Read + Send>>>>,
-    done: bool,
 }
 
 impl<R: Read + Send + 'static> std::fmt::Debug for Decoder<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let out = self.plain.lock().map(|p| p.count).unwrap_or(0);
-        write!(f, "Decoder({out} bytes out)")
+        match &self.tallies {
+            Some(t) => {
+                let out = t.plain.lock().map(|p| p.count).unwrap_or(0);
+                write!(f, "Decoder({out} bytes out)")
+            }
+            None => f.write_str("Decoder(frames)"),
+        }
     }
 }
 
@@ -531,15 +570,9 @@ impl<R: Read + Send + 'static> Decoder<R> {
         encrypted: bool,
         threaded: bool,
     ) -> Result<Self> {
-        let framed = expected.and_then(|e| e.framed.as_ref().map(|f| (e, f)));
-        let stored_hash = match (expected, framed) {
-            (None, _) => Running::Off,
-            (Some(_), None) => Running::Sha(Sha256::new()),
-            (Some(_), Some(_)) => Running::Blake(Box::default()),
-        };
         let stored = Arc::new(Mutex::new(RawTally {
             inner: input,
-            hash: stored_hash,
+            hash: expected.map_or(Running::Off, ObjectDigest::stored_hasher),
             count: 0,
         }));
         let tallied = TallyReader {
@@ -577,7 +610,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
                 Ok(())
             }
         };
-        if let Some((e, f)) = framed {
+        if let Some((e, f)) = expected.and_then(|e| e.framed.as_ref().map(|f| (e, f))) {
             // Format 2: one thread reads and decrypts, every core decodes
             // and checks frames; the reader checks the digests at its end.
             let raw = stored.clone();
@@ -596,13 +629,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
             );
             return Ok(Decoder {
                 inner: Stage::new(false, frames, || Ok(())),
-                expected: None,
-                stored,
-                plain: Arc::new(Mutex::new(RawTally {
-                    inner: Box::new(io::empty()),
-                    hash: Running::Off,
-                    count: 0,
-                })),
+                tallies: None,
                 done: false,
             });
         }
@@ -627,23 +654,28 @@ impl<R: Read + Send + 'static> Decoder<R> {
         let inner = Stage::new(threaded, TallyReader { raw: plain.clone() }, || Ok(()));
         Ok(Decoder {
             inner,
-            expected: expected.cloned(),
-            stored,
-            plain,
+            tallies: Some(Tallies {
+                expected: expected.cloned(),
+                stored,
+                plain,
+            }),
             done: false,
         })
     }
 
     fn check_end(&mut self) -> io::Result<()> {
-        let mut raw = self.stored.lock().map_err(|_| poisoned())?;
+        let Some(t) = &self.tallies else {
+            return Ok(());
+        };
+        let mut raw = t.stored.lock().map_err(|_| poisoned())?;
         let stored = raw.hash.hex();
         let stored_count = raw.count;
         drop(raw);
-        let mut out = self.plain.lock().map_err(|_| poisoned())?;
+        let mut out = t.plain.lock().map_err(|_| poisoned())?;
         let plain = out.hash.hex();
         let plain_count = out.count;
         drop(out);
-        let Some(e) = &self.expected else {
+        let Some(e) = &t.expected else {
             return Ok(());
         };
         let problem = if stored_count != e.stored_size {
@@ -752,7 +784,8 @@ pub(crate) mod tests {
         enc.finish().expect("finish")
     }
 
-    fn decode(
+    /// Decodes a whole stored object against its digest.
+    pub(crate) fn decode(
         stored: &[u8],
         d: &ObjectDigest,
         u: Option<&Unsealing>,
@@ -785,7 +818,11 @@ pub(crate) mod tests {
             .expect("open");
             let mut out = Vec::new();
             dec.read_to_end(&mut out).expect("read");
-            let count = dec.stored.lock().map(|r| r.count).unwrap_or(0);
+            let count = dec
+                .tallies
+                .as_ref()
+                .and_then(|t| t.stored.lock().ok().map(|r| r.count))
+                .unwrap_or(0);
             (out, count)
         };
         let (inline, inline_count) = read(true);

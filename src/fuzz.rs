@@ -1,6 +1,7 @@
 //! Entry points for fuzzing the parsers that read what dr did not write
 //! itself this run: manifests, labels, segment names, WAL segments, page
-//! streams and indexes, format 2's framed data objects, SQLite `-wal` files and configuration files.
+//! streams and indexes, format 2's framed data objects, SQLite `-wal`
+//! files and configuration files.
 //!
 //! Each takes arbitrary bytes and must return without panicking, in memory
 //! bounded by the input and dr's own limits. Where a parse succeeds, it

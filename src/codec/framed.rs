@@ -31,7 +31,7 @@ use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
 
-use super::Mismatch;
+use super::{Mismatch, read_full};
 
 /// The skippable frame's magic (zstd reserves 0x184D2A50..=0x184D2A5F).
 const MAGIC: u32 = 0x184D_2A5D;
@@ -142,6 +142,8 @@ pub struct Written {
 }
 
 impl<W: Write> FrameWriter<W> {
+    /// `frame_size` is within [`MIN_FRAME`]..=[`MAX_FRAME`] (the caller
+    /// clamps it, and records it).
     pub fn new(out: W, level: i32, frame_size: u32) -> Self {
         let n = workers();
         let (jobs, rx) = sync_channel::<CompressJob>(n);
@@ -153,7 +155,7 @@ impl<W: Write> FrameWriter<W> {
                 std::thread::spawn(move || compress_frames(level, &rx, &tx))
             })
             .collect();
-        let frame_size = frame_size.clamp(MIN_FRAME, MAX_FRAME) as usize;
+        let frame_size = frame_size as usize;
         FrameWriter {
             out,
             frame_size,
@@ -447,20 +449,6 @@ impl Read for FrameReader {
     }
 }
 
-/// Fills `buf` unless the stream ends first; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// The reading thread: parses each header, reads its frame and hands it
 /// to a worker. Returns the number of frames.
 fn read_frames(
@@ -568,7 +556,7 @@ mod tests {
 
     use super::*;
     use crate::codec::tests::keys;
-    use crate::codec::{Decoder, Encoder, ObjectDigest, read_error};
+    use crate::codec::{Decoder, Encoder, ObjectDigest};
     use crate::keys::{Sealing, Unsealing};
 
     fn data() -> Vec<u8> {
@@ -586,17 +574,13 @@ mod tests {
         enc.finish().expect("finish")
     }
 
+    /// Decodes as a restore would; encrypted when keys are given.
     fn decode(
         stored: &[u8],
         d: &ObjectDigest,
         u: Option<&Unsealing>,
     ) -> crate::error::Result<Vec<u8>> {
-        let input = std::io::Cursor::new(stored.to_vec());
-        let mut dec = Decoder::new(input, "obj", d, u, u.is_some())?;
-        let mut out = Vec::new();
-        dec.read_to_end(&mut out)
-            .map_err(|e| read_error("obj", e))?;
-        Ok(out)
+        crate::codec::tests::decode(stored, d, u, u.is_some())
     }
 
     #[test]

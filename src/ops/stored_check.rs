@@ -9,8 +9,6 @@
 
 use std::io::Read;
 
-use sha2::{Digest, Sha256};
-
 use super::PolicyRepo;
 use super::report::Verified;
 use super::restore::pick;
@@ -100,7 +98,7 @@ pub fn check(
     }
 }
 
-/// Reads one object's stored bytes and compares their size and sha256
+/// Reads one object's stored bytes and compares their size and digest
 /// with what its manifest recorded.
 fn stored_bytes(
     repo: &PolicyRepo<'_>,
@@ -110,15 +108,7 @@ fn stored_bytes(
 ) -> Result<()> {
     let object = format!("target '{}': {key}", repo.storage.target());
     let mut raw = repo.storage.open(key)?;
-    // Format 2 records BLAKE3 of the stored bytes, format 1 sha256.
-    enum Hash {
-        Sha(Sha256),
-        Blake(Box<blake3::Hasher>),
-    }
-    let mut hash = match &digest.framed {
-        Some(_) => Hash::Blake(Box::default()),
-        None => Hash::Sha(Sha256::new()),
-    };
+    let mut hash = digest.stored_hasher();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -126,12 +116,7 @@ fn stored_bytes(
         if n == 0 {
             break;
         }
-        match &mut hash {
-            Hash::Sha(h) => h.update(&buf[..n]),
-            Hash::Blake(h) => {
-                h.update(&buf[..n]);
-            }
-        }
+        hash.update(&buf[..n]);
         size += n as u64;
         progress.advance(n as u64);
     }
@@ -145,20 +130,8 @@ fn stored_bytes(
             digest.stored_size
         )));
     }
-    let (found, recorded, name) = match (hash, &digest.framed) {
-        (Hash::Blake(h), Some(f)) => (
-            h.finalize().to_hex().to_string(),
-            &f.stored_blake3,
-            "BLAKE3",
-        ),
-        (Hash::Blake(h), None) => (
-            h.finalize().to_hex().to_string(),
-            &digest.stored_sha256,
-            "sha256",
-        ),
-        (Hash::Sha(h), _) => (hex::encode(h.finalize()), &digest.stored_sha256, "sha256"),
-    };
-    if &found != recorded {
+    let (recorded, name) = digest.stored_recorded();
+    if hash.hex() != recorded {
         return Err(bad(format!(
             "its stored bytes' {name} differs from the manifest's: changed since the backup"
         )));
