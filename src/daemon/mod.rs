@@ -291,15 +291,13 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind, members: &MemberLocks)
     log.start(policy, kind.word());
     // A fleet's databases run a few at a time (small databases: the
     // time of each is mostly waiting on fsync and the network), each held
-    // from the fleet's other jobs while it runs; one history connection
-    // per run, as a connection is not shared between threads.
+    // from the fleet's other jobs while it runs.
     let workers = if policy.fleet.is_some() {
         FLEET_WORKERS
     } else {
         1
     };
     let out = fanout::each_concurrent(&pairs, kind.word(), workers, |policy, t| {
-        let log = RunLog::open(ctx);
         let _held = policy
             .member
             .is_some()

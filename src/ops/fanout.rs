@@ -131,6 +131,42 @@ pub fn pairs<'p, 'c>(
     Ok(out)
 }
 
+impl<T> Outcome<T> {
+    fn new() -> Self {
+        Outcome {
+            done: Vec::new(),
+            failures: Vec::new(),
+        }
+    }
+
+    /// Adds the result of `p` on `t`.
+    fn push(&mut self, p: &Policy, t: &Target, r: Result<T>) {
+        match r {
+            Ok(v) => self.done.push(v),
+            Err(error) => self.failures.push(Failure {
+                policy: p.name.clone(),
+                target: t.name.clone(),
+                error,
+            }),
+        }
+    }
+}
+
+/// Runs `op` on one pair, logging a failure as it happens; `what` names
+/// the operation in the log line.
+fn run_pair<'p, 'c, T>(
+    p: &'p Policy,
+    t: &'c Target,
+    what: &str,
+    op: impl FnOnce(&'p Policy, &'c Target) -> Result<T>,
+) -> Result<T> {
+    let r = op(p, t);
+    if let Err(e) = &r {
+        tracing::error!(policy = %p.name, target = %t.name, "{what} failed: {e}");
+    }
+    r
+}
+
 /// Runs `op` on every pair, in order; `what` names the operation in the
 /// log line each failure gets.
 pub fn each<'p, 'c, T>(
@@ -138,22 +174,9 @@ pub fn each<'p, 'c, T>(
     what: &str,
     mut op: impl FnMut(&'p Policy, &'c Target) -> Result<T>,
 ) -> Outcome<T> {
-    let mut out = Outcome {
-        done: Vec::new(),
-        failures: Vec::new(),
-    };
+    let mut out = Outcome::new();
     for (p, t) in pairs {
-        match op(p, t) {
-            Ok(v) => out.done.push(v),
-            Err(error) => {
-                tracing::error!(policy = %p.name, target = %t.name, "{what} failed: {error}");
-                out.failures.push(Failure {
-                    policy: p.name.clone(),
-                    target: t.name.clone(),
-                    error,
-                });
-            }
-        }
+        out.push(p, t, run_pair(p, t, what, &mut op));
     }
     out
 }
@@ -178,10 +201,7 @@ pub fn each_concurrent<'p, 'c, T: Send>(
                 loop {
                     let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     let Some((p, t)) = pairs.get(i) else { return };
-                    let r = op(p, t);
-                    if let Err(e) = &r {
-                        tracing::error!(policy = %p.name, target = %t.name, "{what} failed: {e}");
-                    }
+                    let r = run_pair(p, t, what, &op);
                     results
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -192,22 +212,9 @@ pub fn each_concurrent<'p, 'c, T: Send>(
     });
     let mut results = results.into_inner().unwrap_or_else(|e| e.into_inner());
     results.sort_by_key(|(i, _)| *i);
-    let mut out = Outcome {
-        done: Vec::new(),
-        failures: Vec::new(),
-    };
-    for (i, r) in results {
-        match r {
-            Ok(v) => out.done.push(v),
-            Err(error) => {
-                let (p, t) = pairs[i];
-                out.failures.push(Failure {
-                    policy: p.name.clone(),
-                    target: t.name.clone(),
-                    error,
-                });
-            }
-        }
+    let mut out = Outcome::new();
+    for ((p, t), (_, r)) in pairs.iter().zip(results) {
+        out.push(p, t, r);
     }
     out
 }

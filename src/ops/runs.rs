@@ -15,10 +15,12 @@ use crate::error::Result;
 use crate::history::{History, Run};
 use crate::notify;
 
-/// The run history and notifications of one command.
+/// The run history and notifications of one command. Shared by the
+/// threads of a command that runs several databases at once (a fleet's
+/// job in the daemon): one connection, held a record at a time.
 pub struct RunLog<'c> {
     ctx: &'c Context,
-    history: Option<History>,
+    history: Option<Mutex<History>>,
     announced: Mutex<BTreeSet<String>>,
 }
 
@@ -33,7 +35,7 @@ impl<'c> RunLog<'c> {
     /// the runs go on unrecorded.
     pub fn open(ctx: &'c Context) -> Self {
         let history = match History::open(ctx.state().root()) {
-            Ok(h) => Some(h),
+            Ok(h) => Some(Mutex::new(h)),
             Err(e) => {
                 tracing::error!("runs will not be recorded: {e}");
                 None
@@ -83,7 +85,7 @@ impl<'c> RunLog<'c> {
                 .map_err(ToString::to_string),
         );
         if let Some(h) = &self.history
-            && let Err(e) = h.record(&run)
+            && let Err(e) = h.lock().unwrap_or_else(|e| e.into_inner()).record(&run)
         {
             tracing::error!("{e}");
         }
@@ -133,7 +135,11 @@ impl<'c> RunLog<'c> {
             label: Some(r.label.clone()),
             size: 0,
         };
-        match h.record_once(&run) {
+        match h
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .record_once(&run)
+        {
             Ok(true) => {
                 tracing::info!(policy = %r.policy, target = %r.target, host = %r.host, ok = r.ok, "a restore drill recorded on the target by another host")
             }

@@ -358,7 +358,7 @@ impl PgBackRest {
     /// instead of failing.
     pub fn run(&self, what: &str, args: &[&str]) -> Result<Output> {
         let started = std::time::Instant::now();
-        let mut pause = std::time::Duration::from_millis(100);
+        let mut pause = FIRST_PAUSE;
         loop {
             let out = self
                 .command(args)
@@ -368,10 +368,13 @@ impl PgBackRest {
                 return Ok(out);
             }
             if archive_lock_held(&out) && started.elapsed() < ARCHIVE_LOCK_WAIT {
-                tracing::info!(
-                    stanza = %self.stanza,
-                    "{what}: waiting for pgBackRest's asynchronous archive push to release the stanza's archive lock"
-                );
+                // Said once, not at every look.
+                if pause == FIRST_PAUSE {
+                    tracing::info!(
+                        stanza = %self.stanza,
+                        "{what}: waiting for pgBackRest's asynchronous archive push to release the stanza's archive lock"
+                    );
+                }
                 std::thread::sleep(pause);
                 pause = (pause * 2).min(std::time::Duration::from_secs(2));
                 continue;
@@ -380,6 +383,9 @@ impl PgBackRest {
         }
     }
 }
+
+/// The first wait for the archive lock; it doubles up to 2 s.
+const FIRST_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How long a command waits for the asynchronous archive push's lock.
 pub const ARCHIVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
