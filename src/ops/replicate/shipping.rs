@@ -121,16 +121,18 @@ impl Inner {
                 .iter()
                 .find(|s| !s.shipped_to(&cur) && s.last >= s.first)
                 .map(|s| s.first_commit);
-            let mut st = lock(&m.state);
-            st.targets.insert(t.clone(), cur);
-            if let Err(e) = st.save_relaxed(&m.state_path) {
-                tracing::error!(policy = %policy.name, "{e}");
-            }
+            lock(&m.state).targets.insert(t.clone(), cur);
         }
-        // A segment every target has is done with.
+        // A segment every target has is done with. The state file is
+        // written once a pass, with every target's cursor and what is left
+        // in the spool (for `dr info` and /metrics: an idle stream
+        // publishes nothing itself), before the spool lets go of anything.
+        // Creating that file is most of a busy fleet's shipping cost: it
+        // was written once per target and once more for the spool.
         let done: Vec<&Spooled> = {
-            let st = lock(&m.state);
-            segs.iter()
+            let mut st = lock(&m.state);
+            let done: Vec<&Spooled> = segs
+                .iter()
                 .filter(|s| {
                     sh.stores.iter().all(|store| {
                         st.targets
@@ -138,25 +140,23 @@ impl Inner {
                             .is_some_and(|c| s.shipped_to(c))
                     })
                 })
-                .collect()
+                .collect();
+            if !done.is_empty() {
+                let left: u64 = segs.iter().map(|s| s.size).sum::<u64>()
+                    - done.iter().map(|s| s.size).sum::<u64>();
+                st.spool_bytes = left;
+                st.spool_full = left >= policy.wal.spool_max;
+            }
+            if let Err(e) = st.save_relaxed(&m.state_path) {
+                tracing::error!(policy = %policy.name, "{e}");
+            }
+            done
         };
         for s in &done {
             if let Some(record) = &s.keys {
                 let _ = std::fs::remove_file(record);
             }
             let _ = std::fs::remove_file(&s.path);
-        }
-        if !done.is_empty() {
-            // What is left, for `dr info` and /metrics: an idle stream
-            // publishes nothing itself.
-            let left: u64 =
-                segs.iter().map(|s| s.size).sum::<u64>() - done.iter().map(|s| s.size).sum::<u64>();
-            let mut st = lock(&m.state);
-            st.spool_bytes = left;
-            st.spool_full = left >= policy.wal.spool_max;
-            if let Err(e) = st.save_relaxed(&m.state_path) {
-                tracing::error!(policy = %policy.name, "{e}");
-            }
         }
         ((segs.len() - done.len()) as u64, retry)
     }
