@@ -447,8 +447,14 @@ pub enum Command {
         /// bash, zsh, fish, elvish or powershell.
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff): `dr man > /usr/local/share/man/man1/dr.1`.
-    Man,
+    /// Print the manual page (roff): `dr man > /usr/local/share/man/man1/dr.1`;
+    /// with --dir, write a page for dr and one for every subcommand there
+    /// (dr.1, dr-backup-local.1, dr-keys-status.1, ...).
+    Man {
+        /// Write dr.1 and a dr-COMMAND.1 for every subcommand into DIR.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -744,11 +750,19 @@ fn run_command(cli: Cli) -> Result<()> {
             clap_complete::generate(*shell, &mut cmd, "dr", &mut std::io::stdout());
             Ok(())
         }
-        Command::Man => {
+        Command::Man { dir } => {
             let cmd = <Cli as clap::CommandFactory>::command();
-            clap_mangen::Man::new(cmd)
-                .render(&mut std::io::stdout())
-                .map_err(|e| Error::io("cannot write the manual page", e))
+            match dir {
+                Some(dir) => clap_mangen::generate_to(cmd, dir).map_err(|e| {
+                    Error::io(
+                        format!("cannot write the manual pages into {}", dir.display()),
+                        e,
+                    )
+                }),
+                None => clap_mangen::Man::new(cmd)
+                    .render(&mut std::io::stdout())
+                    .map_err(|e| Error::io("cannot write the manual page", e)),
+            }
         }
         Command::Pg {
             action:

@@ -16,7 +16,10 @@ use crate::fleet::{Fleet, Member};
 use crate::schedule::CronSpec;
 
 pub mod follow;
+pub mod hooks;
+mod upload;
 pub use follow::Follow;
+pub use hooks::Hooks;
 
 pub use crate::error::Diagnostic;
 
@@ -68,6 +71,11 @@ struct RawTarget {
     request_checksums: Option<bool>,
     object_lock: Option<Spanned<RawObjectLock>>,
     append_only: Option<bool>,
+    storage_class: Option<Spanned<String>>,
+    wal_storage_class: Option<Spanned<String>>,
+    sse: Option<Spanned<String>>,
+    kms_key_id: Option<Spanned<String>>,
+    max_upload_rate: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,6 +107,7 @@ struct RawPolicy {
     compression: RawCompression,
     encryption: Option<Spanned<String>>,
     follow: Option<follow::RawFollow>,
+    hooks: Option<hooks::RawHooks>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,6 +239,8 @@ pub struct Policy {
     /// `[follow]`: this host keeps a standby of the policy (see
     /// `config/follow.rs`).
     pub follow: Option<Follow>,
+    /// `[hooks]`: commands run around each backup (`config/hooks.rs`).
+    pub hooks: Option<Hooks>,
 }
 
 impl Policy {
@@ -859,6 +870,11 @@ fn check_target(
                 ("access_key_id_file", &raw.access_key_id_file),
                 ("secret_access_key_file", &raw.secret_access_key_file),
                 ("ca_file", &raw.ca_file),
+                ("storage_class", &raw.storage_class),
+                ("wal_storage_class", &raw.wal_storage_class),
+                ("sse", &raw.sse),
+                ("kms_key_id", &raw.kms_key_id),
+                ("max_upload_rate", &raw.max_upload_rate),
             ] {
                 if let Some(v) = v {
                     not_for(d, key, v.span(), "local");
@@ -911,7 +927,7 @@ fn check_target(
                     format!("targets.{name}: set both access_key_id_file and secret_access_key_file, or neither (then the AWS environment is used)"),
                 );
             }
-            Some(TargetKind::S3(S3Target {
+            Some(TargetKind::S3(Box::new(S3Target {
                 endpoint: raw.endpoint.as_ref().map(|e| e.get_ref().clone()),
                 bucket: bucket.get_ref().clone(),
                 region: raw.region.clone(),
@@ -934,7 +950,8 @@ fn check_target(
                 request_checksums: raw.request_checksums.unwrap_or(false),
                 object_lock: object_lock(name, raw.object_lock.as_ref(), d),
                 append_only: raw.append_only.unwrap_or(false),
-            }))
+                upload: upload::resolve(name, raw, d),
+            })))
         }
         other => {
             d.at(
@@ -1388,6 +1405,16 @@ fn check_policy(
         }
     };
     let source = source?;
+    if matches!(source, Source::Postgres(_)) {
+        for t in policy_targets.iter().filter_map(|t| targets.get(t)) {
+            if let TargetKind::S3(s3) = &t.kind
+                && let Some(why) = upload::pgbackrest_lacks(&s3.upload)
+            {
+                d.whole(format!("policy '{name}' is PostgreSQL, backed up by pgBackRest 2.45, which has no {why} for target '{}': remove it from the target, or give this policy a target without it (pgBackRest does take sse = \"aws:kms\" with kms_key_id)", t.name));
+                ok = false;
+            }
+        }
+    }
     if matches!(source, Source::Postgres(_))
         && let Some(r) = &rp.retention
         && let Some(k) = [
@@ -1427,6 +1454,14 @@ fn check_policy(
         }
         None => None,
     };
+    let hooks = match &rp.hooks {
+        Some(raw) => {
+            let h = hooks::resolve(raw, resolve, d);
+            ok &= h.is_some();
+            h
+        }
+        None => None,
+    };
     ok.then(|| Policy {
         name,
         file: file.to_path_buf(),
@@ -1443,6 +1478,7 @@ fn check_policy(
         fleet,
         member: None,
         follow,
+        hooks,
     })
 }
 

@@ -82,6 +82,11 @@ pub enum Error {
     #[error("{0}")]
     Usage(String),
 
+    /// A policy's hook failed (`[hooks]`): the message names the hook, its
+    /// command and how it failed, with the end of its output.
+    #[error("{0}")]
+    Hook(String),
+
     /// Any other failure with a self-explaining message.
     #[error("{0}")]
     Other(String),
@@ -116,7 +121,11 @@ impl Error {
             Error::Refused(_) => 6,
             Error::Incomplete(_) => 7,
             Error::Newer(_) => 8,
-            Error::Storage { .. } | Error::Source { .. } | Error::Io { .. } | Error::Other(_) => 1,
+            Error::Storage { .. }
+            | Error::Source { .. }
+            | Error::Io { .. }
+            | Error::Hook(_)
+            | Error::Other(_) => 1,
             Error::Usage(_) => 64,
             Error::Child(status) => *status,
             Error::Several(all) => all

@@ -86,6 +86,31 @@ fn completions_and_the_manual_page() {
     let m = raw(&["man"]);
     assert_eq!(m.code, 0);
     assert!(m.stdout.contains(".TH dr"), "{}", m.stdout);
+    assert!(
+        m.stdout.contains("dr \\- Backups and disaster recovery"),
+        "the name line says dr once: {}",
+        m.stdout
+    );
+    // A page for every subcommand, nested ones too.
+    let dir = tempfile::tempdir().expect("tmp");
+    let d = dir.path().display().to_string();
+    assert_eq!(raw(&["man", "--dir", &d]).code, 0);
+    for page in [
+        "dr.1",
+        "dr-backup-local.1",
+        "dr-restore-s3.1",
+        "dr-keys-status.1",
+        "dr-config-validate.1",
+        "dr-pg-setup.1",
+        "dr-daemon.1",
+    ] {
+        let text = std::fs::read_to_string(dir.path().join(page))
+            .unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert!(
+            text.starts_with(".ie") || text.contains(".TH"),
+            "{page}: {text}"
+        );
+    }
 }
 
 #[test]

@@ -586,6 +586,95 @@ fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
 }
 
 #[test]
+fn the_grafana_dashboard_queries_parse_and_use_metrics_the_daemon_serves() {
+    let queries = common::dashboard_queries();
+    assert!(queries.len() >= 15, "{queries:?}");
+    // promtool parses each query as a recording rule's expression.
+    let dir = tempfile::tempdir().expect("tmp");
+    let rules = dir.path().join("dashboard-rules.yml");
+    let mut yml = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, q) in queries.iter().enumerate() {
+        yml.push_str(&format!(
+            "      - record: dr_dashboard:q{i}\n        expr: {}\n",
+            serde_json::to_string(q).expect("quoted")
+        ));
+    }
+    std::fs::write(&rules, &yml).expect("rules");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .unwrap_or_else(|e| panic!("promtool is missing ({e}): run scripts/install-test-deps"));
+    assert!(
+        out.status.success(),
+        "{}{}\n{yml}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Every metric a query names is one the daemon declares; those of a
+    // streamed SQLite policy carry its series from the first scrape.
+    let env = Env::new(
+        "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nfull = \"0 3 * * *\"\nverify = \"0 4 * * *\"\n",
+    );
+    common::make_db(&env.db, true, 50, 100);
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
+    wait_in(&env, "metrics", 10, || {
+        get(port, "/metrics").is_some_and(|(c, _)| c == 200)
+    });
+    env.dr(&["backup-local", "app"]).ok();
+    let (_, m) = get(port, "/metrics").expect("metrics");
+    sigterm_exits_zero_quickly(daemon);
+    // A standby's (dr_follow_*) are checked by tests/follow.rs against a
+    // standby daemon, PostgreSQL's (dr_pg_*) by tests/pg.rs.
+    let names = common::dashboard_metrics();
+    for name in names
+        .iter()
+        .filter(|n| !n.starts_with("dr_follow_") && !n.starts_with("dr_pg_"))
+    {
+        assert!(
+            m.lines().any(|l| l.starts_with(&format!("{name}{{"))),
+            "the dashboard uses {name}, which the daemon does not serve:\n{m}"
+        );
+    }
+    for name in [
+        "dr_protected",
+        "dr_newest_restorable_timestamp_seconds",
+        "dr_promised_age_seconds",
+        "dr_backup_last_duration_seconds",
+        "dr_backup_size_bytes",
+        "dr_runs_total",
+        "dr_wal_lag_seconds",
+        "dr_wal_streamer_up",
+        "dr_wal_spool_bytes",
+        "dr_verify_last_success_timestamp_seconds",
+    ] {
+        assert!(
+            names.iter().any(|n| n == name),
+            "the dashboard shows {name}"
+        );
+        assert!(
+            m.lines()
+                .any(|l| l.starts_with(&format!("{name}{{policy=\"app\""))),
+            "{name} has a series for the policy: {m}"
+        );
+    }
+    // The backup just taken is what the restorable instant says.
+    let restorable = common::metric(&m, "dr_newest_restorable_timestamp_seconds{policy=\"app\"}")
+        .expect("restorable");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(
+        restorable > now - 120.0 && restorable <= now + 1.0,
+        "{restorable} vs {now}"
+    );
+}
+
+#[test]
 fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about() {
     let env = Env::new("");
     common::make_db(&env.db, true, 50, 500);

@@ -456,6 +456,16 @@ fn a_daemon_keeps_the_standby_says_when_it_fails_and_takes_over_when_promoted() 
     };
     common::wait_until("healthz 200 and the follower up", 30, healthy, read_blog);
     let m = common::http_get(port, "/metrics").expect("metrics").1;
+    // What the shipped dashboard shows of a standby is served.
+    for name in common::dashboard_metrics()
+        .iter()
+        .filter(|n| n.starts_with("dr_follow_"))
+    {
+        assert!(
+            m.contains(&format!("{name}{{policy=\"app\"")),
+            "the dashboard's {name}: {m}"
+        );
+    }
     assert!(
         metric(
             &m,

@@ -311,6 +311,16 @@ fn restore_never_overwrites_a_directory_or_a_running_cluster_and_rewinds_a_stopp
             && metrics.contains("dr_pg_archive_last_success_timestamp_seconds{policy=\"main-pg\"}"),
         "{metrics}"
     );
+    // What the shipped dashboard shows of PostgreSQL is served.
+    for name in common::dashboard_metrics()
+        .iter()
+        .filter(|n| n.starts_with("dr_pg_"))
+    {
+        assert!(
+            metrics.contains(&format!("{name}{{policy=\"main-pg\"}}")),
+            "the dashboard's {name}: {metrics}"
+        );
+    }
     // Declared the new primary (`dr pg setup`): its next WAL is archived,
     // on its new timeline.
     setup(&env, &cluster);

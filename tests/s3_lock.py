@@ -11,6 +11,9 @@
   python3 s3_lock.py open-upload BUCKET KEY starts a multipart upload with one part
                                             and leaves it open, as a killed run does
   python3 s3_lock.py uploads BUCKET PREFIX  prints the open multipart uploads' keys
+  python3 s3_lock.py plain BUCKET           bucket without Object Lock
+  python3 s3_lock.py storage BUCKET KEY     prints "CLASS SSE KMS_KEY_ID" as the server
+                                            recorded them ("-" for none)
 
 Endpoint and credentials come from S3_ENDPOINT, AWS_ACCESS_KEY_ID and
 AWS_SECRET_ACCESS_KEY (the same keys dr uses).
@@ -62,6 +65,12 @@ def main():
         s3.upload_part(Bucket=bucket, Key=sys.argv[3], UploadId=up["UploadId"],
                        PartNumber=1, Body=b"x" * (5 * 1024 * 1024))
         print(up["UploadId"])
+    elif cmd == "plain":
+        s3.create_bucket(Bucket=bucket)
+    elif cmd == "storage":
+        h = s3.head_object(Bucket=bucket, Key=sys.argv[3])
+        print(h.get("StorageClass", "STANDARD"), h.get("ServerSideEncryption", "-"),
+              h.get("SSEKMSKeyId", "-"))
     elif cmd == "uploads":
         out = s3.list_multipart_uploads(Bucket=bucket, Prefix=sys.argv[3])
         for u in out.get("Uploads", []):

@@ -324,6 +324,16 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         "dr_protected",
         "1 while the database is protected, 0 while it is at risk (the verdict of dr info and /healthz)",
     );
+    let restorable = gauge(
+        &mut reg,
+        "dr_newest_restorable_timestamp_seconds",
+        "The newest instant a restore reaches on any target (the verdict's; 0: none)",
+    );
+    let promised = gauge(
+        &mut reg,
+        "dr_promised_age_seconds",
+        "The oldest the newest restorable instant may be before the database is at risk (from its schedules and stream; 0: no promise)",
+    );
     let archived = gauge(
         &mut reg,
         "dr_pg_archive_last_success_timestamp_seconds",
@@ -399,6 +409,12 @@ pub fn metrics(shared: &Shared) -> Result<String> {
                 .get_or_create(&labels)
                 .set(a.and_then(|a| a.last_failed).map_or(0.0, ts));
         }
+        restorable
+            .get_or_create(&l(&[("policy", name)]))
+            .set(verdict.newest_restorable.map_or(0.0, ts));
+        promised
+            .get_or_create(&l(&[("policy", name)]))
+            .set(verdict.promised_seconds.unwrap_or(0.0));
         protected.get_or_create(&l(&[("policy", name)])).set(
             if verdict.state == verdict::State::Protected {
                 1.0

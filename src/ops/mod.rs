@@ -8,6 +8,7 @@ pub mod expire;
 pub mod fanout;
 pub mod follow;
 pub mod follow_fleet;
+pub mod hooks;
 pub mod info;
 pub mod keys;
 pub mod listing;

@@ -63,12 +63,26 @@ impl<'p> Source<'p> {
     ) -> Result<BackupReport> {
         let _lock = lock(ctx, self.policy(), target, "backup", opts.lock_wait)?;
         crate::audit::writable()?;
-        let r = match *self {
-            Source::Sqlite { policy, db } => {
-                backup::backup(ctx, policy, db, target, opts.kind, progress, None)
-            }
-            Source::Postgres { policy, pg } => pg::backup(ctx, policy, pg, target, opts.kind),
+        let (policy, database) = match *self {
+            Source::Sqlite { policy, db } => (policy, db),
+            Source::Postgres { policy, pg } => (policy, pg.data_dir.as_path()),
         };
+        let around = super::hooks::Backup {
+            policy,
+            target: &target.name,
+            database,
+            kind: opts.kind.map_or("", |k| k.word()),
+        };
+        let r = super::hooks::around(
+            around,
+            || match *self {
+                Source::Sqlite { policy, db } => {
+                    backup::backup(ctx, policy, db, target, opts.kind, progress, None)
+                }
+                Source::Postgres { policy, pg } => pg::backup(ctx, policy, pg, target, opts.kind),
+            },
+            |b| b.label.clone(),
+        );
         audit(
             self.policy(),
             target,

@@ -31,6 +31,8 @@ pub struct S3Repo {
     pub key: String,
     pub key_secret: String,
     pub ca_file: Option<PathBuf>,
+    /// SSE-KMS on every object pgBackRest writes (`sse = "aws:kms"`).
+    pub kms_key_id: Option<String>,
 }
 
 /// Everything the file says.
@@ -139,6 +141,9 @@ pub fn render(c: &PgConf) -> String {
                 if let Some(ca) = &r.ca_file {
                     let _ = writeln!(s, "repo{n}-storage-ca-file={}", ca.display());
                 }
+                if let Some(k) = &r.kms_key_id {
+                    let _ = writeln!(s, "repo{n}-s3-kms-key-id={k}");
+                }
             }
         }
         if c.bundle {
@@ -191,6 +196,7 @@ mod tests {
                     key: "AKIA".into(),
                     key_secret: "s3cret".into(),
                     ca_file: None,
+                    kms_key_id: Some("alias/dr-backups".into()),
                 }),
             ],
             retention_full: Some(2),
@@ -214,6 +220,7 @@ mod tests {
             "repo2-s3-endpoint=s3.us-west-1.wasabisys.com",
             "repo2-storage-port=443",
             "repo2-s3-uri-style=path",
+            "repo2-s3-kms-key-id=alias/dr-backups",
             "repo1-retention-full=2",
             "process-max=2",
             "archive-async=y",

@@ -229,6 +229,7 @@ fn conf_of(
                         name,
                     )?,
                     ca_file: s.ca_file.clone(),
+                    kms_key_id: s.upload.kms_key_id(),
                 })
             }
         });

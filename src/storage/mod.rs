@@ -23,8 +23,11 @@ pub use crate::repo::ObjectMeta;
 /// The kinds of storage a target can be.
 #[derive(Debug, Clone)]
 pub enum TargetKind {
-    Local { path: PathBuf },
-    S3(s3::S3Settings),
+    Local {
+        path: PathBuf,
+    },
+    /// Boxed: its settings are ten times the size of a local target's.
+    S3(Box<s3::S3Settings>),
 }
 
 impl TargetKind {

@@ -18,11 +18,14 @@ use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use chrono::{DateTime, Utc};
 
 mod abandoned;
+mod upload;
 
 use super::{ObjectMeta, ObjectWriter, Storage};
 use crate::error::{Error, Result, transport_error};
 use crate::secret::{FileStamp, stamp};
 use abandoned::{journal_add, journal_remove};
+use upload::Throttle;
+pub use upload::{Sse, UNREADABLE_CLASSES, Upload};
 
 /// Size of one multipart part: big enough for throughput, small enough that
 /// `MAX_IN_FLIGHT` of them stay well inside the memory budget.
@@ -46,6 +49,8 @@ pub struct S3Settings {
     pub object_lock: Option<ObjectLock>,
     /// dr never deletes on this target.
     pub append_only: bool,
+    /// Storage classes, server-side encryption and the upload rate.
+    pub upload: Upload,
 }
 
 /// `object_lock`: the retention dr puts on each object it writes (the
@@ -89,6 +94,9 @@ struct Inner {
     /// each, so a later run can abort what a crash or an outage left behind
     /// (stores such as s3s-fs or Garage may not list multipart uploads).
     journal: PathBuf,
+    upload: Upload,
+    /// `max_upload_rate`, over every upload to this target.
+    throttle: Option<Throttle>,
 }
 
 /// An S3 bucket (and prefix) as a target.
@@ -171,6 +179,8 @@ impl S3Storage {
                 object_lock: cfg.object_lock,
                 append_only: cfg.append_only,
                 journal: journal.to_path_buf(),
+                upload: cfg.upload.clone(),
+                throttle: cfg.upload.max_upload_rate.map(Throttle::new),
             }),
             rt,
         })
@@ -418,6 +428,14 @@ impl Inner {
         }
     }
 
+    /// Runs the upload `send` of `bytes` within `max_upload_rate`, if set.
+    async fn paced<T>(&self, bytes: usize, send: impl std::future::Future<Output = T>) -> T {
+        match &self.throttle {
+            Some(t) => t.paced(bytes, send).await,
+            None => send.await,
+        }
+    }
+
     /// Aborts a multipart upload of `key` (relative to the prefix).
     async fn abort_upload(
         &self,
@@ -554,6 +572,9 @@ impl S3Writer {
                     .create_multipart_upload()
                     .bucket(&inner.bucket)
                     .key(&full)
+                    .set_storage_class(inner.upload.storage_class(&self.key))
+                    .set_server_side_encryption(inner.upload.sse())
+                    .set_ssekms_key_id(inner.upload.kms_key_id())
                     .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
                     .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
                     .send()
@@ -582,7 +603,8 @@ impl S3Writer {
         let key = self.key.clone();
         let handle = self.rt.spawn(async move {
             let full = inner.full_key(&key);
-            let out = inner
+            let len = data.len();
+            let send = inner
                 .client
                 .upload_part()
                 .bucket(&inner.bucket)
@@ -590,7 +612,9 @@ impl S3Writer {
                 .upload_id(&upload_id)
                 .part_number(number)
                 .body(ByteStream::from(data))
-                .send()
+                .send();
+            let out = inner
+                .paced(len, send)
                 .await
                 .map_err(|e| inner.err("upload part of", &key, &e))?;
             Ok(CompletedPart::builder()
@@ -657,18 +681,22 @@ impl ObjectWriter for S3Writer {
         let full = inner.full_key(&self.key);
         if self.upload_id.is_none() {
             let body = bytes::Bytes::from(std::mem::take(&mut self.buf));
+            let send = inner.send(|| {
+                inner
+                    .client
+                    .put_object()
+                    .bucket(&inner.bucket)
+                    .key(&full)
+                    .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
+                    .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
+                    .set_storage_class(inner.upload.storage_class(&self.key))
+                    .set_server_side_encryption(inner.upload.sse())
+                    .set_ssekms_key_id(inner.upload.kms_key_id())
+                    .body(ByteStream::from(body.clone()))
+                    .send()
+            });
             self.rt
-                .block_on(inner.send(|| {
-                    inner
-                        .client
-                        .put_object()
-                        .bucket(&inner.bucket)
-                        .key(&full)
-                        .set_object_lock_mode(inner.object_lock.map(ObjectLock::mode))
-                        .set_object_lock_retain_until_date(inner.object_lock.map(ObjectLock::until))
-                        .body(ByteStream::from(body.clone()))
-                        .send()
-                }))
+                .block_on(inner.paced(body.len(), send))
                 .map_err(|e| inner.err("upload", &self.key, &e))?;
             self.finished = true;
             return Ok(());
@@ -778,6 +806,8 @@ impl Storage for S3Storage {
                 .put_object()
                 .bucket(&inner.bucket)
                 .key(inner.full_key(key))
+                .set_server_side_encryption(inner.upload.sse())
+                .set_ssekms_key_id(inner.upload.kms_key_id())
                 .body(ByteStream::from(body.clone()));
             match cond {
                 super::Condition::Absent => req.if_none_match("*"),
@@ -785,7 +815,10 @@ impl Storage for S3Storage {
             }
             .send()
         };
-        match self.rt.block_on(inner.send(request)) {
+        match self
+            .rt
+            .block_on(inner.paced(bytes.len(), inner.send(request)))
+        {
             Ok(out) => Ok(Some(out.e_tag().unwrap_or_default().to_string())),
             Err(e) => {
                 let status = e.raw_response().map(|r| r.status().as_u16());

@@ -754,3 +754,52 @@ pub fn wait_for_log(path: &Path, needle: &str, secs: u64) {
         text,
     );
 }
+
+/// Every PromQL expression of the shipped Grafana dashboard
+/// (deploy/grafana/dr.json), its `$policy` variable given a value
+/// Prometheus parses.
+#[allow(dead_code)]
+pub fn dashboard_queries() -> Vec<String> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/grafana/dr.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("dr.json")).expect("JSON");
+    let mut out = Vec::new();
+    for panel in dash["panels"].as_array().expect("panels") {
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert!(
+            panel["title"].as_str().is_some_and(|t| !t.is_empty()),
+            "{panel}"
+        );
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(
+            !targets.is_empty(),
+            "a panel without a query: {}",
+            panel["title"]
+        );
+        for t in targets {
+            let expr = t["expr"].as_str().expect("expr");
+            out.push(expr.replace("$policy", ".*"));
+        }
+    }
+    out
+}
+
+/// The dr metrics (sample names: counters with `_total`) the dashboard's
+/// queries use.
+#[allow(dead_code)]
+pub fn dashboard_metrics() -> Vec<String> {
+    let mut names: Vec<String> = dashboard_queries()
+        .iter()
+        .flat_map(|q| {
+            q.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("dr_"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
