@@ -93,10 +93,19 @@ fn the_deb_installs_dr_its_unit_manual_pages_and_completions() {
     let text = std::fs::read_to_string(&unit).expect("unit");
     assert!(text.contains("ExecStart=/usr/bin/dr "), "{text}");
     assert!(!text.contains("/usr/local"), "{text}");
+    // systemd-analyze checks ExecStart's program and man:dr(1): the unit
+    // is verified as installed, with /usr/bin pointing into the scratch
+    // root (`--root` would want a whole system's units there).
+    let verified = scratch.path().join("verify/dr.service");
+    std::fs::create_dir_all(verified.parent().expect("dir")).expect("dir");
+    std::fs::write(
+        &verified,
+        text.replace("/usr/bin/dr", &dr.display().to_string()),
+    )
+    .expect("unit");
     let out = Command::new("systemd-analyze")
         .arg("verify")
-        .arg(format!("--root={}", root.display()))
-        .arg("/lib/systemd/system/dr.service")
+        .arg(&verified)
         .env("MANPATH", root.join("usr/share/man"))
         .output()
         .expect("systemd-analyze");
