@@ -34,6 +34,11 @@ def main():
         import bench_fleet
         write_table("results-fleet.md", *bench_fleet.table(DR, WORK))
         return
+    if os.environ.get("BENCH_ONLY") == "soak":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import bench_soak
+        write_table("results-soak.md", *bench_soak.table(DR, WORK))
+        return
     if os.environ.get("BENCH_ONLY") == "pitr":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import bench_pitr
