@@ -209,6 +209,50 @@ impl History {
             .map_err(db_err)
     }
 
+    /// The newest `limit` runs of one policy on one target, newest first:
+    /// of `kinds`, and only failures when `failures`. The status page's
+    /// charts and its list of recent failures.
+    pub fn recent(
+        &self,
+        policy: &str,
+        target: &str,
+        kinds: &[&str],
+        failures: bool,
+        limit: u32,
+    ) -> Result<Vec<Run>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT kind, started, finished, ok, error, label, size FROM runs
+                 WHERE policy = ?1 AND target = ?2 AND (?3 = 0 OR ok = 0)
+                   AND kind IN (SELECT value FROM json_each(?4))
+                 ORDER BY finished DESC LIMIT ?5",
+            )
+            .map_err(db_err)?;
+        let t = |s: String| {
+            DateTime::parse_from_rfc3339(&s)
+                .map(|d| d.with_timezone(&Utc))
+                .unwrap_or_default()
+        };
+        let kinds = serde_json::to_string(kinds).map_err(|e| Error::Other(e.to_string()))?;
+        let rows = stmt
+            .query_map(params![policy, target, failures, kinds, limit], |row| {
+                Ok(Run {
+                    policy: policy.to_string(),
+                    target: target.to_string(),
+                    kind: row.get(0)?,
+                    started: t(row.get(1)?),
+                    finished: t(row.get(2)?),
+                    ok: row.get(3)?,
+                    error: row.get(4)?,
+                    label: row.get(5)?,
+                    size: row.get::<_, i64>(6)? as u64,
+                })
+            })
+            .map_err(db_err)?;
+        rows.collect::<rusqlite::Result<Vec<Run>>>().map_err(db_err)
+    }
+
     /// How many runs of one job on one target succeeded and failed.
     pub fn counts(&self, policy: &str, target: &str, kind: &str) -> Result<(u64, u64)> {
         self.conn

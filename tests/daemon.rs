@@ -675,6 +675,95 @@ fn the_grafana_dashboard_queries_parse_and_use_metrics_the_daemon_serves() {
 }
 
 #[test]
+fn the_status_page_says_what_dr_info_says_and_renders_in_chromium() {
+    let env = Env::new("[schedule]\nfull = \"0 3 * * *\"\nverify = \"0 4 * * *\"\n");
+    common::make_db(&env.db, true, 50, 500);
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    // Three backups of a growing database and a drill: the chart has bars.
+    for rows in [200, 400] {
+        env.dr(&["backup-local", "app", "--type", "full"]).ok();
+        common::make_db(&env.db, true, rows, 500);
+    }
+    env.dr(&["backup-local", "app", "--type", "diff"]).ok();
+    env.dr(&["verify", "app", "--identity", &env.key_arg()])
+        .ok();
+    let info = env.dr(&["info", "app", "--json"]).json();
+    let (daemon, port) = common::start_daemon_listening(&env, &[]);
+    let (code, page) = get(port, "/").expect("status page");
+    assert_eq!(code, 200, "{page}");
+    let policy = &info["policies"][0];
+    let state = policy["verdict"]["state"].as_str().expect("state");
+    assert!(
+        page.contains(&format!("data-policy=\"app\" data-state=\"{state}\"")),
+        "dr info says {state}: {page}"
+    );
+    let newest = common::labels_in(&info).pop().expect("a backup");
+    assert!(
+        page.contains(&format!("<span class=label>{newest}</span>")),
+        "{newest}: {page}"
+    );
+    let restorable = policy["verdict"]["newest_restorable"]
+        .as_str()
+        .expect("restorable");
+    let restorable = chrono::DateTime::parse_from_rfc3339(restorable).expect("rfc3339");
+    assert!(
+        page.contains(&restorable.format("%Y-%m-%d %H:%M:%S UTC").to_string()),
+        "newest restorable {restorable}: {page}"
+    );
+    assert!(
+        page.contains("<polyline points="),
+        "a chart of three backups: {page}"
+    );
+    assert!(!page.contains("none passed"), "the drill is shown: {page}");
+    assert!(!page.contains("<script"), "no script: {page}");
+
+    // Headless Chromium renders it on a phone-sized screen; the screenshot
+    // is kept with the test run's artefacts.
+    let url = format!("http://127.0.0.1:{port}/");
+    let chromium = |args: &[&str]| {
+        Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--hide-scrollbars",
+            ])
+            .args(args)
+            .arg(&url)
+            .output()
+            .unwrap_or_else(|e| panic!("chromium is missing ({e}): run scripts/install-test-deps"))
+    };
+    let dom = chromium(&["--dump-dom"]);
+    let dom = String::from_utf8_lossy(&dom.stdout);
+    assert!(
+        dom.contains(&format!("data-state=\"{state}\"")) && dom.contains(&newest),
+        "{dom}"
+    );
+    let shots = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&shots).expect("artefacts");
+    let png = shots.join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    let out = chromium(&[
+        &format!("--screenshot={}", png.display()),
+        "--window-size=412,915",
+    ]);
+    let shot = std::fs::read(&png).unwrap_or_else(|e| {
+        panic!(
+            "no screenshot ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    assert!(
+        shot.starts_with(b"\x89PNG") && shot.len() > 5_000,
+        "{} bytes",
+        shot.len()
+    );
+    sigterm_exits_zero_quickly(daemon);
+}
+
+#[test]
 fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about() {
     let env = Env::new("");
     common::make_db(&env.db, true, 50, 500);
@@ -709,6 +798,13 @@ fn metrics_need_the_token_once_one_is_set_and_an_open_listener_is_warned_about()
     let (code, body) = common::http_get_with(port, "/metrics", &auth).expect("answer");
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("dr_"), "{body}");
+    // The status page is behind the same token.
+    let (code, body) = get(port, "/").expect("answer");
+    assert_eq!(code, 401, "{body}");
+    assert!(!body.contains("app"), "{body}");
+    let (code, body) = common::http_get_with(port, "/", &auth).expect("answer");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("data-policy=\"app\""), "{body}");
     // /healthz stays open for probes, without detail.
     let (_, body) = get(port, "/healthz").expect("answer");
     assert!(

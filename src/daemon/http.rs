@@ -1,4 +1,5 @@
-//! `/healthz` and `/metrics` on `daemon.listen` (loopback by default).
+//! `/healthz`, `/metrics` and the status page (`/`, `status_page.rs`) on
+//! `daemon.listen` (loopback by default).
 //!
 //! Health: 200 when every database is protected (`ops::verdict::judge`);
 //! else 503 with a JSON body naming each reason, as `dr info` names them.
@@ -8,7 +9,7 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde::Serialize;
 
-use super::Shared;
+use super::{Shared, status_page};
 use crate::context::Context;
 use crate::error::{Error, Result};
 use crate::history::History;
@@ -534,6 +535,73 @@ pub fn metrics(shared: &Shared) -> Result<String> {
     Ok(out)
 }
 
+/// The status page's content (`status_page.rs` renders it): each
+/// database's verdict as `problems` decides it, with the run history
+/// behind it.
+fn status(shared: &Shared) -> Result<String> {
+    let (ctx, history) = snapshot(shared)?;
+    let cfg = ctx.cfg();
+    let now = Utc::now();
+    let followers = shared
+        .followers
+        .lock()
+        .map(|f| f.keys().cloned().collect::<std::collections::BTreeSet<_>>())
+        .unwrap_or_default();
+    let mut page = status_page::Page {
+        host: crate::lock::hostname(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        policies: Vec::new(),
+    };
+    for p in &super::policies_now(cfg) {
+        let view = stream_view(&ctx, p);
+        let archiver = archiver_of(p);
+        let evidence = evidence(shared, &history, p, &view, archiver.as_ref(), now)?;
+        let verdict = verdict::judge(&evidence, now);
+        let standby = followers.contains(&p.name);
+        let mut targets = Vec::new();
+        if !standby {
+            for t in &p.targets {
+                let backups = history.recent(&p.name, t, &["full", "diff"], false, 30)?;
+                let backups: Vec<_> = backups.into_iter().filter(|r| r.ok).collect();
+                let lag = evidence
+                    .targets
+                    .iter()
+                    .find(|e| &e.target == t)
+                    .and_then(|e| e.stream.as_ref())
+                    .and_then(|s| s.lag_seconds);
+                targets.push(status_page::TargetView {
+                    name: t.clone(),
+                    last_backup: backups.first().cloned(),
+                    last_drill: history.last(&p.name, t, "verify", true)?,
+                    lag_seconds: lag,
+                    failures: history.recent(&p.name, t, &["full", "diff", "verify"], true, 3)?,
+                    backups,
+                });
+            }
+        }
+        page.policies.push(status_page::PolicyView {
+            name: p.name.clone(),
+            protected: verdict.state == verdict::State::Protected,
+            reasons: verdict
+                .reasons
+                .iter()
+                .map(|r| {
+                    (
+                        r.reason.word().to_string(),
+                        r.target.clone(),
+                        r.detail.clone(),
+                    )
+                })
+                .collect(),
+            newest_restorable: verdict.newest_restorable,
+            promised_seconds: verdict.promised_seconds,
+            standby,
+            targets,
+        });
+    }
+    Ok(status_page::render(&page, now))
+}
+
 /// What a request may see.
 enum Access {
     Granted,
@@ -685,9 +753,19 @@ pub fn serve(listen: &str, shared: Arc<Shared>) -> Result<Arc<tiny_http::Server>
                     ),
                     Err(e) => (500, e.to_string(), "text/plain"),
                 },
+                ("/", Access::Denied) => (
+                    401,
+                    "the status page needs `Authorization: Bearer <token>` ([daemon] token_file), as /metrics does\n"
+                        .to_string(),
+                    "text/plain",
+                ),
+                ("/", Access::Granted) => match status(&shared) {
+                    Ok(page) => (200, page, "text/html; charset=utf-8"),
+                    Err(e) => (500, e.to_string(), "text/plain"),
+                },
                 _ => (
                     404,
-                    "not found: try /healthz or /metrics\n".into(),
+                    "not found: try /, /healthz or /metrics\n".into(),
                     "text/plain",
                 ),
             };

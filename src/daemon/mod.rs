@@ -4,6 +4,7 @@
 
 pub mod followers;
 pub mod http;
+pub mod status_page;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
