@@ -2,6 +2,14 @@
 
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: the daemon runs each job on a
+/// thread of its own, and glibc gave those threads arenas that kept what
+/// they freed (a busy fleet's daemon grew from 122 to 157 MiB in its
+/// first five minutes, fifteen arenas of 4 to 17 MiB resident each).
+/// mimalloc hands freed pages back.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     let cli = match dr::cli::Cli::try_parse() {
         Ok(cli) => cli,
