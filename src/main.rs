@@ -2,11 +2,12 @@
 
 use clap::Parser;
 
-/// mimalloc rather than glibc's malloc: the daemon runs each job on a
-/// thread of its own, and glibc gave those threads arenas that kept what
-/// they freed (a busy fleet's daemon grew from 122 to 157 MiB in its
-/// first five minutes, fifteen arenas of 4 to 17 MiB resident each).
-/// mimalloc hands freed pages back.
+/// mimalloc rather than glibc's malloc, for Rust and (its `override`
+/// feature) for the C inside dr too: SQLite's page caches and zstd's
+/// contexts. The daemon runs each job on threads of their own, and glibc
+/// gave those threads arenas that kept what they freed: a busy fleet's
+/// daemon grew from 122 to 157 MiB in its first five minutes, fifteen
+/// arenas of 4 to 17 MiB resident each.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
