@@ -428,21 +428,7 @@ fn the_systemd_unit_is_hardened_and_does_not_restart_a_bad_config() {
         ),
     )
     .expect("unit");
-    let out = std::process::Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&installed)
-        .env("MANPATH", dir.path().join("man"))
-        .output()
-        .expect("systemd-analyze verify");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !said.contains("dr.service"),
-        "systemd-analyze verify: {said}"
-    );
+    common::systemd_verifies(&installed, &dir.path().join("man"));
     assert!(
         text.contains("StateDirectoryMode=0711"),
         "archive_command passes through state_dir"

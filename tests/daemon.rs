@@ -486,26 +486,27 @@ fn each_policy_pings_its_own_monitors_from_the_daemon_and_from_the_command_line(
     );
 }
 
-#[test]
-fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
-    let rules =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/dr-alerts.yml");
+/// `promtool check rules` passes on `rules`.
+fn promtool_checks_rules(rules: &std::path::Path, context: &str) {
     let out = Command::new("promtool")
         .args(["check", "rules"])
-        .arg(&rules)
+        .arg(rules)
         .output()
         .unwrap_or_else(|e| panic!("promtool is missing ({e}): run scripts/install-test-deps"));
     assert!(
         out.status.success(),
-        "{}{}",
+        "{}{}\n{context}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    // Every series the rules use is served, from the first scrape on (as 0
-    // for what has not happened yet).
-    let env = Env::new(
-        "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nverify = \"0 4 * * *\"\n",
-    );
+}
+
+/// A daemon streaming policy `app` (with `schedule`) whose `/metrics`
+/// answers: the env, the daemon and its port.
+fn streaming_daemon(schedule: &str) -> (Env, common::Proc, u16) {
+    let env = Env::new(&format!(
+        "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\n{schedule}"
+    ));
     common::make_db(&env.db, true, 50, 100);
     let cfg = std::fs::read_to_string(env.config()).expect("cfg")
         + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
@@ -514,6 +515,17 @@ fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
     wait_in(&env, "metrics", 10, || {
         get(port, "/metrics").is_some_and(|(c, _)| c == 200)
     });
+    (env, daemon, port)
+}
+
+#[test]
+fn the_shipped_alert_rules_pass_promtool_and_name_metrics_the_daemon_serves() {
+    let rules =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/dr-alerts.yml");
+    promtool_checks_rules(&rules, "");
+    // Every series the rules use is served, from the first scrape on (as 0
+    // for what has not happened yet).
+    let (_env, daemon, port) = streaming_daemon("verify = \"0 4 * * *\"\n");
     let (_, m) = get(port, "/metrics").expect("metrics");
     // Prometheus asks for OpenMetrics and gets it, ending in # EOF.
     let (code, open) = common::http_get_with(
@@ -600,30 +612,10 @@ fn the_grafana_dashboard_queries_parse_and_use_metrics_the_daemon_serves() {
         ));
     }
     std::fs::write(&rules, &yml).expect("rules");
-    let out = Command::new("promtool")
-        .args(["check", "rules"])
-        .arg(&rules)
-        .output()
-        .unwrap_or_else(|e| panic!("promtool is missing ({e}): run scripts/install-test-deps"));
-    assert!(
-        out.status.success(),
-        "{}{}\n{yml}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // Every metric a query names is one the daemon declares; those of a
+    promtool_checks_rules(&rules, &yml);
+    // Every metric a query names is one the daemon serves; those of a
     // streamed SQLite policy carry its series from the first scrape.
-    let env = Env::new(
-        "[wal]\nenabled = true\nsync_interval = \"1s\"\n[schedule]\nfull = \"0 3 * * *\"\nverify = \"0 4 * * *\"\n",
-    );
-    common::make_db(&env.db, true, 50, 100);
-    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
-        + "[daemon]\nlisten = \"127.0.0.1:0\"\n";
-    std::fs::write(env.config(), cfg).expect("cfg");
-    let (daemon, port) = common::start_daemon_listening(&env, &[]);
-    wait_in(&env, "metrics", 10, || {
-        get(port, "/metrics").is_some_and(|(c, _)| c == 200)
-    });
+    let (env, daemon, port) = streaming_daemon("full = \"0 3 * * *\"\nverify = \"0 4 * * *\"\n");
     env.dr(&["backup-local", "app"]).ok();
     let (_, m) = get(port, "/metrics").expect("metrics");
     sigterm_exits_zero_quickly(daemon);

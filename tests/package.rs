@@ -2,6 +2,8 @@
 //! with `dpkg -i` into a scratch root, then its dr run and its systemd unit
 //! verified where the package put them.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -103,21 +105,7 @@ fn the_deb_installs_dr_its_unit_manual_pages_and_completions() {
         text.replace("/usr/bin/dr", &dr.display().to_string()),
     )
     .expect("unit");
-    let out = Command::new("systemd-analyze")
-        .arg("verify")
-        .arg(&verified)
-        .env("MANPATH", root.join("usr/share/man"))
-        .output()
-        .expect("systemd-analyze");
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.status.success() && !said.contains("dr.service"),
-        "systemd-analyze verify: {said}"
-    );
+    common::systemd_verifies(&verified, &root.join("usr/share/man"));
     // The example configuration loads (its paths need not exist for that).
     let example = root.join("usr/share/doc/dr/examples/dr.toml");
     assert!(

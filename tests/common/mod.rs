@@ -803,3 +803,24 @@ pub fn dashboard_metrics() -> Vec<String> {
     names.dedup();
     names
 }
+
+/// `systemd-analyze verify` passes on `unit` (man pages looked up under
+/// `manpath`) and says nothing about it.
+#[allow(dead_code)]
+pub fn systemd_verifies(unit: &Path, manpath: &Path) {
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(unit)
+        .env("MANPATH", manpath)
+        .output()
+        .unwrap_or_else(|e| panic!("systemd-analyze is missing ({e}): it comes with systemd"));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && !said.contains("dr.service"),
+        "systemd-analyze verify: {said}"
+    );
+}
