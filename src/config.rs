@@ -727,6 +727,33 @@ impl FileDiags<'_> {
     }
 }
 
+/// The duration `raw` of setting `key` (`default` when absent), which must
+/// be more than zero; else a diagnostic that shows `example`, `ok` false,
+/// and `default`.
+fn positive_duration(
+    d: &mut FileDiags<'_>,
+    key: &str,
+    raw: &Option<Spanned<String>>,
+    default: Duration,
+    example: &str,
+    ok: &mut bool,
+) -> Duration {
+    let Some(s) = raw else { return default };
+    match humantime::parse_duration(s.get_ref()) {
+        Ok(v) if !v.is_zero() => v,
+        Ok(_) => {
+            d.at(s.span(), format!("{key} must be more than zero"));
+            *ok = false;
+            default
+        }
+        Err(e) => {
+            d.at(s.span(), format!("{key}: {e} (write e.g. {example})"));
+            *ok = false;
+            default
+        }
+    }
+}
+
 fn line_at(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
@@ -1312,22 +1339,14 @@ fn check_policy(
             wal.checkpoint_pages = *n.get_ref();
         }
     }
-    if let Some(s) = &rp.wal.sync_interval {
-        match humantime::parse_duration(s.get_ref()) {
-            Ok(v) if !v.is_zero() => wal.sync_interval = v,
-            Ok(_) => {
-                d.at(s.span(), "wal.sync_interval must be more than zero".into());
-                ok = false;
-            }
-            Err(e) => {
-                d.at(
-                    s.span(),
-                    format!("wal.sync_interval: {e} (write e.g. \"1s\" or \"500ms\")"),
-                );
-                ok = false;
-            }
-        }
-    }
+    wal.sync_interval = positive_duration(
+        d,
+        "wal.sync_interval",
+        &rp.wal.sync_interval,
+        wal.sync_interval,
+        "\"1s\" or \"500ms\"",
+        &mut ok,
+    );
     if let Some(s) = &rp.wal.spool_max {
         match parse_size(s.get_ref()) {
             Some(v) => wal.spool_max = v,

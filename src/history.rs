@@ -47,6 +47,29 @@ impl Run {
     }
 }
 
+/// The columns [`run_of`] reads, in its order.
+const RUN_COLUMNS: &str = "kind, started, finished, ok, error, label, size";
+
+/// A run of `policy` on `target` from a row of [`RUN_COLUMNS`].
+fn run_of(policy: &str, target: &str, row: &rusqlite::Row<'_>) -> rusqlite::Result<Run> {
+    let t = |s: String| {
+        DateTime::parse_from_rfc3339(&s)
+            .map(|d| d.with_timezone(&Utc))
+            .unwrap_or_default()
+    };
+    Ok(Run {
+        policy: policy.to_string(),
+        target: target.to_string(),
+        kind: row.get(0)?,
+        started: t(row.get(1)?),
+        finished: t(row.get(2)?),
+        ok: row.get(3)?,
+        error: row.get(4)?,
+        label: row.get(5)?,
+        size: row.get::<_, i64>(6)? as u64,
+    })
+}
+
 /// The history database.
 #[derive(Debug)]
 pub struct History {
@@ -179,75 +202,47 @@ impl History {
     }
 
     /// The newest run of a job on a target that succeeded (`ok`) or failed.
+    /// One query on the index, kept apart from [`Self::recent`]'s: it is
+    /// asked several times per database at every scrape.
     pub fn last(&self, policy: &str, target: &str, kind: &str, ok: bool) -> Result<Option<Run>> {
         self.conn
             .query_row(
-                "SELECT started, finished, error, label, size FROM runs
-                 WHERE policy = ?1 AND target = ?2 AND kind = ?3 AND ok = ?4
-                 ORDER BY finished DESC LIMIT 1",
+                &format!(
+                    "SELECT {RUN_COLUMNS} FROM runs
+                     WHERE policy = ?1 AND target = ?2 AND kind = ?3 AND ok = ?4
+                     ORDER BY finished DESC LIMIT 1"
+                ),
                 params![policy, target, kind, ok],
-                |row| {
-                    let t = |s: String| {
-                        DateTime::parse_from_rfc3339(&s)
-                            .map(|d| d.with_timezone(&Utc))
-                            .unwrap_or_default()
-                    };
-                    Ok(Run {
-                        policy: policy.to_string(),
-                        target: target.to_string(),
-                        kind: kind.to_string(),
-                        started: t(row.get(0)?),
-                        finished: t(row.get(1)?),
-                        ok,
-                        error: row.get(2)?,
-                        label: row.get(3)?,
-                        size: row.get::<_, i64>(4)? as u64,
-                    })
-                },
+                |row| run_of(policy, target, row),
             )
             .optional()
             .map_err(db_err)
     }
 
-    /// The newest `limit` runs of one policy on one target, newest first:
-    /// of `kinds`, and only failures when `failures`. The status page's
-    /// charts and its list of recent failures.
+    /// The newest `limit` runs of one policy on one target of `kinds` that
+    /// succeeded (`ok`) or failed, newest first: the status page's charts
+    /// and its list of recent failures.
     pub fn recent(
         &self,
         policy: &str,
         target: &str,
         kinds: &[&str],
-        failures: bool,
+        ok: bool,
         limit: u32,
     ) -> Result<Vec<Run>> {
         let mut stmt = self
             .conn
-            .prepare_cached(
-                "SELECT kind, started, finished, ok, error, label, size FROM runs
-                 WHERE policy = ?1 AND target = ?2 AND (?3 = 0 OR ok = 0)
+            .prepare_cached(&format!(
+                "SELECT {RUN_COLUMNS} FROM runs
+                 WHERE policy = ?1 AND target = ?2 AND ok = ?3
                    AND kind IN (SELECT value FROM json_each(?4))
-                 ORDER BY finished DESC LIMIT ?5",
-            )
+                 ORDER BY finished DESC LIMIT ?5"
+            ))
             .map_err(db_err)?;
-        let t = |s: String| {
-            DateTime::parse_from_rfc3339(&s)
-                .map(|d| d.with_timezone(&Utc))
-                .unwrap_or_default()
-        };
         let kinds = serde_json::to_string(kinds).map_err(|e| Error::Other(e.to_string()))?;
         let rows = stmt
-            .query_map(params![policy, target, failures, kinds, limit], |row| {
-                Ok(Run {
-                    policy: policy.to_string(),
-                    target: target.to_string(),
-                    kind: row.get(0)?,
-                    started: t(row.get(1)?),
-                    finished: t(row.get(2)?),
-                    ok: row.get(3)?,
-                    error: row.get(4)?,
-                    label: row.get(5)?,
-                    size: row.get::<_, i64>(6)? as u64,
-                })
+            .query_map(params![policy, target, ok, kinds, limit], |row| {
+                run_of(policy, target, row)
             })
             .map_err(db_err)?;
         rows.collect::<rusqlite::Result<Vec<Run>>>().map_err(db_err)

@@ -10,7 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::FileDiags;
+use super::{FileDiags, positive_duration};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -46,32 +46,6 @@ pub struct Follow {
 pub const POLL: Duration = Duration::from_secs(1);
 pub const IDLE_POLL: Duration = Duration::from_secs(15);
 pub const MAX_LAG: Duration = Duration::from_secs(60);
-
-fn duration(
-    d: &mut FileDiags<'_>,
-    field: &str,
-    raw: &Option<Spanned<String>>,
-    default: Duration,
-    ok: &mut bool,
-) -> Duration {
-    let Some(s) = raw else { return default };
-    match humantime::parse_duration(s.get_ref()) {
-        Ok(v) if !v.is_zero() => v,
-        Ok(_) => {
-            d.at(s.span(), format!("follow.{field} must be more than zero"));
-            *ok = false;
-            default
-        }
-        Err(e) => {
-            d.at(
-                s.span(),
-                format!("follow.{field}: {e} (write e.g. \"1s\" or \"500ms\")"),
-            );
-            *ok = false;
-            default
-        }
-    }
-}
 
 /// What a policy with `[follow]` backs up.
 pub(super) enum Followed {
@@ -139,9 +113,18 @@ pub(super) fn resolve(
         Some(t) => t.get_ref().clone(),
         None => targets.first().cloned().unwrap_or_default(),
     };
-    let poll = duration(d, "poll", &raw.poll, POLL, &mut ok);
-    let idle_poll = duration(d, "idle_poll", &raw.idle_poll, IDLE_POLL, &mut ok).max(poll);
-    let max_lag = duration(d, "max_lag", &raw.max_lag, MAX_LAG, &mut ok);
+    let short = "\"1s\" or \"500ms\"";
+    let poll = positive_duration(d, "follow.poll", &raw.poll, POLL, short, &mut ok);
+    let idle_poll = positive_duration(
+        d,
+        "follow.idle_poll",
+        &raw.idle_poll,
+        IDLE_POLL,
+        short,
+        &mut ok,
+    )
+    .max(poll);
+    let max_lag = positive_duration(d, "follow.max_lag", &raw.max_lag, MAX_LAG, short, &mut ok);
     if max_lag < idle_poll
         && let Some(s) = &raw.max_lag
     {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::FileDiags;
+use super::{FileDiags, positive_duration};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -84,25 +84,14 @@ pub(super) fn resolve(
     let before = command("before", &raw.before);
     let after = command("after", &raw.after);
     let on_failure = command("on_failure", &raw.on_failure);
-    let timeout = match &raw.timeout {
-        None => TIMEOUT,
-        Some(s) => match humantime::parse_duration(s.get_ref()) {
-            Ok(v) if !v.is_zero() => v,
-            Ok(_) => {
-                d.at(s.span(), "hooks.timeout must be more than zero".into());
-                ok = false;
-                TIMEOUT
-            }
-            Err(e) => {
-                d.at(
-                    s.span(),
-                    format!("hooks.timeout: {e} (write e.g. \"30s\" or \"10m\", the default)"),
-                );
-                ok = false;
-                TIMEOUT
-            }
-        },
-    };
+    let timeout = positive_duration(
+        d,
+        "hooks.timeout",
+        &raw.timeout,
+        TIMEOUT,
+        "\"30s\" or \"10m\", the default",
+        &mut ok,
+    );
     ok.then(|| Hooks {
         before,
         after,

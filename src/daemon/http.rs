@@ -49,10 +49,7 @@ pub fn problems(shared: &Shared) -> Result<Vec<Problem>> {
     let now = Utc::now();
     let mut out = Vec::new();
     for p in &super::policies_now(cfg) {
-        let view = stream_view(&ctx, p);
-        let archiver = archiver_of(p);
-        let evidence = evidence(shared, &history, p, &view, archiver.as_ref(), now)?;
-        for r in verdict::judge(&evidence, now).reasons {
+        for r in judged(shared, &ctx, &history, p, now)?.verdict.reasons {
             out.push(Problem {
                 policy: p.name.clone(),
                 target: r.target.unwrap_or_else(|| "*".into()),
@@ -86,6 +83,35 @@ fn archiver_of(p: &crate::config::Policy) -> Option<Archiver> {
         crate::config::Source::Postgres(pg) => crate::pg::archiver::status(pg),
         crate::config::Source::Sqlite { .. } => None,
     }
+}
+
+/// One database as a request sees it, for `/healthz`, `/metrics` and the
+/// status page alike: its stream, its archiver (PostgreSQL), the evidence
+/// and the verdict `ops::verdict::judge` gives on it.
+struct Judged {
+    view: StreamView,
+    archiver: Option<Archiver>,
+    evidence: Evidence,
+    verdict: verdict::Verdict,
+}
+
+fn judged(
+    shared: &Shared,
+    ctx: &Context,
+    history: &History,
+    p: &crate::config::Policy,
+    now: chrono::DateTime<Utc>,
+) -> Result<Judged> {
+    let view = stream_view(ctx, p);
+    let archiver = archiver_of(p);
+    let evidence = evidence(shared, history, p, &view, archiver.as_ref(), now)?;
+    let verdict = verdict::judge(&evidence, now);
+    Ok(Judged {
+        view,
+        archiver,
+        evidence,
+        verdict,
+    })
 }
 
 /// What the daemon knows of one database, for the verdict.
@@ -394,12 +420,12 @@ pub fn metrics(shared: &Shared) -> Result<String> {
     let ts = |t: chrono::DateTime<Utc>| t.timestamp_millis() as f64 / 1000.0;
     for p in &super::policies_now(cfg) {
         let name = p.name.as_str();
-        let view = stream_view(&ctx, p);
-        let archiver = archiver_of(p);
-        let verdict = verdict::judge(
-            &evidence(shared, &history, p, &view, archiver.as_ref(), now)?,
-            now,
-        );
+        let Judged {
+            view,
+            archiver,
+            verdict,
+            ..
+        } = judged(shared, &ctx, &history, p, now)?;
         if matches!(p.source, crate::config::Source::Postgres(_)) {
             let labels = l(&[("policy", name)]);
             let a = archiver.as_ref();
@@ -553,16 +579,14 @@ fn status(shared: &Shared) -> Result<String> {
         policies: Vec::new(),
     };
     for p in &super::policies_now(cfg) {
-        let view = stream_view(&ctx, p);
-        let archiver = archiver_of(p);
-        let evidence = evidence(shared, &history, p, &view, archiver.as_ref(), now)?;
-        let verdict = verdict::judge(&evidence, now);
+        let Judged {
+            evidence, verdict, ..
+        } = judged(shared, &ctx, &history, p, now)?;
         let standby = followers.contains(&p.name);
         let mut targets = Vec::new();
         if !standby {
             for t in &p.targets {
-                let backups = history.recent(&p.name, t, &["full", "diff"], false, 30)?;
-                let backups: Vec<_> = backups.into_iter().filter(|r| r.ok).collect();
+                let backups = history.recent(&p.name, t, &["full", "diff"], true, 30)?;
                 let lag = evidence
                     .targets
                     .iter()
@@ -574,7 +598,7 @@ fn status(shared: &Shared) -> Result<String> {
                     last_backup: backups.first().cloned(),
                     last_drill: history.last(&p.name, t, "verify", true)?,
                     lag_seconds: lag,
-                    failures: history.recent(&p.name, t, &["full", "diff", "verify"], true, 3)?,
+                    failures: history.recent(&p.name, t, &["full", "diff", "verify"], false, 3)?,
                     backups,
                 });
             }
