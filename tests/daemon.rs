@@ -616,7 +616,9 @@ fn the_grafana_dashboard_queries_parse_and_use_metrics_the_daemon_serves() {
     // Every metric a query names is one the daemon serves; those of a
     // streamed SQLite policy carry its series from the first scrape.
     let (env, daemon, port) = streaming_daemon("full = \"0 3 * * *\"\nverify = \"0 4 * * *\"\n");
-    env.dr(&["backup-local", "app"]).ok();
+    // The streamer takes its generation's base at start, under the
+    // policy's lock: this backup waits for it.
+    env.dr(&["backup-local", "app", "--wait", "60"]).ok();
     let (_, m) = get(port, "/metrics").expect("metrics");
     sigterm_exits_zero_quickly(daemon);
     // A standby's (dr_follow_*) are checked by tests/follow.rs against a
