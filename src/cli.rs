@@ -462,6 +462,10 @@ pub enum KeysAction {
     /// Per key (recipient fingerprint): current or not, the backups it
     /// opens on every target, those only it opens, and whether it can be
     /// retired. Reads every target's manifests; nothing is decrypted.
+    /// Then every key and secret file dr loads, with when it last changed
+    /// (due for rotation past `[security] rotate_after`), and the TLS
+    /// certificate of every HTTPS endpoint dr talks to, with its expiry
+    /// (to renew within `[security] cert_warn`, default 30 days).
     Status {
         /// Only the keys of these identity files (age-keygen format).
         #[arg(long, value_name = "FILE")]
@@ -825,16 +829,22 @@ fn run_command(cli: Cli) -> Result<()> {
         } => {
             let ctx = Context::load(&cli.config)?;
             let (uses, unread) = crate::ops::keys::status(&ctx, identity)?;
+            let found = crate::ops::rotation::Findings::gather(ctx.cfg(), true);
+            let (security, now) = (&ctx.cfg().security, chrono::Utc::now());
             if *json {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(
-                        &serde_json::json!({"keys": uses, "unread": unread})
-                    )
+                    serde_json::to_string_pretty(&serde_json::json!({
+                        "keys": uses,
+                        "unread": unread,
+                        "secrets": found.secrets_at(security, now),
+                        "certificates": found.certs_at(security, now),
+                    }))
                     .map_err(|e| Error::Other(e.to_string()))?
                 );
             } else {
                 print!("{}", crate::ops::keys::render(&uses, &unread));
+                print!("{}", crate::ops::rotation::render(&found, security, now));
             }
             if unread.is_empty() {
                 Ok(())

@@ -17,9 +17,11 @@ use crate::schedule::CronSpec;
 
 pub mod follow;
 pub mod hooks;
+pub mod security;
 mod upload;
 pub use follow::Follow;
 pub use hooks::Hooks;
+pub use security::Security;
 
 pub use crate::error::Diagnostic;
 
@@ -37,6 +39,8 @@ struct RawMain {
     daemon: RawDaemon,
     #[serde(default)]
     notify: RawNotify,
+    #[serde(default)]
+    security: security::RawSecurity,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -182,6 +186,9 @@ pub struct Config {
     /// token counts at once.
     pub daemon_token_file: Option<PathBuf>,
     pub notify: Notify,
+    /// `[security]`: when secrets are due for rotation and certificates
+    /// for renewal.
+    pub security: Security,
 }
 
 /// Where runs are reported (`[notify]` in dr.toml, or in a policy, which
@@ -563,6 +570,7 @@ pub fn load(path: &Path) -> Result<Config> {
         .unwrap_or_else(|| "127.0.0.1:9187".to_string());
 
     let daemon_token_file = raw.daemon.token_file.as_ref().map(|f| resolve(f.get_ref()));
+    let security = security::resolve(&mut d, &raw.security);
 
     let zone = match &raw.daemon.timezone {
         Some(z) => match z.get_ref().parse::<chrono_tz::Tz>() {
@@ -673,6 +681,7 @@ pub fn load(path: &Path) -> Result<Config> {
             daemon_listen,
             daemon_token_file,
             notify,
+            security,
         })
     } else {
         Err(Error::Config(diags))

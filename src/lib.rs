@@ -32,6 +32,7 @@ pub(crate) mod secret;
 pub mod sqlite;
 pub(crate) mod state_dir;
 pub(crate) mod storage;
+pub(crate) mod tls_expiry;
 pub(crate) mod units;
 
 pub use error::{Error, Result};

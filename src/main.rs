@@ -7,7 +7,10 @@ use clap::Parser;
 /// contexts. The daemon runs each job on threads of their own, and glibc
 /// gave those threads arenas that kept what they freed: a busy fleet's
 /// daemon grew from 122 to 157 MiB in its first five minutes, fifteen
-/// arenas of 4 to 17 MiB resident each.
+/// arenas of 4 to 17 MiB resident each. Its `no_thp` feature keeps
+/// mimalloc from asking for transparent huge pages: with them a diff's
+/// peak RSS rose from 64 to 87 MiB and its system time by a quarter, each
+/// first touch zeroing 2 MiB.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

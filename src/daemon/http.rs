@@ -104,7 +104,12 @@ fn judged(
 ) -> Result<Judged> {
     let view = stream_view(ctx, p);
     let archiver = archiver_of(p);
-    let evidence = evidence(shared, history, p, &view, archiver.as_ref(), now)?;
+    let mut evidence = evidence(shared, history, p, &view, archiver.as_ref(), now)?;
+    evidence.security = shared
+        .rotation
+        .lock()
+        .map(|f| f.risks(&ctx.cfg().security, p, now))
+        .unwrap_or_default();
     let verdict = verdict::judge(&evidence, now);
     Ok(Judged {
         view,
@@ -140,6 +145,7 @@ fn evidence(
             source: super::followers::risks(&p.name, &f, now),
             retired: false,
             targets: Vec::new(),
+            security: Vec::new(),
         });
     }
     let status = shared
@@ -243,6 +249,7 @@ fn evidence(
         source,
         retired: false,
         targets,
+        security: Vec::new(),
     })
 }
 
@@ -555,10 +562,43 @@ pub fn metrics(shared: &Shared) -> Result<String> {
             .get_or_create(&l(&[("policy", name)]))
             .set(p.wal.spool_max as f64);
     }
+    super::rotation_watch::metrics(&mut reg, shared, &cfg.security, now);
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, &reg)
         .map_err(|e| Error::Other(format!("cannot render the metrics: {e}")))?;
     Ok(out)
+}
+
+/// The status page's rows for secret files and certificates.
+fn key_views(
+    shared: &Shared,
+    security: &crate::config::Security,
+    now: chrono::DateTime<Utc>,
+) -> Vec<status_page::KeyView> {
+    let Ok(found) = shared.rotation.lock().map(|f| f.clone()) else {
+        return Vec::new();
+    };
+    let secrets = found
+        .secrets_at(security, now)
+        .into_iter()
+        .map(|s| status_page::KeyView {
+            what: format!("secret {}", s.item.setting),
+            whose: s.item.path.display().to_string(),
+            when: s.item.changed,
+            note: s.item.error,
+            at_risk: s.at_risk,
+        });
+    let certs = found
+        .certs_at(security, now)
+        .into_iter()
+        .map(|c| status_page::KeyView {
+            what: format!("certificate {}", c.item.endpoint),
+            whose: c.item.used_by.join(", "),
+            when: c.item.not_after,
+            note: c.item.error,
+            at_risk: c.at_risk,
+        });
+    secrets.chain(certs).collect()
 }
 
 /// The status page's content (`status_page.rs` renders it): each
@@ -577,6 +617,7 @@ fn status(shared: &Shared) -> Result<String> {
         host: crate::lock::hostname(),
         version: env!("CARGO_PKG_VERSION").to_string(),
         policies: Vec::new(),
+        keys: key_views(shared, &cfg.security, now),
     };
     for p in &super::policies_now(cfg) {
         let Judged {

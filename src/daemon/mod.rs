@@ -4,6 +4,7 @@
 
 pub mod followers;
 pub mod http;
+mod rotation_watch;
 pub mod status_page;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -246,6 +247,9 @@ pub struct Shared {
     pub streamers: ops::replicate::Statuses,
     /// The standbys this host keeps (`[follow]`), by policy.
     pub followers: followers::FollowStatuses,
+    /// The ages of the secret files and the expiry of the certificates
+    /// the configuration names, as last looked at.
+    pub rotation: Mutex<ops::rotation::Findings>,
 }
 
 /// Runs one job on every target of its policy (one failing target does not
@@ -372,6 +376,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         members: MemberLocks::default(),
         streamers: Arc::new(Mutex::new(Default::default())),
         followers: Arc::new(Mutex::new(Default::default())),
+        rotation: Mutex::default(),
     });
     let listen = ctx.cfg().daemon_listen.clone();
     match &ctx.cfg().daemon_token_file {
@@ -423,6 +428,9 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         .checked_sub(VERDICT_CHECK - Duration::from_secs(5))
         .unwrap_or_else(Instant::now);
     let at_risk: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    let mut rotation = rotation_watch::RotationWatch::default();
+    // Secret ages and certificates are known before the first scrape.
+    rotation.tick(&shared, true);
     while !stop.load(Ordering::SeqCst) {
         // The protection verdict, every VERDICT_CHECK: a database that
         // becomes at risk (or protected again) is notified once.
@@ -440,7 +448,8 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         if promoted {
             tracing::info!("promoted here: the streamers and the schedule take the policy up");
         }
-        if hup.swap(false, Ordering::SeqCst) || promoted {
+        let reload = hup.swap(false, Ordering::SeqCst) || promoted;
+        if reload {
             match config::load(config_path) {
                 Ok(new) => {
                     if !promoted {
@@ -500,6 +509,7 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
             }));
         }
         workers.retain(|w| !w.is_finished());
+        rotation.tick(&shared, reload);
         // The audit log goes to the targets at most once every
         // AUDIT_SHIP, and only when it gained lines.
         if last_ship.elapsed() >= AUDIT_SHIP

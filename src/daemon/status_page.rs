@@ -18,6 +18,22 @@ pub struct Page {
     pub host: String,
     pub version: String,
     pub policies: Vec<PolicyView>,
+    /// Secret files and certificates (`ops::rotation`).
+    pub keys: Vec<KeyView>,
+}
+
+/// One secret file or certificate.
+#[derive(Debug)]
+pub struct KeyView {
+    /// `secret encryption.identity_file` or `certificate s3.example.com:443`.
+    pub what: String,
+    /// The file, or who talks to the endpoint.
+    pub whose: String,
+    /// When the secret changed or the certificate expires.
+    pub when: Option<DateTime<Utc>>,
+    /// Why `when` is unknown, or why the certificate is refused.
+    pub note: Option<String>,
+    pub at_risk: bool,
 }
 
 /// One database (a fleet's database is `fleet/db`).
@@ -65,10 +81,14 @@ fn esc(s: &str) -> String {
     out
 }
 
-/// "3 min ago", "2.1 h ago", "5 d ago".
+/// "3 min ago", "2.1 h ago", "5 d ago"; "in 10 d" for what is still to come (a certificate's expiry).
 fn ago(t: DateTime<Utc>, now: DateTime<Utc>) -> String {
-    let s = (now - t).num_seconds().max(0) as f64;
-    human_seconds(s) + " ago"
+    let s = (now - t).num_seconds() as f64;
+    if s < 0.0 {
+        format!("in {}", human_seconds(-s))
+    } else {
+        human_seconds(s) + " ago"
+    }
 }
 
 fn human_seconds(s: f64) -> String {
@@ -269,6 +289,27 @@ pub fn render(page: &Page, now: DateTime<Utc>) -> String {
         }
         h.push_str("</table></section>");
     }
+    if !page.keys.is_empty() {
+        h.push_str("<section id=keys><h2>Keys and certificates</h2><table><tr class=head><th>what</th><th>file or user</th><th>changed or expires</th></tr>");
+        for k in &page.keys {
+            let _ = write!(
+                h,
+                "<tr data-at-risk=\"{}\"{}><th>{}</th><td>{}</td><td>{}{}</td></tr>",
+                k.at_risk,
+                if k.at_risk { " class=fail" } else { "" },
+                esc(&k.what),
+                esc(&k.whose),
+                k.when
+                    .map(|t| instant(t, now))
+                    .unwrap_or_else(|| "unknown".into()),
+                k.note
+                    .as_ref()
+                    .map(|n| format!("<br><span class=dim>{}</span>", esc(n)))
+                    .unwrap_or_default()
+            );
+        }
+        h.push_str("</table></section>");
+    }
     h.push_str("<footer class=dim><p>The same verdict as <code>dr info</code> and <code>/healthz</code>; metrics at <code>/metrics</code>.</p></footer></body></html>\n");
     h
 }
@@ -327,8 +368,19 @@ mod tests {
                     targets: vec![],
                 },
             ],
+            keys: vec![KeyView {
+                what: "certificate <s3>:443".into(),
+                whose: "target 's3'".into(),
+                when: Some(Utc::now() + chrono::Duration::days(10)),
+                note: None,
+                at_risk: true,
+            }],
         };
         let html = render(&page, Utc::now());
+        assert!(
+            html.contains("certificate &lt;s3&gt;:443") && html.contains("(in 10.0 d)"),
+            "{html}"
+        );
         assert!(html.contains("box&lt;1&gt;") && !html.contains("box<1>"));
         assert!(html.contains("disk &lt;full&gt; &amp; &quot;more&quot;"));
         assert!(html.find("z-bad").expect("z") < html.find("a-ok").expect("a"));

@@ -286,6 +286,7 @@ pub fn excluded(policy: &Policy, file: &std::path::Path) -> PolicyInfo {
         )],
         retired: false,
         targets: Vec::new(),
+        security: Vec::new(),
     };
     PolicyInfo {
         name: format!(
@@ -311,6 +312,9 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
     let mut out = Info {
         policies: Vec::new(),
     };
+    // Secret files' ages and the certificates of the endpoints of the
+    // targets listed: one handshake each, for all policies.
+    let findings = super::rotation::Findings::gather(ctx.cfg(), true);
     for p in policies {
         let source = Source::of(p);
         let mut targets = Vec::new();
@@ -346,6 +350,15 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
             source: problems,
             retired,
             targets: targets.iter().map(target_evidence).collect(),
+            security: findings
+                .risks(&ctx.cfg().security, p, now)
+                .into_iter()
+                .filter(|r| {
+                    r.target
+                        .as_ref()
+                        .is_none_or(|t| targets.iter().any(|i| &i.name == t))
+                })
+                .collect(),
         };
         out.policies.push(PolicyInfo {
             name: p.name.clone(),

@@ -20,6 +20,7 @@ pub mod proof;
 pub mod replicate;
 pub mod report;
 pub mod restore;
+pub mod rotation;
 pub mod runs;
 pub mod source;
 pub mod stored_check;

@@ -67,6 +67,12 @@ pub enum Reason {
     /// This host's standby has not been known complete for longer than
     /// `follow.max_lag`, or the primary sends it nothing.
     FollowerBehind,
+    /// A key or secret file the policy depends on last changed longer
+    /// ago than `[security] rotate_after`.
+    RotationDue,
+    /// The TLS certificate of an endpoint the policy writes to expires
+    /// within `[security] cert_warn` (or has expired).
+    CertExpiring,
 }
 
 impl Reason {
@@ -91,6 +97,8 @@ impl Reason {
             Reason::ArchiveFailing => "archive_failing",
             Reason::FollowerDown => "follower_down",
             Reason::FollowerBehind => "follower_behind",
+            Reason::RotationDue => "rotation_due",
+            Reason::CertExpiring => "cert_expiring",
         }
     }
 }
@@ -215,6 +223,9 @@ pub struct Evidence {
     /// the repository): nothing is promised about its freshness.
     pub retired: bool,
     pub targets: Vec<TargetEvidence>,
+    /// Secrets due for rotation and certificates near expiry
+    /// (`ops::rotation`), each already a reason.
+    pub security: Vec<Risk>,
 }
 
 /// The verdict on one database.
@@ -352,6 +363,7 @@ pub fn judge(e: &Evidence, now: DateTime<Utc>) -> Verdict {
             );
         }
     }
+    reasons.extend(e.security.iter().cloned());
     let newest = e.targets.iter().filter_map(|t| t.newest_restorable).max();
     Verdict {
         state: if reasons.is_empty() {
@@ -421,6 +433,7 @@ mod tests {
             source: Vec::new(),
             retired: false,
             targets,
+            security: Vec::new(),
         }
     }
 

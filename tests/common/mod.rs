@@ -824,3 +824,62 @@ pub fn systemd_verifies(unit: &Path, manpath: &Path) {
         "systemd-analyze verify: {said}"
     );
 }
+
+/// Whether the shipped alert rule `alert` (deploy/prometheus/dr-alerts.yml)
+/// fires on `series_line`, a line of a live `/metrics` scrape held for ten
+/// minutes: promtool evaluates the rule's own expression (copied into a
+/// recording rule, so that its annotations need not be spelled out here).
+#[allow(dead_code)]
+pub fn alert_fires(alert: &str, series_line: &str) -> bool {
+    let rules = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/dr-alerts.yml"),
+    )
+    .expect("dr-alerts.yml");
+    let expr = rules
+        .split(&format!("- alert: {alert}\n"))
+        .nth(1)
+        .and_then(|rest| rest.lines().find_map(|l| l.trim().strip_prefix("expr: ")))
+        .unwrap_or_else(|| panic!("no alert {alert} with an expr in dr-alerts.yml"))
+        .to_string();
+    let (series, value) = series_line
+        .rsplit_once(' ')
+        .unwrap_or_else(|| panic!("not a sample line: {series_line}"));
+    let dir = tempfile::tempdir().expect("tmp");
+    std::fs::write(
+        dir.path().join("rules.yml"),
+        format!(
+            "groups:\n  - name: t\n    rules:\n      - record: fired\n        expr: {}\n",
+            serde_json::to_string(&expr).expect("quoted")
+        ),
+    )
+    .expect("rules");
+    let test = |samples: &str| {
+        format!(
+            "rule_files: [rules.yml]\nevaluation_interval: 1m\ntests:\n  - interval: 1m\n    input_series:\n      - series: {}\n        values: '{value}x10'\n    promql_expr_test:\n      - expr: count(fired)\n        eval_time: 5m\n        exp_samples: {samples}\n",
+            serde_json::to_string(series).expect("quoted")
+        )
+    };
+    let run = |text: String| {
+        std::fs::write(dir.path().join("test.yml"), &text).expect("test");
+        let out = Command::new("promtool")
+            .args(["test", "rules", "test.yml"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("promtool is missing ({e}): run scripts/install-test-deps"));
+        (
+            out.status.success(),
+            format!(
+                "{text}\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    };
+    let (fired, why_not) = run(test("[{labels: '{}', value: 1}]"));
+    let (silent, why) = run(test("[]"));
+    assert!(
+        fired != silent,
+        "promtool must say one or the other for {alert}:\n{why_not}\n{why}"
+    );
+    fired
+}

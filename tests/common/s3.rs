@@ -136,6 +136,11 @@ pub struct TlsProxy {
 
 impl TlsProxy {
     pub fn start(dir: &Path, upstream: u16) -> TlsProxy {
+        TlsProxy::start_days(dir, upstream, 3650)
+    }
+
+    /// [`TlsProxy::start`] with a certificate valid for `days` from now.
+    pub fn start_days(dir: &Path, upstream: u16, days: u32) -> TlsProxy {
         std::fs::create_dir_all(dir).expect("mkdir");
         let cert = dir.join("cert.pem");
         let key = dir.join("key.pem");
@@ -147,7 +152,7 @@ impl TlsProxy {
                 "rsa:2048",
                 "-nodes",
                 "-days",
-                "3650",
+                &days.to_string(),
                 "-subj",
                 "/CN=localhost",
             ])
