@@ -829,7 +829,8 @@ fn run_command(cli: Cli) -> Result<()> {
         } => {
             let ctx = Context::load(&cli.config)?;
             let (uses, unread) = crate::ops::keys::status(&ctx, identity)?;
-            let found = crate::ops::rotation::Findings::gather(ctx.cfg(), true);
+            let found =
+                crate::ops::rotation::Findings::gather(ctx.cfg(), crate::ops::rotation::Probe::All);
             let (security, now) = (&ctx.cfg().security, chrono::Utc::now());
             if *json {
                 println!(

@@ -13,7 +13,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use super::Shared;
-use crate::ops::rotation::Findings;
+use crate::ops::rotation::{Findings, Probe};
 
 const SECRETS_EVERY: Duration = Duration::from_secs(60);
 const CERTS_EVERY: Duration = Duration::from_secs(6 * 3600);
@@ -50,7 +50,7 @@ impl RotationWatch {
         };
         let shared = shared.clone();
         self.busy = Some(std::thread::spawn(move || {
-            let mut found = Findings::gather(&cfg, certs);
+            let mut found = Findings::gather(&cfg, if certs { Probe::All } else { Probe::None });
             if let Ok(mut r) = shared.rotation.lock() {
                 if !certs {
                     found.certs = std::mem::take(&mut r.certs);

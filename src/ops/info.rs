@@ -314,7 +314,7 @@ pub fn info(ctx: &Context, policies: &[&Policy], filter: &TargetFilter) -> Resul
     };
     // Secret files' ages and the certificates of the endpoints of the
     // targets listed: one handshake each, for all policies.
-    let findings = super::rotation::Findings::gather(ctx.cfg(), true);
+    let findings = super::rotation::Findings::gather(ctx.cfg(), super::rotation::Probe::Targets);
     for p in policies {
         let source = Source::of(p);
         let mut targets = Vec::new();

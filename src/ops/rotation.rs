@@ -105,6 +105,16 @@ pub struct Judged<T> {
     pub at_risk: bool,
 }
 
+/// Which certificates [`Findings::gather`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    None,
+    /// The S3 targets' only: what a verdict depends on (`dr info`).
+    Targets,
+    /// Notification endpoints too (`dr keys status`, the daemon).
+    All,
+}
+
 /// Everything known of a configuration's secrets and certificates.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Findings {
@@ -121,12 +131,16 @@ struct Endpoint {
 }
 
 impl Findings {
-    /// Reads every secret file's modification time and, when `probe`,
-    /// every HTTPS endpoint's certificate (in parallel, a handshake each).
-    pub fn gather(cfg: &Config, probe: bool) -> Findings {
+    /// Reads every secret file's modification time and the certificates
+    /// of the endpoints `probe` asks for (in parallel, a handshake each).
+    pub fn gather(cfg: &Config, probe: Probe) -> Findings {
         Findings {
             secrets: secret_files(cfg),
-            certs: if probe { certificates(cfg) } else { Vec::new() },
+            certs: match probe {
+                Probe::None => Vec::new(),
+                Probe::Targets => certificates(cfg, false),
+                Probe::All => certificates(cfg, true),
+            },
         }
     }
 
@@ -311,7 +325,7 @@ fn secret_files(cfg: &Config) -> Vec<SecretFile> {
 
 /// Every HTTPS endpoint dr talks to: S3 targets (pgBackRest's
 /// repositories are S3 targets too) and notification URLs.
-fn endpoints(cfg: &Config) -> Vec<Endpoint> {
+fn endpoints(cfg: &Config, notify: bool) -> Vec<Endpoint> {
     let mut out = Vec::new();
     for (name, t) in &cfg.targets {
         if let TargetKind::S3(s) = &t.kind {
@@ -330,6 +344,9 @@ fn endpoints(cfg: &Config) -> Vec<Endpoint> {
                 });
             }
         }
+    }
+    if !notify {
+        return out;
     }
     let notifies =
         std::iter::once(&cfg.notify).chain(cfg.policies.iter().filter_map(|p| p.notify.as_ref()));
@@ -371,9 +388,9 @@ fn https_host_port(url: &str) -> Option<(String, u16)> {
 
 /// Probes every endpoint once (one handshake for an endpoint several
 /// targets share), all at once.
-fn certificates(cfg: &Config) -> Vec<Certificate> {
+fn certificates(cfg: &Config, notify: bool) -> Vec<Certificate> {
     let mut unique: Vec<(String, u16, Option<PathBuf>, Vec<Scope>)> = Vec::new();
-    for e in endpoints(cfg) {
+    for e in endpoints(cfg, notify) {
         match unique
             .iter_mut()
             .find(|u| u.0 == e.host && u.1 == e.port && u.2 == e.ca_file)
