@@ -399,6 +399,42 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a policy's committed backups and WAL, as stored, from one of
+    /// its targets to another: an offsite copy, a move to a new provider.
+    /// No key is needed (nothing is decrypted); every object is checked
+    /// against its manifest's digest on the way and a backup is committed
+    /// there only once all of it is; a rerun, after a kill too, copies
+    /// only what is missing. The destination is one of the policy's
+    /// `[copy] to` targets (restore, info, verify and expire reach it with
+    /// `--target`). Exit 3 names each backup too damaged to copy.
+    Copy {
+        /// The policy (a fleet: every database it holds on the source).
+        policy: String,
+        /// One database of a fleet policy.
+        #[arg(long, value_name = "NAME")]
+        db: Option<String>,
+        /// The target copied from (default: `[copy] from`, else the
+        /// policy's first target).
+        #[arg(long, value_name = "TARGET")]
+        from: Option<String>,
+        /// The target copied to (default: every `[copy] to`).
+        #[arg(long, value_name = "TARGET")]
+        to: Option<String>,
+        /// Only backups taken at or after this instant (RFC 3339,
+        /// `2026-12-01`, or back from now: `7d`), the fulls their diffs
+        /// need, and the WAL that continues them.
+        #[arg(long, value_name = "WHEN", conflicts_with = "backup")]
+        since: Option<String>,
+        /// Only this backup (and its full), no WAL.
+        #[arg(long, value_name = "LABEL")]
+        backup: Option<String>,
+        /// Seconds to wait for another run holding the policy's lock.
+        #[arg(long, default_value_t = 0)]
+        wait: u64,
+        /// Print the results as JSON (failures as objects with their exit code).
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove backups beyond the policy's retention, and interrupted backups
     /// older than retention.incomplete_grace (default 1h).
     Expire {
@@ -1141,6 +1177,38 @@ fn run_command(cli: Cli) -> Result<()> {
             log.finish_all(pairs.iter().map(|(p, _)| *p), job, &out.failures);
             finish(out, *json)
         }
+        Command::Copy {
+            policy,
+            db,
+            from,
+            to,
+            since,
+            backup,
+            wait,
+            json,
+        } => {
+            let opts = ops::copy::CopyOptions {
+                since: since.as_deref().map(parse_since).transpose()?,
+                backup: backup
+                    .as_deref()
+                    .map(|b| {
+                        b.parse().map_err(|e| {
+                            Error::Usage(format!("--backup {b} is not a backup label: {e}"))
+                        })
+                    })
+                    .transpose()?,
+                lock_wait: Duration::from_secs(*wait),
+            };
+            copy(
+                &cli.config,
+                policy,
+                db.as_deref(),
+                from.as_ref(),
+                to.as_ref(),
+                &opts,
+                *json,
+            )
+        }
         Command::Expire {
             policy,
             db,
@@ -1188,6 +1256,61 @@ fn run_command(cli: Cli) -> Result<()> {
             out.error().map_or(Ok(()), Err)
         }
     }
+}
+
+/// `dr copy`: every database of the policy, to every destination asked.
+fn copy(
+    config: &Path,
+    policy: &str,
+    db: Option<&str>,
+    from: Option<&String>,
+    to: Option<&String>,
+    opts: &ops::copy::CopyOptions,
+    json: bool,
+) -> Result<()> {
+    let ctx = Context::load(config)?;
+    let policies = ops::members::select(&ctx, Some(policy), db, Scope::Stored)?;
+    let mut pairs = Vec::new();
+    for p in &policies {
+        for d in ops::copy::ends(ctx.cfg(), p, from, to)?.1 {
+            pairs.push((p, d));
+        }
+    }
+    let bar = progress(json, "copy");
+    let out = fanout::each(&pairs, "copy", |p, dst| {
+        let (src, _) = ops::copy::ends(ctx.cfg(), p, from, Some(&dst.name))?;
+        ops::copy::copy(&ctx, p, src, dst, opts, &bar)
+    });
+    if !json {
+        for c in &out.done {
+            println!(
+                "copied {} from {} to {}: {} backup(s){}, {} already there; {} WAL object(s), {} already there; {} in {:.1} s{}",
+                c.policy,
+                c.from,
+                c.to,
+                c.copied.len(),
+                if c.copied.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", c.copied.join(", "))
+                },
+                c.present,
+                c.wal_copied,
+                c.wal_present,
+                crate::units::human_bytes(c.bytes),
+                c.seconds,
+                if c.conflicts.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; the destination holds other backups under {}: left as they are",
+                        c.conflicts.join(", ")
+                    )
+                }
+            );
+        }
+    }
+    finish(out, json)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
@@ -1766,6 +1889,7 @@ impl Cli {
             | Command::Info { json, .. }
             | Command::Verify { json, .. }
             | Command::Expire { json, .. }
+            | Command::Copy { json, .. }
             | Command::Audit { json, .. }
             | Command::Keys {
                 action: KeysAction::Status { json, .. },

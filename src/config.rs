@@ -15,10 +15,12 @@ use crate::error::{Error, Result};
 use crate::fleet::{Fleet, Member};
 use crate::schedule::CronSpec;
 
+pub mod copy;
 pub mod follow;
 pub mod hooks;
 pub mod security;
 mod upload;
+pub use copy::Copy;
 pub use follow::Follow;
 pub use hooks::Hooks;
 pub use security::Security;
@@ -112,6 +114,7 @@ struct RawPolicy {
     encryption: Option<Spanned<String>>,
     follow: Option<follow::RawFollow>,
     hooks: Option<hooks::RawHooks>,
+    copy: Option<copy::RawCopy>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +251,9 @@ pub struct Policy {
     pub follow: Option<Follow>,
     /// `[hooks]`: commands run around each backup (`config/hooks.rs`).
     pub hooks: Option<Hooks>,
+    /// `[copy]`: targets that receive copies of its backups and WAL
+    /// (`config/copy.rs`).
+    pub copy: Option<Copy>,
 }
 
 impl Policy {
@@ -763,6 +769,30 @@ fn positive_duration(
     }
 }
 
+/// A schedule's cron expression, or `None` (with a diagnostic, `ok`
+/// cleared) when it does not parse or never fires.
+fn cron(d: &mut FileDiags<'_>, expr: &Spanned<String>, ok: &mut bool) -> Option<CronSpec> {
+    match CronSpec::parse(expr.get_ref()) {
+        Ok(c) if c.next_after(chrono::Utc::now()).is_none() => {
+            d.at(
+                expr.span(),
+                format!(
+                    "cron expression '{}' never fires (no such date within the years it can reach): check the day and month",
+                    expr.get_ref()
+                ),
+            );
+            *ok = false;
+            None
+        }
+        Ok(c) => Some(c),
+        Err(e) => {
+            d.at(expr.span(), e);
+            *ok = false;
+            None
+        }
+    }
+}
+
 fn line_at(text: &str, offset: usize) -> usize {
     text.as_bytes()[..offset.min(text.len())]
         .iter()
@@ -1177,23 +1207,7 @@ fn check_policy(
         (&mut schedule.verify, &rp.schedule.verify),
     ] {
         if let Some(expr) = raw {
-            match CronSpec::parse(expr.get_ref()) {
-                Ok(c) if c.next_after(chrono::Utc::now()).is_none() => {
-                    d.at(
-                        expr.span(),
-                        format!(
-                            "cron expression '{}' never fires (no such date within the years it can reach): check the day and month",
-                            expr.get_ref()
-                        ),
-                    );
-                    ok = false;
-                }
-                Ok(c) => *slot = Some(c),
-                Err(e) => {
-                    d.at(expr.span(), e);
-                    ok = false;
-                }
-            }
+            *slot = cron(d, expr, &mut ok);
         }
     }
 
@@ -1490,6 +1504,19 @@ fn check_policy(
         }
         None => None,
     };
+    let copy = match &rp.copy {
+        Some(raw) => {
+            let c = if matches!(source, Source::Postgres(_)) {
+                d.whole(format!("policy '{name}': [copy] is for SQLite policies; a PostgreSQL policy gets a second copy by naming a second target, which pgBackRest writes as another repository"));
+                None
+            } else {
+                copy::resolve(&name, raw, &policy_targets, targets, d)
+            };
+            ok &= c.is_some();
+            c
+        }
+        None => None,
+    };
     ok.then(|| Policy {
         name,
         file: file.to_path_buf(),
@@ -1507,6 +1534,7 @@ fn check_policy(
         member: None,
         follow,
         hooks,
+        copy,
     })
 }
 

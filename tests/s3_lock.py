@@ -13,6 +13,7 @@
   python3 s3_lock.py uploads BUCKET PREFIX  prints the open multipart uploads' keys
   python3 s3_lock.py plain BUCKET           bucket without Object Lock
   python3 s3_lock.py storage BUCKET KEY     prints "CLASS SSE KMS_KEY_ID" as the server
+  python3 s3_lock.py put BUCKET KEY TEXT    writes TEXT at KEY (no lock headers)
                                             recorded them ("-" for none)
 
 Endpoint and credentials come from S3_ENDPOINT, AWS_ACCESS_KEY_ID and
@@ -65,6 +66,8 @@ def main():
         s3.upload_part(Bucket=bucket, Key=sys.argv[3], UploadId=up["UploadId"],
                        PartNumber=1, Body=b"x" * (5 * 1024 * 1024))
         print(up["UploadId"])
+    elif cmd == "put":
+        s3.put_object(Bucket=bucket, Key=sys.argv[3], Body=sys.argv[4].encode())
     elif cmd == "plain":
         s3.create_bucket(Bucket=bucket)
     elif cmd == "storage":

@@ -321,6 +321,16 @@ pub fn metrics(shared: &Shared) -> Result<String> {
         "dr_verify_last_failure_timestamp_seconds",
         "When the newest failing restore drill finished (0: never)",
     );
+    let copy_ok = gauge(
+        &mut reg,
+        "dr_copy_last_success_timestamp_seconds",
+        "When the newest successful copy to this target ([copy] to) finished (0: never)",
+    );
+    let copy_bad = gauge(
+        &mut reg,
+        "dr_copy_last_failure_timestamp_seconds",
+        "When the newest failed copy to this target finished (0: never)",
+    );
     let runs = counter(&mut reg, "dr_runs", "Runs recorded, by job and result");
     let errors = counter(&mut reg, "dr_errors", "Failed runs recorded");
     let lag = gauge(
@@ -526,6 +536,29 @@ pub fn metrics(shared: &Shared) -> Result<String> {
                     ]))
                     .inc_by(n);
                 }
+            }
+        }
+        // Copies, under the target they copy to.
+        for t in p.copy.iter().flat_map(|c| &c.to) {
+            let labels = l(&[("policy", name), ("target", t)]);
+            let ok = history.last(name, t, "copy", true)?;
+            let bad = history.last(name, t, "copy", false)?;
+            copy_ok
+                .get_or_create(&labels)
+                .set(ok.as_ref().map_or(0.0, |r| ts(r.finished)));
+            copy_bad
+                .get_or_create(&labels)
+                .set(bad.as_ref().map_or(0.0, |r| ts(r.finished)));
+            let (good, bad) = history.counts(name, t, "copy")?;
+            failed += bad;
+            for (result, n) in [("success", good), ("failure", bad)] {
+                runs.get_or_create(&l(&[
+                    ("policy", name),
+                    ("target", t),
+                    ("job", "copy"),
+                    ("result", result),
+                ]))
+                .inc_by(n);
             }
         }
         errors.get_or_create(&l(&[("policy", name)])).inc_by(failed);

@@ -31,6 +31,8 @@ pub enum JobKind {
     Full,
     Diff,
     Verify,
+    /// `[copy] schedule`: `dr copy` to each of `[copy] to`.
+    Copy,
 }
 
 impl JobKind {
@@ -39,6 +41,7 @@ impl JobKind {
             JobKind::Full => "full",
             JobKind::Diff => "diff",
             JobKind::Verify => "verify",
+            JobKind::Copy => "copy",
         }
     }
 }
@@ -140,12 +143,19 @@ pub fn jobs(
 ) -> Result<Vec<Job>> {
     let mut out = Vec::new();
     for p in &cfg.policies {
+        let copy_schedule = p.copy.as_ref().and_then(|c| c.schedule.clone());
         for (kind, spec) in [
             (JobKind::Full, &p.schedule.full),
             (JobKind::Diff, &p.schedule.diff),
             (JobKind::Verify, &p.schedule.verify),
+            (JobKind::Copy, &copy_schedule),
         ] {
             let Some(spec) = spec else { continue };
+            // A copy's runs are recorded under the target it copies to.
+            let targets = match (kind, &p.copy) {
+                (JobKind::Copy, Some(c)) => &c.to,
+                _ => &p.targets,
+            };
             let Some(mut next) = spec.next_after(now) else {
                 continue;
             };
@@ -158,7 +168,7 @@ pub fn jobs(
                 for member in ops::members::on_disk(p).unwrap_or_default() {
                     let name = &member.name;
                     let mut newest: Option<DateTime<Utc>> = None;
-                    for t in &p.targets {
+                    for t in targets {
                         // A verify ran when either the drill or, on a host
                         // without the key, the check did.
                         let ran = match kind {
@@ -258,7 +268,7 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind, members: &MemberLocks)
     // A fleet's job covers every database it has now (a drill, every one
     // it has backups of).
     let scope = match kind {
-        JobKind::Verify => Scope::Stored,
+        JobKind::Verify | JobKind::Copy => Scope::Stored,
         _ => Scope::OnDisk,
     };
     let policies = match ops::members::expand(ctx, policy, scope) {
@@ -281,7 +291,11 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind, members: &MemberLocks)
             return;
         }
     };
-    let pairs = match fanout::pairs(ctx.cfg(), &policies, &TargetFilter::All) {
+    let pairs = match kind {
+        JobKind::Copy => copy_pairs(ctx, &policies),
+        _ => fanout::pairs(ctx.cfg(), &policies, &TargetFilter::All),
+    };
+    let pairs = match pairs {
         Ok(p) => p,
         Err(e) => {
             tracing::error!(policy = %policy.name, "{e}");
@@ -323,6 +337,20 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind, members: &MemberLocks)
                     .backup(ctx, t, &opts, &Silent)
                     .map(|r| (r.label, r.stored_size))
             }
+            // A copy, then the policy's retention there: what the
+            // destination holds follows the same rules as the source.
+            JobKind::Copy => ops::copy::ends(ctx.cfg(), policy, None, Some(&t.name))
+                .and_then(|(src, _)| {
+                    let opts = ops::copy::CopyOptions {
+                        lock_wait: Duration::from_secs(60),
+                        ..Default::default()
+                    };
+                    ops::copy::copy(ctx, policy, src, t, &opts, &Silent)
+                })
+                .and_then(|c| {
+                    source.expire(ctx, t, false, Duration::from_secs(60))?;
+                    Ok((c.copied.last().cloned().unwrap_or_default(), c.bytes))
+                }),
             JobKind::Verify => {
                 let opts = ops::verify::VerifyOptions {
                     without_key: keyless(ctx, policy),
@@ -345,6 +373,20 @@ fn run_job(ctx: &Context, policy: &Policy, kind: JobKind, members: &MemberLocks)
         job_word(ctx, policy, kind),
         &out.failures,
     );
+}
+
+/// Each database of `policies` with each of its copy destinations.
+fn copy_pairs<'p, 'c>(
+    ctx: &'c Context,
+    policies: &'p [Policy],
+) -> Result<Vec<(&'p Policy, &'c config::Target)>> {
+    let mut out = Vec::new();
+    for p in policies {
+        for t in p.copy.iter().flat_map(|c| &c.to) {
+            out.push((p, ctx.cfg().target(t)?));
+        }
+    }
+    Ok(out)
 }
 
 /// Databases of one fleet a job runs at once.

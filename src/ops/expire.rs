@@ -27,6 +27,45 @@ pub fn expire(
     expire_locked(ctx, policy, target, store.as_ref(), dry_run, Utc::now())
 }
 
+/// Backups retention removes, each with why; with calendar rules, why
+/// each kept backup stays.
+pub(super) type Plan = (
+    Vec<(repo::Label, String)>,
+    Option<std::collections::BTreeMap<repo::Label, Vec<String>>>,
+);
+
+/// What `policy`'s retention removes from `candidates` at `now`, each
+/// with why; with calendar rules, also why each kept backup stays. `dr
+/// copy` asks too, so that it never copies what would go at once.
+pub(super) fn retention_plan(
+    policy: &Policy,
+    candidates: &[retention::Candidate],
+    now: DateTime<Utc>,
+) -> Plan {
+    let window_start = policy
+        .retention
+        .window
+        .and_then(|w| chrono::Duration::from_std(w).ok())
+        .map(|w| now - w);
+    let r = &policy.retention;
+    if r.calendar.any() {
+        let (removals, kept) =
+            retention::plan_calendar(candidates, r.full, r.diff, window_start, &r.calendar);
+        (
+            removals.into_iter().map(|r| (r.label, r.reason)).collect(),
+            Some(kept),
+        )
+    } else {
+        (
+            retention::plan(candidates, r.full, r.diff, window_start)
+                .into_iter()
+                .map(|r| (r.label, r.reason))
+                .collect(),
+            None,
+        )
+    }
+}
+
 /// Expire for a caller that already holds the lock (a backup that just committed).
 pub fn expire_locked(
     ctx: &Context,
@@ -56,31 +95,17 @@ pub fn expire_locked(
             tracing::warn!(policy = %policy.name, target = %target.name, label = %c.dir.label, "damaged backup kept, not counted by retention: {e}");
         }
     }
-    let mut doomed = Vec::new();
-    let window_start = policy
-        .retention
-        .window
-        .and_then(|w| chrono::Duration::from_std(w).ok())
-        .map(|w| now - w);
-    let r = &policy.retention;
-    if r.calendar.any() {
-        let (removals, kept) =
-            retention::plan_calendar(&candidates, r.full, r.diff, window_start, &r.calendar);
-        doomed.extend(removals.into_iter().map(|r| (r.label, r.reason)));
-        if dry_run {
-            out.extend(kept.into_iter().rev().map(|(label, whys)| Expired {
-                policy: policy.name.clone(),
-                target: target.name.clone(),
-                label: label.to_string(),
-                reason: whys.join("; "),
-                removed: false,
-                kept: true,
-            }));
-        }
-    } else {
-        for r in retention::plan(&candidates, r.full, r.diff, window_start) {
-            doomed.push((r.label, r.reason));
-        }
+    let (removals, kept) = retention_plan(policy, &candidates, now);
+    let mut doomed = removals;
+    if dry_run && let Some(kept) = kept {
+        out.extend(kept.into_iter().rev().map(|(label, whys)| Expired {
+            policy: policy.name.clone(),
+            target: target.name.clone(),
+            label: label.to_string(),
+            reason: whys.join("; "),
+            removed: false,
+            kept: true,
+        }));
     }
     for d in dirs.iter().filter(|d| !d.has_manifest) {
         if now - d.modified >= grace {

@@ -21,10 +21,17 @@ pub enum TargetFilter {
 }
 
 impl TargetFilter {
-    /// The policy's targets that pass the filter.
+    /// The policy's targets that pass the filter. A target named on its
+    /// own may also be one of the policy's copy destinations (`[copy]
+    /// to`): what `dr copy` wrote there is restored, listed, verified
+    /// and expired like any target's, but backups never go there.
     pub fn select<'c>(&self, cfg: &'c Config, policy: &Policy) -> Result<Vec<&'c Target>> {
         let mut out = Vec::new();
-        for name in &policy.targets {
+        let copies = match self {
+            TargetFilter::Name(_) => policy.copy.as_ref().map_or(&[][..], |c| &c.to[..]),
+            _ => &[],
+        };
+        for name in policy.targets.iter().chain(copies) {
             let t = cfg.target(name)?;
             let keep = match self {
                 TargetFilter::All => true,
@@ -39,9 +46,14 @@ impl TargetFilter {
             && let TargetFilter::Name(n) = self
         {
             return Err(Error::NotFound(format!(
-                "policy '{}' has no target named '{n}' (its targets: {})",
+                "policy '{}' has no target named '{n}' (its targets: {}{})",
                 policy.name,
-                policy.targets.join(", ")
+                policy.targets.join(", "),
+                if copies.is_empty() {
+                    String::new()
+                } else {
+                    format!("; its copy destinations: {}", copies.join(", "))
+                }
             )));
         }
         Ok(out)

@@ -4,6 +4,7 @@ pub mod archive_fence;
 pub mod audit_log;
 pub mod backup;
 pub mod bell;
+pub mod copy;
 pub mod expire;
 pub mod fanout;
 pub mod follow;

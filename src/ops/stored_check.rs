@@ -54,7 +54,7 @@ pub fn check(
         progress.set_total(m.objects.values().map(|o| o.stored_size).sum());
         for (name, digest) in &m.objects {
             let key = repo::object_key(repo.policy, &m.label, name);
-            if let Err(e) = stored_bytes(&repo, &key, digest, progress) {
+            if let Err(e) = stored_bytes(repo.storage, &key, digest, progress, &mut |_| Ok(())) {
                 problems.push((format!("backup {label}"), as_drill_failure(e)));
             }
         }
@@ -98,16 +98,19 @@ pub fn check(
     }
 }
 
-/// Reads one object's stored bytes and compares their size and digest
-/// with what its manifest recorded.
-fn stored_bytes(
-    repo: &PolicyRepo<'_>,
+/// Reads one object's stored bytes, handing each piece to `sink` (a copy
+/// writes them on), and compares their size and digest with what its
+/// manifest recorded: an `Err` means the bytes must not be trusted, and
+/// a copy must not commit what it wrote.
+pub(super) fn stored_bytes(
+    storage: &dyn crate::storage::Storage,
     key: &str,
     digest: &ObjectDigest,
     progress: &dyn Progress,
+    sink: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
-    let object = format!("target '{}': {key}", repo.storage.target());
-    let mut raw = repo.storage.open(key)?;
+    let object = format!("target '{}': {key}", storage.target());
+    let mut raw = storage.open(key)?;
     let mut hash = digest.stored_hasher();
     let mut size = 0u64;
     let mut buf = vec![0u8; 1 << 20];
@@ -117,6 +120,7 @@ fn stored_bytes(
             break;
         }
         hash.update(&buf[..n]);
+        sink(&buf[..n])?;
         size += n as u64;
         progress.advance(n as u64);
     }
