@@ -378,7 +378,10 @@ pub enum Command {
         restore_all: bool,
         /// Read back only this percentage of the older backups and WAL
         /// segments, chosen at random (restic's read-data-subset); the
-        /// newest backup is always restored.
+        /// newest backup is always restored. An older backup in repository
+        /// format 2 is never skipped: this share of its frames, chosen at
+        /// random, is read by ranges and checked, with all its frame
+        /// headers.
         #[arg(long, value_name = "PERCENT", value_parser = parse_percent)]
         sample: Option<f64>,
         /// Only this target (by name).
@@ -1163,7 +1166,11 @@ fn run_command(cli: Cli) -> Result<()> {
                         v.seconds,
                         match (v.backups_read, v.segments_read) {
                             (Some(b), Some(s)) => format!(
-                                ": {b} backup(s) and {s} WAL segment(s) read back, {} restored",
+                                ": {b} backup(s) and {s} WAL segment(s) read back{}, {} restored",
+                                v.frames_sampled.map_or(String::new(), |f| format!(
+                                    " ({} of them by a sample of {} of their {} frames)",
+                                    f.backups, f.read, f.frames
+                                )),
                                 v.restored.len()
                             ),
                             _ => String::new(),

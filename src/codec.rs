@@ -723,7 +723,7 @@ impl<R: Read + Send + 'static> Read for Decoder<R> {
     }
 }
 
-fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error {
+pub(crate) fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error {
     // A download cut short while age reads its header is the network
     // failing, not a damaged object: exit 1, not 3.
     let reason = match e {

@@ -24,7 +24,7 @@
 //! authentication and the stored hash.
 
 use std::collections::BTreeMap;
-use std::io::{self, BufReader, Read, Write};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::sync::mpsc::{Receiver, Sender, SyncSender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -473,22 +473,7 @@ fn read_frames(
                 )));
             }
         }
-        let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
-        if word(0) != MAGIC || word(4) != HEADER || &head[8..12] != TAG || word(20) != 0 {
-            return Err(mismatch(format!(
-                "{}: its header is not a dr frame header",
-                at()
-            )));
-        }
-        let (plain_len, comp_len) = (word(12) as usize, word(16) as usize);
-        if plain_len == 0 || plain_len > MAX_FRAME as usize || comp_len > max_comp {
-            return Err(mismatch(format!(
-                "{}: its header gives impossible lengths ({plain_len} plain, {comp_len} compressed)",
-                at()
-            )));
-        }
-        let mut hash = [0u8; 32];
-        hash.copy_from_slice(&head[24..56]);
+        let (plain_len, comp_len, hash) = parse_head(&head, max_comp, &at)?;
         let out = free.recv().map_err(|_| stopped())?;
         // Grown as bytes arrive: a header that claims 64 MiB in a short
         // object allocates only what is there.
@@ -508,6 +493,123 @@ fn read_frames(
     }
 }
 
+/// A frame header's plain length, compressed length and BLAKE3, or why it
+/// is not one (`at` names the frame).
+fn parse_head(
+    head: &[u8; HEAD_LEN],
+    max_comp: usize,
+    at: &dyn Fn() -> String,
+) -> io::Result<(usize, usize, [u8; 32])> {
+    let word = |i: usize| u32::from_le_bytes([head[i], head[i + 1], head[i + 2], head[i + 3]]);
+    if word(0) != MAGIC || word(4) != HEADER || &head[8..12] != TAG || word(20) != 0 {
+        return Err(mismatch(format!(
+            "{}: its header is not a dr frame header",
+            at()
+        )));
+    }
+    let (plain_len, comp_len) = (word(12) as usize, word(16) as usize);
+    if plain_len == 0 || plain_len > MAX_FRAME as usize || comp_len > max_comp {
+        return Err(mismatch(format!(
+            "{}: its header gives impossible lengths ({plain_len} plain, {comp_len} compressed)",
+            at()
+        )));
+    }
+    let mut hash = [0u8; 32];
+    hash.copy_from_slice(&head[24..56]);
+    Ok((plain_len, comp_len, hash))
+}
+
+/// Decodes one frame into `out` and checks it against its header.
+fn decode_frame(
+    z: &mut zstd::bulk::Decompressor<'_>,
+    seq: u64,
+    comp: &[u8],
+    plain_len: usize,
+    hash: &[u8; 32],
+    out: &mut Vec<u8>,
+) -> io::Result<()> {
+    out.clear();
+    out.reserve(plain_len);
+    match z.decompress_to_buffer(comp, out) {
+        Err(e) => Err(mismatch(format!(
+            "frame {seq}: zstd cannot decode it ({e})"
+        ))),
+        Ok(n) if n != plain_len => Err(mismatch(format!(
+            "frame {seq}: it decodes to {n} bytes, its header says {plain_len}"
+        ))),
+        Ok(_) if blake3::hash(out).as_bytes() != hash => Err(mismatch(format!(
+            "frame {seq}: its bytes differ from the BLAKE3 in its header"
+        ))),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// A spot check of a format 2 object through a reader that seeks (the
+/// decrypted object read by ranges): every frame header is read (seeking
+/// over the compressed bytes) and their fold compared with the manifest's
+/// `plain_blake3`, frame count and `plain_size`; then the frames `pick`
+/// chooses among them are decoded and each checked against its header's
+/// BLAKE3. Returns the frames decoded. What it cannot see is a changed
+/// byte in a frame not picked: the stored bytes are not all read.
+pub fn sample<R: Read + Seek>(
+    r: &mut R,
+    plain_size: u64,
+    framed: &Framed,
+    pick: impl FnOnce(u64) -> Vec<u64>,
+) -> io::Result<Vec<u64>> {
+    let max_comp = zstd::zstd_safe::compress_bound(MAX_FRAME as usize);
+    let mut fold = Fold::default();
+    let mut frames: Vec<(u64, usize, usize, [u8; 32])> = Vec::new();
+    let mut pos = 0u64;
+    let end = r.seek(SeekFrom::End(0))?;
+    while pos < end {
+        let seq = frames.len() as u64;
+        let at = || format!("frame {seq} (stored at plain offset {pos})");
+        let mut head = [0u8; HEAD_LEN];
+        r.seek(SeekFrom::Start(pos))?;
+        r.read_exact(&mut head).map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => {
+                mismatch(format!("{}: the object ends inside its header", at()))
+            }
+            _ => e,
+        })?;
+        let (plain_len, comp_len, hash) = parse_head(&head, max_comp, &at)?;
+        fold.add(plain_len, &hash);
+        frames.push((pos + HEAD_LEN as u64, plain_len, comp_len, hash));
+        pos += (HEAD_LEN + comp_len) as u64;
+    }
+    if pos != end {
+        return Err(mismatch(format!(
+            "the last frame's header runs past the object's end ({pos} of {end} bytes)"
+        )));
+    }
+    let plain = fold.hash.finalize().to_hex();
+    if fold.frames != framed.frames
+        || fold.plain != plain_size
+        || plain.as_str() != framed.plain_blake3
+    {
+        return Err(mismatch(format!(
+            "its {} frame headers ({} plain bytes) differ from the manifest's ({} frames, {plain_size} bytes, plain_blake3): a header was changed, or frames were moved",
+            fold.frames, fold.plain, framed.frames
+        )));
+    }
+    let picked = pick(fold.frames);
+    let mut z = zstd::bulk::Decompressor::new()?;
+    let (mut comp, mut out) = (Vec::new(), Vec::new());
+    for &seq in &picked {
+        let Some(&(at, plain_len, comp_len, hash)) = frames.get(seq as usize) else {
+            continue;
+        };
+        r.seek(SeekFrom::Start(at))?;
+        comp.clear();
+        if r.by_ref().take(comp_len as u64).read_to_end(&mut comp)? < comp_len {
+            return Err(mismatch(format!("frame {seq}: the object ends inside it")));
+        }
+        decode_frame(&mut z, seq, &comp, plain_len, &hash, &mut out)?;
+    }
+    Ok(picked)
+}
+
 fn decode_frames(jobs: &Mutex<Receiver<DecodeJob>>, done: &Sender<Msg>) {
     let mut z = match zstd::bulk::Decompressor::new() {
         Ok(z) => z,
@@ -525,25 +627,19 @@ fn decode_frames(jobs: &Mutex<Receiver<DecodeJob>>, done: &Sender<Msg>) {
             return;
         };
         let seq = job.seq;
-        job.out.clear();
-        job.out.reserve(job.plain_len);
-        let result = match z.decompress_to_buffer(&job.comp[..], &mut job.out) {
-            Err(e) => Err(mismatch(format!(
-                "frame {seq}: zstd cannot decode it ({e})"
-            ))),
-            Ok(n) if n != job.plain_len => Err(mismatch(format!(
-                "frame {seq}: it decodes to {n} bytes, its header says {}",
-                job.plain_len
-            ))),
-            Ok(_) if blake3::hash(&job.out).as_bytes() != &job.hash => Err(mismatch(format!(
-                "frame {seq}: its bytes differ from the BLAKE3 in its header"
-            ))),
-            Ok(_) => Ok(Decoded {
-                seq,
-                plain: job.out,
-                hash: job.hash,
-            }),
-        };
+        let result = decode_frame(
+            &mut z,
+            seq,
+            &job.comp,
+            job.plain_len,
+            &job.hash,
+            &mut job.out,
+        )
+        .map(|()| Decoded {
+            seq,
+            plain: job.out,
+            hash: job.hash,
+        });
         if done.send(Msg::Frame(result)).is_err() {
             return;
         }

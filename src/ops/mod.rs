@@ -9,6 +9,7 @@ pub mod expire;
 pub mod fanout;
 pub mod follow;
 pub mod follow_fleet;
+pub mod frame_sample;
 pub mod hooks;
 pub mod info;
 pub mod keys;

@@ -539,6 +539,7 @@ pub fn verify(ctx: &Context, policy: &Policy, pg: &PgSource, target: &Target) ->
         restored: Vec::new(),
         without_key: false,
         drills: None,
+        frames_sampled: None,
     })
 }
 

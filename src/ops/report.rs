@@ -147,6 +147,20 @@ pub struct Verified {
     /// host that has it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drills: Option<crate::repo::drill::Drills>,
+    /// `--sample`: the older format 2 backups checked by a share of their
+    /// frames rather than read whole.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frames_sampled: Option<FramesSampled>,
+}
+
+/// Frames a sampled drill read, over the backups it sampled by frames.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FramesSampled {
+    pub backups: u64,
+    /// Frames those backups hold.
+    pub frames: u64,
+    /// Frames decoded and checked.
+    pub read: u64,
 }
 
 /// One backup expire removed (or would remove, with `--dry-run`).

@@ -92,6 +92,7 @@ pub fn check(
             restored: Vec::new(),
             without_key: true,
             drills,
+            frames_sampled: None,
         }),
         1 => Err(problems.remove(0).1),
         _ => Err(Error::Several(problems)),

@@ -3,7 +3,7 @@
 //! restore on the worst day.
 
 use super::PolicyRepo;
-use super::report::Verified;
+use super::report::{FramesSampled, Verified};
 use super::restore::{materialize, pick, replay_wal};
 use crate::codec::{Decoder, read_error};
 use crate::config::{Policy, Target};
@@ -133,22 +133,39 @@ fn drill_repository(
     let newest_chain: Vec<Label> = vec![newest.full_label(), newest.clone()];
     let sampled = || sample_keeps(opts.sample);
     let mut backups = 0;
+    let mut frames = FramesSampled::default();
     let committed = repo.committed()?;
     for c in &committed {
         let label = &c.dir.label;
         let whole_repo = opts.label.is_none();
         let in_chain = newest_chain.contains(label);
-        if !(in_chain || whole_repo && sampled()) {
+        // With --sample, an older format 2 backup has that share of its
+        // frames read (every backup, a part of each); a format 1 backup
+        // is read whole or not at all, as the sample draws it.
+        let by_frames = match (&c.manifest, opts.sample) {
+            (Ok(m), Some(p)) if !in_chain && whole_repo && super::frame_sample::samples(m) => {
+                Some(p)
+            }
+            _ => None,
+        };
+        if by_frames.is_none() && !(in_chain || whole_repo && sampled()) {
             continue;
         }
         match &c.manifest {
             Err(e) => note(format!("backup {label}"), Err(manifest_failure(e))),
             Ok(m) => {
                 backups += 1;
-                note(
-                    format!("backup {label}"),
-                    read_back(&repo, m, unsealing.as_ref(), progress),
-                );
+                let r = match by_frames {
+                    Some(p) => {
+                        super::frame_sample::check(&repo, m, unsealing.as_ref(), p).map(|s| {
+                            frames.backups += 1;
+                            frames.frames += s.frames;
+                            frames.read += s.read;
+                        })
+                    }
+                    None => read_back(&repo, m, unsealing.as_ref(), progress),
+                };
+                note(format!("backup {label}"), r);
             }
         }
     }
@@ -226,6 +243,7 @@ fn drill_repository(
             restored,
             without_key: false,
             drills: None,
+            frames_sampled: (frames.backups > 0).then_some(frames),
         }),
         1 => Err(problems.remove(0).1),
         _ => Err(Error::Several(problems)),

@@ -195,6 +195,21 @@ impl Drop for LocalWriter {
     }
 }
 
+impl LocalStorage {
+    fn open_file(&self, key: &str) -> Result<File> {
+        let p = self.path(key)?;
+        match File::open(&p) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!(
+                "target '{}' ({}): object {key} does not exist",
+                self.name,
+                self.location()
+            ))),
+            Err(e) => Err(self.err("open", key, &e)),
+        }
+    }
+}
+
 impl Storage for LocalStorage {
     fn target(&self) -> &str {
         &self.name
@@ -218,16 +233,15 @@ impl Storage for LocalStorage {
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
-        let p = self.path(key)?;
-        match File::open(&p) {
-            Ok(f) => Ok(Box::new(f)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(Error::NotFound(format!(
-                "target '{}' ({}): object {key} does not exist",
-                self.name,
-                self.location()
-            ))),
-            Err(e) => Err(self.err("open", key, &e)),
-        }
+        Ok(Box::new(self.open_file(key)?))
+    }
+
+    fn open_range(&self, key: &str, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        use std::io::{Seek, SeekFrom};
+        let mut f = self.open_file(key)?;
+        f.seek(SeekFrom::Start(offset))
+            .map_err(|e| self.err("read", key, &e))?;
+        Ok(Box::new(f.take(len)))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {

@@ -107,6 +107,14 @@ pub trait Storage: Send + Sync + std::fmt::Debug {
     fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>>;
     /// Opens an object for reading; a missing object is `Error::NotFound`.
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>>;
+    /// Reads `len` bytes of an object from `offset` (S3: one ranged GET),
+    /// for what reads a part of an object: a sample of a backup's frames.
+    fn open_range(&self, key: &str, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        let mut r = self.open(key)?;
+        std::io::copy(&mut (&mut r).take(offset), &mut std::io::sink())
+            .map_err(|e| self.err("read", key, &e))?;
+        Ok(Box::new(r.take(len)))
+    }
     /// Every object whose key starts with `prefix`, sorted by key.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
     /// Removes an object; removing a missing object is not an error.

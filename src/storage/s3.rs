@@ -776,6 +776,64 @@ impl Read for S3Reader {
     }
 }
 
+impl S3Storage {
+    /// A download of `key` (of `range`, an HTTP Range, when given),
+    /// streamed through a bounded channel.
+    fn open_bytes(&self, key: &str, range: Option<String>) -> Result<Box<dyn Read + Send>> {
+        let inner = self.inner.clone();
+        let full = inner.full_key(key);
+        let out = self.rt.block_on(inner.send(|| {
+            inner
+                .client
+                .get_object()
+                .bucket(&inner.bucket)
+                .key(&full)
+                .set_range(range.clone())
+                .send()
+        }));
+        let out = match out {
+            Ok(o) => o,
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
+                return Err(Error::NotFound(format!(
+                    "target '{}' ({}): object {key} does not exist",
+                    inner.name,
+                    inner.location()
+                )));
+            }
+            Err(e) => return Err(inner.err("download", key, &e)),
+        };
+        // A bounded async channel: the download task waits on `send` without
+        // tying up a blocking thread per chunk, and the reader blocks on it.
+        let (tx, rx) = tokio::sync::mpsc::channel(S3Reader::DEPTH);
+        let mut body = out.body;
+        let label = key.to_string();
+        let owner = inner.clone();
+        self.rt.spawn(async move {
+            loop {
+                let item = match body.try_next().await {
+                    Ok(Some(chunk)) if chunk.is_empty() => continue,
+                    Ok(Some(chunk)) => Ok(chunk),
+                    Ok(None) => Ok(bytes::Bytes::new()),
+                    Err(e) => Err(transport_error(format!(
+                        "target '{}': download of {label} failed: {}",
+                        owner.name,
+                        DisplayErrorContext(&e)
+                    ))),
+                };
+                let last = !matches!(&item, Ok(c) if !c.is_empty());
+                if tx.send(item).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        Ok(Box::new(S3Reader {
+            rx,
+            chunk: bytes::Bytes::new(),
+            ended: false,
+        }))
+    }
+}
+
 impl Storage for S3Storage {
     fn shared(&self) -> bool {
         true
@@ -915,56 +973,14 @@ impl Storage for S3Storage {
     }
 
     fn open(&self, key: &str) -> Result<Box<dyn Read + Send>> {
-        let inner = self.inner.clone();
-        let full = inner.full_key(key);
-        let out = self.rt.block_on(inner.send(|| {
-            inner
-                .client
-                .get_object()
-                .bucket(&inner.bucket)
-                .key(&full)
-                .send()
-        }));
-        let out = match out {
-            Ok(o) => o,
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => {
-                return Err(Error::NotFound(format!(
-                    "target '{}' ({}): object {key} does not exist",
-                    inner.name,
-                    inner.location()
-                )));
-            }
-            Err(e) => return Err(inner.err("download", key, &e)),
-        };
-        // A bounded async channel: the download task waits on `send` without
-        // tying up a blocking thread per chunk, and the reader blocks on it.
-        let (tx, rx) = tokio::sync::mpsc::channel(S3Reader::DEPTH);
-        let mut body = out.body;
-        let label = key.to_string();
-        let owner = inner.clone();
-        self.rt.spawn(async move {
-            loop {
-                let item = match body.try_next().await {
-                    Ok(Some(chunk)) if chunk.is_empty() => continue,
-                    Ok(Some(chunk)) => Ok(chunk),
-                    Ok(None) => Ok(bytes::Bytes::new()),
-                    Err(e) => Err(transport_error(format!(
-                        "target '{}': download of {label} failed: {}",
-                        owner.name,
-                        DisplayErrorContext(&e)
-                    ))),
-                };
-                let last = !matches!(&item, Ok(c) if !c.is_empty());
-                if tx.send(item).await.is_err() || last {
-                    return;
-                }
-            }
-        });
-        Ok(Box::new(S3Reader {
-            rx,
-            chunk: bytes::Bytes::new(),
-            ended: false,
-        }))
+        self.open_bytes(key, None)
+    }
+
+    fn open_range(&self, key: &str, offset: u64, len: u64) -> Result<Box<dyn Read + Send>> {
+        if len == 0 {
+            return Ok(Box::new(std::io::empty()));
+        }
+        self.open_bytes(key, Some(format!("bytes={offset}-{}", offset + len - 1)))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
