@@ -6,32 +6,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::s3::{S3Server, SECRET_KEY, target_toml};
 use common::{Env, make_db};
-
-fn writer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py")
-}
-
-/// The writer's digest of a database's contents.
-fn digest(db: &Path) -> String {
-    let out = Command::new("python3")
-        .arg(writer_script())
-        .arg("digest")
-        .arg(db)
-        .output()
-        .expect("python3 digest");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
 
 /// An env whose policy `app` backs up to `local` and copies to an S3
 /// target `s3` and a second local target `back` (plus `extra_to`).
@@ -100,7 +79,7 @@ fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
     // WAL streamed after the base the streamer takes, then a diff.
     let replicate = common::spawn_replicate(&env);
     let st = Command::new("python3")
-        .arg(writer_script())
+        .arg(common::wal_writer())
         .arg("write")
         .arg(&env.db)
         .arg(env.path("marks"))
@@ -126,19 +105,11 @@ fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
     env.dr(&["copy", "app", "--from", "s3", "--to", "back"])
         .ok();
     assert_eq!(labels_on(&env, "back"), source);
-    let to = env.path("restored.db").display().to_string();
-    env.dr(&[
-        "restore-local",
-        "app",
-        "--target",
-        "back",
-        "--to",
-        &to,
-        "--identity",
-        &env.key_arg(),
-    ])
-    .ok();
-    assert_eq!(digest(&env.path("restored.db")), digest(&env.db));
+    env.restore("restored.db", &["--target", "back"]).ok();
+    assert_eq!(
+        common::digest(&env.path("restored.db")),
+        common::digest(&env.db)
+    );
 
     // Again: everything is there already.
     let again = env.dr(&["copy", "app", "--to", "s3", "--json"]).ok().json();
@@ -218,18 +189,7 @@ fn a_copy_killed_half_way_is_finished_by_the_next_run() {
     );
     env.dr(&["copy", "app", "--to", "s3"]).ok();
     assert_eq!(labels_on(&env, "s3"), labels_on(&env, "local"));
-    let to = env.path("restored.db").display().to_string();
-    env.dr(&[
-        "restore-s3",
-        "app",
-        "--target",
-        "s3",
-        "--to",
-        &to,
-        "--identity",
-        &env.key_arg(),
-    ])
-    .ok();
+    env.restore("restored.db", &["--target", "s3"]).ok();
     assert_eq!(
         common::dump(&env.path("restored.db")),
         common::dump(&env.db)

@@ -368,16 +368,6 @@ fn writer(env: &Env, bursts: u32) -> common::Proc {
     .expect("python3 writer")
 }
 
-fn digest(db: &Path) -> String {
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py"))
-        .arg("digest")
-        .arg(db)
-        .output()
-        .expect("digest");
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 /// The newest instant a point-in-time restore reaches.
 fn reach(env: &Env) -> Option<String> {
     let j = env.dr(&["info", "--json"]).json();
@@ -415,7 +405,7 @@ fn replicate_killed_at_random_moments_never_loses_what_it_shipped() {
     w = writer(&env, 2);
     let mut dr = spawn(&env.config(), &["replicate"]);
     let _ = w.wait();
-    let want = digest(&env.db);
+    let want = common::digest(&env.db);
     std::thread::sleep(Duration::from_millis(2500));
     let _ = Command::new("kill")
         .args(["-TERM", &dr.id().to_string()])
@@ -423,5 +413,5 @@ fn replicate_killed_at_random_moments_never_loses_what_it_shipped() {
     assert!(dr.wait().expect("wait").success());
     all_verify(&env, "local", &mut BTreeSet::new());
     env.restore("newest.db", &["--force"]).ok();
-    assert_eq!(digest(&env.path("newest.db")), want);
+    assert_eq!(common::digest(&env.path("newest.db")), want);
 }

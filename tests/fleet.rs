@@ -13,10 +13,6 @@ use common::{Env, dump, make_db, metric};
 
 const FLEET: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\n";
 
-fn writer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py")
-}
-
 fn fleet_env() -> Env {
     let env = Env::new("");
     std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");
@@ -112,17 +108,6 @@ fn has_base(env: &Env, name: &str) -> bool {
     tenants(env).iter().any(|(n, b)| n == name && *b > 0)
 }
 
-fn digest(db: &Path) -> String {
-    let out = Command::new("python3")
-        .arg(writer_script())
-        .arg("digest")
-        .arg(db)
-        .output()
-        .expect("digest");
-    assert!(out.status.success());
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[test]
 fn a_fleet_streams_tenants_that_come_and_go_and_one_restores_exactly_at_an_instant() {
     let env = fleet_env();
@@ -144,7 +129,7 @@ fn a_fleet_streams_tenants_that_come_and_go_and_one_restores_exactly_at_an_insta
 
     // bob writes; each quiet gap is an instant to restore.
     let st = Command::new("python3")
-        .arg(writer_script())
+        .arg(common::wal_writer())
         .arg("write")
         .arg(t("bob"))
         .arg(env.path("marks"))
@@ -209,7 +194,7 @@ fn a_fleet_streams_tenants_that_come_and_go_and_one_restores_exactly_at_an_insta
             "--force",
         ])
         .ok();
-        assert_eq!(digest(&env.path("bob.db")), want, "bob at {at}");
+        assert_eq!(common::digest(&env.path("bob.db")), want, "bob at {at}");
         checked += 1;
     }
     assert_eq!(checked, 4);

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -11,10 +11,6 @@ use common::Env;
 use common::s3::S3Server;
 
 const WAL_POLICY: &str = "[wal]\nenabled = true\nsync_interval = \"1s\"\ncheckpoint_pages = 200\nsegment_max = \"256KiB\"\n";
-
-fn writer_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py")
-}
 
 /// Starts `dr replicate` in the background.
 fn replicate(env: &Env) -> common::Proc {
@@ -57,7 +53,7 @@ fn info_after_stop(env: &Env) -> serde_json::Value {
 /// Runs the writer to completion.
 fn write(env: &Env, bursts: u32, rows: u32, gap_ms: u32, pad: u32, extra: &[&str]) {
     let st = Command::new("python3")
-        .arg(writer_script())
+        .arg(common::wal_writer())
         .arg("write")
         .arg(&env.db)
         .arg(env.path("marks"))
@@ -66,21 +62,6 @@ fn write(env: &Env, bursts: u32, rows: u32, gap_ms: u32, pad: u32, extra: &[&str
         .status()
         .expect("python3 writer");
     assert!(st.success(), "writer failed");
-}
-
-fn digest(db: &Path) -> String {
-    let out = Command::new("python3")
-        .arg(writer_script())
-        .arg("digest")
-        .arg(db)
-        .output()
-        .expect("digest");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// (instant, burst, digest) recorded by the writer in each quiet gap.
@@ -191,21 +172,21 @@ fn restores_at_any_instant_through_checkpoints_a_vacuum_and_a_big_transaction() 
         3000,
         &["--big-at", "4", "3000000", "--vacuum-at", "7"],
     );
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     assert_eq!(stop(dr), 0, "replicate must exit 0 on SIGTERM");
 
     for (at, burst, want) in marks(&env) {
         let r = restore_at(&env, "restore-local", &at, "at.db").ok();
         assert!(r.stdout.contains("WAL of generation"), "{}", r.stdout);
         assert_eq!(
-            digest(&env.path("at.db")),
+            common::digest(&env.path("at.db")),
             want,
             "restore at {at} (after burst {burst}) differs from the writer's state then"
         );
     }
     // Without --at: the newest committed state.
     env.restore("newest.db", &["--force"]).ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
     // One unbroken generation across every WAL restart.
     assert_eq!(
         generations(&env, 0),
@@ -262,7 +243,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
     let n = marks(&env).len();
     write(&env, 3, 40, 600, 2000, &[]);
     let after_restart: Vec<String> = marks(&env).into_iter().skip(n).map(|m| m.0).collect();
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     // SIGTERM ships what was committed before it: no wait for a sync.
     assert_eq!(stop(dr), 0);
     let log = log_text();
@@ -271,7 +252,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
     for (at, burst, want) in &shipped_marks {
         restore_at(&env, "restore-local", at, "at.db").ok();
         assert_eq!(
-            &digest(&env.path("at.db")),
+            &common::digest(&env.path("at.db")),
             want,
             "burst {burst} at {at}\n{log}"
         );
@@ -281,7 +262,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
     // refused as not covered: never a state that did not exist.
     check_marks(&env, &after_restart);
     env.restore("newest.db", &["--force"]).ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
 }
 
 #[test]
@@ -306,7 +287,7 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
     std::thread::sleep(left);
     server.restart();
     write(&env, 2, 30, 600, 2000, &[]);
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     // Catch-up: the lag on s3 falls back to zero.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -323,7 +304,7 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
     for (at, burst, want) in marks(&env) {
         restore_at(&env, "restore-s3", &at, "at.db").ok();
         assert_eq!(
-            digest(&env.path("at.db")),
+            common::digest(&env.path("at.db")),
             want,
             "burst {burst} at {at} from s3"
         );
@@ -332,7 +313,7 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
     let to = env.path("newest.db").display().to_string();
     env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
         .ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
 }
 
 #[test]
@@ -385,7 +366,7 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let dr = replicate(&env);
     wait_streaming(&env);
     write(&env, 4, 30, 1200, 4000, &[]);
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     // Under load the capture may trail the writer: wait for it to fill.
     let deadline = Instant::now() + Duration::from_secs(20);
     let j = loop {
@@ -433,7 +414,7 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
     let to = env.path("s3.db").display().to_string();
     env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
         .ok();
-    assert_eq!(digest(&env.path("s3.db")), final_digest);
+    assert_eq!(common::digest(&env.path("s3.db")), final_digest);
     // While the spool was full dr copied nothing, so it cannot say when
     // those commits happened: the next run continues the generation and
     // marks the interval it did not watch (or starts a new generation), so
@@ -488,7 +469,11 @@ fn backups_taken_while_streaming_carry_a_wal_position_and_expire_trims_older_wal
     assert_eq!(r.code, 5, "{}", r.stderr);
     for (at, burst, want) in &all[2..] {
         restore_at(&env, "restore-local", at, "at.db").ok();
-        assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}");
+        assert_eq!(
+            &common::digest(&env.path("at.db")),
+            want,
+            "burst {burst} at {at}"
+        );
     }
 }
 
@@ -644,7 +629,11 @@ fn check_marks(env: &Env, exact: &[String]) {
     for (at, burst, want) in marks(env) {
         let r = restore_at(env, "restore-local", &at, "at.db");
         if r.code == 0 {
-            assert_eq!(digest(&env.path("at.db")), want, "burst {burst} at {at}");
+            assert_eq!(
+                common::digest(&env.path("at.db")),
+                want,
+                "burst {burst} at {at}"
+            );
         } else {
             assert!(!exact.contains(&at), "{at} must restore: {}", r.stderr);
             assert_eq!(r.code, 5, "{}", r.stderr);
@@ -670,7 +659,7 @@ fn the_generation_continues_across_sighup_and_a_daemon_restart_under_a_live_writ
     // The writer goes on while the daemon stops and starts again.
     let mut bg = common::Proc::spawn(
         Command::new("python3")
-            .arg(writer_script())
+            .arg(common::wal_writer())
             .arg("write")
             .arg(&env.db)
             .arg(env.path("marks"))
@@ -694,7 +683,7 @@ fn the_generation_continues_across_sighup_and_a_daemon_restart_under_a_live_writ
     let n = marks(&env).len();
     write(&env, 2, 20, 1200, 500, &[]);
     let after_restart: Vec<String> = marks(&env).into_iter().skip(n).map(|m| m.0).collect();
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     // SIGTERM ships what was committed before it: no wait for a sync.
     assert_eq!(stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
@@ -706,7 +695,7 @@ fn the_generation_continues_across_sighup_and_a_daemon_restart_under_a_live_writ
     let exact: Vec<String> = before_stop.into_iter().chain(after_restart).collect();
     check_marks(&env, &exact);
     env.restore("newest.db", &["--force"]).ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
 }
 
 #[test]
@@ -747,14 +736,14 @@ fn a_failing_streamer_is_reported_restarted_by_itself_and_its_lag_grows() {
     let n = marks(&env).len();
     write(&env, 2, 20, 1200, 500, &[]);
     let after: Vec<String> = marks(&env).into_iter().skip(n).map(|m| m.0).collect();
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     assert_eq!(stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
     assert!(log.contains("restarting in"), "{log}");
     // Across the outage every instant restores exactly or is refused.
     check_marks(&env, &after);
     env.restore("newest.db", &["--force"]).ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
 }
 
 #[test]
@@ -834,7 +823,11 @@ fn a_long_stream_takes_diffs_so_a_restore_replays_a_bounded_amount_of_wal() {
     let all = marks(&env);
     for (at, burst, want) in &all {
         restore_at(&env, "restore-local", at, "at.db").ok();
-        assert_eq!(&digest(&env.path("at.db")), want, "burst {burst} at {at}");
+        assert_eq!(
+            &common::digest(&env.path("at.db")),
+            want,
+            "burst {burst} at {at}"
+        );
     }
     let last = &all[all.len() - 1];
     let r = restore_at_with(&env, "restore-local", &last.0, "last.db", &["--json"]).ok();
@@ -896,7 +889,7 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
         common::replace_private_file(&env.path(file), &format!("{value}\n"));
     }
     write(&env, 2, 30, 600, 2000, &[]);
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     let deadline = Instant::now() + Duration::from_secs(40);
     loop {
         let j = env.dr(&["info", "--json", "--target", "s3"]).json();
@@ -944,13 +937,17 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
     assert_eq!(generations(&env, 1), 1);
     for (at, burst, want) in marks(&env) {
         restore_at(&env, "restore-s3", &at, "at.db").ok();
-        assert_eq!(digest(&env.path("at.db")), want, "burst {burst} at {at}");
+        assert_eq!(
+            common::digest(&env.path("at.db")),
+            want,
+            "burst {burst} at {at}"
+        );
     }
     let key = env.key_arg();
     let to = env.path("newest.db").display().to_string();
     env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
         .ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
     // The rotation is in the audit log: the key files read again.
     let audit = std::fs::read_to_string(env.path("state/audit.log")).expect("audit");
     assert!(
@@ -1026,7 +1023,7 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
         },
     );
     write(&env, 2, 20, 600, 500, &[]);
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(d.try_wait().expect("wait").is_none(), "the daemon stopped");
     assert_eq!(stop(d), 0);
@@ -1056,14 +1053,18 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
     let nk = new_key.display().to_string();
     env.dr(&["restore-local", "app", "--to", &to, "--identity", &nk])
         .ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
     let all = marks(&env);
     let (at, burst, want) = all
         .iter()
         .rfind(|m| before_rotation.contains(&m.0))
         .expect("a mark before the rotation");
     restore_at(&env, "restore-local", at, "old.db").ok();
-    assert_eq!(&digest(&env.path("old.db")), want, "burst {burst} at {at}");
+    assert_eq!(
+        &common::digest(&env.path("old.db")),
+        want,
+        "burst {burst} at {at}"
+    );
 
     // keys status: the old key is needed by the first generation's base
     // and by its WAL sealed before the new key was added.
@@ -1100,7 +1101,7 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
     let to = env.path("last.db").display().to_string();
     env.dr(&["restore-local", "app", "--to", &to, "--identity", &nk])
         .ok();
-    assert_eq!(digest(&env.path("last.db")), final_digest);
+    assert_eq!(common::digest(&env.path("last.db")), final_digest);
 }
 
 #[test]
@@ -1131,7 +1132,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
         },
     );
     write(&env, 2, 20, 600, 500, &[]);
-    let final_digest = digest(&env.db);
+    let final_digest = common::digest(&env.db);
     assert_eq!(stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert!(!log.contains(first) && !log.contains(second), "{log}");
@@ -1139,7 +1140,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     // The new passphrase alone restores the newest state...
     let to = env.path("newest.db").display().to_string();
     env.dr(&["restore-local", "app", "--to", &to]).ok();
-    assert_eq!(digest(&env.path("newest.db")), final_digest);
+    assert_eq!(common::digest(&env.path("newest.db")), final_digest);
     // ...and the old one what was written under it.
     common::replace_private_file(&pass, &format!("{first}\n"));
     let all = marks(&env);
@@ -1151,7 +1152,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     env.dr(&["restore-local", "app", "--to", &to, "--at", at])
         .ok();
     assert_eq!(
-        &digest(&env.path("old.db")),
+        &common::digest(&env.path("old.db")),
         want,
         "burst {burst} at {at}\n{all:?}\n{:?}\n{log}",
         common::files_under(&env.path("backups"))
@@ -1188,7 +1189,7 @@ fn expire_after_a_passphrase_rotation_keeps_every_instant_the_new_generation_res
     let idle = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(stop(d), 0);
-    let want = digest(&env.db);
+    let want = common::digest(&env.db);
     let restore = || {
         let to = env.path("at.db").display().to_string();
         env.dr(&[
@@ -1204,13 +1205,13 @@ fn expire_after_a_passphrase_rotation_keeps_every_instant_the_new_generation_res
     // The instant the stream watched while idle restores...
     let r = restore();
     assert_eq!(r.code, 0, "before expire: {}", r.stderr);
-    assert_eq!(digest(&env.path("at.db")), want);
+    assert_eq!(common::digest(&env.path("at.db")), want);
     // ...and still does once expire keeps only the newest full: the marks
     // that carry the idle generation's window are not "older than" it.
     env.dr(&["expire", "app"]).ok();
     let r = restore();
     assert_eq!(r.code, 0, "after expire: {}", r.stderr);
-    assert_eq!(digest(&env.path("at.db")), want);
+    assert_eq!(common::digest(&env.path("at.db")), want);
 }
 
 #[test]

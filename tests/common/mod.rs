@@ -883,3 +883,28 @@ pub fn alert_fires(alert: &str, series_line: &str) -> bool {
     );
     fired
 }
+
+/// tests/wal_writer.py: writes bursts of transactions and digests a
+/// database's contents.
+#[allow(dead_code)]
+pub fn wal_writer() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/wal_writer.py")
+}
+
+/// The writer's digest of a database's contents: equal digests, equal rows.
+#[allow(dead_code)]
+pub fn digest(db: &Path) -> String {
+    let out = Command::new("python3")
+        .arg(wal_writer())
+        .arg("digest")
+        .arg(db)
+        .output()
+        .expect("python3 tests/wal_writer.py digest");
+    assert!(
+        out.status.success(),
+        "digest of {}: {}",
+        db.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
