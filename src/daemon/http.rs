@@ -495,6 +495,30 @@ pub fn metrics(shared: &Shared) -> Result<String> {
             follow_restarts.get_or_create(&labels).inc_by(f.restarts);
             continue;
         }
+        // When `job` on `t` last succeeded and last failed (0: never).
+        let newest = |ok: &Gauges, bad: &Gauges, t: &str, job: &str| -> Result<()> {
+            let labels = l(&[("policy", name), ("target", t)]);
+            for (g, success) in [(ok, true), (bad, false)] {
+                let r = history.last(name, t, job, success)?;
+                g.get_or_create(&labels)
+                    .set(r.as_ref().map_or(0.0, |r| ts(r.finished)));
+            }
+            Ok(())
+        };
+        // `job`'s runs on `t` by result; returns the failures.
+        let count = |t: &str, job: &str| -> Result<u64> {
+            let (good, bad) = history.counts(name, t, job)?;
+            for (result, n) in [("success", good), ("failure", bad)] {
+                runs.get_or_create(&l(&[
+                    ("policy", name),
+                    ("target", t),
+                    ("job", job),
+                    ("result", result),
+                ]))
+                .inc_by(n);
+            }
+            Ok(bad)
+        };
         let mut failed = 0;
         for t in &p.targets {
             for kind in ["full", "diff"] {
@@ -515,51 +539,15 @@ pub fn metrics(shared: &Shared) -> Result<String> {
                 size.get_or_create(&labels)
                     .set(ok.as_ref().map_or(0.0, |r| r.size as f64));
             }
-            let labels = l(&[("policy", name), ("target", t)]);
-            let ok = history.last(name, t, "verify", true)?;
-            let bad = history.last(name, t, "verify", false)?;
-            verify_ok
-                .get_or_create(&labels)
-                .set(ok.as_ref().map_or(0.0, |r| ts(r.finished)));
-            verify_bad
-                .get_or_create(&labels)
-                .set(bad.as_ref().map_or(0.0, |r| ts(r.finished)));
+            newest(&verify_ok, &verify_bad, t, "verify")?;
             for job in ["full", "diff", "verify"] {
-                let (good, bad) = history.counts(name, t, job)?;
-                failed += bad;
-                for (result, n) in [("success", good), ("failure", bad)] {
-                    runs.get_or_create(&l(&[
-                        ("policy", name),
-                        ("target", t),
-                        ("job", job),
-                        ("result", result),
-                    ]))
-                    .inc_by(n);
-                }
+                failed += count(t, job)?;
             }
         }
         // Copies, under the target they copy to.
         for t in p.copy.iter().flat_map(|c| &c.to) {
-            let labels = l(&[("policy", name), ("target", t)]);
-            let ok = history.last(name, t, "copy", true)?;
-            let bad = history.last(name, t, "copy", false)?;
-            copy_ok
-                .get_or_create(&labels)
-                .set(ok.as_ref().map_or(0.0, |r| ts(r.finished)));
-            copy_bad
-                .get_or_create(&labels)
-                .set(bad.as_ref().map_or(0.0, |r| ts(r.finished)));
-            let (good, bad) = history.counts(name, t, "copy")?;
-            failed += bad;
-            for (result, n) in [("success", good), ("failure", bad)] {
-                runs.get_or_create(&l(&[
-                    ("policy", name),
-                    ("target", t),
-                    ("job", "copy"),
-                    ("result", result),
-                ]))
-                .inc_by(n);
-            }
+            newest(&copy_ok, &copy_bad, t, "copy")?;
+            failed += count(t, "copy")?;
         }
         errors.get_or_create(&l(&[("policy", name)])).inc_by(failed);
         if !p.wal.enabled {
