@@ -1199,9 +1199,8 @@ fn run_command(cli: Cli) -> Result<()> {
                 backup: backup
                     .as_deref()
                     .map(|b| {
-                        b.parse().map_err(|e| {
-                            Error::Usage(format!("--backup {b} is not a backup label: {e}"))
-                        })
+                        b.parse()
+                            .map_err(|e| Error::Usage(format!("--backup: {e}")))
                     })
                     .transpose()?,
                 lock_wait: Duration::from_secs(*wait),

@@ -87,6 +87,19 @@ pub fn ends<'c>(
     to: Option<&String>,
 ) -> Result<(&'c Target, Vec<&'c Target>)> {
     let named = |n: &str| -> Result<&'c Target> {
+        if cfg.targets.contains_key(n)
+            && !policy.targets.iter().any(|t| t == n)
+            && !policy
+                .copy
+                .as_ref()
+                .is_some_and(|c| c.to.iter().any(|t| t == n))
+        {
+            return Err(Error::Usage(format!(
+                "target '{n}' is neither a target nor a copy destination of policy '{}': add `[copy] to = [\"{n}\"]` to {}, so that restore, info and verify reach the copy with --target",
+                policy.configured_name(),
+                policy.file.display()
+            )));
+        }
         TargetFilter::Name(n.to_string())
             .select(cfg, policy)?
             .into_iter()
