@@ -280,3 +280,49 @@ fn a_copy_is_under_the_destinations_object_lock_and_waits_for_its_lease() {
         );
     }
 }
+
+#[test]
+fn a_fleet_is_copied_database_by_database_and_each_restores() {
+    let env = Env::new("");
+    std::fs::remove_file(env.path("policies/app.toml")).expect("rm app policy");
+    std::fs::create_dir_all(env.path("tenants")).expect("tenants dir");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "[targets.back]\nkind = \"local\"\npath = \"back\"\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    env.write_policy("tenants", "tenants/*.db", "[copy]\nto = [\"back\"]\n");
+    for (name, rows) in [("alice", 50), ("bob", 80)] {
+        make_db(&env.path(&format!("tenants/{name}.db")), true, rows, 100);
+    }
+    env.dr(&["backup-local", "tenants"]).ok();
+    let out = env.dr(&["copy", "tenants", "--json"]).ok().json();
+    let copied: Vec<&str> = out
+        .as_array()
+        .expect("one report per database")
+        .iter()
+        .map(|c| c["policy"].as_str().expect("policy"))
+        .collect();
+    assert_eq!(copied, vec!["tenants/alice", "tenants/bob"], "{out}");
+    for name in ["alice", "bob"] {
+        let to = env
+            .path(&format!("{name}-restored.db"))
+            .display()
+            .to_string();
+        env.dr(&[
+            "restore-local",
+            "tenants",
+            "--db",
+            name,
+            "--target",
+            "back",
+            "--to",
+            &to,
+            "--identity",
+            &env.key_arg(),
+        ])
+        .ok();
+        assert_eq!(
+            common::dump(std::path::Path::new(&to)),
+            common::dump(&env.path(&format!("tenants/{name}.db")))
+        );
+    }
+}
