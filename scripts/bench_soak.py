@@ -91,11 +91,42 @@ def soak(dr, work):
             got = sqlite3.connect(out).execute("SELECT count(*), max(id) FROM w").fetchone()
         if got != src:
             wrong.append(f"{db}: {got} vs {src} ({r.stderr.strip()[-200:]})")
-    return readings, errors, wrong, n, minutes
+    return readings, errors, wrong, n, minutes, lateness(os.path.join(base, "state", "history.db"))
+
+
+# The soak's schedules as (kind, period in seconds, offset in it).
+SCHEDULES = (("full", 300, 0), ("diff", 60, 30), ("verify", 180, 15))
+
+
+def lateness(history):
+    """Per job kind: how long after its scheduled tick each database's run
+    started (the daemon's history), over the runs after the first minute
+    (the catch-up at start runs at once by design): (runs, median, max)."""
+    rows = sqlite3.connect(f"file:{history}?mode=ro", uri=True).execute(
+        "SELECT kind, started FROM runs").fetchall()
+    if not rows:
+        return {}
+    first = min(_epoch(s) for _, s in rows)
+    out = {}
+    for kind, period, offset in SCHEDULES:
+        late = sorted((t - offset) % period for t in (_epoch(s) for k, s in rows if k == kind)
+                      if t - first > 60)
+        if late:
+            out[kind] = (len(late), late[len(late) // 2], late[-1])
+    return out
+
+
+def _epoch(stamp):
+    # RFC 3339 with nanoseconds: Python's fromisoformat takes microseconds.
+    head, _, frac = stamp.partition(".")
+    digits = "".join(c for c in frac if c.isdigit())
+    zone = frac[len(digits):] if frac else ""
+    from datetime import datetime
+    return datetime.fromisoformat(f"{head}.{digits[:6] or '0'}{zone}").timestamp()
 
 
 def table(dr, work):
-    readings, errors, wrong, n, minutes = soak(dr, work)
+    readings, errors, wrong, n, minutes, late = soak(dr, work)
     rss = [r[1] for r in readings]
     half = [r for r in readings if r[0] >= readings[-1][0] / 2]
     growth = half[-1][1] - half[0][1] if len(half) > 1 else 0.0
@@ -109,6 +140,9 @@ def table(dr, work):
         ("errors in the daemon's log after the first 20 s", str(len(errors))),
         ("databases restored equal to their source", f"{n - len(wrong)} of {n}"),
     ]
+    for kind, (runs, median, worst) in late.items():
+        rows.append((f"{kind}: start after its schedule, median / max over {runs} runs (s)",
+                     f"{median:.1f} / {worst:.1f}"))
     for w in wrong[:5]:
         rows.append(("not equal", w))
     for e in errors[:5]:
