@@ -1,6 +1,7 @@
 //! Per-target S3 settings against real S3 servers: the storage classes and
-//! server-side encryption moto records for what dr uploads (one PUT,
-//! multipart, WAL), and `max_upload_rate` measured on s3s-fs.
+//! server-side encryption moto records for what dr uploads (one PUT, WAL),
+//! those a multipart upload asks for (recorded in front of s3s-fs), and
+//! `max_upload_rate` measured on s3s-fs.
 
 mod common;
 
@@ -81,9 +82,7 @@ fn storage_classes_and_server_side_encryption_reach_the_server() {
         "ONEZONE_IA aws:kms alias/dr-backups",
         "{segment}"
     );
-    // (Multipart uploads ask the same in CreateMultipartUpload; moto
-    // answers their completion with an XML root the SDK refuses,
-    // CompleteMultipartUploadResponse, so they are not checked here.)
+    // (Multipart uploads: see the next test.)
     drop(c);
     // And everything restores as it was.
     let want = dump(&env.db);
@@ -190,4 +189,54 @@ fn settings_the_server_cannot_honour_are_refused_at_load() {
         "{}",
         r.stderr
     );
+}
+
+#[test]
+fn a_multipart_upload_asks_for_the_storage_class_and_encryption_too() {
+    // moto's answer to CompleteMultipartUpload is one the SDK refuses, so
+    // the multipart path is checked on s3s-fs behind nginx, which records
+    // the headers of every request. s3s-fs refuses any class but
+    // STANDARD (InvalidStorageClass), so STANDARD is asked for, explicitly.
+    let dir = tempfile::tempdir().expect("tmp");
+    let server = S3Server::start(&dir.path().join("s3"), "classes");
+    let proxy = common::s3::TlsProxy::start_recording(&dir.path().join("proxy"), server.port);
+    let env = env_at(&proxy.endpoint(), "[\"s3\"]", "", SECRET_KEY, "classes");
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + &format!(
+            "ca_file = \"{}\"\nstorage_class = \"STANDARD\"\nsse = \"aws:kms\"\nkms_key_id = \"alias/dr-backups\"\n",
+            proxy.ca.display()
+        );
+    std::fs::write(env.config(), cfg).expect("cfg");
+    // 24 MiB of random rows: the data object goes up in 8 MiB parts.
+    make_db(&env.db, true, 6000, 4000);
+    let label = env.full_backup("backup-s3");
+    let log = std::fs::read_to_string(dir.path().join("proxy/access.log")).expect("access.log");
+    let data = format!("/classes/prod/app/backup/{label}/data.zst.age");
+    let create = log
+        .lines()
+        .find(|l| l.starts_with(&format!("POST {data}?uploads")))
+        .unwrap_or_else(|| panic!("no CreateMultipartUpload of {data}:\n{log}"));
+    assert!(
+        create.ends_with("class=STANDARD sse=aws:kms kms=alias/dr-backups"),
+        "{create}"
+    );
+    // Parts and the completion carry none: the upload was asked once.
+    assert!(
+        log.lines()
+            .filter(|l| l.starts_with(&format!("PUT {data}?")))
+            .count()
+            >= 2,
+        "{log}"
+    );
+    let to = env.path("restored.db").display().to_string();
+    env.dr(&[
+        "restore-s3",
+        "app",
+        "--to",
+        &to,
+        "--identity",
+        &env.key_arg(),
+    ])
+    .ok();
+    assert_eq!(dump(&env.path("restored.db")), dump(&env.db));
 }

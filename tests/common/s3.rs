@@ -141,45 +141,44 @@ impl TlsProxy {
 
     /// [`TlsProxy::start`] with a certificate valid for `days` from now.
     pub fn start_days(dir: &Path, upstream: u16, days: u32) -> TlsProxy {
-        std::fs::create_dir_all(dir).expect("mkdir");
-        let cert = dir.join("cert.pem");
-        let key = dir.join("key.pem");
-        let st = Command::new("openssl")
-            .args([
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-days",
-                &days.to_string(),
-                "-subj",
-                "/CN=localhost",
-            ])
-            .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
-            .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .expect("openssl (scripts/install-test-deps installs it)");
-        assert!(st.success(), "openssl req failed");
+        let (cert, key) = self_signed(dir, days);
         TlsProxy::start_with(dir, upstream, &cert, &key, &cert)
     }
 
     /// nginx with TLS on `cert`/`key` (trusted through `ca`) in front of
     /// 127.0.0.1:`upstream`.
     pub fn start_with(dir: &Path, upstream: u16, cert: &Path, key: &Path, ca: &Path) -> TlsProxy {
+        TlsProxy::start_conf(dir, upstream, cert, key, ca, "access_log off;")
+    }
+
+    /// [`TlsProxy::start`] that records, for every request, its method,
+    /// URI and the storage class and server-side encryption headers it
+    /// carried, a line each in `dir/access.log`: what an S3 server that
+    /// ignores those headers received.
+    pub fn start_recording(dir: &Path, upstream: u16) -> TlsProxy {
+        let (cert, key) = self_signed(dir, 3650);
+        let log = format!(
+            "log_format amz '$request_method $request_uri class=$http_x_amz_storage_class sse=$http_x_amz_server_side_encryption kms=$http_x_amz_server_side_encryption_aws_kms_key_id';\n access_log {}/access.log amz;",
+            dir.display()
+        );
+        TlsProxy::start_conf(dir, upstream, &cert, &key, &cert, &log)
+    }
+
+    fn start_conf(
+        dir: &Path,
+        upstream: u16,
+        cert: &Path,
+        key: &Path,
+        ca: &Path,
+        access_log: &str,
+    ) -> TlsProxy {
         std::fs::create_dir_all(dir).expect("mkdir");
         let mut held = super::HeldPort::new();
         let port = held.port;
         let d = dir.display();
         let conf = format!(
             "daemon off;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{ worker_connections 128; }}\n\
-             http {{\n access_log off;\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
+             http {{\n {access_log}\n client_body_temp_path {d}/body;\n proxy_temp_path {d}/proxy;\n\
              fastcgi_temp_path {d}/fcgi;\n uwsgi_temp_path {d}/uwsgi;\n scgi_temp_path {d}/scgi;\n\
              server {{\n  listen 127.0.0.1:{port} ssl;\n  ssl_certificate {c};\n  ssl_certificate_key {k};\n\
              client_max_body_size 0;\n  proxy_request_buffering off;\n  proxy_buffering off;\n\
@@ -212,6 +211,38 @@ impl TlsProxy {
     pub fn endpoint(&self) -> String {
         format!("https://localhost:{}", self.port)
     }
+}
+
+/// A self-signed certificate for `localhost` valid for `days`, and its key,
+/// in `dir`.
+fn self_signed(dir: &Path, days: u32) -> (PathBuf, PathBuf) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let cert = dir.join("cert.pem");
+    let key = dir.join("key.pem");
+    let st = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            &days.to_string(),
+            "-subj",
+            "/CN=localhost",
+        ])
+        .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
+        .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+        .args(["-addext", "extendedKeyUsage=serverAuth", "-keyout"])
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("openssl (scripts/install-test-deps installs it)");
+    assert!(st.success(), "openssl req failed");
+    (cert, key)
 }
 
 impl Drop for TlsProxy {
