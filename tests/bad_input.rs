@@ -447,3 +447,26 @@ fn every_wrong_type_in_a_file_is_reported_at_once() {
         r.stderr
     );
 }
+
+#[test]
+fn copy_and_security_settings_that_cannot_work_are_named_with_their_line() {
+    let env = Env::new(
+        "[copy]\nfrom = \"offsite\"\nto = [\"local\", \"nowhere\"]\nschedule = \"0 3 * *\"\n",
+    );
+    let cfg = std::fs::read_to_string(env.config()).expect("cfg")
+        + "[security]\nrotate_after = \"ninety days\"\ncert_warn = \"0s\"\n";
+    std::fs::write(env.config(), cfg).expect("cfg");
+    let r = env.dr(&["config", "validate"]);
+    assert_eq!(r.code, 2, "{}", r.stderr);
+    for said in [
+        "app.toml:7: copy.from 'offsite' is not a target of policy 'app'",
+        "app.toml:8: copy.to names 'local', which policy 'app' already backs up to",
+        "app.toml:8: copy.to names target 'nowhere', which dr.toml does not define",
+        "app.toml:9: cron expression '0 3 * *' has 4 fields",
+        "dr.toml:9: security.rotate_after: ",
+        "(write e.g. \"90d\")",
+        "dr.toml:10: security.cert_warn must be more than zero",
+    ] {
+        assert!(r.stderr.contains(said), "{said}:\n{}", r.stderr);
+    }
+}
