@@ -14,8 +14,9 @@
 //! with the same manifest are skipped, as are WAL objects it holds at the
 //! same size (they are written whole), so a rerun copies only what is
 //! missing. The destination's lease is held throughout, as a backup's is;
-//! its Object Lock applies to what is written, as to a backup; nothing is
-//! ever deleted or overwritten there.
+//! its Object Lock applies to what is written, as to a backup; nothing
+//! committed there is ever deleted or overwritten (only the objects of an
+//! interrupted copy are written again).
 //!
 //! WAL segments carry no digest outside their sealed contents: they are
 //! copied byte for byte in order (so a cut-off copy ends early, never with
