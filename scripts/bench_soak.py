@@ -11,6 +11,10 @@ and last readings, the largest, and the growth over the second half (a
 leak grows there too; warming up does not). Then every database is
 restored and compared with its source.
 
+BENCH_SOAK_SCHEDULE replaces the schedules ("full=0 */5 * * * *;verify=15
+*/10 * * * *": 6-field cron, each `S * * * * *` or `S */N * * * *`), e.g.
+for a fleet of 1,000 whose diffs every minute two cores cannot take.
+
 Imports bench_common and bench_fleet (for the fleet and the writers).
 """
 import os
@@ -47,7 +51,7 @@ def soak(dr, work):
     open(os.path.join(base, "policies", "tenants.toml"), "w").write(
         'name = "tenants"\ntargets = ["t"]\n[source]\nkind = "sqlite"\n'
         f'path = "{dbdir}/*.db"\n[wal]\nenabled = true\nsync_interval = "1s"\n'
-        '[schedule]\nfull = "0 */5 * * * *"\ndiff = "30 * * * * *"\nverify = "15 */3 * * * *"\n'
+        '[schedule]\n' + "".join(f'{k} = "{v}"\n' for k, v in schedules().items()) +
         '[retention]\nfull = 2\n')
     log = open(os.path.join(base, "daemon.log"), "w")
     proc = subprocess.Popen([dr, "--config", os.path.join(base, "dr.toml"), "daemon"],
@@ -94,8 +98,18 @@ def soak(dr, work):
     return readings, errors, wrong, n, minutes, lateness(os.path.join(base, "state", "history.db"))
 
 
-# The soak's schedules as (kind, period in seconds, offset in it).
-SCHEDULES = (("full", 300, 0), ("diff", 60, 30), ("verify", 180, 15))
+def schedules():
+    """The soak's schedules, 6-field cron: BENCH_SOAK_SCHEDULE, e.g.
+    "full=0 */5 * * * *;verify=15 */10 * * * *", replaces the default."""
+    text = os.environ.get("BENCH_SOAK_SCHEDULE",
+                          "full=0 */5 * * * *;diff=30 * * * * *;verify=15 */3 * * * *")
+    return dict(part.split("=", 1) for part in text.split(";") if part.strip())
+
+
+def _period(cron):
+    """(period, offset) in seconds of "S * * * * *" or "S */N * * * *"."""
+    sec, minute = cron.split()[:2]
+    return (60 * int(minute[2:]) if minute.startswith("*/") else 60), int(sec)
 
 
 def lateness(history):
@@ -116,7 +130,8 @@ def lateness(history):
         return {}
     first = min(_epoch(s) for _, s in rows)
     out = {}
-    for kind, period, offset in SCHEDULES:
+    for kind, cron in schedules().items():
+        period, offset = _period(cron)
         late = sorted((t - offset) % period for t in (_epoch(s) for k, s in rows if k == kind)
                       if t - first > 60)
         if late:
@@ -157,5 +172,5 @@ def table(dr, work):
         rows.append(("error", e.strip()[:300]))
     title = (f"Soak, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, `BENCH_ONLY=soak scripts/bench`: "
              f"dr daemon, one fleet of {n} databases, {max(1, n // 10)} writing 20 tx/s for {minutes:g} min, "
-             "WAL streamed, full every 5 min, diff every minute, drill every 3 min; RSS read each minute.")
+             "WAL streamed; " + ", ".join(f"{k} `{v}`" for k, v in schedules().items()) + "; RSS read each minute.")
     return title, ("measure", "dr"), rows
