@@ -13,7 +13,7 @@ restored and compared with its source.
 
 BENCH_SOAK_SCHEDULE replaces the schedules ("full=0 */5 * * * *;verify=15
 */10 * * * *": 6-field cron, each `S * * * * *` or `S */N * * * *`), e.g.
-for a fleet of 1,000 whose diffs every minute two cores cannot take.
+for a fleet of 1,000 with fewer jobs.
 
 Imports bench_common and bench_fleet (for the fleet and the writers).
 """
