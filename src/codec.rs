@@ -579,24 +579,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
             raw: stored.clone(),
         };
         let opened = if encrypted {
-            let Some(keys) = unsealing else {
-                return Err(Error::Decrypt {
-                    object: object.to_string(),
-                    reason: "it is encrypted and no identity was given: pass --identity FILE (or set [encryption] identity_file)".into(),
-                });
-            };
-            // Buffered: age parses its header a byte at a time, which on a
-            // file is a syscall a byte (about 200 for each object).
-            let dec = age::Decryptor::new_buffered(BufReader::with_capacity(64 * 1024, tallied))
-                .map_err(|e| decrypt_error(object, e, keys))?;
-            let reader = dec
-                .decrypt(
-                    keys.identities
-                        .iter()
-                        .map(|i| i.as_ref() as &dyn age::Identity),
-                )
-                .map_err(|e| decrypt_error(object, e, keys))?;
-            Opened::Age(reader)
+            Opened::Age(decrypting(tallied, object, unsealing)?)
         } else {
             Opened::Plain(tallied)
         };
@@ -723,7 +706,32 @@ impl<R: Read + Send + 'static> Read for Decoder<R> {
     }
 }
 
-pub(crate) fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error {
+/// The plaintext of the age-encrypted `input` (`object` names it in
+/// errors), with the identities of `unsealing`; seekable when `input` is.
+pub(crate) fn decrypting<R: Read>(
+    input: R,
+    object: &str,
+    unsealing: Option<&Unsealing>,
+) -> Result<age::stream::StreamReader<BufReader<R>>> {
+    let Some(keys) = unsealing else {
+        return Err(Error::Decrypt {
+            object: object.to_string(),
+            reason: "it is encrypted and no identity was given: pass --identity FILE (or set [encryption] identity_file)".into(),
+        });
+    };
+    // Buffered: age parses its header a byte at a time, which on a file
+    // is a syscall a byte (about 200 for each object).
+    let dec = age::Decryptor::new_buffered(BufReader::with_capacity(64 * 1024, input))
+        .map_err(|e| decrypt_error(object, e, keys))?;
+    dec.decrypt(
+        keys.identities
+            .iter()
+            .map(|i| i.as_ref() as &dyn age::Identity),
+    )
+    .map_err(|e| decrypt_error(object, e, keys))
+}
+
+fn decrypt_error(object: &str, e: age::DecryptError, keys: &Unsealing) -> Error {
     // A download cut short while age reads its header is the network
     // failing, not a damaged object: exit 1, not 3.
     let reason = match e {

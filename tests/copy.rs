@@ -7,7 +7,7 @@
 mod common;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::s3::{S3Server, SECRET_KEY, target_toml};
 use common::{Env, make_db};
@@ -53,17 +53,6 @@ fn labels_on(env: &Env, target: &str) -> Vec<String> {
     common::labels_in(&r.json())
 }
 
-fn stop(mut child: common::Proc) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().expect("wait").is_none() {
-        assert!(Instant::now() < deadline, "dr replicate did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
     let root = tempfile::tempdir().expect("tmp");
@@ -87,7 +76,7 @@ fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
         .status()
         .expect("writer");
     assert!(st.success());
-    stop(replicate);
+    common::stop(replicate);
     env.dr(&["backup-local", "app", "--type", "diff"]).ok();
     let source = labels_on(&env, "local");
     assert!(source.len() >= 3, "{source:?}");

@@ -17,24 +17,6 @@ fn replicate(env: &Env) -> common::Proc {
     common::spawn_replicate(env)
 }
 
-/// SIGTERM, then the exit code.
-fn stop(mut child: common::Proc) -> i32 {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            return st.code().unwrap_or(-1);
-        }
-        assert!(
-            Instant::now() < deadline,
-            "dr replicate did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// `dr info --json` once the streamer was stopped on purpose: the
 /// database is at risk for that reason alone (`streamer_down`, exit 1),
 /// or protected; any other reason fails the test.
@@ -173,7 +155,7 @@ fn restores_at_any_instant_through_checkpoints_a_vacuum_and_a_big_transaction() 
         &["--big-at", "4", "3000000", "--vacuum-at", "7"],
     );
     let final_digest = common::digest(&env.db);
-    assert_eq!(stop(dr), 0, "replicate must exit 0 on SIGTERM");
+    assert_eq!(common::stop(dr), 0, "replicate must exit 0 on SIGTERM");
 
     for (at, burst, want) in marks(&env) {
         let r = restore_at(&env, "restore-local", &at, "at.db").ok();
@@ -245,7 +227,7 @@ fn kill_9_mid_stream_then_restart_loses_nothing_shipped_and_leaves_no_gap() {
     let after_restart: Vec<String> = marks(&env).into_iter().skip(n).map(|m| m.0).collect();
     let final_digest = common::digest(&env.db);
     // SIGTERM ships what was committed before it: no wait for a sync.
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     let log = log_text();
 
     // Everything shipped before the kill restores exactly.
@@ -299,7 +281,7 @@ fn an_s3_target_down_for_30_seconds_catches_up_in_order_without_a_gap() {
         assert!(Instant::now() < deadline, "s3 did not catch up: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     assert_eq!(generations(&env, 1), 1);
     for (at, burst, want) in marks(&env) {
         restore_at(&env, "restore-s3", &at, "at.db").ok();
@@ -384,7 +366,7 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
         stream["lag_seconds"].as_f64().is_some_and(|l| l > 1.0),
         "{stream}"
     );
-    let code = stop(dr);
+    let code = common::stop(dr);
     let log = std::fs::read_to_string(env.path("replicate.log")).expect("log");
     assert_eq!(
         code, 1,
@@ -409,7 +391,7 @@ fn a_full_spool_is_loud_keeps_every_segment_and_ships_them_on_the_next_run() {
         assert!(Instant::now() < deadline, "the spool never drained: {st}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     let key = env.key_arg();
     let to = env.path("s3.db").display().to_string();
     env.dr(&["restore-s3", "app", "--to", &to, "--identity", &key])
@@ -455,7 +437,7 @@ fn backups_taken_while_streaming_carry_a_wal_position_and_expire_trims_older_wal
         r.stdout
     );
     write(&env, 2, 40, 600, 2000, &[]);
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     let j = info_after_stop(&env);
     let t = &j["policies"][0]["targets"][0];
     assert_eq!(t["backups"].as_array().map(|b| b.len()), Some(1), "{t}");
@@ -494,7 +476,7 @@ fn a_wal_gap_refuses_the_newest_state_names_the_newest_instant_and_fails_verify(
     let dr = replicate(&env);
     wait_streaming(&env);
     write(&env, 6, 30, 1500, 500, &[]);
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     // Segments with frames (not heartbeats, whose first frame is past their last).
     let segs: Vec<PathBuf> = segment_files(&env)
         .into_iter()
@@ -541,7 +523,7 @@ fn verify_reads_every_wal_segment_and_names_a_corrupt_one() {
     let dr = replicate(&env);
     wait_streaming(&env);
     write(&env, 3, 30, 1500, 500, &[]);
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     let key = env.key_arg();
     env.dr(&["verify", "app", "--identity", &key]).ok();
     let segs = segment_files(&env);
@@ -667,7 +649,7 @@ fn the_generation_continues_across_sighup_and_a_daemon_restart_under_a_live_writ
     )
     .expect("writer");
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(stop(d), 0);
+    assert_eq!(common::stop(d), 0);
     std::thread::sleep(Duration::from_millis(1500));
     let log_text = || std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
     let continued = log_text().matches("continuing the generation").count();
@@ -685,7 +667,7 @@ fn the_generation_continues_across_sighup_and_a_daemon_restart_under_a_live_writ
     let after_restart: Vec<String> = marks(&env).into_iter().skip(n).map(|m| m.0).collect();
     let final_digest = common::digest(&env.db);
     // SIGTERM ships what was committed before it: no wait for a sync.
-    assert_eq!(stop(d), 0);
+    assert_eq!(common::stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
     assert_eq!(generations(&env, 0), 1, "one generation throughout\n{log}");
     assert_eq!(backup_count(&env), 1, "no extra full\n{log}");
@@ -737,7 +719,7 @@ fn a_failing_streamer_is_reported_restarted_by_itself_and_its_lag_grows() {
     write(&env, 2, 20, 1200, 500, &[]);
     let after: Vec<String> = marks(&env).into_iter().skip(n).map(|m| m.0).collect();
     let final_digest = common::digest(&env.db);
-    assert_eq!(stop(d), 0);
+    assert_eq!(common::stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).unwrap_or_default();
     assert!(log.contains("restarting in"), "{log}");
     // Across the outage every instant restores exactly or is refused.
@@ -755,7 +737,7 @@ fn verify_reads_every_backup_and_segment_and_names_each_damaged_one() {
     write(&env, 2, 30, 1200, 500, &[]);
     env.dr(&["backup-local", "app", "--type", "full"]).ok();
     write(&env, 2, 30, 1200, 500, &[]);
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     let key = env.key_arg();
     let ok = env
         .dr(&["verify", "app", "--identity", &key, "--restore-all"])
@@ -801,7 +783,7 @@ fn a_long_stream_takes_diffs_so_a_restore_replays_a_bounded_amount_of_wal() {
     wait_streaming(&env);
     // About 4 MiB of WAL in 12 bursts, far past diff_after.
     write(&env, 12, 80, 400, 3000, &[]);
-    assert_eq!(stop(dr), 0);
+    assert_eq!(common::stop(dr), 0);
     let log = std::fs::read_to_string(env.path("replicate.log")).unwrap_or_default();
 
     let j = info_after_stop(&env);
@@ -908,7 +890,7 @@ fn the_s3_key_rotated_under_a_running_daemon_loses_nothing_and_needs_no_restart(
         daemon.try_wait().expect("wait").is_none(),
         "the daemon stopped"
     );
-    assert_eq!(stop(daemon), 0);
+    assert_eq!(common::stop(daemon), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert_eq!(
         log.lines()
@@ -1026,7 +1008,7 @@ fn the_backup_key_rotated_under_a_running_daemon_seals_new_wal_to_it_and_keys_st
     let final_digest = common::digest(&env.db);
     std::thread::sleep(Duration::from_millis(1500));
     assert!(d.try_wait().expect("wait").is_none(), "the daemon stopped");
-    assert_eq!(stop(d), 0);
+    assert_eq!(common::stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert_eq!(
         log.lines()
@@ -1133,7 +1115,7 @@ fn a_passphrase_changed_under_a_running_daemon_starts_a_generation_each_passphra
     );
     write(&env, 2, 20, 600, 500, &[]);
     let final_digest = common::digest(&env.db);
-    assert_eq!(stop(d), 0);
+    assert_eq!(common::stop(d), 0);
     let log = std::fs::read_to_string(env.path("daemon.log")).expect("log");
     assert!(!log.contains(first) && !log.contains(second), "{log}");
     assert!(!log.contains("restarting in"), "a streamer failed: {log}");
@@ -1188,7 +1170,7 @@ fn expire_after_a_passphrase_rotation_keeps_every_instant_the_new_generation_res
     std::thread::sleep(Duration::from_millis(2500));
     let idle = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     std::thread::sleep(Duration::from_millis(1500));
-    assert_eq!(stop(d), 0);
+    assert_eq!(common::stop(d), 0);
     let want = common::digest(&env.db);
     let restore = || {
         let to = env.path("at.db").display().to_string();
@@ -1264,5 +1246,5 @@ fn a_full_spool_under_the_daemon_turns_healthz_503_and_fills_the_spool_gauge() {
         value("dr_wal_spool_bytes") / value("dr_wal_spool_max_bytes") > 0.5,
         "{m}"
     );
-    let _ = stop(d);
+    let _ = common::stop(d);
 }

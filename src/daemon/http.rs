@@ -7,6 +7,7 @@
 use std::sync::Arc;
 
 use chrono::Utc;
+use prometheus_client::registry::Registry;
 use serde::Serialize;
 
 use super::{Shared, status_page};
@@ -253,27 +254,32 @@ fn evidence(
     })
 }
 
+type Labels = Vec<(String, String)>;
+/// A family of gauges by label set, as every gauge here is.
+pub(super) type Gauges = prometheus_client::metrics::family::Family<
+    Labels,
+    prometheus_client::metrics::gauge::Gauge<f64, std::sync::atomic::AtomicU64>,
+>;
+
+/// Registers a family of gauges `name` with its help text.
+pub(super) fn gauge(reg: &mut Registry, name: &str, help: &str) -> Gauges {
+    let f = Gauges::default();
+    reg.register(name, help, f.clone());
+    f
+}
+
 /// The Prometheus exposition (OpenMetrics text, through prometheus-client).
 /// Every series of every configured policy, target and job is present,
 /// as 0 for what has not happened yet, so alert rules see it from the start.
 pub fn metrics(shared: &Shared) -> Result<String> {
     use prometheus_client::metrics::counter::Counter;
     use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
-    use prometheus_client::registry::Registry;
-    type Labels = Vec<(String, String)>;
-    type Gauges = Family<Labels, Gauge<f64, std::sync::atomic::AtomicU64>>;
     type Counters = Family<Labels, Counter>;
 
     let (ctx, history) = snapshot(shared)?;
     let cfg = ctx.cfg();
     let now = Utc::now();
     let mut reg = <Registry>::default();
-    let gauge = |reg: &mut Registry, name: &str, help: &str| {
-        let f = Gauges::default();
-        reg.register(name, help, f.clone());
-        f
-    };
     let counter = |reg: &mut Registry, name: &str, help: &str| {
         let f = Counters::default();
         reg.register(name, help, f.clone());
@@ -614,7 +620,7 @@ fn key_views(
         .into_iter()
         .map(|c| status_page::KeyView {
             what: format!("certificate {}", c.item.endpoint),
-            whose: c.item.used_by.join(", "),
+            whose: c.item.users(),
             when: c.item.not_after,
             note: c.item.error,
             at_risk: c.at_risk,

@@ -470,9 +470,9 @@ pub fn run(config_path: &Path, stop: &Arc<AtomicBool>, hup: &Arc<AtomicBool>) ->
         .checked_sub(VERDICT_CHECK - Duration::from_secs(5))
         .unwrap_or_else(Instant::now);
     let at_risk: Arc<Mutex<BTreeMap<String, String>>> = Arc::default();
+    // Its first look starts in the loop's first turn, before any scrape
+    // can count on it: nothing has been looked at yet.
     let mut rotation = rotation_watch::RotationWatch::default();
-    // Secret ages and certificates are known before the first scrape.
-    rotation.tick(&shared, true);
     while !stop.load(Ordering::SeqCst) {
         // The protection verdict, every VERDICT_CHECK: a database that
         // becomes at risk (or protected again) is notified once.

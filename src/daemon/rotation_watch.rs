@@ -62,22 +62,15 @@ impl RotationWatch {
 }
 
 /// The metrics of secrets and certificates: timestamps for dashboards,
-/// and 0/1 series the shipped alert rules fire on, present from the first
-/// scrape (0 until a look says otherwise).
+/// and 0/1 series the shipped alert rules fire on, one per secret file
+/// and endpoint from the first look on (a second or so after start).
 pub fn metrics(
     reg: &mut prometheus_client::registry::Registry,
     shared: &Shared,
     security: &crate::config::Security,
     now: chrono::DateTime<chrono::Utc>,
 ) {
-    use prometheus_client::metrics::family::Family;
-    use prometheus_client::metrics::gauge::Gauge;
-    type Gauges = Family<Vec<(String, String)>, Gauge<f64, std::sync::atomic::AtomicU64>>;
-    let mut gauge = |name: &str, help: &str| {
-        let f = Gauges::default();
-        reg.register(name, help, f.clone());
-        f
-    };
+    let mut gauge = |name: &str, help: &str| super::http::gauge(reg, name, help);
     let changed = gauge(
         "dr_secret_file_changed_timestamp_seconds",
         "When the contents of a key or secret file dr loads last changed (its modification time; 0: it cannot be read)",

@@ -87,22 +87,19 @@ pub fn ends<'c>(
     from: Option<&String>,
     to: Option<&String>,
 ) -> Result<(&'c Target, Vec<&'c Target>)> {
+    // A target of dr.toml that the policy neither backs up to nor copies
+    // to is a usage error that says where to declare it.
     let named = |n: &str| -> Result<&'c Target> {
-        if cfg.targets.contains_key(n)
-            && !policy.targets.iter().any(|t| t == n)
-            && !policy
-                .copy
-                .as_ref()
-                .is_some_and(|c| c.to.iter().any(|t| t == n))
-        {
-            return Err(Error::Usage(format!(
-                "target '{n}' is neither a target nor a copy destination of policy '{}': add `[copy] to = [\"{n}\"]` to {}, so that restore, info and verify reach the copy with --target",
-                policy.configured_name(),
-                policy.file.display()
-            )));
-        }
         TargetFilter::Name(n.to_string())
-            .select(cfg, policy)?
+            .select(cfg, policy)
+            .map_err(|e| match cfg.targets.contains_key(n) {
+                true => Error::Usage(format!(
+                    "target '{n}' is neither a target nor a copy destination of policy '{}': add `[copy] to = [\"{n}\"]` to {}, so that restore, info and verify reach the copy with --target",
+                    policy.configured_name(),
+                    policy.file.display()
+                )),
+                false => e,
+            })?
             .into_iter()
             .next()
             .ok_or_else(|| {
@@ -194,8 +191,7 @@ pub fn copy(
         .sum();
     progress.set_total(total);
     for m in &chosen {
-        let dir = held.iter().find(|d| d.label == m.label && d.has_manifest);
-        if dir.is_some() {
+        if held.iter().any(|d| d.label == m.label && d.has_manifest) {
             match dest.manifest(&m.label) {
                 Ok(theirs) if theirs.to_bytes() == m.to_bytes() => out.present += 1,
                 _ => {
@@ -241,24 +237,15 @@ pub fn copy(
         copy_wal(src.as_ref(), dst.as_ref(), policy, &chosen, opts, &mut out)?;
     }
     out.seconds = started.elapsed().as_secs_f64();
-    let r = match problems.len() {
-        0 => Ok(out),
-        1 => Err(problems.remove(0).1),
-        _ => Err(Error::Several(problems)),
-    };
-    // In the audit log as every action that writes to a target is; a
-    // line that cannot be written fails the copy.
-    let recorded = crate::audit::record_checked(
-        crate::audit::Entry::new("copy")
-            .policy(&policy.name)
-            .target(&to.name)
-            .labels(r.as_ref().map(|c| c.copied.clone()).unwrap_or_default())
-            .detail(format!("from target '{}'", from.name))
-            .outcome(&r),
-    );
-    let r = r?;
-    recorded?;
-    Ok(r)
+    // In the audit log as every action that writes to a target is.
+    super::source::audit(
+        policy,
+        to,
+        "copy",
+        super::verify::outcome(out, problems),
+        |c| c.copied.clone(),
+        Some(format!("from target '{}'", from.name)),
+    )
 }
 
 /// The intact backups to copy, oldest first: those `opts` asks for, with
@@ -397,34 +384,25 @@ fn copy_wal(
             .is_some_and(|frame| s.last > *frame),
     };
     let wanted_generation = |g: &str| from_frame.as_ref().is_none_or(|f| f.contains_key(g));
-    let records: Vec<&repo::ObjectMeta> = listing
+    let size: BTreeMap<&str, u64> = listing.iter().map(|o| (o.key.as_str(), o.size)).collect();
+    // Each generation's keys records before its segments (both lists are
+    // by generation, then position).
+    let records = repo::wal::keys_ranges(&prefix, &listing);
+    let mut keys: Vec<(&str, bool, &str)> = records
         .iter()
-        .filter(|o| o.key.ends_with(".json") && o.key.contains("/keys/"))
-        .filter(|o| {
-            o.key[prefix.len()..]
-                .split('/')
-                .next()
-                .is_some_and(wanted_generation)
-        })
-        .collect();
-    let mut keys: Vec<(&str, u64)> = records.iter().map(|o| (o.key.as_str(), o.size)).collect();
-    keys.extend(
-        segments
-            .iter()
-            .filter(|s| wanted_segment(s))
-            .map(|s| (s.key.as_str(), s.size)),
-    );
-    // Keys records sort after their generation's segments: put each
-    // generation's first.
-    keys.sort_by_key(|(k, _)| {
-        let rest = &k[prefix.len()..];
-        let (generation, name) = rest.split_once('/').unwrap_or((rest, ""));
-        (
-            generation.to_string(),
-            !name.starts_with("keys/"),
-            name.to_string(),
+        .filter(|r| wanted_generation(&r.generation))
+        .map(|r| (r.generation.as_str(), false, r.key.as_str()))
+        .chain(
+            segments
+                .iter()
+                .filter(|s| wanted_segment(s))
+                .map(|s| (s.generation.as_str(), true, s.key.as_str())),
         )
-    });
+        .collect();
+    keys.sort_by_key(|&(generation, segment, _)| (generation, segment));
+    let keys = keys
+        .into_iter()
+        .map(|(_, _, k)| (k, size.get(k).copied().unwrap_or(0)));
     for (key, size) in keys {
         if size == 0 {
             return Err(Error::Integrity {

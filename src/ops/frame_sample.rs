@@ -11,11 +11,11 @@
 //! by every drill: the key still opens it, its headers are intact, and a
 //! random tenth of its pages decode to what was backed up.
 
-use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom};
 
 use super::PolicyRepo;
 use crate::codec::read_error;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::repo::{self, Manifest};
 use crate::storage::Storage;
 
@@ -50,7 +50,7 @@ pub fn check(
     };
     let key = repo::object_key(repo.policy, &m.label, repo::DATA);
     let object = format!("target '{}': {key}", repo.storage.target());
-    let ranges = Ranges::new(repo.storage, &key, digest.stored_size);
+    let mut ranges = Ranges::new(repo.storage, &key, digest.stored_size);
     let pick = |n: u64| {
         let want = ((n as f64 * percent / 100.0).ceil() as u64).clamp(1, n.max(1));
         let mut all: Vec<u64> = (0..n).collect();
@@ -60,21 +60,10 @@ pub fn check(
         all
     };
     let picked = if m.encrypted() {
-        let Some(keys) = unsealing else {
-            return Err(Error::Decrypt {
-                object,
-                reason: "it is encrypted and no identity was given: pass --identity FILE (or set [encryption] identity_file)".into(),
-            });
-        };
-        let dec = age::Decryptor::new_buffered(BufReader::with_capacity(64 << 10, ranges))
-            .map_err(|e| crate::codec::decrypt_error(&object, e, keys))?;
-        let mut plain = dec
-            .decrypt(keys.identities.iter().map(|i| i.as_ref() as &dyn age::Identity))
-            .map_err(|e| crate::codec::decrypt_error(&object, e, keys))?;
+        let mut plain = crate::codec::decrypting(ranges, &object, unsealing)?;
         crate::codec::framed::sample(&mut plain, digest.plain_size, framed, pick)
     } else {
-        let mut plain = ranges;
-        crate::codec::framed::sample(&mut plain, digest.plain_size, framed, pick)
+        crate::codec::framed::sample(&mut ranges, digest.plain_size, framed, pick)
     }
     .map_err(|e| read_error(&object, e))?;
     Ok(Sampled {

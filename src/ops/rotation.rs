@@ -60,6 +60,13 @@ impl Scope {
     }
 }
 
+/// Serialised as [`Scope::word`]: `dr keys status --json`'s `used_by`.
+impl Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.word())
+    }
+}
+
 /// One secret or key file and when its contents last changed.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SecretFile {
@@ -80,8 +87,8 @@ pub struct SecretFile {
 pub struct Certificate {
     /// `host:port`.
     pub endpoint: String,
-    /// Who talks to it: `target 's3'`, `notify`.
-    pub used_by: Vec<String>,
+    /// Who talks to it: `target 's3'`; `daemon` for notification URLs.
+    pub used_by: Vec<Scope>,
     pub not_after: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
@@ -89,8 +96,17 @@ pub struct Certificate {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub checked: DateTime<Utc>,
-    #[serde(skip)]
-    pub scopes: Vec<Scope>,
+}
+
+impl Certificate {
+    /// Who talks to it, in words.
+    pub fn users(&self) -> String {
+        self.used_by
+            .iter()
+            .map(Scope::word)
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
 }
 
 /// A secret or certificate with what `[security]` makes of it now.
@@ -122,12 +138,37 @@ pub struct Findings {
     pub certs: Vec<Certificate>,
 }
 
-/// One HTTPS endpoint to probe.
+/// One HTTPS endpoint to probe, and who talks to it.
 struct Endpoint {
     host: String,
     port: u16,
     ca_file: Option<PathBuf>,
-    scope: Scope,
+    scopes: Vec<Scope>,
+}
+
+impl Endpoint {
+    /// Adds `scope`'s use of `host:port` (trusting `ca_file`) to `all`:
+    /// one probe for an endpoint several targets share.
+    fn add(
+        all: &mut Vec<Endpoint>,
+        (host, port): (String, u16),
+        ca_file: Option<PathBuf>,
+        scope: Scope,
+    ) {
+        match all
+            .iter_mut()
+            .find(|e| e.host == host && e.port == port && e.ca_file == ca_file)
+        {
+            Some(e) if !e.scopes.contains(&scope) => e.scopes.push(scope),
+            Some(_) => {}
+            None => all.push(Endpoint {
+                host,
+                port,
+                ca_file,
+                scopes: vec![scope],
+            }),
+        }
+    }
 }
 
 impl Findings {
@@ -224,7 +265,7 @@ impl Findings {
                     span(security.cert_warn)
                 )
             };
-            for scope in &c.item.scopes {
+            for scope in &c.item.used_by {
                 if let Some(target) = scope.covers(policy) {
                     out.push(Risk {
                         reason: Reason::CertExpiring,
@@ -323,7 +364,7 @@ fn secret_files(cfg: &Config) -> Vec<SecretFile> {
         .collect()
 }
 
-/// Every HTTPS endpoint dr talks to: S3 targets (pgBackRest's
+/// Every HTTPS endpoint dr talks to, once each: S3 targets (pgBackRest's
 /// repositories are S3 targets too) and notification URLs.
 fn endpoints(cfg: &Config, notify: bool) -> Vec<Endpoint> {
     let mut out = Vec::new();
@@ -335,13 +376,8 @@ fn endpoints(cfg: &Config, notify: bool) -> Vec<Endpoint> {
                     s.region.as_deref().unwrap_or("us-east-1")
                 )
             });
-            if let Some((host, port)) = https_host_port(&url) {
-                out.push(Endpoint {
-                    host,
-                    port,
-                    ca_file: s.ca_file.clone(),
-                    scope: Scope::Target(name.clone()),
-                });
+            if let Some(at) = https_host_port(&url) {
+                Endpoint::add(&mut out, at, s.ca_file.clone(), Scope::Target(name.clone()));
             }
         }
     }
@@ -355,13 +391,8 @@ fn endpoints(cfg: &Config, notify: bool) -> Vec<Endpoint> {
             .into_iter()
             .flatten()
         {
-            if let Some((host, port)) = https_host_port(url) {
-                out.push(Endpoint {
-                    host,
-                    port,
-                    ca_file: None,
-                    scope: Scope::Daemon,
-                });
+            if let Some(at) = https_host_port(url) {
+                Endpoint::add(&mut out, at, None, Scope::Daemon);
             }
         }
     }
@@ -386,38 +417,31 @@ fn https_host_port(url: &str) -> Option<(String, u16)> {
     }
 }
 
-/// Probes every endpoint once (one handshake for an endpoint several
-/// targets share), all at once.
+/// Probes every endpoint, all at once.
 fn certificates(cfg: &Config, notify: bool) -> Vec<Certificate> {
-    let mut unique: Vec<(String, u16, Option<PathBuf>, Vec<Scope>)> = Vec::new();
-    for e in endpoints(cfg, notify) {
-        match unique
-            .iter_mut()
-            .find(|u| u.0 == e.host && u.1 == e.port && u.2 == e.ca_file)
-        {
-            Some(u) if !u.3.contains(&e.scope) => u.3.push(e.scope),
-            Some(_) => {}
-            None => unique.push((e.host, e.port, e.ca_file, vec![e.scope])),
-        }
-    }
+    let endpoints = endpoints(cfg, notify);
     std::thread::scope(|s| {
-        let handles: Vec<_> = unique
+        let handles: Vec<_> = endpoints
             .iter()
-            .map(|(host, port, ca, scopes)| {
+            .map(|e| {
                 s.spawn(move || {
-                    let seen = crate::tls_expiry::probe(host, *port, ca.as_deref(), PROBE_TIMEOUT);
+                    let seen = crate::tls_expiry::probe(
+                        &e.host,
+                        e.port,
+                        e.ca_file.as_deref(),
+                        PROBE_TIMEOUT,
+                    );
                     let (not_after, subject, error) = match seen {
                         Ok(s) => (Some(s.not_after), Some(s.subject), s.refused),
-                        Err(e) => (None, None, Some(e)),
+                        Err(why) => (None, None, Some(why)),
                     };
                     Certificate {
-                        endpoint: format!("{host}:{port}"),
-                        used_by: scopes.iter().map(Scope::word).collect(),
+                        endpoint: format!("{}:{}", e.host, e.port),
+                        used_by: e.scopes.clone(),
                         not_after,
                         subject,
                         error,
                         checked: Utc::now(),
-                        scopes: scopes.clone(),
                     }
                 })
             })
@@ -457,7 +481,7 @@ pub fn render(f: &Findings, security: &Security, now: DateTime<Utc>) -> String {
     }
     for j in f.certs_at(security, now) {
         let c = &j.item;
-        let who = c.used_by.join(", ");
+        let who = c.users();
         let _ = match c.not_after {
             Some(n) => writeln!(
                 s,
@@ -535,12 +559,11 @@ mod tests {
             ],
             certs: vec![Certificate {
                 endpoint: "s3.example.com:443".into(),
-                used_by: vec!["target 's3'".into()],
+                used_by: vec![Scope::Target("s3".into())],
                 not_after: Some(now + chrono::Duration::days(10)),
                 subject: Some("CN=s3.example.com".into()),
                 error: None,
                 checked: now,
-                scopes: vec![Scope::Target("s3".into())],
             }],
         };
         let off = Security::default();

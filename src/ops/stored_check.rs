@@ -80,8 +80,8 @@ pub fn check(
     let drills = repo::drill::newest(repo.storage, repo.policy)
         .inspect_err(|e| tracing::warn!(policy = %policy.name, target = %target.name, "cannot read the drills recorded on the target: {e}"))
         .ok();
-    match problems.len() {
-        0 => Ok(Verified {
+    super::verify::outcome(
+        Verified {
             policy: policy.name.clone(),
             target: target.name.clone(),
             label: newest.to_string(),
@@ -93,10 +93,9 @@ pub fn check(
             without_key: true,
             drills,
             frames_sampled: None,
-        }),
-        1 => Err(problems.remove(0).1),
-        _ => Err(Error::Several(problems)),
-    }
+        },
+        problems,
+    )
 }
 
 /// Reads one object's stored bytes, handing each piece to `sink` (a copy

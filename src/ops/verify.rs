@@ -231,8 +231,8 @@ fn drill_repository(
             Err(e) => problems.push(("WAL replay".into(), as_drill_failure(e))),
         }
     }
-    match problems.len() {
-        0 => Ok(Verified {
+    outcome(
+        Verified {
             policy: policy.name.clone(),
             target: target.name.clone(),
             label: newest.to_string(),
@@ -244,14 +244,23 @@ fn drill_repository(
             without_key: false,
             drills: None,
             frames_sampled: (frames.backups > 0).then_some(frames),
-        }),
-        1 => Err(problems.remove(0).1),
-        _ => Err(Error::Several(problems)),
-    }
+        },
+        problems,
+    )
 }
 
 /// What a drill found wrong, each named.
 pub(super) type Problems = Vec<(String, Error)>;
+
+/// `value` when nothing was found wrong; the one problem as it is; or
+/// all of them, with the exit code of the most severe.
+pub(super) fn outcome<T>(value: T, mut problems: Problems) -> Result<T> {
+    match problems.len() {
+        0 => Ok(value),
+        1 => Err(problems.remove(0).1),
+        _ => Err(Error::Several(problems)),
+    }
+}
 
 /// What a manifest that could not be read means for a check: a manifest
 /// the network cut off is not a damaged backup, the target could not be

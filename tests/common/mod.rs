@@ -908,3 +908,24 @@ pub fn digest(db: &Path) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
+
+/// SIGTERM to `child` (a `dr replicate`, say), then its exit code once it
+/// stopped; the test fails if it takes over a minute.
+#[allow(dead_code)]
+pub fn stop(mut child: Proc) -> i32 {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            return st.code().unwrap_or(-1);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} did not stop on SIGTERM",
+            child.id()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
