@@ -497,11 +497,19 @@ pub struct Mismatch(pub String);
 /// hash or size differs from the manifest, so a consumer that reads to the
 /// end has verified everything it used.
 pub struct Decoder<R: Read> {
-    inner: Stage,
+    inner: Body,
     /// A format 1 stream's end-of-stream checks; `None` for a format 2
     /// object, whose frame reader checks its own digests.
     tallies: Option<Tallies<R>>,
     done: bool,
+}
+
+/// Where a decoder's plaintext comes from.
+enum Body {
+    /// A format 1 stream through its stages.
+    Stream(Stage),
+    /// A format 2 object's frames, checked by the frame reader itself.
+    Frames(Box<framed::FrameReader>),
 }
 
 /// What a format 1 stream is checked against at its end.
@@ -611,7 +619,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
                 f,
             );
             return Ok(Decoder {
-                inner: Stage::new(false, frames, || Ok(())),
+                inner: Body::Frames(Box::new(frames)),
                 tallies: None,
                 done: false,
             });
@@ -636,7 +644,7 @@ impl<R: Read + Send + 'static> Decoder<R> {
         }));
         let inner = Stage::new(threaded, TallyReader { raw: plain.clone() }, || Ok(()));
         Ok(Decoder {
-            inner,
+            inner: Body::Stream(inner),
             tallies: Some(Tallies {
                 expected: expected.cloned(),
                 stored,
@@ -644,6 +652,16 @@ impl<R: Read + Send + 'static> Decoder<R> {
             }),
             done: false,
         })
+    }
+
+    /// A format 2 object's frames, for a consumer that works on whole
+    /// frames; `None` for a format 1 stream, which is read through `Read`.
+    /// Reading frames and reading bytes from one decoder must not mix.
+    pub fn frames(&mut self) -> Option<&mut framed::FrameReader> {
+        match &mut self.inner {
+            Body::Frames(f) => Some(f),
+            Body::Stream(_) => None,
+        }
     }
 
     fn check_end(&mut self) -> io::Result<()> {
@@ -696,7 +714,10 @@ impl<R: Read + Send + 'static> Read for Decoder<R> {
         if self.done {
             return Ok(0);
         }
-        let n = self.inner.read(buf)?;
+        let n = match &mut self.inner {
+            Body::Stream(s) => s.read(buf)?,
+            Body::Frames(f) => f.read(buf)?,
+        };
         if n == 0 {
             self.done = true;
             self.check_end()?;

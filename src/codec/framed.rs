@@ -410,6 +410,57 @@ impl FrameReader {
     }
 }
 
+impl std::fmt::Debug for FrameReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "FrameReader(frame {} of {})",
+            self.next, self.framed.frames
+        )
+    }
+}
+
+impl FrameReader {
+    /// The next frame's plain bytes, decoded and checked against its
+    /// header, in order; `None` once the object's end has been checked
+    /// against the manifest. For a consumer that works on whole frames
+    /// (a restore writing pages on every core) without copying them out.
+    /// Each buffer must come back through [`FrameReader::recycle`] once
+    /// used: the window of frames in flight is made of them, and the
+    /// reading thread waits for one to come back.
+    pub fn next_frame(&mut self) -> io::Result<Option<Vec<u8>>> {
+        loop {
+            if self.done {
+                return Ok(None);
+            }
+            if let Some(d) = self.ready.remove(&self.next) {
+                self.fold.add(d.plain.len(), &d.hash);
+                self.next += 1;
+                return Ok(Some(d.plain));
+            }
+            if let Some(end) = self.end.take_if(|e| e.frames == self.next) {
+                self.done = true;
+                self.check_end(&end)?;
+                return Ok(None);
+            }
+            match self.results.recv() {
+                Ok(Msg::Frame(Ok(d))) => {
+                    self.ready.insert(d.seq, d);
+                }
+                Ok(Msg::Frame(Err(e)) | Msg::End(Err(e))) => return Err(e),
+                Ok(Msg::End(Ok(end))) => self.end = Some(end),
+                Err(_) => return Err(stopped()),
+            }
+        }
+    }
+
+    /// Hands a frame's buffer back for a later frame. If the reading
+    /// thread has stopped, it is just dropped.
+    pub fn recycle(&self, spent: Vec<u8>) {
+        let _ = self.buffers.try_send(spent);
+    }
+}
+
 impl Read for FrameReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
@@ -419,31 +470,16 @@ impl Read for FrameReader {
                 self.pos += n;
                 return Ok(n);
             }
-            if self.done || buf.is_empty() {
+            if buf.is_empty() {
                 return Ok(0);
             }
-            if let Some(d) = self.ready.remove(&self.next) {
-                self.fold.add(d.plain.len(), &d.hash);
-                let spent = std::mem::replace(&mut self.chunk, d.plain);
-                // The reading thread takes it for a later frame; if it has
-                // stopped, the buffer is just dropped.
-                let _ = self.buffers.try_send(spent);
-                self.pos = 0;
-                self.next += 1;
-                continue;
-            }
-            if let Some(end) = self.end.take_if(|e| e.frames == self.next) {
-                self.done = true;
-                self.check_end(&end)?;
-                return Ok(0);
-            }
-            match self.results.recv() {
-                Ok(Msg::Frame(Ok(d))) => {
-                    self.ready.insert(d.seq, d);
+            match self.next_frame()? {
+                Some(plain) => {
+                    let spent = std::mem::replace(&mut self.chunk, plain);
+                    self.recycle(spent);
+                    self.pos = 0;
                 }
-                Ok(Msg::Frame(Err(e)) | Msg::End(Err(e))) => return Err(e),
-                Ok(Msg::End(Ok(end))) => self.end = Some(end),
-                Err(_) => return Err(stopped()),
+                None => return Ok(0),
             }
         }
     }

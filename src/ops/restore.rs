@@ -15,7 +15,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use super::PolicyRepo;
-use super::proof::{self, Check, Proof, Written};
+use super::proof::{self, Check, Proof};
 use super::report::{Replayed, RestoreReport};
 use crate::codec::Decoder;
 use crate::config::{Policy, Target};
@@ -25,6 +25,8 @@ use crate::keys::Unsealing;
 use crate::progress::{Counted, Progress};
 use crate::repo::{self, Label, Manifest, wal::Replay};
 use crate::sqlite::apply;
+use crate::sqlite::frame_apply;
+use crate::sqlite::pages::HASH_LEN;
 
 /// Options of a restore.
 #[derive(Debug, Clone, Default)]
@@ -153,7 +155,7 @@ pub fn restore(
     if let Some(meta) = &replaced {
         keep_owner_and_mode(tmp.as_file(), meta, to)?;
     }
-    let (bytes, written) = materialize(
+    let (bytes, pages_identical) = materialize(
         &repo,
         &chain,
         unsealing.as_ref(),
@@ -161,8 +163,11 @@ pub fn restore(
         tmp.path(),
         progress,
     )?;
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "pages written");
-    // The pages go to disk while they are read back and checked (CPU);
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "pages written and proven"
+    );
+    // The pages go to disk while SQLite checks them (from the page cache);
     // both must pass before the rename. A WAL replay dirties a few pages
     // more, synced again below.
     let syncing = tmp
@@ -170,16 +175,6 @@ pub fn restore(
         .try_clone()
         .map(|f| std::thread::spawn(move || f.sync_all()));
     let (check, drill) = proof::health(&repo, &label, replay.is_some(), opts.check);
-    // With no WAL to replay the file is final once written: its SQLite
-    // check runs beside the read-back (one core each, where they used to
-    // take turns).
-    let early = replay.is_none().then(|| {
-        let path = tmp.path().to_path_buf();
-        std::thread::spawn(move || proof::run_check(&path, check))
-    });
-    // Before any WAL changes a page: the file is the backup, page by page.
-    let pages_identical =
-        proof::identity(&repo, &chain, unsealing.as_ref(), &written, tmp.as_file())?;
     let wal = match &replay {
         Some(plan) => Some(replay_wal(
             &repo,
@@ -192,16 +187,7 @@ pub fn restore(
         None => None,
     };
     let bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(bytes);
-    tracing::debug!(
-        seconds = started.elapsed().as_secs_f64(),
-        "pages written, hashes verified"
-    );
-    let checked = match early {
-        Some(h) => h
-            .join()
-            .unwrap_or_else(|_| Err(Error::Other("internal: the check thread panicked".into()))),
-        None => proof::run_check(tmp.path(), check),
-    };
+    let checked = proof::run_check(tmp.path(), check);
     let synced = match syncing {
         Ok(handle) => handle
             .join()
@@ -427,9 +413,9 @@ pub fn replay_wal(
     })
 }
 
-/// Writes the pages of `chain` (a full, then optionally a diff) into `file`.
-/// Returns the size of the database written, and the hashes of the pages
-/// the diffs wrote (for `proof::identity`).
+/// Writes the pages of `chain` (a full, then optionally diffs) into `file`,
+/// proving each page as it goes (`proof::Identity`). Returns the size of
+/// the database written and the pages proven equal to the backup's.
 pub fn materialize(
     repo: &PolicyRepo<'_>,
     chain: &[Manifest],
@@ -437,8 +423,8 @@ pub fn materialize(
     file: &File,
     path: &Path,
     progress: &dyn Progress,
-) -> Result<(u64, Written)> {
-    let Some(last) = chain.last() else {
+) -> Result<(u64, u64)> {
+    let (Some(full), Some(last)) = (chain.first(), chain.last()) else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
     let total: u64 = chain
@@ -446,7 +432,7 @@ pub fn materialize(
         .filter_map(|m| m.objects.get(repo::DATA).map(|o| o.plain_size))
         .sum();
     progress.set_total(total);
-    let mut written = Written::new();
+    let mut identity = proof::Identity::new(proof::FullIndex::open(repo, full, unsealing)?, chain)?;
     for (i, m) in chain.iter().enumerate() {
         let Some(expected) = m.objects.get(repo::DATA) else {
             return Err(Error::Integrity {
@@ -466,15 +452,25 @@ pub fn materialize(
         let key = repo::object_key(repo.policy, &m.label, repo::DATA);
         let object = format!("target '{}': {key}", repo.storage.target());
         let raw = repo.storage.open(&key)?;
-        let dec = Decoder::new(raw, &object, expected, unsealing, m.encrypted())?;
+        let mut dec = Decoder::new(raw, &object, expected, unsealing, m.encrypted())?;
+        identity.stage(i);
+        let mut seen = |pgno: u32, hash: &[u8; HASH_LEN]| identity.page(pgno, hash);
+        if let Some(frames) = dec.frames() {
+            // Format 2: frames decode, and their pages are written, on
+            // every core.
+            frame_apply::apply_frames(
+                frames,
+                &object,
+                m.page_size,
+                m.page_count,
+                file,
+                path,
+                progress,
+                &mut seen,
+            )?;
+            continue;
+        }
         let counted = std::io::BufReader::with_capacity(1 << 20, Counted::new(dec, progress));
-        // The full's pages are compared with its page index; a diff's,
-        // with their hashes taken here.
-        let mut seen = |pgno: u32, page: &[u8]| {
-            if i > 0 {
-                written.insert(pgno, crate::sqlite::pages::page_hash(page));
-            }
-        };
         apply::apply_pages(
             counted,
             &object,
@@ -488,7 +484,8 @@ pub fn materialize(
     let size = last.page_count * u64::from(last.page_size);
     file.set_len(size)
         .map_err(|e| apply::write_error(path, e))?;
-    Ok((size, written))
+    let pages = identity.finish(last.page_count)?;
+    Ok((size, pages))
 }
 
 fn sidecars(path: &Path) -> [PathBuf; 3] {

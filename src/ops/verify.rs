@@ -341,8 +341,7 @@ fn drill(
 ) -> Result<()> {
     let chain = repo.chain(label)?;
     let tmp = scratch_file(ctx)?;
-    let (_, written) = materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
-    super::proof::identity(repo, &chain, unsealing, &written, tmp.as_file())?;
+    materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
     if let Some(plan) = wal {
         replay_wal(repo, plan, &chain, unsealing, tmp.as_file(), tmp.path())?;
     }

@@ -11,6 +11,7 @@ use std::path::Path;
 use chrono::{DateTime, TimeZone, Utc};
 
 use super::PageReader;
+use super::pages::{HASH_LEN, page_hash};
 use super::segment::SegmentReader;
 use crate::codec::read_error;
 use crate::error::{Error, Result, io_reason};
@@ -27,10 +28,15 @@ pub fn write_error(path: &Path, e: std::io::Error) -> Error {
     }
 }
 
+/// What a restore's writer tells the proof of identity about each page it
+/// writes, in stream order: its number and its hash. An error stops the
+/// restore.
+pub type Seen<'a> = dyn FnMut(u32, &[u8; HASH_LEN]) -> Result<()> + 'a;
+
 /// Writes every page of the stream `pages` (the object `object`, which the
-/// manifest says has `page_size` and `page_count`) into `file` at `path`;
-/// `seen` hears each page written (a diff's pages are hashed for the
-/// restore's proof of identity).
+/// manifest says has `page_size` and `page_count`) into `file` at `path`,
+/// on the calling thread (a format 1 stream, which decodes on one core);
+/// `seen` hears each page's hash before it is written.
 pub fn apply_pages(
     pages: impl Read,
     object: &str,
@@ -38,7 +44,7 @@ pub fn apply_pages(
     page_count: u64,
     file: &File,
     path: &Path,
-    seen: &mut dyn FnMut(u32, &[u8]),
+    seen: &mut Seen<'_>,
 ) -> Result<()> {
     let write_err = |e| write_error(path, e);
     let mut pages = PageReader::new(pages).map_err(|e| read_error(object, e))?;
@@ -51,7 +57,17 @@ pub fn apply_pages(
     let ps = u64::from(pages.page_size);
     let mut out = Coalesce::new(file);
     while let Some((pgno, data)) = pages.next_page().map_err(|e| read_error(object, e))? {
-        seen(pgno, data);
+        if let Err(e) = seen(pgno, &page_hash(data)) {
+            // A stream changed on the way names itself at its end: that
+            // is the cause, not the page that differs because of it.
+            return Err(loop {
+                match pages.next_page() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break e,
+                    Err(cause) => break read_error(object, cause),
+                }
+            });
+        }
         out.put((u64::from(pgno) - 1) * ps, data)
             .map_err(write_err)?;
     }
@@ -64,24 +80,18 @@ struct Coalesce<'f> {
     file: &'f File,
     start: u64,
     buf: Vec<u8>,
-    /// Bytes written since the last head start of the writeback.
-    unsent: u64,
-    writeback: Option<std::thread::JoinHandle<()>>,
+    writeback: HeadStart<'f>,
 }
 
 impl<'f> Coalesce<'f> {
     const CAP: usize = 1 << 20;
-    /// How much is written before it is sent on to the disk: the
-    /// restore's closing fsync then waits for little.
-    const WRITEBACK: u64 = 32 << 20;
 
     fn new(file: &'f File) -> Self {
         Coalesce {
             file,
             start: 0,
             buf: Vec::with_capacity(Self::CAP),
-            unsent: 0,
-            writeback: None,
+            writeback: HeadStart::new(file),
         }
     }
 
@@ -99,47 +109,71 @@ impl<'f> Coalesce<'f> {
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.start)?;
             self.start += self.buf.len() as u64;
-            self.unsent += self.buf.len() as u64;
+            self.writeback.wrote(self.buf.len() as u64);
             self.buf.clear();
-            if self.unsent >= Self::WRITEBACK {
-                self.unsent = 0;
-                start_writeback(self.file, &mut self.writeback);
-            }
         }
         Ok(())
     }
 }
 
-impl Drop for Coalesce<'_> {
-    /// The last head start ends before the caller goes on: WAL replayed
-    /// next must not write pages an `fdatasync` is still writing out.
-    fn drop(&mut self) {
-        if let Some(h) = self.writeback.take() {
+/// Sends a restored file's pages on to the disk as they are written: with
+/// gigabytes of page cache, Linux would otherwise hold a whole restored
+/// database dirty until the closing fsync, which then writes it all while
+/// nothing else happens. Every [`HeadStart::EVERY`] bytes written a helper
+/// thread runs `fdatasync`, unless the one before is still at it. Only a
+/// head start: the fsync before the rename is what makes the restore
+/// durable, so a failure here is left for it to report.
+pub(super) struct HeadStart<'f> {
+    file: &'f File,
+    /// Bytes written since the last head start.
+    unsent: u64,
+    running: Option<std::thread::JoinHandle<()>>,
+}
+
+impl<'f> HeadStart<'f> {
+    /// How much is written before it is sent on: the restore's closing
+    /// fsync then waits for little.
+    const EVERY: u64 = 32 << 20;
+
+    pub(super) fn new(file: &'f File) -> Self {
+        HeadStart {
+            file,
+            unsent: 0,
+            running: None,
+        }
+    }
+
+    /// `bytes` more were written.
+    pub(super) fn wrote(&mut self, bytes: u64) {
+        self.unsent += bytes;
+        if self.unsent < Self::EVERY {
+            return;
+        }
+        self.unsent = 0;
+        if self.running.as_ref().is_some_and(|h| !h.is_finished()) {
+            return;
+        }
+        if let Some(h) = self.running.take() {
             let _ = h.join();
+        }
+        if let Ok(f) = self.file.try_clone() {
+            self.running = std::thread::Builder::new()
+                .name("dr-writeback".into())
+                .spawn(move || {
+                    let _ = f.sync_data();
+                })
+                .ok();
         }
     }
 }
 
-/// Has a helper thread write the file's dirty pages to disk while the
-/// restore goes on, unless the one before is still at it: with gigabytes of
-/// page cache, Linux would otherwise hold a whole restored database dirty
-/// until the closing fsync, which then writes it all while nothing else
-/// happens. Only a head start: the fsync before the rename is what makes
-/// the restore durable, so a failure here is left for it to report.
-fn start_writeback(file: &File, running: &mut Option<std::thread::JoinHandle<()>>) {
-    if running.as_ref().is_some_and(|h| !h.is_finished()) {
-        return;
-    }
-    if let Some(h) = running.take() {
-        let _ = h.join();
-    }
-    if let Ok(f) = file.try_clone() {
-        *running = std::thread::Builder::new()
-            .name("dr-writeback".into())
-            .spawn(move || {
-                let _ = f.sync_data();
-            })
-            .ok();
+impl Drop for HeadStart<'_> {
+    /// The last head start ends before the caller goes on: WAL replayed
+    /// next must not write pages an `fdatasync` is still writing out.
+    fn drop(&mut self) {
+        if let Some(h) = self.running.take() {
+            let _ = h.join();
+        }
     }
 }
 

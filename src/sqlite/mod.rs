@@ -2,6 +2,7 @@
 //! diffs, and putting pages back into a file.
 
 pub mod apply;
+pub mod frame_apply;
 pub mod live;
 pub mod pages;
 pub mod pin;

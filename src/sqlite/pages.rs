@@ -185,6 +185,28 @@ impl<W: Write> PageWriter<W> {
     }
 }
 
+/// Bytes of a page stream's header: its magic, page size (u32 LE), page
+/// count (u64 LE) and a reserved u32. Each page follows as its number
+/// (u32 LE) and its bytes; a page number 0 ends the stream.
+pub const STREAM_HEADER: usize = 24;
+
+/// A page stream header's page size and page count, or why it is not one.
+pub fn parse_stream_header(hdr: &[u8; STREAM_HEADER]) -> io::Result<(u32, u64)> {
+    if &hdr[..8] != PAGES_MAGIC {
+        return Err(bad("not a dr page stream"));
+    }
+    let page_size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
+    let mut pc = [0u8; 8];
+    pc.copy_from_slice(&hdr[12..20]);
+    let page_count = u64::from_le_bytes(pc);
+    if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
+        return Err(bad(format!(
+            "page size {page_size} is not a SQLite page size"
+        )));
+    }
+    Ok((page_size, page_count))
+}
+
 /// Reads a page stream.
 #[derive(Debug)]
 pub struct PageReader<R: Read> {
@@ -202,20 +224,9 @@ fn bad(msg: impl Into<String>) -> io::Error {
 impl<R: Read> PageReader<R> {
     /// Reads and checks the header.
     pub fn new(mut input: R) -> io::Result<Self> {
-        let mut hdr = [0u8; 24];
+        let mut hdr = [0u8; STREAM_HEADER];
         input.read_exact(&mut hdr)?;
-        if &hdr[..8] != PAGES_MAGIC {
-            return Err(bad("not a dr page stream"));
-        }
-        let page_size = u32::from_le_bytes([hdr[8], hdr[9], hdr[10], hdr[11]]);
-        let mut pc = [0u8; 8];
-        pc.copy_from_slice(&hdr[12..20]);
-        let page_count = u64::from_le_bytes(pc);
-        if !(512..=65536).contains(&page_size) || !page_size.is_power_of_two() {
-            return Err(bad(format!(
-                "page size {page_size} is not a SQLite page size"
-            )));
-        }
+        let (page_size, page_count) = parse_stream_header(&hdr)?;
         Ok(PageReader {
             input,
             page_size,
