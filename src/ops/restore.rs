@@ -1,8 +1,8 @@
 //! Restoring a SQLite backup into a file, atomically.
 //!
-//! Pages are written into a temporary file next to the destination, the
-//! stream's hashes are checked, every page written is read back and
-//! compared with the backup's page hashes, WAL is replayed when asked,
+//! Pages are written into a temporary file next to the destination, each
+//! compared as it is written with the backup's page hashes (`proof`), the
+//! stream's digests are checked, WAL is replayed when asked,
 //! SQLite checks the result (`proof`: `integrity_check`, or `quick_check`
 //! when a drill already ran `integrity_check` on the same backup), and only
 //! then is it fsynced and renamed over the destination. Any failure before
