@@ -1481,7 +1481,7 @@ fn restore(config_path: &Path, a: &RestoreArgs, kind: &'static str) -> Result<()
     };
     let checked = match (r.bytes, &r.proof) {
         (Some(b), Some(p)) => format!(
-            " ({}; {} pages proven equal to the backup's; {} ok{})",
+            " ({}; {} pages read back equal to the backup's; {} ok{})",
             ops::human_bytes(b),
             p.pages_identical,
             p.check,

@@ -74,7 +74,7 @@ fn a_restore_relies_on_a_passing_drill_of_the_same_backup_and_says_so() {
         .stdout;
     assert!(
         text.contains(
-            "pages proven equal to the backup's; quick_check ok, integrity_check by the drill of"
+            "pages read back equal to the backup's; quick_check ok, integrity_check by the drill of"
         ),
         "{text}"
     );

@@ -448,7 +448,9 @@ impl Follower<'_> {
                     e,
                 )
             })?;
-        materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), &Silent)?;
+        let (_, written) =
+            materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), &Silent)?;
+        super::proof::identity(repo, &chain, unsealing, &written, tmp.as_file())?;
         crate::sqlite::integrity_check(tmp.path())?;
         copy.replace_all(tmp.path(), base.seq)?;
         tracing::info!(policy = %self.policy.name, from = %self.generation, generation = %base.generation, base = %base.label, "the source started a new generation: re-based on its base backup");

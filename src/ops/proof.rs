@@ -1,13 +1,11 @@
 //! What a restore proves before its file is renamed into place, and how.
 //!
-//! Identity: every page the full gives is hashed as it is written and
-//! compared with the backup's own record of it, the full's page index (a
-//! BLAKE3 hash of each page, taken when the backup was, stored and digested
-//! apart from the data); a diff's pages are proven by its own digests; and
-//! every page of the database must have come from one or the other. What
-//! is compared is the very buffer handed to the kernel, at the offset its
-//! page number gives. A page that differs is refused and named; nothing is
-//! replaced.
+//! Identity: every page of the written file is read back and compared with
+//! the backup's own record of it: the full's page index (a BLAKE3 hash of
+//! each page, taken when the backup was, stored and digested apart from
+//! the data) and, for the pages a diff wrote, their hashes taken as the
+//! diff's authenticated stream was written. A page that differs is refused
+//! and named; nothing is replaced.
 //!
 //! Health: `integrity_check` is SQLite's proof that the b-trees hold
 //! together and every index matches its table. The restore drill (`dr
@@ -18,7 +16,10 @@
 //! replayed on top of the backup (a state no drill checked), or `--check
 //! full` runs the full check.
 
+use std::collections::HashMap;
+use std::fs::File;
 use std::io::Read;
+use std::os::unix::fs::FileExt;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -29,7 +30,7 @@ use crate::error::{Error, Result};
 use crate::keys::Unsealing;
 use crate::repo::{self, Label, Manifest};
 use crate::sqlite::IndexReader;
-use crate::sqlite::pages::HASH_LEN;
+use crate::sqlite::pages::{HASH_LEN, page_hash};
 
 /// How a restore proves the database healthy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,7 +48,7 @@ pub enum Check {
 /// What a restore proved.
 #[derive(Debug, Clone, Serialize)]
 pub struct Proof {
-    /// Pages of the restored database proven equal to the backup's.
+    /// Pages of the written file read back and found equal to the backup's.
     pub pages_identical: u64,
     /// The SQLite check run on the restored file: `integrity_check` or
     /// `quick_check`.
@@ -67,165 +68,72 @@ pub struct DrillRef {
     pub label: String,
 }
 
-/// The full's page hashes in page order: its page index, or a test's.
-pub trait PageRecord {
-    /// The next page's hash, `None` past the last page.
-    fn next(&mut self) -> Result<Option<[u8; HASH_LEN]>>;
-    /// Reads what is left, so that the record's own digests are checked.
-    fn finish(self) -> Result<()>;
-}
+/// Hashes of the pages the diffs of a chain wrote, by page number.
+pub type Written = HashMap<u32, [u8; HASH_LEN]>;
 
-/// Proves, page by page as a restore writes them, that each page of the
-/// full equals the backup's record of it, and at the end that every page
-/// of the database came from the full or a diff of the chain. The index is
-/// read as a stream beside the data: memory stays the same whatever the
-/// database's size (one bit a page).
-pub struct Identity<R: PageRecord> {
-    /// Taken when it is finished.
-    record: Option<R>,
-    /// The backup the restore ends at, for errors.
-    last: String,
-    full: String,
-    chained: bool,
-    /// The page the record's next hash is for.
-    record_at: u32,
-    /// Which stage of the chain is being written: 0 is the full.
-    stage: usize,
-    covered: Vec<u64>,
-}
-
-impl<R: PageRecord> Identity<R> {
-    /// For a restore of `chain` (a full, then diffs), whose full's page
-    /// record is `record`.
-    pub fn new(record: R, chain: &[Manifest]) -> Result<Self> {
-        let (Some(full), Some(last)) = (chain.first(), chain.last()) else {
-            return Err(Error::Other("internal: empty restore chain".into()));
-        };
-        let most = chain.iter().map(|m| m.page_count).max().unwrap_or(0);
-        Self::of(
-            record,
-            &full.label.to_string(),
-            &last.label.to_string(),
-            chain.len() > 1,
-            most,
-        )
-    }
-
-    /// For a chain from `full` to `last` (`chained` when it has diffs)
-    /// whose largest database has `most` pages.
-    fn of(record: R, full: &str, last: &str, chained: bool, most: u64) -> Result<Self> {
-        let words = usize::try_from(most / 64 + 1).map_err(|_| Error::Integrity {
-            object: format!("backup {last}"),
-            reason: format!("page count {most} is past SQLite's limit"),
-        })?;
-        Ok(Identity {
-            record: Some(record),
-            last: last.to_string(),
-            full: full.to_string(),
-            chained,
-            record_at: 1,
-            stage: 0,
-            covered: vec![0; words],
-        })
-    }
-
-    /// The pages that follow are stage `i` of the chain's (0: the full).
-    pub fn stage(&mut self, i: usize) {
-        self.stage = i;
-    }
-
-    /// Page `pgno`, about to be written, hashes to `hash`. The full's pages
-    /// come in page order (as a full is taken) and are each compared with
-    /// the record; a diff's are proven by its own digests and counted.
-    pub fn page(&mut self, pgno: u32, hash: &[u8; HASH_LEN]) -> Result<()> {
-        if self.stage == 0 {
-            if pgno < self.record_at {
-                return Err(Error::Integrity {
-                    object: format!("backup {}", self.full),
-                    reason: format!(
-                        "page {pgno} comes after page {} in its page stream",
-                        self.record_at - 1
-                    ),
-                });
-            }
-            let mut recorded = None;
-            while self.record_at <= pgno {
-                recorded = match self.record.as_mut() {
-                    Some(r) => r.next()?,
-                    None => None,
-                };
-                self.record_at += 1;
-            }
-            if recorded.as_ref() != Some(hash) {
-                return Err(self.differs(pgno));
-            }
-        }
-        let (word, bit) = ((pgno / 64) as usize, 1u64 << (pgno % 64));
-        if let Some(w) = self.covered.get_mut(word) {
-            *w |= bit;
-        }
-        Ok(())
-    }
-
-    /// A page that differs from the record. Which side is wrong: a damaged
-    /// page index (its digests are checked at its end) names itself rather
-    /// than the page.
-    fn differs(&mut self, pgno: u32) -> Error {
-        if let Some(Err(e)) = self.record.take().map(R::finish) {
-            return e;
-        }
-        Error::Integrity {
-            object: format!("backup {}", self.last),
+/// Reads back every page of `file`, restored from `chain`, and compares it
+/// with the full's page index and the diffs' `written` pages. Returns how
+/// many pages were compared. The index is read as a stream beside the
+/// file, a batch of pages at a time: memory stays the same whatever the
+/// database's size.
+pub fn identity(
+    repo: &PolicyRepo<'_>,
+    chain: &[Manifest],
+    unsealing: Option<&Unsealing>,
+    written: &Written,
+    file: &File,
+) -> Result<u64> {
+    let (Some(full), Some(last)) = (chain.first(), chain.last()) else {
+        return Err(Error::Other("internal: empty restore chain".into()));
+    };
+    let pages = u32::try_from(last.page_count).map_err(|_| Error::Integrity {
+        object: format!("backup {}", last.label),
+        reason: format!("page count {} is past SQLite's limit", last.page_count),
+    })?;
+    let mut index = FullIndex::open(repo, full, unsealing)?;
+    let found = compare(file, last.page_size, pages, |pgno| {
+        let indexed = index.next()?;
+        written
+            .get(&pgno)
+            .copied()
+            .or(indexed)
+            .ok_or_else(|| Error::Integrity {
+                object: format!("backup {}", last.label),
+                reason: format!(
+                    "page {pgno} is in neither the full's page index nor a diff of the chain"
+                ),
+            })
+    })?;
+    if let Some(pgno) = found {
+        // Which side is wrong: a damaged page index (its digests are
+        // checked at its end) names itself rather than the restored page.
+        index.finish()?;
+        return Err(Error::Integrity {
+            object: format!("backup {}", last.label),
             reason: format!(
-                "page {pgno} as restored differs from the backup's record of it (the page index of {}): nothing was replaced",
-                self.full
+                "page {pgno} of the restored file differs from the backup's record of it (the page index of {}{}): nothing was replaced",
+                full.label,
+                if chain.len() > 1 {
+                    " and the diff's pages"
+                } else {
+                    ""
+                }
             ),
-        }
+        });
     }
-
-    /// After the last stage: every page of the `page_count` the chain's
-    /// last backup has was proven. Returns how many.
-    pub fn finish(self, page_count: u64) -> Result<u64> {
-        let pages = u32::try_from(page_count).map_err(|_| Error::Integrity {
-            object: format!("backup {}", self.last),
-            reason: format!("page count {page_count} is past SQLite's limit"),
-        })?;
-        for pgno in 1..=pages {
-            let (word, bit) = ((pgno / 64) as usize, 1u64 << (pgno % 64));
-            if self.covered.get(word).is_none_or(|w| w & bit == 0) {
-                return Err(Error::Integrity {
-                    object: format!("backup {}", self.last),
-                    reason: format!(
-                        "page {pgno} is in neither the full's page stream nor a diff of the chain{}",
-                        if self.chained {
-                            ""
-                        } else {
-                            " (the backup has no diff)"
-                        }
-                    ),
-                });
-            }
-        }
-        if let Some(r) = self.record {
-            r.finish()?;
-        }
-        Ok(u64::from(pages))
-    }
+    index.finish()?;
+    Ok(u64::from(pages))
 }
 
 /// The full's page index, read in page order through the decoder, which
-/// checks its digests at its end ([`PageRecord::finish`]).
-pub struct FullIndex {
+/// checks its digests at its end ([`FullIndex::finish`]).
+struct FullIndex {
     object: String,
     reader: IndexReader<std::io::BufReader<Decoder<Box<dyn Read + Send>>>>,
 }
 
 impl FullIndex {
-    pub fn open(
-        repo: &PolicyRepo<'_>,
-        full: &Manifest,
-        unsealing: Option<&Unsealing>,
-    ) -> Result<Self> {
+    fn open(repo: &PolicyRepo<'_>, full: &Manifest, unsealing: Option<&Unsealing>) -> Result<Self> {
         let Some(digest) = full.objects.get(repo::PAGES) else {
             return Err(Error::Integrity {
                 object: format!("backup {}", full.label),
@@ -249,9 +157,8 @@ impl FullIndex {
         }
         Ok(FullIndex { object, reader })
     }
-}
 
-impl PageRecord for FullIndex {
+    /// The next page's hash, `None` past the full's last page.
     fn next(&mut self) -> Result<Option<[u8; HASH_LEN]>> {
         self.reader
             .next_hash()
@@ -275,6 +182,69 @@ impl PageRecord for FullIndex {
         }
         Ok(())
     }
+}
+
+/// The first page (1-based) of the `pages` of `file` whose hash is not
+/// `expected(pgno)`'s: read a batch at a time, each batch hashed on every
+/// core.
+fn compare(
+    file: &File,
+    page_size: u32,
+    pages: u32,
+    mut expected: impl FnMut(u32) -> Result<[u8; HASH_LEN]>,
+) -> Result<Option<u32>> {
+    const BATCH_PAGES: u32 = 1024;
+    let ps = page_size as usize;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 8);
+    let mut buf = vec![0u8; BATCH_PAGES as usize * ps];
+    let mut want = Vec::with_capacity(BATCH_PAGES as usize);
+    let mut first = 1u32;
+    while first <= pages {
+        let n = BATCH_PAGES.min(pages - first + 1);
+        want.clear();
+        for pgno in first..first + n {
+            want.push(expected(pgno)?);
+        }
+        let bytes = &mut buf[..n as usize * ps];
+        file.read_exact_at(bytes, u64::from(first - 1) * ps as u64)
+            .map_err(|e| Error::io("cannot read the restored file back to compare its pages", e))?;
+        let per = (n as usize).div_ceil(threads).max(1);
+        let bad = std::thread::scope(|s| {
+            let handles: Vec<_> = bytes
+                .chunks(per * ps)
+                .zip(want.chunks(per))
+                .enumerate()
+                .map(|(i, (part, hashes))| {
+                    s.spawn(move || {
+                        part.chunks(ps)
+                            .zip(hashes)
+                            .position(|(page, h)| page_hash(page) != *h)
+                            .map(|k| i * per + k)
+                    })
+                })
+                .collect();
+            let mut found: Result<Option<usize>> = Ok(None);
+            for h in handles {
+                match h.join() {
+                    Ok(Some(k)) => found = found.map(|f| Some(f.map_or(k, |x| x.min(k)))),
+                    Ok(None) => {}
+                    Err(_) => {
+                        found = Err(Error::Other(
+                            "internal: a page-comparing thread panicked".into(),
+                        ))
+                    }
+                }
+            }
+            found
+        })?;
+        if let Some(k) = bad {
+            return Ok(Some(first + k as u32));
+        }
+        first += n;
+    }
+    Ok(None)
 }
 
 /// Which check the restore of backup `label` runs, and the drill it relies
@@ -320,89 +290,27 @@ pub fn run_check(path: &std::path::Path, check: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sqlite::pages::page_hash;
-
-    /// A page record held in memory; `damaged` makes its end fail, as a
-    /// page index whose digests differ does.
-    struct Held {
-        hashes: std::vec::IntoIter<[u8; HASH_LEN]>,
-        damaged: bool,
-    }
-
-    impl PageRecord for Held {
-        fn next(&mut self) -> Result<Option<[u8; HASH_LEN]>> {
-            Ok(self.hashes.next())
-        }
-        fn finish(self) -> Result<()> {
-            if self.damaged {
-                return Err(Error::Integrity {
-                    object: "the page index".into(),
-                    reason: "its digest differs".into(),
-                });
-            }
-            Ok(())
-        }
-    }
-
-    fn page(pgno: u32) -> [u8; HASH_LEN] {
-        page_hash(&pgno.to_le_bytes().repeat(128))
-    }
-
-    fn identity(pages: u32, damaged: bool, chained: bool, most: u64) -> Identity<Held> {
-        let held = Held {
-            hashes: (1..=pages).map(page).collect::<Vec<_>>().into_iter(),
-            damaged,
-        };
-        Identity::of(held, "F", "D", chained, most).expect("identity")
-    }
+    use std::io::Write;
 
     #[test]
-    fn every_page_is_proven_and_a_changed_one_is_named() {
-        let mut id = identity(300, false, false, 300);
-        for p in 1..=300 {
-            id.page(p, &page(p)).expect("equal");
+    fn a_changed_byte_anywhere_is_named_by_its_page() {
+        let ps = 512usize;
+        // Past one batch, so that batches and threads both split it.
+        let pages = 5000;
+        let mut f = tempfile::tempfile().expect("tmp");
+        let data: Vec<u8> = (0..pages * ps).map(|i| (i * 7 % 251) as u8).collect();
+        f.write_all(&data).expect("write");
+        let hashes: Vec<[u8; HASH_LEN]> = data.chunks(ps).map(page_hash).collect();
+        let run = |f: &File| compare(f, ps as u32, pages as u32, |p| Ok(hashes[p as usize - 1]));
+        assert_eq!(run(&f).expect("read"), None);
+        for pgno in [1usize, 257, 1024, 1025, 4999, 5000] {
+            let at = (pgno - 1) * ps + 100;
+            f.write_all_at(&[data[at] ^ 1], at as u64).expect("flip");
+            assert_eq!(run(&f).expect("read"), Some(pgno as u32));
+            f.write_all_at(&[data[at]], at as u64).expect("restore");
         }
-        assert_eq!(id.finish(300).expect("proven"), 300);
-
-        let mut id = identity(300, false, false, 300);
-        for p in 1..=99 {
-            id.page(p, &page(p)).expect("equal");
-        }
-        let e = id.page(100, &page(7)).expect_err("differs").to_string();
-        assert!(e.contains("page 100 as restored differs"), "{e}");
-        assert!(e.contains("page index of F"), "{e}");
-
-        // The record's own damage is the cause, and is named instead.
-        let mut id = identity(300, true, false, 300);
-        let e = id.page(1, &page(2)).expect_err("differs").to_string();
-        assert!(e.contains("its digest differs"), "{e}");
-    }
-
-    #[test]
-    fn a_page_missing_from_the_chain_or_out_of_order_is_refused() {
-        // A full of 200 pages, a diff that grows the database to 220 and
-        // rewrites page 5: pages 201..=220 must come from the diff.
-        let mut id = identity(200, false, true, 220);
-        for p in 1..=200 {
-            id.page(p, &page(p)).expect("full");
-        }
-        id.stage(1);
-        for p in (201..=219).chain([5]) {
-            id.page(p, &page(0)).expect("diff");
-        }
-        let e = id.finish(220).expect_err("missing").to_string();
-        assert!(e.contains("page 220 is in neither"), "{e}");
-
-        let mut id = identity(200, false, false, 200);
-        id.page(1, &page(1)).expect("full");
-        id.page(3, &page(3)).expect("skips a page of the record");
-        let e = id.page(2, &page(2)).expect_err("back").to_string();
-        assert!(e.contains("page 2 comes after page 3"), "{e}");
-        let mut id = identity(200, false, false, 200);
-        for p in (1..=200).filter(|p| *p != 77) {
-            id.page(p, &page(p)).expect("full");
-        }
-        let e = id.finish(200).expect_err("gap").to_string();
-        assert!(e.contains("page 77 is in neither"), "{e}");
+        // A file shorter than the backup is an error, not a pass.
+        f.set_len(((pages - 1) * ps) as u64).expect("truncate");
+        assert!(run(&f).is_err());
     }
 }

@@ -1,8 +1,8 @@
 //! Restoring a SQLite backup into a file, atomically.
 //!
-//! Pages are written into a temporary file next to the destination, each
-//! compared as it is written with the backup's page hashes (`proof`), the
-//! stream's digests are checked, WAL is replayed when asked,
+//! Pages are written into a temporary file next to the destination, the
+//! stream's hashes are checked, every page written is read back and
+//! compared with the backup's page hashes, WAL is replayed when asked,
 //! SQLite checks the result (`proof`: `integrity_check`, or `quick_check`
 //! when a drill already ran `integrity_check` on the same backup), and only
 //! then is it fsynced and renamed over the destination. Any failure before
@@ -15,7 +15,7 @@ use std::time::Instant;
 use chrono::{DateTime, Utc};
 
 use super::PolicyRepo;
-use super::proof::{self, Check, Proof};
+use super::proof::{self, Check, Proof, Written};
 use super::report::{Replayed, RestoreReport};
 use crate::codec::Decoder;
 use crate::config::{Policy, Target};
@@ -155,7 +155,7 @@ pub fn restore(
     if let Some(meta) = &replaced {
         keep_owner_and_mode(tmp.as_file(), meta, to)?;
     }
-    let (bytes, pages_identical) = materialize(
+    let (bytes, written) = materialize(
         &repo,
         &chain,
         unsealing.as_ref(),
@@ -163,11 +163,8 @@ pub fn restore(
         tmp.path(),
         progress,
     )?;
-    tracing::debug!(
-        seconds = started.elapsed().as_secs_f64(),
-        "pages written and proven"
-    );
-    // The pages go to disk while SQLite checks them (from the page cache);
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "pages written");
+    // The pages go to disk while they are read back and checked (CPU);
     // both must pass before the rename. A WAL replay dirties a few pages
     // more, synced again below.
     let syncing = tmp
@@ -175,6 +172,16 @@ pub fn restore(
         .try_clone()
         .map(|f| std::thread::spawn(move || f.sync_all()));
     let (check, drill) = proof::health(&repo, &label, replay.is_some(), opts.check);
+    // With no WAL to replay the file is final once written: its SQLite
+    // check runs beside the read-back (one core each, where they used to
+    // take turns).
+    let early = replay.is_none().then(|| {
+        let path = tmp.path().to_path_buf();
+        std::thread::spawn(move || proof::run_check(&path, check))
+    });
+    // Before any WAL changes a page: the file is the backup, page by page.
+    let pages_identical =
+        proof::identity(&repo, &chain, unsealing.as_ref(), &written, tmp.as_file())?;
     let wal = match &replay {
         Some(plan) => Some(replay_wal(
             &repo,
@@ -187,7 +194,16 @@ pub fn restore(
         None => None,
     };
     let bytes = tmp.as_file().metadata().map(|m| m.len()).unwrap_or(bytes);
-    let checked = proof::run_check(tmp.path(), check);
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        "pages written, hashes verified"
+    );
+    let checked = match early {
+        Some(h) => h
+            .join()
+            .unwrap_or_else(|_| Err(Error::Other("internal: the check thread panicked".into()))),
+        None => proof::run_check(tmp.path(), check),
+    };
     let synced = match syncing {
         Ok(handle) => handle
             .join()
@@ -413,9 +429,9 @@ pub fn replay_wal(
     })
 }
 
-/// Writes the pages of `chain` (a full, then optionally diffs) into `file`,
-/// proving each page as it goes (`proof::Identity`). Returns the size of
-/// the database written and the pages proven equal to the backup's.
+/// Writes the pages of `chain` (a full, then optionally diffs) into `file`.
+/// Returns the size of the database written, and the hashes of the pages
+/// the diffs wrote (for `proof::identity`).
 pub fn materialize(
     repo: &PolicyRepo<'_>,
     chain: &[Manifest],
@@ -423,8 +439,8 @@ pub fn materialize(
     file: &File,
     path: &Path,
     progress: &dyn Progress,
-) -> Result<(u64, u64)> {
-    let (Some(full), Some(last)) = (chain.first(), chain.last()) else {
+) -> Result<(u64, Written)> {
+    let Some(last) = chain.last() else {
         return Err(Error::Other("internal: empty restore chain".into()));
     };
     let total: u64 = chain
@@ -432,7 +448,7 @@ pub fn materialize(
         .filter_map(|m| m.objects.get(repo::DATA).map(|o| o.plain_size))
         .sum();
     progress.set_total(total);
-    let mut identity = proof::Identity::new(proof::FullIndex::open(repo, full, unsealing)?, chain)?;
+    let mut written = Written::new();
     for (i, m) in chain.iter().enumerate() {
         let Some(expected) = m.objects.get(repo::DATA) else {
             return Err(Error::Integrity {
@@ -453,8 +469,13 @@ pub fn materialize(
         let object = format!("target '{}': {key}", repo.storage.target());
         let raw = repo.storage.open(&key)?;
         let mut dec = Decoder::new(raw, &object, expected, unsealing, m.encrypted())?;
-        identity.stage(i);
-        let mut seen = |pgno: u32, hash: &[u8; HASH_LEN]| identity.page(pgno, hash);
+        // The full's pages are compared with its page index when they are
+        // read back; a diff's, with their hashes taken here.
+        let mut hashed = |pgno: u32, hash: &[u8; HASH_LEN]| {
+            written.insert(pgno, *hash);
+            Ok(())
+        };
+        let seen = (i > 0).then_some(&mut hashed as &mut apply::Seen<'_>);
         if let Some(frames) = dec.frames() {
             // Format 2: frames decode, and their pages are written, on
             // every core.
@@ -466,7 +487,7 @@ pub fn materialize(
                 file,
                 path,
                 progress,
-                &mut seen,
+                seen,
             )?;
             continue;
         }
@@ -478,14 +499,13 @@ pub fn materialize(
             m.page_count,
             file,
             path,
-            &mut seen,
+            seen,
         )?;
     }
     let size = last.page_count * u64::from(last.page_size);
     file.set_len(size)
         .map_err(|e| apply::write_error(path, e))?;
-    let pages = identity.finish(last.page_count)?;
-    Ok((size, pages))
+    Ok((size, written))
 }
 
 fn sidecars(path: &Path) -> [PathBuf; 3] {

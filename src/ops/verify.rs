@@ -341,7 +341,8 @@ fn drill(
 ) -> Result<()> {
     let chain = repo.chain(label)?;
     let tmp = scratch_file(ctx)?;
-    materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
+    let (_, written) = materialize(repo, &chain, unsealing, tmp.as_file(), tmp.path(), progress)?;
+    super::proof::identity(repo, &chain, unsealing, &written, tmp.as_file())?;
     if let Some(plan) = wal {
         replay_wal(repo, plan, &chain, unsealing, tmp.as_file(), tmp.path())?;
     }

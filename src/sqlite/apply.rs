@@ -29,14 +29,14 @@ pub fn write_error(path: &Path, e: std::io::Error) -> Error {
 }
 
 /// What a restore's writer tells the proof of identity about each page it
-/// writes, in stream order: its number and its hash. An error stops the
-/// restore.
+/// writes, in stream order, when asked to hash them (a diff's pages): its
+/// number and its hash. An error stops the restore.
 pub type Seen<'a> = dyn FnMut(u32, &[u8; HASH_LEN]) -> Result<()> + 'a;
 
 /// Writes every page of the stream `pages` (the object `object`, which the
 /// manifest says has `page_size` and `page_count`) into `file` at `path`,
 /// on the calling thread (a format 1 stream, which decodes on one core);
-/// `seen` hears each page's hash before it is written.
+/// `seen`, if given, hears each page's hash before it is written.
 pub fn apply_pages(
     pages: impl Read,
     object: &str,
@@ -44,7 +44,7 @@ pub fn apply_pages(
     page_count: u64,
     file: &File,
     path: &Path,
-    seen: &mut Seen<'_>,
+    mut seen: Option<&mut Seen<'_>>,
 ) -> Result<()> {
     let write_err = |e| write_error(path, e);
     let mut pages = PageReader::new(pages).map_err(|e| read_error(object, e))?;
@@ -57,7 +57,11 @@ pub fn apply_pages(
     let ps = u64::from(pages.page_size);
     let mut out = Coalesce::new(file);
     while let Some((pgno, data)) = pages.next_page().map_err(|e| read_error(object, e))? {
-        if let Err(e) = seen(pgno, &page_hash(data)) {
+        let heard = match seen.as_mut() {
+            Some(seen) => seen(pgno, &page_hash(data)),
+            None => Ok(()),
+        };
+        if let Err(e) = heard {
             // A stream changed on the way names itself at its end: that
             // is the cause, not the page that differs because of it.
             return Err(loop {
