@@ -473,7 +473,6 @@ pub fn materialize(
         // read back; a diff's, with their hashes taken here.
         let mut hashed = |pgno: u32, hash: &[u8; HASH_LEN]| {
             written.insert(pgno, *hash);
-            Ok(())
         };
         let seen = (i > 0).then_some(&mut hashed as &mut apply::Seen<'_>);
         if let Some(frames) = dec.frames() {
