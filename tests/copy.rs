@@ -60,7 +60,7 @@ fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
     let env = env_with_copies(
         (&server.endpoint(), "copies"),
         "[wal]\nenabled = true\nsync_interval = \"1s\"\nsegment_max = \"64KiB\"\n",
-        &["fresh"],
+        &["fresh", "unrecorded"],
         "",
     );
     make_db(&env.db, true, 2000, 200);
@@ -135,6 +135,20 @@ fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
             .any(|l| l.contains("\"action\":\"copy\"") && l.contains(&diff)),
         "{audit}"
     );
+
+    // An audit log that cannot be written: the copy does not start, and
+    // nothing is written at the destination.
+    let log = env.path("state/audit.log");
+    std::fs::remove_file(&log).expect("rm log");
+    std::fs::create_dir(&log).expect("dir");
+    let r = env.dr(&["copy", "app", "--to", "unrecorded"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("audit log cannot be written"),
+        "{}",
+        r.stderr
+    );
+    assert!(!env.path("unrecorded/app").exists(), "copied unrecorded");
 }
 
 #[test]

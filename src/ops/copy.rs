@@ -168,6 +168,9 @@ pub fn copy(
     let held = dest.dirs()?;
     super::promotion::fence(ctx, policy, dst.as_ref())?;
     let _lock = super::source::lock(ctx, policy, to, "copy", opts.lock_wait)?;
+    // A copy's line in the audit log must be writable before anything is
+    // written at the destination, as a backup's is.
+    crate::audit::writable()?;
     let mut lease = Lease::acquire(dst.as_ref(), &policy.name, "copy")?;
     let mut out = Copied {
         policy: policy.name.clone(),
