@@ -48,6 +48,13 @@ fn env_with_copies(
     env
 }
 
+/// `dr copy app --to TO` fails with exit `code`, saying `says`.
+fn copy_refused(env: &Env, to: &str, code: i32, says: &str) {
+    let r = env.dr(&["copy", "app", "--to", to]);
+    assert_eq!(r.code, code, "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(says), "{}", r.stderr);
+}
+
 fn labels_on(env: &Env, target: &str) -> Vec<String> {
     let r = env.dr(&["info", "app", "--target", target, "--json"]);
     common::labels_in(&r.json())
@@ -141,13 +148,7 @@ fn a_copy_of_a_copy_restores_exactly_and_a_rerun_copies_nothing_twice() {
     let log = env.path("state/audit.log");
     std::fs::remove_file(&log).expect("rm log");
     std::fs::create_dir(&log).expect("dir");
-    let r = env.dr(&["copy", "app", "--to", "unrecorded"]);
-    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("audit log cannot be written"),
-        "{}",
-        r.stderr
-    );
+    copy_refused(&env, "unrecorded", 1, "audit log cannot be written");
     assert!(!env.path("unrecorded/app").exists(), "copied unrecorded");
 }
 
@@ -261,13 +262,7 @@ fn a_copy_is_under_the_destinations_object_lock_and_waits_for_its_lease() {
     })
     .to_string();
     moto.lock_tool(&["put", "lockbucket", lease, &held]);
-    let r = env.dr(&["copy", "app", "--to", "s3"]);
-    assert_eq!(r.code, 4, "{}{}", r.stdout, r.stderr);
-    assert!(
-        r.stderr.contains("leased by otherhost pid 77"),
-        "{}",
-        r.stderr
-    );
+    copy_refused(&env, "s3", 4, "leased by otherhost pid 77");
     assert!(labels_on(&env, "s3").is_empty());
     moto.lock_tool(&["delete", "lockbucket", lease]);
     env.dr(&["copy", "app", "--to", "s3"]).ok();
