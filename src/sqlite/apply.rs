@@ -48,12 +48,11 @@ pub fn apply_pages(
 ) -> Result<()> {
     let write_err = |e| write_error(path, e);
     let mut pages = PageReader::new(pages).map_err(|e| read_error(object, e))?;
-    if pages.page_size != page_size || pages.page_count != page_count {
-        return Err(Error::Integrity {
-            object: object.to_string(),
-            reason: "page stream header disagrees with the manifest".into(),
-        });
-    }
+    header_agrees(
+        object,
+        (pages.page_size, pages.page_count),
+        (page_size, page_count),
+    )?;
     let ps = u64::from(pages.page_size);
     let mut out = Coalesce::new(file);
     while let Some((pgno, data)) = pages.next_page().map_err(|e| read_error(object, e))? {
@@ -64,6 +63,18 @@ pub fn apply_pages(
             .map_err(write_err)?;
     }
     out.flush().map_err(write_err)
+}
+
+/// A page stream's header (`found`: its page size and page count) must say
+/// what the manifest does (`expected`).
+pub(super) fn header_agrees(object: &str, found: (u32, u64), expected: (u32, u64)) -> Result<()> {
+    if found != expected {
+        return Err(Error::Integrity {
+            object: object.to_string(),
+            reason: "page stream header disagrees with the manifest".into(),
+        });
+    }
+    Ok(())
 }
 
 /// Gathers runs of adjacent pages into large positioned writes: a full

@@ -26,7 +26,7 @@ use std::path::Path;
 use std::sync::mpsc::{Receiver, Sender, channel, sync_channel};
 use std::sync::{Arc, Mutex};
 
-use super::apply::{HeadStart, Seen, write_error};
+use super::apply::{HeadStart, Seen, header_agrees, write_error};
 use super::pages::{HASH_LEN, STREAM_HEADER, page_hash, parse_stream_header};
 use crate::codec::framed::FrameReader;
 use crate::codec::read_error;
@@ -36,7 +36,7 @@ use crate::progress::Progress;
 /// Where records start: after the header, every `4 + page_size` bytes.
 #[derive(Debug, Clone, Copy)]
 struct Layout {
-    page_size: usize,
+    page_size: u32,
     page_count: u64,
     /// Pages are hashed for the proof (a diff's).
     hash: bool,
@@ -44,7 +44,7 @@ struct Layout {
 
 impl Layout {
     fn record(self) -> u64 {
-        4 + self.page_size as u64
+        4 + u64::from(self.page_size)
     }
 
     /// The first record boundary at or after stream offset `at` (the
@@ -58,8 +58,49 @@ impl Layout {
     }
 
     fn offset_of(self, pgno: u32) -> u64 {
-        (u64::from(pgno) - 1) * self.page_size as u64
+        (u64::from(pgno) - 1) * u64::from(self.page_size)
     }
+
+    /// The record at record boundary `at` of `bytes` (a frame, or the
+    /// bytes carried over frame boundaries), checked.
+    fn record_at(self, bytes: &[u8], at: usize, object: &str) -> Result<Record> {
+        if at + 4 > bytes.len() {
+            return Ok(Record::Cut);
+        }
+        let pgno = pgno_at(bytes, at);
+        if pgno == 0 {
+            if at + 4 != bytes.len() {
+                return Err(integrity(object, "data after the end of the page stream"));
+            }
+            return Ok(Record::End);
+        }
+        let record = self.record() as usize;
+        if at + record > bytes.len() {
+            return Ok(Record::Cut);
+        }
+        if u64::from(pgno) > self.page_count {
+            return Err(integrity(
+                object,
+                &format!("page {pgno} is beyond the page count {}", self.page_count),
+            ));
+        }
+        let hash = if self.hash {
+            page_hash(&bytes[at + 4..at + record])
+        } else {
+            [0; HASH_LEN]
+        };
+        Ok(Record::Page(pgno, hash))
+    }
+}
+
+/// What a record boundary holds.
+enum Record {
+    /// A page: its number, and its hash when pages are hashed (else zeros).
+    Page(u32, [u8; HASH_LEN]),
+    /// The end marker, the stream's last bytes.
+    End,
+    /// A record not all here.
+    Cut,
 }
 
 fn pgno_at(bytes: &[u8], at: usize) -> u32 {
@@ -109,7 +150,7 @@ pub fn apply_frames(
     mut seen: Option<&mut Seen<'_>>,
 ) -> Result<()> {
     let layout = Layout {
-        page_size: page_size as usize,
+        page_size,
         page_count,
         hash: seen.is_some(),
     };
@@ -255,25 +296,14 @@ fn write_frame(job: Job, layout: Layout, file: &File, path: &Path, object: &str)
     let chunk = (RUN_BYTES / record).max(1);
     let mut written = head;
     let mut from = 0usize;
-    while at + 4 <= len {
-        let pgno = pgno_at(&buf, at);
-        if pgno == 0 {
-            if at + 4 != len {
-                return Err(integrity(object, "data after the end of the page stream"));
+    loop {
+        let (pgno, hash) = match layout.record_at(&buf, at, object)? {
+            Record::Page(pgno, hash) => (pgno, hash),
+            Record::End => {
+                ended = true;
+                break;
             }
-            ended = true;
-            break;
-        }
-        if at + record > len {
-            break;
-        }
-        if u64::from(pgno) > layout.page_count {
-            return Err(beyond(object, pgno, layout.page_count));
-        }
-        let hash = if layout.hash {
-            page_hash(&buf[at + 4..at + record])
-        } else {
-            [0; HASH_LEN]
+            Record::Cut => break,
         };
         pages.push((pgno, hash));
         at += record;
@@ -380,7 +410,7 @@ impl Order<'_> {
             // A boundary falls inside this frame: what is carried is whole.
             self.drain_carry(seen)?;
         }
-        let ps = self.layout.page_size as u64;
+        let ps = u64::from(self.layout.page_size);
         for (pgno, hash) in &d.pages {
             self.page(*pgno, hash, seen)?;
         }
@@ -426,44 +456,25 @@ impl Order<'_> {
             };
             let mut h = [0u8; STREAM_HEADER];
             h.copy_from_slice(hdr);
-            let (ps, count) = parse_stream_header(&h).map_err(|e| read_error(self.object, e))?;
-            if ps as usize != self.layout.page_size || count != self.layout.page_count {
-                return Err(integrity(
-                    self.object,
-                    "page stream header disagrees with the manifest",
-                ));
-            }
+            let found = parse_stream_header(&h).map_err(|e| read_error(self.object, e))?;
+            header_agrees(
+                self.object,
+                found,
+                (self.layout.page_size, self.layout.page_count),
+            )?;
             at = STREAM_HEADER;
         }
         while at < carry.len() {
-            if at + 4 > carry.len() {
-                return Err(integrity(self.object, "page stream is truncated"));
-            }
-            let pgno = pgno_at(&carry, at);
-            if pgno == 0 {
-                if at + 4 != carry.len() {
-                    return Err(integrity(
-                        self.object,
-                        "data after the end of the page stream",
-                    ));
+            let (pgno, hash) = match self.layout.record_at(&carry, at, self.object)? {
+                Record::Page(pgno, hash) => (pgno, hash),
+                Record::End => {
+                    self.ended = true;
+                    break;
                 }
-                self.ended = true;
-                break;
-            }
-            if at + record > carry.len() {
-                return Err(integrity(self.object, "page stream is truncated"));
-            }
-            if u64::from(pgno) > self.layout.page_count {
-                return Err(beyond(self.object, pgno, self.layout.page_count));
-            }
-            let page = &carry[at + 4..at + record];
-            let hash = if self.layout.hash {
-                page_hash(page)
-            } else {
-                [0; HASH_LEN]
+                Record::Cut => return Err(integrity(self.object, "page stream is truncated")),
             };
             self.file
-                .write_all_at(page, self.layout.offset_of(pgno))
+                .write_all_at(&carry[at + 4..at + record], self.layout.offset_of(pgno))
                 .map_err(|e| write_error(self.path, e))?;
             self.page(pgno, &hash, seen)?;
             at += record;
@@ -517,13 +528,6 @@ fn integrity(object: &str, reason: &str) -> Error {
         object: object.to_string(),
         reason: reason.to_string(),
     }
-}
-
-fn beyond(object: &str, pgno: u32, count: u64) -> Error {
-    integrity(
-        object,
-        &format!("page {pgno} is beyond the page count {count}"),
-    )
 }
 
 #[cfg(test)]
