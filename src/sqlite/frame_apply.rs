@@ -168,6 +168,7 @@ pub fn apply_frames(
         seen_pages: Pages::new(page_count),
         writeback: HeadStart::new(file),
     };
+    frames.hold(writers);
     std::thread::scope(|s| -> Result<()> {
         let (jobs, queue) = sync_channel::<Job>(writers);
         let queue = Arc::new(Mutex::new(queue));
